@@ -1,0 +1,5 @@
+import sys
+
+from apigate.cli import main
+
+sys.exit(main())

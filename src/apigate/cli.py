@@ -1,0 +1,137 @@
+"""Command line: `apigate run | validate | routes | demo | --version`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+
+from apigate import __version__
+from apigate.config.errors import ConfigError
+from apigate.config.loader import load_config
+
+
+def _install_loop_policy() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from apigate.observability.logs import setup_logging
+    from apigate.server import serve
+
+    setup_logging(args.log_level, json_format=not args.plain_logs)
+    _install_loop_policy()
+    try:
+        asyncio.run(serve(args.config, watch=args.watch))
+    except ConfigError as exc:
+        print(f"apigate: invalid config {args.config}:\n{exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"apigate: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+        _compile(config)
+    except ConfigError as exc:
+        print(f"{args.config}: invalid\n{exc}", file=sys.stderr)
+        return 2
+    print(f"{args.config}: ok ({len(config.routes)} routes, {len(config.services)} services)")
+    return 0
+
+
+def _compile(config: object) -> object:
+    """Compile a snapshot without listening, so plugin configs are checked too."""
+    from apigate.config.schema import GatewayConfig
+    from apigate.http.pool import PoolManager
+    from apigate.plugins.base import PluginEnv
+    from apigate.runtime import ServiceTable, compile_runtime
+
+    assert isinstance(config, GatewayConfig)
+
+    async def build() -> object:
+        loop = asyncio.get_running_loop()
+        return compile_runtime(config, ServiceTable(PoolManager(loop)), PluginEnv(config, loop))
+
+    return asyncio.run(build())
+
+
+def cmd_routes(args: argparse.Namespace) -> int:
+    from apigate.runtime import Runtime
+
+    try:
+        runtime = _compile(load_config(args.config))
+    except ConfigError as exc:
+        print(f"{args.config}: invalid\n{exc}", file=sys.stderr)
+        return 2
+    assert isinstance(runtime, Runtime)
+    table = runtime.matcher.table()
+    if args.json:
+        print(json.dumps(table, indent=2, default=str))
+        return 0
+    columns = ["route", "host", "methods", "path", "kind"]
+    rows = [[str(row.get(c, "")) for c in columns] for row in table]
+    for row in rows:
+        name = row[0]
+        compiled = runtime.routes.get(name)
+        row.append(compiled.service.name if compiled and compiled.service else "(aggregate)")
+    columns.append("service")
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c)
+              for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from apigate.demo import run_demo
+
+    _install_loop_policy()
+    return asyncio.run(run_demo(requests=args.requests))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="apigate", description="A fast API gateway.")
+    parser.add_argument("--version", action="version", version=f"apigate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the gateway")
+    run.add_argument("-c", "--config", required=True, help="YAML config file")
+    run.add_argument("--watch", action="store_true", help="reload when the file changes")
+    run.add_argument("--log-level", default="info")
+    run.add_argument("--plain-logs", action="store_true", help="human-readable logs, not JSON")
+    run.set_defaults(func=cmd_run)
+
+    validate = sub.add_parser("validate", help="check a config file and exit")
+    validate.add_argument("-c", "--config", required=True)
+    validate.set_defaults(func=cmd_validate)
+
+    routes = sub.add_parser("routes", help="print the compiled route table")
+    routes.add_argument("-c", "--config", required=True)
+    routes.add_argument("--json", action="store_true")
+    routes.set_defaults(func=cmd_routes)
+
+    demo = sub.add_parser("demo", help="start a gateway and three services and show them work")
+    demo.add_argument("--requests", type=int, default=30)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Header rules shared by both directions: hop-by-hop removal, forwarding headers, request ids.
+
+Header names arrive as the peer spelled them; we compare lower-cased names against frozen sets
+built here once. Values are bytes end to end: nothing is decoded unless a feature needs it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Iterable
+
+# RFC 9110 §7.6.1 plus the de-facto ones every proxy drops (Go's httputil list).
+# Content-Length is not hop-by-hop but we always re-frame bodies ourselves, so it is handled
+# separately by the framing code.
+HOP_BY_HOP: frozenset[bytes] = frozenset(
+    {
+        b"connection",
+        b"proxy-connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+
+# Request headers the gateway sets itself: a client's copy is dropped (or, for a trusted peer,
+# extended) so that an upstream can trust what it reads.
+FORWARDING: frozenset[bytes] = frozenset(
+    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port",
+     b"forwarded", b"x-real-ip"}
+)
+
+VIA_VALUE = b"1.1 apigate"
+
+_REQUEST_ID_OK = re.compile(rb"[A-Za-z0-9._:\-]{1,128}\Z")
+
+
+def valid_request_id(value: bytes) -> bool:
+    return _REQUEST_ID_OK.match(value) is not None
+
+
+class RequestIds:
+    """Unique, cheap request ids: a random per-process prefix plus a counter.
+
+    uuid4() costs ~2 µs and a syscall for randomness; this costs one string format.
+    """
+
+    __slots__ = ("_n", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(6).hex()
+        self._n = 0
+
+    def next(self) -> str:
+        self._n += 1
+        return f"{self._prefix}{self._n:08x}"
+
+
+def connection_tokens(values: Iterable[bytes]) -> set[bytes]:
+    """Lower-cased tokens of the Connection header(s)."""
+    out: set[bytes] = set()
+    for value in values:
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                out.add(token)
+    return out
+
+
+class TrustedProxies:
+    """CIDR list of peers whose X-Forwarded-* headers we extend instead of overwrite."""
+
+    __slots__ = ("_cache", "_networks")
+
+    def __init__(self, cidrs: Iterable[str] = ()) -> None:
+        self._networks = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+        self._cache: dict[str, bool] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._networks)
+
+    def __contains__(self, ip: str) -> bool:
+        hit = self._cache.get(ip)
+        if hit is None:
+            try:
+                addr = ipaddress.ip_address(ip)
+            except ValueError:
+                return False
+            hit = any(addr in net for net in self._networks)
+            if len(self._cache) < 10_000:
+                self._cache[ip] = hit
+        return hit
+
+
+def forwarded_for_node(ip: str) -> str:
+    """RFC 7239 node syntax: IPv6 addresses are quoted and bracketed."""
+    return f'"[{ip}]"' if ":" in ip else ip

@@ -1,0 +1,153 @@
+"""Keep-alive connection pools, one per upstream endpoint (scheme, host, port).
+
+As in httpcore, the pool decides synchronously (take an idle connection, or reserve a slot for a
+new one) and only then does I/O. Idle connections are reused most-recent-first so that the rest
+age out under light load; each parked connection closes itself after `idle_timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+
+from apigate.http.upstream import UpstreamConnection
+
+
+class PoolFull(Exception):
+    """Every connection slot of the endpoint is busy."""
+
+
+class Pool:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        host: str,
+        port: int,
+        *,
+        scheme: str = "http",
+        max_connections: int = 1024,
+        max_idle: int = 256,
+        idle_timeout: float = 60.0,
+    ) -> None:
+        self.loop = loop
+        self.host = host
+        self.port = port
+        self.scheme = scheme
+        self.key = f"{scheme}://{host}:{port}"
+        self.max_connections = max_connections
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self.idle: deque[UpstreamConnection] = deque()
+        self.total = 0  # open + connecting
+        self.created = 0
+        self.reused = 0
+        self.closed = False
+        default_port = 443 if scheme == "https" else 80
+        host_part = f"[{host}]" if ":" in host else host
+        self.host_header = (host_part if port == default_port else f"{host_part}:{port}").encode()
+        self._ssl: ssl.SSLContext | None = None
+        if scheme == "https":
+            self._ssl = ssl.create_default_context()
+
+    def acquire_idle(self) -> UpstreamConnection | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                self.reused += 1
+                return conn
+        return None
+
+    async def connect(self, timeout: float) -> UpstreamConnection:
+        if self.total >= self.max_connections:
+            raise PoolFull(f"{self.key}: all {self.max_connections} connections busy")
+        self.total += 1
+        try:
+            _, proto = await asyncio.wait_for(
+                self.loop.create_connection(
+                    lambda: UpstreamConnection(self),
+                    self.host,
+                    self.port,
+                    ssl=self._ssl,
+                    server_hostname=self.host if self._ssl else None,
+                ),
+                timeout,
+            )
+        except BaseException:
+            self.total -= 1
+            raise
+        self.created += 1
+        return proto
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """An exchange is done with `conn`: park it if it is clean, close it otherwise."""
+        conn.detach()
+        if not conn.reusable or conn.closed or self.closed or len(self.idle) >= self.max_idle:
+            conn.close()
+            return
+        conn.set_idle(self.idle_timeout)
+        self.idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        """Called once from `connection_lost`."""
+        self.total -= 1
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def close(self) -> None:
+        self.closed = True
+        while self.idle:
+            self.idle.pop().close()
+
+    @property
+    def reuse_ratio(self) -> float:
+        uses = self.created + self.reused
+        return self.reused / uses if uses else 0.0
+
+    def __repr__(self) -> str:
+        active = self.total - len(self.idle)
+        return f"<Pool {self.key} {active} active, {len(self.idle)} idle>"
+
+
+class PoolManager:
+    """All pools of the process, shared across runtime snapshots so reloads keep connections."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pools: dict[tuple[str, str, int], Pool] = {}
+
+    def get(
+        self,
+        scheme: str,
+        host: str,
+        port: int,
+        *,
+        max_connections: int = 1024,
+        idle_timeout: float = 60.0,
+    ) -> Pool:
+        key = (scheme, host, port)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = Pool(
+                self.loop,
+                host,
+                port,
+                scheme=scheme,
+                max_connections=max_connections,
+                idle_timeout=idle_timeout,
+            )
+            self.pools[key] = pool
+        else:
+            pool.max_connections = max_connections
+            pool.idle_timeout = idle_timeout
+        return pool
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+
+    def __repr__(self) -> str:
+        return f"<PoolManager {len(self.pools)} pools>"

@@ -1,0 +1,87 @@
+"""The parsed request head, as the downstream protocol hands it to the proxy exchange."""
+
+from __future__ import annotations
+
+import time
+
+
+class Request:
+    """One client request head. Header names keep the client's spelling; values stay bytes."""
+
+    __slots__ = (
+        "chunked",
+        "client_ip",
+        "client_port",
+        "content_length",
+        "expect_continue",
+        "forwarded_for",
+        "headers",
+        "host",
+        "keep_alive",
+        "method",
+        "path",
+        "query",
+        "request_id",
+        "scheme",
+        "start",
+        "upgrade",
+        "version",
+    )
+
+    def __init__(self) -> None:
+        self.method = ""
+        self.path = "/"  # normalised path, used for routing and forwarded upstream
+        self.query = b""  # raw query string without "?"
+        self.version = "1.1"
+        # end-to-end headers in client order, minus Host, hop-by-hop and X-Forwarded-*
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.host = ""  # lower-cased Host header value (may include :port)
+        self.keep_alive = True
+        self.content_length: int | None = None
+        self.chunked = False
+        self.expect_continue = False
+        self.upgrade: bytes | None = None  # the Upgrade header value when the client asks for one
+        self.request_id = ""
+        self.forwarded_for: bytes | None = None  # client-sent X-Forwarded-For (kept if trusted)
+        self.client_ip = ""
+        self.client_port = 0
+        self.scheme = "http"
+        self.start = time.time()
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    def header(self, lname: str) -> str | None:
+        """First value of a header by lower-case name (linear scan: plugins call it rarely).
+
+        Host is kept apart from `headers` because the gateway decides what Host goes upstream.
+        """
+        if lname == "host":
+            return self.host or None
+        target = lname.encode("latin-1")
+        for name, value in self.headers:
+            if len(name) == len(target) and name.lower() == target:
+                return value.decode("latin-1")
+        return None
+
+    def header_values(self, lname: str) -> list[str]:
+        target = lname.encode("latin-1")
+        return [v.decode("latin-1") for n, v in self.headers if n.lower() == target]
+
+    def set_header(self, name: str, value: str) -> None:
+        self.remove_header(name)
+        self.headers.append((name.encode("latin-1"), value.encode("latin-1")))
+
+    def remove_header(self, name: str) -> None:
+        target = name.lower().encode("latin-1")
+        self.headers = [(n, v) for n, v in self.headers if n.lower() != target]
+
+    @property
+    def target(self) -> str:
+        if self.query:
+            return self.path + "?" + self.query.decode("latin-1")
+        return self.path
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.target} HTTP/{self.version} id={self.request_id}>"

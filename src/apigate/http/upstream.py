@@ -1,0 +1,344 @@
+"""The upstream (service-facing) HTTP/1.1 client connection.
+
+One `UpstreamConnection` carries one exchange at a time (HTTP/1.1 has no multiplexing). It parses
+responses with httptools and hands the exchange a filtered head and the decoded body. Whether the
+connection may go back to the pool is decided here, from what the response actually did: a
+response that ended cleanly, said nothing against keep-alive, and whose request was fully sent.
+
+Interim 1xx responses (100, 103) are swallowed; 101 switches the connection to a byte tunnel.
+A HEAD response's body length cannot be told to httptools (it has no "skip body" hook), so after
+one we start a fresh parser for the next response instead of trusting the old one's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Protocol, cast
+
+import httptools
+
+from apigate.http.headers import connection_tokens
+
+if TYPE_CHECKING:
+    from apigate.http.pool import Pool
+
+
+class ResponseHead:
+    """A parsed upstream response head; plugins may edit `headers` before it is written."""
+
+    __slots__ = ("chunked", "content_length", "headers", "keep_alive", "reason", "status",
+                 "until_eof", "upgrade", "version")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.reason = b""
+        self.version = "1.1"
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.content_length: int | None = None
+        self.chunked = False
+        self.until_eof = False  # no length: the body ends when the upstream closes
+        self.keep_alive = True
+        self.upgrade: bytes | None = None
+
+    def header(self, lname: str) -> str | None:
+        target = lname.encode("latin-1")
+        for name, value in self.headers:
+            if name.lower() == target:
+                return value.decode("latin-1")
+        return None
+
+    def set_header(self, name: str, value: str) -> None:
+        self.remove_header(name)
+        self.headers.append((name.encode("latin-1"), value.encode("latin-1")))
+
+    def remove_header(self, name: str) -> None:
+        target = name.lower().encode("latin-1")
+        self.headers = [(n, v) for n, v in self.headers if n.lower() != target]
+
+
+class UpstreamListener(Protocol):
+    """The exchange side of an upstream connection."""
+
+    def on_response_head(self, head: ResponseHead) -> None: ...
+    def on_response_body(self, chunk: bytes) -> None: ...
+    def on_response_done(self) -> None: ...
+    def on_upstream_lost(self, exc: Exception | None) -> None: ...
+    def on_upstream_timeout(self) -> None: ...
+    def on_upgraded(self, extra: bytes) -> None: ...
+    def flush_head(self) -> None: ...
+    def upstream_write_paused(self) -> None: ...
+    def upstream_write_resumed(self) -> None: ...
+
+
+_R_CONTENT_LENGTH = 1
+_R_TRANSFER_ENCODING = 2
+_R_CONNECTION = 3
+_R_UPGRADE = 4
+_R_DROP = 5
+_RESPONSE_SPECIAL: dict[bytes, int] = {
+    b"content-length": _R_CONTENT_LENGTH,
+    b"transfer-encoding": _R_TRANSFER_ENCODING,
+    b"connection": _R_CONNECTION,
+    b"upgrade": _R_UPGRADE,
+    b"keep-alive": _R_DROP,
+    b"proxy-connection": _R_DROP,
+    b"te": _R_DROP,
+    b"trailer": _R_DROP,
+    b"proxy-authenticate": _R_DROP,
+}
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """A pooled keep-alive connection to one upstream instance."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.loop = pool.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.listener: UpstreamListener | None = None
+        self.head: ResponseHead | None = None
+        self.closed = False
+        self.reusable = False
+        self.requests = 0  # how many exchanges this connection has carried
+        self.head_only = False  # the current request is HEAD: the response has no body
+        self.got_bytes = False  # any byte of the current response arrived
+        self.request_sent = False  # the whole request (head + body) was written
+        self.tunnel = False
+        self._connection_values: list[bytes] = []
+        self._skip_rest = False
+        self._deadline = 0.0
+        self._timeout = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._idle_deadline = 0.0
+
+    # ------------------------------------------------------------------ transport events
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self.transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.reusable = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.pool.forget(self)
+        listener, self.listener = self.listener, None
+        if listener is None:
+            return
+        head = self.head
+        if head is not None and head.until_eof and not self.tunnel:
+            listener.on_response_done()  # EOF is how a length-less body ends
+        else:
+            listener.on_upstream_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        listener = self.listener
+        if self.tunnel:
+            if listener is not None:
+                listener.on_response_body(data)
+            return
+        if listener is None:
+            # Bytes on an idle connection: the upstream is confused; never reuse it.
+            self.close()
+            return
+        self.got_bytes = True
+        if self._timeout:
+            self._deadline = self.loop.time() + self._timeout
+        try:
+            self.parser.feed_data(data)
+            listener.flush_head()  # a head whose body has not arrived yet goes out now
+        except httptools.HttpParserUpgrade as upg:
+            extra = data[upg.args[0] :]
+            if self.head is not None and self.head.status == 101:
+                self.tunnel = True
+                self._deadline = 0.0
+                listener.on_upgraded(extra)
+            else:
+                self.close()
+        except httptools.HttpParserCallbackError as exc:
+            if exc.__context__ is not None:
+                raise exc.__context__ from None
+            raise
+        except httptools.HttpParserError:
+            self.reusable = False
+            self.listener = None
+            self.close()
+            listener.on_upstream_lost(ConnectionError("malformed response from upstream"))
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too; connection_lost decides what the EOF meant
+
+    def pause_writing(self) -> None:
+        if self.listener is not None:
+            self.listener.upstream_write_paused()
+
+    def resume_writing(self) -> None:
+        if self.listener is not None:
+            self.listener.upstream_write_resumed()
+
+    # ------------------------------------------------------------------ parser callbacks
+    def on_message_begin(self) -> None:
+        self.head = ResponseHead()
+        self._connection_values = []
+
+    def on_status(self, status: bytes) -> None:
+        if self.head is not None:
+            self.head.reason = status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        head = self.head
+        if head is None or head.status:  # status is set at headers-complete: this is a trailer
+            return
+        kind = _RESPONSE_SPECIAL.get(name.lower())
+        if kind is None:
+            head.headers.append((name, value))
+        elif kind == _R_CONTENT_LENGTH:
+            head.content_length = int(value)
+        elif kind == _R_TRANSFER_ENCODING:
+            head.chunked = value.strip().lower().endswith(b"chunked")
+        elif kind == _R_CONNECTION:
+            self._connection_values.append(value)
+        elif kind == _R_UPGRADE:
+            head.upgrade = value
+
+    def on_headers_complete(self) -> None:
+        head = self.head
+        assert head is not None
+        status = self.parser.get_status_code()
+        head.status = status
+        head.version = self.parser.get_http_version()
+        if 100 <= status < 200 and status != 101:
+            self.head = None  # interim response: wait for the final one
+            return
+        keep_alive = head.version == "1.1"
+        if self._connection_values:
+            tokens = connection_tokens(self._connection_values)
+            if b"close" in tokens:
+                keep_alive = False
+            elif b"keep-alive" in tokens:
+                keep_alive = True
+            named = tokens - {b"close", b"keep-alive", b"upgrade"}
+            if named:
+                head.headers = [(n, v) for n, v in head.headers if n.lower() not in named]
+        no_body = self.head_only or status in (204, 304) or status == 101
+        if not no_body and head.content_length is None and not head.chunked:
+            head.until_eof = True
+            keep_alive = False
+        head.keep_alive = keep_alive
+        if status != 101:
+            head.upgrade = None
+        listener = self.listener
+        if listener is not None:
+            listener.on_response_head(head)
+        if self.head_only and status != 101:
+            # httptools cannot be told that a HEAD response has no body: finish it here and
+            # give the next response a fresh parser.
+            self._skip_rest = True
+            self.parser = httptools.HttpResponseParser(self)
+            self._finish()
+
+    def on_body(self, body: bytes) -> None:
+        if self._skip_rest:
+            self.reusable = False  # bytes after a HEAD response: the framing is not what we think
+            return
+        listener = self.listener
+        if listener is not None:
+            listener.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._skip_rest:
+            return
+        if self.head is None:  # end of an interim 1xx response
+            return
+        if self.head.status == 101:
+            return
+        self._finish()
+
+    def _finish(self) -> None:
+        head = self.head
+        self.reusable = bool(head and head.keep_alive and self.request_sent) and not self.closed
+        self._deadline = 0.0
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            listener.on_response_done()
+
+    # ------------------------------------------------------------------ used by the exchange
+    def begin(self, listener: UpstreamListener, head_only: bool, response_timeout: float) -> None:
+        """Attach an exchange before its request head is written."""
+        self.listener = listener
+        self.head = None
+        self.head_only = head_only
+        self.got_bytes = False
+        self.request_sent = False
+        self.reusable = False
+        self._skip_rest = False
+        self.requests += 1
+        self._timeout = response_timeout
+        self._set_deadline(response_timeout)
+
+    def detach(self) -> None:
+        self.listener = None
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        if self.transport is not None:
+            self.transport.writelines(parts)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        self.reusable = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.reusable = False
+        if self.transport is not None:
+            self.transport.abort()
+
+    # ------------------------------------------------------------------ timeouts
+    def set_idle(self, idle_timeout: float) -> None:
+        """Parked in the pool: close if nobody needs it for `idle_timeout` seconds."""
+        self._timeout = 0.0
+        self._set_deadline(idle_timeout)
+
+    def _set_deadline(self, seconds: float) -> None:
+        if seconds <= 0:
+            self._deadline = 0.0
+            return
+        self._deadline = self.loop.time() + seconds
+        if self._timer is None or self._timer_at > self._deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = self._deadline
+            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.closed or not self._deadline:
+            return
+        now = self.loop.time()
+        if now < self._deadline:
+            self._timer_at = self._deadline
+            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+            return
+        listener, self.listener = self.listener, None
+        self.abort()
+        if listener is not None and not self.tunnel:
+            listener.on_upstream_timeout()
+
+    def __repr__(self) -> str:
+        state = "busy" if self.listener is not None else "idle"
+        return f"<UpstreamConnection {self.pool.key} {state} requests={self.requests}>"

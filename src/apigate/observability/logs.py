@@ -1,0 +1,55 @@
+"""Structured JSON logging for the gateway's own events (not the access log).
+
+Every record is one JSON object per line with time, level, logger and message, plus the
+`extra={...}` fields the caller passed (event, service, instance, ...). Values that look like
+secrets are never passed in; `redact()` exists for the few places that echo user input.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+_STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+_SECRET_KEYS = ("authorization", "token", "secret", "password", "api_key", "apikey")
+
+
+def redact(fields: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: ("[redacted]" if any(s in k.lower() for s in _SECRET_KEYS) else v)
+        for k, v in fields.items()
+    }
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        extra = {k: v for k, v in vars(record).items() if k not in _STANDARD}
+        doc.update(redact(extra))
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def setup_logging(level: str = "info", levels: dict[str, str] | None = None,
+                  json_format: bool = True) -> None:
+    """Root handler to stderr; `levels` sets per-component levels ({"apigate.registry": "debug"})."""
+    handler = logging.StreamHandler(sys.stderr)
+    if json_format:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name, lvl in (levels or {}).items():
+        logging.getLogger(name).setLevel(lvl.upper())

@@ -1,0 +1,79 @@
+"""The plugin contract (ARCHITECTURE.md).
+
+A plugin is a class with a `name`, a `priority`, a pydantic `Config` and any of these hooks:
+
+- `on_request(ctx) -> Response | None` — may return an awaitable; a `Response` stops the chain
+  (401, 429, a cache hit). Runs after routing, before an instance is picked.
+- `on_upstream_request(ctx, request)` — edit the request that goes upstream (headers, path).
+- `on_response(ctx, head)` — edit the upstream response head before the client sees it.
+- `on_log(ctx)` — after the response is finished (access logs, metrics).
+
+Hooks are plain functions unless they must wait (Redis, JWKS fetch): the exchange only creates a
+task when a hook actually returns an awaitable, so synchronous plugins cost no scheduling.
+Higher `priority` runs first (auth 1000+, rate limit 900, cache 800, transform 700, log 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from apigate.config.schema import ConsumerConfig, GatewayConfig
+
+
+class PluginConfig(BaseModel):
+    """Base for plugin configs: unknown keys are errors, as everywhere in the file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(slots=True)
+class Response:
+    """A response a plugin produces instead of proxying."""
+
+    status: int
+    body: bytes = b""
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    content_type: bytes = b"application/json"
+
+
+@dataclass
+class PluginEnv:
+    """What a plugin may use besides its own config: the whole config, shared state, a loop."""
+
+    config: GatewayConfig
+    loop: asyncio.AbstractEventLoop | None = None
+    store: Any = None  # apigate.store backend (memory / sqlite / redis) once it exists
+    shared: dict[str, Any] = field(default_factory=dict)  # per-process objects kept across reloads
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("apigate.plugins"))
+
+    def consumers(self) -> list[ConsumerConfig]:
+        return list(self.config.consumers)
+
+
+RequestHook = Callable[[Any], "Response | None | Awaitable[Response | None]"]
+
+
+class Plugin:
+    name: ClassVar[str] = ""
+    priority: ClassVar[int] = 500
+    Config: ClassVar[type[PluginConfig]] = PluginConfig
+
+    def __init__(self, config: PluginConfig, env: PluginEnv) -> None:
+        self.config = config
+        self.env = env
+
+    async def start(self) -> None:
+        """Background work (JWKS refresh, store connections); called once per snapshot."""
+
+    async def close(self) -> None:
+        """Undo `start`; called when the snapshot that built this instance is retired."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} priority={self.priority}>"

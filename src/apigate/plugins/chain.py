@@ -1,0 +1,98 @@
+"""Building the per-route plugin chain once per snapshot.
+
+Plugins are named in the file by a short name (`jwt`, `rate_limit`, ...) that maps to a class
+here, or by a dotted path `package.module:Class` for in-process third-party plugins. A route's
+own entry for a name replaces the global one.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from apigate.config.errors import ConfigError, format_validation_error
+from apigate.plugins.base import Plugin, PluginEnv
+
+# short name -> "module:Class"; imported lazily so an unused plugin costs nothing at start-up
+BUILTIN: dict[str, str] = {
+    "access_log": "apigate.observability.access_log:AccessLogPlugin",
+}
+
+
+def register_builtin(name: str, target: str) -> None:
+    BUILTIN[name] = target
+
+
+def resolve(name: str) -> type[Plugin]:
+    target = BUILTIN.get(name, name)
+    if ":" not in target:
+        raise KeyError(name)
+    module_name, _, attr = target.partition(":")
+    module = importlib.import_module(module_name)
+    cls = getattr(module, attr)
+    if not (isinstance(cls, type) and issubclass(cls, Plugin)):
+        raise TypeError(f"{target} is not an apigate Plugin subclass")
+    return cls
+
+
+class PluginChain:
+    """The hooks of one route, in priority order, as plain lists the exchange iterates."""
+
+    __slots__ = ("log_hooks", "plugins", "request_hooks", "response_hooks",
+                 "upstream_request_hooks")
+
+    def __init__(self, plugins: list[Plugin]) -> None:
+        self.plugins = sorted(plugins, key=lambda p: -p.priority)
+        self.request_hooks: list[Callable[..., Any]] = self._hooks("on_request")
+        self.upstream_request_hooks: list[Callable[..., Any]] = self._hooks("on_upstream_request")
+        self.response_hooks: list[Callable[..., Any]] = self._hooks("on_response")
+        self.log_hooks: list[Callable[..., Any]] = self._hooks("on_log")
+
+    def _hooks(self, name: str) -> list[Callable[..., Any]]:
+        return [getattr(p, name) for p in self.plugins if hasattr(p, name)]
+
+    def __bool__(self) -> bool:
+        return bool(self.plugins)
+
+    def __repr__(self) -> str:
+        return f"<PluginChain {[p.name for p in self.plugins]}>"
+
+
+def build_plugin(
+    name: str, raw: Mapping[str, Any] | None, env: PluginEnv, where: str
+) -> Plugin:
+    try:
+        cls = resolve(name)
+    except (KeyError, ImportError, AttributeError, TypeError) as exc:
+        known = ", ".join(sorted(BUILTIN))
+        raise ConfigError([f"{where}: unknown plugin '{name}' ({exc}); built-in: {known}"]) from None
+    try:
+        config = cls.Config.model_validate(dict(raw or {}))
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, where)) from None
+    return cls(config, env)
+
+
+def build_chain(
+    global_plugins: Mapping[str, Mapping[str, Any] | None],
+    route_plugins: Mapping[str, Mapping[str, Any] | None],
+    env: PluginEnv,
+    route_index: int,
+    cache: dict[tuple[str, str], Plugin],
+) -> PluginChain:
+    """Global plugins are built once and shared by every route (their state, e.g. a rate
+    limiter's counters, is global); a route's own entry replaces the global one."""
+    plugins: list[Plugin] = []
+    for name, raw in global_plugins.items():
+        if name in route_plugins:
+            continue
+        key = ("global", name)
+        if key not in cache:
+            cache[key] = build_plugin(name, raw, env, f"plugins.{name}")
+        plugins.append(cache[key])
+    for name, raw in route_plugins.items():
+        plugins.append(build_plugin(name, raw, env, f"routes[{route_index}].plugins.{name}"))
+    return PluginChain(plugins)

@@ -1,0 +1,1 @@
+"""The proxy exchange: one client request carried to an upstream and back."""

@@ -1,0 +1,522 @@
+"""One request's trip through the gateway.
+
+    start ─► route ─► plugins.on_request ─► pick instance ─► pool (idle? reuse : connect)
+                                                                   │
+      client ◄── response head/body ◄── upstream ◄── request head + body (streamed)
+
+The exchange is both the client connection's `Exchange` and the upstream connection's listener,
+so every event on either side lands in one object with one state. Everything up to writing the
+request head runs synchronously when the pool has an idle connection and the plugins are
+synchronous: no task is created on the plain path. A task exists only to await a new
+connection or an asynchronous plugin hook.
+
+Backpressure: the client's body is written upstream as it arrives; when the upstream's write
+buffer fills (`upstream_write_paused`) we pause reading the client, and when the client's write
+buffer fills (`client_write_paused`) we pause reading the upstream. Before an upstream connection
+exists the body is buffered, up to 64 KiB, then the client is paused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from typing import TYPE_CHECKING, Any
+
+from apigate.http.errors import GatewayError, render_error, render_response
+from apigate.http.pool import PoolFull
+from apigate.http.upstream import ResponseHead, UpstreamConnection
+from apigate.plugins.base import Response
+from apigate.proxy.heads import request_head, response_head
+from apigate.routing.matcher import NoMatch
+
+if TYPE_CHECKING:
+    from apigate.balancing.base import Instance
+    from apigate.http.protocol import ClientConnection
+    from apigate.http.request import Request
+    from apigate.registry.service import Service
+    from apigate.runtime import CompiledRoute, Runtime
+
+log = logging.getLogger("apigate.proxy")
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+_BUFFER_LIMIT = 64 * 1024
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+_CRLF = b"\r\n"
+
+
+class ProxyExchange:
+    """Implements both `http.protocol.Exchange` and `http.upstream.UpstreamListener`."""
+
+    def __init__(self, conn: ClientConnection, request: Request, runtime: Runtime) -> None:
+        self.conn = conn
+        self.request = request
+        self.runtime = runtime
+        self.loop = conn.loop
+        self.t0 = conn.loop.time()
+        self.route: CompiledRoute | None = None
+        self.params: dict[str, str] = {}
+        self.prefix = ""
+        self.service: Service | None = None
+        self.instance: Instance | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.tried: list[Instance] = []
+        self.consumer: Any = None  # set by auth plugins
+        self.vars: dict[str, Any] = {}  # scratch space shared by plugins
+        self.upstream_path = request.path
+        self.status = 0
+        self.bytes_sent = 0
+        self.upstream_ms: float | None = None
+        self.total_ms: float | None = None
+        self.error: str | None = None
+        self.cache_status: str | None = None
+        self.retries = 0
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._body_done = not request.has_body
+        self._paused_for_buffer = False
+        self._paused_upstream_write = False
+        self._sent_continue = False
+        self._head_sent = False
+        self._pending_head: bytes | None = None
+        self._chunk_out = False
+        self._keep_alive = False
+        self._finished = False
+        self._client_gone = False
+        self._tunnel_buf: list[bytes] | None = None
+        self._tunnel_open = False
+        self._t_upstream = 0.0
+        self._reused = False
+        self._pending_error: GatewayError | None = None
+
+    # ================================================================== client side events
+    def start(self) -> None:
+        try:
+            self._route()
+        except GatewayError as err:
+            self.fail(err)
+            return
+        chain = self.route.chain if self.route is not None else None
+        if chain is not None and chain.request_hooks:
+            self._run_request_hooks(0)
+        else:
+            self._forward()
+
+    def feed_body(self, chunk: bytes) -> None:
+        up = self.upstream
+        if up is not None and not self._finished:
+            if self.request.chunked:
+                up.writelines([b"%x\r\n" % len(chunk), chunk, _CRLF])
+            else:
+                up.write(chunk)
+            return
+        if self._finished:
+            return  # answered already (e.g. 401): the rest of the body is discarded
+        self._body.append(chunk)
+        self._body_size += len(chunk)
+        if self._body_size > _BUFFER_LIMIT and not self._paused_for_buffer:
+            self._paused_for_buffer = True
+            self.conn.pause_reading()
+
+    def body_done(self) -> None:
+        self._body_done = True
+        up = self.upstream
+        if up is not None and not self._finished:
+            if self.request.chunked:
+                up.write(_LAST_CHUNK)
+            up.request_sent = True
+
+    def client_lost(self) -> None:
+        self._client_gone = True
+        if self._finished:
+            return
+        up = self.upstream
+        if up is not None:
+            self.upstream = None
+            up.detach()
+            up.abort()  # a half-read response cannot be reused
+            self._release_instance(ok=True)
+        self.status = self.status or 499  # nginx's "client closed request"
+        self._complete(keep_alive=False)
+
+    def client_write_paused(self) -> None:
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def client_write_resumed(self) -> None:
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    def tunnel_data(self, data: bytes) -> None:
+        if self._tunnel_open and self.upstream is not None:
+            self.upstream.write(data)
+        else:
+            if self._tunnel_buf is None:
+                self._tunnel_buf = []
+            self._tunnel_buf.append(data)
+
+    # ================================================================== routing and plugins
+    def _route(self) -> None:
+        req = self.request
+        result = self.runtime.matcher.match(req.host, req.method, req.path, req.header)
+        if isinstance(result, NoMatch):
+            if result.allowed_methods:
+                allow = ", ".join(sorted(result.allowed_methods)).encode()
+                raise GatewayError(405, f"method {req.method} not allowed here",
+                                   headers=[(b"Allow", allow)])
+            raise GatewayError(404, f"no route for {req.method} {req.path}")
+        route: CompiledRoute = result.spec.payload  # type: ignore[assignment]
+        self.route = route
+        self.params = result.params
+        self.prefix = result.prefix
+        self.service = route.service
+        if route.max_body is not None or route.body_timeout is not None or req.content_length:
+            limit = self.conn.apply_route_limits(route.max_body, route.body_timeout)
+            if req.content_length is not None and req.content_length > limit:
+                raise GatewayError(413, f"request body larger than {limit} bytes")
+        self.upstream_path = route.upstream_path(req.path, result.prefix, result.params)
+
+    def _run_request_hooks(self, index: int) -> None:
+        assert self.route is not None
+        hooks = self.route.chain.request_hooks
+        for i in range(index, len(hooks)):
+            try:
+                outcome = hooks[i](self)
+            except GatewayError as err:
+                self.fail(err)
+                return
+            if outcome is None:
+                continue
+            if inspect.isawaitable(outcome):
+                self.loop.create_task(self._await_hook(outcome, i))
+                return
+            self.respond(outcome)
+            return
+        self._forward()
+
+    async def _await_hook(self, awaitable: Any, index: int) -> None:
+        try:
+            outcome = await awaitable
+        except GatewayError as err:
+            self.fail(err)
+            return
+        except Exception:
+            log.exception("plugin hook failed on %s", self.request)
+            self.fail(GatewayError(500, "a plugin failed", "plugin_error"))
+            return
+        if self._client_gone:
+            return
+        if outcome is not None:
+            self.respond(outcome)
+        else:
+            self._run_request_hooks(index + 1)
+
+    # ================================================================== upstream selection
+    def _forward(self) -> None:
+        if self._client_gone:
+            return
+        service = self.service
+        if service is None:
+            assert self.route is not None
+            handler = self.runtime.handlers.get(self.route.name)
+            if handler is None:
+                self.fail(GatewayError(502, f"route {self.route.name} has no upstream"))
+                return
+            self.loop.create_task(handler(self))
+            return
+        key = service.hash_key(self.request) if service.hash_key is not None else None
+        inst = service.balancer.pick(key, self.tried)
+        if inst is None:
+            if self.tried:
+                self.fail(self._pending_error or GatewayError(502, "every instance failed"))
+            else:
+                self.fail(GatewayError(503, f"no healthy instance of service {service.name}",
+                                       "no_healthy_instance"))
+            return
+        self.instance = inst
+        self.tried.append(inst)
+        pool = service.pool_for(inst)
+        up = pool.acquire_idle()
+        if up is not None:
+            self._attach(up, reused=True)
+        else:
+            self.loop.create_task(self._connect(service, inst))
+
+    async def _connect(self, service: Service, inst: Instance) -> None:
+        pool = service.pool_for(inst)
+        timeouts = service.config.timeouts
+        try:
+            up = await pool.connect(timeouts.connect)
+        except PoolFull:
+            self.fail(GatewayError(503, f"service {service.name}: connection limit reached",
+                                   "upstream_overloaded"))
+            return
+        except (TimeoutError, asyncio.TimeoutError):
+            service.report(inst, ok=False)
+            self._pending_error = GatewayError(504, f"connect to {inst.host}:{inst.port} timed out",
+                                               "upstream_connect_timeout")
+            self._retry_connect()
+            return
+        except OSError as exc:
+            service.report(inst, ok=False)
+            self._pending_error = GatewayError(
+                502, f"connect to {inst.host}:{inst.port} failed: {exc.strerror or exc}",
+                "upstream_connect_error")
+            self._retry_connect()
+            return
+        if self._client_gone or self._finished:
+            pool.release(up)  # not reusable yet (no request): closes it
+            return
+        self._attach(up, reused=False)
+
+    def _retry_connect(self) -> None:
+        """Nothing reached the upstream, so another instance may be tried (any method)."""
+        assert self.service is not None and self._pending_error is not None
+        limit = 1 + max(self.service.config.retries.attempts, 1)
+        if len(self.tried) < limit and not self._client_gone:
+            self.retries += 1
+            self._forward()
+        else:
+            self.fail(self._pending_error)
+
+    def _attach(self, up: UpstreamConnection, reused: bool) -> None:
+        assert self.service is not None and self.instance is not None
+        req = self.request
+        self.upstream = up
+        self._reused = reused
+        self.service.balancer.on_start(self.instance)
+        self._t_upstream = self.loop.time()
+        up.begin(self, req.method == "HEAD", self.service.config.timeouts.response)
+        route = self.route
+        assert route is not None
+        if route.chain.upstream_request_hooks:
+            for hook in route.chain.upstream_request_hooks:
+                hook(self, req)
+        host = req.host.encode("latin-1") if route.preserve_host else up.pool.host_header
+        chunked = req.chunked
+        length = req.content_length
+        head = request_head(req, req.method.encode(), self.upstream_path, host,
+                            chunked=chunked, content_length=length)
+        body = self._body
+        if body:
+            parts = [head]
+            for chunk in body:
+                if chunked:
+                    parts += (b"%x\r\n" % len(chunk), chunk, _CRLF)
+                else:
+                    parts.append(chunk)
+            if self._body_done and chunked:
+                parts.append(_LAST_CHUNK)
+            up.writelines(parts)
+            self._body = []
+            self._body_size = 0
+        elif self._body_done and chunked:
+            up.writelines([head, _LAST_CHUNK])
+        else:
+            up.write(head)
+        if self._body_done:
+            up.request_sent = True
+        elif req.expect_continue and not self._sent_continue:
+            self._sent_continue = True
+            self.conn.write(_CONTINUE)
+        if self._paused_for_buffer:
+            self._paused_for_buffer = False
+            self.conn.resume_reading()
+
+    # ================================================================== upstream events
+    def on_response_head(self, head: ResponseHead) -> None:
+        if self._client_gone:
+            return
+        req = self.request
+        self.status = head.status
+        self.upstream_ms = (self.loop.time() - self._t_upstream) * 1000.0
+        route = self.route
+        if route is not None and route.chain.response_hooks:
+            for hook in route.chain.response_hooks:
+                hook(self, head)
+        status = head.status
+        bodyless = req.method == "HEAD" or status in (204, 304) or status == 101
+        self._chunk_out = not bodyless and (head.chunked or head.until_eof) and req.version == "1.1"
+        keep_alive = req.keep_alive and (status == 101 or req.upgrade is None)
+        if head.until_eof and not self._chunk_out and not bodyless:
+            keep_alive = False  # an HTTP/1.0 client learns the end of the body from the close
+        if not self._body_done:
+            keep_alive = False  # answered before the request body ended: framing is lost
+        self._keep_alive = keep_alive
+        self._head_sent = True
+        # Held back until the end of this upstream read, so that head and body leave in one
+        # send() (measured: a second write syscall per response cost ~15% of the plain path).
+        self._pending_head = response_head(head, req, chunk_out=self._chunk_out,
+                                           keep_alive=keep_alive)
+        if status == 101:
+            self.flush_head()
+
+    def flush_head(self) -> None:
+        """End of an upstream read: whatever head is still held goes out now."""
+        head = self._pending_head
+        if head is not None:
+            self._pending_head = None
+            self.conn.write(head)
+
+    def on_response_body(self, chunk: bytes) -> None:
+        if self._client_gone:
+            return
+        self.bytes_sent += len(chunk)
+        head = self._pending_head
+        if head is not None:
+            self._pending_head = None
+            if self._chunk_out:
+                self.conn.writelines([head, b"%x\r\n" % len(chunk), chunk, _CRLF])
+            else:
+                self.conn.writelines([head, chunk])
+        elif self._chunk_out:
+            self.conn.writelines([b"%x\r\n" % len(chunk), chunk, _CRLF])
+        else:
+            self.conn.write(chunk)
+
+    def on_response_done(self) -> None:
+        up = self.upstream
+        self.upstream = None
+        if up is not None:
+            up.pool.release(up)
+        self._release_instance(ok=True)
+        if self._client_gone:
+            return
+        head, self._pending_head = self._pending_head, None
+        if self._chunk_out:
+            self.conn.write(head + _LAST_CHUNK if head is not None else _LAST_CHUNK)
+        elif head is not None:
+            self.conn.write(head)
+        self._complete(self._keep_alive)
+
+    def on_upstream_lost(self, exc: Exception | None) -> None:
+        up = self.upstream
+        self.upstream = None
+        if self._tunnel_open:
+            self._release_instance(ok=True)
+            self._complete(keep_alive=False)
+            self.conn.close()
+            return
+        self._release_instance(ok=False)
+        if self._client_gone:
+            return
+        if not self._head_sent:
+            if (
+                up is not None and self._reused and not up.got_bytes and self._body_done
+                and not self.request.has_body and self.request.method in IDEMPOTENT
+            ):
+                # A pooled connection the upstream had closed as we reused it: the classic
+                # keep-alive race. Nothing was processed; try again on a fresh connection.
+                self.retries += 1
+                self.tried.pop()
+                self._forward()
+                return
+            reason = f"upstream {self._where()} closed the connection"
+            self.fail(GatewayError(502, reason, "upstream_reset"))
+        else:
+            self.error = "upstream closed mid-response"
+            self.flush_head()
+            self.conn.abort()  # the client must see a truncated response, not a clean end
+            self._complete(keep_alive=False)
+
+    def on_upstream_timeout(self) -> None:
+        self.upstream = None
+        self._release_instance(ok=False)
+        if self._client_gone:
+            return
+        if not self._head_sent:
+            self.fail(GatewayError(504, f"upstream {self._where()} did not answer in time",
+                                   "upstream_timeout"))
+        else:
+            self.error = "upstream timed out mid-response"
+            self.conn.abort()
+            self._complete(keep_alive=False)
+
+    def on_upgraded(self, extra: bytes) -> None:
+        self._tunnel_open = True
+        if extra:
+            self.on_response_body(extra)
+        up = self.upstream
+        if up is not None and self._tunnel_buf:
+            up.writelines(self._tunnel_buf)
+        self._tunnel_buf = None
+
+    def upstream_write_paused(self) -> None:
+        self._paused_upstream_write = True
+        self.conn.pause_reading()
+
+    def upstream_write_resumed(self) -> None:
+        if self._paused_upstream_write:
+            self._paused_upstream_write = False
+            self.conn.resume_reading()
+
+    # ================================================================== answering ourselves
+    def respond(self, response: Response) -> None:
+        """Answer with a plugin's response instead of proxying."""
+        if self._client_gone or self._finished:
+            return
+        req = self.request
+        self.status = response.status
+        keep_alive = req.keep_alive and self._body_done
+        headers = [*response.headers, (b"X-Request-Id", req.request_id.encode())]
+        self.bytes_sent = len(response.body)
+        self.conn.write(render_response(
+            response.status, response.body, content_type=response.content_type,
+            headers=headers, keep_alive=keep_alive, head_only=req.method == "HEAD",
+        ))
+        self._complete(keep_alive)
+
+    def fail(self, err: GatewayError) -> None:
+        if self._client_gone or self._finished:
+            return
+        if self._head_sent:
+            self.error = err.message
+            self.conn.abort()
+            self._complete(keep_alive=False)
+            return
+        req = self.request
+        self.status = err.status
+        self.error = err.message
+        keep_alive = req.keep_alive and self._body_done
+        self.conn.write(render_error(err, req.request_id, keep_alive=keep_alive,
+                                     head_only=req.method == "HEAD"))
+        self._complete(keep_alive)
+
+    # ================================================================== bookkeeping
+    def _release_instance(self, ok: bool) -> None:
+        inst = self.instance
+        if inst is None or self._t_upstream == 0.0:
+            return
+        latency = self.loop.time() - self._t_upstream
+        self._t_upstream = 0.0
+        service = self.service
+        if service is not None:
+            service.balancer.on_finish(inst, latency, ok)
+            service.report(inst, ok=ok and self.status < 500, status=self.status)
+
+    def _complete(self, keep_alive: bool) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self.total_ms = (self.loop.time() - self.t0) * 1000.0
+        route = self.route
+        if route is not None and route.chain.log_hooks:
+            for hook in route.chain.log_hooks:
+                try:
+                    hook(self)
+                except Exception:
+                    log.exception("log hook failed")
+        elif self.runtime.log_hooks:
+            for hook in self.runtime.log_hooks:
+                hook(self)
+        if not self._client_gone:
+            self.conn.finish_exchange(self, keep_alive)
+
+    def _where(self) -> str:
+        inst = self.instance
+        return f"{inst.host}:{inst.port}" if inst is not None else "?"
+
+    def __repr__(self) -> str:
+        route = self.route.name if self.route else "-"
+        return f"<ProxyExchange {self.request.method} {self.request.path} route={route}>"

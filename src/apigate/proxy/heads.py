@@ -1,0 +1,100 @@
+"""Serialising the two heads a proxied exchange writes: upstream request and client response.
+
+Both are built as one bytes object (one write per head). The forwarding headers follow the usual
+gateway convention (nginx, Kong, Envoy): the client's X-Forwarded-* are replaced unless the peer
+is a trusted proxy, in which case X-Forwarded-For is extended. RFC 7239 `Forwarded` is emitted
+alongside for upstreams that read the standard header.
+"""
+
+from __future__ import annotations
+
+from apigate.http.date import DATE
+from apigate.http.headers import VIA_VALUE, forwarded_for_node
+from apigate.http.request import Request
+from apigate.http.status import status_line
+from apigate.http.upstream import ResponseHead
+
+_CHUNKED = b"Transfer-Encoding: chunked\r\n"
+_CONN_CLOSE = b"Connection: close\r\n"
+_CONN_KEEP_ALIVE = b"Connection: keep-alive\r\n"
+_VIA = b"Via: " + VIA_VALUE + b"\r\n"
+
+
+def request_head(
+    req: Request,
+    method: bytes,
+    path: str,
+    host_header: bytes,
+    *,
+    chunked: bool,
+    content_length: int | None,
+) -> bytes:
+    """The head of the request sent upstream (HTTP/1.1, keep-alive)."""
+    ip = req.client_ip
+    xff = ip.encode() if req.forwarded_for is None else req.forwarded_for + b", " + ip.encode()
+    target = path.encode("ascii")
+    if req.query:
+        target += b"?" + req.query
+    client_host = req.host.encode("latin-1")
+    parts = [
+        b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, target, host_header),
+    ]
+    for name, value in req.headers:
+        parts.append(b"%s: %s\r\n" % (name, value))
+    parts.append(
+        b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n"
+        b"Forwarded: for=%s;host=\"%s\";proto=%s\r\nX-Request-Id: %s\r\n"
+        % (
+            xff,
+            req.scheme.encode(),
+            client_host,
+            forwarded_for_node(ip).encode(),
+            client_host,
+            req.scheme.encode(),
+            req.request_id.encode(),
+        )
+    )
+    parts.append(_VIA)
+    if chunked:
+        parts.append(_CHUNKED)
+    elif content_length is not None:
+        parts.append(b"Content-Length: %d\r\n" % content_length)
+    if req.upgrade is not None:
+        parts.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % req.upgrade)
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def response_head(
+    head: ResponseHead,
+    req: Request,
+    *,
+    chunk_out: bool,
+    keep_alive: bool,
+) -> bytes:
+    """The head of the response sent to the client; framing decided by the caller."""
+    parts = [status_line(head.status, head.reason)]
+    has_date = False
+    for name, value in head.headers:
+        parts.append(b"%s: %s\r\n" % (name, value))
+        if len(name) == 4 and name.lower() == b"date":
+            has_date = True
+    if not has_date:
+        parts.append(DATE.value)
+    parts.append(b"X-Request-Id: %s\r\n" % req.request_id.encode())
+    status = head.status
+    if status == 101:
+        parts.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % (head.upgrade or b""))
+    else:
+        if chunk_out:
+            parts.append(_CHUNKED)
+        elif head.content_length is not None and status != 204 and not (
+            status == 304 and head.content_length == 0
+        ):
+            parts.append(b"Content-Length: %d\r\n" % head.content_length)
+        if not keep_alive:
+            parts.append(_CONN_CLOSE)
+        elif req.version == "1.0":
+            parts.append(_CONN_KEEP_ALIVE)
+    parts.append(b"\r\n")
+    return b"".join(parts)

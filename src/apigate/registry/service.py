@@ -1,0 +1,184 @@
+"""A service as the data plane sees it: its instances, its balancer and its pools.
+
+`Service` objects outlive runtime snapshots: a reload that keeps a service keeps its instances'
+health, in-flight counts and pooled connections; only its config is swapped. Instances come from
+three origins — static targets in the file, self-registration through the admin API, and DNS
+discovery — and live in one dict keyed by instance id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from apigate.balancing import make_balancer
+from apigate.balancing.base import Balancer, Instance, Origin
+from apigate.http.pool import Pool, PoolManager
+
+if TYPE_CHECKING:
+    from apigate.config.schema import ServiceConfig, TargetConfig
+    from apigate.http.request import Request
+
+log = logging.getLogger("apigate.registry")
+
+HashKey = Callable[["Request"], "str | None"]
+
+
+def hash_key_extractor(hash_on: str) -> HashKey:
+    """`header:NAME` | `cookie:NAME` | `ip` | `path` | `claim:NAME` -> a function of the request."""
+    kind, _, name = hash_on.partition(":")
+    lname = name.lower()
+    if kind == "ip":
+        return lambda req: req.client_ip
+    if kind == "path":
+        return lambda req: req.path
+    if kind == "header":
+        return lambda req: req.header(lname)
+    if kind == "cookie":
+        def from_cookie(req: Request) -> str | None:
+            raw = req.header("cookie")
+            if not raw:
+                return None
+            for part in raw.split(";"):
+                key, _, value = part.strip().partition("=")
+                if key == name:
+                    return value
+            return None
+
+        return from_cookie
+    if kind == "claim":
+        # the JWT plugin stores verified claims on the request context; until then, no key
+        return lambda req: None
+    raise ValueError(f"unknown hash_on {hash_on!r}")
+
+
+class Service:
+    def __init__(self, name: str, config: ServiceConfig, pools: PoolManager) -> None:
+        self.name = name
+        self.config = config
+        self.pools = pools
+        self.instances: dict[str, Instance] = {}
+        self.balancer: Balancer = make_balancer(config.balancer, [])
+        self.hash_key: HashKey | None = None
+        self._pool_by_instance: dict[str, Pool] = {}
+        self.apply_config(config)
+
+    # ------------------------------------------------------------------ configuration
+    def apply_config(self, config: ServiceConfig) -> None:
+        """Take a new config: reconcile static targets, rebuild the balancer if its kind changed."""
+        old_kind = self.config.balancer
+        self.config = config
+        self.hash_key = (
+            hash_key_extractor(config.hash_on) if config.balancer == "consistent_hash" else None
+        )
+        wanted: dict[str, TargetConfig] = {self.static_id(t): t for t in config.targets}
+        for iid, inst in list(self.instances.items()):
+            if inst.origin == "static" and iid not in wanted:
+                del self.instances[iid]
+        for iid, target in wanted.items():
+            inst = self.instances.get(iid)
+            if inst is None:
+                self.instances[iid] = Instance(
+                    iid, target.url, target.host, target.port, weight=target.weight,
+                    origin="static", scheme=target.scheme,
+                )
+            else:
+                inst.weight = target.weight
+        self._pool_by_instance.clear()
+        if old_kind != config.balancer or not isinstance(self.balancer, Balancer):
+            self.balancer = make_balancer(config.balancer, self.instances.values())
+        else:
+            self.balancer.set_instances(self.instances.values())
+
+    @staticmethod
+    def static_id(target: TargetConfig) -> str:
+        return f"{target.host}:{target.port}"
+
+    # ------------------------------------------------------------------ membership
+    def add_instance(
+        self,
+        iid: str,
+        url: str,
+        host: str,
+        port: int,
+        *,
+        weight: int = 1,
+        origin: Origin = "registered",
+        scheme: str = "http",
+        metadata: dict[str, object] | None = None,
+    ) -> Instance:
+        inst = self.instances.get(iid)
+        if inst is None or (inst.host, inst.port, inst.scheme) != (host, port, scheme):
+            inst = Instance(iid, url, host, port, weight=weight, origin=origin, scheme=scheme,
+                            metadata=dict(metadata or {}))
+            self.instances[iid] = inst
+            self._pool_by_instance.pop(iid, None)
+        else:
+            inst.weight = weight
+            inst.draining = False
+            inst.metadata = dict(metadata or {})
+        self.balancer.set_instances(self.instances.values())
+        return inst
+
+    def remove_instance(self, iid: str) -> Instance | None:
+        """Stop sending new requests to `iid`; requests in flight finish on their connections."""
+        inst = self.instances.pop(iid, None)
+        if inst is not None:
+            inst.draining = True
+            self._pool_by_instance.pop(iid, None)
+            self.balancer.set_instances(self.instances.values())
+        return inst
+
+    def report(self, inst: Instance, ok: bool, status: int = 0) -> None:
+        """Passive health: `failures` consecutive errors or 5xx eject `inst` for `eject_for`.
+
+        On the hot path: a success on a clean instance returns after one comparison.
+        """
+        if ok:
+            if inst.failures:
+                inst.failures = 0
+            return
+        passive = self.config.health.passive
+        if passive is None:
+            return
+        inst.failures += 1
+        if inst.failures >= passive.failures and inst.healthy:
+            inst.healthy = False
+            self.refresh()
+            log.warning(
+                "instance ejected",
+                extra={"event": "health", "service": self.name, "instance": inst.id,
+                       "reason": f"{inst.failures} consecutive failures", "healthy": False},
+            )
+            asyncio.get_running_loop().call_later(passive.eject_for, self._readmit, inst)
+
+    def _readmit(self, inst: Instance) -> None:
+        if self.instances.get(inst.id) is not inst or inst.healthy:
+            return
+        inst.failures = 0
+        inst.healthy = True
+        self.refresh()
+        log.info("instance readmitted after ejection",
+                 extra={"event": "health", "service": self.name, "instance": inst.id,
+                        "healthy": True})
+
+    def refresh(self) -> None:
+        """Health or weight changed in place: let the balancer recompute its available set."""
+        self.balancer.refresh()
+
+    # ------------------------------------------------------------------ data plane
+    def pool_for(self, inst: Instance) -> Pool:
+        pool = self._pool_by_instance.get(inst.id)
+        if pool is None:
+            pool = self.pools.get(
+                inst.scheme, inst.host, inst.port,
+                max_connections=self.config.max_connections,
+                idle_timeout=self.config.timeouts.idle,
+            )
+            self._pool_by_instance[inst.id] = pool
+        return pool
+
+    def __repr__(self) -> str:
+        return f"<Service {self.name} {self.balancer!r}>"

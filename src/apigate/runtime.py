@@ -1,0 +1,149 @@
+"""The immutable runtime snapshot the data plane reads.
+
+`compile_runtime(config, ...)` turns a validated `GatewayConfig` into everything a request needs:
+the compiled matcher, one `CompiledRoute` per route (with its plugin chain and rewrite function
+built once), and the services. A request takes the snapshot current when its head is complete
+and keeps it to the end, so a reload never changes the rules under an in-flight request.
+Services are the exception: they are long-lived objects shared by consecutive snapshots (see
+`apigate.registry.service`), so health and registrations survive reloads.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Awaitable, Callable
+from typing import Any
+from dataclasses import dataclass, field
+
+from apigate.config.errors import ConfigError
+from apigate.config.schema import GatewayConfig, RouteConfig
+from apigate.http.pool import PoolManager
+from apigate.plugins.base import Plugin, PluginEnv
+from apigate.plugins.chain import PluginChain, build_chain
+from apigate.registry.service import Service
+from apigate.routing.matcher import Matcher, RouteSpec
+from apigate.routing.rewrite import compile_template, strip
+
+_generations = itertools.count(1)
+
+
+@dataclass(slots=True, eq=False)
+class CompiledRoute:
+    name: str
+    config: RouteConfig
+    service: Service | None
+    chain: PluginChain
+    strip_prefix: bool = False
+    rewrite: Callable[[dict[str, str], str], str] | None = None
+    max_body: int | None = None
+    body_timeout: float | None = None
+    preserve_host: bool = False
+
+    def upstream_path(self, path: str, prefix: str, params: dict[str, str]) -> str:
+        if self.rewrite is not None:  # the template replaces the matched prefix
+            return self.rewrite(params, path[len(prefix) :])
+        if self.strip_prefix:
+            return strip(path, prefix)
+        return path
+
+    def __repr__(self) -> str:
+        target = self.service.name if self.service else "aggregate"
+        return f"<Route {self.name} -> {target} {self.chain!r}>"
+
+
+@dataclass(eq=False)
+class Runtime:
+    config: GatewayConfig
+    matcher: Matcher
+    routes: dict[str, CompiledRoute]
+    services: dict[str, Service]
+    plugins: list[Plugin] = field(default_factory=list)
+    # on_log hooks of the global plugins, for requests that matched no route (404s are logged too)
+    log_hooks: list[Callable[[Any], None]] = field(default_factory=list)
+    # route name -> coroutine function serving routes without a service (aggregation)
+    handlers: dict[str, Callable[[Any], Awaitable[None]]] = field(default_factory=dict)
+    generation: int = field(default_factory=lambda: next(_generations))
+
+    def __repr__(self) -> str:
+        return (
+            f"<Runtime gen={self.generation} {len(self.routes)} routes, "
+            f"{len(self.services)} services>"
+        )
+
+
+class ServiceTable:
+    """The long-lived services, reconciled with each new config."""
+
+    def __init__(self, pools: PoolManager) -> None:
+        self.pools = pools
+        self.services: dict[str, Service] = {}
+
+    def reconcile(self, config: GatewayConfig) -> dict[str, Service]:
+        for name, svc_cfg in config.services.items():
+            svc = self.services.get(name)
+            if svc is None:
+                self.services[name] = Service(name, svc_cfg, self.pools)
+            else:
+                svc.apply_config(svc_cfg)
+        for name in list(self.services):
+            svc = self.services[name]
+            if name not in config.services and not any(
+                i.origin != "static" for i in svc.instances.values()
+            ):
+                del self.services[name]
+        return dict(self.services)
+
+
+def _route_spec(index: int, route: RouteConfig, compiled: CompiledRoute) -> RouteSpec:
+    m = route.match
+    return RouteSpec(
+        name=route.name,
+        paths=tuple(m.paths),
+        methods=frozenset(m.methods) if m.methods else None,
+        hosts=tuple(m.hosts) if m.hosts else None,
+        headers=tuple(m.headers.items()) if m.headers else None,
+        payload=compiled,
+    )
+
+
+def compile_runtime(
+    config: GatewayConfig, table: ServiceTable, env: PluginEnv
+) -> Runtime:
+    """Build a snapshot; raises ConfigError (with paths) for anything a plugin rejects."""
+    services = table.reconcile(config)
+    cache: dict[tuple[str, str], Plugin] = {}
+    routes: dict[str, CompiledRoute] = {}
+    specs: list[RouteSpec] = []
+    errors: list[str] = []
+    for index, route in enumerate(config.routes):
+        try:
+            chain = build_chain(config.plugins, route.plugins, env, index, cache)
+        except ConfigError as exc:
+            errors.extend(exc.errors)
+            continue
+        limits = route.limits
+        preserve = route.preserve_host
+        service = services.get(route.service) if route.service else None
+        if preserve is None:
+            preserve = service.config.preserve_host if service is not None else False
+        compiled = CompiledRoute(
+            name=route.name,
+            config=route,
+            service=service,
+            chain=chain,
+            strip_prefix=route.strip_prefix,
+            rewrite=compile_template(route.rewrite) if route.rewrite else None,
+            max_body=limits.max_body_bytes if limits else None,
+            body_timeout=limits.body_timeout if limits else None,
+            preserve_host=preserve,
+        )
+        routes[route.name] = compiled
+        specs.append(_route_spec(index, route, compiled))
+    if errors:
+        raise ConfigError(errors)
+    global_chain = build_chain(config.plugins, {}, env, -1, cache)
+    plugins = list(global_chain.plugins)
+    for compiled in routes.values():
+        plugins.extend(p for p in compiled.chain.plugins if p not in plugins)
+    return Runtime(config=config, matcher=Matcher(specs), routes=routes, services=services,
+                   plugins=plugins, log_hooks=global_chain.log_hooks)

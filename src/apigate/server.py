@@ -1,0 +1,252 @@
+"""The gateway process: listeners, runtime swaps, signals, graceful drain.
+
+`Gateway` owns the long-lived state (pools, services, the current `Runtime`) and implements the
+`ConnectionHost` the client connections read. `reload()` compiles a new snapshot next to the old
+one and swaps a single attribute: in-flight exchanges keep the snapshot they started with.
+An invalid new config is rejected with its reasons and the old snapshot keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from apigate.config.errors import ConfigError
+from apigate.config.loader import load_config
+from apigate.config.schema import GatewayConfig
+from apigate.http.date import DATE
+from apigate.http.headers import RequestIds, TrustedProxies
+from apigate.http.pool import PoolManager
+from apigate.http.protocol import ClientConnection
+from apigate.http.request import Request
+from apigate.plugins.base import PluginEnv
+from apigate.proxy.exchange import ProxyExchange
+from apigate.runtime import Runtime, ServiceTable, compile_runtime
+
+log = logging.getLogger("apigate.server")
+
+# Hooks other subsystems (admin API, registry, health checks) attach to the gateway lifecycle.
+StartHook = Callable[["Gateway"], Awaitable[None]]
+
+
+class Gateway:
+    """One gateway process: implements `apigate.http.protocol.ConnectionHost`."""
+
+    def __init__(self, config: GatewayConfig, *, config_path: str | Path | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.config_path = Path(config_path) if config_path else None
+        self.limits = config.limits
+        self.request_ids = RequestIds()
+        self.trusted_proxies = TrustedProxies(getattr(config.listeners.proxy, "trusted_proxies", ()))
+        self.scheme = "https" if config.listeners.proxy.tls else "http"
+        self.connections: set[ClientConnection] = set()
+        self.draining = False
+        self.pools = PoolManager(self.loop)
+        self.services = ServiceTable(self.pools)
+        self.env = PluginEnv(config=config, loop=self.loop)
+        self.runtime: Runtime = compile_runtime(config, self.services, self.env)
+        self.proxy_server: asyncio.Server | None = None
+        self.ssl_context: ssl.SSLContext | None = None
+        self.reloads_ok = 0
+        self.reloads_failed = 0
+        self.last_reload_error: str | None = None
+        self.on_start: list[StartHook] = []
+        self.on_stop: list[StartHook] = []
+        self.on_runtime: list[Callable[[Runtime], None]] = []
+        self._stopped = asyncio.Event()
+        self._watch_task: asyncio.Task[None] | None = None
+
+    @property
+    def config(self) -> GatewayConfig:
+        return self.runtime.config
+
+    # ------------------------------------------------------------------ ConnectionHost
+    def new_exchange(self, conn: ClientConnection, request: Request) -> ProxyExchange:
+        return ProxyExchange(conn, request, self.runtime)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        DATE.start(self.loop)
+        listener = self.config.listeners.proxy
+        if listener.tls is not None:
+            from apigate.http.tls import build_server_context
+
+            self.ssl_context = build_server_context(listener.tls)
+        self.proxy_server = await self.loop.create_server(
+            lambda: ClientConnection(self),
+            host=listener.host or None,
+            port=listener.port,
+            reuse_address=True,
+            backlog=4096,
+            ssl=self.ssl_context,
+        )
+        await self._start_plugins(self.runtime)
+        for hook in self.on_start:
+            await hook(self)
+        log.info("proxy listening", extra={"event": "listen", "address": self.proxy_address})
+
+    @property
+    def proxy_address(self) -> str:
+        assert self.proxy_server is not None
+        sock = self.proxy_server.sockets[0]
+        host, port = sock.getsockname()[:2]
+        return f"{host}:{port}" if sock.family != socket.AF_INET6 else f"[{host}]:{port}"
+
+    @property
+    def proxy_port(self) -> int:
+        assert self.proxy_server is not None
+        return int(self.proxy_server.sockets[0].getsockname()[1])
+
+    async def _start_plugins(self, runtime: Runtime) -> None:
+        for plugin in runtime.plugins:
+            await plugin.start()
+
+    async def _close_plugins(self, old: Runtime, new: Runtime | None) -> None:
+        keep = set(map(id, new.plugins)) if new else set()
+        for plugin in old.plugins:
+            if id(plugin) not in keep:
+                with contextlib.suppress(Exception):
+                    await plugin.close()
+
+    # ------------------------------------------------------------------ reload
+    async def apply_config(self, config: GatewayConfig) -> Runtime:
+        """Compile and swap in a new snapshot; raises ConfigError and keeps the old one."""
+        self.env.config = config
+        try:
+            runtime = compile_runtime(config, self.services, self.env)
+            await self._start_plugins(runtime)
+        except ConfigError:
+            self.env.config = self.runtime.config
+            self.services.reconcile(self.runtime.config)
+            raise
+        old, self.runtime = self.runtime, runtime
+        self.limits = config.limits
+        for callback in self.on_runtime:
+            callback(runtime)
+        # Plugins of the old snapshot may still serve in-flight requests: close them later.
+        self.loop.call_later(
+            self.limits.drain_timeout,
+            lambda: self.loop.create_task(self._close_plugins(old, self.runtime)),
+        )
+        return runtime
+
+    async def reload(self) -> bool:
+        """Re-read the config file (SIGHUP, --watch). Returns whether the new config took."""
+        if self.config_path is None:
+            return False
+        try:
+            config = load_config(self.config_path)
+            runtime = await self.apply_config(config)
+        except ConfigError as exc:
+            self.reloads_failed += 1
+            self.last_reload_error = str(exc)
+            log.error("reload rejected; the previous config keeps serving:\n%s", exc,
+                      extra={"event": "reload", "ok": False})
+            return False
+        self.reloads_ok += 1
+        self.last_reload_error = None
+        log.info("config reloaded", extra={"event": "reload", "ok": True,
+                                           "generation": runtime.generation})
+        return True
+
+    def watch(self, interval: float = 1.0) -> None:
+        """Reload whenever the config file's mtime or size changes."""
+        path = self.config_path
+        if path is None:
+            return
+
+        def stamp() -> tuple[float, int]:
+            try:
+                st = path.stat()
+            except OSError:
+                return (0.0, -1)
+            return (st.st_mtime, st.st_size)
+
+        async def loop() -> None:
+            last = stamp()
+            while True:
+                await asyncio.sleep(interval)
+                now = stamp()
+                if now != last and now[1] >= 0:
+                    last = now
+                    await self.reload()
+
+        self._watch_task = self.loop.create_task(loop())
+
+    # ------------------------------------------------------------------ shutdown
+    async def shutdown(self, drain_timeout: float | None = None) -> None:
+        """Stop accepting, let in-flight requests finish (up to drain_timeout), then close."""
+        if self.draining:
+            return
+        self.draining = True
+        timeout = self.limits.drain_timeout if drain_timeout is None else drain_timeout
+        if self.proxy_server is not None:
+            self.proxy_server.close()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        for hook in self.on_stop:
+            with contextlib.suppress(Exception):
+                await hook(self)
+        deadline = self.loop.time() + timeout
+        while self.loop.time() < deadline:
+            busy = False
+            for conn in list(self.connections):
+                if conn.current is None and conn.tunnel is None:
+                    conn.close()  # idle keep-alive: nothing to wait for
+                else:
+                    busy = True
+            if not busy:
+                break
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.abort()
+        await self._close_plugins(self.runtime, None)
+        self.pools.close()
+        DATE.stop()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, lambda s=sig: self._on_stop_signal(s))
+        self.loop.add_signal_handler(signal.SIGHUP, lambda: self.loop.create_task(self.reload()))
+
+    def _on_stop_signal(self, sig: int) -> None:
+        log.info("stopping: draining in-flight requests",
+                 extra={"event": "shutdown", "signal": signal.Signals(sig).name})
+        self.loop.create_task(self.shutdown())
+
+    def __repr__(self) -> str:
+        return f"<Gateway {len(self.connections)} connections {self.runtime!r}>"
+
+
+async def serve(
+    config_path: str | Path,
+    *,
+    watch: bool = False,
+    ready: Callable[[Gateway], Any] | None = None,
+) -> None:
+    """Run a gateway from a config file until SIGTERM/SIGINT."""
+    config = load_config(config_path)
+    gateway = Gateway(config, config_path=config_path)
+    from apigate.extensions import attach_extensions
+
+    await attach_extensions(gateway)
+    await gateway.start()
+    gateway.install_signal_handlers()
+    if watch:
+        gateway.watch()
+    if ready is not None:
+        ready(gateway)
+    print(f"apigate {os.getpid()} listening on {gateway.proxy_address}", flush=True)
+    await gateway.wait_stopped()
