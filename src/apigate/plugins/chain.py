@@ -19,6 +19,17 @@ from apigate.plugins.base import Plugin, PluginEnv
 # short name -> "module:Class"; imported lazily so an unused plugin costs nothing at start-up
 BUILTIN: dict[str, str] = {
     "access_log": "apigate.observability.access_log:AccessLogPlugin",
+    "jwt": "apigate.plugins.jwt:JwtPlugin",
+    "key_auth": "apigate.plugins.key_auth:KeyAuthPlugin",
+    "basic_auth": "apigate.plugins.basic_auth:BasicAuthPlugin",
+    "acl": "apigate.plugins.acl:AclPlugin",
+    "rate_limit": "apigate.plugins.rate_limit:RateLimitPlugin",
+    "ip_filter": "apigate.plugins.ip_filter:IpFilterPlugin",
+    "cors": "apigate.plugins.cors:CorsPlugin",
+    "request_size": "apigate.plugins.request_size:RequestSizePlugin",
+    "cache": "apigate.plugins.cache:CachePlugin",
+    "request_transform": "apigate.plugins.transform:RequestTransformPlugin",
+    "response_transform": "apigate.plugins.transform:ResponseTransformPlugin",
 }
 
 
