@@ -21,16 +21,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from apigate.config.schema import StrictModel
 
 if TYPE_CHECKING:
     from apigate.config.schema import ConsumerConfig, GatewayConfig
 
 
-class PluginConfig(BaseModel):
-    """Base for plugin configs: unknown keys are errors, as everywhere in the file."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class PluginConfig(StrictModel):
+    """Base for plugin configs: unknown keys are errors with a "did you mean", as everywhere."""
 
 
 @dataclass(slots=True)

@@ -1,0 +1,395 @@
+"""Reading the config file: YAML, `${ENV}` interpolation, `include:`, and dumping it back.
+
+Steps, each of which reports every problem it finds as a "path: message" line:
+
+1. YAML is read with a strict loader: duplicate keys are errors, and only true/false are
+   booleans (YAML 1.1 would read the retry condition key `on:` as True).
+2. `${NAME}` / `${NAME:-default}` are replaced inside string values of the parsed tree, never
+   in the raw text, so a variable's value cannot inject YAML. Before parsing, each reference is
+   swapped for a same-length placeholder so that the documented flow style
+   `api_keys: [${ALICE_API_KEY}]` parses (YAML forbids `{` in a flow-context plain scalar).
+3. `include:` files add their services, consumers, routes and plugins; names must not repeat.
+4. The merged tree is validated by `GatewayConfig`; errors in an included file name that file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Hashable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from apigate.config.errors import ConfigError, Loc, error_message, format_loc
+from apigate.config.schema import GatewayConfig
+
+__all__ = ["dump_config", "interpolate_env", "load_config", "parse_config"]
+
+MERGED_SECTIONS = ("services", "consumers", "routes", "plugins")
+KEYED_SECTIONS = ("services", "plugins")
+
+
+# --- YAML -----------------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans, no timestamps, and duplicate keys rejected."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        seen: set[tuple[str, str]] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = (key_node.tag, key_node.value)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping",
+                        node.start_mark,
+                        f"found duplicate key {key_node.value!r}",
+                        key_node.start_mark,
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [
+        (tag, regexp)
+        for tag, regexp in resolvers
+        if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")
+    ]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
+)
+
+
+# Placeholders are private-use characters: a marker, one character for the reference's index,
+# and padding up to the reference's length, so YAML error columns stay right.
+_REFERENCE_TEXT = re.compile(r"\$?\$\{[^}\n]*\}")
+_PLACEHOLDER = re.compile("\ue000([\ue100-\uefff])\ue001*")
+_PRIVATE_USE = re.compile("[\ue000-\uefff]")
+_MAX_PLACEHOLDERS = 0xEFFF - 0xE100 + 1
+
+
+def _protect_references(text: str) -> tuple[str, list[str]]:
+    references: list[str] = []
+    if _PRIVATE_USE.search(text) or len(_REFERENCE_TEXT.findall(text)) > _MAX_PLACEHOLDERS:
+        return text, references  # leave it to plain YAML rather than risk a clash
+
+    def swap(match: re.Match[str]) -> str:
+        references.append(match[0])
+        marker = "\ue000" + chr(0xE100 + len(references) - 1)
+        return marker + "\ue001" * (len(match[0]) - len(marker))
+
+    return _REFERENCE_TEXT.sub(swap, text), references
+
+
+def _restore_references(node: Any, references: list[str]) -> Any:
+    if not references:
+        return node
+    if isinstance(node, str):
+        return _PLACEHOLDER.sub(lambda m: references[ord(m[1]) - 0xE100], node)
+    if isinstance(node, dict):
+        return {
+            _restore_references(key, references): _restore_references(value, references)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_restore_references(item, references) for item in node]
+    return node
+
+
+def _read_yaml(path: Path, shown_as: str = "") -> Any:
+    """The parsed document in `path`; error lines start with `shown_as` when given."""
+    prefix = f"{shown_as}: " if shown_as else ""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{prefix}file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{prefix}cannot read: {exc}") from None
+    protected, references = _protect_references(text)
+    try:
+        data = yaml.load(protected, Loader=_StrictLoader)
+    except yaml.MarkedYAMLError as exc:
+        raise ConfigError(f"{prefix}{_describe_yaml_error(exc)}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{prefix}invalid YAML: {exc}") from None
+    return _restore_references(data, references)
+
+
+def _describe_yaml_error(exc: yaml.MarkedYAMLError) -> str:
+    mark = exc.problem_mark or exc.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    problem = exc.problem or "invalid YAML"
+    context = f" ({exc.context})" if exc.context else ""
+    return f"{where}{problem}{context}"
+
+
+# --- environment variables ------------------------------------------------------------------
+
+_REFERENCE = re.compile(
+    r"\$\$\{"  # an escaped "${"
+    r"|\$\{(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\})?"
+)
+
+
+def interpolate_env(data: Any, env: Mapping[str, str] | None = None) -> Any:
+    """`data` with `${NAME}` / `${NAME:-default}` replaced in every string value.
+
+    `${NAME:-default}` uses the default when NAME is unset or empty (as in the shell);
+    `$${` gives a literal `${`. Keys are left alone. Raises ConfigError naming every
+    variable that is missing, with the path where it is used.
+    """
+    problems: list[str] = []
+    result = _interpolate(data, os.environ if env is None else env, (), problems)
+    if problems:
+        raise ConfigError(problems)
+    return result
+
+
+def _interpolate(node: Any, env: Mapping[str, str], loc: Loc, problems: list[str]) -> Any:
+    if isinstance(node, str):
+        return _interpolate_string(node, env, loc, problems) if "$" in node else node
+    if isinstance(node, dict):
+        return {
+            key: _interpolate(value, env, (*loc, str(key)), problems) for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_interpolate(item, env, (*loc, index), problems) for index, item in enumerate(node)]
+    return node
+
+
+def _interpolate_string(text: str, env: Mapping[str, str], loc: Loc, problems: list[str]) -> str:
+    def replace(match: re.Match[str]) -> str:
+        if match[0] == "$${":
+            return "${"
+        name, default = match["name"], match["default"]
+        if name is None:
+            problems.append(f"{format_loc(loc)}: bad variable reference: use ${{NAME}}")
+            return ""
+        value = env.get(name)
+        if default is not None and not value:
+            return default
+        if value is None:
+            hint = f"set it, or write ${{{name}:-default}}"
+            problems.append(f"{format_loc(loc)}: environment variable {name} is not set ({hint})")
+            return ""
+        return value
+
+    return _REFERENCE.sub(replace, text)
+
+
+# --- includes -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Origins:
+    """Where each merged item came from, to name the file in its errors.
+
+    Routes and consumers are renumbered: `routes[4]` of the merged file may be `routes[0]`
+    of `routes.yaml`. Keys are (section, merged index or name) -> (file, index or name).
+    """
+
+    items: dict[tuple[str, str | int], tuple[str, str | int]] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+
+    def locate(self, loc: Loc) -> tuple[str | None, Loc]:
+        if len(loc) >= 2 and (str(loc[0]), loc[1]) in self.items:
+            shown_as, local = self.items[(str(loc[0]), loc[1])]
+            return shown_as, (loc[0], local, *loc[2:])
+        return None, loc
+
+
+def _include_paths(tree: dict[str, Any], base: Path, shown_as: str) -> Iterator[Path]:
+    entries = tree.pop("include", None)
+    if entries is None:
+        return
+    if isinstance(entries, str):
+        entries = [entries]
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        prefix = f"{shown_as}: " if shown_as else ""
+        raise ConfigError(f"{prefix}include: must be a list of file paths")
+    for entry in entries:
+        if any(char in entry for char in "*?["):
+            yield from sorted(base.glob(entry))  # "conf.d/*.yaml"; no match is fine
+        else:
+            yield base / entry
+
+
+def _merge_includes(
+    root: dict[str, Any], path: Path, env: Mapping[str, str], origins: _Origins
+) -> None:
+    """Merge into `root` (read from `path`) every file it includes, and theirs, in order.
+
+    Included paths are relative to the file that names them; errors name files relative to
+    the main file's folder.
+    """
+    main = path.resolve()
+    origins.files.append(main)
+    pending: list[tuple[dict[str, Any], Path, str, tuple[Path, ...]]] = [(root, path, "", (main,))]
+    problems: list[str] = []
+    while pending:
+        tree, tree_path, tree_shown, chain = pending.pop(0)
+        for included in _include_paths(tree, tree_path.parent, tree_shown):
+            resolved = included.resolve()
+            shown_as = os.path.relpath(included, path.parent)
+            if resolved in chain:
+                cycle = " -> ".join(p.name for p in (*chain, resolved))
+                raise ConfigError(f"{shown_as}: include cycle: {cycle}")
+            if resolved in origins.files:
+                raise ConfigError(f"{shown_as}: included more than once")
+            origins.files.append(resolved)
+            data = _read_included(included, shown_as, env)
+            problems += _merge_one(root, data, shown_as, origins)
+            pending.append((data, included, shown_as, (*chain, resolved)))
+    if problems:
+        raise ConfigError(problems)
+
+
+def _read_included(path: Path, shown_as: str, env: Mapping[str, str]) -> dict[str, Any]:
+    data = _read_yaml(path, shown_as)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{shown_as}: must be a mapping with services, consumers, routes...")
+    extra = sorted(set(map(str, data)) - {*MERGED_SECTIONS, "include"})
+    if extra:
+        allowed = ", ".join((*MERGED_SECTIONS, "include"))
+        raise ConfigError(
+            [
+                f"{shown_as}: {key}: not allowed in an included file (only {allowed})"
+                for key in extra
+            ]
+        )
+    try:
+        return dict(interpolate_env(data, env))
+    except ConfigError as exc:
+        raise ConfigError([f"{shown_as}: {line}" for line in exc.errors]) from None
+
+
+def _merge_one(
+    root: dict[str, Any], data: dict[str, Any], shown_as: str, origins: _Origins
+) -> list[str]:
+    problems: list[str] = []
+    for section in MERGED_SECTIONS:
+        items = data.get(section)
+        if items is None:
+            continue
+        if root.get(section) is None:
+            root[section] = {} if section in KEYED_SECTIONS else []
+        target = root[section]
+        if isinstance(items, dict) and isinstance(target, dict):
+            problems += _merge_keyed(target, items, section, shown_as, origins)
+        elif isinstance(items, list) and isinstance(target, list):
+            problems += _merge_named(target, items, section, shown_as, origins)
+        else:
+            kind = "a mapping" if section in KEYED_SECTIONS else "a list"
+            problems.append(f"{shown_as}: {section}: must be {kind}")
+    return problems
+
+
+def _merge_keyed(
+    target: dict[str, Any], items: dict[str, Any], section: str, shown_as: str, origins: _Origins
+) -> list[str]:
+    problems = []
+    for name, value in items.items():
+        if name in target:
+            where = origins.items.get((section, name), ("the main file", name))[0]
+            problems.append(f"{shown_as}: {section}.{name}: already defined in {where}")
+            continue
+        target[name] = value
+        origins.items[(section, name)] = (shown_as, name)
+    return problems
+
+
+def _merge_named(
+    target: list[Any], items: list[Any], section: str, shown_as: str, origins: _Origins
+) -> list[str]:
+    problems = []
+    names = {_item_name(item): index for index, item in enumerate(target)}
+    what = section.removesuffix("s")
+    for local, item in enumerate(items):
+        name = _item_name(item)
+        if name is not None and name in names:
+            where = origins.items.get((section, names[name]), ("the main file", 0))[0]
+            problems.append(
+                f"{shown_as}: {section}[{local}]: {what} {name!r} already defined in {where}"
+            )
+            continue
+        origins.items[(section, len(target))] = (shown_as, local)
+        if name is not None:
+            names[name] = len(target)
+        target.append(item)
+    return problems
+
+
+def _item_name(item: Any) -> str | None:
+    name = item.get("name") if isinstance(item, dict) else None
+    return name if isinstance(name, str) else None
+
+
+# --- public entry points --------------------------------------------------------------------
+
+
+def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Read, interpolate, merge and validate a config file; raises ConfigError."""
+    path = Path(path)
+    source = str(path)
+    environment = os.environ if env is None else env
+    try:
+        data = _read_yaml(path)
+    except ConfigError as exc:
+        raise ConfigError(exc.errors, source) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(_not_a_mapping(data), source)
+    origins = _Origins()
+    try:
+        data = interpolate_env(data, environment)
+        _merge_includes(data, path, environment, origins)
+    except ConfigError as exc:
+        raise ConfigError(exc.errors, source) from None
+    return _validate(data, source, origins)
+
+
+def parse_config(data: Any, source: str = "<config>") -> GatewayConfig:
+    """Validate an already-parsed config (say, JSON from the admin API); raises ConfigError.
+
+    No `${ENV}` interpolation and no `include:` here: those belong to files on disk.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(_not_a_mapping(data), source)
+    return _validate(data, source, _Origins())
+
+
+def dump_config(config: GatewayConfig) -> dict[str, Any]:
+    """The effective config as JSON-able data, with durations as "5s" and sizes as "32KiB".
+
+    `parse_config(dump_config(config)) == config`.
+    """
+    return config.model_dump(mode="json")
+
+
+def _validate(data: dict[str, Any], source: str, origins: _Origins) -> GatewayConfig:
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            shown_as, loc = origins.locate(error["loc"])
+            line = f"{format_loc(loc)}: {error_message(error)}" if loc else error_message(error)
+            lines.append(f"{shown_as}: {line}" if shown_as else line)
+        raise ConfigError(lines, source) from None
+
+
+def _not_a_mapping(data: Any) -> str:
+    return f"the configuration must be a mapping of keys (got {type(data).__name__})"
