@@ -22,8 +22,8 @@ class Instance:
 
     __slots__ = (
         "_ewma_stamp",
-        "ewma_latency",
         "draining",
+        "ewma_latency",
         "expires_at",
         "failures",
         "healthy",
@@ -125,7 +125,4 @@ class Balancer(ABC):
         instance.in_flight -= 1
 
     def __repr__(self) -> str:
-        return (
-            f"<{type(self).__name__} {len(self.available)} available of "
-            f"{len(self.instances)}>"
-        )
+        return f"<{type(self).__name__} {len(self.available)} available of {len(self.instances)}>"

@@ -1,0 +1,418 @@
+"""Route matching: host bucket → path segment trie → ordered candidates.
+
+Theory of operation
+-------------------
+Routes are compiled once per runtime snapshot; a request then costs one host lookup, one walk
+down a segment trie and a scan of the few candidates found on that walk. Nothing is compiled,
+copied or sorted per request, so 10,000 routes cost what 10 do.
+
+Path patterns (CONFIG.md): ``/a/b`` is a prefix on segment boundaries (it matches ``/a/b``,
+``/a/b/`` and ``/a/b/c``, never ``/a/bc``); ``/`` matches every path; ``{name}`` captures exactly
+one non-empty segment; ``=/a/b`` matches only the path ``/a/b``. Patterns are normalised like
+request paths (``normalize.py``), and a trailing slash on a prefix pattern is dropped.
+
+Precedence — the most specific route wins, whatever the order of the file:
+
+1. **Host.** The host picks a group of routes first, as a virtual host does in Envoy and Kong:
+   routes naming the exact host, then routes whose wildcard ``*.suffix`` matches (longest
+   suffix first), then routes with no host condition. A group is consulted only when the ones
+   before it have no route that matches the request, so a host-less route is the fallback for
+   a host whose own routes do not match. The port in ``Host`` is ignored.
+2. **Exact** paths (``=/a``) beat prefix paths.
+3. **Deeper** patterns beat shallower ones: the longer prefix wins (``/{x}/b`` beats ``/a``).
+4. At the same depth, compared segment by segment from the left, a **literal** segment beats
+   a ``{param}`` (``/users/me`` beats ``/users/{id}``; ``/a/{x}`` beats ``/{y}/b``).
+5. For the same path pattern: more **header** conditions first, then routes with a **method**
+   list before method-any routes, then **file order**.
+
+A route matches only when all its conditions do (host, path, headers, method); the first
+matching route in the order above wins. When none matches but some route failed on its method
+alone, ``NoMatch.allowed_methods`` holds their methods for a 405 with an ``Allow`` header.
+Header values compare exactly; the value ``*`` only asks that the header be present.
+
+Parameter values are percent-decoded (``%2F`` in a segment yields ``/`` in the value; bytes
+that are not UTF-8 become PEP 383 surrogate escapes), and ``rewrite.compile_template`` encodes
+them again on the way out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from operator import itemgetter
+from urllib.parse import quote, unquote
+
+from apigate.routing.normalize import normalize_path
+
+__all__ = ["Match", "Matcher", "NoMatch", "RouteSpec"]
+
+HeaderLookup = Callable[[str], str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    """One route's match conditions, as the config compiler hands them over."""
+
+    name: str
+    paths: tuple[str, ...]
+    methods: frozenset[str] | None = None
+    hosts: tuple[str, ...] | None = None
+    headers: tuple[tuple[str, str], ...] | None = None
+    payload: object = None
+
+
+@dataclass(slots=True)
+class Match:
+    """The route chosen for a request, with its captured parameters."""
+
+    spec: RouteSpec
+    params: dict[str, str]
+    prefix: str
+    exact: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NoMatch:
+    """No route matched: 405 when ``allowed_methods`` is non-empty, 404 otherwise."""
+
+    allowed_methods: frozenset[str] = field(default_factory=frozenset)
+
+
+_NOT_FOUND = NoMatch()
+_HOST_CACHE_SIZE = 1024
+
+
+class _Candidate:
+    """One (route, path pattern, host) entry of the compiled table."""
+
+    __slots__ = (
+        "depth",
+        "exact",
+        "headers",
+        "host",
+        "literal_prefix",
+        "methods",
+        "params",
+        "pattern",
+        "segments",
+        "sort_key",
+        "spec",
+    )
+
+    def __init__(self, spec: RouteSpec, index: int, host: str, pattern: _Pattern) -> None:
+        self.spec = spec
+        self.host = host
+        self.pattern = pattern.path
+        self.segments = pattern.segments
+        self.exact = pattern.exact
+        self.depth = len(pattern.segments)
+        self.methods = spec.methods
+        self.headers = spec.headers or None
+        self.params = pattern.params
+        # Without parameters the matched prefix is the pattern itself: no join per request.
+        self.literal_prefix = None if pattern.params else pattern.path
+        self.sort_key = (
+            0 if pattern.exact else 1,
+            -self.depth,
+            pattern.shape,
+            -len(self.headers or ()),
+            0 if self.methods is not None else 1,
+            index,
+        )
+
+    def headers_match(self, header: HeaderLookup) -> bool:
+        for name, wanted in self.headers or ():
+            value = header(name)
+            if value is None or (wanted != "*" and value != wanted):
+                return False
+        return True
+
+    def build(self, path: str, segments: list[str]) -> Match:
+        params = {name: _decode(segments[i]) for i, name in self.params} if self.params else {}
+        if self.exact:
+            return Match(self.spec, params, path, True)
+        prefix = self.literal_prefix
+        if prefix is None:
+            prefix = "/".join(segments[: self.depth + 1])
+        return Match(self.spec, params, prefix, False)
+
+
+def _decode(segment: str) -> str:
+    return unquote(segment, errors="surrogateescape") if "%" in segment else segment
+
+
+class _Pattern:
+    """A parsed path pattern: its segments, which ones are parameters, and its shape."""
+
+    __slots__ = ("exact", "params", "path", "segments", "shape", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.exact = text.startswith("=")
+        raw = text[1:] if self.exact else text
+        # Config authors may write "/café"; request paths arrive percent-encoded.
+        path = normalize_path("".join(c if c.isascii() else quote(c) for c in raw))
+        if path is None:
+            raise ValueError(f"path pattern {text!r} is not a valid path")
+        if not self.exact and path != "/":
+            path = path.rstrip("/")
+        self.path = path
+        # The prefix "/" has no segments; the exact "=/" has one, empty: the path "/".
+        texts = path[1:].split("/") if path != "/" or self.exact else []
+        self.segments: tuple[str | None, ...] = tuple(self._segment(s) for s in texts)
+        # Positions in ``path.split("/")``, whose item 0 is the empty string before the root.
+        self.params = tuple(
+            (i + 1, s[1:-1]) for i, s in enumerate(texts) if self.segments[i] is None
+        )
+        names = [name for _, name in self.params]
+        if len(set(names)) != len(names):
+            raise ValueError(f"path pattern {text!r} repeats a parameter name")
+        # 0 = literal, 1 = parameter: compared left to right, literal segments sort first.
+        self.shape = tuple(0 if s is not None else 1 for s in self.segments)
+
+    def _segment(self, segment: str) -> str | None:
+        """The literal text of a segment, or None for a ``{param}`` segment."""
+        if segment.startswith("{") and segment.endswith("}") and segment[1:-1].isidentifier():
+            return None
+        if "{" in segment or "}" in segment:
+            raise ValueError(f"path pattern {self.text!r}: a parameter must fill its segment")
+        return segment
+
+
+class _Node:
+    """A segment trie node; candidates are sorted once, when the table is built."""
+
+    __slots__ = ("children", "exact", "param", "prefix")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node] = {}
+        self.param: _Node | None = None
+        self.exact: tuple[_Candidate, ...] = ()
+        self.prefix: tuple[_Candidate, ...] = ()
+
+    def insert(self, segments: tuple[str | None, ...]) -> _Node:
+        node = self
+        for segment in segments:
+            if segment is None:
+                if node.param is None:
+                    node.param = _Node()
+                node = node.param
+            else:
+                node = node.children.setdefault(segment, _Node())
+        return node
+
+
+_depth_of = itemgetter(0)
+
+
+class _Bucket:
+    """The routes of one host group, as a segment trie."""
+
+    __slots__ = ("candidates", "root")
+
+    def __init__(self, candidates: list[_Candidate]) -> None:
+        candidates.sort(key=lambda c: c.sort_key)
+        self.candidates = tuple(candidates)
+        self.root = _Node()
+        ends: dict[int, tuple[_Node, list[_Candidate], list[_Candidate]]] = {}
+        for candidate in self.candidates:  # already in priority order, so each list is too
+            node = self.root.insert(candidate.segments)
+            _, exact, prefix = ends.setdefault(id(node), (node, [], []))
+            (exact if candidate.exact else prefix).append(candidate)
+        for node, exact, prefix in ends.values():
+            node.exact, node.prefix = tuple(exact), tuple(prefix)
+
+    def find(
+        self,
+        method: str,
+        path: str,
+        segments: list[str],
+        header: HeaderLookup,
+        allowed: set[str],
+    ) -> Match | None:
+        """Walk the trie once; return the best matching route, or None.
+
+        ``segments`` is ``path.split("/")``: segment ``i`` of the path is ``segments[i + 1]``.
+        Methods of routes that failed on their method alone are added to ``allowed``.
+        """
+        count = len(segments)
+        exact_nodes: list[_Node] = []
+        hits: list[tuple[int, _Node]] = []
+        branched = False
+        # Depth-first, literal child before parameter child: nodes of equal depth come out in
+        # priority order (rule 4). Only a node with both children pushes a branch for later;
+        # without one, the hits also come out by rising depth and need no sort. Walking a
+        # literal-only chain this way costs no more than a loop specialised for it (measured).
+        stack: list[tuple[_Node, int]] = []
+        node, position = self.root, 1
+        while True:
+            if node.prefix:
+                hits.append((position, node))
+            if position == count:
+                if node.exact:
+                    exact_nodes.append(node)
+            else:
+                segment = segments[position]
+                child = node.children.get(segment)
+                param = node.param
+                if param is not None and segment:
+                    if child is None:
+                        node, position = param, position + 1
+                        continue
+                    stack.append((param, position + 1))
+                    branched = True
+                if child is not None:
+                    node, position = child, position + 1
+                    continue
+            if not stack:
+                break
+            node, position = stack.pop()
+        for node in exact_nodes:
+            found = _first(node.exact, method, path, segments, header, allowed)
+            if found is not None:
+                return found
+        if branched:
+            hits.sort(key=_depth_of, reverse=True)  # stable: equal depths keep rule-4 order
+        else:
+            hits.reverse()
+        for _, node in hits:
+            found = _first(node.prefix, method, path, segments, header, allowed)
+            if found is not None:
+                return found
+        return None
+
+
+def _first(
+    candidates: tuple[_Candidate, ...],
+    method: str,
+    path: str,
+    segments: list[str],
+    header: HeaderLookup,
+    allowed: set[str],
+) -> Match | None:
+    for candidate in candidates:
+        if candidate.headers is not None and not candidate.headers_match(header):
+            continue
+        methods = candidate.methods
+        if methods is not None and method not in methods:
+            allowed.update(methods)
+            continue
+        return candidate.build(path, segments)
+    return None
+
+
+def _host_key(host: str) -> str:
+    host = host.lower()
+    if host == "*":
+        return host
+    if host.endswith("."):
+        host = host[:-1]
+    if not host or ":" in host or "/" in host or "*" in host[1:]:
+        raise ValueError(f"host {host!r} must be a name or '*.suffix', without a port")
+    if host.startswith("*") and not host.startswith("*."):
+        raise ValueError(f"wildcard host {host!r} must start with '*.'")
+    return host
+
+
+class Matcher:
+    """The compiled route table of one runtime snapshot.
+
+    Immutable once built, apart from a private cache of Host values (see ``_host_cache``).
+    """
+
+    def __init__(self, specs: Sequence[RouteSpec]) -> None:
+        exact: dict[str, list[_Candidate]] = {}
+        wildcard: dict[str, list[_Candidate]] = {}
+        any_host: list[_Candidate] = []
+        for index, spec in enumerate(specs):
+            if not spec.paths:
+                raise ValueError(f"route {spec.name!r} has no paths")
+            patterns = [_Pattern(text) for text in dict.fromkeys(spec.paths)]
+            hosts = tuple(dict.fromkeys(map(_host_key, spec.hosts))) if spec.hosts else ("*",)
+            for host in hosts:
+                if host == "*":
+                    group = any_host
+                elif host.startswith("*."):
+                    group = wildcard.setdefault(host[1:], [])
+                else:
+                    group = exact.setdefault(host, [])
+                group.extend(_Candidate(spec, index, host, pattern) for pattern in patterns)
+        self._route_count = len(specs)
+        self._exact = {host: _Bucket(c) for host, c in sorted(exact.items())}
+        # Keyed by ".example.com"; probed from the longest suffix of the request host down.
+        self._wildcard = {
+            suffix: _Bucket(c)
+            for suffix, c in sorted(wildcard.items(), key=lambda item: (-len(item[0]), item[0]))
+        }
+        self._any = _Bucket(any_host)
+        self._has_hosts = bool(self._exact or self._wildcard)
+        # Host header value -> its buckets. Clients reuse a handful of Host values, and the
+        # lookup below costs ~1.3 µs (port strip, suffix probes) against ~0.06 µs for the cache.
+        # Bounded: Host is client-controlled, so the cache is dropped when it fills up.
+        self._host_cache: dict[str, tuple[_Bucket, ...]] = {}
+
+    def match(self, host: str, method: str, path: str, header: HeaderLookup) -> Match | NoMatch:
+        """Return the best route for a request, or ``NoMatch`` (404, or 405 with methods).
+
+        ``host`` is the lower-cased Host header (a port is ignored), ``path`` the normalised
+        path, and ``header(name)`` looks up a request header by lower-case name.
+        """
+        segments = path.split("/")
+        allowed: set[str] = set()
+        if self._has_hosts:
+            buckets = self._host_cache.get(host)
+            if buckets is None:
+                buckets = self._host_buckets(host)
+            for bucket in buckets:
+                found = bucket.find(method, path, segments, header, allowed)
+                if found is not None:
+                    return found
+        found = self._any.find(method, path, segments, header, allowed)
+        if found is not None:
+            return found
+        return NoMatch(frozenset(allowed)) if allowed else _NOT_FOUND
+
+    def _host_buckets(self, host: str) -> tuple[_Bucket, ...]:
+        """Buckets for ``host``, most specific first: exact, then wildcards longest first."""
+        key = host
+        colon = host.rfind(":")
+        if colon != -1 and not host.endswith("]"):  # "[::1]" has colons but no port
+            host = host[:colon]
+        if host.endswith("."):
+            host = host[:-1]
+        buckets: list[_Bucket] = []
+        bucket = self._exact.get(host)
+        if bucket is not None:
+            buckets.append(bucket)
+        if self._wildcard:
+            dot = host.find(".", 1)  # "*.example.com" needs a non-empty label before the suffix
+            while dot != -1:
+                bucket = self._wildcard.get(host[dot:])
+                if bucket is not None:
+                    buckets.append(bucket)
+                dot = host.find(".", dot + 1)
+        if len(self._host_cache) >= _HOST_CACHE_SIZE:
+            self._host_cache.clear()
+        result = self._host_cache[key] = tuple(buckets)
+        return result
+
+    def table(self) -> list[dict[str, object]]:
+        """The compiled table in priority order, one row per (route, host, path pattern)."""
+        buckets = [*self._exact.values(), *self._wildcard.values(), self._any]
+        return [_row(c) for bucket in buckets for c in bucket.candidates]
+
+    def __repr__(self) -> str:
+        hosts = len(self._exact) + len(self._wildcard)
+        return f"<Matcher {self._route_count} routes, {hosts} hosts>"
+
+
+def _row(candidate: _Candidate) -> dict[str, object]:
+    methods = candidate.methods
+    return {
+        "name": candidate.spec.name,
+        "host": candidate.host,
+        "methods": ",".join(sorted(methods)) if methods is not None else "*",
+        "path": candidate.pattern,
+        "kind": "exact" if candidate.exact else "prefix",
+        "headers": ",".join(f"{n}={v}" for n, v in candidate.headers or ()),
+    }
