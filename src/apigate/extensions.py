@@ -1,21 +1,36 @@
 """Attach the control-plane subsystems to a gateway before it starts.
 
-Each subsystem (admin API, registry TTLs, health checks, DNS discovery, metrics) registers its
-start/stop hooks on the `Gateway` here, so `server.py` stays about listeners and snapshots.
+Each subsystem (config store + admin API, registry TTLs, DNS discovery, active health checks)
+registers its start/stop hooks on the `Gateway` here, so `server.py` stays about listeners and
+snapshots. Order matters: the admin store first (it may change the effective config), then the
+registry, then discovery and health, which watch the services the others create.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from apigate.server import Gateway
 
+Attach = Callable[["Gateway"], Awaitable[None]]
+
+
+def _attachers() -> list[Attach]:
+    from apigate.admin.server import attach_admin
+    from apigate.registry.registry import attach_registry
+
+    attachers: list[Attach] = [attach_admin, attach_registry]
+    try:  # DNS discovery and active checks arrive with their own modules
+        from apigate.registry.dns import attach_dns
+        from apigate.registry.health import attach_health
+    except ImportError:
+        return attachers
+    return [*attachers, attach_dns, attach_health]
+
 
 async def attach_extensions(gateway: Gateway) -> None:
-    """Wire every control-plane subsystem the config asks for into `gateway`."""
-    for attach in _ATTACHERS:
+    """Wire every control-plane subsystem into `gateway`."""
+    for attach in _attachers():
         await attach(gateway)
-
-
-_ATTACHERS: list = []  # type: ignore[type-arg]

@@ -61,6 +61,11 @@ class Gateway:
         self.on_start: list[StartHook] = []
         self.on_stop: list[StartHook] = []
         self.on_runtime: list[Callable[[Runtime], None]] = []
+        # control-plane subsystems by name ("registry", "config_ops", "health", ...)
+        self.extensions: dict[str, Any] = {}
+        # how a re-read file becomes the effective config (the admin store adds its changes)
+        self.compose_config: Callable[[GatewayConfig], GatewayConfig] = lambda c: c
+        self.admin_server: asyncio.Server | None = None
         self._stopped = asyncio.Event()
         self._watch_task: asyncio.Task[None] | None = None
 
@@ -105,6 +110,28 @@ class Gateway:
         assert self.proxy_server is not None
         return int(self.proxy_server.sockets[0].getsockname()[1])
 
+    @property
+    def admin_address(self) -> str:
+        assert self.admin_server is not None
+        host, port = self.admin_server.sockets[0].getsockname()[:2]
+        return f"{host}:{port}"
+
+    def own_addresses(self) -> set[tuple[str, int]]:
+        """(host, port) of every listener, so registrations cannot point back at us."""
+        out: set[tuple[str, int]] = set()
+        for server in (self.proxy_server, self.admin_server):
+            if server is not None:
+                for sock in server.sockets:
+                    host, port = sock.getsockname()[:2]
+                    out.add((host, int(port)))
+        return out
+
+    def health_status(self, service: str) -> dict[str, Any]:
+        """Active health-check state per instance, when the checker runs."""
+        checker = self.extensions.get("health")
+        status = getattr(checker, "status", None)
+        return status(service) if callable(status) else {}
+
     async def _start_plugins(self, runtime: Runtime) -> None:
         for plugin in runtime.plugins:
             await plugin.start()
@@ -143,7 +170,7 @@ class Gateway:
         if self.config_path is None:
             return False
         try:
-            config = load_config(self.config_path)
+            config = self.compose_config(load_config(self.config_path))
             runtime = await self.apply_config(config)
         except ConfigError as exc:
             self.reloads_failed += 1

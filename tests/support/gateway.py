@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-_LISTENING = re.compile(r"listening on (\S+):(\d+)")
+_LISTENING = re.compile(r"apigate \d+ listening on (\S+):(\d+)")
+_ADMIN = re.compile(r"apigate admin listening on (\S+):(\d+)")
 
 
 def base_config(**overrides: Any) -> dict[str, Any]:
@@ -37,6 +38,7 @@ class GatewayProcess:
         self.env = env
         self.proc: asyncio.subprocess.Process | None = None
         self.port = 0
+        self.admin_port = 0
         self.host = "127.0.0.1"
         self._dir = tempfile.TemporaryDirectory(prefix="apigate-test-")
         self.config_path = Path(self._dir.name) / "apigate.yaml"
@@ -47,6 +49,10 @@ class GatewayProcess:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
 
     def write_config(self, config: dict[str, Any]) -> None:
         tmp = self.config_path.with_suffix(".tmp")
@@ -79,6 +85,9 @@ class GatewayProcess:
                 raise RuntimeError("gateway exited")
             text = line.decode(errors="replace")
             self.stdout_lines.append(text)
+            admin = _ADMIN.search(text)
+            if admin:
+                self.admin_port = int(admin.group(2))
             m = _LISTENING.search(text)
             if m:
                 self.host, self.port = m.group(1), int(m.group(2))

@@ -175,7 +175,10 @@ class ProxyExchange:
             limit = self.conn.apply_route_limits(route.max_body, route.body_timeout)
             if req.content_length is not None and req.content_length > limit:
                 raise GatewayError(413, f"request body larger than {limit} bytes")
-        self.upstream_path = route.upstream_path(req.path, result.prefix, result.params)
+        try:
+            self.upstream_path = route.upstream_path(req.path, result.prefix, result.params)
+        except ValueError:  # a captured value that would make a dot segment in the rewrite
+            raise GatewayError(400, "path parameter not allowed in rewrite") from None
 
     def _run_request_hooks(self, index: int) -> None:
         assert self.route is not None

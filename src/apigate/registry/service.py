@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from apigate.balancing import make_balancer
 from apigate.balancing.base import Balancer, Instance, Origin
 from apigate.http.pool import Pool, PoolManager
+from apigate.registry.events import EVENTS
 
 if TYPE_CHECKING:
     from apigate.config.schema import ServiceConfig, TargetConfig
@@ -147,11 +148,9 @@ class Service:
         if inst.failures >= passive.failures and inst.healthy:
             inst.healthy = False
             self.refresh()
-            log.warning(
-                "instance ejected",
-                extra={"event": "health", "service": self.name, "instance": inst.id,
-                       "reason": f"{inst.failures} consecutive failures", "healthy": False},
-            )
+            EVENTS.record("health", f"{self.name}/{inst.id} ejected after {inst.failures} "
+                          "consecutive failures", logging.WARNING, service=self.name,
+                          instance=inst.id, healthy=False, check="passive")
             asyncio.get_running_loop().call_later(passive.eject_for, self._readmit, inst)
 
     def _readmit(self, inst: Instance) -> None:
@@ -160,9 +159,8 @@ class Service:
         inst.failures = 0
         inst.healthy = True
         self.refresh()
-        log.info("instance readmitted after ejection",
-                 extra={"event": "health", "service": self.name, "instance": inst.id,
-                        "healthy": True})
+        EVENTS.record("health", f"{self.name}/{inst.id} readmitted after ejection",
+                      service=self.name, instance=inst.id, healthy=True, check="passive")
 
     def refresh(self) -> None:
         """Health or weight changed in place: let the balancer recompute its available set."""

@@ -1,0 +1,311 @@
+"""The admin API (CONFIG.md's table): services, instances, routes, consumers, config, health.
+
+Authorization: when a token is configured every request needs `Authorization: Bearer <token>`
+(compared in constant time), whatever the address. The config schema already refuses a
+non-loopback admin address without a token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from apigate import __version__
+from apigate.admin.config_ops import KINDS, ConfigConflict, ConfigOps
+from apigate.admin.http import AdminError, AdminRequest, AdminResponse, json_response
+from apigate.config.errors import ConfigError
+from apigate.config.units import parse_duration
+from apigate.registry.events import EVENTS
+from apigate.registry.registry import Registration, RegistrationError, registry_of
+
+if TYPE_CHECKING:
+    from apigate.balancing.base import Instance
+    from apigate.registry.service import Service
+    from apigate.server import Gateway
+
+Route = tuple[str, re.Pattern[str], Callable[[AdminRequest], Awaitable[AdminResponse]]]
+_NAME = r"(?P<{}>[A-Za-z0-9_.\-]+)"
+_SINGULAR = {"services": "service", "routes": "route", "consumers": "consumer"}
+
+
+class AdminApi:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.started = time.time()
+        self.routes: list[Route] = []
+        svc, inst = _NAME.format("service"), _NAME.format("instance")
+        self._add("GET", "/healthz", self.healthz)
+        self._add("GET", "/readyz", self.readyz)
+        self._add("GET", "/openapi.json", self.openapi)
+        self._add("GET", "/services", self.list_services)
+        self._add("GET", f"/services/{svc}", self.get_service)
+        self._add("PUT", f"/services/{svc}", self.put_entity("services"))
+        self._add("DELETE", f"/services/{svc}", self.delete_entity("services"))
+        self._add("PUT", f"/services/{svc}/instances/{inst}", self.register)
+        self._add("DELETE", f"/services/{svc}/instances/{inst}", self.deregister)
+        for kind in ("routes", "consumers"):
+            name = _NAME.format("name")
+            self._add("GET", f"/{kind}", self.list_entities(kind))
+            self._add("GET", f"/{kind}/{name}", self.get_entity(kind))
+            self._add("PUT", f"/{kind}/{name}", self.put_entity(kind))
+            self._add("DELETE", f"/{kind}/{name}", self.delete_entity(kind))
+        self._add("GET", "/config", self.get_config)
+        self._add("POST", "/config", self.post_config)
+        self._add("GET", "/events", self.events)
+        self.extra_routes: list[Route] = []  # /metrics and the dashboard attach here
+
+    def _add(self, method: str, pattern: str,
+             handler: Callable[[AdminRequest], Awaitable[AdminResponse]]) -> None:
+        self.routes.append((method, re.compile(pattern + r"\Z"), handler))
+
+    def add_route(self, method: str, pattern: str,
+                  handler: Callable[[AdminRequest], Awaitable[AdminResponse]]) -> None:
+        self._add(method, pattern, handler)
+
+    # ------------------------------------------------------------------ dispatch
+    async def handle(self, req: AdminRequest) -> AdminResponse:
+        self._authorize(req)
+        method = "GET" if req.method == "HEAD" else req.method
+        allowed: list[str] = []
+        for route_method, pattern, handler in self.routes:
+            m = pattern.match(req.path)
+            if m is None:
+                continue
+            if route_method != method:
+                allowed.append(route_method)
+                continue
+            req.params = m.groupdict()
+            return await handler(req)
+        if allowed:
+            raise AdminError(405, "method_not_allowed", f"{req.method} not allowed on {req.path}",
+                             {"Allow": ", ".join(sorted(set(allowed)))})
+        raise AdminError(404, "not_found", f"no admin endpoint {req.path}")
+
+    def _authorize(self, req: AdminRequest) -> None:
+        admin = self.gateway.config.listeners.admin
+        token = admin.token if admin is not None else ""
+        if not token:
+            return
+        given = req.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(),
+                                                                 token.encode()):
+            raise AdminError(401, "unauthorized", "a valid admin token is required",
+                             {"WWW-Authenticate": 'Bearer realm="apigate-admin"'})
+
+    # ------------------------------------------------------------------ health
+    async def healthz(self, req: AdminRequest) -> AdminResponse:
+        return json_response({"status": "ok", "version": __version__,
+                              "uptime_s": round(time.time() - self.started, 1)})
+
+    async def readyz(self, req: AdminRequest) -> AdminResponse:
+        gw = self.gateway
+        ready = gw.proxy_server is not None and not gw.draining
+        services = {
+            name: sum(1 for i in svc.instances.values() if i.available)
+            for name, svc in gw.services.services.items()
+        }
+        doc = {"ready": ready, "draining": gw.draining, "available_instances": services,
+               "generation": gw.runtime.generation}
+        return json_response(doc, 200 if ready else 503)
+
+    async def openapi(self, req: AdminRequest) -> AdminResponse:
+        from apigate.admin.openapi import openapi_document
+
+        return json_response(openapi_document())
+
+    async def events(self, req: AdminRequest) -> AdminResponse:
+        since = _int_param(req, "since", 0)
+        limit = min(_int_param(req, "limit", 100), 500)
+        return json_response({"events": EVENTS.recent(since, limit)})
+
+    # ------------------------------------------------------------------ services and instances
+    def _service_doc(self, svc: Service) -> dict[str, Any]:
+        now = self.gateway.loop.time()
+        return {
+            "name": svc.name,
+            "balancer": svc.config.balancer,
+            "instances": [_instance_doc(i, now) for i in svc.instances.values()],
+            "available": len(svc.balancer.available),
+            "routes": [r.name for r in self.gateway.runtime.routes.values() if r.service is svc],
+            "health": self.gateway.health_status(svc.name),
+        }
+
+    async def list_services(self, req: AdminRequest) -> AdminResponse:
+        services = self.gateway.services.services
+        return json_response({"services": [self._service_doc(s) for s in services.values()]})
+
+    async def get_service(self, req: AdminRequest) -> AdminResponse:
+        svc = self.gateway.services.services.get(req.params["service"])
+        if svc is None:
+            raise AdminError(404, "not_found", f"no service {req.params['service']}")
+        doc = self._service_doc(svc)
+        doc["config"] = ConfigOps.get_entity(ConfigOps.of(self.gateway).effective_doc(),
+                                             "services", svc.name)
+        return json_response(doc)
+
+    async def register(self, req: AdminRequest) -> AdminResponse:
+        body = req.json()
+        if not isinstance(body, dict):
+            raise AdminError(400, "invalid_body", "body must be a JSON object")
+        unknown = set(body) - {"url", "ttl", "weight", "metadata"}
+        if unknown:
+            raise AdminError(400, "invalid_body", f"unknown keys: {', '.join(sorted(unknown))}")
+        url = body.get("url")
+        if not isinstance(url, str) or not url:
+            raise AdminError(400, "invalid_body", "url (string) is required")
+        ttl_raw = body.get("ttl", "30s")
+        try:
+            ttl = parse_duration(ttl_raw) if isinstance(ttl_raw, str) else float(ttl_raw)
+        except (ValueError, TypeError):
+            raise AdminError(400, "invalid_body", f"ttl: invalid duration {ttl_raw!r}") from None
+        weight = body.get("weight", 1)
+        if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 1000:
+            raise AdminError(400, "invalid_body", "weight must be an integer 0..1000")
+        metadata = body.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise AdminError(400, "invalid_body", "metadata must be an object")
+        reg = Registration(req.params["service"], req.params["instance"], url, ttl, weight,
+                           metadata)
+        try:
+            inst, created = await registry_of(self.gateway).register(reg)
+        except RegistrationError as exc:
+            raise AdminError(exc.status, exc.code, exc.message) from None
+        except ConfigError as exc:
+            raise AdminError(400, "invalid_config", str(exc)) from None
+        doc = _instance_doc(inst, self.gateway.loop.time())
+        return json_response(doc, 201 if created else 200)
+
+    async def deregister(self, req: AdminRequest) -> AdminResponse:
+        ok = registry_of(self.gateway).deregister(req.params["service"], req.params["instance"])
+        if not ok:
+            raise AdminError(404, "not_found",
+                             f"no registered instance {req.params['instance']} "
+                             f"in service {req.params['service']}")
+        return json_response({"deregistered": req.params["instance"]})
+
+    # ------------------------------------------------------------------ routes / consumers / services CRUD
+    def list_entities(self, kind: str) -> Callable[[AdminRequest], Awaitable[AdminResponse]]:
+        async def handler(req: AdminRequest) -> AdminResponse:
+            doc = ConfigOps.of(self.gateway).effective_doc()
+            items = [_redact(kind, i) for i in doc.get(kind) or []]
+            return json_response({kind: items})
+
+        return handler
+
+    def get_entity(self, kind: str) -> Callable[[AdminRequest], Awaitable[AdminResponse]]:
+        async def handler(req: AdminRequest) -> AdminResponse:
+            name = req.params.get("name") or req.params.get("service", "")
+            entity = ConfigOps.get_entity(ConfigOps.of(self.gateway).effective_doc(), kind, name)
+            if entity is None:
+                raise AdminError(404, "not_found", f"no {_SINGULAR[kind]} {name}")
+            return json_response(_redact(kind, entity))
+
+        return handler
+
+    def put_entity(self, kind: str) -> Callable[[AdminRequest], Awaitable[AdminResponse]]:
+        async def handler(req: AdminRequest) -> AdminResponse:
+            name = req.params.get("name") or req.params.get("service", "")
+            body = req.json()
+            if not isinstance(body, dict):
+                raise AdminError(400, "invalid_body", "body must be a JSON object")
+            if kind != "services" and body.get("name", name) != name:
+                raise AdminError(400, "invalid_body", "name in the body differs from the URL")
+            try:
+                entity, created = await ConfigOps.of(self.gateway).put_entity(kind, name, body)
+            except ConfigError as exc:
+                raise AdminError(400, "invalid_config", str(exc)) from None
+            return json_response(_redact(kind, entity), 201 if created else 200)
+
+        return handler
+
+    def delete_entity(self, kind: str) -> Callable[[AdminRequest], Awaitable[AdminResponse]]:
+        async def handler(req: AdminRequest) -> AdminResponse:
+            name = req.params.get("name") or req.params.get("service", "")
+            try:
+                ok = await ConfigOps.of(self.gateway).delete_entity(kind, name)
+            except ConfigConflict as exc:
+                raise AdminError(409, "conflict", str(exc)) from None
+            except ConfigError as exc:
+                raise AdminError(400, "invalid_config", str(exc)) from None
+            if not ok:
+                raise AdminError(404, "not_found", f"no {_SINGULAR[kind]} {name}")
+            return json_response({"deleted": name})
+
+        return handler
+
+    # ------------------------------------------------------------------ whole config
+    async def get_config(self, req: AdminRequest) -> AdminResponse:
+        ops = ConfigOps.of(self.gateway)
+        doc = ops.effective_doc()
+        etag = ops.etag(doc)
+        shown = dict(doc)
+        for kind in KINDS:
+            if kind == "consumers" and shown.get(kind):
+                shown[kind] = [_redact(kind, c) for c in shown[kind]]
+        admin = (shown.get("listeners") or {}).get("admin")
+        if isinstance(admin, dict) and admin.get("token"):
+            shown["listeners"] = {**shown["listeners"], "admin": {**admin, "token": "[redacted]"}}
+        body = {"config": shown, "store": ops.store.describe(),
+                "persisted": ops.store.persistent, "generation": self.gateway.runtime.generation}
+        return json_response(body, headers={"ETag": etag})
+
+    async def post_config(self, req: AdminRequest) -> AdminResponse:
+        ops = ConfigOps.of(self.gateway)
+        if_match = req.headers.get("if-match")
+        if if_match is not None and if_match != "*" and if_match != ops.etag():
+            raise AdminError(412, "precondition_failed",
+                             "the config changed since you read it (ETag mismatch)")
+        doc = req.json()
+        if not isinstance(doc, dict):
+            raise AdminError(400, "invalid_body", "body must be a JSON object")
+        dry_run = req.query.get("dry_run", "").lower() in ("1", "true", "yes")
+        try:
+            config = await ops.replace(doc, dry_run=dry_run)
+        except ConfigError as exc:
+            raise AdminError(400, "invalid_config", str(exc)) from None
+        result = {"ok": True, "dry_run": dry_run, "routes": len(config.routes),
+                  "services": len(config.services)}
+        return json_response(result, headers={"ETag": ops.etag()})
+
+
+def _instance_doc(inst: Instance, now: float) -> dict[str, Any]:
+    ttl_left = None
+    if inst.expires_at is not None:
+        ttl_left = round(max(0.0, inst.expires_at - now), 2)
+    return {
+        "id": inst.id,
+        "url": inst.url,
+        "origin": inst.origin,
+        "healthy": inst.healthy,
+        "draining": inst.draining,
+        "weight": inst.weight,
+        "in_flight": inst.in_flight,
+        "ttl_remaining_s": ttl_left,
+        "metadata": inst.metadata,
+    }
+
+
+def _redact(kind: str, entity: dict[str, Any]) -> dict[str, Any]:
+    """Consumers' credentials never leave the gateway through the API."""
+    if kind != "consumers":
+        return entity
+    out = dict(entity)
+    if out.get("api_keys"):
+        out["api_keys"] = [f"[redacted:{len(out['api_keys'])}]"]
+    if out.get("basic_auth"):
+        out["basic_auth"] = {**out["basic_auth"], "password": "[redacted]"}
+    return out
+
+
+def _int_param(req: AdminRequest, name: str, default: int) -> int:
+    raw = req.query.get(name)
+    if raw is None:
+        return default
+    try:
+        return max(0, int(raw))
+    except ValueError:
+        raise AdminError(400, "invalid_query", f"{name} must be an integer") from None

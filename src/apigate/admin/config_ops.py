@@ -1,0 +1,133 @@
+"""Config changes made at run time: validate, apply (new snapshot), then persist.
+
+Every change is computed on the effective config document, validated by the same schema as
+the file, compiled into a snapshot, and only then written to the store — so the store never
+holds a change the gateway refused. `ETag`s are a hash of the effective document.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from typing import TYPE_CHECKING, Any
+
+from apigate.config.loader import dump_config, parse_config
+from apigate.config.schema import GatewayConfig
+from apigate.store.config_store import ConfigStore
+
+if TYPE_CHECKING:
+    from apigate.server import Gateway
+
+KINDS = ("services", "routes", "consumers")
+
+
+class ConfigConflict(Exception):
+    """The change is valid on its own but contradicts the current state (409)."""
+
+
+class ConfigOps:
+    def __init__(self, gateway: Gateway, store: ConfigStore) -> None:
+        self.gateway = gateway
+        self.store = store
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def of(cls, gateway: Gateway) -> ConfigOps:
+        ops = gateway.extensions.get("config_ops")
+        assert isinstance(ops, ConfigOps)
+        return ops
+
+    # ------------------------------------------------------------------ reading
+    def effective_doc(self) -> dict[str, Any]:
+        return dump_config(self.gateway.config)
+
+    def etag(self, doc: dict[str, Any] | None = None) -> str:
+        body = json.dumps(doc if doc is not None else self.effective_doc(), sort_keys=True)
+        return '"' + hashlib.sha256(body.encode()).hexdigest()[:20] + '"'
+
+    def compose(self, file_config: GatewayConfig) -> GatewayConfig:
+        """The file's config with the stored changes applied (start-up and SIGHUP)."""
+        if self.store.base is None and not self.store.overlay:
+            return file_config
+        return parse_config(self.store.merge(dump_config(file_config)), source="<store>")
+
+    @staticmethod
+    def get_entity(doc: dict[str, Any], kind: str, name: str) -> dict[str, Any] | None:
+        if kind == "services":
+            found = (doc.get("services") or {}).get(name)
+            return found if found is None else dict(found)
+        for item in doc.get(kind) or []:
+            if item.get("name") == name:
+                return dict(item)
+        return None
+
+    # ------------------------------------------------------------------ changing
+    async def put_entity(self, kind: str, name: str, body: dict[str, Any],
+                         implicit: bool = False) -> tuple[dict[str, Any], bool]:
+        """Create or replace one service/route/consumer. Returns (entity, created)."""
+        async with self._lock:
+            doc = self.effective_doc()
+            created = self.get_entity(doc, kind, name) is None
+            entity = dict(body)
+            if kind != "services":
+                entity["name"] = name
+            candidate = _with_entity(doc, kind, name, entity)
+            config = parse_config(candidate, source="<admin>")
+            await self.gateway.apply_config(config)
+            stored = {k: v for k, v in entity.items() if k != "name"} if kind != "services" else entity
+            await self.store.put(kind, name, stored)
+            return self.get_entity(dump_config(config), kind, name) or entity, created
+
+    async def delete_entity(self, kind: str, name: str) -> bool:
+        async with self._lock:
+            doc = self.effective_doc()
+            if self.get_entity(doc, kind, name) is None:
+                return False
+            if kind == "services":
+                users = [r.get("name") for r in doc.get("routes") or [] if r.get("service") == name]
+                if users:
+                    raise ConfigConflict(f"service {name} is used by routes: {', '.join(users)}")
+            candidate = _with_entity(doc, kind, name, None)
+            config = parse_config(candidate, source="<admin>")
+            await self.gateway.apply_config(config)
+            await self.store.put(kind, name, None)
+            return True
+
+    async def replace(self, doc: dict[str, Any], dry_run: bool = False) -> GatewayConfig:
+        async with self._lock:
+            config = parse_config(doc, source="<admin>")
+            if dry_run:  # compile against throwaway services: plugins and routes are checked
+                from apigate.http.pool import PoolManager
+                from apigate.plugins.base import PluginEnv
+                from apigate.runtime import ServiceTable, compile_runtime
+
+                loop = self.gateway.loop
+                compile_runtime(config, ServiceTable(PoolManager(loop)), PluginEnv(config, loop))
+                return config
+            await self.gateway.apply_config(config)
+            await self.store.replace_base(dump_config(config))
+            return config
+
+
+def _with_entity(doc: dict[str, Any], kind: str, name: str,
+                 entity: dict[str, Any] | None) -> dict[str, Any]:
+    out = dict(doc)
+    if kind == "services":
+        services = dict(out.get("services") or {})
+        if entity is None:
+            services.pop(name, None)
+        else:
+            services[name] = entity
+        out["services"] = services
+    else:
+        items = [i for i in out.get(kind) or [] if i.get("name") != name]
+        if entity is not None:
+            existing = [i.get("name") for i in out.get(kind) or []]
+            if name in existing:  # keep the position (file order is the tie-breaker for routes)
+                index = existing.index(name)
+                items.insert(index, entity)
+            else:
+                items.append(entity)
+        out[kind] = items
+    return out

@@ -1,0 +1,49 @@
+"""The admin listener: loopback by default, bearer-token protected when a token is set."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from apigate.admin.api import AdminApi
+from apigate.admin.config_ops import ConfigOps
+from apigate.admin.http import AdminConnection
+from apigate.store.config_store import open_config_store
+
+if TYPE_CHECKING:
+    from apigate.server import Gateway
+
+
+async def attach_admin(gateway: Gateway) -> None:
+    """Open the config store, apply its stored changes, and serve the admin API."""
+    store = open_config_store(gateway.config.store)
+    await store.open()
+    ops = ConfigOps(gateway, store)
+    gateway.extensions["config_ops"] = ops
+    gateway.compose_config = ops.compose
+    composed = ops.compose(gateway.config)
+    if composed is not gateway.config:
+        await gateway.apply_config(composed)
+    api = AdminApi(gateway)
+    gateway.extensions["admin_api"] = api
+    server: asyncio.Server | None = None
+
+    async def on_start(gw: Gateway) -> None:
+        nonlocal server
+        listener = gw.config.listeners.admin
+        if listener is None:
+            return
+        server = await gw.loop.create_server(
+            lambda: AdminConnection(api.handle), host=listener.host or None, port=listener.port,
+            reuse_address=True,
+        )
+        gw.admin_server = server
+        print(f"apigate admin listening on {gw.admin_address}", flush=True)
+
+    async def on_stop(gw: Gateway) -> None:
+        if server is not None:
+            server.close()
+        await store.close()
+
+    gateway.on_start.insert(0, on_start)
+    gateway.on_stop.append(on_stop)

@@ -1,0 +1,167 @@
+"""Self-registration: instances announce themselves, heartbeat, and lapse.
+
+`PUT /services/{service}/instances/{id}` lands in `Registry.register`: the instance joins the
+service's balancer synchronously, before the API answers, so it can receive traffic at once.
+A heartbeat is the same call (idempotent); it renews `expires_at`. A sweeper removes instances
+whose TTL lapsed. Removal is draining: the balancer stops picking the instance immediately while
+requests already on its connections finish.
+
+A registration for a service the config does not declare creates it with default settings
+(through a config change, so routes can name it and `GET /config` shows it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from apigate.balancing.base import Instance
+from apigate.config.schema import TargetConfig
+from apigate.registry.events import EVENTS
+
+if TYPE_CHECKING:
+    from apigate.server import Gateway
+
+SWEEP_INTERVAL = 0.25
+MAX_TTL = 24 * 3600.0
+
+
+class RegistrationError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    service: str
+    instance_id: str
+    url: str
+    ttl: float
+    weight: int = 1
+    metadata: dict[str, Any] | None = None
+
+
+class Registry:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self._sweeper: asyncio.Task[None] | None = None
+        self.own_addresses: set[tuple[str, int]] = set()
+
+    async def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+
+    # ------------------------------------------------------------------ API
+    async def register(self, reg: Registration) -> tuple[Instance, bool]:
+        """Register or heartbeat; returns the instance and whether it is new."""
+        try:
+            target = TargetConfig(url=reg.url, weight=reg.weight)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise RegistrationError(400, "invalid_url", f"url: {first['msg']}") from None
+        if self._points_at_gateway(target.host, target.port):
+            raise RegistrationError(400, "self_reference",
+                                    "url points at this gateway's own listener")
+        if not 0 < reg.ttl <= MAX_TTL:
+            raise RegistrationError(400, "invalid_ttl", f"ttl must be in (0, {MAX_TTL:.0f}s]")
+        service = self.gateway.services.services.get(reg.service)
+        if service is None:
+            await self._create_service(reg.service)
+            service = self.gateway.services.services[reg.service]
+        existing = service.instances.get(reg.instance_id)
+        if existing is not None and existing.origin != "registered":
+            raise RegistrationError(409, "conflict",
+                                    f"instance id {reg.instance_id} is a {existing.origin} target")
+        inst = service.add_instance(
+            reg.instance_id, reg.url, target.host, target.port, weight=reg.weight,
+            origin="registered", scheme=target.scheme, metadata=reg.metadata,
+        )
+        created = existing is None or existing is not inst
+        inst.expires_at = self.gateway.loop.time() + reg.ttl
+        if created:
+            EVENTS.record("registration", f"{reg.service}/{reg.instance_id} registered at {reg.url}",
+                          service=reg.service, instance=reg.instance_id, url=reg.url,
+                          ttl=reg.ttl)
+        return inst, created
+
+    def deregister(self, service_name: str, instance_id: str, reason: str = "deregistered") -> bool:
+        service = self.gateway.services.services.get(service_name)
+        if service is None:
+            return False
+        inst = service.instances.get(instance_id)
+        if inst is None or inst.origin != "registered":
+            return False
+        service.remove_instance(instance_id)
+        EVENTS.record("registration", f"{service_name}/{instance_id} {reason}",
+                      service=service_name, instance=instance_id, reason=reason)
+        return True
+
+    # ------------------------------------------------------------------ internals
+    async def _create_service(self, name: str) -> None:
+        from apigate.admin.config_ops import ConfigOps
+
+        ops = ConfigOps.of(self.gateway)
+        await ops.put_entity("services", name, {}, implicit=True)
+        EVENTS.record("service", f"service {name} created by its first registration",
+                      service=name)
+
+    def _points_at_gateway(self, host: str, port: int) -> bool:
+        if (host, port) in self.own_addresses:
+            return True
+        local = host in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::")
+        return local and any(p == port for _, p in self.own_addresses)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            try:
+                self.sweep()
+            except Exception:  # the sweeper must survive anything a bad instance does
+                logging.getLogger("apigate.registry").exception("TTL sweep failed")
+
+    def sweep(self) -> int:
+        now = self.gateway.loop.time()
+        lapsed = [
+            (svc.name, inst.id)
+            for svc in self.gateway.services.services.values()
+            for inst in svc.instances.values()
+            if inst.origin == "registered" and inst.expires_at is not None
+            and inst.expires_at <= now
+        ]
+        for service_name, iid in lapsed:
+            self.deregister(service_name, iid, reason="removed: TTL lapsed")
+        return len(lapsed)
+
+
+def registry_of(gateway: Gateway) -> Registry:
+    reg = gateway.extensions.get("registry")
+    assert isinstance(reg, Registry)
+    return reg
+
+
+async def attach_registry(gateway: Gateway) -> None:
+    registry = Registry(gateway)
+    gateway.extensions["registry"] = registry
+
+    async def on_start(gw: Gateway) -> None:
+        registry.own_addresses.update(gw.own_addresses())
+        await registry.start()
+
+    async def on_stop(gw: Gateway) -> None:
+        await registry.stop()
+
+    gateway.on_start.append(on_start)
+    gateway.on_stop.append(on_stop)
