@@ -85,8 +85,9 @@ def cmd_routes(args: argparse.Namespace) -> int:
         compiled = runtime.routes.get(name)
         row.append(compiled.service.name if compiled and compiled.service else "(aggregate)")
     columns.append("service")
-    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c)
-              for i, c in enumerate(columns)]
+    widths = [
+        max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)
+    ]
     print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
     for row in rows:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))

@@ -11,9 +11,9 @@ Services are the exception: they are long-lived objects shared by consecutive sn
 from __future__ import annotations
 
 import itertools
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from apigate.config.errors import ConfigError
 from apigate.config.schema import GatewayConfig, RouteConfig
@@ -61,7 +61,7 @@ class Runtime:
     # on_log hooks of the global plugins, for requests that matched no route (404s are logged too)
     log_hooks: list[Callable[[Any], None]] = field(default_factory=list)
     # route name -> coroutine function serving routes without a service (aggregation)
-    handlers: dict[str, Callable[[Any], Awaitable[None]]] = field(default_factory=dict)
+    handlers: dict[str, Callable[[Any], Coroutine[Any, Any, None]]] = field(default_factory=dict)
     generation: int = field(default_factory=lambda: next(_generations))
 
     def __repr__(self) -> str:
@@ -106,9 +106,7 @@ def _route_spec(index: int, route: RouteConfig, compiled: CompiledRoute) -> Rout
     )
 
 
-def compile_runtime(
-    config: GatewayConfig, table: ServiceTable, env: PluginEnv
-) -> Runtime:
+def compile_runtime(config: GatewayConfig, table: ServiceTable, env: PluginEnv) -> Runtime:
     """Build a snapshot; raises ConfigError (with paths) for anything a plugin rejects."""
     services = table.reconcile(config)
     cache: dict[tuple[str, str], Plugin] = {}
@@ -145,5 +143,11 @@ def compile_runtime(
     plugins = list(global_chain.plugins)
     for compiled in routes.values():
         plugins.extend(p for p in compiled.chain.plugins if p not in plugins)
-    return Runtime(config=config, matcher=Matcher(specs), routes=routes, services=services,
-                   plugins=plugins, log_hooks=global_chain.log_hooks)
+    return Runtime(
+        config=config,
+        matcher=Matcher(specs),
+        routes=routes,
+        services=services,
+        plugins=plugins,
+        log_hooks=global_chain.log_hooks,
+    )

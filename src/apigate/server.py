@@ -45,7 +45,7 @@ class Gateway:
         self.config_path = Path(config_path) if config_path else None
         self.limits = config.limits
         self.request_ids = RequestIds()
-        self.trusted_proxies = TrustedProxies(getattr(config.listeners.proxy, "trusted_proxies", ()))
+        self.trusted_proxies = TrustedProxies(config.listeners.proxy.trusted_proxies)
         self.scheme = "https" if config.listeners.proxy.tls else "http"
         self.connections: set[ClientConnection] = set()
         self.draining = False
@@ -175,13 +175,18 @@ class Gateway:
         except ConfigError as exc:
             self.reloads_failed += 1
             self.last_reload_error = str(exc)
-            log.error("reload rejected; the previous config keeps serving:\n%s", exc,
-                      extra={"event": "reload", "ok": False})
+            log.error(
+                "reload rejected; the previous config keeps serving:\n%s",
+                exc,
+                extra={"event": "reload", "ok": False},
+            )
             return False
         self.reloads_ok += 1
         self.last_reload_error = None
-        log.info("config reloaded", extra={"event": "reload", "ok": True,
-                                           "generation": runtime.generation})
+        log.info(
+            "config reloaded",
+            extra={"event": "reload", "ok": True, "generation": runtime.generation},
+        )
         return True
 
     def watch(self, interval: float = 1.0) -> None:
@@ -245,12 +250,14 @@ class Gateway:
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            self.loop.add_signal_handler(sig, lambda s=sig: self._on_stop_signal(s))
+            self.loop.add_signal_handler(sig, self._on_stop_signal, sig)
         self.loop.add_signal_handler(signal.SIGHUP, lambda: self.loop.create_task(self.reload()))
 
     def _on_stop_signal(self, sig: int) -> None:
-        log.info("stopping: draining in-flight requests",
-                 extra={"event": "shutdown", "signal": signal.Signals(sig).name})
+        log.info(
+            "stopping: draining in-flight requests",
+            extra={"event": "shutdown", "signal": signal.Signals(sig).name},
+        )
         self.loop.create_task(self.shutdown())
 
     def __repr__(self) -> str:

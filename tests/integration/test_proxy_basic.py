@@ -20,7 +20,9 @@ def _config(upstream_url: str) -> dict:
 
 async def test_get_is_proxied_with_forwarding_headers() -> None:
     async with Upstream() as up, GatewayProcess(_config(up.url)) as gw:
-        resp = await raw_request(gw.port, b"GET /api/echo?x=1 HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        resp = await raw_request(
+            gw.port, b"GET /api/echo?x=1 HTTP/1.1\r\nHost: example.com\r\n\r\n"
+        )
         head, _, body = resp.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 OK")
         doc = json.loads(body)
@@ -34,8 +36,10 @@ async def test_get_is_proxied_with_forwarding_headers() -> None:
 
 
 async def test_no_route_is_404_json() -> None:
-    cfg = base_config(services={"up": {"targets": ["http://127.0.0.1:9"]}},
-                      routes=[{"name": "a", "match": {"paths": ["/a"]}, "service": "up"}])
+    cfg = base_config(
+        services={"up": {"targets": ["http://127.0.0.1:9"]}},
+        routes=[{"name": "a", "match": {"paths": ["/a"]}, "service": "up"}],
+    )
     async with GatewayProcess(cfg) as gw:
         resp = await raw_request(gw.port, b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
         head, _, body = resp.partition(b"\r\n\r\n")
@@ -45,8 +49,10 @@ async def test_no_route_is_404_json() -> None:
 
 
 async def test_connection_refused_is_502() -> None:
-    cfg = base_config(services={"up": {"targets": ["http://127.0.0.1:9"]}},
-                      routes=[{"name": "a", "match": {"paths": ["/"]}, "service": "up"}])
+    cfg = base_config(
+        services={"up": {"targets": ["http://127.0.0.1:9"]}},
+        routes=[{"name": "a", "match": {"paths": ["/"]}, "service": "up"}],
+    )
     async with GatewayProcess(cfg) as gw:
         resp = await raw_request(gw.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert resp.startswith(b"HTTP/1.1 502"), resp

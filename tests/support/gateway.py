@@ -31,8 +31,13 @@ def base_config(**overrides: Any) -> dict[str, Any]:
 class GatewayProcess:
     """`async with GatewayProcess(config_dict) as gw:` then `gw.port`, `gw.url`."""
 
-    def __init__(self, config: dict[str, Any], *, args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.config = config
         self.args = args
         self.env = env
@@ -65,8 +70,16 @@ class GatewayProcess:
         env.update(self.env or {})
         env["PYTHONUNBUFFERED"] = "1"
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "apigate", "run", "-c", str(self.config_path), *self.args,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+            sys.executable,
+            "-m",
+            "apigate",
+            "run",
+            "-c",
+            str(self.config_path),
+            *self.args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
         )
         assert self.proc.stdout is not None and self.proc.stderr is not None
         self._readers.append(asyncio.create_task(self._pump(self.proc.stderr, self.stderr_lines)))
@@ -74,7 +87,7 @@ class GatewayProcess:
             await asyncio.wait_for(self._wait_listening(), 15)
         except BaseException:
             await self.stop()
-            raise RuntimeError("gateway did not start:\n" + "\n".join(self.stderr_lines))
+            raise RuntimeError("gateway did not start:\n" + "\n".join(self.stderr_lines)) from None
         return self
 
     async def _wait_listening(self) -> None:
@@ -92,7 +105,8 @@ class GatewayProcess:
             if m:
                 self.host, self.port = m.group(1), int(m.group(2))
                 self._readers.append(
-                    asyncio.create_task(self._pump(self.proc.stdout, self.stdout_lines)))
+                    asyncio.create_task(self._pump(self.proc.stdout, self.stdout_lines))
+                )
                 return
 
     @staticmethod
@@ -107,6 +121,33 @@ class GatewayProcess:
         assert self.proc is not None
         self.proc.send_signal(sig)
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def rss_kib(self) -> int:
+        """The gateway process's resident memory (VmRSS) in KiB, from /proc."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS line")
+
+    async def wait_for_log(self, needle: str, within: float = 10.0) -> str:
+        """The first stderr/stdout line containing `needle`, waiting up to `within` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while True:
+            for line in [*self.stderr_lines, *self.stdout_lines]:
+                if needle in line:
+                    return line
+            if loop.time() > deadline:
+                raise AssertionError(f"no log line with {needle!r} in:\n" + self.logs())
+            await asyncio.sleep(0.02)
+
+    def logs(self) -> str:
+        return "\n".join([*self.stdout_lines, *self.stderr_lines])
+
     async def wait(self, timeout: float = 10) -> int:
         assert self.proc is not None
         return await asyncio.wait_for(self.proc.wait(), timeout)
@@ -117,7 +158,7 @@ class GatewayProcess:
             proc.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), 10)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 proc.kill()
                 await proc.wait()
         for task in self._readers:
@@ -129,8 +170,9 @@ class GatewayProcess:
         await self.stop()
 
 
-async def raw_request(port: int, data: bytes, *, read_timeout: float = 5.0,
-                      until_close: bool = False) -> bytes:
+async def raw_request(
+    port: int, data: bytes, *, read_timeout: float = 5.0, until_close: bool = False
+) -> bytes:
     """Send raw bytes; return what came back (one response, or everything until close)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(data)
@@ -144,7 +186,7 @@ async def raw_request(port: int, data: bytes, *, read_timeout: float = 5.0,
             out += chunk
             if not until_close and _complete(out):
                 break
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     finally:
         writer.close()

@@ -57,12 +57,14 @@ class AdminApi:
         self._add("GET", "/events", self.events)
         self.extra_routes: list[Route] = []  # /metrics and the dashboard attach here
 
-    def _add(self, method: str, pattern: str,
-             handler: Callable[[AdminRequest], Awaitable[AdminResponse]]) -> None:
+    def _add(
+        self, method: str, pattern: str, handler: Callable[[AdminRequest], Awaitable[AdminResponse]]
+    ) -> None:
         self.routes.append((method, re.compile(pattern + r"\Z"), handler))
 
-    def add_route(self, method: str, pattern: str,
-                  handler: Callable[[AdminRequest], Awaitable[AdminResponse]]) -> None:
+    def add_route(
+        self, method: str, pattern: str, handler: Callable[[AdminRequest], Awaitable[AdminResponse]]
+    ) -> None:
         self._add(method, pattern, handler)
 
     # ------------------------------------------------------------------ dispatch
@@ -80,8 +82,12 @@ class AdminApi:
             req.params = m.groupdict()
             return await handler(req)
         if allowed:
-            raise AdminError(405, "method_not_allowed", f"{req.method} not allowed on {req.path}",
-                             {"Allow": ", ".join(sorted(set(allowed)))})
+            raise AdminError(
+                405,
+                "method_not_allowed",
+                f"{req.method} not allowed on {req.path}",
+                {"Allow": ", ".join(sorted(set(allowed)))},
+            )
         raise AdminError(404, "not_found", f"no admin endpoint {req.path}")
 
     def _authorize(self, req: AdminRequest) -> None:
@@ -91,15 +97,25 @@ class AdminApi:
             return
         given = req.headers.get("authorization", "")
         scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(),
-                                                                 token.encode()):
-            raise AdminError(401, "unauthorized", "a valid admin token is required",
-                             {"WWW-Authenticate": 'Bearer realm="apigate-admin"'})
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            value.strip().encode(), token.encode()
+        ):
+            raise AdminError(
+                401,
+                "unauthorized",
+                "a valid admin token is required",
+                {"WWW-Authenticate": 'Bearer realm="apigate-admin"'},
+            )
 
     # ------------------------------------------------------------------ health
     async def healthz(self, req: AdminRequest) -> AdminResponse:
-        return json_response({"status": "ok", "version": __version__,
-                              "uptime_s": round(time.time() - self.started, 1)})
+        return json_response(
+            {
+                "status": "ok",
+                "version": __version__,
+                "uptime_s": round(time.time() - self.started, 1),
+            }
+        )
 
     async def readyz(self, req: AdminRequest) -> AdminResponse:
         gw = self.gateway
@@ -108,8 +124,12 @@ class AdminApi:
             name: sum(1 for i in svc.instances.values() if i.available)
             for name, svc in gw.services.services.items()
         }
-        doc = {"ready": ready, "draining": gw.draining, "available_instances": services,
-               "generation": gw.runtime.generation}
+        doc = {
+            "ready": ready,
+            "draining": gw.draining,
+            "available_instances": services,
+            "generation": gw.runtime.generation,
+        }
         return json_response(doc, 200 if ready else 503)
 
     async def openapi(self, req: AdminRequest) -> AdminResponse:
@@ -143,8 +163,9 @@ class AdminApi:
         if svc is None:
             raise AdminError(404, "not_found", f"no service {req.params['service']}")
         doc = self._service_doc(svc)
-        doc["config"] = ConfigOps.get_entity(ConfigOps.of(self.gateway).effective_doc(),
-                                             "services", svc.name)
+        doc["config"] = ConfigOps.get_entity(
+            ConfigOps.of(self.gateway).effective_doc(), "services", svc.name
+        )
         return json_response(doc)
 
     async def register(self, req: AdminRequest) -> AdminResponse:
@@ -168,8 +189,9 @@ class AdminApi:
         metadata = body.get("metadata") or {}
         if not isinstance(metadata, dict):
             raise AdminError(400, "invalid_body", "metadata must be an object")
-        reg = Registration(req.params["service"], req.params["instance"], url, ttl, weight,
-                           metadata)
+        reg = Registration(
+            req.params["service"], req.params["instance"], url, ttl, weight, metadata
+        )
         try:
             inst, created = await registry_of(self.gateway).register(reg)
         except RegistrationError as exc:
@@ -182,12 +204,15 @@ class AdminApi:
     async def deregister(self, req: AdminRequest) -> AdminResponse:
         ok = registry_of(self.gateway).deregister(req.params["service"], req.params["instance"])
         if not ok:
-            raise AdminError(404, "not_found",
-                             f"no registered instance {req.params['instance']} "
-                             f"in service {req.params['service']}")
+            raise AdminError(
+                404,
+                "not_found",
+                f"no registered instance {req.params['instance']} "
+                f"in service {req.params['service']}",
+            )
         return json_response({"deregistered": req.params["instance"]})
 
-    # ------------------------------------------------------------------ routes / consumers / services CRUD
+    # ------------------------------------------------------------------ entity CRUD
     def list_entities(self, kind: str) -> Callable[[AdminRequest], Awaitable[AdminResponse]]:
         async def handler(req: AdminRequest) -> AdminResponse:
             doc = ConfigOps.of(self.gateway).effective_doc()
@@ -249,16 +274,21 @@ class AdminApi:
         admin = (shown.get("listeners") or {}).get("admin")
         if isinstance(admin, dict) and admin.get("token"):
             shown["listeners"] = {**shown["listeners"], "admin": {**admin, "token": "[redacted]"}}
-        body = {"config": shown, "store": ops.store.describe(),
-                "persisted": ops.store.persistent, "generation": self.gateway.runtime.generation}
+        body = {
+            "config": shown,
+            "store": ops.store.describe(),
+            "persisted": ops.store.persistent,
+            "generation": self.gateway.runtime.generation,
+        }
         return json_response(body, headers={"ETag": etag})
 
     async def post_config(self, req: AdminRequest) -> AdminResponse:
         ops = ConfigOps.of(self.gateway)
         if_match = req.headers.get("if-match")
         if if_match is not None and if_match != "*" and if_match != ops.etag():
-            raise AdminError(412, "precondition_failed",
-                             "the config changed since you read it (ETag mismatch)")
+            raise AdminError(
+                412, "precondition_failed", "the config changed since you read it (ETag mismatch)"
+            )
         doc = req.json()
         if not isinstance(doc, dict):
             raise AdminError(400, "invalid_body", "body must be a JSON object")
@@ -267,8 +297,12 @@ class AdminApi:
             config = await ops.replace(doc, dry_run=dry_run)
         except ConfigError as exc:
             raise AdminError(400, "invalid_config", str(exc)) from None
-        result = {"ok": True, "dry_run": dry_run, "routes": len(config.routes),
-                  "services": len(config.services)}
+        result = {
+            "ok": True,
+            "dry_run": dry_run,
+            "routes": len(config.routes),
+            "services": len(config.services),
+        }
         return json_response(result, headers={"ETag": ops.etag()})
 
 

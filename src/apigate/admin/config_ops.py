@@ -63,8 +63,9 @@ class ConfigOps:
         return None
 
     # ------------------------------------------------------------------ changing
-    async def put_entity(self, kind: str, name: str, body: dict[str, Any],
-                         implicit: bool = False) -> tuple[dict[str, Any], bool]:
+    async def put_entity(
+        self, kind: str, name: str, body: dict[str, Any], implicit: bool = False
+    ) -> tuple[dict[str, Any], bool]:
         """Create or replace one service/route/consumer. Returns (entity, created)."""
         async with self._lock:
             doc = self.effective_doc()
@@ -75,7 +76,9 @@ class ConfigOps:
             candidate = _with_entity(doc, kind, name, entity)
             config = parse_config(candidate, source="<admin>")
             await self.gateway.apply_config(config)
-            stored = {k: v for k, v in entity.items() if k != "name"} if kind != "services" else entity
+            stored = (
+                {k: v for k, v in entity.items() if k != "name"} if kind != "services" else entity
+            )
             await self.store.put(kind, name, stored)
             return self.get_entity(dump_config(config), kind, name) or entity, created
 
@@ -110,8 +113,9 @@ class ConfigOps:
             return config
 
 
-def _with_entity(doc: dict[str, Any], kind: str, name: str,
-                 entity: dict[str, Any] | None) -> dict[str, Any]:
+def _with_entity(
+    doc: dict[str, Any], kind: str, name: str, entity: dict[str, Any] | None
+) -> dict[str, Any]:
     out = dict(doc)
     if kind == "services":
         services = dict(out.get("services") or {})

@@ -51,8 +51,9 @@ class AdminResponse:
 
 
 class AdminError(Exception):
-    def __init__(self, status: int, code: str, message: str,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
@@ -60,7 +61,9 @@ class AdminError(Exception):
         self.headers = headers or {}
 
 
-def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> AdminResponse:
+def json_response(
+    doc: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> AdminResponse:
     body = json.dumps(doc, indent=2, default=str).encode()
     return AdminResponse(status, body, "application/json", headers or {})
 
@@ -131,8 +134,9 @@ class AdminConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if self._too_big:
-            self._queue.put_nowait(AdminError(413, "payload_too_large",
-                                              f"request body over {MAX_BODY} bytes"))
+            self._queue.put_nowait(
+                AdminError(413, "payload_too_large", f"request body over {MAX_BODY} bytes")
+            )
             return
         if self._head_size > MAX_HEAD:
             self._queue.put_nowait(AdminError(431, "header_fields_too_large", "headers too large"))
@@ -143,14 +147,16 @@ class AdminConnection(asyncio.Protocol):
             self._queue.put_nowait(AdminError(400, "bad_request", "invalid request target"))
             return
         query = {k: v[-1] for k, v in parse_qs((url.query or b"").decode("latin-1")).items()}
-        self._queue.put_nowait(AdminRequest(
-            method=self.parser.get_method().decode(),
-            path=unquote(url.path.decode("latin-1")),
-            query=query,
-            headers=self._headers,
-            body=bytes(self._body),
-            client_ip=self.client_ip,
-        ))
+        self._queue.put_nowait(
+            AdminRequest(
+                method=self.parser.get_method().decode(),
+                path=unquote(url.path.decode("latin-1")),
+                query=query,
+                headers=self._headers,
+                body=bytes(self._body),
+                client_ip=self.client_ip,
+            )
+        )
 
     async def _serve(self) -> None:
         """Answer requests one at a time, in order (pipelining-safe)."""
@@ -169,8 +175,10 @@ class AdminConnection(asyncio.Protocol):
                 import logging
 
                 logging.getLogger("apigate.admin").exception("admin handler failed")
-                response = json_response({"error": "internal_error",
-                                          "message": "unexpected error; see the gateway log"}, 500)
+                response = json_response(
+                    {"error": "internal_error", "message": "unexpected error; see the gateway log"},
+                    500,
+                )
             close = item.headers.get("connection", "").lower() == "close"
             self._write(response, head_only=item.method == "HEAD", close=close)
             if close:
@@ -179,10 +187,14 @@ class AdminConnection(asyncio.Protocol):
     def _write(self, resp: AdminResponse, head_only: bool, close: bool) -> None:
         if self.transport is None:
             return
-        parts = [status_line(resp.status), b"Server: apigate-admin\r\n", DATE.value,
-                 b"Content-Type: %s\r\n" % resp.content_type.encode(),
-                 b"Content-Length: %d\r\n" % len(resp.body),
-                 b"Cache-Control: no-store\r\n"]
+        parts = [
+            status_line(resp.status),
+            b"Server: apigate-admin\r\n",
+            DATE.value,
+            b"Content-Type: %s\r\n" % resp.content_type.encode(),
+            b"Content-Length: %d\r\n" % len(resp.body),
+            b"Cache-Control: no-store\r\n",
+        ]
         for name, value in resp.headers.items():
             parts.append(b"%s: %s\r\n" % (name.encode(), value.encode()))
         if close:

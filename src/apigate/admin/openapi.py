@@ -21,8 +21,12 @@ def _errors(*codes: int) -> dict[str, Any]:
 
 
 def _name_param(name: str) -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True,
-            "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.-]+$", "maxLength": 128}}
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.-]+$", "maxLength": 128},
+    }
 
 
 def _body(ref: str) -> dict[str, Any]:
@@ -31,76 +35,124 @@ def _body(ref: str) -> dict[str, Any]:
 
 def _crud(kind: str, schema_ref: str, param: str) -> dict[str, Any]:
     return {
-        "get": {"summary": f"one {kind[:-1]}", "parameters": [_name_param(param)],
-                "responses": {"200": _resp("found"), **_errors(401, 404)}},
-        "put": {"summary": f"create or replace a {kind[:-1]}", "parameters": [_name_param(param)],
-                "requestBody": _body(schema_ref),
-                "responses": {"200": _resp("replaced"), "201": _resp("created"),
-                              **_errors(400, 401, 413)}},
-        "delete": {"summary": f"delete a {kind[:-1]}", "parameters": [_name_param(param)],
-                   "responses": {"200": _resp("deleted"), **_errors(401, 404, 409)}},
+        "get": {
+            "summary": f"one {kind[:-1]}",
+            "parameters": [_name_param(param)],
+            "responses": {"200": _resp("found"), **_errors(401, 404)},
+        },
+        "put": {
+            "summary": f"create or replace a {kind[:-1]}",
+            "parameters": [_name_param(param)],
+            "requestBody": _body(schema_ref),
+            "responses": {
+                "200": _resp("replaced"),
+                "201": _resp("created"),
+                **_errors(400, 401, 413),
+            },
+        },
+        "delete": {
+            "summary": f"delete a {kind[:-1]}",
+            "parameters": [_name_param(param)],
+            "responses": {"200": _resp("deleted"), **_errors(401, 404, 409)},
+        },
     }
 
 
 @cache
 def openapi_document() -> dict[str, Any]:
     schemas: dict[str, Any] = {
-        "Error": {"type": "object", "required": ["error", "message"],
-                  "properties": {"error": {"type": "string"}, "message": {"type": "string"}}},
+        "Error": {
+            "type": "object",
+            "required": ["error", "message"],
+            "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
+        },
         "Registration": {
-            "type": "object", "required": ["url"], "additionalProperties": False,
+            "type": "object",
+            "required": ["url"],
+            "additionalProperties": False,
             "properties": {
                 "url": {"type": "string", "description": "http://host:port of the instance"},
-                "ttl": {"type": "string", "description": "e.g. 10s; heartbeat before it lapses",
-                        "default": "30s"},
+                "ttl": {
+                    "type": "string",
+                    "description": "e.g. 10s; heartbeat before it lapses",
+                    "default": "30s",
+                },
                 "weight": {"type": "integer", "minimum": 0, "maximum": 1000, "default": 1},
                 "metadata": {"type": "object"},
             },
         },
     }
     for model in (ServiceConfig, RouteConfig, ConsumerConfig, GatewayConfig):
-        doc = model.model_json_schema(ref_template="#/components/schemas/{model}",
-                                      mode="validation")
+        doc = model.model_json_schema(
+            ref_template="#/components/schemas/{model}", mode="validation"
+        )
         for name, sub in doc.pop("$defs", {}).items():
             schemas.setdefault(name, sub)
         schemas[model.__name__] = doc
     paths: dict[str, Any] = {
         "/healthz": {"get": {"summary": "liveness", "responses": {"200": _resp("alive")}}},
-        "/readyz": {"get": {"summary": "readiness",
-                            "responses": {"200": _resp("ready"), "503": _resp("not ready")}}},
-        "/events": {"get": {"summary": "recent registrations, health and config events",
-                            "parameters": [
-                                {"name": "since", "in": "query", "schema": {"type": "integer"}},
-                                {"name": "limit", "in": "query", "schema": {"type": "integer"}}],
-                            "responses": {"200": _resp("events"), **_errors(400, 401)}}},
-        "/services": {"get": {"summary": "services with every instance",
-                              "responses": {"200": _resp("services"), **_errors(401)}}},
+        "/readyz": {
+            "get": {
+                "summary": "readiness",
+                "responses": {"200": _resp("ready"), "503": _resp("not ready")},
+            }
+        },
+        "/events": {
+            "get": {
+                "summary": "recent registrations, health and config events",
+                "parameters": [
+                    {"name": "since", "in": "query", "schema": {"type": "integer"}},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer"}},
+                ],
+                "responses": {"200": _resp("events"), **_errors(400, 401)},
+            }
+        },
+        "/services": {
+            "get": {
+                "summary": "services with every instance",
+                "responses": {"200": _resp("services"), **_errors(401)},
+            }
+        },
         "/services/{service}": _crud("services", "#/components/schemas/ServiceConfig", "service"),
         "/services/{service}/instances/{instance}": {
-            "put": {"summary": "register or heartbeat an instance",
-                    "parameters": [_name_param("service"), _name_param("instance")],
-                    "requestBody": _body("#/components/schemas/Registration"),
-                    "responses": {"200": _resp("renewed"), "201": _resp("registered"),
-                                  **_errors(400, 401, 409, 413)}},
-            "delete": {"summary": "deregister (drain) an instance",
-                       "parameters": [_name_param("service"), _name_param("instance")],
-                       "responses": {"200": _resp("deregistered"), **_errors(401, 404)}},
+            "put": {
+                "summary": "register or heartbeat an instance",
+                "parameters": [_name_param("service"), _name_param("instance")],
+                "requestBody": _body("#/components/schemas/Registration"),
+                "responses": {
+                    "200": _resp("renewed"),
+                    "201": _resp("registered"),
+                    **_errors(400, 401, 409, 413),
+                },
+            },
+            "delete": {
+                "summary": "deregister (drain) an instance",
+                "parameters": [_name_param("service"), _name_param("instance")],
+                "responses": {"200": _resp("deregistered"), **_errors(401, 404)},
+            },
         },
-        "/routes": {"get": {"summary": "all routes",
-                            "responses": {"200": _resp("routes"), **_errors(401)}}},
+        "/routes": {
+            "get": {"summary": "all routes", "responses": {"200": _resp("routes"), **_errors(401)}}
+        },
         "/routes/{name}": _crud("routes", "#/components/schemas/RouteConfig", "name"),
-        "/consumers": {"get": {"summary": "all consumers (credentials redacted)",
-                               "responses": {"200": _resp("consumers"), **_errors(401)}}},
+        "/consumers": {
+            "get": {
+                "summary": "all consumers (credentials redacted)",
+                "responses": {"200": _resp("consumers"), **_errors(401)},
+            }
+        },
         "/consumers/{name}": _crud("consumers", "#/components/schemas/ConsumerConfig", "name"),
         "/config": {
-            "get": {"summary": "the effective config (ETag header)",
-                    "responses": {"200": _resp("config"), **_errors(401)}},
-            "post": {"summary": "replace the config whole (If-Match: ETag; ?dry_run=true)",
-                     "parameters": [{"name": "dry_run", "in": "query",
-                                     "schema": {"type": "boolean"}}],
-                     "requestBody": _body("#/components/schemas/GatewayConfig"),
-                     "responses": {"200": _resp("applied or validated"),
-                                   **_errors(400, 401, 412, 413)}},
+            "get": {
+                "summary": "the effective config (ETag header)",
+                "responses": {"200": _resp("config"), **_errors(401)},
+            },
+            "post": {
+                "summary": "replace the config whole (If-Match: ETag; ?dry_run=true)",
+                "parameters": [{"name": "dry_run", "in": "query", "schema": {"type": "boolean"}}],
+                "requestBody": _body("#/components/schemas/GatewayConfig"),
+                "responses": {"200": _resp("applied or validated"), **_errors(400, 401, 412, 413)},
+            },
         },
     }
     return {

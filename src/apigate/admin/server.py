@@ -34,7 +34,9 @@ async def attach_admin(gateway: Gateway) -> None:
         if listener is None:
             return
         server = await gw.loop.create_server(
-            lambda: AdminConnection(api.handle), host=listener.host or None, port=listener.port,
+            lambda: AdminConnection(api.handle),
+            host=listener.host or None,
+            port=listener.port,
             reuse_address=True,
         )
         gw.admin_server = server

@@ -18,7 +18,9 @@ def _load(certificate: str, key: str, minimum: ssl.TLSVersion) -> ssl.SSLContext
     try:
         ctx.load_cert_chain(certificate, key)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError([f"listeners.proxy.tls: cannot load {certificate} / {key}: {exc}"]) from None
+        raise ConfigError(
+            [f"listeners.proxy.tls: cannot load {certificate} / {key}: {exc}"]
+        ) from None
     return ctx
 
 
@@ -31,6 +33,7 @@ def build_server_context(tls: TLSConfig) -> ssl.SSLContext:
         for host in extra.hosts or []:
             by_host[host.lower()] = ctx
     if by_host:
+
         def pick(sock: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
             if server_name:
                 name = server_name.lower()
@@ -40,5 +43,5 @@ def build_server_context(tls: TLSConfig) -> ssl.SSLContext:
                 if ctx is not None:
                     sock.context = ctx
 
-        default.sni_callback = pick  # type: ignore[assignment]
+        default.sni_callback = pick
     return default

@@ -41,7 +41,7 @@ class AccessLogPlugin(Plugin):
         if self.path == "-":
             self._out = sys.stdout
         else:
-            self._out = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+            self._out = await asyncio.to_thread(open, self.path, "a", encoding="utf-8")
         loop = asyncio.get_running_loop()
 
         def tick() -> None:

@@ -40,9 +40,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
-def setup_logging(level: str = "info", levels: dict[str, str] | None = None,
-                  json_format: bool = True) -> None:
-    """Root handler to stderr; `levels` sets per-component levels ({"apigate.registry": "debug"})."""
+def setup_logging(
+    level: str = "info", levels: dict[str, str] | None = None, json_format: bool = True
+) -> None:
+    """JSON to stderr; `levels` sets per-component levels: {"apigate.registry": "debug"}."""
     handler = logging.StreamHandler(sys.stderr)
     if json_format:
         handler.setFormatter(JsonFormatter())

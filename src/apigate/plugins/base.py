@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -53,9 +52,6 @@ class PluginEnv:
 
     def consumers(self) -> list[ConsumerConfig]:
         return list(self.config.consumers)
-
-
-RequestHook = Callable[[Any], "Response | None | Awaitable[Response | None]"]
 
 
 class Plugin:

@@ -52,8 +52,13 @@ def resolve(name: str) -> type[Plugin]:
 class PluginChain:
     """The hooks of one route, in priority order, as plain lists the exchange iterates."""
 
-    __slots__ = ("log_hooks", "plugins", "request_hooks", "response_hooks",
-                 "upstream_request_hooks")
+    __slots__ = (
+        "log_hooks",
+        "plugins",
+        "request_hooks",
+        "response_hooks",
+        "upstream_request_hooks",
+    )
 
     def __init__(self, plugins: list[Plugin]) -> None:
         self.plugins = sorted(plugins, key=lambda p: -p.priority)
@@ -72,14 +77,14 @@ class PluginChain:
         return f"<PluginChain {[p.name for p in self.plugins]}>"
 
 
-def build_plugin(
-    name: str, raw: Mapping[str, Any] | None, env: PluginEnv, where: str
-) -> Plugin:
+def build_plugin(name: str, raw: Mapping[str, Any] | None, env: PluginEnv, where: str) -> Plugin:
     try:
         cls = resolve(name)
     except (KeyError, ImportError, AttributeError, TypeError) as exc:
         known = ", ".join(sorted(BUILTIN))
-        raise ConfigError([f"{where}: unknown plugin '{name}' ({exc}); built-in: {known}"]) from None
+        raise ConfigError(
+            [f"{where}: unknown plugin '{name}' ({exc}); built-in: {known}"]
+        ) from None
     try:
         config = cls.Config.model_validate(dict(raw or {}))
     except ValidationError as exc:

@@ -73,8 +73,9 @@ class Registry:
             first = exc.errors()[0]
             raise RegistrationError(400, "invalid_url", f"url: {first['msg']}") from None
         if self._points_at_gateway(target.host, target.port):
-            raise RegistrationError(400, "self_reference",
-                                    "url points at this gateway's own listener")
+            raise RegistrationError(
+                400, "self_reference", "url points at this gateway's own listener"
+            )
         if not 0 < reg.ttl <= MAX_TTL:
             raise RegistrationError(400, "invalid_ttl", f"ttl must be in (0, {MAX_TTL:.0f}s]")
         service = self.gateway.services.services.get(reg.service)
@@ -83,18 +84,30 @@ class Registry:
             service = self.gateway.services.services[reg.service]
         existing = service.instances.get(reg.instance_id)
         if existing is not None and existing.origin != "registered":
-            raise RegistrationError(409, "conflict",
-                                    f"instance id {reg.instance_id} is a {existing.origin} target")
+            raise RegistrationError(
+                409, "conflict", f"instance id {reg.instance_id} is a {existing.origin} target"
+            )
         inst = service.add_instance(
-            reg.instance_id, reg.url, target.host, target.port, weight=reg.weight,
-            origin="registered", scheme=target.scheme, metadata=reg.metadata,
+            reg.instance_id,
+            reg.url,
+            target.host,
+            target.port,
+            weight=reg.weight,
+            origin="registered",
+            scheme=target.scheme,
+            metadata=reg.metadata,
         )
         created = existing is None or existing is not inst
         inst.expires_at = self.gateway.loop.time() + reg.ttl
         if created:
-            EVENTS.record("registration", f"{reg.service}/{reg.instance_id} registered at {reg.url}",
-                          service=reg.service, instance=reg.instance_id, url=reg.url,
-                          ttl=reg.ttl)
+            EVENTS.record(
+                "registration",
+                f"{reg.service}/{reg.instance_id} registered at {reg.url}",
+                service=reg.service,
+                instance=reg.instance_id,
+                url=reg.url,
+                ttl=reg.ttl,
+            )
         return inst, created
 
     def deregister(self, service_name: str, instance_id: str, reason: str = "deregistered") -> bool:
@@ -105,8 +118,13 @@ class Registry:
         if inst is None or inst.origin != "registered":
             return False
         service.remove_instance(instance_id)
-        EVENTS.record("registration", f"{service_name}/{instance_id} {reason}",
-                      service=service_name, instance=instance_id, reason=reason)
+        EVENTS.record(
+            "registration",
+            f"{service_name}/{instance_id} {reason}",
+            service=service_name,
+            instance=instance_id,
+            reason=reason,
+        )
         return True
 
     # ------------------------------------------------------------------ internals
@@ -115,8 +133,7 @@ class Registry:
 
         ops = ConfigOps.of(self.gateway)
         await ops.put_entity("services", name, {}, implicit=True)
-        EVENTS.record("service", f"service {name} created by its first registration",
-                      service=name)
+        EVENTS.record("service", f"service {name} created by its first registration", service=name)
 
     def _points_at_gateway(self, host: str, port: int) -> bool:
         if (host, port) in self.own_addresses:
@@ -138,7 +155,8 @@ class Registry:
             (svc.name, inst.id)
             for svc in self.gateway.services.services.values()
             for inst in svc.instances.values()
-            if inst.origin == "registered" and inst.expires_at is not None
+            if inst.origin == "registered"
+            and inst.expires_at is not None
             and inst.expires_at <= now
         ]
         for service_name, iid in lapsed:

@@ -38,6 +38,7 @@ def hash_key_extractor(hash_on: str) -> HashKey:
     if kind == "header":
         return lambda req: req.header(lname)
     if kind == "cookie":
+
         def from_cookie(req: Request) -> str | None:
             raw = req.header("cookie")
             if not raw:
@@ -79,14 +80,19 @@ class Service:
             if inst.origin == "static" and iid not in wanted:
                 del self.instances[iid]
         for iid, target in wanted.items():
-            inst = self.instances.get(iid)
-            if inst is None:
+            current = self.instances.get(iid)
+            if current is None:
                 self.instances[iid] = Instance(
-                    iid, target.url, target.host, target.port, weight=target.weight,
-                    origin="static", scheme=target.scheme,
+                    iid,
+                    target.url,
+                    target.host,
+                    target.port,
+                    weight=target.weight,
+                    origin="static",
+                    scheme=target.scheme,
                 )
             else:
-                inst.weight = target.weight
+                current.weight = target.weight
         self._pool_by_instance.clear()
         if old_kind != config.balancer or not isinstance(self.balancer, Balancer):
             self.balancer = make_balancer(config.balancer, self.instances.values())
@@ -112,8 +118,16 @@ class Service:
     ) -> Instance:
         inst = self.instances.get(iid)
         if inst is None or (inst.host, inst.port, inst.scheme) != (host, port, scheme):
-            inst = Instance(iid, url, host, port, weight=weight, origin=origin, scheme=scheme,
-                            metadata=dict(metadata or {}))
+            inst = Instance(
+                iid,
+                url,
+                host,
+                port,
+                weight=weight,
+                origin=origin,
+                scheme=scheme,
+                metadata=dict(metadata or {}),
+            )
             self.instances[iid] = inst
             self._pool_by_instance.pop(iid, None)
         else:
@@ -148,9 +162,15 @@ class Service:
         if inst.failures >= passive.failures and inst.healthy:
             inst.healthy = False
             self.refresh()
-            EVENTS.record("health", f"{self.name}/{inst.id} ejected after {inst.failures} "
-                          "consecutive failures", logging.WARNING, service=self.name,
-                          instance=inst.id, healthy=False, check="passive")
+            EVENTS.record(
+                "health",
+                f"{self.name}/{inst.id} ejected after {inst.failures} consecutive failures",
+                logging.WARNING,
+                service=self.name,
+                instance=inst.id,
+                healthy=False,
+                check="passive",
+            )
             asyncio.get_running_loop().call_later(passive.eject_for, self._readmit, inst)
 
     def _readmit(self, inst: Instance) -> None:
@@ -159,8 +179,14 @@ class Service:
         inst.failures = 0
         inst.healthy = True
         self.refresh()
-        EVENTS.record("health", f"{self.name}/{inst.id} readmitted after ejection",
-                      service=self.name, instance=inst.id, healthy=True, check="passive")
+        EVENTS.record(
+            "health",
+            f"{self.name}/{inst.id} readmitted after ejection",
+            service=self.name,
+            instance=inst.id,
+            healthy=True,
+            check="passive",
+        )
 
     def refresh(self) -> None:
         """Health or weight changed in place: let the balancer recompute its available set."""
@@ -171,7 +197,9 @@ class Service:
         pool = self._pool_by_instance.get(inst.id)
         if pool is None:
             pool = self.pools.get(
-                inst.scheme, inst.host, inst.port,
+                inst.scheme,
+                inst.host,
+                inst.port,
                 max_connections=self.config.max_connections,
                 idle_timeout=self.config.timeouts.idle,
             )

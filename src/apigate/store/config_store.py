@@ -46,7 +46,7 @@ class ConfigStore:
 
     def merge(self, file_doc: dict[str, Any]) -> dict[str, Any]:
         """The effective config document: base (POSTed or file) plus the overlay."""
-        doc = json.loads(json.dumps(self.base if self.base is not None else file_doc))
+        doc: dict[str, Any] = json.loads(json.dumps(self.base if self.base is not None else file_doc))
         for (kind, name), entity in self.overlay.items():
             if kind == "services":
                 services = doc.setdefault("services", {}) or {}
@@ -85,7 +85,9 @@ class SqliteConfigStore(ConfigStore):
             "CREATE TABLE IF NOT EXISTS overlay (kind TEXT, name TEXT, doc TEXT, "
             "updated REAL, PRIMARY KEY (kind, name))"
         )
-        db.execute("CREATE TABLE IF NOT EXISTS base (id INTEGER PRIMARY KEY, doc TEXT, updated REAL)")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS base (id INTEGER PRIMARY KEY, doc TEXT, updated REAL)"
+        )
         db.commit()
         self._db = db
         row = db.execute("SELECT doc FROM base WHERE id = 1").fetchone()
@@ -124,8 +126,12 @@ class SqliteConfigStore(ConfigStore):
             )
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "sqlite", "persisted": True, "path": str(self.path),
-                "overlay_entries": len(self.overlay)}
+        return {
+            "kind": "sqlite",
+            "persisted": True,
+            "path": str(self.path),
+            "overlay_entries": len(self.overlay),
+        }
 
 
 def open_config_store(url: str) -> ConfigStore:
