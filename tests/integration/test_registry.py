@@ -1,0 +1,216 @@
+"""Self-registration through the admin API, end to end with real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from tests.support.gateway import GatewayProcess, base_config
+from tests.support.http import KeepAliveClient, request
+from tests.support.upstream import Upstream
+
+
+def _config(**extra: object) -> dict:
+    cfg = base_config(
+        listeners={"proxy": {"address": "127.0.0.1:0"}, "admin": {"address": "127.0.0.1:0"}},
+        services={"hello": {"health": {"passive": {"failures": 2, "eject_for": "30s"}}}},
+        routes=[{"name": "hello", "match": {"paths": ["/"]}, "service": "hello"}],
+    )
+    cfg.update(extra)
+    return cfg
+
+
+async def _register(gw: GatewayProcess, iid: str, url: str, ttl: str = "10s") -> int:
+    reply = await request(
+        gw.admin_port, "PUT", f"/services/hello/instances/{iid}", json_body={"url": url, "ttl": ttl}
+    )
+    return reply.status
+
+
+async def test_registered_instance_gets_traffic_within_100ms() -> None:
+    async with Upstream("a") as a, GatewayProcess(_config()) as gw:
+        before = await request(gw.port, "GET", "/x")
+        assert before.status == 503 and before.json()["error"] == "no_healthy_instance"
+        assert await _register(gw, "a", a.url) == 201
+        answered = time.monotonic()
+        reply = await request(gw.port, "GET", "/x")
+        assert reply.status == 200 and reply.json()["upstream"] == "a"
+        assert time.monotonic() - answered < 0.1
+        # a heartbeat is the same PUT: idempotent, 200 the second time
+        assert await _register(gw, "a", a.url) == 200
+
+
+async def test_deregister_under_load_loses_nothing_and_drains() -> None:
+    async with Upstream("a") as a, Upstream("b") as b, GatewayProcess(_config()) as gw:
+        assert await _register(gw, "a", a.url) == 201
+        assert await _register(gw, "b", b.url) == 201
+        stop = asyncio.Event()
+        deleted_at: list[float] = []
+        failures: list[str] = []
+        late_to_b: list[float] = []
+
+        async def client() -> int:
+            done = 0
+            async with KeepAliveClient(gw.port) as c:
+                while not stop.is_set():
+                    sent = time.monotonic()
+                    reply = await c.get("/echo")
+                    done += 1
+                    if reply.status != 200:
+                        failures.append(f"{reply.status} {reply.body[:100]!r}")
+                    elif reply.json()["upstream"] == "b" and deleted_at and sent > deleted_at[0]:
+                        late_to_b.append(sent - deleted_at[0])
+            return done
+
+        tasks = [asyncio.create_task(client()) for _ in range(8)]
+        await asyncio.sleep(0.3)
+        reply = await request(gw.admin_port, "DELETE", "/services/hello/instances/b")
+        assert reply.status == 200
+        deleted_at.append(time.monotonic())
+        await asyncio.sleep(0.3)
+        stop.set()
+        total = sum(await asyncio.gather(*tasks))
+        assert total > 50
+        assert failures == []
+        assert late_to_b == [], "requests sent after the DELETE answer reached b"
+        services = (await request(gw.admin_port, "GET", "/services/hello")).json()
+        assert [i["id"] for i in services["instances"]] == ["a"]
+
+
+async def test_ttl_lapse_removes_instance_and_heartbeat_keeps_it() -> None:
+    async with Upstream("a") as a, Upstream("b") as b, GatewayProcess(_config()) as gw:
+        assert await _register(gw, "a", a.url, ttl="400ms") == 201
+        assert await _register(gw, "b", b.url, ttl="400ms") == 201
+        for _ in range(6):  # keep b alive only
+            await asyncio.sleep(0.15)
+            assert await _register(gw, "b", b.url, ttl="400ms") == 200
+        doc = (await request(gw.admin_port, "GET", "/services/hello")).json()
+        assert [i["id"] for i in doc["instances"]] == ["b"]
+        events = (await request(gw.admin_port, "GET", "/events")).json()["events"]
+        assert any("TTL lapsed" in e["message"] and e.get("instance") == "a" for e in events)
+
+
+async def test_registration_for_unknown_service_creates_it() -> None:
+    async with Upstream("a") as a, GatewayProcess(_config()) as gw:
+        reply = await request(
+            gw.admin_port,
+            "PUT",
+            "/services/fresh/instances/one",
+            json_body={"url": a.url, "ttl": "5s", "metadata": {"zone": "z1"}},
+        )
+        assert reply.status == 201
+        doc = (await request(gw.admin_port, "GET", "/services/fresh")).json()
+        assert doc["instances"][0]["metadata"] == {"zone": "z1"}
+        assert doc["instances"][0]["origin"] == "registered"
+        route = {"match": {"paths": ["/fresh"]}, "service": "fresh", "strip_prefix": True}
+        assert (await request(gw.admin_port, "PUT", "/routes/fresh", json_body=route)).status == 201
+        proxied = await request(gw.port, "GET", "/fresh/echo")
+        assert proxied.status == 200 and proxied.json()["path"] == "/echo"
+
+
+async def test_bad_registrations_are_refused_with_reasons() -> None:
+    async with GatewayProcess(_config()) as gw:
+        port = gw.admin_port
+        cases = [
+            ({"url": f"http://127.0.0.1:{gw.port}"}, 400, "self_reference"),
+            ({"url": f"http://127.0.0.1:{gw.admin_port}"}, 400, "self_reference"),
+            ({"url": "ftp://x:1"}, 400, "invalid_url"),
+            ({"url": "http://127.0.0.1:9", "ttl": "soon"}, 400, "invalid_body"),
+            ({"url": "http://127.0.0.1:9", "weight": -1}, 400, "invalid_body"),
+            ({"url": "http://127.0.0.1:9", "colour": "red"}, 400, "invalid_body"),
+            ({}, 400, "invalid_body"),
+        ]
+        for body, status, code in cases:
+            reply = await request(port, "PUT", "/services/hello/instances/x", json_body=body)
+            assert (reply.status, reply.json()["error"]) == (status, code), body
+        raw = await request(port, "PUT", "/services/hello/instances/x", body=b"{nope")
+        assert raw.status == 400 and raw.json()["error"] == "invalid_json"
+        big = await request(port, "PUT", "/services/hello/instances/x", body=b"x" * (2 << 20))
+        assert big.status == 413
+
+
+async def test_admin_token_is_required_on_every_method() -> None:
+    cfg = _config()
+    cfg["listeners"]["admin"]["token"] = "s3cret-token"
+    async with GatewayProcess(cfg) as gw:
+        for method, path in [
+            ("GET", "/services"),
+            ("GET", "/config"),
+            ("POST", "/config"),
+            ("PUT", "/services/hello/instances/a"),
+            ("DELETE", "/routes/hello"),
+            ("GET", "/healthz"),
+            ("GET", "/nope"),
+        ]:
+            for headers in (
+                {},
+                {"Authorization": "Bearer wrong"},
+                {"Authorization": "s3cret-token"},
+            ):
+                reply = await request(gw.admin_port, method, path, headers=headers, json_body={})
+                assert reply.status == 401, (method, path, headers)
+                assert reply.headers["www-authenticate"].startswith("Bearer")
+        ok = await request(
+            gw.admin_port, "GET", "/services", headers={"Authorization": "Bearer s3cret-token"}
+        )
+        assert ok.status == 200
+        shown = await request(
+            gw.admin_port, "GET", "/config", headers={"Authorization": "Bearer s3cret-token"}
+        )
+        assert "s3cret-token" not in shown.body.decode()
+
+
+async def test_config_etag_dry_run_and_memory_store_says_not_persisted() -> None:
+    async with GatewayProcess(_config()) as gw:
+        current = await request(gw.admin_port, "GET", "/config")
+        assert current.json()["persisted"] is False
+        etag = current.headers["etag"]
+        doc = current.json()["config"]
+        doc["routes"].append({"name": "extra", "match": {"paths": ["/extra"]}, "service": "hello"})
+        dry = await request(
+            gw.admin_port, "POST", "/config?dry_run=true", json_body=doc, headers={"If-Match": etag}
+        )
+        assert dry.status == 200 and dry.json()["dry_run"] is True
+        routes = (await request(gw.admin_port, "GET", "/routes")).json()["routes"]
+        assert [r["name"] for r in routes] == ["hello"]
+        stale = await request(
+            gw.admin_port, "POST", "/config", json_body=doc, headers={"If-Match": '"not-the-etag"'}
+        )
+        assert stale.status == 412
+        applied = await request(
+            gw.admin_port, "POST", "/config", json_body=doc, headers={"If-Match": etag}
+        )
+        assert applied.status == 200
+        routes = (await request(gw.admin_port, "GET", "/routes")).json()["routes"]
+        assert [r["name"] for r in routes] == ["hello", "extra"]
+        bad = dict(doc, routes=[{"name": "x", "service": "nope"}])
+        invalid = await request(gw.admin_port, "POST", "/config", json_body=bad)
+        assert invalid.status == 400 and "unknown service 'nope'" in invalid.json()["message"]
+
+
+async def test_sqlite_store_brings_admin_changes_back_after_restart(tmp_path) -> None:
+    cfg = _config(store=f"sqlite:///{tmp_path}/state.db")
+    async with Upstream("a") as a:
+        async with GatewayProcess(cfg) as gw:
+            svc = {"targets": [a.url]}
+            assert (
+                await request(gw.admin_port, "PUT", "/services/static", json_body=svc)
+            ).status == 201
+            route = {"match": {"paths": ["/static"]}, "service": "static", "strip_prefix": True}
+            assert (
+                await request(gw.admin_port, "PUT", "/routes/static", json_body=route)
+            ).status == 201
+            consumer = {"api_keys": ["k-123"], "groups": ["ops"]}
+            assert (
+                await request(gw.admin_port, "PUT", "/consumers/bob", json_body=consumer)
+            ).status == 201
+            assert (await request(gw.admin_port, "DELETE", "/routes/hello")).status == 200
+        async with GatewayProcess(cfg) as gw:
+            doc = await request(gw.admin_port, "GET", "/config")
+            assert doc.json()["persisted"] is True
+            names = [r["name"] for r in doc.json()["config"]["routes"]]
+            assert names == ["static"]
+            proxied = await request(gw.port, "GET", "/static/echo")
+            assert proxied.status == 200 and proxied.json()["path"] == "/echo"
+            consumers = (await request(gw.admin_port, "GET", "/consumers")).json()["consumers"]
+            assert consumers[0]["name"] == "bob" and "k-123" not in str(consumers)
