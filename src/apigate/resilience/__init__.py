@@ -1,1 +1,1 @@
-
+"""Circuit breaking and retries: protection against failing services."""
