@@ -21,7 +21,7 @@ _BUCKETS = 10
 
 
 class RetryBudget:
-    """Retries allowed ≤ ratio × requests over `window` seconds, plus `min_per_second`."""
+    """Retries allowed ≤ ratio * requests over `window` seconds, plus `min_per_second`."""
 
     def __init__(
         self,
@@ -94,6 +94,6 @@ class RetryPolicy:
         return status in self.statuses
 
     def delay(self, retry_number: int) -> float:
-        """Exponential backoff with full jitter: uniform(0, backoff × 2^(n-1)), capped at 1 s."""
+        """Exponential backoff with full jitter: uniform(0, backoff * 2^(n-1)), capped at 1 s."""
         ceiling = min(self.backoff * (2 ** max(retry_number - 1, 0)), 1.0)
         return random.uniform(0, ceiling)
