@@ -27,6 +27,7 @@ class Instance:
         "expires_at",
         "failures",
         "healthy",
+        "held_out",
         "host",
         "id",
         "in_flight",
@@ -63,6 +64,7 @@ class Instance:
         self.draining = False
         self.in_flight = 0
         self.failures = 0  # consecutive failed requests (passive health)
+        self.held_out = False  # active health checks say unhealthy: passive timers must not readmit
         self.expires_at: float | None = None  # monotonic deadline for a registered TTL
         self.registered_at = time.time()
         # Peak-EWMA state (seconds); 0 means "no sample yet".

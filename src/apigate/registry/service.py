@@ -174,8 +174,8 @@ class Service:
             asyncio.get_running_loop().call_later(passive.eject_for, self._readmit, inst)
 
     def _readmit(self, inst: Instance) -> None:
-        if self.instances.get(inst.id) is not inst or inst.healthy:
-            return
+        if self.instances.get(inst.id) is not inst or inst.healthy or inst.held_out:
+            return  # gone, already back, or kept out by failing active checks
         inst.failures = 0
         inst.healthy = True
         self.refresh()
