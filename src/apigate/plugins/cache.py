@@ -1,0 +1,512 @@
+"""The response cache (`cache`, priority 800): RFC 9111 for a shared cache, with coalescing.
+
+    routes:
+      - name: catalog
+        plugins:
+          cache: {ttl: 30s, max_bytes: 64MiB, max_entry_bytes: 1MiB, stale_if_error: 1m}
+
+Keys: route, GET (HEAD shares GET's entry), path?query, Host, the consumer's name when
+`key_include_consumer`, and the values of the request headers the response's `Vary` names.
+The rules themselves are the pure functions of `cache_rules.py`; the stores are in
+`cache_store.py`. Every response of the route carries `X-Cache: HIT | MISS | BYPASS` (or
+`STALE`, see below) and `ctx.cache_status` holds the same word for the access log.
+
+What is stored is the response as the client received it: the head after every `on_response`
+hook (a lower-priority `response_transform` included, read when the body ends) and the body
+chunks as sent. A hit is answered from `on_request`, so the plugins below this one do not run
+for it; a plugin that makes a response depend on a request header must add that header to
+`Vary` (the CORS plugin adds `Vary: Origin`).
+
+## The hook contract this plugin relies on (the exchange's side)
+
+- `on_request(ctx)` returns a `Response` on a hit (synchronously with the memory store), an
+  awaitable for a coalesced miss or a Redis lookup (it resolves to a `Response` or None), or
+  None to proxy.
+- `on_response(ctx, head)` runs with the upstream head before it is written.
+- `on_response_chunk(ctx, chunk)` runs for every response body chunk, decoded (no chunked
+  framing), exactly as sent to the client (after any `transform_response_body`).
+- `on_response_end(ctx)` runs once when the response is over and *before* `on_log`;
+  `ctx.error is None` there must mean the client received the complete body. If the response
+  was cut off (upstream reset or timeout mid-body, client gone), the exchange sets `ctx.error`
+  first or does not call it at all. Nothing is stored without `on_response_end` and
+  `ctx.error is None`; `on_log` releases coalesced waiters in every case.
+- **replace_response**: after all `on_response` hooks, if `ctx.vars.get("replace_response")`
+  is a `Response`, the exchange discards the upstream response (closing or draining the
+  upstream connection) and sends that `Response` instead, as it does for `ctx.respond`.
+  The cache sets it when the upstream answered 5xx and a stale entry is within its
+  stale-if-error window.
+- **stale_response**: when the exchange is about to answer a gateway error of status >= 500
+  before any response head was sent (connect error, upstream timeout, no healthy instance,
+  open breaker), it calls `ctx.vars.get("stale_response")` if present: a zero-argument callable
+  returning a `Response` (sets `ctx.cache_status = "STALE"` itself) or None when the stale
+  window has passed since; a `Response` is sent instead of the error.
+
+## Coalescing
+
+The first miss for a key becomes the *leader* and goes upstream; concurrent misses for the
+same key wait (at most `coalesce_timeout`) for the leader's outcome and are answered from the
+entry it stored (HIT), or, when it stored nothing (uncacheable, too large, cut off, failed),
+go upstream themselves. A HEAD never leads (its response has no body to store).
+
+## Purge
+
+`await CachePlugin.purge(route=..., prefix=...)` removes the entries of its store whose route
+is `route` and whose path?query starts with `prefix` (None = any) and returns how many keys it
+removed; `await purge_all(route=..., prefix=...)` does it for every live cache store (the admin
+API's `DELETE /cache?route=&prefix=`). Memory stores are shared by the cache plugins of a
+process that have the same `max_bytes` (so they survive reloads); purge by route to target one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pydantic import ConfigDict, field_validator
+
+from apigate.config.errors import ConfigError
+from apigate.config.units import NonNegativeDuration, PositiveDuration, PositiveSize
+from apigate.plugins.base import Plugin, PluginConfig, PluginEnv, Response
+from apigate.plugins.cache_rules import (
+    UNSTORED_FIELDS,
+    RequestPolicy,
+    StorePolicy,
+    is_fresh,
+    not_modified,
+    request_policy,
+    response_policy,
+    stale_usable,
+    vary_names,
+)
+from apigate.plugins.cache_store import (
+    KEY_SEP,
+    VARIANT_SEP,
+    CacheEntry,
+    MemoryStore,
+    RedisCacheStore,
+)
+
+__all__ = ["STATE_KEY", "CacheConfig", "CachePlugin", "live_plugins", "purge_all"]
+
+STATE_KEY = "cache"  # ctx.vars key of the per-request `_State`
+_X_CACHE = {word: (b"X-Cache", word.encode()) for word in ("HIT", "MISS", "BYPASS", "STALE")}
+_NOT_MODIFIED_FIELDS = frozenset(
+    {b"cache-control", b"content-location", b"etag", b"expires", b"vary"}
+)
+_OCTET_STREAM = b"application/octet-stream"
+
+_LIVE: weakref.WeakSet[CachePlugin] = weakref.WeakSet()
+
+
+class CacheConfig(PluginConfig):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ttl: PositiveDuration | None = None  # for responses that give no freshness; None: not stored
+    key_include_consumer: bool = False
+    max_entry_bytes: PositiveSize = 1 << 20
+    max_bytes: PositiveSize = 64 << 20
+    store: str = "memory"  # memory | redis (the top-level redis store) | redis://host:port/db
+    stale_if_error: NonNegativeDuration = 0.0
+    coalesce_timeout: PositiveDuration = 30.0
+    redis_timeout: PositiveDuration = 0.1
+
+    @field_validator("store")
+    @classmethod
+    def _check_store(cls, value: str) -> str:
+        if value in ("memory", "redis") or value.startswith(("redis://", "rediss://")):
+            return value
+        raise ValueError(
+            f"invalid cache store {value!r}: use memory, redis or redis://host:port/db"
+        )
+
+
+class _Flight:
+    """A leader's request in progress; waiters create the future only when they exist."""
+
+    __slots__ = ("future", "key")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.future: asyncio.Future[CacheEntry | None] | None = None
+
+    def __repr__(self) -> str:
+        waiting = "waited on" if self.future is not None else "alone"
+        return f"<Flight {self.key!r} {waiting}>"
+
+
+class _State:
+    """One request's cache bookkeeping, in `ctx.vars["cache"]`."""
+
+    __slots__ = (
+        "auth",
+        "base",
+        "chunks",
+        "flight",
+        "head",
+        "key",
+        "policy",
+        "size",
+        "stale",
+        "started",
+        "store_policy",
+    )
+
+    def __init__(self, base: str, policy: RequestPolicy, auth: bool, started: float) -> None:
+        self.base = base
+        self.key = base  # the variant key once a Vary marker told us the names
+        self.policy = policy
+        self.auth = auth  # carries Authorization (and is not scoped to a consumer's own keys)
+        self.started = started
+        self.flight: _Flight | None = None
+        self.stale: CacheEntry | None = None
+        self.store_policy: StorePolicy | None = None
+        self.head: Any = None
+        self.chunks: list[bytes] | None = None  # collecting the body when not None
+        self.size = 0
+
+
+def _joined(headers: list[tuple[bytes, bytes]], lname: bytes) -> str | None:
+    """All values of a field, comma-joined (Cache-Control and Vary may repeat)."""
+    values = [v for n, v in headers if len(n) == len(lname) and n.lower() == lname]
+    if not values:
+        return None
+    return b", ".join(values).decode("latin-1")
+
+
+def _request_fields(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str | None, bool]:
+    """Cache-Control, Pragma and whether Authorization is present, in one pass over the
+    headers (three `Request.header` scans cost 3x as much on every request of the route)."""
+    cache_control = pragma = None
+    authorization = False
+    for name, value in headers:
+        size = len(name)
+        if size == 13:
+            lname = name.lower()
+            if lname == b"cache-control":
+                text = value.decode("latin-1")
+                cache_control = text if cache_control is None else cache_control + ", " + text
+            elif lname == b"authorization":
+                authorization = True
+        elif size == 6 and name.lower() == b"pragma":
+            pragma = value.decode("latin-1")
+    return cache_control, pragma, authorization
+
+
+def _request_values(req: Any, name: str) -> str:
+    if name == "host":
+        return str(req.host)
+    return ", ".join(v.strip() for v in req.header_values(name))
+
+
+def variant_key(base: str, names: tuple[str, ...], req: Any) -> str:
+    return base + VARIANT_SEP + KEY_SEP.join(_request_values(req, n) for n in names)
+
+
+class CachePlugin(Plugin):
+    name = "cache"
+    priority = 800
+    Config = CacheConfig
+
+    def __init__(self, config: PluginConfig, env: PluginEnv) -> None:
+        super().__init__(config, env)
+        assert isinstance(config, CacheConfig)
+        self.cfg = config
+        self.clock: Callable[[], float] = time.time  # tests move time by replacing this
+        self.store: MemoryStore | RedisCacheStore = self._make_store(config, env)
+        self._flights: dict[str, _Flight] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        _LIVE.add(self)
+
+    @staticmethod
+    def _make_store(config: CacheConfig, env: PluginEnv) -> MemoryStore | RedisCacheStore:
+        if config.store == "memory":
+            key = f"cache:memory:{config.max_bytes}"
+            store = env.shared.get(key)
+            if not isinstance(store, MemoryStore):
+                store = env.shared[key] = MemoryStore(config.max_bytes)
+            return store
+        url = config.store if config.store != "redis" else env.config.store
+        if not url.startswith(("redis://", "rediss://")):
+            raise ConfigError(
+                [
+                    "plugins.cache.store: 'redis' needs a top-level `store: redis://...` "
+                    "(or give the URL here: store: redis://host:6379/0)"
+                ]
+            )
+        from apigate.store.redis import shared_redis
+
+        return RedisCacheStore(shared_redis(env.shared, url), timeout=config.redis_timeout)
+
+    # ------------------------------------------------------------------ request side
+    def on_request(self, ctx: Any) -> Response | Awaitable[Response | None] | None:
+        req = ctx.request
+        cache_control, pragma, authorization = _request_fields(req.headers)
+        policy = request_policy(req.method, cache_control, pragma)
+        if not policy.lookup and not policy.store:
+            ctx.cache_status = "BYPASS"
+            return None
+        consumer = getattr(ctx.consumer, "name", None) if self.cfg.key_include_consumer else None
+        target = req.path + "?" + req.query.decode("latin-1") if req.query else req.path
+        base = KEY_SEP.join((ctx.route.name, "GET", target, req.host, consumer or ""))
+        # A consumer-scoped key is that consumer's own entry: the §3.5 sharing rule is moot.
+        auth = authorization and consumer is None
+        now = self.clock()
+        state = _State(base, policy, auth, now)
+        ctx.vars[STATE_KEY] = state
+        store = self.store
+        if isinstance(store, RedisCacheStore):
+            return self._lookup_async(ctx, state, store)
+        entry = store.get(base, now)
+        if entry is not None and entry.is_marker:
+            state.key = variant_key(base, entry.vary, req)
+            entry = store.get(state.key, now)
+        return self._after_lookup(ctx, state, entry, now)
+
+    async def _lookup_async(
+        self, ctx: Any, state: _State, store: RedisCacheStore
+    ) -> Response | None:
+        now = self.clock()
+        entry = await store.get(state.base, now)
+        if entry is not None and entry.is_marker:
+            state.key = variant_key(state.base, entry.vary, ctx.request)
+            entry = await store.get(state.key, now)
+        outcome = self._after_lookup(ctx, state, entry, now)
+        if outcome is None or isinstance(outcome, Response):
+            return outcome
+        return await outcome
+
+    def _after_lookup(
+        self, ctx: Any, state: _State, entry: CacheEntry | None, now: float
+    ) -> Response | Awaitable[Response | None] | None:
+        policy = state.policy
+        if entry is not None and (entry.auth_ok or not state.auth):
+            age = entry.age(now)
+            if policy.lookup and is_fresh(entry.lifetime, age, policy):
+                return self._hit(ctx, entry, age)
+            if stale_usable(entry.lifetime, age, entry.stale_window):
+                state.stale = entry
+                ctx.vars["stale_response"] = lambda: self._stale_response(ctx, entry)
+        ctx.cache_status = "MISS" if policy.lookup else "BYPASS"
+        flight = self._flights.get(state.key)
+        if flight is not None:
+            return self._wait(ctx, state, flight) if policy.lookup else None
+        if policy.store:
+            state.flight = self._flights[state.key] = _Flight(state.key)
+        return None
+
+    async def _wait(self, ctx: Any, state: _State, flight: _Flight) -> Response | None:
+        future = flight.future
+        if future is None:
+            future = flight.future = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(self.cfg.coalesce_timeout):
+                entry = await asyncio.shield(future)
+        except TimeoutError:
+            return None
+        if entry is None or not (entry.auth_ok or not state.auth):
+            return None
+        wanted = variant_key(state.base, entry.vary, ctx.request) if entry.vary else state.base
+        if entry.key != wanted:
+            return None  # the leader's response varies on a header whose value differs here
+        age = entry.age(self.clock())
+        if not is_fresh(entry.lifetime, age, state.policy):
+            return None
+        return self._hit(ctx, entry, age)
+
+    def _hit(self, ctx: Any, entry: CacheEntry, age: float) -> Response:
+        ctx.cache_status = "HIT"
+        req = ctx.request
+        if (entry.etag is not None or entry.last_modified is not None) and not_modified(
+            req.header("if-none-match"),
+            req.header("if-modified-since"),
+            entry.etag,
+            entry.last_modified,
+        ):
+            kept = [h for h in entry.headers if h[0].lower() in _NOT_MODIFIED_FIELDS]
+            return Response(304, b"", [*kept, (b"Age", b"%d" % int(age)), _X_CACHE["HIT"]])
+        headers = [*entry.headers, (b"Age", b"%d" % int(age)), _X_CACHE["HIT"]]
+        return Response(entry.status, entry.body, headers, entry.content_type or _OCTET_STREAM)
+
+    def _stale_response(self, ctx: Any, entry: CacheEntry) -> Response | None:
+        age = entry.age(self.clock())
+        if not stale_usable(entry.lifetime, age, entry.stale_window):
+            return None
+        ctx.cache_status = "STALE"
+        headers = [*entry.headers, (b"Age", b"%d" % int(age)), _X_CACHE["STALE"]]
+        return Response(entry.status, entry.body, headers, entry.content_type or _OCTET_STREAM)
+
+    # ------------------------------------------------------------------ response side
+    def on_response(self, ctx: Any, head: Any) -> None:
+        word = ctx.cache_status or "BYPASS"
+        head.headers = [h for h in head.headers if h[0].lower() != b"x-cache"]
+        head.headers.append(_X_CACHE.get(word, _X_CACHE["BYPASS"]))
+        state: _State | None = ctx.vars.get(STATE_KEY)
+        if state is None:
+            return
+        if head.status >= 500 and state.stale is not None:
+            stale = self._stale_response(ctx, state.stale)
+            if stale is not None:
+                ctx.vars["replace_response"] = stale
+            return
+        if not state.policy.store:
+            return
+        headers = head.headers
+        policy = response_policy(
+            status=head.status,
+            cache_control=_joined(headers, b"cache-control"),
+            expires=head.header("expires"),
+            date=head.header("date"),
+            age=head.header("age"),
+            vary=_joined(headers, b"vary"),
+            set_cookie=head.header("set-cookie") is not None,
+            authorization=state.auth,
+            default_ttl=self.cfg.ttl,
+            stale_if_error=self.cfg.stale_if_error,
+            now=self.clock(),
+            request_time=state.started,
+        )
+        if policy.store:
+            state.store_policy = policy
+            state.head = head
+            state.chunks = []
+
+    def on_response_chunk(self, ctx: Any, chunk: bytes) -> None:
+        state: _State | None = ctx.vars.get(STATE_KEY)
+        if state is None or state.chunks is None:
+            return
+        state.size += len(chunk)
+        if state.size > self.cfg.max_entry_bytes:
+            state.chunks = None  # too large to keep: stop collecting, store nothing
+        else:
+            state.chunks.append(chunk)
+
+    def on_response_end(self, ctx: Any) -> None:
+        state: _State | None = ctx.vars.get(STATE_KEY)
+        if state is None:
+            return
+        entry = None
+        if state.chunks is not None and ctx.error is None:
+            entry = self._store(ctx, state)
+        state.chunks = None
+        self._release(state, entry)
+
+    def on_log(self, ctx: Any) -> None:
+        state: _State | None = ctx.vars.get(STATE_KEY)
+        if state is not None:
+            state.chunks = None
+            if state.flight is not None:
+                self._release(state, None)
+
+    def _release(self, state: _State, entry: CacheEntry | None) -> None:
+        flight, state.flight = state.flight, None
+        if flight is None:
+            return
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]
+        if flight.future is not None and not flight.future.done():
+            flight.future.set_result(entry)
+
+    def _store(self, ctx: Any, state: _State) -> CacheEntry | None:
+        """Build the entry (and a Vary marker) from the final head and the collected body."""
+        policy, head, chunks = state.store_policy, state.head, state.chunks
+        assert policy is not None and chunks is not None
+        req = ctx.request
+        names = vary_names(_joined(head.headers, b"vary"))  # lower plugins may have added some
+        if names is None:
+            return None
+        content_type: bytes | None = None
+        headers: list[tuple[bytes, bytes]] = []
+        for name, value in head.headers:
+            lname = name.lower()
+            if lname == b"content-type":
+                content_type = value
+            elif lname not in UNSTORED_FIELDS and lname not in policy.strip:
+                headers.append((name, value))
+        key = variant_key(state.base, names, req) if names else state.base
+        route, _, target = state.base.split(KEY_SEP, 3)[:3]
+        now = self.clock()
+        entry = CacheEntry(
+            key=key,
+            route=route,
+            target=target,
+            status=head.status,
+            headers=headers,
+            body=b"".join(chunks),
+            content_type=content_type,
+            stored_at=now,
+            initial_age=policy.initial_age,
+            lifetime=policy.lifetime,
+            stale_window=policy.stale_window,
+            auth_ok=policy.auth_ok,
+            vary=names,
+            etag=head.header("etag"),
+            last_modified=head.header("last-modified"),
+        )
+        marker = None
+        if names:
+            marker = CacheEntry(
+                key=state.base,
+                route=route,
+                target=target,
+                status=0,
+                headers=[],
+                body=b"",
+                content_type=None,
+                stored_at=now,
+                initial_age=policy.initial_age,
+                lifetime=policy.lifetime,
+                stale_window=policy.stale_window,
+                vary=names,
+            )
+        store = self.store
+        if isinstance(store, RedisCacheStore):
+            task = asyncio.get_running_loop().create_task(self._put_async(store, entry, marker))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return entry
+        if marker is not None:
+            old = store.get(state.base, now)
+            if old is None or not old.is_marker or old.retain_until <= marker.retain_until:
+                store.put(marker)
+        return entry if store.put(entry) else None
+
+    async def _put_async(
+        self, store: RedisCacheStore, entry: CacheEntry, marker: CacheEntry | None
+    ) -> None:
+        now = self.clock()
+        if marker is not None:
+            await store.put(marker, now)
+        await store.put(entry, now)
+
+    # ------------------------------------------------------------------ admin
+    async def purge(self, prefix: str | None = None, route: str | None = None) -> int:
+        store = self.store
+        if isinstance(store, RedisCacheStore):
+            return await store.purge(route=route, prefix=prefix)
+        return store.purge(route=route, prefix=prefix)
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def __repr__(self) -> str:
+        return f"<CachePlugin {self.store!r} {len(self._flights)} in flight>"
+
+
+def live_plugins() -> list[CachePlugin]:
+    return list(_LIVE)
+
+
+async def purge_all(route: str | None = None, prefix: str | None = None) -> int:
+    """Purge every live cache store once (stores are shared); returns keys removed."""
+    removed = 0
+    seen: list[object] = []
+    for plugin in live_plugins():
+        if any(plugin.store is store for store in seen):
+            continue
+        seen.append(plugin.store)
+        removed += await plugin.purge(prefix=prefix, route=route)
+    return removed

@@ -1,0 +1,434 @@
+"""Aggregation routes: one request fans out to several services, the JSON answers are merged.
+
+    - name: user-dashboard
+      match: {paths: ["/api/dashboard/{user_id}"]}
+      aggregate:
+        profile: {service: users, path: "/users/{user_id}"}
+        orders: {service: orders, path: "/orders?user={user_id}", optional: true, timeout: 2s}
+
+`GET /api/dashboard/42` calls both parts concurrently and answers
+
+    {"profile": {...}, "orders": [...]}
+
+Part paths are templates: `{name}` is a route path parameter, `{query.NAME}` a query parameter
+of the client's request, `{claim.NAME}` a verified JWT claim (`ctx.vars["jwt_claims"]`); any
+`apigate.plugins.transform.ValueTemplate` source works. Substituted values are percent-encoded
+for where they stand: a path segment before the `?`, a query component after it.
+
+Failures: a part fails on a timeout (its `timeout`), a connect error, a non-2xx status
+(`HTTP 503`), a body that is not JSON (`invalid JSON`), a body over 10 MiB. An `optional` part
+that fails becomes `null` and adds `{"part": ..., "error": ...}` to an `_errors` list; a
+required one fails the request at once (the other calls are cancelled) with 502
+`{"error": "aggregate_failed", "message": "part 'profile' failed: timeout", "request_id": ...}`.
+A template value the request does not carry (no such query parameter or claim) fails a
+required part with 400 and an optional one like any other failure. A 204 from a part is `null`.
+
+Each call goes through the service's balancer and keep-alive pool (the proxy's own pools, so
+connections are reused across parts and plain proxied requests, and passive health sees the
+results); a pooled connection the upstream had just closed is retried once on a new one.
+Only the request id and forwarding headers go to the parts, never the client's credentials.
+The HTTP client is injectable (`fetch=`), so unit tests need no sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from apigate.http.errors import GatewayError
+from apigate.http.headers import VIA_VALUE
+from apigate.http.pool import PoolFull
+from apigate.plugins.base import Response
+from apigate.plugins.transform import ValueTemplate
+from apigate.routing.rewrite import encode_param
+
+if TYPE_CHECKING:
+    from apigate.config.schema import AggregatePartConfig, RouteConfig
+    from apigate.http.upstream import ResponseHead, UpstreamConnection
+    from apigate.registry.service import Service
+
+__all__ = [
+    "MAX_PART_BODY",
+    "Aggregator",
+    "Fetch",
+    "PartError",
+    "PartRequest",
+    "PartResponse",
+    "build_aggregate_handler",
+    "pooled_fetch",
+]
+
+log = logging.getLogger("apigate.proxy.aggregate")
+
+MAX_PART_BODY = 10 << 20
+
+
+@dataclass(slots=True)
+class PartRequest:
+    part: str
+    service: Service
+    method: str
+    target: str  # path?query, already encoded
+    headers: list[tuple[bytes, bytes]]
+    timeout: float
+    max_body: int = MAX_PART_BODY
+
+
+@dataclass(slots=True)
+class PartResponse:
+    status: int
+    body: bytes
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+class PartError(Exception):
+    """A part's call failed; `str(exc)` is the text that goes into `_errors`."""
+
+
+class _MissingInput(Exception):
+    def __init__(self, names: list[str]) -> None:
+        super().__init__("missing " + ", ".join(names))
+        self.names = names
+
+
+Fetch = Callable[[PartRequest], Awaitable[PartResponse]]
+Handler = Callable[[Any], Coroutine[Any, Any, None]]
+
+
+class _Part:
+    """One `aggregate:` entry, its path template parsed once."""
+
+    __slots__ = ("encoders", "method", "name", "optional", "service", "template", "timeout")
+
+    def __init__(self, name: str, config: AggregatePartConfig) -> None:
+        self.name = name
+        self.service = config.service
+        self.optional = config.optional
+        self.timeout = config.timeout
+        self.method = config.method
+        self.template = ValueTemplate(config.path)
+        # A value before the first "?" stays inside a path segment; after it, a query component.
+        self.encoders: list[Callable[[str], str]] = []
+        in_query = False
+        for literal in self.template.literals[:-1]:
+            in_query = in_query or "?" in literal
+            self.encoders.append(_query_component if in_query else encode_param)
+
+    def target(self, ctx: Any) -> str:
+        template = self.template
+        if template.constant:
+            return template.text
+        values = template.values(ctx)
+        missing = [n for n, v in zip(template.names, values, strict=True) if v is None]
+        if missing:
+            raise _MissingInput(missing)
+        parts = [template.literals[0]]
+        for value, encode, literal in zip(
+            values, self.encoders, template.literals[1:], strict=True
+        ):
+            parts += (encode(value or ""), literal)
+        return "".join(parts)
+
+    def __repr__(self) -> str:
+        kind = "optional" if self.optional else "required"
+        return f"<Part {self.name} {self.service}{self.template.text} {kind}>"
+
+
+def _query_component(value: str) -> str:
+    return quote(value, safe="", errors="surrogateescape")
+
+
+class Aggregator:
+    """The handler of one aggregate route: `await aggregator(ctx)` answers the exchange."""
+
+    def __init__(
+        self,
+        route: RouteConfig,
+        services: Mapping[str, Service],
+        loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        fetch: Fetch | None = None,
+        max_body: int = MAX_PART_BODY,
+    ) -> None:
+        if not route.aggregate:
+            raise ValueError(f"route {route.name} has no aggregate parts")
+        self.route = route.name
+        self.services = services
+        self.loop = loop
+        self.fetch: Fetch = fetch if fetch is not None else pooled_fetch
+        self.max_body = max_body
+        self.parts = [_Part(name, part) for name, part in route.aggregate.items()]
+
+    async def __call__(self, ctx: Any) -> None:
+        try:
+            body = await self.aggregate(ctx)
+        except GatewayError as err:
+            ctx.fail(err)
+            return
+        except Exception:
+            log.exception("aggregation failed on route %s", self.route)
+            ctx.fail(GatewayError(500, "aggregation failed", "aggregate_error"))
+            return
+        ctx.respond(Response(200, body))
+
+    async def aggregate(self, ctx: Any) -> bytes:
+        """The merged JSON body; raises GatewayError when a required part fails."""
+        loop = self.loop or asyncio.get_running_loop()
+        tasks = {loop.create_task(self._call(part, ctx)): part for part in self.parts}
+        results: dict[str, bytes | BaseException] = {}
+        pending = set(tasks)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    part = tasks[task]
+                    exc = task.exception()
+                    if exc is not None and not part.optional:
+                        raise _required_failure(part, exc)
+                    results[part.name] = exc if exc is not None else task.result()
+        finally:
+            for task in pending:
+                task.cancel()
+        return self._merge(results)
+
+    def _merge(self, results: dict[str, bytes | BaseException]) -> bytes:
+        """Spliced, not re-serialised: each part's body was validated as UTF-8 JSON."""
+        members: list[bytes] = []
+        errors: list[dict[str, str]] = []
+        for part in self.parts:
+            outcome = results[part.name]
+            if isinstance(outcome, BaseException):
+                errors.append({"part": part.name, "error": _describe(outcome)})
+                raw = b"null"
+            else:
+                raw = outcome
+            members.append(json.dumps(part.name).encode() + b":" + raw)
+        if errors:
+            members.append(b'"_errors":' + json.dumps(errors, separators=(",", ":")).encode())
+        return b"{" + b",".join(members) + b"}"
+
+    async def _call(self, part: _Part, ctx: Any) -> bytes:
+        service = self.services.get(part.service)
+        if service is None:
+            raise PartError(f"unknown service {part.service}")
+        request = PartRequest(
+            part=part.name,
+            service=service,
+            method=part.method,
+            target=part.target(ctx),
+            headers=_part_headers(ctx),
+            timeout=part.timeout,
+            max_body=self.max_body,
+        )
+        try:
+            async with asyncio.timeout(part.timeout):
+                response = await self.fetch(request)
+        except TimeoutError:
+            raise PartError("timeout") from None
+        except (OSError, PoolFull):
+            raise PartError("connect error") from None
+        if not 200 <= response.status < 300:
+            raise PartError(f"HTTP {response.status}")
+        if response.status == 204:
+            return b"null"
+        return _json_bytes(response.body)
+
+    def __repr__(self) -> str:
+        return f"<Aggregator {self.route} {self.parts!r}>"
+
+
+def _json_bytes(body: bytes) -> bytes:
+    try:
+        json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise PartError("invalid JSON") from None
+    return body.strip()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, PartError | _MissingInput):
+        return str(exc)
+    return "internal error"
+
+
+def _required_failure(part: _Part, exc: BaseException) -> GatewayError:
+    if isinstance(exc, _MissingInput):
+        return GatewayError(400, f"part '{part.name}': {exc}", "bad_request")
+    if not isinstance(exc, PartError):
+        log.error("aggregate part %s failed", part.name, exc_info=exc)
+    return GatewayError(502, f"part '{part.name}' failed: {_describe(exc)}", "aggregate_failed")
+
+
+def _part_headers(ctx: Any) -> list[tuple[bytes, bytes]]:
+    req = ctx.request
+    ip = req.client_ip.encode()
+    return [
+        (b"Accept", b"application/json"),
+        (b"X-Request-Id", req.request_id.encode()),
+        (b"X-Forwarded-For", ip),
+        (b"X-Forwarded-Host", req.host.encode("latin-1")),
+        (b"X-Forwarded-Proto", req.scheme.encode()),
+        (b"Via", VIA_VALUE),
+    ]
+
+
+def build_aggregate_handler(
+    route: RouteConfig,
+    services: Mapping[str, Service],
+    loop: asyncio.AbstractEventLoop | None = None,
+    *,
+    fetch: Fetch | None = None,
+) -> Handler:
+    """`Runtime.handlers[route.name]` for a route with `aggregate:` (built once per snapshot)."""
+    return Aggregator(route, services, loop, fetch=fetch)
+
+
+# ------------------------------------------------------------------------------ the client
+
+
+class _Lost(Exception):
+    """The connection closed before the response ended."""
+
+    def __init__(self, got_bytes: bool) -> None:
+        super().__init__("connection reset")
+        self.got_bytes = got_bytes
+
+
+class _PartListener:
+    """Collects one response from a pooled `UpstreamConnection` (an `UpstreamListener`)."""
+
+    __slots__ = ("chunks", "conn", "future", "head", "max_body", "size")
+
+    def __init__(self, conn: UpstreamConnection, max_body: int) -> None:
+        self.conn = conn
+        self.max_body = max_body
+        self.future: asyncio.Future[PartResponse] = conn.loop.create_future()
+        self.head: ResponseHead | None = None
+        self.chunks: list[bytes] = []
+        self.size = 0
+
+    def _fail(self, exc: Exception) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+    def on_response_head(self, head: ResponseHead) -> None:
+        self.head = head
+
+    def on_response_body(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.max_body:
+            self.conn.detach()
+            self.conn.abort()
+            self._fail(PartError("response too large"))
+            return
+        self.chunks.append(chunk)
+
+    def on_response_done(self) -> None:
+        head = self.head
+        if head is None:
+            self._fail(_Lost(True))
+        elif not self.future.done():
+            self.future.set_result(PartResponse(head.status, b"".join(self.chunks), head.headers))
+
+    def on_upstream_lost(self, exc: Exception | None) -> None:
+        self._fail(_Lost(self.conn.got_bytes))
+
+    def on_upstream_timeout(self) -> None:
+        self._fail(PartError("timeout"))
+
+    def on_upgraded(self, extra: bytes) -> None:
+        self.conn.abort()
+        self._fail(PartError("unexpected protocol upgrade"))
+
+    def flush_head(self) -> None:
+        pass
+
+    def upstream_write_paused(self) -> None:
+        pass
+
+    def upstream_write_resumed(self) -> None:
+        pass
+
+
+def _request_bytes(request: PartRequest, host: bytes) -> bytes:
+    parts = [
+        b"%s %s HTTP/1.1\r\nHost: %s\r\n"
+        % (request.method.encode(), request.target.encode("ascii"), host)
+    ]
+    parts += [b"%s: %s\r\n" % (name, value) for name, value in request.headers]
+    if request.method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
+        parts.append(b"Content-Length: 0\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+async def pooled_fetch(request: PartRequest) -> PartResponse:
+    """One call through the service's balancer and pools.
+
+    A connect failure moves on to another instance once; a reused keep-alive connection that
+    turns out closed before any response byte is replaced by a fresh one once.
+    """
+    service = request.service
+    tried: list[Any] = []
+    fresh_retry = True
+    while True:
+        inst = service.balancer.pick(None, tried)
+        if inst is None:
+            raise PartError("connect error" if tried else "no healthy instance")
+        pool = service.pool_for(inst)
+        conn = pool.acquire_idle()
+        reused = conn is not None
+        if conn is None:
+            try:
+                conn = await pool.connect(service.config.timeouts.connect)
+            except PoolFull:
+                raise PartError("connection limit reached") from None
+            except (OSError, TimeoutError):
+                service.report(inst, ok=False)
+                tried.append(inst)
+                if len(tried) >= 2:
+                    raise PartError("connect error") from None
+                continue
+        try:
+            return await _exchange(service, inst, conn, request)
+        except _Lost as lost:
+            if reused and not lost.got_bytes and fresh_retry:
+                fresh_retry = False  # the keep-alive race: the upstream closed it as we reused it
+                continue
+            raise PartError("connection reset") from None
+
+
+async def _exchange(
+    service: Service, inst: Any, conn: UpstreamConnection, request: PartRequest
+) -> PartResponse:
+    listener = _PartListener(conn, request.max_body)
+    loop = conn.loop
+    started = loop.time()
+    service.balancer.on_start(inst)
+    ok = cancelled = False
+    status = 0
+    try:
+        conn.begin(listener, request.method == "HEAD", request.timeout)
+        conn.write(_request_bytes(request, conn.pool.host_header))
+        conn.request_sent = True
+        response = await listener.future
+        status = response.status
+        ok = True
+        return response
+    except asyncio.CancelledError:
+        cancelled = True  # our timeout or a failed sibling part: says nothing about the instance
+        raise
+    finally:
+        if ok:
+            conn.pool.release(conn)
+        else:
+            conn.detach()
+            conn.abort()  # cancelled or broken mid-response: never reuse
+        service.balancer.on_finish(inst, loop.time() - started, ok)
+        if not cancelled:
+            service.report(inst, ok=ok and status < 500, status=status)

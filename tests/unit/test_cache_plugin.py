@@ -1,0 +1,583 @@
+"""The cache plugin's flows with a fake exchange: no sockets, a clock the test moves."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Iterable
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from apigate.config.errors import ConfigError
+from apigate.http.upstream import ResponseHead
+from apigate.plugins.base import Response
+from apigate.plugins.cache import CachePlugin, live_plugins, purge_all
+from apigate.plugins.cache_store import RedisCacheStore
+from tests.unit.test_cache_store import FakeRedis
+from tests.unit.test_plugin_fakes import build, make_env, make_request
+
+T0 = 1_700_000_000.0
+
+
+class Ctx:
+    """What the cache reads and writes on `ProxyExchange`."""
+
+    def __init__(self, method: str = "GET", path: str = "/items", route: str = "r", **kw: Any):
+        self.request = make_request(method, path, **kw)
+        self.request.host = "example.com"
+        self.route = SimpleNamespace(name=route)
+        self.consumer: Any = None
+        self.vars: dict[str, Any] = {}
+        self.params: dict[str, str] = {}
+        self.cache_status: str | None = None
+        self.error: str | None = None
+        self.status = 0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def cache(**config: Any) -> tuple[CachePlugin, Clock]:
+    plugin: CachePlugin = build("cache", config)
+    clock = Clock()
+    plugin.clock = clock
+    return plugin, clock
+
+
+def upstream(
+    plugin: CachePlugin,
+    ctx: Ctx,
+    *,
+    status: int = 200,
+    headers: Iterable[tuple[bytes, bytes]] = ((b"Cache-Control", b"max-age=60"),),
+    chunks: Iterable[bytes] = (b'{"n":', b"1}"),
+    error: str | None = None,
+) -> ResponseHead:
+    """What the exchange does for a proxied response: on_response, chunks, end, log."""
+    head = ResponseHead()
+    head.status = status
+    head.headers = [(b"Content-Type", b"application/json"), *headers]
+    plugin.on_response(ctx, head)
+    for chunk in chunks:
+        plugin.on_response_chunk(ctx, chunk)
+    ctx.error = error
+    plugin.on_response_end(ctx)
+    plugin.on_log(ctx)
+    return head
+
+
+def hit(outcome: Any) -> Response:
+    assert isinstance(outcome, Response), outcome
+    return outcome
+
+
+def header(response: Response | ResponseHead, name: bytes) -> bytes | None:
+    for n, v in response.headers:
+        if n.lower() == name.lower():
+            return v
+    return None
+
+
+# ------------------------------------------------------------------------------ basic flow
+
+
+def test_miss_then_store_then_hit_with_age() -> None:
+    plugin, clock = cache()
+    first = Ctx()
+    assert plugin.on_request(first) is None
+    assert first.cache_status == "MISS"
+    head = upstream(
+        plugin,
+        first,
+        headers=[
+            (b"Cache-Control", b"max-age=60"),
+            (b"Date", b"x"),
+            (b"Server", b"up"),
+            (b"ETag", b'"v1"'),
+        ],
+    )
+    assert header(head, b"x-cache") == b"MISS"
+    clock.now += 7
+    second = Ctx()
+    response = hit(plugin.on_request(second))
+    assert second.cache_status == "HIT"
+    assert response.status == 200 and response.body == b'{"n":1}'
+    assert response.content_type == b"application/json"
+    assert header(response, b"age") == b"7"
+    assert header(response, b"x-cache") == b"HIT"
+    assert header(response, b"etag") == b'"v1"'
+    assert header(response, b"date") is None and header(response, b"server") is None
+
+
+def test_head_is_answered_from_the_get_entry_but_never_stored() -> None:
+    plugin, _ = cache()
+    head_ctx = Ctx("HEAD")
+    assert plugin.on_request(head_ctx) is None
+    upstream(plugin, head_ctx, chunks=())
+    get_ctx = Ctx()
+    assert plugin.on_request(get_ctx) is None  # the HEAD response was not stored
+    upstream(plugin, get_ctx)
+    assert hit(plugin.on_request(Ctx("HEAD"))).body == b'{"n":1}'  # the exchange drops it
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE"])
+def test_unsafe_methods_bypass(method: str) -> None:
+    plugin, _ = cache()
+    ctx = Ctx(method)
+    assert plugin.on_request(ctx) is None
+    assert ctx.cache_status == "BYPASS"
+    assert header(upstream(plugin, ctx), b"x-cache") == b"BYPASS"
+    assert plugin.on_request(Ctx()) is None  # nothing stored for GET
+
+
+def test_upstream_x_cache_is_replaced() -> None:
+    plugin, _ = cache()
+    ctx = Ctx()
+    plugin.on_request(ctx)
+    head = upstream(
+        plugin, ctx, headers=[(b"X-Cache", b"HIT from cdn"), (b"Cache-Control", b"max-age=5")]
+    )
+    assert [v for n, v in head.headers if n.lower() == b"x-cache"] == [b"MISS"]
+
+
+def test_expired_entry_is_a_miss() -> None:
+    plugin, clock = cache()
+    ctx = Ctx()
+    plugin.on_request(ctx)
+    upstream(plugin, ctx)
+    clock.now += 60
+    assert plugin.on_request(Ctx()) is None
+
+
+def test_request_no_cache_bypasses_and_refreshes() -> None:
+    plugin, _ = cache()
+    ctx = Ctx()
+    plugin.on_request(ctx)
+    upstream(plugin, ctx, chunks=[b"old"])
+    refresh = Ctx(headers=[("Cache-Control", "no-cache")])
+    assert plugin.on_request(refresh) is None
+    assert refresh.cache_status == "BYPASS"
+    upstream(plugin, refresh, chunks=[b"new"])
+    assert hit(plugin.on_request(Ctx())).body == b"new"
+
+
+def test_request_no_store_neither_serves_nor_stores() -> None:
+    plugin, _ = cache()
+    ctx = Ctx()
+    plugin.on_request(ctx)
+    upstream(plugin, ctx, chunks=[b"old"])
+    nostore = Ctx(headers=[("Cache-Control", "no-store")])
+    assert plugin.on_request(nostore) is None and nostore.cache_status == "BYPASS"
+    upstream(plugin, nostore, chunks=[b"new"])
+    assert hit(plugin.on_request(Ctx())).body == b"old"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"Cache-Control", b"no-store")],
+        [(b"Cache-Control", b"private, max-age=60")],
+        [(b"Cache-Control", b"no-cache, max-age=60")],
+        [(b"Cache-Control", b"max-age=60"), (b"Vary", b"*")],
+        [(b"Cache-Control", b"max-age=60"), (b"Set-Cookie", b"sid=1")],
+        [],  # no freshness information and no ttl
+    ],
+)
+def test_responses_that_are_not_stored(headers: list[tuple[bytes, bytes]]) -> None:
+    plugin, _ = cache()
+    ctx = Ctx()
+    plugin.on_request(ctx)
+    upstream(plugin, ctx, headers=headers)
+    assert plugin.on_request(Ctx()) is None
+
+
+def test_route_ttl_for_silent_responses() -> None:
+    plugin, clock = cache(ttl="30s")
+    ctx = Ctx()
+    plugin.on_request(ctx)
+    upstream(plugin, ctx, headers=[])
+    clock.now += 29
+    assert hit(plugin.on_request(Ctx())).status == 200
+    clock.now += 2
+    assert plugin.on_request(Ctx()) is None
+
+
+def test_s_maxage_and_status_404_are_cached() -> None:
+    plugin, clock = cache()
+    ctx = Ctx()
+    plugin.on_request(ctx)
+    upstream(plugin, ctx, status=404, headers=[(b"Cache-Control", b"max-age=1, s-maxage=100")])
+    clock.now += 50
+    assert hit(plugin.on_request(Ctx())).status == 404
+
+
+def test_500_is_not_cached() -> None:
+    plugin, _ = cache(ttl="30s")
+    ctx = Ctx()
+    plugin.on_request(ctx)
+    upstream(plugin, ctx, status=500)
+    assert plugin.on_request(Ctx()) is None
+
+
+def test_key_covers_query_host_and_route() -> None:
+    plugin, _ = cache()
+    ctx = Ctx(query=b"page=1")
+    plugin.on_request(ctx)
+    upstream(plugin, ctx)
+    assert hit(plugin.on_request(Ctx(query=b"page=1"))).status == 200
+    assert plugin.on_request(Ctx(query=b"page=2")) is None
+    assert plugin.on_request(Ctx(route="other", query=b"page=1")) is None
+    other_host = Ctx(query=b"page=1")
+    other_host.request.host = "other.example.com"
+    assert plugin.on_request(other_host) is None
+
+
+def test_qualified_private_field_is_not_stored() -> None:
+    plugin, _ = cache()
+    ctx = Ctx()
+    plugin.on_request(ctx)
+    upstream(
+        plugin,
+        ctx,
+        headers=[
+            (b"Cache-Control", b'max-age=60, private="X-User"'),
+            (b"X-User", b"alice"),
+            (b"X-Public", b"yes"),
+        ],
+    )
+    response = hit(plugin.on_request(Ctx()))
+    assert header(response, b"x-user") is None and header(response, b"x-public") == b"yes"
+
+
+def test_stores_the_head_as_later_hooks_left_it() -> None:
+    plugin, _ = cache()
+    ctx = Ctx()
+    plugin.on_request(ctx)
+    head = ResponseHead()
+    head.status = 200
+    head.headers = [(b"Cache-Control", b"max-age=60")]
+    plugin.on_response(ctx, head)
+    head.headers = [*head.headers, (b"X-Transformed", b"1")]  # response_transform runs later
+    plugin.on_response_chunk(ctx, b"body")
+    plugin.on_response_end(ctx)
+    response = hit(plugin.on_request(Ctx()))
+    assert header(response, b"x-transformed") == b"1"
+    assert response.content_type == b"application/octet-stream"  # the upstream named none
+
+
+# ------------------------------------------------------------------------------ integrity
+
+
+def test_a_truncated_body_is_never_stored() -> None:
+    plugin, _ = cache()
+    ctx = Ctx()
+    plugin.on_request(ctx)
+    upstream(plugin, ctx, chunks=[b"partial"], error="upstream closed mid-response")
+    assert plugin.on_request(Ctx()) is None
+
+
+def test_without_on_response_end_nothing_is_stored() -> None:
+    plugin, _ = cache()
+    ctx = Ctx()
+    plugin.on_request(ctx)
+    head = ResponseHead()
+    head.status = 200
+    head.headers = [(b"Cache-Control", b"max-age=60")]
+    plugin.on_response(ctx, head)
+    plugin.on_response_chunk(ctx, b"partial")
+    plugin.on_log(ctx)  # the client went away: the exchange ended without on_response_end
+    assert plugin.on_request(Ctx()) is None
+
+
+def test_an_entry_over_max_entry_bytes_is_not_stored() -> None:
+    plugin, _ = cache(max_entry_bytes=10)
+    ctx = Ctx()
+    plugin.on_request(ctx)
+    upstream(plugin, ctx, chunks=[b"123456", b"789012"])
+    assert plugin.on_request(Ctx()) is None
+
+
+# ------------------------------------------------------------------------------ Vary
+
+
+def test_vary_keeps_one_entry_per_header_value() -> None:
+    plugin, _ = cache()
+    vary = [(b"Cache-Control", b"max-age=60"), (b"Vary", b"Accept-Language")]
+
+    def lang(value: str) -> Ctx:
+        return Ctx(headers=[("Accept-Language", value)])
+
+    en = lang("en")
+    plugin.on_request(en)
+    upstream(plugin, en, headers=vary, chunks=[b"hello"])
+    assert hit(plugin.on_request(lang("en"))).body == b"hello"
+    fr = lang("fr")
+    assert plugin.on_request(fr) is None
+    upstream(plugin, fr, headers=vary, chunks=[b"bonjour"])
+    assert hit(plugin.on_request(lang("fr"))).body == b"bonjour"
+    assert hit(plugin.on_request(lang("en"))).body == b"hello"
+    assert plugin.on_request(Ctx()) is None  # no Accept-Language is a third variant
+
+
+# ------------------------------------------------------------------------------ Authorization
+
+
+def test_authorized_requests_are_not_shared_by_default() -> None:
+    plugin, _ = cache()
+    ctx = Ctx(headers=[("Authorization", "Bearer a")])
+    plugin.on_request(ctx)
+    upstream(plugin, ctx, chunks=[b"alice's"])
+    assert plugin.on_request(Ctx()) is None
+
+
+def test_public_response_to_an_authorized_request_is_shared() -> None:
+    plugin, _ = cache()
+    ctx = Ctx(headers=[("Authorization", "Bearer a")])
+    plugin.on_request(ctx)
+    upstream(plugin, ctx, headers=[(b"Cache-Control", b"public, max-age=60")])
+    assert hit(plugin.on_request(Ctx(headers=[("Authorization", "Bearer b")]))).status == 200
+    assert hit(plugin.on_request(Ctx())).status == 200
+
+
+def test_an_anonymous_entry_is_not_served_to_an_authorized_request() -> None:
+    plugin, _ = cache()
+    ctx = Ctx()
+    plugin.on_request(ctx)
+    upstream(plugin, ctx)
+    authorized = Ctx(headers=[("Authorization", "Bearer a")])
+    assert plugin.on_request(authorized) is None and authorized.cache_status == "MISS"
+
+
+def test_key_include_consumer_keeps_consumers_apart() -> None:
+    plugin, _ = cache(key_include_consumer=True)
+
+    def as_consumer(name: str) -> Ctx:
+        ctx = Ctx(headers=[("Authorization", "Bearer " + name)])
+        ctx.consumer = SimpleNamespace(name=name)
+        return ctx
+
+    alice = as_consumer("alice")
+    plugin.on_request(alice)
+    upstream(plugin, alice, chunks=[b"alice's"])  # consumer-scoped: stored despite Authorization
+    assert hit(plugin.on_request(as_consumer("alice"))).body == b"alice's"
+    assert plugin.on_request(as_consumer("bob")) is None
+
+
+# ------------------------------------------------------------------------------ conditionals
+
+
+def test_conditional_hit_answers_304() -> None:
+    plugin, _ = cache()
+    ctx = Ctx()
+    plugin.on_request(ctx)
+    upstream(
+        plugin,
+        ctx,
+        headers=[(b"Cache-Control", b"max-age=60"), (b"ETag", b'"v1"'), (b"X-Other", b"1")],
+    )
+    response = hit(plugin.on_request(Ctx(headers=[("If-None-Match", '"v1"')])))
+    assert response.status == 304 and response.body == b""
+    assert header(response, b"etag") == b'"v1"' and header(response, b"x-other") is None
+    assert hit(plugin.on_request(Ctx(headers=[("If-None-Match", '"v0"')]))).status == 200
+
+
+# ------------------------------------------------------------------------------ stale-if-error
+
+
+def test_stale_entry_replaces_an_upstream_5xx_within_the_window() -> None:
+    plugin, clock = cache(stale_if_error="1m")
+    ctx = Ctx()
+    plugin.on_request(ctx)
+    upstream(plugin, ctx, chunks=[b"good"])
+    clock.now += 90  # stale for 30 s, within the 60 s window
+    failing = Ctx()
+    assert plugin.on_request(failing) is None and failing.cache_status == "MISS"
+    upstream(plugin, failing, status=503, headers=[], chunks=[b"down"])
+    replacement = failing.vars["replace_response"]
+    assert isinstance(replacement, Response) and replacement.body == b"good"
+    assert header(replacement, b"x-cache") == b"STALE" and header(replacement, b"age") == b"90"
+    assert failing.cache_status == "STALE"
+
+
+def test_stale_response_callable_for_gateway_errors() -> None:
+    plugin, clock = cache(stale_if_error="1m")
+    ctx = Ctx()
+    plugin.on_request(ctx)
+    upstream(plugin, ctx, chunks=[b"good"])
+    clock.now += 70
+    failing = Ctx()
+    plugin.on_request(failing)
+    stale = failing.vars["stale_response"]
+    assert hit(stale()).body == b"good" and failing.cache_status == "STALE"
+    clock.now += 60  # the window has passed while the upstream hung
+    assert stale() is None
+
+
+def test_no_stale_beyond_the_window_or_without_configuration() -> None:
+    plugin, clock = cache(stale_if_error="10s")
+    ctx = Ctx()
+    plugin.on_request(ctx)
+    upstream(plugin, ctx)
+    clock.now += 71
+    late = Ctx()
+    plugin.on_request(late)
+    upstream(plugin, late, status=503, headers=[])
+    assert "replace_response" not in late.vars and "stale_response" not in late.vars
+    plain, clock2 = cache()
+    ctx = Ctx()
+    plain.on_request(ctx)
+    upstream(plain, ctx)
+    clock2.now += 61
+    assert plain.on_request(Ctx()) is None
+
+
+def test_must_revalidate_forbids_stale_if_error() -> None:
+    plugin, clock = cache(stale_if_error="1m")
+    ctx = Ctx()
+    plugin.on_request(ctx)
+    upstream(plugin, ctx, headers=[(b"Cache-Control", b"max-age=60, must-revalidate")])
+    clock.now += 61
+    failing = Ctx()
+    plugin.on_request(failing)
+    assert "stale_response" not in failing.vars
+
+
+# ------------------------------------------------------------------------------ coalescing
+
+
+async def test_100_concurrent_misses_make_one_upstream_request() -> None:
+    plugin, _ = cache()
+    contexts = [Ctx() for _ in range(100)]
+    outcomes = [plugin.on_request(ctx) for ctx in contexts]
+    leaders = [ctx for ctx, outcome in zip(contexts, outcomes, strict=True) if outcome is None]
+    assert len(leaders) == 1
+    waiting = [asyncio.ensure_future(o) for o in outcomes if inspect.isawaitable(o)]
+    assert len(waiting) == 99
+    await asyncio.sleep(0)
+    upstream(plugin, leaders[0], chunks=[b"shared"])
+    answers = await asyncio.gather(*waiting)
+    assert all(isinstance(a, Response) and a.body == b"shared" for a in answers)
+    assert sum(1 for ctx in contexts if ctx.cache_status == "HIT") == 99
+    assert repr(plugin).endswith("0 in flight>")
+
+
+@pytest.mark.parametrize(
+    "leader_ends",
+    [
+        pytest.param({"headers": [(b"Cache-Control", b"no-store")]}, id="uncacheable"),
+        pytest.param({"error": "upstream closed mid-response"}, id="truncated"),
+        pytest.param({"status": 502, "headers": []}, id="failed"),
+    ],
+)
+async def test_waiters_go_upstream_themselves_when_the_leader_stores_nothing(
+    leader_ends: dict[str, Any],
+) -> None:
+    plugin, _ = cache()
+    leader, follower = Ctx(), Ctx()
+    assert plugin.on_request(leader) is None
+    waiting = asyncio.ensure_future(plugin.on_request(follower))  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    upstream(plugin, leader, **leader_ends)
+    assert await waiting is None
+    assert follower.cache_status == "MISS"
+
+
+async def test_waiters_are_released_when_the_leader_never_got_a_response() -> None:
+    plugin, _ = cache()
+    leader, follower = Ctx(), Ctx()
+    plugin.on_request(leader)
+    waiting = asyncio.ensure_future(plugin.on_request(follower))  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    plugin.on_log(leader)  # e.g. connect error: the exchange only logs
+    assert await waiting is None
+
+
+async def test_coalescing_wait_is_bounded() -> None:
+    plugin, _ = cache(coalesce_timeout="50ms")
+    plugin.on_request(Ctx())
+    outcome = plugin.on_request(Ctx())
+    assert inspect.isawaitable(outcome)
+    assert await outcome is None
+
+
+async def test_a_waiter_with_a_different_vary_value_proceeds() -> None:
+    plugin, _ = cache()
+    en = Ctx(headers=[("Accept-Language", "en")])
+    fr = Ctx(headers=[("Accept-Language", "fr")])
+    plugin.on_request(en)
+    waiting = asyncio.ensure_future(plugin.on_request(fr))  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    upstream(plugin, en, headers=[(b"Cache-Control", b"max-age=60"), (b"Vary", b"Accept-Language")])
+    assert await waiting is None
+
+
+def test_head_does_not_lead() -> None:
+    plugin, _ = cache()
+    plugin.on_request(Ctx("HEAD"))
+    assert plugin.on_request(Ctx()) is None  # a GET arriving next leads its own request
+
+
+# ------------------------------------------------------------------------------ purge, config
+
+
+async def test_purge_by_route_and_prefix() -> None:
+    plugin, _ = cache()
+    for route, path in [("a", "/users/1"), ("a", "/users/2"), ("a", "/orders"), ("b", "/users/1")]:
+        ctx = Ctx(path=path, route=route)
+        plugin.on_request(ctx)
+        upstream(plugin, ctx)
+    assert await plugin.purge(route="a", prefix="/users/") == 2
+    assert plugin.on_request(Ctx(path="/users/1", route="a")) is None
+    assert hit(plugin.on_request(Ctx(path="/users/1", route="b"))).status == 200
+    assert plugin in live_plugins()
+    assert await purge_all(route="b") == 1
+    assert hit(plugin.on_request(Ctx(path="/orders", route="a"))).status == 200
+
+
+def test_memory_store_is_shared_across_rebuilds_with_one_env() -> None:
+    env = make_env()
+    first: CachePlugin = build("cache", {}, env)
+    second: CachePlugin = build("cache", {}, env)
+    assert first.store is second.store
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"store": "memcached"}, "invalid cache store"),
+        ({"tll": "1s"}, "did you mean 'ttl'"),
+        ({"store": "redis"}, "needs a top-level"),
+    ],
+)
+def test_config_errors(raw: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        build("cache", raw)
+    assert message in str(err.value.errors)
+
+
+async def test_redis_store_flow() -> None:
+    plugin, clock = cache()
+    fake = FakeRedis()
+    plugin.store = RedisCacheStore(fake)  # type: ignore[arg-type]
+    ctx = Ctx()
+    lookup = plugin.on_request(ctx)
+    assert inspect.isawaitable(lookup) and await lookup is None
+    upstream(plugin, ctx, headers=[(b"Cache-Control", b"max-age=60"), (b"Vary", b"Accept")])
+    await plugin.close()  # waits for the background SET
+    assert len(fake.data) == 2  # the Vary marker and the variant
+    clock.now += 3
+    second = Ctx()
+    outcome = plugin.on_request(second)
+    assert inspect.isawaitable(outcome)
+    response = hit(await outcome)
+    assert header(response, b"age") == b"3" and second.cache_status == "HIT"
+    fake.down = True
+    outage = plugin.on_request(Ctx())
+    assert inspect.isawaitable(outage) and await outage is None  # fail open: a miss
