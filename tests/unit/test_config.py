@@ -1180,3 +1180,35 @@ def test_round_trip_of_odd_values() -> None:
     assert dumped["limits"]["max_body_bytes"] == 1234567
     assert dumped["plugins"] == {"x": {"literal": "${NOT_INTERPOLATED}"}}
     assert parse_config(dumped) == cfg
+
+
+def test_aggregate_paths_may_read_query_and_claims_but_rewrites_may_not() -> None:
+    base = {
+        "services": {"users": {}, "orders": {}},
+        "routes": [
+            {
+                "name": "dash",
+                "match": {"paths": ["/dash/{user_id}"]},
+                "aggregate": {
+                    "profile": {"service": "users", "path": "/users/{user_id}?t={claim.tenant}"},
+                    "orders": {"service": "orders", "path": "/orders?page={query.page}"},
+                },
+            }
+        ],
+    }
+    cfg = parse_config(base)
+    assert cfg.routes[0].aggregate is not None
+    bad = {
+        **base,
+        "routes": [
+            {
+                "name": "r",
+                "match": {"paths": ["/x"]},
+                "service": "users",
+                "rewrite": "/y/{claim.sub}",
+            }
+        ],
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_config(bad)
+    assert "routes[0].rewrite" in str(info.value)

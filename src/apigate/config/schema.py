@@ -75,6 +75,7 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token: methods,
 _HOST_LABEL = r"[a-z0-9_](?:[a-z0-9_\-]*[a-z0-9_])?"
 _HOSTNAME = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?")
 _TEMPLATE_PARAM = re.compile(r"\{([^{}]*)\}")
+_SOURCED_PARAM = re.compile(r"(query|claim)\.[A-Za-z0-9_.:\-]+")
 _FORBIDDEN_PATH_CHARS = re.compile(r"[\s?#\x00-\x1f\x7f]")
 
 
@@ -588,14 +589,24 @@ def parse_path_pattern(pattern: str) -> PathPattern:
     return PathPattern(path, exact, tuple(params))
 
 
-def template_params(template: str) -> tuple[str, ...]:
-    """Names used as "{name}" in a rewrite or aggregate path; raises ValueError if malformed."""
+def template_params(template: str, *, sources: bool = False) -> tuple[str, ...]:
+    """Names used as "{name}" in a rewrite or aggregate path; raises ValueError if malformed.
+
+    With `sources`, aggregate paths may also read `{query.NAME}` and `{claim.NAME}`.
+    """
     if not template.startswith("/"):
         raise ValueError(f"invalid path template {template!r}: must start with '/'")
     names = tuple(_TEMPLATE_PARAM.findall(template))
     leftover = _TEMPLATE_PARAM.sub("", template)
-    if "{" in leftover or "}" in leftover or not all(_IDENTIFIER.fullmatch(n) for n in names):
-        raise ValueError(f"invalid path template {template!r}: use {{name}} for parameters")
+
+    def ok(name: str) -> bool:
+        if _IDENTIFIER.fullmatch(name):
+            return True
+        return sources and _SOURCED_PARAM.fullmatch(name) is not None
+
+    if "{" in leftover or "}" in leftover or not all(ok(n) for n in names):
+        hint = "{name}, {query.NAME} or {claim.NAME}" if sources else "{name}"
+        raise ValueError(f"invalid path template {template!r}: use {hint} for parameters")
     return names
 
 
@@ -616,6 +627,17 @@ def _check_template(value: str) -> str:
 
 
 PathTemplate = Annotated[str, AfterValidator(_check_template)]
+
+
+def _check_aggregate_template(value: str) -> str:
+    try:
+        template_params(value, sources=True)
+    except ValueError as exc:
+        raise _fail("invalid_template", str(exc)) from None
+    return value
+
+
+AggregatePathTemplate = Annotated[str, AfterValidator(_check_aggregate_template)]
 
 
 class MatchConfig(StrictModel):
@@ -653,7 +675,7 @@ class MatchConfig(StrictModel):
 
 class AggregatePartConfig(StrictModel):
     service: str
-    path: PathTemplate
+    path: AggregatePathTemplate
     optional: bool = False
     timeout: PositiveDuration = 5.0
     method: Method = "GET"
@@ -681,15 +703,20 @@ class RouteConfig(StrictModel):
         if self.rewrite is not None:
             problems += self._param_problems(("rewrite",), self.rewrite)
         for part_name, part in (self.aggregate or {}).items():
-            problems += self._param_problems(("aggregate", part_name, "path"), part.path)
+            problems += self._param_problems(
+                ("aggregate", part_name, "path"), part.path, sources=True
+            )
         if problems:
             raise located_error(type(self).__name__, problems)
         return self
 
-    def _param_problems(self, loc: Loc, template: str) -> list[tuple[Loc, str]]:
+    def _param_problems(
+        self, loc: Loc, template: str, *, sources: bool = False
+    ) -> list[tuple[Loc, str]]:
+        path_params = [n for n in template_params(template, sources=sources) if "." not in n]
         return [
             (loc, f"parameter {{{name}}} is not captured by the match path {path!r}")
-            for path, name in self.match.missing_params(template_params(template))
+            for path, name in self.match.missing_params(tuple(path_params))
         ]
 
 
