@@ -1,0 +1,99 @@
+"""Benchmark scenarios: the extension point of bench/run.py.
+
+A scenario is a function `Env -> Spec` registered with `@scenario("name")`. It returns apigate's
+whole config file, the nginx location blocks that do the same job, and the request paths to
+measure. Its docstring is its description. run.py calls it once per proxy (each proxy gets its
+own port and scratch directory), so it must be a pure function of `env`. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Env:
+    """What a scenario needs to write its configs."""
+
+    proxy_port: int  # the port the proxy under test listens on (apigate's config needs it)
+    upstream_port: int  # the upstream nginx answering 200 "Hello, World!" on every path
+    workdir: Path  # a private, empty directory for files the scenario writes (keys, cache)
+
+    @property
+    def upstream_url(self) -> str:
+        return f"http://127.0.0.1:{self.upstream_port}"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Both proxies' configs for one scenario and the requests that measure them."""
+
+    apigate_yaml: str  # apigate's whole config file
+    nginx_server: str  # inside nginx's server {} block after `listen`; upstream `up` exists
+    paths: tuple[str, ...] = ("/",)  # each path is measured on its own (a "variant")
+    nginx_http: str = ""  # extra http {}-level nginx directives (proxy_cache_path, map, ...)
+    headers: tuple[str, ...] = ()  # request headers wrk sends, e.g. "Authorization: Bearer x"
+
+
+ScenarioFn = Callable[[Env], Spec]
+SCENARIOS: dict[str, ScenarioFn] = {}
+
+
+def scenario(name: str) -> Callable[[ScenarioFn], ScenarioFn]:
+    """Register a scenario function under `name` (the name --scenarios takes)."""
+
+    def register(fn: ScenarioFn) -> ScenarioFn:
+        if name in SCENARIOS:
+            raise ValueError(f"scenario {name!r} is registered twice")
+        SCENARIOS[name] = fn
+        return fn
+
+    return register
+
+
+def apigate_yaml(env: Env, routes: Iterable[str], extra: str = "") -> str:
+    """An apigate config: proxy listener on env.proxy_port, no admin, service `up`, `routes`.
+
+    Each route is one YAML flow mapping (see route()). `extra` is appended at the top level,
+    e.g. 'plugins:\\n  access_log: {format: json}\\n'.
+    """
+    head = (
+        "version: 1\n"
+        "listeners:\n"
+        f'  proxy: {{address: "127.0.0.1:{env.proxy_port}"}}\n'
+        "  admin: null\n"
+        "services:\n"
+        f'  up: {{targets: ["{env.upstream_url}"]}}\n'
+        "routes:\n"
+    )
+    return head + "".join(f"  - {r}\n" for r in routes) + extra
+
+
+def route(name: str, prefix: str, extra: str = "") -> str:
+    """One apigate route to service `up`; `extra` adds keys: ', plugins: {cache: {ttl: 30s}}'."""
+    return f'{{name: {name}, match: {{paths: ["{prefix}"]}}, service: up{extra}}}'
+
+
+def nginx_location(prefix: str, extra: str = "") -> str:
+    """One nginx prefix location proxying to the keep-alive upstream block `up`.
+
+    `extra` holds directives placed before proxy_pass, e.g. 'proxy_cache c; '.
+    """
+    return f"        location {prefix} {{ {extra}proxy_pass http://up; }}\n"
+
+
+@scenario("plain")
+def plain(env: Env) -> Spec:
+    """One route `/` to one upstream: the bare cost of proxying a request."""
+    return Spec(apigate_yaml(env, [route("plain", "/")]), nginx_location("/"))
+
+
+@scenario("routes10k")
+def routes10k(env: Env) -> Spec:
+    """10,000 routes (/r00001 ... /r09999 and `/`); requests to `/` and to /r05000/x."""
+    prefixes = [f"/r{i:05d}" for i in range(1, 10_000)]
+    routes = [route(p[1:], p) for p in prefixes] + [route("plain", "/")]
+    nginx = "".join(nginx_location(p) for p in prefixes) + nginx_location("/")
+    return Spec(apigate_yaml(env, routes), nginx, paths=("/", "/r05000/x"))
