@@ -46,7 +46,9 @@ class ConfigStore:
 
     def merge(self, file_doc: dict[str, Any]) -> dict[str, Any]:
         """The effective config document: base (POSTed or file) plus the overlay."""
-        doc: dict[str, Any] = json.loads(json.dumps(self.base if self.base is not None else file_doc))
+        doc: dict[str, Any] = json.loads(
+            json.dumps(self.base if self.base is not None else file_doc)
+        )
         for (kind, name), entity in self.overlay.items():
             if kind == "services":
                 services = doc.setdefault("services", {}) or {}

@@ -1,0 +1,199 @@
+"""Cross-origin resource sharing (`cors`), answered by the gateway.
+
+- A preflight (OPTIONS with Origin and Access-Control-Request-Method) never reaches the
+  upstream: an allowed origin, method and header set gets a 204 with the Access-Control-Allow-*
+  headers; anything else gets a 403.
+- An actual request from an allowed origin gets `Access-Control-Allow-Origin: <its origin>`,
+  `Vary: Origin` and, if configured, credentials and exposed headers, added to the upstream's
+  response (replacing any the upstream sent). A disallowed origin gets no CORS header at all,
+  so the browser keeps the response from the page.
+
+`origins` entries: an exact origin (`https://app.example.com`, port included when not the
+default), `*` for any origin except `null`, or a wildcard subdomain `https://*.example.com`
+(one or more labels before `.example.com`, same scheme and port). `credentials: true` cannot
+be combined with `*`: that would let every site on the web send credentialed requests.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from apigate.config.errors import located_error
+from apigate.config.units import NonNegativeDuration
+from apigate.plugins.base import Plugin, PluginConfig, PluginEnv, Response
+from apigate.plugins.identity import StrictPluginConfig, forbidden
+
+_ORIGIN = re.compile(
+    r"(https?)://(\[[0-9a-f:.]+\]|[a-z0-9](?:[a-z0-9\-.]*[a-z0-9])?)(?::(\d{1,5}))?"
+)
+_PATTERN = re.compile(r"(https?)://\*\.([a-z0-9](?:[a-z0-9\-.]*[a-z0-9])?)(?::(\d{1,5}))?")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CACHE_MAX = 10_000
+DEFAULT_METHODS = ["GET", "HEAD", "PUT", "PATCH", "POST", "DELETE"]
+
+
+class CorsConfig(StrictPluginConfig):
+    origins: list[str] = Field(min_length=1)
+    methods: list[str] = DEFAULT_METHODS
+    headers: list[str] | None = None  # None: allow the headers the preflight asks for
+    expose_headers: list[str] = []
+    credentials: bool = False
+    max_age: NonNegativeDuration | None = None
+
+    @field_validator("origins")
+    @classmethod
+    def _check_origins(cls, value: list[str]) -> list[str]:
+        out = []
+        for origin in value:
+            low = origin.lower().rstrip("/")
+            if low not in ("*", "null") and not (_ORIGIN.fullmatch(low) or _PATTERN.fullmatch(low)):
+                raise ValueError(
+                    f"invalid origin {origin!r}: use https://app.example.com, "
+                    "https://*.example.com or *"
+                )
+            out.append(low)
+        return out
+
+    @field_validator("methods", "headers", "expose_headers")
+    @classmethod
+    def _check_tokens(cls, value: list[str] | None) -> list[str] | None:
+        for item in value or ():
+            if not _TOKEN.fullmatch(item):
+                raise ValueError(f"invalid name {item!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _credentials_need_origins(self) -> CorsConfig:
+        if self.credentials and "*" in self.origins:
+            problem = "credentials: true needs explicit origins, not '*'"
+            raise located_error(type(self).__name__, [(("credentials",), problem)])
+        return self
+
+
+class OriginRules:
+    """Origin matching: exact set, any (`*`), and (scheme, suffix, port) wildcard patterns."""
+
+    def __init__(self, origins: list[str]) -> None:
+        self.any = "*" in origins
+        self.exact = frozenset(o for o in origins if "*" not in o)
+        self.patterns: list[tuple[str, str, str | None]] = []
+        for origin in origins:
+            m = _PATTERN.fullmatch(origin)
+            if m:
+                self.patterns.append((m[1], "." + m[2], m[3]))
+        self._cache: dict[str, bool] = {}
+
+    def allows(self, origin: str) -> bool:
+        hit = self._cache.get(origin)
+        if hit is None:
+            hit = self._match(origin)
+            if len(self._cache) >= _CACHE_MAX:
+                self._cache.clear()
+            self._cache[origin] = hit
+        return hit
+
+    def _match(self, origin: str) -> bool:
+        if origin in self.exact:
+            return True
+        low = origin.lower()
+        m = _ORIGIN.fullmatch(low)
+        if m is None:
+            return False  # includes "null", which only an exact entry allows
+        if self.any or low in self.exact:
+            return True
+        scheme, host, port = m[1], m[2], m[3]
+        return any(
+            scheme == p_scheme
+            and port == p_port
+            and host.endswith(suffix)
+            and len(host) > len(suffix)
+            for p_scheme, suffix, p_port in self.patterns
+        )
+
+
+class CorsPlugin(Plugin):
+    name = "cors"
+    priority = 2100
+    Config = CorsConfig
+
+    def __init__(self, config: PluginConfig, env: PluginEnv) -> None:
+        super().__init__(config, env)
+        assert isinstance(config, CorsConfig)
+        self.cfg = config
+        self.rules = OriginRules(config.origins)
+        self.methods = frozenset(m.upper() for m in config.methods)
+        self.allowed_headers = (
+            frozenset(h.lower() for h in config.headers) if config.headers is not None else None
+        )
+        self._methods_value = ", ".join(config.methods).encode()
+        self._headers_value = ", ".join(config.headers).encode() if config.headers else b""
+        extra: list[tuple[bytes, bytes]] = []
+        if config.credentials:
+            extra.append((b"Access-Control-Allow-Credentials", b"true"))
+        self._preflight_extra = list(extra)
+        if config.max_age is not None:
+            self._preflight_extra.append((b"Access-Control-Max-Age", b"%d" % int(config.max_age)))
+        if config.expose_headers:
+            extra.append(
+                (b"Access-Control-Expose-Headers", ", ".join(config.expose_headers).encode())
+            )
+        self._response_extra = extra
+
+    def on_request(self, ctx: Any) -> Response | None:
+        req = ctx.request
+        origin = req.header("origin")
+        if origin is None:
+            return None
+        if req.method == "OPTIONS":
+            wanted = req.header("access-control-request-method")
+            if wanted is not None:
+                return self._preflight(ctx, origin, wanted.strip())
+        if self.rules.allows(origin):
+            ctx.vars["cors_origin"] = origin
+        return None
+
+    def _preflight(self, ctx: Any, origin: str, method: str) -> Response:
+        if not self.rules.allows(origin):
+            return forbidden(ctx, "origin not allowed", "cors_origin_forbidden")
+        if method.upper() not in self.methods:
+            return forbidden(ctx, f"method {method} not allowed by CORS", "cors_method_forbidden")
+        asked = ctx.request.header("access-control-request-headers") or ""
+        names = [h.strip() for h in asked.split(",") if h.strip()]
+        if self.allowed_headers is not None:
+            refused = [h for h in names if h.lower() not in self.allowed_headers]
+            if refused:
+                return forbidden(
+                    ctx, f"header {refused[0]} not allowed by CORS", "cors_header_forbidden"
+                )
+            allow_headers = self._headers_value
+        else:
+            allow_headers = ", ".join(h for h in names if _TOKEN.fullmatch(h)).encode()
+        headers = [
+            (b"Access-Control-Allow-Origin", origin.encode("latin-1")),
+            (b"Access-Control-Allow-Methods", self._methods_value),
+            (b"Vary", b"Origin, Access-Control-Request-Method, Access-Control-Request-Headers"),
+            *self._preflight_extra,
+        ]
+        if allow_headers:
+            headers.append((b"Access-Control-Allow-Headers", allow_headers))
+        return Response(204, b"", headers)
+
+    def on_response(self, ctx: Any, head: Any) -> None:
+        origin = ctx.vars.get("cors_origin")
+        if origin is None:
+            return
+        kept = [h for h in head.headers if not h[0].lower().startswith(b"access-control-")]
+        vary = [v for n, v in kept if n.lower() == b"vary"]
+        tokens = {t.strip().lower() for v in vary for t in v.split(b",")}
+        if b"origin" not in tokens and b"*" not in tokens:
+            kept = [h for h in kept if h[0].lower() != b"vary"]
+            kept.append((b"Vary", b", ".join([*vary, b"Origin"])))
+        kept.append((b"Access-Control-Allow-Origin", origin.encode("latin-1")))
+        kept.extend(self._response_extra)
+        head.headers = kept
+
+    def __repr__(self) -> str:
+        return f"<CorsPlugin origins={self.cfg.origins}>"

@@ -1,0 +1,120 @@
+"""API key authentication (`key_auth`): a key of `consumers[].api_keys` in a header or the query.
+
+The keys are held only as SHA-256 digests, made once when the plugin is built, so a heap dump
+or a debugger shows no key. A presented key is hashed and looked up by digest: the lookup
+cannot leak a stored key through timing, since an attacker does not choose the digest's bytes;
+the final `hmac.compare_digest` is there so the comparison stays constant-time should the table
+ever change shape. With `hide_credentials` (the default) the key never reaches the upstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from pydantic import field_validator, model_validator
+
+from apigate.config.errors import located_error
+from apigate.config.schema import ConsumerConfig
+from apigate.plugins.base import Plugin, PluginConfig, PluginEnv, Response
+from apigate.plugins.identity import API_KEY_CHALLENGE, StrictPluginConfig, unauthorized
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+class KeyAuthConfig(StrictPluginConfig):
+    header_names: list[str] = ["apikey"]
+    query_param: str | None = None
+    hide_credentials: bool = True
+
+    @field_validator("header_names")
+    @classmethod
+    def _check_headers(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"invalid header name {name!r}")
+        return [name.lower() for name in value]
+
+    @model_validator(mode="after")
+    def _somewhere(self) -> KeyAuthConfig:
+        if not self.header_names and not self.query_param:
+            problem = "give header_names or query_param: the key has to come from somewhere"
+            raise located_error(type(self).__name__, [(("header_names",), problem)])
+        return self
+
+
+def digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
+
+
+class KeyAuthPlugin(Plugin):
+    name = "key_auth"
+    priority = 1250
+    Config = KeyAuthConfig
+
+    def __init__(self, config: PluginConfig, env: PluginEnv) -> None:
+        super().__init__(config, env)
+        assert isinstance(config, KeyAuthConfig)
+        # digest -> (the same digest, consumer): the stored copy is what compare_digest checks
+        self.keys: dict[bytes, tuple[bytes, ConsumerConfig]] = {}
+        for consumer in env.config.consumers:
+            for key in consumer.api_keys:
+                stored = digest(key.encode())
+                self.keys[stored] = (stored, consumer)
+        self._names = frozenset(name.encode() for name in config.header_names)
+        self._param = config.query_param.encode() if config.query_param else None
+        self._hide = config.hide_credentials
+
+    def on_request(self, ctx: Any) -> Response | None:
+        req = ctx.request
+        found: bytes | None = None
+        conflict = False
+        names = self._names
+        for name, value in req.headers:
+            if name.lower() in names:
+                key = value.strip()
+                conflict = conflict or (found is not None and key != found)
+                found = key
+        param = self._param
+        if param is not None and req.query:
+            for key in self._query_values(req.query, param):
+                conflict = conflict or (found is not None and key != found)
+                found = key
+        if found is None or not found:
+            return unauthorized(ctx, "missing API key", API_KEY_CHALLENGE)
+        if conflict:
+            return unauthorized(ctx, "several different API keys", API_KEY_CHALLENGE)
+        presented = digest(found)
+        hit = self.keys.get(presented)
+        if hit is None or not hmac.compare_digest(hit[0], presented):
+            return unauthorized(ctx, "invalid API key", API_KEY_CHALLENGE)
+        ctx.consumer = hit[1]
+        if self._hide:
+            self._hide_key(req)
+        return None
+
+    @staticmethod
+    def _query_values(query: bytes, param: bytes) -> list[bytes]:
+        values = []
+        for pair in query.split(b"&"):
+            key, eq, value = pair.partition(b"=")
+            if eq and unquote_to_bytes(key) == param:
+                values.append(unquote_to_bytes(value.replace(b"+", b" ")).strip())
+        return values
+
+    def _hide_key(self, req: Any) -> None:
+        names = self._names
+        if names:
+            req.headers = [h for h in req.headers if h[0].lower() not in names]
+        param = self._param
+        if param is not None and req.query:
+            kept = [
+                p for p in req.query.split(b"&") if unquote_to_bytes(p.partition(b"=")[0]) != param
+            ]
+            req.query = b"&".join(kept)
+
+    def __repr__(self) -> str:
+        return f"<KeyAuthPlugin {len(self.keys)} keys headers={sorted(self._names)}>"

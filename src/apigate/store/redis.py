@@ -1,0 +1,196 @@
+"""A small shared async Redis client: per-call timeouts, Lua scripts, outage bookkeeping.
+
+Redis being slow or down must never hang a request (ARCHITECTURE.md), so:
+
+- every call runs under its caller's timeout (`asyncio.timeout`; a rate limiter passes 50 ms);
+  redis-py drops a connection whose command was cancelled, so no reply is ever misattributed;
+- redis-py's own retries are off: the caller decides what a failure means (allow or deny);
+- a refused or reset connection, or three timeouts in a row (one slow answer on a busy host
+  is not an outage), mark the store *down*: `available()` then answers False without any I/O,
+  except for one probe every `retry_after` seconds, so an outage costs an attribute check per
+  request, not a timeout; the first success marks it up again;
+- an outage is logged once when it starts and once when it ends, never per request.
+
+Scripts run with EVALSHA and fall back to EVAL when the server does not know the script yet
+(NOSCRIPT: a restarted or flushed Redis), which also loads it for the next EVALSHA.
+
+`shared_redis(env.shared, url)` gives every feature of a process the same client (one pool),
+kept across config reloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+log = logging.getLogger("apigate.store.redis")
+
+TIMEOUTS_TO_TRIP = 3  # consecutive timeouts that make an outage
+
+# No CLIENT SETINFO commands on each new connection (redis-py >= 7.1 spells it driver_info=None,
+# older versions lib_name=None).
+_NO_CLIENT_SETINFO: dict[str, Any] = (
+    {"driver_info": None}
+    if "driver_info" in inspect.signature(AbstractConnection.__init__).parameters
+    else {"lib_name": None, "lib_version": None}
+)
+
+
+class StoreUnavailable(Exception):
+    """The store did not answer in time or at all; the caller applies its fallback."""
+
+
+class Script:
+    """A Lua script and its SHA1, computed once (EVALSHA sends 40 bytes, not the source)."""
+
+    __slots__ = ("sha", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"<Script {self.sha[:10]}>"
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class RedisStore:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 0.05,
+        retry_after: float = 0.5,
+        max_connections: int = 64,
+    ) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.retry_after = retry_after
+        self.pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=None,  # waiting for a pooled connection is bounded by the call's timeout
+            retry=Retry(NoBackoff(), 0),
+            socket_connect_timeout=max(timeout, 1.0),
+            socket_timeout=max(timeout, 1.0),
+            **_NO_CLIENT_SETINFO,
+        )
+        self.client = Redis(connection_pool=self.pool)
+        self.down_since: float | None = None
+        self.outages = 0
+        self._timeouts = 0
+        self._retry_at = 0.0
+
+    # ------------------------------------------------------------------ health
+    @property
+    def is_down(self) -> bool:
+        return self.down_since is not None
+
+    def available(self) -> bool:
+        """False while down, except for one probe per `retry_after` (no I/O either way)."""
+        if self.down_since is None:
+            return True
+        now = time.monotonic()
+        if now >= self._retry_at:
+            self._retry_at = now + self.retry_after
+            return True
+        return False
+
+    def _failed(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        self._retry_at = now + self.retry_after
+        if self.down_since is None:
+            if isinstance(exc, TimeoutError | RedisTimeoutError):
+                self._timeouts += 1
+                if self._timeouts < TIMEOUTS_TO_TRIP:
+                    return
+            self.down_since = now
+            self.outages += 1
+            reason = str(exc) or type(exc).__name__
+            log.warning(
+                "redis store unavailable: %s",
+                reason,
+                extra={"event": "store_down", "store": redact_url(self.url)},
+            )
+
+    def _succeeded(self) -> None:
+        self._timeouts = 0
+        if self.down_since is not None:
+            lasted = time.monotonic() - self.down_since
+            self.down_since = None
+            log.info(
+                "redis store recovered after %.1fs",
+                lasted,
+                extra={"event": "store_up", "store": redact_url(self.url)},
+            )
+
+    # ------------------------------------------------------------------ calls
+    async def run_script(
+        self,
+        script: Script,
+        keys: Sequence[str | bytes],
+        args: Sequence[str | bytes | int],
+        timeout: float | None = None,
+    ) -> Any:
+        """EVALSHA (EVAL on NOSCRIPT) under `timeout`; raises StoreUnavailable on any failure."""
+        try:
+            async with asyncio.timeout(timeout if timeout is not None else self.timeout):
+                try:
+                    result = await self.client.evalsha(script.sha, len(keys), *keys, *args)
+                except NoScriptError:
+                    result = await self.client.eval(script.source, len(keys), *keys, *args)
+        except Exception as exc:  # timeouts, refused connections, errors from the script
+            self._failed(exc)
+            raise StoreUnavailable(str(exc) or type(exc).__name__) from exc
+        self._succeeded()
+        return result
+
+    async def call(self, *command: str | bytes | int, timeout: float | None = None) -> Any:
+        """One raw command (PING, GET, ...) under `timeout`."""
+        try:
+            async with asyncio.timeout(timeout if timeout is not None else self.timeout):
+                result = await self.client.execute_command(*command)  # type: ignore[no-untyped-call]
+        except Exception as exc:
+            self._failed(exc)
+            raise StoreUnavailable(str(exc) or type(exc).__name__) from exc
+        self._succeeded()
+        return result
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        await self.pool.disconnect()
+
+    def __repr__(self) -> str:
+        state = "down" if self.down_since is not None else "up"
+        return f"<RedisStore {redact_url(self.url)} {state} timeout={self.timeout}s>"
+
+
+def shared_redis(shared: dict[str, Any], url: str, *, timeout: float = 0.05) -> RedisStore:
+    """The process-wide client for `url` (created on first use, kept across reloads)."""
+    key = f"redis:{url}"
+    store = shared.get(key)
+    if not isinstance(store, RedisStore):
+        store = shared[key] = RedisStore(url, timeout=timeout)
+    return store

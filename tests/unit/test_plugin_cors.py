@@ -1,0 +1,128 @@
+"""The cors plugin: preflights answered at the gateway, headers added to actual responses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from apigate.config.errors import ConfigError
+from apigate.plugins.cors import CorsPlugin
+from tests.unit.test_plugin_fakes import build, header, make_ctx, resolve, upstream_head
+
+ORIGINS = ["https://app.example.com", "https://*.example.org", "http://localhost:3000"]
+
+
+def cors(**raw: Any) -> CorsPlugin:
+    built: CorsPlugin = build("cors", {"origins": ORIGINS, **raw})
+    return built
+
+
+def preflight(plugin: CorsPlugin, origin: str, method: str = "PUT", asked: str = "") -> Any:
+    headers = [("Origin", origin), ("Access-Control-Request-Method", method)]
+    if asked:
+        headers.append(("Access-Control-Request-Headers", asked))
+    return resolve(plugin.on_request(make_ctx("OPTIONS", headers=headers)))
+
+
+def actual(
+    plugin: CorsPlugin, origin: str | None, upstream: tuple[tuple[bytes, bytes], ...] = ()
+) -> dict[str, str]:
+    ctx = make_ctx(headers=[("Origin", origin)] if origin else [])
+    assert resolve(plugin.on_request(ctx)) is None  # actual requests always go upstream
+    head = upstream_head(upstream)
+    plugin.on_response(ctx, head)
+    return {n.decode(): v.decode() for n, v in head.headers}
+
+
+def test_preflight_is_answered_with_204() -> None:
+    plugin = cors(credentials=True, max_age="10m", headers=["Content-Type", "X-Trace"])
+    outcome = preflight(plugin, "https://app.example.com", "PUT", "content-type, x-trace")
+    assert outcome is not None and outcome.status == 204 and outcome.body == b""
+    assert header(outcome, "Access-Control-Allow-Origin") == "https://app.example.com"
+    assert header(outcome, "Access-Control-Allow-Methods") == "GET, HEAD, PUT, PATCH, POST, DELETE"
+    assert header(outcome, "Access-Control-Allow-Headers") == "Content-Type, X-Trace"
+    assert header(outcome, "Access-Control-Allow-Credentials") == "true"
+    assert header(outcome, "Access-Control-Max-Age") == "600"
+    assert "Origin" in (header(outcome, "Vary") or "")
+
+
+def test_preflight_refusals_are_403() -> None:
+    plugin = cors(methods=["GET", "POST"], headers=["Content-Type"])
+    assert preflight(plugin, "https://evil.example.com").status == 403
+    assert preflight(plugin, "https://app.example.com", "DELETE").status == 403
+    assert preflight(plugin, "https://app.example.com", "POST", "X-Secret").status == 403
+    ok = preflight(plugin, "https://app.example.com", "POST", "content-type")
+    assert ok.status == 204
+
+
+def test_preflight_echoes_asked_headers_when_none_are_configured() -> None:
+    outcome = preflight(cors(), "http://localhost:3000", "POST", "X-A, x-b")
+    assert header(outcome, "Access-Control-Allow-Headers") == "X-A, x-b"
+    assert header(outcome, "Access-Control-Allow-Credentials") is None
+
+
+def test_plain_options_and_requests_without_origin_pass() -> None:
+    plugin = cors()
+    assert (
+        resolve(plugin.on_request(make_ctx("OPTIONS", headers=[("Origin", "https://x")]))) is None
+    )
+    assert actual(plugin, None) == {}
+
+
+def test_actual_response_headers() -> None:
+    plugin = cors(expose_headers=["X-Total"], credentials=True)
+    got = actual(
+        plugin,
+        "https://app.example.com",
+        ((b"Vary", b"Accept-Encoding"), (b"Access-Control-Allow-Origin", b"*")),
+    )
+    assert got == {
+        "Vary": "Accept-Encoding, Origin",
+        "Access-Control-Allow-Origin": "https://app.example.com",
+        "Access-Control-Allow-Credentials": "true",
+        "Access-Control-Expose-Headers": "X-Total",
+    }
+
+
+def test_disallowed_origin_gets_no_cors_headers() -> None:
+    got = actual(cors(), "https://app.example.com.evil.net", ((b"X-Up", b"1"),))
+    assert got == {"X-Up": "1"}
+
+
+@pytest.mark.parametrize(
+    "origin, allowed",
+    [
+        ("https://app.example.com", True),
+        ("https://APP.example.com", True),
+        ("http://app.example.com", False),  # scheme matters
+        ("https://app.example.com:8443", False),  # so does the port
+        ("https://a.example.org", True),
+        ("https://a.b.example.org", True),
+        ("https://example.org", False),  # the wildcard needs a subdomain
+        ("https://evilexample.org", False),
+        ("http://a.example.org", False),
+        ("http://localhost:3000", True),
+        ("http://localhost:3001", False),
+        ("null", False),
+        ("https://app.example.com/path", False),
+    ],
+)
+def test_origin_matching(origin: str, allowed: bool) -> None:
+    assert cors().rules.allows(origin) is allowed
+
+
+def test_star_allows_any_origin_but_null() -> None:
+    plugin = cors(origins=["*"])
+    assert plugin.rules.allows("https://anything.test")
+    assert not plugin.rules.allows("null")
+    assert cors(origins=["null"]).rules.allows("null")
+
+
+def test_config_errors() -> None:
+    with pytest.raises(ConfigError, match="credentials: true needs explicit origins"):
+        build("cors", {"origins": ["*"], "credentials": True})
+    with pytest.raises(ConfigError, match=r"invalid origin 'app\.example\.com'"):
+        build("cors", {"origins": ["app.example.com"]})
+    with pytest.raises(ConfigError, match="origins: required"):
+        build("cors", {})
