@@ -1,4 +1,4 @@
-"""Command line: `apigate run | validate | routes | demo | --version`."""
+"""Command line: `apigate run | validate | routes | status | check | demo | --version`."""
 
 from __future__ import annotations
 
@@ -101,6 +101,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(requests=args.requests))
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from apigate.ops import cmd_status as status
+
+    return status(args.admin, args.token)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from apigate.ops import cmd_check as check
+
+    return check(args.config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="apigate", description="A fast API gateway.")
     parser.add_argument("--version", action="version", version=f"apigate {__version__}")
@@ -121,6 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     routes.add_argument("-c", "--config", required=True)
     routes.add_argument("--json", action="store_true")
     routes.set_defaults(func=cmd_routes)
+
+    status = sub.add_parser("status", help="services, instances and routes of a running gateway")
+    status.add_argument(
+        "--admin", help="admin API URL (default: $APIGATE_ADMIN_URL or http://127.0.0.1:8001)"
+    )
+    status.add_argument("--token", help="admin token (default: $APIGATE_ADMIN_TOKEN)")
+    status.set_defaults(func=cmd_status)
+
+    check = sub.add_parser("check", help="validate a config and probe every static target once")
+    check.add_argument("-c", "--config", required=True)
+    check.set_defaults(func=cmd_check)
 
     demo = sub.add_parser("demo", help="start a gateway and three services and show them work")
     demo.add_argument("--requests", type=int, default=30)

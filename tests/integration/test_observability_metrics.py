@@ -1,0 +1,201 @@
+"""`GET /metrics` and `GET /stats` of a real gateway after known traffic.
+
+The gateway runs in-process (`running_gateway`), with `attach_metrics` called by the test
+because `apigate.extensions` does not list it yet. Until the exchange calls
+`metrics.observe(ctx)` itself, the `ObservePlugin` below does it from its `on_log` hook
+(loaded by dotted path, as any third-party plugin).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from apigate.admin.dashboard import attach_dashboard
+from apigate.config.loader import load_config
+from apigate.extensions import attach_extensions
+from apigate.observability.metrics import GatewayMetrics, attach_metrics
+from apigate.plugins.base import Plugin
+from apigate.server import Gateway
+from tests.support.gateway import raw_request
+from tests.support.upstream import Upstream
+
+OBSERVE = "tests.integration.test_observability_metrics:ObservePlugin"
+TOKEN = "s3cret-admin-token"
+
+
+class ObservePlugin(Plugin):
+    """Feeds finished exchanges to `env.shared["metrics"]` (stands in for the exchange)."""
+
+    name = "observe"
+    priority = -1000
+
+    def on_log(self, ctx: Any) -> None:
+        metrics = self.env.shared.get("metrics")
+        if metrics is not None:
+            metrics.observe(ctx)
+
+
+def gateway_config(upstream_url: str, *, token: str = TOKEN, **extra: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "version": 1,
+        "listeners": {
+            "proxy": {"address": "127.0.0.1:0"},
+            "admin": {"address": "127.0.0.1:0", "token": token},
+        },
+        "services": {"up": {"targets": [upstream_url]}},
+        "routes": [
+            {"name": "api", "match": {"paths": ["/api"]}, "service": "up", "strip_prefix": True}
+        ],
+        "plugins": {OBSERVE: {}},
+    }
+    cfg.update(extra)
+    return cfg
+
+
+@asynccontextmanager
+async def running_gateway(
+    config: dict[str, Any], tmp_path: Path, *, dashboard: bool = False
+) -> AsyncIterator[Gateway]:
+    """A gateway in this event loop with metrics (and the dashboard) attached."""
+    path = tmp_path / "apigate.yaml"
+    path.write_text(yaml.safe_dump(config))
+    gw = Gateway(load_config(path), config_path=path)
+    await attach_extensions(gw)
+    await attach_metrics(gw)
+    if dashboard:
+        await attach_dashboard(gw)
+    await gw.start()
+    try:
+        yield gw
+    finally:
+        await gw.shutdown(0)
+
+
+def admin_port(gw: Gateway) -> int:
+    assert gw.admin_server is not None
+    return int(gw.admin_server.sockets[0].getsockname()[1])
+
+
+async def admin(
+    gw: Gateway, method: str, path: str, body: Any = None, token: str | None = TOKEN
+) -> tuple[int, dict[str, str], bytes]:
+    """One admin API request: (status, lower-cased headers, body)."""
+    payload = json.dumps(body).encode() if body is not None else b""
+    head = f"{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: {len(payload)}\r\n"
+    if token:
+        head += f"Authorization: Bearer {token}\r\n"
+    raw = await raw_request(admin_port(gw), head.encode() + b"\r\n" + payload)
+    head_bytes, _, data = raw.partition(b"\r\n\r\n")
+    lines = head_bytes.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split()[1]), headers, data
+
+
+async def proxy(gw: Gateway, method: str, target: str, body: bytes = b"") -> int:
+    head = f"{method} {target} HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\n\r\n"
+    raw = await raw_request(gw.proxy_port, head.encode() + body)
+    return int(raw.split(b" ", 2)[1])
+
+
+def samples(text: str) -> dict[str, dict[frozenset[tuple[str, str]], float]]:
+    out: dict[str, dict[frozenset[tuple[str, str]], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, {})[frozenset(s.labels.items())] = s.value
+    return out
+
+
+def key(**labels: str) -> frozenset[tuple[str, str]]:
+    return frozenset(labels.items())
+
+
+async def test_metrics_count_known_traffic(tmp_path: Path) -> None:
+    async with Upstream() as up, running_gateway(gateway_config(up.url), tmp_path) as gw:
+        assert [await proxy(gw, "GET", "/api/echo") for _ in range(4)] == [200] * 4
+        assert [await proxy(gw, "GET", "/api/status/503") for _ in range(2)] == [503] * 2
+        assert await proxy(gw, "POST", "/api/echo", b"0123456789") == 200
+        assert await proxy(gw, "GET", "/nowhere") == 404
+
+        status, headers, body = await admin(gw, "GET", "/metrics")
+        assert status == 200
+        assert headers["content-type"].startswith("text/plain; version=0.0.4")
+        got = samples(body.decode())
+
+        route = {"route": "api", "service": "up"}
+        requests = got["apigate_requests_total"]
+        assert requests[key(**route, method="GET", status_class="2xx")] == 4
+        assert requests[key(**route, method="GET", status_class="5xx")] == 2
+        assert requests[key(**route, method="POST", status_class="2xx")] == 1
+        assert requests[key(route="", service="", method="GET", status_class="4xx")] == 1
+        assert got["apigate_request_duration_seconds_count"][key(**route)] == 7
+        assert got["apigate_upstream_duration_seconds_count"][key(**route)] == 7
+        assert got["apigate_request_bytes_total"][key(**route)] == 10
+        assert got["apigate_response_bytes_total"][key(**route)] > 0
+
+        instance = f"127.0.0.1:{up.port}"
+        assert got["apigate_instance_healthy"] == {key(service="up", instance=instance): 1}
+        assert got["apigate_instance_in_flight"] == {key(service="up", instance=instance): 0}
+        pool = f"http://127.0.0.1:{up.port}"
+        assert got["apigate_pool_connections_created_total"][key(pool=pool)] >= 1
+        assert got["apigate_pool_reuse_ratio"][key(pool=pool)] > 0.5  # 7 requests, keep-alive
+        assert key(pool=pool, state="idle") in got["apigate_pool_connections"]
+        assert "apigate_connections_open" in got
+        assert got["apigate_config_reloads_total"] == {key(result="ok"): 0, key(result="failed"): 0}
+        assert list(got["apigate_info"].values()) == [1]
+
+
+async def test_metrics_need_the_admin_token(tmp_path: Path) -> None:
+    async with Upstream() as up, running_gateway(gateway_config(up.url), tmp_path) as gw:
+        status, _, _ = await admin(gw, "GET", "/metrics", token=None)
+        assert status == 401
+
+
+async def test_instances_reloads_and_named_counters_appear(tmp_path: Path) -> None:
+    cfg = gateway_config("http://127.0.0.1:9")
+    async with Upstream() as up, running_gateway(cfg, tmp_path) as gw:
+        body = {"url": up.url, "ttl": "30s"}
+        status, _, _ = await admin(gw, "PUT", "/services/up/instances/live-1", body)
+        assert status == 201
+        metrics: GatewayMetrics = gw.extensions["metrics"]
+        metrics.inc("ratelimit_rejected", route="api", service="up")
+
+        cfg["routes"].append({"name": "other", "match": {"paths": ["/other"]}, "service": "up"})
+        assert gw.config_path is not None
+        gw.config_path.write_text(yaml.safe_dump(cfg))
+        assert await gw.reload()
+        bad = {**cfg, "routes": [{"name": "x", "match": {"paths": ["/"]}, "service": "nope"}]}
+        gw.config_path.write_text(yaml.safe_dump(bad))
+        assert not await gw.reload()
+
+        _, _, text = await admin(gw, "GET", "/metrics")
+        got = samples(text.decode())
+        assert got["apigate_instance_healthy"][key(service="up", instance="live-1")] == 1
+        assert got["apigate_config_reloads_total"] == {key(result="ok"): 1, key(result="failed"): 1}
+        assert got["apigate_ratelimit_rejected_total"] == {key(route="api", service="up"): 1}
+
+
+async def test_stats_for_the_dashboard(tmp_path: Path) -> None:
+    async with Upstream() as up, running_gateway(gateway_config(up.url), tmp_path) as gw:
+        metrics: GatewayMetrics = gw.extensions["metrics"]
+        for _ in range(9):
+            await proxy(gw, "GET", "/api/echo")
+        await proxy(gw, "GET", "/api/status/500")
+        metrics.snapshot()  # what the 1 s timer does
+        status, _, body = await admin(gw, "GET", "/stats")
+        assert status == 200
+        stats = json.loads(body)
+        api = stats["routes"]["api"]
+        assert api["total"] == 10 and api["requests"] == 10
+        assert api["error_rate"] == 0.1
+        assert api["rps"] > 0 and 0 < api["p50_ms"] <= api["p99_ms"]
+        assert api["series"] and api["series"][-1]["requests"] == 10

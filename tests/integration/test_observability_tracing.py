@@ -1,0 +1,171 @@
+"""Trace context through a real gateway, and OTLP export to a fake collector.
+
+Until the request-head builder calls `trace_headers(ctx)` itself, `PropagatePlugin` below does
+the same from `on_upstream_request` (it replaces the client's fields on the request that goes
+upstream), and `LogTracePlugin` reads the trace id the way the access log will
+(`trace_id_of(ctx)`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from apigate.http.request import Request
+from apigate.observability.tracing import TracingPlugin, trace_headers, trace_id_of
+from apigate.plugins.base import Plugin
+from tests.integration.test_observability_metrics import gateway_config, proxy, running_gateway
+from tests.support.gateway import raw_request
+from tests.support.upstream import Upstream
+
+HERE = "tests.integration.test_observability_tracing"
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT = "00f067aa0ba902b7"
+VALID = f"00-{TRACE}-{PARENT}-01"
+
+
+class PropagatePlugin(Plugin):
+    """Stands in for the head builder: the gateway's trace fields replace the client's."""
+
+    name = "propagate"
+    priority = 10
+
+    def on_upstream_request(self, ctx: Any, req: Request) -> None:
+        lines = trace_headers(ctx)
+        req.remove_header("traceparent")
+        req.remove_header("tracestate")
+        for line in lines.decode("latin-1").split("\r\n"):
+            if line:
+                name, _, value = line.partition(": ")
+                req.headers.append((name.encode(), value.encode("latin-1")))
+
+
+class LogTracePlugin(Plugin):
+    """Stands in for the access log: keeps the trace id of every finished exchange."""
+
+    name = "log_trace"
+    priority = 0
+    seen: ClassVar[list[str]] = []
+
+    def on_log(self, ctx: Any) -> None:
+        self.seen.append(trace_id_of(ctx))
+
+
+def traced_config(upstream_url: str, **plugins: Any) -> dict[str, Any]:
+    cfg = gateway_config(upstream_url)
+    cfg["plugins"] = {f"{HERE}:PropagatePlugin": {}, f"{HERE}:LogTracePlugin": {}, **plugins}
+    return cfg
+
+
+async def get(port: int, target: str, *headers: str) -> bytes:
+    extra = "".join(f"{h}\r\n" for h in headers)
+    return await raw_request(port, f"GET {target} HTTP/1.1\r\nHost: t\r\n{extra}\r\n".encode())
+
+
+async def test_same_trace_id_at_client_upstream_and_log(tmp_path: Path) -> None:
+    LogTracePlugin.seen.clear()
+    async with Upstream() as up, running_gateway(traced_config(up.url), tmp_path) as gw:
+        resp = await get(gw.proxy_port, "/api/echo", f"traceparent: {VALID}", "tracestate: a=1")
+        assert resp.startswith(b"HTTP/1.1 200")
+        sent = up.received[-1].header_values("traceparent")
+        assert len(sent) == 1  # the client's field was replaced, not repeated
+        assert up.received[-1].header_values("tracestate") == ["a=1"]
+        version, trace_id, span_id, flags = sent[0].split("-")
+        assert (version, trace_id, flags) == ("00", TRACE, "01")
+        assert span_id != PARENT and len(span_id) == 16
+        assert LogTracePlugin.seen == [TRACE]
+
+        await get(gw.proxy_port, "/api/echo", "traceparent: 00-bad", "tracestate: a=1")
+        started = up.received[-1].header("traceparent")  # invalid: the gateway starts a trace
+        assert up.received[-1].header("tracestate") is None
+        assert started is not None
+        assert LogTracePlugin.seen[-1] == started.split("-")[1] != TRACE
+
+        await get(gw.proxy_port, "/nowhere", f"traceparent: {VALID}")  # 404, never upstream
+        assert LogTracePlugin.seen[-1] == TRACE
+
+
+# ---------------------------------------------------------------------- OTLP export
+class Collector(asyncio.Protocol):
+    """A fake OTLP/HTTP collector: keeps every ExportTraceServiceRequest it is sent."""
+
+    received: ClassVar[list[Any]] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+        self.buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as pb
+
+        self.buf += data
+        head, sep, body = self.buf.partition(b"\r\n\r\n")
+        if not sep:
+            return
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if len(body) < length:
+            return
+        self.buf = b""
+        message = pb.ExportTraceServiceRequest()
+        message.ParseFromString(body[:length])
+        self.received.append(message)
+        reply = pb.ExportTraceServiceResponse().SerializeToString()
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(reply), reply)
+        )
+
+
+async def test_otlp_export_of_server_and_upstream_spans(tmp_path: Path) -> None:
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http", reason="optional: apigate[otlp]")
+    Collector.received.clear()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(Collector, "127.0.0.1", 0)
+    endpoint = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with Upstream() as up:
+            cfg = traced_config(up.url)
+            cfg["plugins"]["apigate.observability.tracing:TracingPlugin"] = {
+                "otlp_endpoint": endpoint,
+                "service_name": "edge",
+            }
+            async with running_gateway(cfg, tmp_path) as gw:
+                assert await proxy(gw, "GET", "/api/echo") == 200  # a new, sampled trace
+                await get(gw.proxy_port, "/api/echo", f"traceparent: {VALID}")
+                sent = up.received[-1].header("traceparent")
+                assert sent is not None
+                plugin = next(p for p in gw.runtime.plugins if isinstance(p, TracingPlugin))
+                plugin.flush()
+                for _ in range(100):
+                    if Collector.received:
+                        break
+                    await asyncio.sleep(0.05)
+    finally:
+        server.close()
+    spans = [
+        (span, rs.resource)
+        for message in Collector.received
+        for rs in message.resource_spans
+        for ss in rs.scope_spans
+        for span in ss.spans
+    ]
+    assert len(spans) == 4  # two exchanges: a server span and an upstream span each
+    ours = {span.span_id.hex(): span for span, _ in spans if span.trace_id.hex() == TRACE}
+    upstream = ours[sent.split("-")[2]]
+    server_span = ours[upstream.parent_span_id.hex()]
+    assert server_span.parent_span_id.hex() == PARENT
+    assert server_span.kind == 2 and upstream.kind == 3  # SERVER, CLIENT
+    attrs = {a.key: a.value for a in server_span.attributes}
+    assert attrs["http.route"].string_value == "api"
+    assert attrs["http.response.status_code"].int_value == 200
+    service_names = {
+        a.value.string_value for _, res in spans for a in res.attributes if a.key == "service.name"
+    }
+    assert service_names == {"edge"}

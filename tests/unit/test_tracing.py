@@ -1,0 +1,258 @@
+"""W3C Trace Context parsing and propagation, and the tracing plugin's config, without sockets."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from apigate.config.errors import ConfigError
+from apigate.config.schema import GatewayConfig
+from apigate.http.request import Request
+from apigate.observability import tracing
+from apigate.observability.tracing import (
+    TRACE_HEADERS,
+    new_span_id,
+    new_trace,
+    new_trace_id,
+    outgoing_traceparent,
+    parse_traceparent,
+    span_context,
+    trace_headers,
+    trace_id_of,
+)
+from apigate.plugins.base import PluginEnv
+from apigate.plugins.chain import build_plugin
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT = "00f067aa0ba902b7"
+VALID = f"00-{TRACE}-{PARENT}-01".encode()
+FORMAT = re.compile(rb"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}\Z")
+
+
+def request(*headers: tuple[bytes, bytes]) -> Request:
+    req = Request()
+    req.method = "GET"
+    req.path = "/x"
+    req.headers = [(b"Accept", b"*/*"), *headers]
+    return req
+
+
+def ctx(*headers: tuple[bytes, bytes]) -> Any:
+    return SimpleNamespace(request=request(*headers), vars={})
+
+
+def test_parse_valid() -> None:
+    assert parse_traceparent(VALID) == (TRACE, PARENT, "01")
+    assert parse_traceparent(b" " + VALID + b"\t") == (TRACE, PARENT, "01")
+    assert parse_traceparent(VALID[:-2] + b"00") == (TRACE, PARENT, "00")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"",
+        b"garbage",
+        VALID.replace(b"00-", b"01-", 1),  # only version 00 is accepted
+        VALID.replace(b"00-", b"ff-", 1),
+        VALID.upper(),  # upper-case hex is invalid
+        VALID[:-1],
+        VALID + b"0",
+        VALID + b"-extra",
+        f"00-{'0' * 32}-{PARENT}-01".encode(),  # all-zero trace id
+        f"00-{TRACE}-{'0' * 16}-01".encode(),  # all-zero parent id
+        f"00-{TRACE[:-1]}g-{PARENT}-01".encode(),
+        f"00-{TRACE}-{PARENT}-0x".encode(),
+        f"00_{TRACE}-{PARENT}-01".encode(),
+        f"00-{TRACE}{PARENT}--01".encode(),
+        f"00-{TRACE[:31]}-{PARENT}0-01".encode(),
+    ],
+)
+def test_parse_invalid(value: bytes) -> None:
+    assert parse_traceparent(value) is None
+
+
+def test_new_ids_are_well_formed_unique_and_non_zero() -> None:
+    spans = {new_span_id() for _ in range(50_000)}
+    assert len(spans) == 50_000
+    assert all(re.fullmatch("[0-9a-f]{16}", s) and s != "0" * 16 for s in spans)
+    traces = {new_trace_id() for _ in range(1000)}
+    assert len(traces) == 1000 and all(re.fullmatch("[0-9a-f]{32}", t) for t in traces)
+    trace_id, span_id, flags = new_trace()
+    assert parse_traceparent(f"00-{trace_id}-{span_id}-{flags}".encode()) is not None
+
+
+def test_forked_worker_draws_other_ids() -> None:
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.write(write_fd, (new_span_id() + new_trace_id()).encode())
+        os._exit(0)
+    os.close(write_fd)
+    child = os.read(read_fd, 100).decode()
+    os.close(read_fd)
+    os.waitpid(pid, 0)
+    assert len(child) == 48
+    mine = new_span_id() + new_trace_id()
+    assert child[:16] != mine[:16] and child[16:] != mine[16:]
+
+
+def test_outgoing_continues_a_valid_trace_with_a_new_span() -> None:
+    value, trace_id = outgoing_traceparent(request((b"Traceparent", VALID)))
+    assert trace_id == TRACE
+    parsed = parse_traceparent(value)
+    assert parsed is not None
+    assert parsed[0] == TRACE and parsed[1] != PARENT and parsed[2] == "01"
+    again, _ = outgoing_traceparent(request((b"traceparent", VALID)))
+    assert again != value  # every exchange is its own span
+
+
+def test_outgoing_keeps_the_callers_flags() -> None:
+    value, _ = outgoing_traceparent(request((b"traceparent", VALID[:-2] + b"00")))
+    assert value.endswith(b"-00")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [],
+        [(b"traceparent", b"00-zzz")],
+        [(b"traceparent", VALID), (b"traceparent", VALID)],  # repeated: invalid
+    ],
+)
+def test_outgoing_starts_a_new_trace_otherwise(headers: list[tuple[bytes, bytes]]) -> None:
+    value, trace_id = outgoing_traceparent(request(*headers))
+    assert FORMAT.match(value)
+    assert trace_id != TRACE and value[3:35].decode() == trace_id
+    assert value.endswith(b"-01")
+
+
+def test_trace_headers_pass_tracestate_with_a_continued_trace() -> None:
+    c = ctx((b"traceparent", VALID), (b"tracestate", b"congo=t61rcWkgMzE"), (b"TraceState", b"x=1"))
+    lines = trace_headers(c)
+    assert lines.startswith(b"traceparent: 00-" + TRACE.encode())
+    assert lines.endswith(b"\r\ntracestate: congo=t61rcWkgMzE\r\ntracestate: x=1\r\n")
+    assert c.vars["trace_id"] == TRACE
+    assert trace_headers(c) == lines  # a retry reuses the span
+    assert span_context(c) == (TRACE, lines[49:65].decode(), PARENT, "01")
+    c.request.headers = [(b"traceparent", lines[13:68])]  # a later plugin edited the fields
+    assert span_context(c)[2] == PARENT  # the exporter's parent link was kept
+
+
+def test_trace_headers_drop_tracestate_of_an_invalid_parent() -> None:
+    c = ctx((b"traceparent", b"00-bad"), (b"tracestate", b"congo=t61rcWkgMzE"))
+    lines = trace_headers(c)
+    assert b"tracestate" not in lines
+    assert lines.count(b"\r\n") == 1 and FORMAT.match(lines[13:-2])
+    assert span_context(c)[2] == ""  # a root span: no parent
+
+
+def test_trace_id_of_a_request_that_never_went_upstream() -> None:
+    c = ctx()
+    trace_id = trace_id_of(c)
+    assert trace_id_of(c) == trace_id
+    lines = trace_headers(c)  # (a plugin logged first, then the request went upstream)
+    assert lines[16:48].decode() == trace_id
+    continued = ctx((b"traceparent", VALID))
+    assert trace_id_of(continued) == TRACE
+    assert span_context(continued) == (TRACE, "", PARENT, "01")
+
+
+def test_trace_header_names_for_the_head_builder() -> None:
+    assert sorted(TRACE_HEADERS) == [b"traceparent", b"tracestate"]
+
+
+def test_sample_ratio_marks_new_traces_unsampled() -> None:
+    try:
+        tracing.set_sample_ratio(0.0)
+        assert outgoing_traceparent(request())[0].endswith(b"-00")
+        assert outgoing_traceparent(request((b"traceparent", VALID)))[0].endswith(b"-01")
+    finally:
+        tracing.set_sample_ratio(1.0)
+    assert outgoing_traceparent(request())[0].endswith(b"-01")
+
+
+# ---------------------------------------------------------------------- the plugin
+def env() -> PluginEnv:
+    return PluginEnv(config=GatewayConfig.model_validate({"version": 1}))
+
+
+def test_plugin_without_otlp_has_no_hook() -> None:
+    plugin = build_plugin("apigate.observability.tracing:TracingPlugin", {}, env(), "plugins.t")
+    assert plugin.name == "tracing" and plugin.priority == 3000
+    assert not hasattr(plugin, "on_log")
+
+
+def test_plugin_config_is_strict() -> None:
+    with pytest.raises(ConfigError, match="sample_ratio"):
+        build_plugin("apigate.observability.tracing:TracingPlugin", {"sample_ratio": 2}, env(), "p")
+    with pytest.raises(ConfigError, match="did you mean"):
+        build_plugin(
+            "apigate.observability.tracing:TracingPlugin", {"otlp_endpont": "x"}, env(), "p"
+        )
+
+
+def test_otlp_without_opentelemetry_is_a_clear_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)  # as if not installed
+    with pytest.raises(ConfigError) as info:
+        build_plugin(
+            "apigate.observability.tracing:TracingPlugin",
+            {"otlp_endpoint": "http://127.0.0.1:4318"},
+            env(),
+            "plugins.tracing",
+        )
+    text = str(info.value)
+    assert "plugins.tracing" in text and "pip install 'apigate[otlp]'" in text
+
+
+def test_spans_link_server_upstream_and_caller() -> None:
+    pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.trace import SpanKind
+
+    c = ctx((b"traceparent", VALID))
+    sent = trace_headers(c)[13:68].decode()
+    inst = SimpleNamespace(host="10.0.0.1", port=8080, id="a")
+    record = (
+        span_context(c),
+        1000.0,
+        12.0,
+        8.0,
+        "GET",
+        "/x",
+        "api",
+        "users",
+        inst,
+        200,
+        "r1",
+        None,
+    )
+    server, upstream = tracing.build_spans([record], "apigate")
+    assert server.kind == SpanKind.SERVER and upstream.kind == SpanKind.CLIENT
+    assert f"{server.context.trace_id:032x}" == TRACE
+    assert f"{server.parent.span_id:016x}" == PARENT
+    assert upstream.parent.span_id == server.context.span_id
+    assert f"{upstream.context.span_id:016x}" == sent.split("-")[2]
+    assert server.end_time - server.start_time == 12_000_000
+    assert upstream.attributes["server.address"] == "10.0.0.1"
+
+
+async def test_an_old_snapshots_plugin_does_not_reset_the_new_ones_ratio() -> None:
+    def plugin(ratio: float) -> Any:
+        raw = {"sample_ratio": ratio}
+        return build_plugin("apigate.observability.tracing:TracingPlugin", raw, env(), "p")
+
+    old, new = plugin(0.5), plugin(0.0)
+    await old.start()
+    await new.start()  # a reload built a new snapshot
+    await old.close()  # the old snapshot retires later
+    try:
+        assert outgoing_traceparent(request())[0].endswith(b"-00")
+    finally:
+        await new.close()
+    assert outgoing_traceparent(request())[0].endswith(b"-01")
