@@ -16,6 +16,7 @@ demo: $(STAMP)
 
 system-deps:
 	scripts/install-system-deps
+	scripts/install-browser
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests bench

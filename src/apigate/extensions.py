@@ -1,6 +1,7 @@
 """Attach the control-plane subsystems to a gateway before it starts.
 
-Each subsystem (config store + admin API, registry TTLs, DNS discovery, active health checks)
+Each subsystem (config store + admin API, metrics, dashboard, registry TTLs, DNS discovery,
+active health checks)
 registers its start/stop hooks on the `Gateway` here, so `server.py` stays about listeners and
 snapshots. Order matters: the admin store first (it may change the effective config), then the
 registry, then discovery and health, which watch the services the others create.
@@ -18,16 +19,21 @@ Attach = Callable[["Gateway"], Awaitable[None]]
 
 
 def _attachers() -> list[Attach]:
+    from apigate.admin.dashboard import attach_dashboard
     from apigate.admin.server import attach_admin
+    from apigate.observability.metrics import attach_metrics
+    from apigate.registry.dns import attach_dns
+    from apigate.registry.health import attach_health
     from apigate.registry.registry import attach_registry
 
-    attachers: list[Attach] = [attach_admin, attach_registry]
-    try:  # DNS discovery and active checks arrive with their own modules
-        from apigate.registry.dns import attach_dns
-        from apigate.registry.health import attach_health
-    except ImportError:
-        return attachers
-    return [*attachers, attach_dns, attach_health]
+    return [
+        attach_admin,
+        attach_metrics,
+        attach_dashboard,
+        attach_registry,
+        attach_dns,
+        attach_health,
+    ]
 
 
 async def attach_extensions(gateway: Gateway) -> None:

@@ -20,6 +20,7 @@ from apigate.config.schema import GatewayConfig, RouteConfig
 from apigate.http.pool import PoolManager
 from apigate.plugins.base import Plugin, PluginEnv
 from apigate.plugins.chain import PluginChain, build_chain
+from apigate.proxy.aggregate import build_aggregate_handler
 from apigate.registry.service import Service
 from apigate.routing.matcher import Matcher, RouteSpec
 from apigate.routing.rewrite import compile_template, strip
@@ -139,6 +140,10 @@ def compile_runtime(config: GatewayConfig, table: ServiceTable, env: PluginEnv) 
         specs.append(_route_spec(index, route, compiled))
     if errors:
         raise ConfigError(errors)
+    handlers: dict[str, Callable[[Any], Coroutine[Any, Any, None]]] = {}
+    for route in config.routes:
+        if route.aggregate:
+            handlers[route.name] = build_aggregate_handler(route, services, env.loop)
     global_chain = build_chain(config.plugins, {}, env, -1, cache)
     plugins = list(global_chain.plugins)
     for compiled in routes.values():
@@ -150,4 +155,5 @@ def compile_runtime(config: GatewayConfig, table: ServiceTable, env: PluginEnv) 
         services=services,
         plugins=plugins,
         log_hooks=global_chain.log_hooks,
+        handlers=handlers,
     )

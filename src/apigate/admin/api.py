@@ -55,7 +55,9 @@ class AdminApi:
         self._add("GET", "/config", self.get_config)
         self._add("POST", "/config", self.post_config)
         self._add("GET", "/events", self.events)
-        self.extra_routes: list[Route] = []  # /metrics and the dashboard attach here
+        # answered before the token check: the dashboard page and its assets, which a browser
+        # loads by navigation and so cannot carry an Authorization header
+        self.public_routes: list[Route] = []
 
     def _add(
         self, method: str, pattern: str, handler: Callable[[AdminRequest], Awaitable[AdminResponse]]
@@ -63,14 +65,24 @@ class AdminApi:
         self.routes.append((method, re.compile(pattern + r"\Z"), handler))
 
     def add_route(
-        self, method: str, pattern: str, handler: Callable[[AdminRequest], Awaitable[AdminResponse]]
+        self,
+        method: str,
+        pattern: str,
+        handler: Callable[[AdminRequest], Awaitable[AdminResponse]],
+        *,
+        public: bool = False,
     ) -> None:
+        if public:
+            self.public_routes.append((method, re.compile(pattern + r"\Z"), handler))
         self._add(method, pattern, handler)
 
     # ------------------------------------------------------------------ dispatch
     async def handle(self, req: AdminRequest) -> AdminResponse:
-        self._authorize(req)
         method = "GET" if req.method == "HEAD" else req.method
+        for route_method, pattern, handler in self.public_routes:
+            if route_method == method and pattern.match(req.path):
+                return await handler(req)
+        self._authorize(req)
         allowed: list[str] = []
         for route_method, pattern, handler in self.routes:
             m = pattern.match(req.path)
@@ -152,6 +164,7 @@ class AdminApi:
             "available": len(svc.balancer.available),
             "routes": [r.name for r in self.gateway.runtime.routes.values() if r.service is svc],
             "health": self.gateway.health_status(svc.name),
+            "breaker": svc.breaker.snapshot() if svc.breaker is not None else None,
         }
 
     async def list_services(self, req: AdminRequest) -> AdminResponse:

@@ -70,24 +70,16 @@ def public_handler(gateway: Gateway, assets: dict[str, AdminResponse]) -> Handle
 async def attach_dashboard(gateway: Gateway) -> None:
     """Serve the dashboard on the admin API. Must run after `attach_admin`.
 
-    The admin API checks the token before routing, and a browser cannot send a header when it
-    navigates to a page, so the public paths are answered in front of that check: the API's
-    `handle` (which each new admin connection looks up) is wrapped for exactly these paths.
+    A browser cannot send a header when it navigates to a page, so the page, its assets and
+    the auth probe are public routes (answered before the token check); everything the page
+    then reads goes through the API with the token.
     """
     api = gateway.extensions.get("admin_api")
-    if api is None:
+    if api is None or "dashboard" in gateway.extensions:
         return
     assets = load_assets()
     serve = public_handler(gateway, assets)
     public = frozenset([*assets, AUTH_PATH])
-    for path in public:  # also listed in the API's routes (405s, OpenAPI-style discovery)
-        api.add_route("GET", re.escape(path), serve)
-    inner: Handler = api.handle
-
-    async def handle(req: AdminRequest) -> AdminResponse:
-        if req.path in public and req.method in ("GET", "HEAD"):
-            return await serve(req)
-        return await inner(req)
-
-    setattr(api, "handle", handle)  # noqa: B010 - instance attribute shadows the method
+    for path in public:
+        api.add_route("GET", re.escape(path), serve, public=True)
     gateway.extensions["dashboard"] = public

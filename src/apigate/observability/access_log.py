@@ -13,6 +13,7 @@ import sys
 import time
 from typing import IO, Any, Literal
 
+from apigate.observability.tracing import trace_id_of
 from apigate.plugins.base import Plugin, PluginConfig, PluginEnv
 
 _FLUSH_BYTES = 64 * 1024
@@ -73,6 +74,7 @@ class AccessLogPlugin(Plugin):
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(req.start))
             + f".{int((req.start % 1) * 1000):03d}Z",
             "request_id": req.request_id,
+            "trace_id": trace_id_of(ctx),
             "client": req.client_ip,
             "method": req.method,
             "path": req.path,

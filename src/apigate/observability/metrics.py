@@ -537,6 +537,8 @@ async def attach_metrics(gateway: Gateway) -> None:
     Must run after `attach_admin` (it adds routes to `gateway.extensions["admin_api"]`).
     Plugins reach the object as `env.shared["metrics"]` (e.g. to call `inc`).
     """
+    if "metrics" in gateway.extensions:
+        return
     metrics = GatewayMetrics(gateway)
     gateway.extensions["metrics"] = metrics
     gateway.env.shared["metrics"] = metrics

@@ -19,6 +19,7 @@ from apigate.plugins.base import Plugin, PluginEnv
 # short name -> "module:Class"; imported lazily so an unused plugin costs nothing at start-up
 BUILTIN: dict[str, str] = {
     "access_log": "apigate.observability.access_log:AccessLogPlugin",
+    "tracing": "apigate.observability.tracing:TracingPlugin",
     "jwt": "apigate.plugins.jwt:JwtPlugin",
     "key_auth": "apigate.plugins.key_auth:KeyAuthPlugin",
     "basic_auth": "apigate.plugins.basic_auth:BasicAuthPlugin",
@@ -53,9 +54,14 @@ class PluginChain:
     """The hooks of one route, in priority order, as plain lists the exchange iterates."""
 
     __slots__ = (
+        "chunk_hooks",
+        "end_hooks",
         "log_hooks",
         "plugins",
+        "request_body_plugins",
         "request_hooks",
+        "respond_hooks",
+        "response_body_plugins",
         "response_hooks",
         "upstream_request_hooks",
     )
@@ -66,6 +72,27 @@ class PluginChain:
         self.upstream_request_hooks: list[Callable[..., Any]] = self._hooks("on_upstream_request")
         self.response_hooks: list[Callable[..., Any]] = self._hooks("on_response")
         self.log_hooks: list[Callable[..., Any]] = self._hooks("on_log")
+        self.chunk_hooks: list[Callable[..., Any]] = self._hooks("on_response_chunk")
+        self.end_hooks: list[Callable[..., Any]] = self._hooks("on_response_end")
+        # plugins that rewrite whole bodies (JSON edits): the exchange buffers for them
+        self.request_body_plugins = [
+            p for p in self.plugins if getattr(p, "buffer_request_body", False)
+        ]
+        self.response_body_plugins = [
+            p for p in self.plugins if getattr(p, "buffer_response_body", False)
+        ]
+        # For a response a plugin made itself (401, 429, a cache hit), the response hooks of
+        # the plugins that ran before it still decorate it (CORS, rate-limit headers), as in
+        # Kong: respond_hooks[i] are those for a response returned by request hook i.
+        owners = [p for p in self.plugins if hasattr(p, "on_request")]
+        self.respond_hooks: list[list[Callable[..., Any]]] = [
+            [
+                p.on_response
+                for p in self.plugins[: self.plugins.index(owner)]
+                if hasattr(p, "on_response")
+            ]
+            for owner in owners
+        ]
 
     def _hooks(self, name: str) -> list[Callable[..., Any]]:
         return [getattr(p, name) for p in self.plugins if hasattr(p, name)]

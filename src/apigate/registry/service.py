@@ -17,6 +17,8 @@ from apigate.balancing import make_balancer
 from apigate.balancing.base import Balancer, Instance, Origin
 from apigate.http.pool import Pool, PoolManager
 from apigate.registry.events import EVENTS
+from apigate.resilience.circuit_breaker import CircuitBreaker
+from apigate.resilience.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from apigate.config.schema import ServiceConfig, TargetConfig
@@ -64,6 +66,8 @@ class Service:
         self.instances: dict[str, Instance] = {}
         self.balancer: Balancer = make_balancer(config.balancer, [])
         self.hash_key: HashKey | None = None
+        self.breaker: CircuitBreaker | None = None
+        self.retry: RetryPolicy = RetryPolicy(config.retries)
         self._pool_by_instance: dict[str, Pool] = {}
         self.apply_config(config)
 
@@ -71,7 +75,15 @@ class Service:
     def apply_config(self, config: ServiceConfig) -> None:
         """Take a new config: reconcile static targets, rebuild the balancer if its kind changed."""
         old_kind = self.config.balancer
+        old_config = self.config
         self.config = config
+        # keep breaker state and retry budget across reloads that do not change their settings
+        if config.circuit_breaker is None:
+            self.breaker = None
+        elif self.breaker is None or config.circuit_breaker != old_config.circuit_breaker:
+            self.breaker = CircuitBreaker(self.name, config.circuit_breaker)
+        if config.retries != old_config.retries:
+            self.retry = RetryPolicy(config.retries)
         self.hash_key = (
             hash_key_extractor(config.hash_on) if config.balancer == "consistent_hash" else None
         )
