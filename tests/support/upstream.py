@@ -7,12 +7,21 @@ gateway forwarded) and behaves according to the request path:
     /echo (default)    JSON {method, path, query, headers, body_len, body_sha256}
     /chunked?n=K       a chunked response of K chunks
     /eof               a body with no length, ended by closing the connection
+    /eof-reset         a body with no length, then the connection is reset (not a clean end)
     /big?bytes=N       N bytes with Content-Length, streamed in 64 KiB writes
     /slow?ms=N         wait N ms before answering
-    /reset             close the connection without answering
-    /reset-mid         send a head with Content-Length 100 and 10 bytes, then close
+    /reset             reset the connection (RST) without answering
+    /reset-mid         send a head with Content-Length 100 and 10 bytes, then reset
     /ws                answer an Upgrade with 101 and echo bytes back
-    /drain             read the request body fully (counting), then answer its size
+    /drain             stream the request body into a hash without keeping it (`Received.body`
+                       stays empty; `body_len`/`body_sha256` are set), answer the echo document
+    /pattern?bytes=N   N bytes of `pattern_bytes` with Content-Length, honouring backpressure
+    /stall             stop reading after the head: the body is never read, nothing answered
+    /hop               a response carrying hop-by-hop headers the gateway must remove
+    anything in `state.canned[path]`: written verbatim (then closed if the bytes say
+                       `Connection: close`), for response-side conformance cases
+
+Every answer to HEAD is the head alone (as a correct server sends it), except canned ones.
 """
 
 from __future__ import annotations
@@ -20,10 +29,32 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import socket
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs
 
 import httptools
+
+PATTERN_BLOCK = 65536
+
+
+def pattern_block(index: int) -> bytes:
+    """Block `index` of the deterministic download/upload pattern: position-dependent, so a
+    lost, repeated or reordered block changes the hash."""
+    return index.to_bytes(8, "big") * (PATTERN_BLOCK // 8)
+
+
+def pattern_bytes(total: int, block: int = PATTERN_BLOCK) -> Iterator[bytes]:
+    """The pattern as `block`-sized pieces (generated, never held whole in memory)."""
+    index = 0
+    sent = 0
+    while sent < total:
+        piece = pattern_block(index)[: min(block, total - sent)]
+        yield piece
+        sent += len(piece)
+        index += 1
 
 
 @dataclass
@@ -33,7 +64,15 @@ class Received:
     query: str
     headers: list[tuple[str, str]]
     body: bytes
-    raw: bytes
+    raw: bytes  # the request as received (for /drain: the head and first bytes only)
+    body_len: int = -1
+    body_sha256: str = ""
+    connection: int = 0  # which connection it came on (1, 2, ... in accept order)
+
+    def __post_init__(self) -> None:
+        if self.body_len < 0:
+            self.body_len = len(self.body)
+            self.body_sha256 = hashlib.sha256(self.body).hexdigest()
 
     def header(self, name: str) -> str | None:
         for n, v in self.headers:
@@ -51,6 +90,8 @@ class UpstreamState:
     connections: int = 0
     open: set[asyncio.BaseTransport] = field(default_factory=set)
     name: str = "upstream"
+    canned: dict[str, bytes] = field(default_factory=dict)  # path -> raw response bytes
+    bytes_received: int = 0  # every byte read on any connection, complete request or not
 
 
 class _Conn(asyncio.Protocol):
@@ -60,22 +101,36 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.raw = bytearray()
         self.tunnel = False
+        self.streaming: hashlib._Hash | None = None  # /drain: body hashed, not kept
+        self.streamed = 0
+        self.can_write = asyncio.Event()
+        self.can_write.set()
+
+    def pause_writing(self) -> None:
+        self.can_write.clear()
+
+    def resume_writing(self) -> None:
+        self.can_write.set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.state.connections += 1
+        self.number = self.state.connections
         self.state.open.add(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.can_write.set()
         if self.transport is not None:
             self.state.open.discard(self.transport)
 
     def data_received(self, data: bytes) -> None:
+        self.state.bytes_received += len(data)
         if self.tunnel:
             assert self.transport is not None
             self.transport.write(data)
             return
-        self.raw += data
+        if self.streaming is None:
+            self.raw += data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -96,8 +151,20 @@ class _Conn(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
+    def on_headers_complete(self) -> None:
+        if self.url.startswith(b"/stall"):
+            assert self.transport is not None
+            self.transport.pause_reading()  # never read the body, never answer
+        if self.url.startswith(b"/drain"):
+            self.streaming = hashlib.sha256()
+            self.streamed = 0
+
     def on_body(self, body: bytes) -> None:
-        self.body += body
+        if self.streaming is not None:
+            self.streaming.update(body)
+            self.streamed += len(body)
+        else:
+            self.body += body
 
     def on_message_complete(self) -> None:
         url = httptools.parse_url(self.url)
@@ -108,7 +175,11 @@ class _Conn(asyncio.Protocol):
             headers=self.headers,
             body=bytes(self.body),
             raw=bytes(self.raw),
+            connection=self.number,
         )
+        if self.streaming is not None:
+            rec.body_len, rec.body_sha256 = self.streamed, self.streaming.hexdigest()
+            self.streaming = None
         self.raw = bytearray()
         self.state.received.append(rec)
         asyncio.get_running_loop().create_task(self.answer(rec))
@@ -120,7 +191,30 @@ class _Conn(asyncio.Protocol):
         path = rec.path
         if path.startswith("/slow"):
             await asyncio.sleep(int(q.get("ms", "100")) / 1000)
-        if path.startswith("/status/"):
+        canned = self.state.canned.get(path)
+        if rec.method == "HEAD" and canned is None:
+            t = _HeadOnly(t)  # type: ignore[assignment]
+        if canned is not None:
+            t.write(canned)  # verbatim, even for HEAD
+            if b"\r\nconnection: close\r\n" in canned.partition(b"\r\n\r\n")[0].lower() + b"\r\n":
+                t.close()
+        elif path.startswith("/pattern"):
+            n = int(q.get("bytes", "1048576"))
+            t.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % n)
+            for piece in pattern_bytes(n):
+                await self.can_write.wait()
+                if t.is_closing():
+                    return
+                t.write(piece)
+        elif path.startswith("/hop"):
+            body = b"hop"
+            t.write(
+                b"HTTP/1.1 200 OK\r\nConnection: X-Bar, keep-alive\r\nX-Bar: secret\r\n"
+                b"Keep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\nTE: trailers\r\n"
+                b"Trailer: X-Sum\r\nUpgrade: h2c\r\nProxy-Connection: keep-alive\r\n"
+                b"X-End-To-End: kept\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+        elif path.startswith("/status/"):
             code = int(path.split("/")[2])
             body = b"" if code in (204, 304) else json.dumps({"status": code}).encode()
             length = b"" if code in (204, 304) else b"Content-Length: %d\r\n" % len(body)
@@ -133,6 +227,10 @@ class _Conn(asyncio.Protocol):
                 t.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                 await asyncio.sleep(0)
             t.write(b"0\r\n\r\n")
+        elif path.startswith("/eof-reset"):
+            t.write(b"HTTP/1.1 200 OK\r\n\r\npartial-body")
+            await asyncio.sleep(0.05)
+            _reset(t)
         elif path.startswith("/eof"):
             t.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nbody-until-eof")
             t.close()
@@ -150,12 +248,14 @@ class _Conn(asyncio.Protocol):
         elif path.startswith("/reset-mid"):
             t.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
             await asyncio.sleep(0.05)
-            t.abort()
+            _reset(t)
         elif path.startswith("/reset"):
-            t.abort()
+            _reset(t)
         elif path.startswith("/ws"):
-            t.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                    b"Connection: Upgrade\r\n\r\n")
+            t.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\n\r\n"
+            )
             self.tunnel = True
         else:
             doc = {
@@ -164,12 +264,39 @@ class _Conn(asyncio.Protocol):
                 "path": rec.path,
                 "query": rec.query,
                 "headers": rec.headers,
-                "body_len": len(rec.body),
-                "body_sha256": hashlib.sha256(rec.body).hexdigest(),
+                "body_len": rec.body_len,
+                "body_sha256": rec.body_sha256,
             }
             body = json.dumps(doc).encode()
-            t.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            t.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+
+
+def _reset(transport: asyncio.Transport) -> None:
+    """Close with a TCP reset (RST), not a FIN: SO_LINGER with a zero timeout, then close."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+class _HeadOnly:
+    """Wraps a transport for a HEAD answer: the head goes out, body bytes are dropped."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._t = transport
+        self._in_head = True
+
+    def write(self, data: bytes) -> None:
+        if self._in_head:
+            head, sep, _ = data.partition(b"\r\n\r\n")
+            self._t.write(head + sep)
+            self._in_head = not sep
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._t, name)
 
 
 class Upstream:

@@ -8,6 +8,7 @@ age out under light load; each parked connection closes itself after `idle_timeo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections import deque
 
@@ -92,10 +93,8 @@ class Pool:
     def forget(self, conn: UpstreamConnection) -> None:
         """Called once from `connection_lost`."""
         self.total -= 1
-        try:
+        with contextlib.suppress(ValueError):  # it was busy, not parked
             self.idle.remove(conn)
-        except ValueError:
-            pass
 
     def close(self) -> None:
         self.closed = True

@@ -8,11 +8,17 @@ Content-Length, bad chunk sizes, bare LF, obs-fold, control bytes); we add what 
 proxy must not: HTTP versions other than 1.0/1.1, Transfer-Encoding other than exactly `chunked`,
 Transfer-Encoding on HTTP/1.0, a missing or repeated Host, CONNECT, and every size limit.
 
-Per connection the phases are:
+Per connection the phases describe the *reading* side (what the client owes us, and so which
+deadline applies):
 
     IDLE  --first byte-->  HEAD  --headers complete-->  BODY  --message complete-->  WAIT
      ^                                                                                |
      +------------------------- response finished, keep-alive ------------------------+
+
+BODY is only the body of the exchange being answered; the body of a queued (pipelined) request
+is read in WAIT, untimed, because we are the ones holding it back. A pipelined head that starts
+arriving while a response is still being written is HEAD and timed as such. No deadline runs
+while reading is paused by us (queue or backpressure): a slow upstream is not the client's fault.
 
 Each request becomes an *exchange* (see `apigate.proxy.exchange`). Only the exchange at the front
 of the queue may write; pipelined requests that arrive while it works wait in `_queue` with their
@@ -28,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
@@ -54,6 +61,8 @@ class Exchange(Protocol):
 
     request: Request
 
+    @property
+    def response_started(self) -> bool: ...  # some of the response head/body was committed
     def start(self) -> None: ...
     def feed_body(self, chunk: bytes) -> None: ...
     def body_done(self) -> None: ...
@@ -61,6 +70,7 @@ class Exchange(Protocol):
     def client_write_paused(self) -> None: ...
     def client_write_resumed(self) -> None: ...
     def tunnel_data(self, data: bytes) -> None: ...
+    def tunnel_eof(self) -> None: ...
 
 
 class ConnectionHost(Protocol):
@@ -115,6 +125,11 @@ _FORWARDING_KEPT_IF_TRUSTED = (
 )
 
 _PAUSE_BUFFER = 64 * 1024  # buffered request body bytes before we stop reading the client
+_LINGER_SECONDS = 2.0  # how long a refused client's further input is read and discarded
+
+# What may appear in a Host header: uri-host [":" port] (RFC 9110 §7.2, RFC 3986 §3.2.2).
+# Anything else (spaces, "@", "/", "\\", quotes) is refused: Host is routed on and forwarded.
+_HOST_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%!$&'()*+,;=:[]"
 
 
 class ClientConnection(asyncio.Protocol):
@@ -126,6 +141,9 @@ class ClientConnection(asyncio.Protocol):
         self.limits = host.limits
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
+        # Let any "HTTP/d.d" through llhttp so that parser_headers_done answers every version
+        # but 1.0/1.1 with 505 (strict llhttp says 400 to HTTP/1.2 but accepts HTTP/2.0).
+        self.parser.set_dangerous_leniencies(lenient_version=True)
         self.phase = Phase.IDLE
         self.client_ip = ""
         self.client_port = 0
@@ -136,6 +154,8 @@ class ClientConnection(asyncio.Protocol):
         self._req: Request | None = None
         self._url = b""
         self._head_bytes = 0
+        self._feeding = 0  # size of the read being parsed (see on_message_begin)
+        self._after_read: list[Callable[[], None]] = []
         self._header_count = 0
         self._host_count = 0
         self._body_bytes = 0
@@ -149,11 +169,13 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel: Exchange | None = None
         self._queue_paused = False
         self._route_body_timeout: float | None = None
-        self.close_after_current = False
+        # a later pipelined request was malformed: answer the earlier ones, then this, then close
+        self._pending_error: GatewayError | None = None
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self.requests_served = 0
+        self._linger: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ connection events
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -170,7 +192,8 @@ class ClientConnection(asyncio.Protocol):
         self.host.connections.add(self)
         if len(self.host.connections) > self.limits.max_connections:
             err = GatewayError(503, "too many connections", "too_many_connections")
-            transport.write(render_error(err, None, keep_alive=False))
+            rid = self.host.request_ids.next()  # every error body carries a request id
+            self.transport.write(render_error(err, rid, keep_alive=False))
             self.close()
             return
         self._set_deadline(self.limits.header_timeout)
@@ -181,6 +204,9 @@ class ClientConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         if self.current is not None:
             self.current.client_lost()
         if self.tunnel is not None and self.tunnel is not self.current:
@@ -190,16 +216,12 @@ class ClientConnection(asyncio.Protocol):
         self._queue.clear()
 
     def data_received(self, data: bytes) -> None:
+        if self._linger is not None:
+            return  # refused and answered: discard what the client still sends
         if self.tunnel is not None:
             self.tunnel.tunnel_data(data)
             return
-        if self.phase <= Phase.HEAD:
-            # Backstop against a client that never finishes a header line: llhttp buffers a
-            # partial header in memory, so bound the bytes we feed before headers complete.
-            self._head_bytes += len(data)
-            if self._head_bytes > self.limits.max_header_bytes + self.limits.max_url_bytes + 1024:
-                self._reject(GatewayError(431, "request header section too large"))
-                return
+        self._feeding = len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upg:
@@ -212,10 +234,45 @@ class ClientConnection(asyncio.Protocol):
                 raise cause from None
         except httptools.HttpParserError as exc:
             self._reject(GatewayError(400, f"malformed request: {_parser_reason(exc)}"))
+        else:
+            if self.phase == Phase.HEAD:
+                # Backstop against a client that never finishes a header line: httptools
+                # accumulates a partial header in memory, so bound the reads that end with the
+                # head still incomplete. Only whole reads after the one where the message began
+                # count (see on_message_begin), so a body that shares a read with its head is
+                # never mistaken for header bytes (it was, and a 100 KB POST got a 431).
+                self._head_bytes += len(data)
+                limit = self.limits.max_header_bytes + self.limits.max_url_bytes + 1024
+                if self._head_bytes > limit:
+                    self._reject(GatewayError(431, "request header section too large"))
+        finally:
+            self._feeding = 0
+        if self._after_read:
+            callbacks, self._after_read = self._after_read, []
+            for callback in callbacks:
+                callback()
+
+    def after_read(self, callback: Callable[[], None]) -> bool:
+        """Run `callback` once the read being parsed is fully parsed; False if none is.
+
+        The exchange defers forwarding a request that has a body until then: when a whole
+        request arrives in one read (the usual smuggling attempt), a bad chunk or an oversized
+        body is refused before its head has gone upstream. A body spanning reads is streamed,
+        so then only the reads already validated are forwarded.
+        """
+        if not self._feeding:
+            return False
+        self._after_read.append(callback)
+        return True
 
     def eof_received(self) -> bool | None:
+        if self.tunnel is not None:
+            # Pass the half-close on; the tunnel ends when the upstream closes. (It used to be
+            # kept open with the upstream never told, so the connection lived for ever.)
+            self.tunnel.tunnel_eof()
+            return True
         # A half-closed client may still wait for its response (curl does this after sending).
-        if self.current is None and not self._queue:
+        if (self.current is None and not self._queue) or self._linger is not None:
             self.close()
             return None
         return True
@@ -236,6 +293,7 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.phase = Phase.HEAD
         self._deadline = self.loop.time() + self.limits.header_timeout
+        self._head_bytes = -self._feeding  # data_received adds this read back: counts as 0
         req = Request()
         req.client_ip = self.client_ip
         req.client_port = self.client_port
@@ -261,6 +319,8 @@ class ClientConnection(asyncio.Protocol):
         if req is None:
             return
         if self.phase != Phase.HEAD:  # a trailer field after a chunked body: not forwarded
+            # (on_headers_complete leaves HEAD even for a queued request, so a pipelined
+            # request's trailers cannot become its headers, as they once did)
             return
         self._header_count += 1
         if self._header_count > self.limits.max_headers:
@@ -271,6 +331,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if kind == _H_HOST:
             self._host_count += 1
+            if value.translate(None, _HOST_CHARS):  # a byte outside uri-host [":" port]
+                raise GatewayError(400, "invalid Host header")
             req.host = value.decode("latin-1").lower()  # sent upstream by the exchange
         elif kind == _H_CONTENT_LENGTH:
             req.content_length = int(value)  # llhttp validated digits and duplicates
@@ -279,7 +341,9 @@ class ClientConnection(asyncio.Protocol):
         elif kind == _H_CONNECTION:
             self._connection_values.append(value)
         elif kind == _H_EXPECT:
-            if value.strip().lower() == b"100-continue":
+            if self.parser.get_http_version() == "1.0":
+                pass  # RFC 9110 §10.1.1: a server MUST ignore 100-continue in HTTP/1.0
+            elif value.strip().lower() == b"100-continue":
                 req.expect_continue = True
             else:
                 raise GatewayError(417, "unsupported Expect value", "expectation_failed")
@@ -303,6 +367,11 @@ class ClientConnection(asyncio.Protocol):
         assert req is not None
         self._head_bytes = 0
         self.parser_headers_done(req)
+        # The head is read: leave HEAD now, whatever happens to the exchange. A queued request
+        # used to stay in HEAD, so its trailers were taken as headers and the header timeout
+        # fired (408, queue dropped) while it merely waited behind a slow response.
+        self.phase = Phase.WAIT
+        self._deadline = 0.0
         ex = self.host.new_exchange(self, req)
         self._parsing = ex
         if req.has_body:
@@ -318,7 +387,7 @@ class ClientConnection(asyncio.Protocol):
         if ex is self._parsing:
             self.phase = Phase.BODY
             self._deadline = self.loop.time() + self._body_timeout()
-        else:
+        elif self.phase != Phase.HEAD:  # (a next pipelined head may be arriving: keep timing it)
             self.phase = Phase.WAIT
             self._deadline = 0.0
         ex.start()
@@ -343,9 +412,8 @@ class ClientConnection(asyncio.Protocol):
             raise GatewayError(405, "CONNECT is not supported", headers=())
         if self._host_count > 1:
             raise GatewayError(400, "more than one Host header")
-        if self._host_count == 0:
-            if version == "1.1":
-                raise GatewayError(400, "missing Host header")
+        if self._host_count == 0 and version == "1.1":
+            raise GatewayError(400, "missing Host header")
         if self._te_values:
             if version == "1.0":
                 raise GatewayError(400, "Transfer-Encoding is not allowed in HTTP/1.0")
@@ -384,6 +452,8 @@ class ClientConnection(asyncio.Protocol):
                     parsed = httptools.parse_url(url)
                 except httptools.HttpParserInvalidURLError:
                     raise GatewayError(400, "invalid request target") from None
+                if parsed.userinfo:  # RFC 9110 §4.2.4: treat userinfo in an http URI as an error
+                    raise GatewayError(400, "userinfo in request target")
                 authority = parsed.host.decode("latin-1").lower()
                 if parsed.port:
                     authority += f":{parsed.port}"
@@ -394,14 +464,13 @@ class ClientConnection(asyncio.Protocol):
                 return
             else:
                 raise GatewayError(400, "invalid request target")
+        if b"#" in url:  # in the query too: it was forwarded upstream as part of the query
+            raise GatewayError(400, "fragment in request target")
         q = url.find(b"?")
         if q >= 0:
             raw_path, req.query = url[:q], url[q + 1 :]
         else:
             raw_path = url
-        hash_at = raw_path.find(b"#")
-        if hash_at >= 0:
-            raise GatewayError(400, "fragment in request target")
         try:
             path_text = raw_path.decode("ascii")
         except UnicodeDecodeError:
@@ -427,7 +496,7 @@ class ClientConnection(asyncio.Protocol):
         if ex is None:
             return
         if ex.request.has_body:
-            if ex is self.current:
+            if self.phase == Phase.BODY:
                 self.phase = Phase.WAIT
                 self._deadline = 0.0
             ex.body_done()
@@ -470,11 +539,14 @@ class ClientConnection(asyncio.Protocol):
             return
         self.requests_served += 1
         self.current = None
-        if not keep_alive or self.host.draining or self.close_after_current:
-            self.close()
-            return
         if self._parsing is ex:  # answered before the request body was read: framing unknown
-            self.close()
+            self.close_lingering()
+            return
+        if not keep_alive or self.host.draining:
+            if self.phase == Phase.HEAD:  # the client is sending its next request
+                self.close_lingering()
+            else:
+                self.close()
             return
         if self._queue:
             nxt = self._queue.popleft()
@@ -483,38 +555,79 @@ class ClientConnection(asyncio.Protocol):
                 self.resume_reading()
             self._begin(nxt)
             return
+        if self._pending_error is not None:
+            self.respond_error(self._pending_error, self._req)
+            return
+        if self.phase == Phase.HEAD:
+            return  # the next request's head is arriving: its header deadline stands
         self.phase = Phase.IDLE
         self._set_deadline(self.limits.idle_timeout)
 
-    def respond_error(self, err: GatewayError, request: Request | None, head_only: bool = False) -> None:
+    def respond_error(
+        self, err: GatewayError, request: Request | None, head_only: bool = False
+    ) -> None:
         """Answer with a gateway error and close (the connection state is unknown)."""
-        rid = request.request_id if request is not None else None
+        rid = request.request_id if request is not None else ""
+        if not rid:  # refused before the head was complete: still give the client an id
+            rid = self.host.request_ids.next()
+            if request is not None:
+                request.request_id = rid
         self.write(render_error(err, rid, keep_alive=False, head_only=head_only))
-        self.close()
+        self.close_lingering()
 
     def _reject(self, err: GatewayError) -> None:
-        """A protocol-level error: answer it unless a response is in progress, then close."""
-        if self.phase == Phase.CLOSED:
+        """A protocol-level error: answer it (after the responses still owed), then close."""
+        if self.phase == Phase.CLOSED or self._pending_error is not None:
             return
-        self._queue.clear()
         parsing, self._parsing = self._parsing, None
+        if parsing is not None and parsing is not self.current:
+            if parsing in self._queue:  # a queued request whose body was malformed
+                self._queue.remove(parsing)
+            parsing.client_lost()
         current = self.current
         if current is not None and current is not parsing:
-            # an earlier response is still being written: do not interleave, close after it
-            self.close_after_current = True
+            # Earlier pipelined requests are owed their responses, in order: answer them, then
+            # this error (finish_exchange), then close. Read nothing more meanwhile. (This used
+            # to drop the queued requests and close without any answer to the bad one.)
+            self._pending_error = err
+            self.phase = Phase.WAIT
+            self._deadline = 0.0
             self.pause_reading()
-            if parsing is not None:
-                parsing.client_lost()
             return
         if current is not None:
+            started = current.response_started
             current.client_lost()
             self.current = None
+            if started:  # an error response now would land inside the one already begun
+                self.abort()
+                return
         self.respond_error(err, self._req)
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
         self.phase = Phase.CLOSED
+
+    def close_lingering(self) -> None:
+        """Close after a response while the client may still be sending (a refused head, an
+        unread body): send FIN after the response, read and discard for a while, then close.
+
+        Closing at once made the kernel answer the client's next bytes with a reset, which
+        destroys the response before the client reads it: a client uploading a body too large
+        saw "connection reset" instead of the 413 (nginx's lingering_close). Error path only.
+        """
+        t = self.transport
+        if t is None or t.is_closing() or self._linger is not None:
+            return
+        if not t.can_write_eof():  # TLS cannot half-close
+            self.close()
+            return
+        self.phase = Phase.CLOSED
+        t.write_eof()
+        self._linger = self.loop.call_later(_LINGER_SECONDS, self.close)
+        if self._reading_paused:
+            self._reading_paused = False
+            t.resume_reading()
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -533,6 +646,11 @@ class ClientConnection(asyncio.Protocol):
             self._pause_reasons -= 1
         if self._pause_reasons == 0 and self._reading_paused and self.transport is not None:
             self._reading_paused = False
+            # The client could not send while we held it: its deadline starts again now.
+            if self.phase == Phase.HEAD:
+                self._deadline = self.loop.time() + self.limits.header_timeout
+            elif self.phase == Phase.BODY:
+                self._deadline = self.loop.time() + self._body_timeout()
             if not self.transport.is_closing():
                 self.transport.resume_reading()
 
@@ -573,19 +691,18 @@ class ClientConnection(asyncio.Protocol):
             return
         now = self.loop.time()
         if self._deadline and now >= self._deadline:
-            self._on_timeout()
-            return
+            if not self._reading_paused:
+                self._on_timeout()
+                return
+            self._deadline = 0.0  # paused by us: resume_reading sets a fresh deadline
         tick = now + self.limits.header_timeout
         self._arm(min(self._deadline, tick) if self._deadline else tick)
 
     def _on_timeout(self) -> None:
         if self.phase == Phase.IDLE:
             self.close()  # idle keep-alive connection: close quietly, as nginx does
-        elif self.phase == Phase.HEAD:
-            if self._head_bytes or self._req is not None and self._url:
-                self._reject(GatewayError(408, "timed out reading the request head"))
-            else:
-                self.close()
+        elif self.phase == Phase.HEAD:  # only on_message_begin enters HEAD: a request began
+            self._reject(GatewayError(408, "timed out reading the request head"))
         elif self.phase == Phase.BODY:
             self._reject(GatewayError(408, "timed out reading the request body"))
 

@@ -23,11 +23,29 @@ if TYPE_CHECKING:
     from apigate.http.pool import Pool
 
 
+# An upstream is untrusted too: its head is bounded like a client's (nginx: "upstream sent too
+# big header"). httptools would otherwise accumulate an endless header line in memory.
+MAX_RESPONSE_HEAD = 64 * 1024
+
+
+class InvalidResponse(ConnectionError):
+    """The upstream's response cannot be proxied faithfully (the exchange answers 502)."""
+
+
 class ResponseHead:
     """A parsed upstream response head; plugins may edit `headers` before it is written."""
 
-    __slots__ = ("chunked", "content_length", "headers", "keep_alive", "reason", "status",
-                 "until_eof", "upgrade", "version")
+    __slots__ = (
+        "chunked",
+        "content_length",
+        "headers",
+        "keep_alive",
+        "reason",
+        "status",
+        "until_eof",
+        "upgrade",
+        "version",
+    )
 
     def __init__(self) -> None:
         self.status = 0
@@ -85,6 +103,9 @@ _RESPONSE_SPECIAL: dict[bytes, int] = {
     b"te": _R_DROP,
     b"trailer": _R_DROP,
     b"proxy-authenticate": _R_DROP,
+    # the gateway writes its own X-Request-Id (the one it sent upstream); an upstream that
+    # echoes it back would otherwise give the client two
+    b"x-request-id": _R_DROP,
 }
 
 
@@ -103,8 +124,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.requests = 0  # how many exchanges this connection has carried
         self.head_only = False  # the current request is HEAD: the response has no body
         self.got_bytes = False  # any byte of the current response arrived
-        self.request_sent = False  # the whole request (head + body) was written
+        self._request_sent = False  # the whole request (head + body) was written
+        self._write_blocked = False  # the upstream is not reading what we write (pause_writing)
         self.tunnel = False
+        self.upgrade = False
+        self._head_bytes = 0
         self._connection_values: list[bytes] = []
         self._skip_rest = False
         self._deadline = 0.0
@@ -129,8 +153,10 @@ class UpstreamConnection(asyncio.Protocol):
         if listener is None:
             return
         head = self.head
-        if head is not None and head.until_eof and not self.tunnel:
-            listener.on_response_done()  # EOF is how a length-less body ends
+        if head is not None and head.until_eof and not self.tunnel and exc is None:
+            # EOF is how a length-less body ends; a reset (exc set) is not: the body may be
+            # cut, and the client must see a truncated response, not a complete one.
+            listener.on_response_done()
         else:
             listener.on_upstream_lost(exc)
 
@@ -149,7 +175,14 @@ class UpstreamConnection(asyncio.Protocol):
             self._deadline = self.loop.time() + self._timeout
         try:
             self.parser.feed_data(data)
+            head = self.head
+            if head is None or not head.status:  # the head is still incomplete after this read
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_RESPONSE_HEAD:
+                    raise InvalidResponse(f"response head larger than {MAX_RESPONSE_HEAD} bytes")
             listener.flush_head()  # a head whose body has not arrived yet goes out now
+        except InvalidResponse as exc:
+            self._invalid(listener, exc)
         except httptools.HttpParserUpgrade as upg:
             extra = data[upg.args[0] :]
             if self.head is not None and self.head.status == 101:
@@ -159,25 +192,45 @@ class UpstreamConnection(asyncio.Protocol):
             else:
                 self.close()
         except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, InvalidResponse):
+                self._invalid(listener, exc.__context__)
+                return
             if exc.__context__ is not None:
                 raise exc.__context__ from None
             raise
-        except httptools.HttpParserError:
-            self.reusable = False
-            self.listener = None
-            self.close()
-            listener.on_upstream_lost(ConnectionError("malformed response from upstream"))
+        except httptools.HttpParserError as exc:
+            self._invalid(listener, InvalidResponse(f"malformed response: {exc}"))
+
+    def _invalid(self, listener: UpstreamListener, exc: InvalidResponse) -> None:
+        self.reusable = False
+        self.listener = None
+        self.close()
+        listener.on_upstream_lost(exc)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too; connection_lost decides what the EOF meant
 
     def pause_writing(self) -> None:
+        self._write_blocked = True
+        if self._timeout:  # the upstream stopped reading our request: time the stall from now
+            self._deadline = self.loop.time() + self._timeout
         if self.listener is not None:
             self.listener.upstream_write_paused()
 
     def resume_writing(self) -> None:
+        self._write_blocked = False
         if self.listener is not None:
             self.listener.upstream_write_resumed()
+
+    @property
+    def request_sent(self) -> bool:
+        return self._request_sent
+
+    @request_sent.setter
+    def request_sent(self, value: bool) -> None:
+        self._request_sent = value
+        if value and self._timeout:  # the response timeout counts from the end of the request
+            self._deadline = self.loop.time() + self._timeout
 
     # ------------------------------------------------------------------ parser callbacks
     def on_message_begin(self) -> None:
@@ -198,7 +251,12 @@ class UpstreamConnection(asyncio.Protocol):
         elif kind == _R_CONTENT_LENGTH:
             head.content_length = int(value)
         elif kind == _R_TRANSFER_ENCODING:
-            head.chunked = value.strip().lower().endswith(b"chunked")
+            # Only "chunked" can be proxied: we decode it and re-frame the body. Any other
+            # coding ("gzip, chunked") would reach the client decoded of its chunking but still
+            # compressed, with nothing saying so (it once did); "identity" is obsolete.
+            if head.chunked or value.strip().lower() != b"chunked":
+                raise InvalidResponse(f"unsupported Transfer-Encoding {value[:40]!r}")
+            head.chunked = True
         elif kind == _R_CONNECTION:
             self._connection_values.append(value)
         elif kind == _R_UPGRADE:
@@ -208,6 +266,9 @@ class UpstreamConnection(asyncio.Protocol):
         head = self.head
         assert head is not None
         status = self.parser.get_status_code()
+        if status == 101 and not self.upgrade:
+            # a tunnel the client did not ask for would desynchronise its connection
+            raise InvalidResponse("101 Switching Protocols without an upgrade request")
         head.status = status
         head.version = self.parser.get_http_version()
         if 100 <= status < 200 and status != 101:
@@ -242,7 +303,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         if self._skip_rest:
-            self.reusable = False  # bytes after a HEAD response: the framing is not what we think
+            # Bytes after a HEAD response: the framing is not what we think. The connection
+            # was already released to the pool, so "not reusable" came too late (it could be
+            # reused with the rest of this body read as the next response): close it.
+            self.close()
             return
         listener = self.listener
         if listener is not None:
@@ -266,11 +330,19 @@ class UpstreamConnection(asyncio.Protocol):
             listener.on_response_done()
 
     # ------------------------------------------------------------------ used by the exchange
-    def begin(self, listener: UpstreamListener, head_only: bool, response_timeout: float) -> None:
+    def begin(
+        self,
+        listener: UpstreamListener,
+        head_only: bool,
+        response_timeout: float,
+        upgrade: bool = False,
+    ) -> None:
         """Attach an exchange before its request head is written."""
         self.listener = listener
         self.head = None
         self.head_only = head_only
+        self.upgrade = upgrade  # the request asks for an upgrade: a 101 may come
+        self._head_bytes = 0
         self.got_bytes = False
         self.request_sent = False
         self.reusable = False
@@ -289,6 +361,14 @@ class UpstreamConnection(asyncio.Protocol):
     def writelines(self, parts: list[bytes]) -> None:
         if self.transport is not None:
             self.transport.writelines(parts)
+
+    def write_eof(self) -> None:
+        """Half-close (a tunnel whose client half-closed)."""
+        t = self.transport
+        if t is not None and not self.closed and t.can_write_eof():
+            t.write_eof()
+        else:
+            self.close()
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self.closed:
@@ -330,6 +410,18 @@ class UpstreamConnection(asyncio.Protocol):
         if self.closed or not self._deadline:
             return
         now = self.loop.time()
+        if (
+            now >= self._deadline
+            and self._timeout
+            and not self._request_sent
+            and not self._write_blocked
+            and not self.got_bytes
+        ):
+            # The request body is still coming from the client and the upstream keeps up with
+            # it: the wait is the client's (its body_timeout governs that), not the upstream's.
+            # The response timeout once ran from the request head, so an upload longer than
+            # `timeouts.response` got a 504 half-way.
+            self._deadline = now + self._timeout
         if now < self._deadline:
             self._timer_at = self._deadline
             self._timer = self.loop.call_at(self._deadline, self._on_timer)

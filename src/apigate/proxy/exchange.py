@@ -18,14 +18,13 @@ exists the body is buffered, up to 64 KiB, then the client is paused.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 from typing import TYPE_CHECKING, Any
 
 from apigate.http.errors import GatewayError, render_error, render_response
 from apigate.http.pool import PoolFull
-from apigate.http.upstream import ResponseHead, UpstreamConnection
+from apigate.http.upstream import InvalidResponse, ResponseHead, UpstreamConnection
 from apigate.plugins.base import Response
 from apigate.proxy.heads import request_head, response_head
 from apigate.routing.matcher import NoMatch
@@ -85,10 +84,17 @@ class ProxyExchange:
         self._finished = False
         self._client_gone = False
         self._tunnel_buf: list[bytes] | None = None
+        self._tunnel_buffered = 0
+        self._paused_for_tunnel = False
         self._tunnel_open = False
         self._t_upstream = 0.0
         self._reused = False
         self._pending_error: GatewayError | None = None
+
+    @property
+    def response_started(self) -> bool:
+        """A response head is committed: an error can no longer be sent, only a cut."""
+        return self._head_sent
 
     # ================================================================== client side events
     def start(self) -> None:
@@ -155,6 +161,20 @@ class ProxyExchange:
             if self._tunnel_buf is None:
                 self._tunnel_buf = []
             self._tunnel_buf.append(data)
+            self._tunnel_buffered += len(data)
+            if self._tunnel_buffered > _BUFFER_LIMIT and not self._paused_for_tunnel:
+                # bytes sent before the upstream's 101 wait in memory: bound them (they were
+                # buffered without limit for as long as the upstream took to answer)
+                self._paused_for_tunnel = True
+                self.conn.pause_reading()
+
+    def tunnel_eof(self) -> None:
+        up = self.upstream
+        if self._tunnel_open and up is not None:
+            up.write_eof()
+        else:  # gone before the upgrade was answered: nothing to tunnel
+            self.client_lost()
+            self.conn.close()
 
     # ================================================================== routing and plugins
     def _route(self) -> None:
@@ -163,8 +183,9 @@ class ProxyExchange:
         if isinstance(result, NoMatch):
             if result.allowed_methods:
                 allow = ", ".join(sorted(result.allowed_methods)).encode()
-                raise GatewayError(405, f"method {req.method} not allowed here",
-                                   headers=[(b"Allow", allow)])
+                raise GatewayError(
+                    405, f"method {req.method} not allowed here", headers=[(b"Allow", allow)]
+                )
             raise GatewayError(404, f"no route for {req.method} {req.path}")
         route: CompiledRoute = result.spec.payload  # type: ignore[assignment]
         self.route = route
@@ -217,8 +238,10 @@ class ProxyExchange:
 
     # ================================================================== upstream selection
     def _forward(self) -> None:
-        if self._client_gone:
+        if self._client_gone or self._finished:
             return
+        if self.request.has_body and self.conn.after_read(self._forward):
+            return  # its body framing is validated first (see ClientConnection.after_read)
         service = self.service
         if service is None:
             assert self.route is not None
@@ -234,8 +257,11 @@ class ProxyExchange:
             if self.tried:
                 self.fail(self._pending_error or GatewayError(502, "every instance failed"))
             else:
-                self.fail(GatewayError(503, f"no healthy instance of service {service.name}",
-                                       "no_healthy_instance"))
+                self.fail(
+                    GatewayError(
+                        503, f"no healthy instance of service {service.name}", "no_healthy_instance"
+                    )
+                )
             return
         self.instance = inst
         self.tried.append(inst)
@@ -252,20 +278,26 @@ class ProxyExchange:
         try:
             up = await pool.connect(timeouts.connect)
         except PoolFull:
-            self.fail(GatewayError(503, f"service {service.name}: connection limit reached",
-                                   "upstream_overloaded"))
+            self.fail(
+                GatewayError(
+                    503, f"service {service.name}: connection limit reached", "upstream_overloaded"
+                )
+            )
             return
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             service.report(inst, ok=False)
-            self._pending_error = GatewayError(504, f"connect to {inst.host}:{inst.port} timed out",
-                                               "upstream_connect_timeout")
+            self._pending_error = GatewayError(
+                504, f"connect to {inst.host}:{inst.port} timed out", "upstream_connect_timeout"
+            )
             self._retry_connect()
             return
         except OSError as exc:
             service.report(inst, ok=False)
             self._pending_error = GatewayError(
-                502, f"connect to {inst.host}:{inst.port} failed: {exc.strerror or exc}",
-                "upstream_connect_error")
+                502,
+                f"connect to {inst.host}:{inst.port} failed: {exc.strerror or exc}",
+                "upstream_connect_error",
+            )
             self._retry_connect()
             return
         if self._client_gone or self._finished:
@@ -290,7 +322,12 @@ class ProxyExchange:
         self._reused = reused
         self.service.balancer.on_start(self.instance)
         self._t_upstream = self.loop.time()
-        up.begin(self, req.method == "HEAD", self.service.config.timeouts.response)
+        up.begin(
+            self,
+            req.method == "HEAD",
+            self.service.config.timeouts.response,
+            upgrade=req.upgrade is not None,
+        )
         route = self.route
         assert route is not None
         if route.chain.upstream_request_hooks:
@@ -299,8 +336,14 @@ class ProxyExchange:
         host = req.host.encode("latin-1") if route.preserve_host else up.pool.host_header
         chunked = req.chunked
         length = req.content_length
-        head = request_head(req, req.method.encode(), self.upstream_path, host,
-                            chunked=chunked, content_length=length)
+        head = request_head(
+            req,
+            req.method.encode(),
+            self.upstream_path,
+            host,
+            chunked=chunked,
+            content_length=length,
+        )
         body = self._body
         if body:
             parts = [head]
@@ -342,16 +385,21 @@ class ProxyExchange:
         bodyless = req.method == "HEAD" or status in (204, 304) or status == 101
         self._chunk_out = not bodyless and (head.chunked or head.until_eof) and req.version == "1.1"
         keep_alive = req.keep_alive and (status == 101 or req.upgrade is None)
-        if head.until_eof and not self._chunk_out and not bodyless:
-            keep_alive = False  # an HTTP/1.0 client learns the end of the body from the close
+        if self.conn.host.draining:
+            keep_alive = False  # we close after it: say so (Connection: close)
+        if (head.until_eof or head.chunked) and not self._chunk_out and not bodyless:
+            # An HTTP/1.0 client learns the end of the body from the close. (A chunked upstream
+            # body was once sent to a keep-alive 1.0 client with no framing at all.)
+            keep_alive = False
         if not self._body_done:
             keep_alive = False  # answered before the request body ended: framing is lost
         self._keep_alive = keep_alive
         self._head_sent = True
         # Held back until the end of this upstream read, so that head and body leave in one
         # send() (measured: a second write syscall per response cost ~15% of the plain path).
-        self._pending_head = response_head(head, req, chunk_out=self._chunk_out,
-                                           keep_alive=keep_alive)
+        self._pending_head = response_head(
+            head, req, chunk_out=self._chunk_out, keep_alive=keep_alive
+        )
         if status == 101:
             self.flush_head()
 
@@ -406,14 +454,22 @@ class ProxyExchange:
             return
         if not self._head_sent:
             if (
-                up is not None and self._reused and not up.got_bytes and self._body_done
-                and not self.request.has_body and self.request.method in IDEMPOTENT
+                up is not None
+                and self._reused
+                and not up.got_bytes
+                and self._body_done
+                and not self.request.has_body
+                and self.request.method in IDEMPOTENT
             ):
                 # A pooled connection the upstream had closed as we reused it: the classic
                 # keep-alive race. Nothing was processed; try again on a fresh connection.
                 self.retries += 1
                 self.tried.pop()
                 self._forward()
+                return
+            if isinstance(exc, InvalidResponse):
+                reason = f"invalid response from upstream {self._where()}: {exc}"
+                self.fail(GatewayError(502, reason, "upstream_invalid_response"))
                 return
             reason = f"upstream {self._where()} closed the connection"
             self.fail(GatewayError(502, reason, "upstream_reset"))
@@ -429,8 +485,11 @@ class ProxyExchange:
         if self._client_gone:
             return
         if not self._head_sent:
-            self.fail(GatewayError(504, f"upstream {self._where()} did not answer in time",
-                                   "upstream_timeout"))
+            self.fail(
+                GatewayError(
+                    504, f"upstream {self._where()} did not answer in time", "upstream_timeout"
+                )
+            )
         else:
             self.error = "upstream timed out mid-response"
             self.conn.abort()
@@ -444,6 +503,9 @@ class ProxyExchange:
         if up is not None and self._tunnel_buf:
             up.writelines(self._tunnel_buf)
         self._tunnel_buf = None
+        if self._paused_for_tunnel:
+            self._paused_for_tunnel = False
+            self.conn.resume_reading()
 
     def upstream_write_paused(self) -> None:
         self._paused_upstream_write = True
@@ -461,13 +523,19 @@ class ProxyExchange:
             return
         req = self.request
         self.status = response.status
-        keep_alive = req.keep_alive and self._body_done
+        keep_alive = req.keep_alive and self._body_done and not self.conn.host.draining
         headers = [*response.headers, (b"X-Request-Id", req.request_id.encode())]
         self.bytes_sent = len(response.body)
-        self.conn.write(render_response(
-            response.status, response.body, content_type=response.content_type,
-            headers=headers, keep_alive=keep_alive, head_only=req.method == "HEAD",
-        ))
+        self.conn.write(
+            render_response(
+                response.status,
+                response.body,
+                content_type=response.content_type,
+                headers=headers,
+                keep_alive=keep_alive,
+                head_only=req.method == "HEAD",
+            )
+        )
         self._complete(keep_alive)
 
     def fail(self, err: GatewayError) -> None:
@@ -481,9 +549,10 @@ class ProxyExchange:
         req = self.request
         self.status = err.status
         self.error = err.message
-        keep_alive = req.keep_alive and self._body_done
-        self.conn.write(render_error(err, req.request_id, keep_alive=keep_alive,
-                                     head_only=req.method == "HEAD"))
+        keep_alive = req.keep_alive and self._body_done and not self.conn.host.draining
+        self.conn.write(
+            render_error(err, req.request_id, keep_alive=keep_alive, head_only=req.method == "HEAD")
+        )
         self._complete(keep_alive)
 
     # ================================================================== bookkeeping

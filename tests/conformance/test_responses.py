@@ -1,0 +1,143 @@
+"""The response direction: the upstream is untrusted too. A response that cannot be proxied
+faithfully becomes a 502 (`upstream_invalid_response`) before anything reaches the client, or a
+truncated response once the head has gone out; its connection is never reused."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.conformance.conftest import assert_error
+from tests.support.client import RawClient, Truncated, request
+from tests.support.env import Env, env_fixture, shared_env_fixture
+from tests.support.gateway import base_config
+from tests.support.upstream import Upstream
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+def _config(up: Upstream) -> dict[str, Any]:
+    return base_config(
+        services={
+            "up": {"targets": [up.url], "timeouts": {"response": "2s"}, "health": {"passive": None}}
+        },  # these failures must not eject it
+        routes=[{"name": "all", "match": {"paths": ["/"]}, "service": "up"}],
+    )
+
+
+shared_env = shared_env_fixture(_config)
+env = env_fixture()
+
+
+async def _get(env: Env, path: str, method: str = "GET") -> Any:
+    data = b"%s %s HTTP/1.1\r\nHost: x\r\n\r\n" % (method.encode(), path.encode())
+    resp, _ = await request(env.port, data, method=method, close_wait=0.01)
+    return resp
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nok\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok!",
+        b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",
+        b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nX-A: a\r\n folded\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 99 Odd\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\nConnection: close\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\nConnection: close\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nok\r\n0\r\n\r\n",
+        # a head that has not ended after 64 KiB (one read may hold a larger complete head)
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 1_000_000 + b"\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\nraw",
+        b"garbage\r\n\r\n",
+    ],
+    ids=[
+        "cl-te",
+        "dup-cl",
+        "plus-cl",
+        "bare-lf",
+        "nul",
+        "obs-fold",
+        "status-99",
+        "te-gzip",
+        "te-identity",
+        "te-chunked-gzip",
+        "te-twice",
+        "head-1m",
+        "unasked-101",
+        "garbage",
+    ],
+)
+async def test_unproxyable_response_is_502(env: Env, raw: bytes) -> None:
+    env.up.state.canned["/bad"] = raw
+    doc = assert_error(await _get(env, "/bad"), 502, "upstream_invalid_response")
+    assert "invalid response" in doc["message"]
+    assert (await _get(env, "/echo")).status == 200
+    bad, good = env.up.received
+    assert good.connection != bad.connection, "the bad connection must not be reused"
+
+
+async def test_interim_responses_are_not_forwarded(env: Env) -> None:
+    env.up.state.canned["/hints"] = (
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    )
+    async with RawClient(env.port) as c:
+        await c.send(b"GET /hints HTTP/1.1\r\nHost: x\r\n\r\n")
+        resp = await c.response(interim=True)
+        assert (resp.status, resp.body) == (200, b"ok")
+
+
+async def test_http10_upstream_response_is_sent_as_http11(env: Env) -> None:
+    env.up.state.canned["/old"] = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    resp = await _get(env, "/old")
+    assert resp.version == "HTTP/1.1" and resp.body == b"ok"
+    assert (await _get(env, "/echo")).status == 200
+    old, nxt = env.up.received
+    assert nxt.connection != old.connection  # HTTP/1.0 without keep-alive: not reused
+
+
+async def test_body_sent_with_a_head_response_is_dropped_and_the_connection_closed(
+    env: Env,
+) -> None:
+    env.up.state.canned["/head-body"] = b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhello world"
+    async with RawClient(env.port) as c:
+        await c.send(b"HEAD /head-body HTTP/1.1\r\nHost: x\r\n\r\n")
+        resp = await c.response(method="HEAD")
+        assert resp.header("content-length") == "11"
+        await c.send(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+        after = await c.response()
+        assert after.status == 200 and not c.pending()
+    head, nxt = env.up.received
+    assert nxt.connection != head.connection
+
+
+async def test_malformed_chunk_mid_body_truncates_the_client_response(env: Env) -> None:
+    env.up.state.canned["/bad-chunk"] = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\nzz\r\nmore\r\n0\r\n\r\n"
+    )
+    async with RawClient(env.port) as c:
+        await c.send(b"GET /bad-chunk HTTP/1.1\r\nHost: x\r\n\r\n")
+        with pytest.raises(Truncated):
+            await c.response()
+
+
+async def test_response_longer_than_its_content_length(env: Env) -> None:
+    """Bytes past Content-Length are not part of the response (nor a second one)."""
+    env.up.state.canned["/long"] = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 5\r\n"
+        b"\r\nforge"
+    )
+    async with RawClient(env.port) as c:
+        await c.send(b"GET /long HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await c.response()).body == b"ok"
+        await c.send(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+        nxt = await c.response()
+        assert nxt.status == 200 and nxt.body != b"forge"

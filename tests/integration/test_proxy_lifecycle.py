@@ -1,0 +1,136 @@
+"""Process lifecycle: graceful shutdown on SIGTERM/SIGINT and hot reload on SIGHUP and --watch."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+import pytest
+
+from tests.support.client import RawClient, request
+from tests.support.gateway import GatewayProcess, base_config
+from tests.support.upstream import Upstream
+
+
+def _config(up: Upstream, path: str, **extra: Any) -> dict[str, Any]:
+    return base_config(
+        services={"up": {"targets": [up.url]}},
+        routes=[{"name": "r", "match": {"paths": [path]}, "service": "up", "strip_prefix": True}],
+        **extra,
+    )
+
+
+async def _status(port: int, path: str) -> int:
+    resp, _ = await request(
+        port, b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode(), close_wait=0.01
+    )
+    return resp.status
+
+
+async def _until(predicate: Any, within: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not await predicate():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+# ------------------------------------------------------------------ graceful shutdown
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_shutdown_finishes_in_flight_requests_and_refuses_new_ones(sig: int) -> None:
+    async with Upstream() as up, GatewayProcess(_config(up, "/")) as gw:
+        async with RawClient(gw.port) as idle, RawClient(gw.port) as busy:
+            await idle.send(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await idle.response()).status == 200  # now an idle keep-alive connection
+            await busy.send(b"GET /slow?ms=1000 HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.sleep(0.3)
+            gw.signal(sig)
+            await gw.wait_for_log("draining")
+            assert await idle.closed(2.0), "an idle connection is closed at once"
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.open_connection("127.0.0.1", gw.port)
+            resp = await busy.response()
+            assert resp.status == 200 and resp.json()["path"] == "/slow"
+            assert resp.header("connection") == "close"
+            assert await busy.closed(2.0)
+        assert await gw.wait(10) == 0
+
+
+async def test_shutdown_gives_up_after_drain_timeout() -> None:
+    async with (
+        Upstream() as up,
+        GatewayProcess(_config(up, "/", limits={"drain_timeout": "300ms"})) as gw,
+        RawClient(gw.port) as busy,
+    ):
+        await busy.send(b"GET /slow?ms=5000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.sleep(0.2)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        gw.signal(signal.SIGTERM)
+        assert await gw.wait(5) == 0
+        assert loop.time() - t0 < 3
+        assert await busy.closed(1.0)
+
+
+# ------------------------------------------------------------------ hot reload
+async def test_sighup_reload_serves_the_new_route() -> None:
+    async with Upstream() as up, GatewayProcess(_config(up, "/old")) as gw:
+        assert await _status(gw.port, "/old/echo") == 200
+        assert await _status(gw.port, "/new/echo") == 404
+        gw.write_config(_config(up, "/new"))
+        gw.signal(signal.SIGHUP)
+        await gw.wait_for_log("config reloaded")
+        assert await _status(gw.port, "/new/echo") == 200
+        assert await _status(gw.port, "/old/echo") == 404
+
+
+async def test_watch_reload_serves_the_new_route() -> None:
+    async with Upstream() as up, GatewayProcess(_config(up, "/old"), args=("--watch",)) as gw:
+        assert await _status(gw.port, "/old/echo") == 200
+        gw.write_config(_config(up, "/new"))
+
+        async def new_route_served() -> bool:
+            return await _status(gw.port, "/new/echo") == 200
+
+        await _until(new_route_served, 5.0)
+        assert await _status(gw.port, "/old/echo") == 404
+
+
+async def test_invalid_file_is_rejected_and_the_old_config_keeps_serving() -> None:
+    async with Upstream() as up, GatewayProcess(_config(up, "/old")) as gw:
+        bad = _config(up, "/new")
+        bad["routes"][0]["servce"] = "up"  # a typo: unknown key
+        gw.write_config(bad)
+        gw.signal(signal.SIGHUP)
+        line = await gw.wait_for_log("reload rejected")
+        assert "servce" in line
+        assert await _status(gw.port, "/old/echo") == 200
+        assert await _status(gw.port, "/new/echo") == 404
+        gw.config_path.write_text("routes: [unclosed\n")  # not even YAML
+        gw.signal(signal.SIGHUP)
+
+        async def second_rejection() -> bool:
+            return sum("reload rejected" in x for x in gw.stderr_lines) >= 2
+
+        await _until(second_rejection, 5.0)
+        assert await _status(gw.port, "/old/echo") == 200
+        assert gw.proc is not None and gw.proc.returncode is None
+
+
+async def test_in_flight_request_finishes_on_its_snapshot() -> None:
+    async with (
+        Upstream() as up,
+        GatewayProcess(_config(up, "/old")) as gw,
+        RawClient(gw.port) as c,
+    ):
+        await c.send(b"GET /old/slow?ms=800 HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.sleep(0.2)
+        gw.write_config(_config(up, "/new"))
+        gw.signal(signal.SIGHUP)
+        await gw.wait_for_log("config reloaded")
+        resp = await c.response()
+        assert resp.status == 200 and resp.json()["path"] == "/slow"
+        # the next request on the same connection uses the new snapshot
+        await c.send(b"GET /old/echo HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await c.response()).status == 404

@@ -1,0 +1,671 @@
+"""ClientConnection without sockets: raw bytes into data_received, a mock transport recording
+what the connection does, a fake host and fake exchanges recording what they are told, and a
+fake loop clock so that timeouts fire when the test says."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, cast
+
+import pytest
+
+from apigate.config.schema import LimitsConfig
+from apigate.http.headers import RequestIds, TrustedProxies
+from apigate.http.protocol import ClientConnection, Phase
+from apigate.http.request import Request
+
+# ------------------------------------------------------------------ fakes
+
+
+class FakeHandle:
+    def __init__(self, when: float, callback: Callable[..., None], args: tuple[Any, ...]) -> None:
+        self.when = when
+        self.callback = callback
+        self.args = args
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeLoop:
+    """Just what the connection uses: time(), call_at(), call_later(); advance() fires timers."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.handles: list[FakeHandle] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when: float, callback: Callable[..., None], *args: Any) -> FakeHandle:
+        handle = FakeHandle(when, callback, args)
+        self.handles.append(handle)
+        return handle
+
+    def call_later(self, delay: float, callback: Callable[..., None], *args: Any) -> FakeHandle:
+        return self.call_at(self.now + delay, callback, *args)
+
+    def advance(self, seconds: float) -> None:
+        end = self.now + seconds
+        while True:
+            due = [h for h in self.handles if not h.cancelled and h.when <= end]
+            if not due:
+                break
+            handle = min(due, key=lambda h: h.when)
+            self.handles.remove(handle)
+            self.now = max(self.now, handle.when)
+            handle.callback(*handle.args)
+        self.now = end
+
+    @property
+    def pending(self) -> list[FakeHandle]:
+        return [h for h in self.handles if not h.cancelled]
+
+
+class FakeTransport:
+    def __init__(self, peer: tuple[str, int] = ("127.0.0.1", 40000)) -> None:
+        self.peer = peer
+        self.written = bytearray()
+        self.paused = False
+        self.closed = False
+        self.aborted = False
+        self.eof_written = False
+        self.pause_calls = 0
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.peer if name == "peername" else default
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed and not self.eof_written, "write after close"
+        self.written += data
+
+    def writelines(self, parts: list[bytes]) -> None:
+        for part in parts:
+            self.write(part)
+
+    def pause_reading(self) -> None:
+        self.paused = True
+        self.pause_calls += 1
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def is_closing(self) -> bool:
+        return self.closed or self.aborted
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof_written = True
+
+    def take(self) -> bytes:
+        out, self.written = bytes(self.written), bytearray()
+        return out
+
+
+class FakeExchange:
+    """Records what the connection tells it; `answer()` plays a finished response."""
+
+    def __init__(self, conn: ClientConnection, request: Request) -> None:
+        self.conn = conn
+        self.request = request
+        self.events: list[str] = []
+        self.body = b""
+        self.tunnel = b""
+        self.response_started = False
+
+    def start(self) -> None:
+        self.events.append("start")
+
+    def feed_body(self, chunk: bytes) -> None:
+        self.body += chunk
+
+    def body_done(self) -> None:
+        self.events.append("body_done")
+
+    def client_lost(self) -> None:
+        self.events.append("client_lost")
+
+    def client_write_paused(self) -> None:
+        self.events.append("write_paused")
+
+    def client_write_resumed(self) -> None:
+        self.events.append("write_resumed")
+
+    def tunnel_data(self, data: bytes) -> None:
+        self.tunnel += data
+
+    def tunnel_eof(self) -> None:
+        self.events.append("tunnel_eof")
+
+    def answer(self, body: bytes = b"ok", keep_alive: bool = True) -> None:
+        self.conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        self.conn.finish_exchange(self, keep_alive)
+
+
+class FakeHost:
+    def __init__(self, loop: FakeLoop, limits: LimitsConfig, trusted: tuple[str, ...]) -> None:
+        self.loop = loop
+        self.limits = limits
+        self.request_ids = RequestIds()
+        self.trusted_proxies = TrustedProxies(trusted)
+        self.scheme = "http"
+        self.connections: set[ClientConnection] = set()
+        self.draining = False
+        self.exchanges: list[FakeExchange] = []
+        self.exchange_class = FakeExchange
+
+    def new_exchange(self, conn: ClientConnection, request: Request) -> FakeExchange:
+        ex = self.exchange_class(conn, request)
+        self.exchanges.append(ex)
+        return ex
+
+
+LIMITS = dict(
+    max_header_bytes=2048,
+    max_headers=20,
+    max_url_bytes=512,
+    max_body_bytes=1000,
+    header_timeout=5.0,
+    body_timeout=3.0,
+    idle_timeout=10.0,
+    max_connections=100,
+)
+
+
+class Harness:
+    def __init__(self, trusted: tuple[str, ...] = (), **limits: Any) -> None:
+        self.loop = FakeLoop()
+        self.host = FakeHost(self.loop, LimitsConfig(**{**LIMITS, **limits}), trusted)
+        self.conn = ClientConnection(cast(Any, self.host))
+        self.transport = FakeTransport()
+        self.conn.connection_made(cast(Any, self.transport))
+
+    def feed(self, *reads: bytes) -> None:
+        for data in reads:
+            self.conn.data_received(data)
+
+    @property
+    def exchanges(self) -> list[FakeExchange]:
+        return self.host.exchanges
+
+    def error(self) -> tuple[int, dict[str, Any], bytes]:
+        """The gateway error written to the client: status, JSON body, raw head."""
+        raw = self.transport.take()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        return status, json.loads(body), head + b"\r\n"
+
+
+@pytest.fixture
+def h() -> Harness:
+    return Harness()
+
+
+GET = b"GET /a?x=1 HTTP/1.1\r\nHost: Example.COM\r\nAccept: */*\r\n\r\n"
+
+
+# ------------------------------------------------------------------ parsing
+def test_simple_get(h: Harness) -> None:
+    h.feed(GET)
+    (ex,) = h.exchanges
+    assert ex.events == ["start"]
+    req = ex.request
+    assert (req.method, req.path, req.query, req.version) == ("GET", "/a", b"x=1", "1.1")
+    assert req.host == "example.com"
+    assert req.headers == [(b"Accept", b"*/*")]
+    assert req.keep_alive and not req.has_body
+    assert req.client_ip == "127.0.0.1" and req.client_port == 40000
+    assert len(req.request_id) >= 8
+    assert h.conn.phase == Phase.WAIT
+    assert h.conn in h.host.connections
+
+
+def test_byte_by_byte_gives_the_same_request(h: Harness) -> None:
+    h.feed(*[GET[i : i + 1] for i in range(len(GET))])
+    (ex,) = h.exchanges
+    assert ex.events == ["start"]
+    assert (ex.request.path, ex.request.headers) == ("/a", [(b"Accept", b"*/*")])
+
+
+def test_content_length_body_streams_after_start(h: Harness) -> None:
+    h.feed(b"POST /u HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+    (ex,) = h.exchanges
+    assert ex.events == ["start"] and ex.body == b"abc"
+    assert h.conn.phase == Phase.BODY
+    h.feed(b"defghij")
+    assert ex.body == b"abcdefghij" and ex.events == ["start", "body_done"]
+    assert h.conn.phase == Phase.WAIT
+
+
+def test_chunked_body_is_decoded_and_trailers_are_ignored(h: Harness) -> None:
+    h.feed(
+        b"POST /u HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n"
+        b"3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: t\r\nHost: evil\r\n\r\n"
+    )
+    (ex,) = h.exchanges
+    assert ex.body == b"abcde" and ex.events == ["start", "body_done"]
+    assert ex.request.chunked and ex.request.host == "x"
+    assert ex.request.headers == [(b"X-A", b"1")]
+
+
+def test_trailers_of_a_queued_request_do_not_become_headers(h: Harness) -> None:
+    """Regression: a queued request stayed in the HEAD phase, so its trailers were taken as
+    header fields (a trailer Host replaced the validated one)."""
+    h.feed(
+        GET + b"POST /u HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"1\r\na\r\n0\r\nX-Trailer: t\r\nHost: evil\r\n\r\n"
+    )
+    first, second = h.exchanges
+    assert second.events == ["body_done"]  # queued: not started yet
+    assert second.request.headers == [] and second.request.host == "x"
+    first.answer()
+    assert second.events == ["body_done", "start"]
+
+
+def test_hop_by_hop_and_connection_named_headers_are_dropped(h: Harness) -> None:
+    h.feed(
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, X-Foo\r\nX-Foo: 1\r\n"
+        b"Keep-Alive: 5\r\nTE: trailers\r\nProxy-Authorization: b\r\nUpgrade: h2c\r\n"
+        b"Trailer: X\r\nX-Keep: 2\r\nX-Forwarded-For: 6.6.6.6\r\nForwarded: for=x\r\n\r\n"
+    )
+    req = h.exchanges[0].request
+    assert req.headers == [(b"X-Keep", b"2")]
+    assert req.upgrade is None and req.forwarded_for is None
+
+
+def test_trusted_peer_keeps_forwarding_headers() -> None:
+    h = Harness(trusted=("127.0.0.0/8",))
+    h.feed(
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-For: 5.6.7.8\r\n"
+        b"X-Forwarded-Proto: https\r\n\r\n"
+    )
+    req = h.exchanges[0].request
+    assert req.forwarded_for == b"1.2.3.4, 5.6.7.8"
+    assert (b"X-Forwarded-Proto", b"https") in req.headers
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [(b"abc-123", True), (b"a b", False), (b"x" * 129, False), (b"x" * 128, True), (b"", False)],
+)
+def test_request_id_kept_only_when_valid(h: Harness, sent: bytes, kept: bool) -> None:
+    h.feed(b"GET / HTTP/1.1\r\nHost: x\r\nX-Request-Id: " + sent + b"\r\n\r\n")
+    rid = h.exchanges[0].request.request_id
+    assert (rid == sent.decode()) is kept
+    assert rid
+
+
+def test_connection_close_and_http10_keep_alive(h: Harness) -> None:
+    h.feed(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert h.exchanges[0].request.keep_alive is False
+    h2 = Harness()
+    h2.feed(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    assert h2.exchanges[0].request.keep_alive is True
+    h3 = Harness()
+    h3.feed(b"GET / HTTP/1.0\r\n\r\n")
+    assert h3.exchanges[0].request.keep_alive is False
+
+
+def test_absolute_form_sets_host_and_path(h: Harness) -> None:
+    h.feed(b"GET http://Other.Example:8080/p/../q?z HTTP/1.1\r\nHost: x\r\n\r\n")
+    req = h.exchanges[0].request
+    assert (req.host, req.path, req.query) == ("other.example:8080", "/q", b"z")
+
+
+def test_expect_100_continue_only_for_http11(h: Harness) -> None:
+    h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nExpect: 100-continue\r\n\r\n")
+    assert h.exchanges[0].request.expect_continue
+    h10 = Harness()
+    h10.feed(b"POST / HTTP/1.0\r\nContent-Length: 1\r\nExpect: 100-continue\r\n\r\n")
+    assert not h10.exchanges[0].request.expect_continue  # RFC 9110 §10.1.1: ignored
+    h10b = Harness()
+    h10b.feed(b"GET / HTTP/1.0\r\nExpect: something\r\n\r\n")  # ignored too, no 417
+    assert h10b.exchanges[0].events == ["start"]
+
+
+# ------------------------------------------------------------------ refusals
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        (b"GET / HTTP/1.1\r\n\r\n", 400),  # no Host
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
+        (b"GET / HTTP/1.2\r\nHost: a\r\n\r\n", 505),  # regression: was 400 from llhttp
+        (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+        (b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 405),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nExpect: other\r\n\r\n", 417),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+        (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n", 400),
+        (b"GET /#f HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        (b"GET /?q#f HTTP/1.1\r\nHost: a\r\n\r\n", 400),  # regression: fragment after query
+        (b"GET http://u@h/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        (b"GET /%zz HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\nHost: a\r\n\r\n", 400),
+    ],
+)
+def test_refusals_answer_json_and_close(h: Harness, data: bytes, status: int) -> None:
+    h.feed(data)
+    got, doc, head = h.error()
+    assert got == status
+    assert set(doc) == {"error", "message", "request_id"}
+    assert b"\r\nX-Request-Id: " + doc["request_id"].encode() + b"\r\n" in head
+    assert b"\r\nConnection: close\r\n" in head
+    assert h.transport.eof_written and not h.transport.closed  # lingering close
+    assert all(ex.events in ([], ["client_lost"]) for ex in h.exchanges)
+
+
+def test_error_before_the_head_is_complete_still_has_a_request_id(h: Harness) -> None:
+    """Regression: errors raised by llhttp before headers-complete had no request_id."""
+    h.feed(b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\n")
+    status, doc, _ = h.error()
+    assert status == 400 and doc["request_id"]
+
+
+def test_lingering_close_discards_input_then_closes(h: Harness) -> None:
+    h.feed(b"GET / HTTP/1.1\r\n\r\n")
+    assert h.error()[0] == 400
+    h.feed(b"more bytes the client was already sending")
+    assert h.transport.take() == b"" and h.exchanges == []
+    assert not h.transport.closed
+    h.loop.advance(2.5)
+    assert h.transport.closed
+
+
+def test_lingering_close_ends_at_client_eof(h: Harness) -> None:
+    h.feed(b"GET / HTTP/1.1\r\n\r\n")
+    assert h.conn.eof_received() is None
+    assert h.transport.closed
+
+
+# ------------------------------------------------------------------ limits
+def test_too_many_headers() -> None:
+    h = Harness(max_headers=3)
+    h.feed(b"GET / HTTP/1.1\r\nHost: x\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n")
+    assert h.error()[0] == 431
+    assert h.exchanges == []
+
+
+def test_header_bytes_limit() -> None:
+    h = Harness()
+    h.feed(b"GET / HTTP/1.1\r\nHost: x\r\nA: " + b"a" * 2100 + b"\r\n\r\n")
+    assert h.error()[0] == 431
+
+
+def test_url_limit() -> None:
+    h = Harness()
+    h.feed(b"GET /" + b"a" * 600 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert h.error()[0] == 414
+
+
+def test_unfinished_header_line_is_bounded_across_reads() -> None:
+    h = Harness()
+    h.feed(b"GET / HTTP/1.1\r\nHost: x\r\nA: ")
+    for _ in range(3):
+        h.feed(b"a" * 1000)
+    assert h.transport.written == b""  # 3000 < 2048 + 512 + 1024: still waiting
+    h.feed(b"a" * 1000)
+    assert h.error()[0] == 431
+
+
+def test_body_in_the_same_read_as_the_head_is_not_head_bytes() -> None:
+    """Regression: the whole first read was counted against the header limit (431)."""
+    h = Harness(max_body_bytes=100_000)
+    body = b"b" * 50_000
+    h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 50000\r\n\r\n" + body)
+    (ex,) = h.exchanges
+    assert ex.body == body and ex.events == ["start", "body_done"]
+    assert h.transport.written == b""
+
+
+def test_body_limit_with_content_length_and_chunked() -> None:
+    h = Harness()
+    h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + b"a" * 1001)
+    assert h.error()[0] == 413
+    assert h.exchanges[0].events == ["start", "client_lost"]
+    h2 = Harness()
+    h2.feed(
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3e8\r\n" + b"a" * 1000 + b"\r\n1\r\nz\r\n0\r\n\r\n"
+    )
+    assert h2.error()[0] == 413
+
+
+def test_route_limits_raise_the_body_limit() -> None:
+    h = Harness()
+    h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3000\r\n\r\n")
+    assert h.conn.apply_route_limits(5000, None) == 5000
+    h.feed(b"a" * 3000)
+    assert h.exchanges[0].events == ["start", "body_done"]
+
+
+def test_max_connections() -> None:
+    h = Harness(max_connections=1)
+    second = ClientConnection(cast(Any, h.host))
+    transport = FakeTransport()
+    second.connection_made(cast(Any, transport))
+    head, _, body = bytes(transport.written).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ")
+    assert json.loads(body)["error"] == "too_many_connections"
+    assert json.loads(body)["request_id"]
+    assert transport.closed
+    second.connection_lost(None)
+    assert h.host.connections == {h.conn}
+
+
+# ------------------------------------------------------------------ pipelining
+def test_pipelined_requests_run_one_at_a_time_in_order(h: Harness) -> None:
+    h.feed(b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(3)))
+    a, b, c = h.exchanges
+    assert (a.events, b.events, c.events) == (["start"], [], [])
+    assert h.transport.paused, "reading pauses while requests are queued"
+    a.answer()
+    assert b.events == ["start"] and c.events == [] and h.transport.paused
+    b.answer()
+    assert c.events == ["start"] and not h.transport.paused
+    c.answer()
+    assert h.conn.phase == Phase.IDLE
+    assert h.transport.written.count(b"HTTP/1.1 200 OK") == 3
+
+
+def test_queued_request_body_is_read_untimed_and_started_with_its_body(h: Harness) -> None:
+    h.feed(GET + b"POST /u HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab")
+    first, second = h.exchanges
+    assert second.body == b"ab" and second.events == []
+    assert h.conn.phase == Phase.WAIT
+    h.loop.advance(20)  # longer than every timeout: nothing fires, we hold it back
+    assert h.transport.written == b""
+    first.answer()
+    assert second.events == ["start"] and h.conn.phase == Phase.BODY
+    h.feed(b"cd")
+    assert second.body == b"abcd" and second.events == ["start", "body_done"]
+
+
+def test_malformed_pipelined_request_is_answered_after_the_earlier_ones(h: Harness) -> None:
+    """Regression: the queue was dropped and the connection closed with no answer."""
+    h.feed(GET + GET + b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n")
+    a, b = h.exchanges[:2]
+    assert h.transport.written == b""
+    a.answer(b"first")
+    b.answer(b"second")
+    raw = h.transport.take()
+    assert raw.index(b"first") < raw.index(b"second") < raw.index(b"HTTP/1.1 400 ")
+    assert h.transport.eof_written
+
+
+def test_bad_body_of_a_queued_request(h: Harness) -> None:
+    h.feed(GET + b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+    first, bad = h.exchanges
+    assert bad.events == ["client_lost"]
+    first.answer()
+    assert b"HTTP/1.1 400 " in h.transport.take()
+
+
+def test_error_mid_body_after_the_response_started_aborts(h: Harness) -> None:
+    """An error response cannot be written into a response already begun: abort instead."""
+    h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
+    (ex,) = h.exchanges
+    ex.response_started = True
+    h.feed(b"zz\r\n")
+    assert ex.events == ["start", "client_lost"]
+    assert h.transport.aborted and h.transport.written == b""
+
+
+def test_after_read_runs_once_the_read_is_parsed(h: Harness) -> None:
+    calls: list[str] = []
+    assert h.conn.after_read(lambda: calls.append("now")) is False  # not inside a read
+
+    class Deferring(FakeExchange):
+        def start(self) -> None:
+            super().start()
+            assert self.conn.after_read(lambda: calls.append(f"after {self.body!r}"))
+
+    h.host.exchange_class = Deferring
+    h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+    assert calls == ["after b'abc'"]  # the whole read was parsed first
+
+
+# ------------------------------------------------------------------ keep-alive and close
+def test_keep_alive_then_close(h: Harness) -> None:
+    h.feed(GET)
+    h.exchanges[0].answer()
+    assert h.conn.phase == Phase.IDLE and not h.transport.closed
+    h.feed(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    h.exchanges[1].answer(keep_alive=False)
+    assert h.transport.closed
+    assert h.conn.requests_served == 2
+
+
+def test_draining_closes_after_the_current_response(h: Harness) -> None:
+    h.feed(GET)
+    h.host.draining = True
+    h.exchanges[0].answer()
+    assert h.transport.closed
+
+
+def test_answered_before_the_body_was_read_closes(h: Harness) -> None:
+    h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+    h.exchanges[0].answer()  # e.g. a 401 from a plugin
+    assert h.transport.eof_written, "lingering close: the client may still be sending"
+
+
+def test_connection_lost_tells_every_exchange(h: Harness) -> None:
+    h.feed(GET + GET)
+    h.conn.connection_lost(None)
+    assert [ex.events[-1] for ex in h.exchanges] == ["client_lost", "client_lost"]
+    assert h.conn not in h.host.connections
+    assert not h.loop.pending
+
+
+def test_half_closed_client_still_gets_its_response(h: Harness) -> None:
+    h.feed(GET)
+    assert h.conn.eof_received() is True
+    h.exchanges[0].answer(keep_alive=False)
+    assert h.transport.closed
+
+
+def test_write_backpressure_is_passed_to_the_exchange(h: Harness) -> None:
+    h.feed(GET)
+    h.conn.pause_writing()
+    h.conn.resume_writing()
+    assert h.exchanges[0].events == ["start", "write_paused", "write_resumed"]
+
+
+# ------------------------------------------------------------------ upgrades
+def test_upgrade_switches_to_a_tunnel(h: Harness) -> None:
+    h.feed(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        b"early-bytes"
+    )
+    (ex,) = h.exchanges
+    assert ex.request.upgrade == b"websocket"
+    assert ex.events == ["start"] and ex.tunnel == b"early-bytes"
+    h.feed(b"GET / HTTP/1.1\r\n\r\n")  # not parsed: tunnel payload
+    assert ex.tunnel == b"early-bytesGET / HTTP/1.1\r\n\r\n"
+    assert h.conn.eof_received() is True
+    assert ex.events == ["start", "tunnel_eof"]
+
+
+# ------------------------------------------------------------------ timeouts
+def test_idle_connection_without_bytes_closes_quietly(h: Harness) -> None:
+    h.loop.advance(4.9)
+    assert not h.transport.closed
+    h.loop.advance(0.2)
+    assert h.transport.closed and h.transport.written == b""
+
+
+def test_header_timeout_is_408(h: Harness) -> None:
+    h.feed(b"GET / HTTP/1.1\r\nHost: x\r\n")
+    h.loop.advance(3)
+    h.feed(b"A: 1\r\n")  # progress does not move the deadline
+    h.loop.advance(2.1)
+    status, doc, _ = h.error()
+    assert status == 408 and "head" in doc["message"]
+
+
+def test_body_timeout_is_408_and_restarts_with_each_read(h: Harness) -> None:
+    h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+    for _ in range(4):
+        h.loop.advance(2.5)
+        h.feed(b"a")
+    assert h.transport.written == b""
+    h.loop.advance(10)
+    status, doc, _ = h.error()
+    assert status == 408 and "body" in doc["message"]
+    assert h.exchanges[0].events == ["start", "client_lost"]
+
+
+def test_route_body_timeout(h: Harness) -> None:
+    h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+    h.conn.apply_route_limits(None, 1.0)
+    h.loop.advance(6)
+    assert h.error()[0] == 408
+
+
+def test_no_timeout_while_we_pause_reading(h: Harness) -> None:
+    """Backpressure from a slow upstream pauses the client: that is not the client's delay."""
+    h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab")
+    h.conn.pause_reading()
+    h.loop.advance(30)
+    assert h.transport.written == b""
+    h.conn.resume_reading()
+    h.loop.advance(2)
+    assert h.transport.written == b""  # a fresh body deadline after resuming
+    h.loop.advance(5)
+    assert h.error()[0] == 408
+
+
+def test_idle_keep_alive_timeout_closes_quietly(h: Harness) -> None:
+    h.feed(GET)
+    h.loop.advance(100)  # waiting for our response: no client deadline
+    assert not h.transport.closed
+    h.exchanges[0].answer()
+    h.transport.take()
+    h.loop.advance(9)
+    assert not h.transport.closed
+    h.loop.advance(6)
+    assert h.transport.closed and h.transport.written == b""
+
+
+def test_pipelined_head_arriving_during_a_response_is_timed(h: Harness) -> None:
+    h.feed(GET + b"GET /next HTTP/1.1\r\nHost:")
+    assert h.conn.phase == Phase.HEAD
+    h.exchanges[0].answer()
+    assert h.conn.phase == Phase.HEAD  # not IDLE: its header deadline stands
+    h.loop.advance(6)
+    assert b"HTTP/1.1 408 " in h.transport.take()
+
+
+def test_repr(h: Harness) -> None:
+    assert repr(h.conn) == "<ClientConnection 127.0.0.1:40000 IDLE served=0 queued=0>"
