@@ -32,8 +32,14 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
 # Request headers the gateway sets itself: a client's copy is dropped (or, for a trusted peer,
 # extended) so that an upstream can trust what it reads.
 FORWARDING: frozenset[bytes] = frozenset(
-    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port",
-     b"forwarded", b"x-real-ip"}
+    {
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"forwarded",
+        b"x-real-ip",
+    }
 )
 
 VIA_VALUE = b"1.1 apigate"

@@ -43,7 +43,7 @@ def request_head(
         parts.append(b"%s: %s\r\n" % (name, value))
     parts.append(
         b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n"
-        b"Forwarded: for=%s;host=\"%s\";proto=%s\r\nX-Request-Id: %s\r\n"
+        b'Forwarded: for=%s;host="%s";proto=%s\r\nX-Request-Id: %s\r\n'
         % (
             xff,
             req.scheme.encode(),
@@ -88,8 +88,10 @@ def response_head(
     else:
         if chunk_out:
             parts.append(_CHUNKED)
-        elif head.content_length is not None and status != 204 and not (
-            status == 304 and head.content_length == 0
+        elif (
+            head.content_length is not None
+            and status != 204
+            and not (status == 304 and head.content_length == 0)
         ):
             parts.append(b"Content-Length: %d\r\n" % head.content_length)
         if not keep_alive:
