@@ -61,6 +61,8 @@ class Gateway:
         self.on_start: list[StartHook] = []
         self.on_stop: list[StartHook] = []
         self.on_runtime: list[Callable[[Runtime], None]] = []
+        # called with every finished exchange (metrics); plain functions, no awaiting
+        self.observers: list[Callable[[Any], None]] = []
         # control-plane subsystems by name ("registry", "config_ops", "health", ...)
         self.extensions: dict[str, Any] = {}
         # how a re-read file becomes the effective config (the admin store adds its changes)
@@ -75,7 +77,7 @@ class Gateway:
 
     # ------------------------------------------------------------------ ConnectionHost
     def new_exchange(self, conn: ClientConnection, request: Request) -> ProxyExchange:
-        return ProxyExchange(conn, request, self.runtime)
+        return ProxyExchange(conn, request, self.runtime, self.observers)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:

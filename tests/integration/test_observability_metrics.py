@@ -1,9 +1,7 @@
 """`GET /metrics` and `GET /stats` of a real gateway after known traffic.
 
-The gateway runs in-process (`running_gateway`), with `attach_metrics` called by the test
-because `apigate.extensions` does not list it yet. Until the exchange calls
-`metrics.observe(ctx)` itself, the `ObservePlugin` below does it from its `on_log` hook
-(loaded by dotted path, as any third-party plugin).
+The gateway runs in-process (`running_gateway`) with every extension attached, as
+`apigate run` does; the exchange feeds each finished request to the metrics itself.
 """
 
 from __future__ import annotations
@@ -17,29 +15,14 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from apigate.admin.dashboard import attach_dashboard
 from apigate.config.loader import load_config
 from apigate.extensions import attach_extensions
-from apigate.observability.metrics import GatewayMetrics, attach_metrics
-from apigate.plugins.base import Plugin
+from apigate.observability.metrics import GatewayMetrics
 from apigate.server import Gateway
 from tests.support.gateway import raw_request
 from tests.support.upstream import Upstream
 
-OBSERVE = "tests.integration.test_observability_metrics:ObservePlugin"
 TOKEN = "s3cret-admin-token"
-
-
-class ObservePlugin(Plugin):
-    """Feeds finished exchanges to `env.shared["metrics"]` (stands in for the exchange)."""
-
-    name = "observe"
-    priority = -1000
-
-    def on_log(self, ctx: Any) -> None:
-        metrics = self.env.shared.get("metrics")
-        if metrics is not None:
-            metrics.observe(ctx)
 
 
 def gateway_config(upstream_url: str, *, token: str = TOKEN, **extra: Any) -> dict[str, Any]:
@@ -53,7 +36,6 @@ def gateway_config(upstream_url: str, *, token: str = TOKEN, **extra: Any) -> di
         "routes": [
             {"name": "api", "match": {"paths": ["/api"]}, "service": "up", "strip_prefix": True}
         ],
-        "plugins": {OBSERVE: {}},
     }
     cfg.update(extra)
     return cfg
@@ -67,10 +49,7 @@ async def running_gateway(
     path = tmp_path / "apigate.yaml"
     path.write_text(yaml.safe_dump(config))
     gw = Gateway(load_config(path), config_path=path)
-    await attach_extensions(gw)
-    await attach_metrics(gw)
-    if dashboard:
-        await attach_dashboard(gw)
+    await attach_extensions(gw)  # metrics and the dashboard included
     await gw.start()
     try:
         yield gw

@@ -1,63 +1,34 @@
 """Trace context through a real gateway, and OTLP export to a fake collector.
 
-Until the request-head builder calls `trace_headers(ctx)` itself, `PropagatePlugin` below does
-the same from `on_upstream_request` (it replaces the client's fields on the request that goes
-upstream), and `LogTracePlugin` reads the trace id the way the access log will
-(`trace_id_of(ctx)`).
+The same trace id must appear at the client's side (its traceparent), in what the upstream
+receives, and in the access log, which the test reads from its file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any, ClassVar
 
-import pytest
-
-from apigate.http.request import Request
-from apigate.observability.tracing import TracingPlugin, trace_headers, trace_id_of
-from apigate.plugins.base import Plugin
+from apigate.observability.tracing import TracingPlugin
 from tests.integration.test_observability_metrics import gateway_config, proxy, running_gateway
 from tests.support.gateway import raw_request
 from tests.support.upstream import Upstream
 
-HERE = "tests.integration.test_observability_tracing"
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
 VALID = f"00-{TRACE}-{PARENT}-01"
 
 
-class PropagatePlugin(Plugin):
-    """Stands in for the head builder: the gateway's trace fields replace the client's."""
-
-    name = "propagate"
-    priority = 10
-
-    def on_upstream_request(self, ctx: Any, req: Request) -> None:
-        lines = trace_headers(ctx)
-        req.remove_header("traceparent")
-        req.remove_header("tracestate")
-        for line in lines.decode("latin-1").split("\r\n"):
-            if line:
-                name, _, value = line.partition(": ")
-                req.headers.append((name.encode(), value.encode("latin-1")))
-
-
-class LogTracePlugin(Plugin):
-    """Stands in for the access log: keeps the trace id of every finished exchange."""
-
-    name = "log_trace"
-    priority = 0
-    seen: ClassVar[list[str]] = []
-
-    def on_log(self, ctx: Any) -> None:
-        self.seen.append(trace_id_of(ctx))
-
-
-def traced_config(upstream_url: str, **plugins: Any) -> dict[str, Any]:
+def traced_config(upstream_url: str, log_path: Path, **plugins: Any) -> dict[str, Any]:
     cfg = gateway_config(upstream_url)
-    cfg["plugins"] = {f"{HERE}:PropagatePlugin": {}, f"{HERE}:LogTracePlugin": {}, **plugins}
+    cfg["plugins"] = {"access_log": {"path": str(log_path)}, **plugins}
     return cfg
+
+
+def logged_trace_ids(log_path: Path) -> list[str]:
+    return [json.loads(line)["trace_id"] for line in log_path.read_text().splitlines()]
 
 
 async def get(port: int, target: str, *headers: str) -> bytes:
@@ -66,26 +37,28 @@ async def get(port: int, target: str, *headers: str) -> bytes:
 
 
 async def test_same_trace_id_at_client_upstream_and_log(tmp_path: Path) -> None:
-    LogTracePlugin.seen.clear()
-    async with Upstream() as up, running_gateway(traced_config(up.url), tmp_path) as gw:
-        resp = await get(gw.proxy_port, "/api/echo", f"traceparent: {VALID}", "tracestate: a=1")
-        assert resp.startswith(b"HTTP/1.1 200")
-        sent = up.received[-1].header_values("traceparent")
-        assert len(sent) == 1  # the client's field was replaced, not repeated
-        assert up.received[-1].header_values("tracestate") == ["a=1"]
-        version, trace_id, span_id, flags = sent[0].split("-")
-        assert (version, trace_id, flags) == ("00", TRACE, "01")
-        assert span_id != PARENT and len(span_id) == 16
-        assert LogTracePlugin.seen == [TRACE]
+    log_path = tmp_path / "access.log"
+    async with Upstream() as up:
+        async with running_gateway(traced_config(up.url, log_path), tmp_path) as gw:
+            resp = await get(gw.proxy_port, "/api/echo", f"traceparent: {VALID}", "tracestate: a=1")
+            assert resp.startswith(b"HTTP/1.1 200")
+            sent = up.received[-1].header_values("traceparent")
+            assert len(sent) == 1  # the client's field was replaced, not repeated
+            assert up.received[-1].header_values("tracestate") == ["a=1"]
+            version, trace_id, span_id, flags = sent[0].split("-")
+            assert (version, trace_id, flags) == ("00", TRACE, "01")
+            assert span_id != PARENT and len(span_id) == 16
 
-        await get(gw.proxy_port, "/api/echo", "traceparent: 00-bad", "tracestate: a=1")
-        started = up.received[-1].header("traceparent")  # invalid: the gateway starts a trace
-        assert up.received[-1].header("tracestate") is None
-        assert started is not None
-        assert LogTracePlugin.seen[-1] == started.split("-")[1] != TRACE
+            await get(gw.proxy_port, "/api/echo", "traceparent: 00-bad", "tracestate: a=1")
+            started = up.received[-1].header("traceparent")  # invalid: the gateway starts one
+            assert up.received[-1].header("tracestate") is None
+            assert started is not None
 
-        await get(gw.proxy_port, "/nowhere", f"traceparent: {VALID}")  # 404, never upstream
-        assert LogTracePlugin.seen[-1] == TRACE
+            await get(gw.proxy_port, "/nowhere", f"traceparent: {VALID}")  # 404, never upstream
+        # the access log is flushed when the gateway stops
+        ids = logged_trace_ids(log_path)
+        assert ids == [TRACE, started.split("-")[1], TRACE]
+        assert ids[1] != TRACE
 
 
 # ---------------------------------------------------------------------- OTLP export
@@ -124,14 +97,14 @@ class Collector(asyncio.Protocol):
 
 
 async def test_otlp_export_of_server_and_upstream_spans(tmp_path: Path) -> None:
-    pytest.importorskip("opentelemetry.exporter.otlp.proto.http", reason="optional: apigate[otlp]")
+    # the OTLP exporter is an optional dependency of apigate, and a test dependency
     Collector.received.clear()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(Collector, "127.0.0.1", 0)
     endpoint = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     try:
         async with Upstream() as up:
-            cfg = traced_config(up.url)
+            cfg = traced_config(up.url, tmp_path / "access.log")
             cfg["plugins"]["apigate.observability.tracing:TracingPlugin"] = {
                 "otlp_endpoint": endpoint,
                 "service_name": "edge",

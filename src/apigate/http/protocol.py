@@ -97,6 +97,8 @@ _H_UPGRADE = 6
 _H_REQUEST_ID = 7
 _H_XFF = 8
 _H_DROP = 9  # hop-by-hop or gateway-owned: never forwarded
+_H_TRACEPARENT = 10
+_H_TRACESTATE = 11
 _SPECIAL: dict[bytes, int] = {
     b"host": _H_HOST,
     b"content-length": _H_CONTENT_LENGTH,
@@ -106,6 +108,8 @@ _SPECIAL: dict[bytes, int] = {
     b"upgrade": _H_UPGRADE,
     b"x-request-id": _H_REQUEST_ID,
     b"x-forwarded-for": _H_XFF,
+    b"traceparent": _H_TRACEPARENT,
+    b"tracestate": _H_TRACESTATE,
     b"keep-alive": _H_DROP,
     b"proxy-connection": _H_DROP,
     b"te": _H_DROP,
@@ -354,6 +358,12 @@ class ClientConnection(asyncio.Protocol):
 
             if valid_request_id(value) and not req.request_id:
                 req.request_id = value.decode("ascii")
+        elif kind == _H_TRACEPARENT:
+            req.traceparent = value if req.traceparent is None else b""
+        elif kind == _H_TRACESTATE:
+            if req.tracestate is None:
+                req.tracestate = []
+            req.tracestate.append(value)
         elif kind == _H_XFF:
             if self.trusted_peer:
                 req.forwarded_for = (

@@ -24,6 +24,8 @@ class Request:
         "request_id",
         "scheme",
         "start",
+        "traceparent",
+        "tracestate",
         "upgrade",
         "version",
     )
@@ -46,6 +48,10 @@ class Request:
         self.client_ip = ""
         self.client_port = 0
         self.scheme = "http"
+        # W3C trace context, kept apart from `headers` because the gateway sends its own
+        # (continued) values upstream: b"" marks a repeated traceparent, which is invalid
+        self.traceparent: bytes | None = None
+        self.tracestate: list[bytes] | None = None
         self.start = time.time()
 
     @property
@@ -59,6 +65,10 @@ class Request:
         """
         if lname == "host":
             return self.host or None
+        if lname == "traceparent":
+            return self.traceparent.decode("latin-1") if self.traceparent else None
+        if lname == "tracestate":
+            return ",".join(v.decode("latin-1") for v in self.tracestate or ()) or None
         target = lname.encode("latin-1")
         for name, value in self.headers:
             if len(name) == len(target) and name.lower() == target:

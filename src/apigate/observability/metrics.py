@@ -541,6 +541,7 @@ async def attach_metrics(gateway: Gateway) -> None:
         return
     metrics = GatewayMetrics(gateway)
     gateway.extensions["metrics"] = metrics
+    gateway.observers.append(metrics.observe)
     gateway.env.shared["metrics"] = metrics
     api = gateway.extensions.get("admin_api")
     if api is not None:

@@ -14,18 +14,27 @@ Backpressure: the client's body is written upstream as it arrives; when the upst
 buffer fills (`upstream_write_paused`) we pause reading the client, and when the client's write
 buffer fills (`client_write_paused`) we pause reading the upstream. Before an upstream connection
 exists the body is buffered, up to 64 KiB, then the client is paused.
+
+Resilience: a service's circuit breaker is asked before an instance is picked (open → 503 with
+Retry-After, nothing sent upstream). A failed attempt is retried on another instance when the
+service's retry policy names the failure, the request is safe to repeat (idempotent method,
+`Idempotency-Key`, or opted in), no byte of the response reached the client, the body can be
+replayed (≤ 64 KiB, kept while it was sent), and the retry budget allows it.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from apigate.http.errors import GatewayError, render_error, render_response
 from apigate.http.pool import PoolFull
 from apigate.http.upstream import InvalidResponse, ResponseHead, UpstreamConnection
+from apigate.observability.tracing import trace_headers
 from apigate.plugins.base import Response
+from apigate.proxy.body_rewrite import RequestBodyRewrite, ResponseBodyRewrite
 from apigate.proxy.heads import request_head, response_head
 from apigate.routing.matcher import NoMatch
 
@@ -40,6 +49,7 @@ log = logging.getLogger("apigate.proxy")
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _BUFFER_LIMIT = 64 * 1024
+_REPLAY_LIMIT = 64 * 1024  # a request body up to this size is kept so that it can be retried
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _CRLF = b"\r\n"
@@ -48,48 +58,65 @@ _CRLF = b"\r\n"
 class ProxyExchange:
     """Implements both `http.protocol.Exchange` and `http.upstream.UpstreamListener`."""
 
-    def __init__(self, conn: ClientConnection, request: Request, runtime: Runtime) -> None:
+    # Rarely changed state lives here as class-level defaults: an exchange only pays for the
+    # attributes it actually sets (measured: ~1 µs less per request than setting 35 in __init__).
+    route: CompiledRoute | None = None
+    prefix = ""
+    service: Service | None = None
+    instance: Instance | None = None
+    upstream: UpstreamConnection | None = None
+    consumer: Any = None  # set by auth plugins
+    status = 0
+    bytes_sent = 0
+    upstream_ms: float | None = None
+    total_ms: float | None = None
+    error: str | None = None
+    cache_status: str | None = None
+    retries = 0
+    _body_size = 0
+    _paused_for_buffer = False
+    _paused_upstream_write = False
+    _sent_continue = False
+    _head_sent = False
+    _pending_head: bytes | None = None
+    _chunk_out = False
+    _keep_alive = False
+    _finished = False
+    _client_gone = False
+    _tunnel_buf: list[bytes] | None = None
+    _tunnel_buffered = 0
+    _paused_for_tunnel = False
+    _tunnel_open = False
+    _t_upstream = 0.0
+    _reused = False
+    _pending_error: GatewayError | None = None
+    _breaker_armed = False  # the breaker let this request through and awaits its outcome
+    _replay: list[bytes] | None = None  # the request body as sent, for a retry
+    _replay_ok = True  # False once the body outgrew _REPLAY_LIMIT
+    _respond_index = -1  # which request hook produced the response (for decoration)
+    _response_rewrite: ResponseBodyRewrite | None = None
+    _request_rewrite: RequestBodyRewrite | None = None
+    _chunk_hooks: list[Callable[..., Any]] | None = None
+
+    def __init__(
+        self,
+        conn: ClientConnection,
+        request: Request,
+        runtime: Runtime,
+        observers: list[Callable[[Any], None]] | None = None,
+    ) -> None:
         self.conn = conn
         self.request = request
         self.runtime = runtime
+        self.observers = observers
         self.loop = conn.loop
         self.t0 = conn.loop.time()
-        self.route: CompiledRoute | None = None
         self.params: dict[str, str] = {}
-        self.prefix = ""
-        self.service: Service | None = None
-        self.instance: Instance | None = None
-        self.upstream: UpstreamConnection | None = None
         self.tried: list[Instance] = []
-        self.consumer: Any = None  # set by auth plugins
         self.vars: dict[str, Any] = {}  # scratch space shared by plugins
         self.upstream_path = request.path
-        self.status = 0
-        self.bytes_sent = 0
-        self.upstream_ms: float | None = None
-        self.total_ms: float | None = None
-        self.error: str | None = None
-        self.cache_status: str | None = None
-        self.retries = 0
         self._body: list[bytes] = []
-        self._body_size = 0
         self._body_done = not request.has_body
-        self._paused_for_buffer = False
-        self._paused_upstream_write = False
-        self._sent_continue = False
-        self._head_sent = False
-        self._pending_head: bytes | None = None
-        self._chunk_out = False
-        self._keep_alive = False
-        self._finished = False
-        self._client_gone = False
-        self._tunnel_buf: list[bytes] | None = None
-        self._tunnel_buffered = 0
-        self._paused_for_tunnel = False
-        self._tunnel_open = False
-        self._t_upstream = 0.0
-        self._reused = False
-        self._pending_error: GatewayError | None = None
 
     @property
     def response_started(self) -> bool:
@@ -112,6 +139,8 @@ class ProxyExchange:
     def feed_body(self, chunk: bytes) -> None:
         up = self.upstream
         if up is not None and not self._finished:
+            if self._replay is not None:
+                self._keep_for_replay(chunk)
             if self.request.chunked:
                 up.writelines([b"%x\r\n" % len(chunk), chunk, _CRLF])
             else:
@@ -121,7 +150,13 @@ class ProxyExchange:
             return  # answered already (e.g. 401): the rest of the body is discarded
         self._body.append(chunk)
         self._body_size += len(chunk)
-        if self._body_size > _BUFFER_LIMIT and not self._paused_for_buffer:
+        rewrite = self._request_rewrite
+        limit = rewrite.limit if rewrite is not None and rewrite.active else _BUFFER_LIMIT
+        if self._body_size > limit and not self._paused_for_buffer:
+            if rewrite is not None and rewrite.active:
+                rewrite.give_up(self)  # too large to rewrite: stream it as it is
+                self._forward()
+                return
             self._paused_for_buffer = True
             self.conn.pause_reading()
 
@@ -132,6 +167,8 @@ class ProxyExchange:
             if self.request.chunked:
                 up.write(_LAST_CHUNK)
             up.request_sent = True
+        elif self._request_rewrite is not None and self._request_rewrite.waiting:
+            self._forward()  # the whole body is here: rewrite it and send
 
     def client_lost(self) -> None:
         self._client_gone = True
@@ -144,6 +181,7 @@ class ProxyExchange:
             up.abort()  # a half-read response cannot be reused
             self._release_instance(ok=True)
         self.status = self.status or 499  # nginx's "client closed request"
+        self.error = self.error or "client closed the connection"
         self._complete(keep_alive=False)
 
     def client_write_paused(self) -> None:
@@ -192,6 +230,13 @@ class ProxyExchange:
         self.params = result.params
         self.prefix = result.prefix
         self.service = route.service
+        chain = route.chain
+        if chain.chunk_hooks:
+            self._chunk_hooks = chain.chunk_hooks
+        if chain.request_body_plugins and req.has_body:
+            rewrite = RequestBodyRewrite.start(self, chain.request_body_plugins)
+            if rewrite is not None:
+                self._request_rewrite = rewrite
         if route.max_body is not None or route.body_timeout is not None or req.content_length:
             limit = self.conn.apply_route_limits(route.max_body, route.body_timeout)
             if req.content_length is not None and req.content_length > limit:
@@ -210,11 +255,16 @@ class ProxyExchange:
             except GatewayError as err:
                 self.fail(err)
                 return
+            except Exception:  # a plugin bug answers 500; it never kills the connection
+                log.exception("plugin hook failed on %s", self.request)
+                self.fail(GatewayError(500, "a plugin failed", "plugin_error"))
+                return
             if outcome is None:
                 continue
             if inspect.isawaitable(outcome):
                 self.loop.create_task(self._await_hook(outcome, i))
                 return
+            self._respond_index = i
             self.respond(outcome)
             return
         self._forward()
@@ -232,6 +282,7 @@ class ProxyExchange:
         if self._client_gone:
             return
         if outcome is not None:
+            self._respond_index = index
             self.respond(outcome)
         else:
             self._run_request_hooks(index + 1)
@@ -240,6 +291,15 @@ class ProxyExchange:
     def _forward(self) -> None:
         if self._client_gone or self._finished:
             return
+        rewrite = self._request_rewrite
+        if rewrite is not None and rewrite.active:
+            if not self._body_done:
+                rewrite.waiting = True  # body_done() calls back once the body is complete
+                if self.request.expect_continue and not self._sent_continue:
+                    self._sent_continue = True  # the client waits for this to send the body
+                    self.conn.write(_CONTINUE)
+                return
+            rewrite.apply(self)
         if self.request.has_body and self.conn.after_read(self._forward):
             return  # its body framing is validated first (see ClientConnection.after_read)
         service = self.service
@@ -251,6 +311,20 @@ class ProxyExchange:
                 return
             self.loop.create_task(handler(self))
             return
+        if not self.tried:  # first attempt: breaker and retry budget see every request once
+            breaker = service.breaker
+            if breaker is not None and not self._breaker_armed:
+                if not breaker.allow():
+                    retry_after = str(breaker.retry_after()).encode()
+                    self.fail(GatewayError(
+                        503, f"service {service.name} is failing; circuit open", "circuit_open",
+                        headers=[(b"Retry-After", retry_after)]))
+                    return
+                self._breaker_armed = True
+            if service.retry.attempts:
+                service.retry.budget.record_request()
+                if self._replay_ok and self.request.has_body and self._can_repeat(service):
+                    self._replay = []
         key = service.hash_key(self.request) if service.hash_key is not None else None
         inst = service.balancer.pick(key, self.tried)
         if inst is None:
@@ -306,14 +380,59 @@ class ProxyExchange:
         self._attach(up, reused=False)
 
     def _retry_connect(self) -> None:
-        """Nothing reached the upstream, so another instance may be tried (any method)."""
+        """Nothing reached the upstream, so another instance may be tried, whatever the method
+        (Envoy's connect-failure policy does the same), within attempts and budget."""
         assert self.service is not None and self._pending_error is not None
-        limit = 1 + max(self.service.config.retries.attempts, 1)
-        if len(self.tried) < limit and not self._client_gone:
+        policy = self.service.retry
+        if (
+            not self._client_gone
+            and policy.on_connect_error
+            and self.retries < policy.attempts
+            and policy.budget.try_acquire()
+        ):
             self.retries += 1
             self._forward()
         else:
             self.fail(self._pending_error)
+
+    def _can_repeat(self, service: Service) -> bool:
+        req = self.request
+        if req.method in IDEMPOTENT or service.retry.non_idempotent:
+            return True
+        return req.header("idempotency-key") is not None
+
+    def _keep_for_replay(self, chunk: bytes) -> None:
+        replay = self._replay
+        assert replay is not None
+        replay.append(chunk)
+        if sum(map(len, replay)) > _REPLAY_LIMIT:
+            self._replay = None
+            self._replay_ok = False
+
+    def _retry_after_failure(self, kind: str, status: int = 0) -> bool:
+        """Try the request again on another instance if policy, safety and budget allow.
+
+        Called before any byte of the response reached the client. Returns True when a retry
+        was scheduled (the caller then does nothing more)."""
+        service = self.service
+        if service is None or self._client_gone or self._finished or self._head_sent:
+            return False
+        policy = service.retry
+        if self.retries >= policy.attempts or not policy.retryable(kind=kind, status=status):
+            return False
+        if not self._can_repeat(service):
+            return False
+        if self.request.has_body and (self._replay is None or not self._body_done):
+            return False  # the body was streamed and not kept: it cannot be sent again
+        if self.t0 + service.config.timeouts.response < self.loop.time():
+            return False  # the overall deadline (timeouts.response) has passed
+        if not policy.budget.try_acquire():
+            return False
+        self.retries += 1
+        if self._replay is not None:
+            self._body, self._replay = self._replay, []
+        self.loop.call_later(policy.delay(self.retries), self._forward)
+        return True
 
     def _attach(self, up: UpstreamConnection, reused: bool) -> None:
         assert self.service is not None and self.instance is not None
@@ -322,10 +441,11 @@ class ProxyExchange:
         self._reused = reused
         self.service.balancer.on_start(self.instance)
         self._t_upstream = self.loop.time()
+        policy = self.service.retry
         up.begin(
             self,
             req.method == "HEAD",
-            self.service.config.timeouts.response,
+            policy.per_try_timeout or self.service.config.timeouts.response,
             upgrade=req.upgrade is not None,
         )
         route = self.route
@@ -343,8 +463,11 @@ class ProxyExchange:
             host,
             chunked=chunked,
             content_length=length,
+            extra=trace_headers(self),
         )
         body = self._body
+        if body and self._replay is not None:
+            self._replay.extend(body)
         if body:
             parts = [head]
             for chunk in body:
@@ -377,10 +500,24 @@ class ProxyExchange:
         req = self.request
         self.status = head.status
         self.upstream_ms = (self.loop.time() - self._t_upstream) * 1000.0
+        if head.status >= 500 and self.service is not None and self.service.retry.statuses:
+            if self._retry_after_failure("status", head.status):
+                self._drop_upstream(ok=False)
+                return
         route = self.route
         if route is not None and route.chain.response_hooks:
             for hook in route.chain.response_hooks:
                 hook(self, head)
+            replacement = self.vars.get("replace_response")
+            if isinstance(replacement, Response):  # e.g. a stale cache entry for a 5xx
+                self._drop_upstream(ok=head.status < 500)
+                self._respond_index = -1
+                self.respond(replacement)
+                return
+            if route.chain.response_body_plugins:
+                self._response_rewrite = ResponseBodyRewrite.start(
+                    self, route.chain.response_body_plugins, head
+                )
         status = head.status
         bodyless = req.method == "HEAD" or status in (204, 304) or status == 101
         self._chunk_out = not bodyless and (head.chunked or head.until_eof) and req.version == "1.1"
@@ -395,6 +532,10 @@ class ProxyExchange:
             keep_alive = False  # answered before the request body ended: framing is lost
         self._keep_alive = keep_alive
         self._head_sent = True
+        rewrite = self._response_rewrite
+        if rewrite is not None and rewrite.active:
+            rewrite.hold(head, keep_alive)  # the head waits for the rewritten body's length
+            return
         # Held back until the end of this upstream read, so that head and body leave in one
         # send() (measured: a second write syscall per response cost ~15% of the plain path).
         self._pending_head = response_head(
@@ -413,6 +554,14 @@ class ProxyExchange:
     def on_response_body(self, chunk: bytes) -> None:
         if self._client_gone:
             return
+        rewrite = self._response_rewrite
+        if rewrite is not None and rewrite.active:
+            if rewrite.collect(self, chunk):
+                return
+            chunk = rewrite.release(self, chunk)  # over its cap: stream from here on
+        if self._chunk_hooks is not None:
+            for hook in self._chunk_hooks:
+                hook(self, chunk)
         self.bytes_sent += len(chunk)
         head = self._pending_head
         if head is not None:
@@ -433,6 +582,11 @@ class ProxyExchange:
             up.pool.release(up)
         self._release_instance(ok=True)
         if self._client_gone:
+            return
+        rewrite = self._response_rewrite
+        if rewrite is not None and rewrite.active:
+            self._write_rewritten(rewrite)
+            self._complete(self._keep_alive)
             return
         head, self._pending_head = self._pending_head, None
         if self._chunk_out:
@@ -467,6 +621,8 @@ class ProxyExchange:
                 self.tried.pop()
                 self._forward()
                 return
+            if not isinstance(exc, InvalidResponse) and self._retry_after_failure("reset"):
+                return
             if isinstance(exc, InvalidResponse):
                 reason = f"invalid response from upstream {self._where()}: {exc}"
                 self.fail(GatewayError(502, reason, "upstream_invalid_response"))
@@ -485,6 +641,8 @@ class ProxyExchange:
         if self._client_gone:
             return
         if not self._head_sent:
+            if self._retry_after_failure("timeout"):
+                return
             self.fail(
                 GatewayError(
                     504, f"upstream {self._where()} did not answer in time", "upstream_timeout"
@@ -524,7 +682,18 @@ class ProxyExchange:
         req = self.request
         self.status = response.status
         keep_alive = req.keep_alive and self._body_done and not self.conn.host.draining
-        headers = [*response.headers, (b"X-Request-Id", req.request_id.encode())]
+        response_headers = response.headers
+        route = self.route
+        if route is not None and self._respond_index >= 0:
+            decorators = route.chain.respond_hooks[self._respond_index]
+            if decorators:  # CORS, rate-limit headers on a 401/429/cache hit, as Kong does
+                head = ResponseHead()
+                head.status = response.status
+                head.headers = list(response_headers)
+                for hook in decorators:
+                    hook(self, head)
+                response_headers = head.headers
+        headers = [*response_headers, (b"X-Request-Id", req.request_id.encode())]
         self.bytes_sent = len(response.body)
         self.conn.write(
             render_response(
@@ -546,6 +715,15 @@ class ProxyExchange:
             self.conn.abort()
             self._complete(keep_alive=False)
             return
+        if err.status >= 500:
+            stale = self.vars.get("stale_response")
+            if stale is not None:  # serve-stale-if-error (the cache plugin leaves this here)
+                replacement = stale()
+                if isinstance(replacement, Response):
+                    self.error = err.message
+                    self._respond_index = -1
+                    self.respond(replacement)
+                    return
         req = self.request
         self.status = err.status
         self.error = err.message
@@ -572,7 +750,20 @@ class ProxyExchange:
             return
         self._finished = True
         self.total_ms = (self.loop.time() - self.t0) * 1000.0
+        if self._breaker_armed and self.service is not None and self.service.breaker is not None:
+            # a client that went away is not the service's failure
+            failed = self.status >= 500 and self.status != 499
+            self.service.breaker.record(not failed)
         route = self.route
+        if route is not None and route.chain.end_hooks:
+            for hook in route.chain.end_hooks:
+                try:
+                    hook(self)
+                except Exception:
+                    log.exception("response-end hook failed")
+        if self.observers:
+            for observe in self.observers:
+                observe(self)
         if route is not None and route.chain.log_hooks:
             for hook in route.chain.log_hooks:
                 try:
@@ -584,6 +775,24 @@ class ProxyExchange:
                 hook(self)
         if not self._client_gone:
             self.conn.finish_exchange(self, keep_alive)
+
+    def _drop_upstream(self, ok: bool) -> None:
+        """Abandon the current upstream response (retried or replaced): its connection cannot
+        carry another request, since the rest of this response was never read."""
+        up = self.upstream
+        self.upstream = None
+        if up is not None:
+            up.detach()
+            up.abort()
+        self._release_instance(ok=ok)
+
+    def _write_rewritten(self, rewrite: ResponseBodyRewrite) -> None:
+        body = rewrite.finish(self)
+        if self._chunk_hooks is not None:
+            for hook in self._chunk_hooks:
+                hook(self, body)
+        self.bytes_sent += len(body)
+        self.conn.writelines([rewrite.head_bytes(self, len(body)), body])
 
     def _where(self) -> str:
         inst = self.instance

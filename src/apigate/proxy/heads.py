@@ -28,6 +28,7 @@ def request_head(
     *,
     chunked: bool,
     content_length: int | None,
+    extra: bytes = b"",
 ) -> bytes:
     """The head of the request sent upstream (HTTP/1.1, keep-alive)."""
     ip = req.client_ip
@@ -55,6 +56,8 @@ def request_head(
         )
     )
     parts.append(_VIA)
+    if extra:  # trace context and whatever else the exchange adds, as ready header lines
+        parts.append(extra)
     if chunked:
         parts.append(_CHUNKED)
     elif content_length is not None:
