@@ -38,8 +38,9 @@ class RequestBodyRewrite:
     @classmethod
     def start(cls, ctx: ProxyExchange, plugins: list[Any]) -> RequestBodyRewrite | None:
         wanting = [
-            p for p in plugins if getattr(p, "wants_request_body", None) is None
-            or p.wants_request_body(ctx)
+            p
+            for p in plugins
+            if getattr(p, "wants_request_body", None) is None or p.wants_request_body(ctx)
         ]
         if not wanting:
             return None
@@ -87,8 +88,9 @@ class ResponseBodyRewrite:
         if ctx.request.method == "HEAD" or head.status in (101, 204, 304):
             return None
         wanting = [
-            p for p in plugins if getattr(p, "wants_response_body", None) is None
-            or p.wants_response_body(ctx, head)
+            p
+            for p in plugins
+            if getattr(p, "wants_response_body", None) is None or p.wants_response_body(ctx, head)
         ]
         if not wanting:
             return None

@@ -316,9 +316,14 @@ class ProxyExchange:
             if breaker is not None and not self._breaker_armed:
                 if not breaker.allow():
                     retry_after = str(breaker.retry_after()).encode()
-                    self.fail(GatewayError(
-                        503, f"service {service.name} is failing; circuit open", "circuit_open",
-                        headers=[(b"Retry-After", retry_after)]))
+                    self.fail(
+                        GatewayError(
+                            503,
+                            f"service {service.name} is failing; circuit open",
+                            "circuit_open",
+                            headers=[(b"Retry-After", retry_after)],
+                        )
+                    )
                     return
                 self._breaker_armed = True
             if service.retry.attempts:
@@ -500,10 +505,15 @@ class ProxyExchange:
         req = self.request
         self.status = head.status
         self.upstream_ms = (self.loop.time() - self._t_upstream) * 1000.0
-        if head.status >= 500 and self.service is not None and self.service.retry.statuses:
-            if self._retry_after_failure("status", head.status):
-                self._drop_upstream(ok=False)
-                return
+        service = self.service
+        if (
+            head.status >= 500
+            and service is not None
+            and service.retry.statuses
+            and self._retry_after_failure("status", head.status)
+        ):
+            self._drop_upstream(ok=False)
+            return
         route = self.route
         if route is not None and route.chain.response_hooks:
             for hook in route.chain.response_hooks:
