@@ -55,6 +55,7 @@ class AdminApi:
         self._add("GET", "/config", self.get_config)
         self._add("POST", "/config", self.post_config)
         self._add("GET", "/events", self.events)
+        self._add("DELETE", "/cache", self.purge_cache)
         # answered before the token check: the dashboard page and its assets, which a browser
         # loads by navigation and so cannot carry an Authorization header
         self.public_routes: list[Route] = []
@@ -274,6 +275,22 @@ class AdminApi:
             return json_response({"deleted": name})
 
         return handler
+
+    # ------------------------------------------------------------------ cache
+    async def purge_cache(self, req: AdminRequest) -> AdminResponse:
+        """`DELETE /cache?route=NAME&prefix=/path` — purge the response cache (both optional)."""
+        from apigate.plugins.cache import purge_all
+        from apigate.store.redis import StoreUnavailable
+
+        route = req.query.get("route") or None
+        prefix = req.query.get("prefix") or None
+        if route is not None and route not in self.gateway.runtime.routes:
+            raise AdminError(404, "not_found", f"no route {route}")
+        try:
+            removed = await purge_all(route=route, prefix=prefix)
+        except StoreUnavailable as exc:
+            raise AdminError(503, "store_unavailable", f"cache store unreachable: {exc}") from None
+        return json_response({"purged": removed, "route": route, "prefix": prefix})
 
     # ------------------------------------------------------------------ whole config
     async def get_config(self, req: AdminRequest) -> AdminResponse:

@@ -134,6 +134,25 @@ def openapi_document() -> dict[str, Any]:
         "/routes": {
             "get": {"summary": "all routes", "responses": {"200": _resp("routes"), **_errors(401)}}
         },
+        "/cache": {
+            "delete": {
+                "summary": "purge the response cache, by route and/or path prefix",
+                "parameters": [
+                    {"name": "route", "in": "query", "schema": {"type": "string"}},
+                    {"name": "prefix", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {"200": _resp("purged"), **_errors(401, 404, 503)},
+            }
+        },
+        "/metrics": {
+            "get": {"summary": "Prometheus metrics", "responses": {"200": _resp("metrics")}}
+        },
+        "/stats": {
+            "get": {
+                "summary": "per-route rates and latency for the dashboard",
+                "responses": {"200": _resp("stats"), **_errors(401)},
+            }
+        },
         "/routes/{name}": _crud("routes", "#/components/schemas/RouteConfig", "name"),
         "/consumers": {
             "get": {
