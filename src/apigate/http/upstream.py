@@ -275,8 +275,11 @@ class UpstreamConnection(asyncio.Protocol):
             self.head = None  # interim response: wait for the final one
             return
         keep_alive = head.version == "1.1"
-        if self._connection_values:
-            tokens = connection_tokens(self._connection_values)
+        values = self._connection_values
+        if values and len(values) == 1 and values[0].lower() == b"keep-alive":
+            keep_alive = True  # what most upstreams send on every response: skip the parsing
+        elif values:
+            tokens = connection_tokens(values)
             if b"close" in tokens:
                 keep_alive = False
             elif b"keep-alive" in tokens:

@@ -327,7 +327,7 @@ class ProxyExchange:
                     return
                 self._breaker_armed = True
             if service.retry.attempts:
-                service.retry.budget.record_request()
+                service.retry.budget.requests += 1  # inline: it runs on every request
                 if self._replay_ok and self.request.has_body and self._can_repeat(service):
                     self._replay = []
         key = service.hash_key(self.request) if service.hash_key is not None else None

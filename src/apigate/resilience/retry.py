@@ -12,16 +12,22 @@ from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 
 from apigate.config.schema import RetriesConfig
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-_BUCKETS = 10
-
-
 class RetryBudget:
-    """Retries allowed ≤ ratio * requests over `window` seconds, plus `min_per_second`."""
+    """Retries allowed <= ratio * requests over `window` seconds, plus `min_per_second`.
+
+    Counting a request is one integer increment (`requests += 1`, done inline by the exchange
+    on every request); the window is worked out only when a retry asks for budget, from marks
+    of the running totals taken at most every window/10. Requests are counted from the oldest
+    mark inside the window, so the budget errs on the stingy side when retries are rare (the
+    per-second floor still lets a quiet service retry) and is exact to window/10 in an outage,
+    when retries ask often.
+    """
 
     def __init__(
         self,
@@ -34,28 +40,24 @@ class RetryBudget:
         self.window = window
         self.min_per_second = min_per_second
         self.clock = clock
-        self._width = window / _BUCKETS
-        self._ring: list[list[float]] = [[-1.0, 0.0, 0.0] for _ in range(_BUCKETS)]  # n, req, retry
-
-    def _bucket(self) -> list[float]:
-        number = float(int(self.clock() / self._width))
-        bucket = self._ring[int(number) % _BUCKETS]
-        if bucket[0] != number:
-            bucket[0], bucket[1], bucket[2] = number, 0.0, 0.0
-        return bucket
+        self.requests = 0  # running totals
+        self.retries = 0
+        self._marks: deque[tuple[float, int, int]] = deque([(clock(), 0, 0)])  # (t, req, ret)
 
     def record_request(self) -> None:
-        self._bucket()[1] += 1
+        self.requests += 1
 
     def counts(self) -> tuple[float, float]:
-        current = int(self.clock() / self._width)
-        oldest = current - _BUCKETS + 1
-        requests = retries = 0.0
-        for number, req, ret in self._ring:
-            if oldest <= number <= current:
-                requests += req
-                retries += ret
-        return requests, retries
+        """(requests, retries) within the window."""
+        now = self.clock()
+        marks = self._marks
+        if not marks or now - marks[-1][0] >= self.window / 10:
+            marks.append((now, self.requests, self.retries))
+        start = now - self.window
+        while marks[0][0] < start:
+            marks.popleft()  # the newest mark is `now`, so one always remains
+        _, base_requests, base_retries = marks[0]
+        return float(self.requests - base_requests), float(self.retries - base_retries)
 
     def try_acquire(self) -> bool:
         """Spend one retry if the budget allows it."""
@@ -63,7 +65,7 @@ class RetryBudget:
         allowed = self.ratio * requests + self.min_per_second * self.window
         if retries + 1 > allowed:
             return False
-        self._bucket()[2] += 1
+        self.retries += 1
         return True
 
 

@@ -1,0 +1,131 @@
+"""The gateway's own Python cost per proxied request, without sockets or the event loop's I/O.
+
+    python bench/micro.py [--requests 50000] [--profile] [--config plain|plugins]
+
+A real `Gateway` (runtime, routing, plugins, pools) serves requests through the real
+`ClientConnection` and `UpstreamConnection` protocols, whose transports are in-memory fakes: the
+request bytes go into `data_received`, the upstream's answer is fed back the same way. What is
+left is exactly the per-request Python work of the data plane, which is what the hot-path rules
+are about; the syscalls (4 per request) and epoll are what `bench/run.py` adds on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import time
+from typing import Any
+
+from apigate.config.loader import parse_config
+from apigate.http.protocol import ClientConnection
+from apigate.http.upstream import UpstreamConnection
+from apigate.server import Gateway
+
+REQUEST = b"GET /hello HTTP/1.1\r\nHost: bench\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sun, 22 Nov 2026 12:00:00 GMT\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 13\r\nConnection: keep-alive\r\n\r\n"
+    b"Hello, World!"
+)
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "plain": {
+        "listeners": {"proxy": {"address": "127.0.0.1:0"}, "admin": None},
+        "services": {"up": {"targets": ["http://127.0.0.1:9"]}},
+        "routes": [{"name": "r", "match": {"paths": ["/"]}, "service": "up"}],
+    },
+}
+
+
+class FakeTransport:
+    """Enough of asyncio.Transport for the protocols; records what was written."""
+
+    def __init__(self, peer: tuple[str, int]) -> None:
+        self.peer = peer
+        self.written = 0
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        for part in parts:
+            self.written += len(part)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.peer if name in ("peername", "sockname") else default
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def write_eof(self) -> None:
+        pass
+
+
+async def run(requests: int, profile: bool, config_name: str) -> float:
+    gateway = Gateway(parse_config(CONFIGS[config_name]))
+    service = gateway.services.services["up"]
+    inst = next(iter(service.instances.values()))
+    pool = service.pool_for(inst)
+    upstream = UpstreamConnection(pool)
+    upstream.connection_made(FakeTransport(("127.0.0.1", 9)))  # type: ignore[arg-type]
+    pool.total += 1
+    pool.idle.append(upstream)
+    client = ClientConnection(gateway)
+    client.connection_made(FakeTransport(("127.0.0.1", 50000)))  # type: ignore[arg-type]
+
+    def one() -> None:
+        client.data_received(REQUEST)
+        upstream.data_received(RESPONSE)
+
+    for _ in range(2000):  # warm up caches (matcher host cache, pools)
+        one()
+    profiler = cProfile.Profile() if profile else None
+    if profiler is not None:
+        profiler.enable()
+    start = time.perf_counter()
+    for _ in range(requests):
+        one()
+    elapsed = time.perf_counter() - start
+    if profiler is not None:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+    assert upstream.requests >= requests, "the upstream connection was not reused"
+    return elapsed / requests * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=50_000)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="plain")
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    per_request = asyncio.run(run(args.requests, args.profile, args.config))
+    print(f"{args.config}: {per_request:.2f} µs of Python per proxied request")
+
+
+if __name__ == "__main__":
+    main()
