@@ -4,7 +4,8 @@
 2. start three `hello_service` processes that register themselves through the admin API;
 3. send requests and show how the balancer spread them;
 4. stop one instance while traffic flows and show that no request failed;
-5. clean up everything it started.
+5. call the JWT-protected route: no token → 401, a signed token → 200, a burst → 429s;
+6. clean up everything it started.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ import asyncio
 import collections
 import json
 import os
+import secrets
 import signal
 import sys
+import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from apigate.config.loader import parse_config
+from apigate.config.loader import load_config
+from apigate.config.schema import GatewayConfig
+from apigate.examples.client import make_token
 from apigate.server import Gateway
 
 
@@ -50,12 +53,14 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def demo_config() -> dict[str, Any]:
-    text = resources.files("apigate.examples").joinpath("apigate.yaml").read_text()
-    doc: dict[str, Any] = yaml.safe_load(text)
-    doc["listeners"]["proxy"]["address"] = "127.0.0.1:0"
-    doc["listeners"]["admin"]["address"] = "127.0.0.1:0"
-    return doc
+def demo_config(env: dict[str, str]) -> GatewayConfig:
+    """examples/apigate.yaml, read as `apigate run` reads it, on free ports."""
+    with resources.as_file(resources.files("apigate.examples") / "apigate.yaml") as path:
+        config = load_config(path, env=env)
+    config.listeners.proxy.address = "127.0.0.1:0"
+    assert config.listeners.admin is not None
+    config.listeners.admin.address = "127.0.0.1:0"
+    return config
 
 
 async def start_instance(name: str, admin_url: str) -> asyncio.subprocess.Process:
@@ -119,10 +124,33 @@ def _show(counts: collections.Counter[str], failed: int) -> None:
     _say(f"    failed     {failed:>3}")
 
 
+async def jwt_story(port: int, secret: str) -> bool:
+    """No token → 401; a signed token → 200; a burst past the route's limit → 429s."""
+    path = "/secure/hello_service"
+    status, body = await http_get(port, path)
+    _say(f"   without a token:      {status} {(body or {}).get('error', '')}")
+    token = make_token(secret)
+    auth = {"Authorization": f"Bearer {token}"}
+    ok_status, ok_body = await http_get(port, path, auth)
+    instance = (ok_body or {}).get("instance", "")
+    _say(f"   with a signed token:  {ok_status} (answered by {instance})")
+    burst = [(await http_get(port, path, auth))[0] for _ in range(8)]
+    _say(f"   a burst of 8 more:    {' '.join(map(str, burst))}")
+    _say("   (rate_limit: 5 per 10s with a burst of 4, per consumer)")
+    return status == 401 and ok_status == 200 and 429 in burst and burst[0] == 200
+
+
 async def run_demo(requests: int = 30) -> int:
     from apigate.extensions import attach_extensions
 
-    gateway = Gateway(parse_config(demo_config(), source="examples/apigate.yaml"))
+    log_dir = tempfile.TemporaryDirectory(prefix="apigate-demo-")
+    secret = os.environ.get("APIGATE_DEMO_JWT_SECRET") or secrets.token_hex(32)
+    env = {
+        **os.environ,
+        "APIGATE_DEMO_JWT_SECRET": secret,
+        "APIGATE_ACCESS_LOG": str(Path(log_dir.name) / "access.log"),
+    }
+    gateway = Gateway(demo_config(env))
     await attach_extensions(gateway)
     await gateway.start()
     port = gateway.proxy_port
@@ -150,15 +178,16 @@ async def run_demo(requests: int = 30) -> int:
         _show(counts_during, failed_during)
         _say("   after it:")
         _show(counts_after, failed_after)
-        ok = failed + failed_during + failed_after == 0 and "hello-3" not in counts_after
-        _say(
-            "\n"
-            + (
-                "OK: no request failed and traffic moved to the remaining instances."
-                if ok
-                else "Something went wrong: see the counts above."
-            )
-        )
+        moved = failed + failed_during + failed_after == 0 and "hello-3" not in counts_after
+        if moved:
+            _say("   no request failed; traffic moved to the remaining instances.")
+        else:
+            _say("   something went wrong: see the counts above.")
+
+        _say("\n4. the JWT-protected route /secure/hello_service:")
+        secured = await jwt_story(port, secret)
+        ok = moved and secured
+        _say("\n" + ("OK: the demo ran as expected." if ok else "FAILED: see above."))
         return 0 if ok else 1
     finally:
         for proc in procs:
@@ -170,4 +199,5 @@ async def run_demo(requests: int = 30) -> int:
             except TimeoutError:
                 proc.kill()
         await gateway.shutdown(drain_timeout=1)
+        log_dir.cleanup()
         _say("cleaned up: gateway and instances stopped.")
