@@ -97,3 +97,53 @@ def routes10k(env: Env) -> Spec:
     routes = [route(p[1:], p) for p in prefixes] + [route("plain", "/")]
     nginx = "".join(nginx_location(p) for p in prefixes) + nginx_location("/")
     return Spec(apigate_yaml(env, routes), nginx, paths=("/", "/r05000/x"))
+
+
+_JWT_SECRET = "bench-secret-0123456789abcdef0123456789abcdef"  # a throwaway benchmark key
+
+
+def _bench_token() -> str:
+    import time
+
+    import jwt
+
+    claims = {"sub": "bench", "iss": "bench", "exp": int(time.time()) + 3600}
+    return jwt.encode(claims, _JWT_SECRET, algorithm="HS256")
+
+
+@scenario("plugins")
+def plugins(env: Env) -> Spec:
+    """JWT (the same token, so verified once then cached) + a local rate limit that never
+    trips + a JSON access log to a file, against nginx's plain route (issue 4's yardstick)."""
+    plugins = (
+        ", plugins: {jwt: {secret: " + _JWT_SECRET + ", algorithms: [HS256], issuer: bench}, "
+        "rate_limit: {requests: 1000000000, per: 1s, key: ip}}"
+    )
+    extra = f"plugins:\n  access_log: {{path: {env.workdir / 'access.log'}}}\n"
+    return Spec(
+        apigate_yaml(env, [route("plugins", "/", plugins)], extra),
+        nginx_location("/"),
+        headers=(f"Authorization: Bearer {_bench_token()}",),
+    )
+
+
+@scenario("cache")
+def cache(env: Env) -> Spec:
+    """Cache hits (max-age=300 from the upstream) against nginx's proxy_cache; compare the
+    apigate figure with the plain scenario's to see a hit cost against proxying."""
+    return Spec(
+        apigate_yaml(env, [route("cached", "/", ", plugins: {cache: {}}")]),
+        nginx_location("/", "proxy_cache c; "),
+        paths=("/cacheable",),
+        nginx_http=f"proxy_cache_path {env.workdir / 'cache'} keys_zone=c:1m;\n",
+    )
+
+
+@scenario("aggregate3")
+def aggregate3(env: Env) -> Spec:
+    """One request fanned out to three upstream calls and merged; nginx (which cannot
+    aggregate) proxies one request: compare apigate's figure with 3x its plain one."""
+    parts = ", ".join(f"p{i}: {{service: up, path: /json}}" for i in range(3))
+    agg = f'{{name: agg, match: {{paths: ["/agg"]}}, aggregate: {{{parts}}}}}'
+    # the plain `/` route is there for run.py's readiness probe (GET / must answer 200)
+    return Spec(apigate_yaml(env, [agg, route("plain", "/")]), nginx_location("/"), paths=("/agg",))

@@ -80,8 +80,8 @@ class _Target:
         return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-class Registration:
-    """Async registration; use as an async context manager or call start()/stop()."""
+class _Client:
+    """What both clients share: where to register, what, and whether it worked."""
 
     def __init__(
         self,
@@ -99,11 +99,16 @@ class Registration:
         self.target = _Target(admin_url, service, url, instance_id, ttl, weight, metadata, token)
         self.timeout = timeout
         self.registered = False
-        self._task: asyncio.Task[None] | None = None
 
     @property
     def instance_id(self) -> str:
         return self.target.instance_id
+
+
+class Registration(_Client):
+    """Async registration; use as an async context manager or call start()/stop()."""
+
+    _task: asyncio.Task[None] | None = None
 
     async def _call(self, method: str, body: bytes = b"") -> int:
         t = self.target
@@ -171,31 +176,14 @@ class Registration:
         await self.stop()
 
 
-class SyncRegistration:
+class SyncRegistration(_Client):
     """The same for synchronous services: a daemon thread heartbeats."""
 
-    def __init__(
-        self,
-        admin_url: str,
-        service: str,
-        *,
-        url: str,
-        instance_id: str | None = None,
-        ttl: float = 10.0,
-        weight: int = 1,
-        metadata: dict[str, Any] | None = None,
-        token: str | None = None,
-        timeout: float = 2.0,
-    ) -> None:
-        self.target = _Target(admin_url, service, url, instance_id, ttl, weight, metadata, token)
-        self.timeout = timeout
-        self.registered = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+    _thread: threading.Thread | None = None
 
-    @property
-    def instance_id(self) -> str:
-        return self.target.instance_id
+    def __init__(self, admin_url: str, service: str, **kwargs: Any) -> None:
+        super().__init__(admin_url, service, **kwargs)
+        self._stop = threading.Event()
 
     def _call(self, method: str, body: bytes = b"") -> int:
         t = self.target

@@ -107,3 +107,34 @@ class TrustedProxies:
 def forwarded_for_node(ip: str) -> str:
     """RFC 7239 node syntax: IPv6 addresses are quoted and bracketed."""
     return f'"[{ip}]"' if ":" in ip else ip
+
+
+class HeaderList:
+    """Case-insensitive access to a `headers` list of (name, value) bytes pairs.
+
+    Shared by the request head and the upstream response head; plugins use it, the hot path
+    does not (it reads the list directly).
+    """
+
+    __slots__ = ()
+    headers: list[tuple[bytes, bytes]]
+
+    def header(self, lname: str) -> str | None:
+        """First value of a header by lower-case name (a linear scan)."""
+        target = lname.encode("latin-1")
+        for name, value in self.headers:
+            if len(name) == len(target) and name.lower() == target:
+                return value.decode("latin-1")
+        return None
+
+    def header_values(self, lname: str) -> list[str]:
+        target = lname.encode("latin-1")
+        return [v.decode("latin-1") for n, v in self.headers if n.lower() == target]
+
+    def set_header(self, name: str, value: str) -> None:
+        self.remove_header(name)
+        self.headers.append((name.encode("latin-1"), value.encode("latin-1")))
+
+    def remove_header(self, name: str) -> None:
+        target = name.lower().encode("latin-1")
+        self.headers[:] = [(n, v) for n, v in self.headers if n.lower() != target]

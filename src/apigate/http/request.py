@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import time
 
+from apigate.http.headers import HeaderList
 
-class Request:
+
+class Request(HeaderList):
     """One client request head. Header names keep the client's spelling; values stay bytes."""
 
     __slots__ = (
@@ -61,7 +63,8 @@ class Request:
     def header(self, lname: str) -> str | None:
         """First value of a header by lower-case name (linear scan: plugins call it rarely).
 
-        Host is kept apart from `headers` because the gateway decides what Host goes upstream.
+        Host and the trace context are kept apart from `headers` because the gateway decides
+        what goes upstream for them.
         """
         if lname == "host":
             return self.host or None
@@ -69,23 +72,7 @@ class Request:
             return self.traceparent.decode("latin-1") if self.traceparent else None
         if lname == "tracestate":
             return ",".join(v.decode("latin-1") for v in self.tracestate or ()) or None
-        target = lname.encode("latin-1")
-        for name, value in self.headers:
-            if len(name) == len(target) and name.lower() == target:
-                return value.decode("latin-1")
-        return None
-
-    def header_values(self, lname: str) -> list[str]:
-        target = lname.encode("latin-1")
-        return [v.decode("latin-1") for n, v in self.headers if n.lower() == target]
-
-    def set_header(self, name: str, value: str) -> None:
-        self.remove_header(name)
-        self.headers.append((name.encode("latin-1"), value.encode("latin-1")))
-
-    def remove_header(self, name: str) -> None:
-        target = name.lower().encode("latin-1")
-        self.headers = [(n, v) for n, v in self.headers if n.lower() != target]
+        return HeaderList.header(self, lname)
 
     @property
     def target(self) -> str:

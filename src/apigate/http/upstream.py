@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
-from apigate.http.headers import connection_tokens
+from apigate.http.headers import HeaderList, connection_tokens
 
 if TYPE_CHECKING:
     from apigate.http.pool import Pool
@@ -32,7 +32,7 @@ class InvalidResponse(ConnectionError):
     """The upstream's response cannot be proxied faithfully (the exchange answers 502)."""
 
 
-class ResponseHead:
+class ResponseHead(HeaderList):
     """A parsed upstream response head; plugins may edit `headers` before it is written."""
 
     __slots__ = (
@@ -58,20 +58,6 @@ class ResponseHead:
         self.keep_alive = True
         self.upgrade: bytes | None = None
 
-    def header(self, lname: str) -> str | None:
-        target = lname.encode("latin-1")
-        for name, value in self.headers:
-            if name.lower() == target:
-                return value.decode("latin-1")
-        return None
-
-    def set_header(self, name: str, value: str) -> None:
-        self.remove_header(name)
-        self.headers.append((name.encode("latin-1"), value.encode("latin-1")))
-
-    def remove_header(self, name: str) -> None:
-        target = name.lower().encode("latin-1")
-        self.headers = [(n, v) for n, v in self.headers if n.lower() != target]
 
 
 class UpstreamListener(Protocol):
