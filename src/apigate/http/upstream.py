@@ -59,7 +59,6 @@ class ResponseHead(HeaderList):
         self.upgrade: bytes | None = None
 
 
-
 class UpstreamListener(Protocol):
     """The exchange side of an upstream connection."""
 
