@@ -116,12 +116,14 @@ def wait_ready(server: Server, headers: Iterable[str], timeout: float) -> None:
     )
 
 
-def check_response(server: Server, path: str, headers: Iterable[str]) -> None:
-    """The proxy must answer `path` with the upstream's 200 and body before it is measured."""
+def check_response(
+    server: Server, path: str, headers: Iterable[str], expected: bytes = BODY
+) -> None:
+    """The proxy must answer `path` with 200 and the expected body before it is measured."""
     status, body = http_get(server.port, path, headers)
-    if status != 200 or body != BODY:
+    if status != 200 or body != expected:
         raise BenchError(
-            f"{server.name}: GET {path} answered {status} {body[:200]!r}, expected 200 {BODY!r}"
+            f"{server.name}: GET {path} answered {status} {body[:200]!r}, expected 200 {expected!r}"
         )
 
 
@@ -326,7 +328,8 @@ def run_target(bench: Bench, scenario_name: str, target: str, round_index: int) 
         ready = time.monotonic() - started
         print(f"bench: {server.name} answered GET / {ready:.1f} s after start", file=sys.stderr)
         for path in spec.paths:
-            check_response(server, path, spec.headers)
+            expected = spec.apigate_body if target == "apigate" and spec.apigate_body else BODY
+            check_response(server, path, spec.headers, expected)
             case = Case(scenario_name, target, server, path, spec.headers, round_index)
             bench.results.append(measure(bench, case))
             if server.proc.poll() is not None:

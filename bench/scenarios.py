@@ -35,6 +35,7 @@ class Spec:
     paths: tuple[str, ...] = ("/",)  # each path is measured on its own (a "variant")
     nginx_http: str = ""  # extra http {}-level nginx directives (proxy_cache_path, map, ...)
     headers: tuple[str, ...] = ()  # request headers wrk sends, e.g. "Authorization: Bearer x"
+    apigate_body: bytes | None = None  # what apigate answers when it is not the upstream's body
 
 
 ScenarioFn = Callable[[Env], Spec]
@@ -146,4 +147,10 @@ def aggregate3(env: Env) -> Spec:
     parts = ", ".join(f"p{i}: {{service: up, path: /json}}" for i in range(3))
     agg = f'{{name: agg, match: {{paths: ["/agg"]}}, aggregate: {{{parts}}}}}'
     # the plain `/` route is there for run.py's readiness probe (GET / must answer 200)
-    return Spec(apigate_yaml(env, [agg, route("plain", "/")]), nginx_location("/"), paths=("/agg",))
+    merged = b'{"p0":{"ok":true},"p1":{"ok":true},"p2":{"ok":true}}'
+    return Spec(
+        apigate_yaml(env, [agg, route("plain", "/")]),
+        nginx_location("/"),
+        paths=("/agg",),
+        apigate_body=merged,
+    )

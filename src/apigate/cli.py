@@ -50,17 +50,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _compile(config: object) -> object:
-    """Compile a snapshot without listening, so plugin configs are checked too."""
+    """Compile a snapshot without listening, so plugin configs and TLS files are checked."""
     from apigate.config.schema import GatewayConfig
-    from apigate.http.pool import PoolManager
-    from apigate.plugins.base import PluginEnv
-    from apigate.runtime import ServiceTable, compile_runtime
+    from apigate.runtime import dry_compile
 
     assert isinstance(config, GatewayConfig)
 
     async def build() -> object:
-        loop = asyncio.get_running_loop()
-        return compile_runtime(config, ServiceTable(PoolManager(loop)), PluginEnv(config, loop))
+        return dry_compile(config, asyncio.get_running_loop())
 
     return asyncio.run(build())
 

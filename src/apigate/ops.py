@@ -267,12 +267,7 @@ def cmd_check(config_path: str, out: TextIO = sys.stdout) -> int:
 
 
 def _compile(config: GatewayConfig) -> None:
-    """Build a runtime snapshot without listening, so plugin configs are checked too."""
-    from apigate.http.pool import PoolManager
-    from apigate.plugins.base import PluginEnv
-    from apigate.runtime import ServiceTable, compile_runtime
+    """Everything `apigate run` would refuse (routes, plugin configs, TLS files)."""
+    from apigate.runtime import dry_compile
 
-    loop = asyncio.get_running_loop()
-    pools = PoolManager(loop)
-    compile_runtime(config, ServiceTable(pools), PluginEnv(config, loop))
-    pools.close()
+    dry_compile(config, asyncio.get_running_loop())

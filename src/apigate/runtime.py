@@ -10,6 +10,7 @@ Services are the exception: they are long-lived objects shared by consecutive sn
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -157,3 +158,20 @@ def compile_runtime(config: GatewayConfig, table: ServiceTable, env: PluginEnv) 
         log_hooks=global_chain.log_hooks,
         handlers=handlers,
     )
+
+
+def dry_compile(config: GatewayConfig, loop: asyncio.AbstractEventLoop) -> Runtime:
+    """Everything `apigate run` would refuse, without listening or connecting: the snapshot
+    (routes, plugin configs) on throwaway services, and the TLS certificates and keys.
+    Used by `apigate validate` and `check`, and by the admin API's `POST /config?dry_run`."""
+    from apigate.http.tls import validate_tls
+
+    pools = PoolManager(loop)
+    try:
+        runtime = compile_runtime(config, ServiceTable(pools), PluginEnv(config, loop))
+    finally:
+        pools.close()
+    tls = config.listeners.proxy.tls
+    if tls is not None and (problems := validate_tls(tls)):
+        raise ConfigError(problems)
+    return runtime

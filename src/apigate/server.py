@@ -84,9 +84,14 @@ class Gateway:
         DATE.start(self.loop)
         listener = self.config.listeners.proxy
         if listener.tls is not None:
-            from apigate.http.tls import build_server_context
+            from apigate.http.tls import ServerTLS
 
-            self.ssl_context = build_server_context(listener.tls)
+            tls = ServerTLS(listener.tls)  # ConfigError: missing, mismatched or expired files
+            self.extensions["tls"] = tls
+            self.ssl_context = tls.context
+            tls.watch()  # renewed files are loaded into the same context, without restart
+            self.on_runtime.append(lambda runtime: tls.update(runtime.config.listeners.proxy.tls))
+            self.on_stop.append(lambda _gateway: tls.close())
         self.proxy_server = await self.loop.create_server(
             lambda: ClientConnection(self),
             host=listener.host or None,
@@ -94,6 +99,8 @@ class Gateway:
             reuse_address=True,
             backlog=4096,
             ssl=self.ssl_context,
+            # a client that never finishes its handshake is cut off like a slow header
+            ssl_handshake_timeout=self.limits.header_timeout if self.ssl_context else None,
         )
         await self._start_plugins(self.runtime)
         for hook in self.on_start:
@@ -148,6 +155,11 @@ class Gateway:
     # ------------------------------------------------------------------ reload
     async def apply_config(self, config: GatewayConfig) -> Runtime:
         """Compile and swap in a new snapshot; raises ConfigError and keeps the old one."""
+        if config.listeners.proxy.tls is not None:
+            from apigate.http.tls import validate_tls
+
+            if problems := validate_tls(config.listeners.proxy.tls):
+                raise ConfigError(problems)  # a broken TLS section rejects the whole reload
         self.env.config = config
         try:
             runtime = compile_runtime(config, self.services, self.env)
@@ -169,6 +181,7 @@ class Gateway:
 
     async def reload(self) -> bool:
         """Re-read the config file (SIGHUP, --watch). Returns whether the new config took."""
+        self.reload_certificates()
         if self.config_path is None:
             return False
         try:
@@ -190,6 +203,11 @@ class Gateway:
             extra={"event": "reload", "ok": True, "generation": runtime.generation},
         )
         return True
+
+    def reload_certificates(self) -> bool:
+        """Re-read the proxy listener's certificate files; rejected ones keep the old serving."""
+        tls = self.extensions.get("tls")
+        return bool(tls.reload()) if tls is not None else True
 
     def watch(self, interval: float = 1.0) -> None:
         """Reload whenever the config file's mtime or size changes."""

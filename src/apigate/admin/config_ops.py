@@ -100,13 +100,10 @@ class ConfigOps:
     async def replace(self, doc: dict[str, Any], dry_run: bool = False) -> GatewayConfig:
         async with self._lock:
             config = parse_config(doc, source="<admin>")
-            if dry_run:  # compile against throwaway services: plugins and routes are checked
-                from apigate.http.pool import PoolManager
-                from apigate.plugins.base import PluginEnv
-                from apigate.runtime import ServiceTable, compile_runtime
+            if dry_run:  # compile against throwaway services: plugins, routes and TLS checked
+                from apigate.runtime import dry_compile
 
-                loop = self.gateway.loop
-                compile_runtime(config, ServiceTable(PoolManager(loop)), PluginEnv(config, loop))
+                dry_compile(config, self.gateway.loop)
                 return config
             await self.gateway.apply_config(config)
             await self.store.replace_base(dump_config(config))
