@@ -18,6 +18,8 @@ from collections.abc import Callable
 from apigate.config.schema import RetriesConfig
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
 class RetryBudget:
     """Retries allowed <= ratio * requests over `window` seconds, plus `min_per_second`.
 
