@@ -139,3 +139,13 @@ def test_conditions_and_backoff() -> None:
     assert not policy.retryable(kind="status", status=500)
     delays = [policy.delay(3) for _ in range(200)]
     assert min(delays) >= 0 and max(delays) <= 0.4
+
+
+def test_consistent_hash_on_a_jwt_claim_reads_the_verified_claims() -> None:
+    from types import SimpleNamespace
+
+    from apigate.registry.service import hash_key_extractor
+
+    key = hash_key_extractor("claim:tenant")
+    assert key(SimpleNamespace(vars={"jwt_claims": {"tenant": "acme"}})) == "acme"
+    assert key(SimpleNamespace(vars={})) is None

@@ -22,6 +22,7 @@ class Instance:
 
     __slots__ = (
         "_ewma_stamp",
+        "base_path",
         "draining",
         "ewma_latency",
         "expires_at",
@@ -65,6 +66,7 @@ class Instance:
         self.in_flight = 0
         self.failures = 0  # consecutive failed requests (passive health)
         self.held_out = False  # active health checks say unhealthy: passive timers must not readmit
+        self.base_path = ""  # a target URL's path ("http://h:1/api" -> "/api"), put before paths
         self.expires_at: float | None = None  # monotonic deadline for a registered TTL
         self.registered_at = time.time()
         # Peak-EWMA state (seconds); 0 means "no sample yet".

@@ -3,6 +3,10 @@
 As in httpcore, the pool decides synchronously (take an idle connection, or reserve a slot for a
 new one) and only then does I/O. Idle connections are reused most-recent-first so that the rest
 age out under light load; each parked connection closes itself after `idle_timeout`.
+
+With every slot busy (`max_connections`), up to `max_pending` requests wait for a connection to
+come back (FIFO, at most the connect timeout); beyond that the pool refuses at once (503), so
+there is never an unbounded queue.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class Pool:
         *,
         scheme: str = "http",
         max_connections: int = 1024,
+        max_pending: int = 0,
         max_idle: int = 256,
         idle_timeout: float = 60.0,
     ) -> None:
@@ -37,6 +42,10 @@ class Pool:
         self.scheme = scheme
         self.key = f"{scheme}://{host}:{port}"
         self.max_connections = max_connections
+        self.max_pending = max_pending
+        # requests waiting for a connection: a future gets a returned connection, or None
+        # when a slot freed up (the waiter then opens a connection itself)
+        self.waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self.idle: deque[UpstreamConnection] = deque()
@@ -61,8 +70,12 @@ class Pool:
         return None
 
     async def connect(self, timeout: float) -> UpstreamConnection:
+        """A connection for one exchange: a new one, or (when every slot is busy) one handed
+        over by `release` after waiting in the bounded queue."""
         if self.total >= self.max_connections:
-            raise PoolFull(f"{self.key}: all {self.max_connections} connections busy")
+            handed = await self._wait_for_slot(timeout)
+            if handed is not None:
+                return handed
         self.total += 1
         try:
             _, proto = await asyncio.wait_for(
@@ -81,10 +94,45 @@ class Pool:
         self.created += 1
         return proto
 
+    async def _wait_for_slot(self, timeout: float) -> UpstreamConnection | None:
+        if len(self.waiters) >= self.max_pending:
+            raise PoolFull(f"{self.key}: all {self.max_connections} connections busy")
+        waiter: asyncio.Future[UpstreamConnection | None] = self.loop.create_future()
+        self.waiters.append(waiter)
+        try:
+            handed = await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            raise PoolFull(f"{self.key}: no connection free within {timeout:g}s") from None
+        finally:
+            with contextlib.suppress(ValueError):
+                self.waiters.remove(waiter)
+        if handed is None and self.total >= self.max_connections:
+            raise PoolFull(f"{self.key}: all {self.max_connections} connections busy")
+        return handed
+
+    def _hand_over(self, conn: UpstreamConnection | None) -> bool:
+        """Give `conn` (or a free slot) to the longest-waiting request; False if none waits."""
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return True
+        return False
+
     def release(self, conn: UpstreamConnection) -> None:
-        """An exchange is done with `conn`: park it if it is clean, close it otherwise."""
+        """An exchange is done with `conn`: hand it to a waiting request, park it if it is
+        clean, close it otherwise."""
         conn.detach()
-        if not conn.reusable or conn.closed or self.closed or len(self.idle) >= self.max_idle:
+        if not conn.reusable or conn.closed or self.closed:
+            conn.close()
+            return
+        # the client may have paused our reading (backpressure) just as the response ended:
+        # a parked connection must read again, or its next response hangs
+        conn.resume_reading()
+        if self.waiters and self._hand_over(conn):
+            self.reused += 1
+            return
+        if len(self.idle) >= self.max_idle:
             conn.close()
             return
         conn.set_idle(self.idle_timeout)
@@ -95,6 +143,8 @@ class Pool:
         self.total -= 1
         with contextlib.suppress(ValueError):  # it was busy, not parked
             self.idle.remove(conn)
+        if self.waiters:
+            self._hand_over(None)  # a slot is free: the first waiter opens a connection
 
     def close(self) -> None:
         self.closed = True
@@ -125,6 +175,7 @@ class PoolManager:
         port: int,
         *,
         max_connections: int = 1024,
+        max_pending: int = 0,
         idle_timeout: float = 60.0,
     ) -> Pool:
         key = (scheme, host, port)
@@ -136,11 +187,13 @@ class PoolManager:
                 port,
                 scheme=scheme,
                 max_connections=max_connections,
+                max_pending=max_pending,
                 idle_timeout=idle_timeout,
             )
             self.pools[key] = pool
         else:
             pool.max_connections = max_connections
+            pool.max_pending = max_pending
             pool.idle_timeout = idle_timeout
         return pool
 

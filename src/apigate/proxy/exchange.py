@@ -24,6 +24,7 @@ replayed (≤ 64 KiB, kept while it was sent), and the retry budget allows it.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import Callable
@@ -97,6 +98,12 @@ class ProxyExchange:
     _response_rewrite: ResponseBodyRewrite | None = None
     _request_rewrite: RequestBodyRewrite | None = None
     _chunk_hooks: list[Callable[..., Any]] | None = None
+    _forwarding = False  # an attempt is under way (picking, connecting or attached)
+    _task: asyncio.Task[None] | None = None  # kept: the loop holds tasks only weakly
+    _retry_timer: asyncio.TimerHandle | None = None
+    _replay_size = 0
+    _stale_retried = False
+    params: dict[str, str] = {}
 
     def __init__(
         self,
@@ -111,7 +118,6 @@ class ProxyExchange:
         self.observers = observers
         self.loop = conn.loop
         self.t0 = conn.loop.time()
-        self.params: dict[str, str] = {}
         self.tried: list[Instance] = []
         self.vars: dict[str, Any] = {}  # scratch space shared by plugins
         self.upstream_path = request.path
@@ -154,8 +160,10 @@ class ProxyExchange:
         limit = rewrite.limit if rewrite is not None and rewrite.active else _BUFFER_LIMIT
         if self._body_size > limit and not self._paused_for_buffer:
             if rewrite is not None and rewrite.active:
+                waiting = rewrite.waiting
                 rewrite.give_up(self)  # too large to rewrite: stream it as it is
-                self._forward()
+                if waiting:  # the request hooks are done and asked to forward: go now
+                    self._forward()
                 return
             self._paused_for_buffer = True
             self.conn.pause_reading()
@@ -172,6 +180,9 @@ class ProxyExchange:
 
     def client_lost(self) -> None:
         self._client_gone = True
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
         if self._finished:
             return
         up = self.upstream
@@ -256,13 +267,13 @@ class ProxyExchange:
                 self.fail(err)
                 return
             except Exception:  # a plugin bug answers 500; it never kills the connection
-                log.exception("plugin hook failed on %s", self.request)
+                log.exception("plugin hook failed on %s", self._describe())
                 self.fail(GatewayError(500, "a plugin failed", "plugin_error"))
                 return
             if outcome is None:
                 continue
             if inspect.isawaitable(outcome):
-                self.loop.create_task(self._await_hook(outcome, i))
+                self._task = self.loop.create_task(self._await_hook(outcome, i))
                 return
             self._respond_index = i
             self.respond(outcome)
@@ -276,7 +287,7 @@ class ProxyExchange:
             self.fail(err)
             return
         except Exception:
-            log.exception("plugin hook failed on %s", self.request)
+            log.exception("plugin hook failed on %s", self._describe())
             self.fail(GatewayError(500, "a plugin failed", "plugin_error"))
             return
         if self._client_gone:
@@ -289,8 +300,8 @@ class ProxyExchange:
 
     # ================================================================== upstream selection
     def _forward(self) -> None:
-        if self._client_gone or self._finished:
-            return
+        if self._client_gone or self._finished or self._forwarding:
+            return  # (an async hook and a body callback could both ask: forward once)
         rewrite = self._request_rewrite
         if rewrite is not None and rewrite.active:
             if not self._body_done:
@@ -299,9 +310,15 @@ class ProxyExchange:
                     self._sent_continue = True  # the client waits for this to send the body
                     self.conn.write(_CONTINUE)
                 return
-            rewrite.apply(self)
+            try:
+                rewrite.apply(self)
+            except Exception:
+                log.exception("request body rewrite failed on %s", self._describe())
+                self.fail(GatewayError(500, "a plugin failed", "plugin_error"))
+                return
         if self.request.has_body and self.conn.after_read(self._forward):
             return  # its body framing is validated first (see ClientConnection.after_read)
+        self._forwarding = True
         service = self.service
         if service is None:
             assert self.route is not None
@@ -309,7 +326,7 @@ class ProxyExchange:
             if handler is None:
                 self.fail(GatewayError(502, f"route {self.route.name} has no upstream"))
                 return
-            self.loop.create_task(handler(self))
+            self._task = self.loop.create_task(handler(self))
             return
         if not self.tried:  # first attempt: breaker and retry budget see every request once
             breaker = service.breaker
@@ -330,7 +347,7 @@ class ProxyExchange:
                 service.retry.budget.requests += 1  # inline: it runs on every request
                 if self._replay_ok and self.request.has_body and self._can_repeat(service):
                     self._replay = []
-        key = service.hash_key(self.request) if service.hash_key is not None else None
+        key = service.hash_key(self) if service.hash_key is not None else None
         inst = service.balancer.pick(key, self.tried)
         if inst is None:
             if self.tried:
@@ -349,7 +366,7 @@ class ProxyExchange:
         if up is not None:
             self._attach(up, reused=True)
         else:
-            self.loop.create_task(self._connect(service, inst))
+            self._task = self.loop.create_task(self._connect(service, inst))
 
     async def _connect(self, service: Service, inst: Instance) -> None:
         pool = service.pool_for(inst)
@@ -379,10 +396,20 @@ class ProxyExchange:
             )
             self._retry_connect()
             return
+        except Exception as exc:  # never leave the client unanswered
+            log.exception("connecting to %s:%s failed", inst.host, inst.port)
+            self.fail(
+                GatewayError(
+                    502,
+                    f"connect to {inst.host}:{inst.port} failed: {exc}",
+                    "upstream_connect_error",
+                )
+            )
+            return
         if self._client_gone or self._finished:
             pool.release(up)  # not reusable yet (no request): closes it
             return
-        self._attach(up, reused=False)
+        self._attach(up, reused=up.requests > 0)  # handed over by a finishing request
 
     def _retry_connect(self) -> None:
         """Nothing reached the upstream, so another instance may be tried, whatever the method
@@ -396,6 +423,7 @@ class ProxyExchange:
             and policy.budget.try_acquire()
         ):
             self.retries += 1
+            self._forwarding = False
             self._forward()
         else:
             self.fail(self._pending_error)
@@ -410,7 +438,8 @@ class ProxyExchange:
         replay = self._replay
         assert replay is not None
         replay.append(chunk)
-        if sum(map(len, replay)) > _REPLAY_LIMIT:
+        self._replay_size += len(chunk)
+        if self._replay_size > _REPLAY_LIMIT:
             self._replay = None
             self._replay_ok = False
 
@@ -431,12 +460,18 @@ class ProxyExchange:
             return False  # the body was streamed and not kept: it cannot be sent again
         if self.t0 + service.config.timeouts.response < self.loop.time():
             return False  # the overall deadline (timeouts.response) has passed
+        key = service.hash_key(self) if service.hash_key is not None else None
+        if service.balancer.pick(key, self.tried) is None:
+            return False  # no other instance: the client gets this attempt's real answer
         if not policy.budget.try_acquire():
             return False
         self.retries += 1
+        self.status = 0  # the discarded attempt's status is not this request's
         if self._replay is not None:
             self._body, self._replay = self._replay, []
-        self.loop.call_later(policy.delay(self.retries), self._forward)
+            self._replay_size = 0
+        self._forwarding = False
+        self._retry_timer = self.loop.call_later(policy.delay(self.retries), self._forward)
         return True
 
     def _attach(self, up: UpstreamConnection, reused: bool) -> None:
@@ -455,16 +490,19 @@ class ProxyExchange:
         )
         route = self.route
         assert route is not None
-        if route.chain.upstream_request_hooks:
-            for hook in route.chain.upstream_request_hooks:
-                hook(self, req)
+        if route.chain.upstream_request_hooks and not self._call_hooks(
+            route.chain.upstream_request_hooks, req
+        ):
+            return
         host = req.host.encode("latin-1") if route.preserve_host else up.pool.host_header
         chunked = req.chunked
         length = req.content_length
         head = request_head(
             req,
             req.method.encode(),
-            self.upstream_path,
+            self.instance.base_path + self.upstream_path
+            if self.instance.base_path
+            else self.upstream_path,
             host,
             chunked=chunked,
             content_length=length,
@@ -472,7 +510,10 @@ class ProxyExchange:
         )
         body = self._body
         if body and self._replay is not None:
-            self._replay.extend(body)
+            for chunk in body:
+                if self._replay is None:
+                    break
+                self._keep_for_replay(chunk)
         if body:
             parts = [head]
             for chunk in body:
@@ -516,8 +557,8 @@ class ProxyExchange:
             return
         route = self.route
         if route is not None and route.chain.response_hooks:
-            for hook in route.chain.response_hooks:
-                hook(self, head)
+            if not self._call_hooks(route.chain.response_hooks, head):
+                return
             replacement = self.vars.get("replace_response")
             if isinstance(replacement, Response):  # e.g. a stale cache entry for a 5xx
                 self._drop_upstream(ok=head.status < 500)
@@ -569,9 +610,8 @@ class ProxyExchange:
             if rewrite.collect(self, chunk):
                 return
             chunk = rewrite.release(self, chunk)  # over its cap: stream from here on
-        if self._chunk_hooks is not None:
-            for hook in self._chunk_hooks:
-                hook(self, chunk)
+        if self._chunk_hooks is not None and not self._call_hooks(self._chunk_hooks, chunk):
+            return
         self.bytes_sent += len(chunk)
         head = self._pending_head
         if head is not None:
@@ -595,8 +635,8 @@ class ProxyExchange:
             return
         rewrite = self._response_rewrite
         if rewrite is not None and rewrite.active:
-            self._write_rewritten(rewrite)
-            self._complete(self._keep_alive)
+            written = self._write_rewritten(rewrite)
+            self._complete(self._keep_alive and written)
             return
         head, self._pending_head = self._pending_head, None
         if self._chunk_out:
@@ -613,22 +653,26 @@ class ProxyExchange:
             self._complete(keep_alive=False)
             self.conn.close()
             return
-        self._release_instance(ok=False)
+        stale = (
+            up is not None
+            and self._reused
+            and not up.got_bytes
+            and self._body_done
+            and not self.request.has_body
+            and self.request.method in IDEMPOTENT
+        )
+        # a pooled connection the upstream closed while idle says nothing about its health
+        self._release_instance(ok=stale)
         if self._client_gone:
             return
         if not self._head_sent:
-            if (
-                up is not None
-                and self._reused
-                and not up.got_bytes
-                and self._body_done
-                and not self.request.has_body
-                and self.request.method in IDEMPOTENT
-            ):
-                # A pooled connection the upstream had closed as we reused it: the classic
-                # keep-alive race. Nothing was processed; try again on a fresh connection.
-                self.retries += 1
+            if stale and not self._stale_retried:
+                # The classic keep-alive race: the upstream closed the pooled connection as we
+                # reused it. Nothing was processed; try once more on a fresh connection. This
+                # is not a policy retry (it spends neither attempts nor budget).
+                self._stale_retried = True
                 self.tried.pop()
+                self._forwarding = False
                 self._forward()
                 return
             if not isinstance(exc, InvalidResponse) and self._retry_after_failure("reset"):
@@ -688,6 +732,11 @@ class ProxyExchange:
     def respond(self, response: Response) -> None:
         """Answer with a plugin's response instead of proxying."""
         if self._client_gone or self._finished:
+            return
+        if self._head_sent or self.upstream is not None:
+            # too late: the request went upstream (a plugin answered after forwarding)
+            log.error("a plugin answered %s after it was forwarded", self._describe())
+            self.fail(GatewayError(500, "a plugin answered too late", "plugin_error"))
             return
         req = self.request
         self.status = response.status
@@ -771,18 +820,18 @@ class ProxyExchange:
                     hook(self)
                 except Exception:
                     log.exception("response-end hook failed")
-        if self.observers:
-            for observe in self.observers:
-                observe(self)
-        if route is not None and route.chain.log_hooks:
-            for hook in route.chain.log_hooks:
-                try:
-                    hook(self)
-                except Exception:
-                    log.exception("log hook failed")
-        elif self.runtime.log_hooks:
-            for hook in self.runtime.log_hooks:
+        # give back any pause this exchange put on the client connection: an upstream that
+        # answered without reading the whole body, for one, never resumes its writing
+        for paused in ("_paused_upstream_write", "_paused_for_buffer", "_paused_for_tunnel"):
+            if getattr(self, paused):  # each one is a pause_reading() of its own
+                setattr(self, paused, False)
+                self.conn.resume_reading()
+        log_hooks = route.chain.log_hooks if route is not None else self.runtime.log_hooks
+        for hook in (*(self.observers or ()), *log_hooks):
+            try:
                 hook(self)
+            except Exception:  # logging must never break the connection
+                log.exception("log hook failed on %s", self._describe())
         if not self._client_gone:
             self.conn.finish_exchange(self, keep_alive)
 
@@ -796,13 +845,38 @@ class ProxyExchange:
             up.abort()
         self._release_instance(ok=ok)
 
-    def _write_rewritten(self, rewrite: ResponseBodyRewrite) -> None:
-        body = rewrite.finish(self)
-        if self._chunk_hooks is not None:
-            for hook in self._chunk_hooks:
-                hook(self, body)
+    def _write_rewritten(self, rewrite: ResponseBodyRewrite) -> bool:
+        """The held head with the rewritten body; False if a plugin failed (connection cut)."""
+        try:
+            body = rewrite.finish(self)
+        except Exception:
+            log.exception("body rewrite failed on %s", self._describe())
+            self.error = "response body rewrite failed"
+            self.conn.abort()
+            return False
+        if self._chunk_hooks is not None and not self._call_hooks(self._chunk_hooks, body):
+            return False
         self.bytes_sent += len(body)
         self.conn.writelines([rewrite.head_bytes(self, len(body)), body])
+        return True
+
+    def _describe(self) -> str:
+        """For logs: method, path and request id (never the query, which may hold a key)."""
+        req = self.request
+        return f"{req.method} {req.path} id={req.request_id}"
+
+    def _call_hooks(self, hooks: list[Callable[..., Any]], *args: Any) -> bool:
+        """Run response-side hooks; a failing one is logged and answered with 500 (or a cut,
+        if the response already started). Returns False when that happened."""
+        try:
+            for hook in hooks:
+                hook(self, *args)
+        except Exception:
+            log.exception("plugin hook failed on %s", self._describe())
+            self._drop_upstream(ok=True)
+            self.fail(GatewayError(500, "a plugin failed", "plugin_error"))
+            return False
+        return True
 
     def _where(self) -> str:
         inst = self.instance

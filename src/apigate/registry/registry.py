@@ -97,6 +97,7 @@ class Registry:
             scheme=target.scheme,
             metadata=reg.metadata,
         )
+        inst.base_path = target.base_path
         created = existing is None or existing is not inst
         inst.expires_at = self.gateway.loop.time() + reg.ttl
         if created:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from apigate.balancing import make_balancer
 from apigate.balancing.base import Balancer, Instance, Origin
@@ -22,27 +22,27 @@ from apigate.resilience.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from apigate.config.schema import ServiceConfig, TargetConfig
-    from apigate.http.request import Request
 
 log = logging.getLogger("apigate.registry")
 
-HashKey = Callable[["Request"], "str | None"]
+HashKey = Callable[[Any], "str | None"]  # called with the exchange (request, claims)
 
 
 def hash_key_extractor(hash_on: str) -> HashKey:
-    """`header:NAME` | `cookie:NAME` | `ip` | `path` | `claim:NAME` -> a function of the request."""
+    """`header:NAME` | `cookie:NAME` | `ip` | `path` | `claim:NAME` -> a function of the
+    exchange. `claim:` reads the claims the jwt plugin verified (ctx.vars["jwt_claims"])."""
     kind, _, name = hash_on.partition(":")
     lname = name.lower()
     if kind == "ip":
-        return lambda req: req.client_ip
+        return lambda ctx: ctx.request.client_ip
     if kind == "path":
-        return lambda req: req.path
+        return lambda ctx: ctx.request.path
     if kind == "header":
-        return lambda req: req.header(lname)
+        return lambda ctx: ctx.request.header(lname)
     if kind == "cookie":
 
-        def from_cookie(req: Request) -> str | None:
-            raw = req.header("cookie")
+        def from_cookie(ctx: Any) -> str | None:
+            raw: str | None = ctx.request.header("cookie")
             if not raw:
                 return None
             for part in raw.split(";"):
@@ -53,8 +53,13 @@ def hash_key_extractor(hash_on: str) -> HashKey:
 
         return from_cookie
     if kind == "claim":
-        # the JWT plugin stores verified claims on the request context; until then, no key
-        return lambda req: None
+
+        def from_claim(ctx: Any) -> str | None:
+            claims = ctx.vars.get("jwt_claims")
+            value = claims.get(name) if isinstance(claims, dict) else None
+            return None if value is None else str(value)
+
+        return from_claim
     raise ValueError(f"unknown hash_on {hash_on!r}")
 
 
@@ -94,7 +99,7 @@ class Service:
         for iid, target in wanted.items():
             current = self.instances.get(iid)
             if current is None:
-                self.instances[iid] = Instance(
+                inst = self.instances[iid] = Instance(
                     iid,
                     target.url,
                     target.host,
@@ -103,8 +108,10 @@ class Service:
                     origin="static",
                     scheme=target.scheme,
                 )
+                inst.base_path = target.base_path
             else:
                 current.weight = target.weight
+                current.base_path = target.base_path
         self._pool_by_instance.clear()
         if old_kind != config.balancer or not isinstance(self.balancer, Balancer):
             self.balancer = make_balancer(config.balancer, self.instances.values())
@@ -213,6 +220,7 @@ class Service:
                 inst.host,
                 inst.port,
                 max_connections=self.config.max_connections,
+                max_pending=self.config.max_pending,
                 idle_timeout=self.config.timeouts.idle,
             )
             self._pool_by_instance[inst.id] = pool
