@@ -214,3 +214,23 @@ async def test_sqlite_store_brings_admin_changes_back_after_restart(tmp_path) ->
             assert proxied.status == 200 and proxied.json()["path"] == "/echo"
             consumers = (await request(gw.admin_port, "GET", "/consumers")).json()["consumers"]
             assert consumers[0]["name"] == "bob" and "k-123" not in str(consumers)
+
+
+async def test_credentials_never_leave_through_the_api_nor_come_back_redacted() -> None:
+    cfg = _config(store="redis://:hunter2@127.0.0.1:6390/0")
+    cfg["routes"][0]["plugins"] = {
+        "jwt": {"secret": "s" * 40, "algorithms": ["HS256"]},
+    }
+    cfg["consumers"] = [{"name": "bob", "api_keys": ["k-123456"]}]
+    async with GatewayProcess(cfg) as gw:
+        for path in ("/config", "/routes", "/routes/hello", "/consumers", "/consumers/bob"):
+            body = (await request(gw.admin_port, "GET", path)).body.decode()
+            for secret in ("s" * 40, "k-123456", "hunter2"):
+                assert secret not in body, (path, secret)
+        shown = (await request(gw.admin_port, "GET", "/config")).json()["config"]
+        assert shown["store"] == "redis://:[redacted]@127.0.0.1:6390/0"
+        back = await request(gw.admin_port, "POST", "/config", json_body=shown)
+        assert back.status == 400 and back.json()["error"] == "redacted_value"
+        route = (await request(gw.admin_port, "GET", "/routes/hello")).json()
+        again = await request(gw.admin_port, "PUT", "/routes/hello", json_body=route)
+        assert again.status == 400 and "plugins.jwt.secret" in again.json()["message"]

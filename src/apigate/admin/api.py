@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from apigate import __version__
-from apigate.admin.config_ops import KINDS, ConfigConflict, ConfigOps
+from apigate.admin.config_ops import ConfigConflict, ConfigOps
 from apigate.admin.http import AdminError, AdminRequest, AdminResponse, json_response
 from apigate.config.errors import ConfigError
 from apigate.config.units import parse_duration
@@ -177,8 +177,8 @@ class AdminApi:
         if svc is None:
             raise AdminError(404, "not_found", f"no service {req.params['service']}")
         doc = self._service_doc(svc)
-        doc["config"] = ConfigOps.get_entity(
-            ConfigOps.of(self.gateway).effective_doc(), "services", svc.name
+        doc["config"] = redact_secrets(
+            ConfigOps.get_entity(ConfigOps.of(self.gateway).effective_doc(), "services", svc.name)
         )
         return json_response(doc)
 
@@ -230,7 +230,7 @@ class AdminApi:
     def list_entities(self, kind: str) -> Callable[[AdminRequest], Awaitable[AdminResponse]]:
         async def handler(req: AdminRequest) -> AdminResponse:
             doc = ConfigOps.of(self.gateway).effective_doc()
-            items = [_redact(kind, i) for i in doc.get(kind) or []]
+            items = [redact_secrets(i) for i in doc.get(kind) or []]
             return json_response({kind: items})
 
         return handler
@@ -241,7 +241,7 @@ class AdminApi:
             entity = ConfigOps.get_entity(ConfigOps.of(self.gateway).effective_doc(), kind, name)
             if entity is None:
                 raise AdminError(404, "not_found", f"no {_SINGULAR[kind]} {name}")
-            return json_response(_redact(kind, entity))
+            return json_response(redact_secrets(entity))
 
         return handler
 
@@ -253,11 +253,12 @@ class AdminApi:
                 raise AdminError(400, "invalid_body", "body must be a JSON object")
             if kind != "services" and body.get("name", name) != name:
                 raise AdminError(400, "invalid_body", "name in the body differs from the URL")
+            refuse_redacted(body)
             try:
                 entity, created = await ConfigOps.of(self.gateway).put_entity(kind, name, body)
             except ConfigError as exc:
                 raise AdminError(400, "invalid_config", str(exc)) from None
-            return json_response(_redact(kind, entity), 201 if created else 200)
+            return json_response(redact_secrets(entity), 201 if created else 200)
 
         return handler
 
@@ -297,13 +298,7 @@ class AdminApi:
         ops = ConfigOps.of(self.gateway)
         doc = ops.effective_doc()
         etag = ops.etag(doc)
-        shown = dict(doc)
-        for kind in KINDS:
-            if kind == "consumers" and shown.get(kind):
-                shown[kind] = [_redact(kind, c) for c in shown[kind]]
-        admin = (shown.get("listeners") or {}).get("admin")
-        if isinstance(admin, dict) and admin.get("token"):
-            shown["listeners"] = {**shown["listeners"], "admin": {**admin, "token": "[redacted]"}}
+        shown = redact_secrets(doc)
         body = {
             "config": shown,
             "store": ops.store.describe(),
@@ -322,6 +317,7 @@ class AdminApi:
         doc = req.json()
         if not isinstance(doc, dict):
             raise AdminError(400, "invalid_body", "body must be a JSON object")
+        refuse_redacted(doc)
         dry_run = req.query.get("dry_run", "").lower() in ("1", "true", "yes")
         try:
             config = await ops.replace(doc, dry_run=dry_run)
@@ -353,16 +349,42 @@ def _instance_doc(inst: Instance, now: float) -> dict[str, Any]:
     }
 
 
-def _redact(kind: str, entity: dict[str, Any]) -> dict[str, Any]:
-    """Consumers' credentials never leave the gateway through the API."""
-    if kind != "consumers":
-        return entity
-    out = dict(entity)
-    if out.get("api_keys"):
-        out["api_keys"] = [f"[redacted:{len(out['api_keys'])}]"]
-    if out.get("basic_auth"):
-        out["basic_auth"] = {**out["basic_auth"], "password": "[redacted]"}
-    return out
+REDACTED = "[redacted]"
+# config keys whose values are credentials, wherever they appear (plugins, consumers, admin)
+_SECRET_KEYS = frozenset({"secret", "password", "token", "api_keys", "client_secret"})
+_URL_PASSWORD = re.compile(r"(?<=://)([^:/@]*):[^@/]+@")
+
+
+def redact_secrets(value: Any) -> Any:
+    """A copy of a config document with every credential replaced by "[redacted]":
+    values under secret-named keys, and passwords inside URLs (redis://:pw@host)."""
+    if isinstance(value, dict):
+        return {
+            k: (REDACTED if k in _SECRET_KEYS and v else redact_secrets(v))
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [redact_secrets(v) for v in value]
+    if isinstance(value, str) and "://" in value and "@" in value:
+        return _URL_PASSWORD.sub(lambda m: f"{m.group(1)}:{REDACTED}@", value)
+    return value
+
+
+def refuse_redacted(value: Any, where: str = "body") -> None:
+    """A document read from the API and sent back must not store "[redacted]" as a secret."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            refuse_redacted(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for index, v in enumerate(value):
+            refuse_redacted(v, f"{where}[{index}]")
+    elif isinstance(value, str) and REDACTED in value:
+        raise AdminError(
+            400,
+            "redacted_value",
+            f"{where}: replace the redacted value with the real secret (the API never "
+            "returns credentials)",
+        )
 
 
 def _int_param(req: AdminRequest, name: str, default: int) -> int:

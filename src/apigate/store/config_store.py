@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -82,6 +83,8 @@ class SqliteConfigStore(ConfigStore):
     def _open_sync(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, check_same_thread=False)
+        # the overlay holds plugin secrets and consumers' keys as configured: owner-only file
+        os.chmod(self.path, 0o600)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(
             "CREATE TABLE IF NOT EXISTS overlay (kind TEXT, name TEXT, doc TEXT, "
