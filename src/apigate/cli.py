@@ -22,10 +22,15 @@ def _install_loop_policy() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from apigate.observability.logs import setup_logging
+    from apigate.observability.logs import parse_log_levels, setup_logging
     from apigate.server import serve
 
-    setup_logging(args.log_level, json_format=not args.plain_logs)
+    try:
+        level, levels = parse_log_levels(args.log_level)
+    except ValueError as exc:
+        print(f"apigate: --log-level: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(level, levels, json_format=not args.plain_logs)
     _install_loop_policy()
     try:
         asyncio.run(serve(args.config, watch=args.watch))
@@ -118,7 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the gateway")
     run.add_argument("-c", "--config", required=True, help="YAML config file")
     run.add_argument("--watch", action="store_true", help="reload when the file changes")
-    run.add_argument("--log-level", default="info")
+    run.add_argument(
+        "--log-level",
+        default="info",
+        help="a level, optionally per component: info,apigate.registry=debug,apigate.proxy=warning",
+    )
     run.add_argument("--plain-logs", action="store_true", help="human-readable logs, not JSON")
     run.set_defaults(func=cmd_run)
 

@@ -197,3 +197,17 @@ def test_fold_retires_routes_of_old_snapshots() -> None:
     got = scrape(m)["apigate_requests_total"]
     assert got[labels(route="api", service="users", method="GET", status_class="2xx")] == 2
     assert got[labels(route="api", service="users", method="GET", status_class="5xx")] == 1
+
+
+def test_log_levels_per_component() -> None:
+    import pytest
+
+    from apigate.observability.logs import parse_log_levels
+
+    assert parse_log_levels("info") == ("info", {})
+    assert parse_log_levels("warning,apigate.registry=debug, apigate.proxy=error") == (
+        "warning",
+        {"apigate.registry": "debug", "apigate.proxy": "error"},
+    )
+    with pytest.raises(ValueError, match="loud"):
+        parse_log_levels("info,apigate.proxy=loud")

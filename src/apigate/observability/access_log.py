@@ -90,6 +90,9 @@ class AccessLogPlugin(Plugin):
             doc["consumer"] = getattr(ctx.consumer, "name", str(ctx.consumer))
         if ctx.retries:
             doc["retries"] = ctx.retries
+        breaker = ctx.service.breaker if ctx.service is not None else None
+        if breaker is not None and breaker.state.value != "closed":
+            doc["breaker"] = breaker.state.value  # open: refused here; half_open: a probe
         if ctx.cache_status:
             doc["cache"] = ctx.cache_status
         if ctx.error:

@@ -40,6 +40,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+def parse_log_levels(spec: str) -> tuple[str, dict[str, str]]:
+    """`"info,apigate.registry=debug"` -> ("info", {"apigate.registry": "debug"})."""
+    default, levels = "info", {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, level = part.partition("=")
+        if sep:
+            levels[name.strip()] = level.strip()
+        else:
+            default = part
+    for level in (default, *levels.values()):
+        if not isinstance(logging.getLevelName(level.upper()), int):
+            raise ValueError(f"unknown log level {level!r}")
+    return default, levels
+
+
 def setup_logging(
     level: str = "info", levels: dict[str, str] | None = None, json_format: bool = True
 ) -> None:
