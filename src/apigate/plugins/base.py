@@ -6,6 +6,9 @@ A plugin is a class with a `name`, a `priority`, a pydantic `Config` and any of 
   (401, 429, a cache hit). Runs after routing, before an instance is picked.
 - `on_upstream_request(ctx, request)` — edit the request that goes upstream (headers, path).
 - `on_response(ctx, head)` — edit the upstream response head before the client sees it.
+- `on_response_chunk(ctx, chunk)` (also accepted as `on_body_chunk`) — every response body
+  chunk as sent to the client; `on_response_end(ctx)` — once, when it ended (`ctx.error` is
+  None only if the client got the whole body).
 - `on_log(ctx)` — after the response is finished (access logs, metrics).
 
 Hooks are plain functions unless they must wait (Redis, JWKS fetch): the exchange only creates a

@@ -72,7 +72,11 @@ class PluginChain:
         self.upstream_request_hooks: list[Callable[..., Any]] = self._hooks("on_upstream_request")
         self.response_hooks: list[Callable[..., Any]] = self._hooks("on_response")
         self.log_hooks: list[Callable[..., Any]] = self._hooks("on_log")
-        self.chunk_hooks: list[Callable[..., Any]] = self._hooks("on_response_chunk")
+        # ARCHITECTURE.md names the streaming hook on_body_chunk: both spellings are called
+        self.chunk_hooks: list[Callable[..., Any]] = [
+            *self._hooks("on_response_chunk"),
+            *self._hooks("on_body_chunk"),
+        ]
         self.end_hooks: list[Callable[..., Any]] = self._hooks("on_response_end")
         # plugins that rewrite whole bodies (JSON edits): the exchange buffers for them
         self.request_body_plugins = [
