@@ -20,6 +20,15 @@ gateway forwarded) and behaves according to the request path:
     /hop               a response carrying hop-by-hop headers the gateway must remove
     anything in `state.canned[path]`: written verbatim (then closed if the bytes say
                        `Connection: close`), for response-side conformance cases
+    /respond?status=N&h=Name:Value&h=...&ms=M&cut=1
+                       status N (200) with the given header fields, after M ms (0), and a JSON
+                       body {upstream, n (requests this upstream had received), method, path,
+                       query, headers}; `cut=1` announces 100 more bytes than it sends, then
+                       resets (a response cut off mid-body, with whatever headers were asked)
+
+`state.override` ("/status/503", "/reset", "/slow?ms=500"...), when set, makes this upstream
+answer every request as if that were its path and query (one instance of a service failing
+while another, fed the same requests, answers normally); `received` keeps the real request.
 
 Every answer to HEAD is the head alone (as a correct server sends it), except canned ones.
 """
@@ -92,6 +101,7 @@ class UpstreamState:
     name: str = "upstream"
     canned: dict[str, bytes] = field(default_factory=dict)  # path -> raw response bytes
     bytes_received: int = 0  # every byte read on any connection, complete request or not
+    override: str | None = None  # answer every request as if its target were this
 
 
 class _Conn(asyncio.Protocol):
@@ -187,8 +197,10 @@ class _Conn(asyncio.Protocol):
     async def answer(self, rec: Received) -> None:
         t = self.transport
         assert t is not None
-        q = {k: v[0] for k, v in parse_qs(rec.query).items()}
-        path = rec.path
+        path, query = rec.path, rec.query
+        if self.state.override is not None:
+            path, _, query = self.state.override.partition("?")
+        q = {k: v[0] for k, v in parse_qs(query).items()}
         if path.startswith("/slow"):
             await asyncio.sleep(int(q.get("ms", "100")) / 1000)
         canned = self.state.canned.get(path)
@@ -198,6 +210,8 @@ class _Conn(asyncio.Protocol):
             t.write(canned)  # verbatim, even for HEAD
             if b"\r\nconnection: close\r\n" in canned.partition(b"\r\n\r\n")[0].lower() + b"\r\n":
                 t.close()
+        elif path.startswith("/respond"):
+            await self._respond(t, rec, parse_qs(query))
         elif path.startswith("/pattern"):
             n = int(q.get("bytes", "1048576"))
             t.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % n)
@@ -272,6 +286,34 @@ class _Conn(asyncio.Protocol):
                 b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
             )
+
+    async def _respond(self, t: asyncio.Transport, rec: Received, q: dict[str, list[str]]) -> None:
+        delay = int(q.get("ms", ["0"])[0])
+        if delay:
+            await asyncio.sleep(delay / 1000)
+        status = int(q.get("status", ["200"])[0])
+        doc = {
+            "upstream": self.state.name,
+            "n": len(self.state.received),
+            "method": rec.method,
+            "path": rec.path,
+            "query": rec.query,
+            "headers": rec.headers,
+        }
+        body = json.dumps(doc).encode()
+        fields = [tuple(h.split(":", 1)) for h in q.get("h", [])]
+        if not any(name.strip().lower() == "content-type" for name, _ in fields):
+            fields.append(("Content-Type", "application/json"))
+        head = "".join(f"{name.strip()}: {value.strip()}\r\n" for name, value in fields)
+        cut = q.get("cut", ["0"])[0] == "1"
+        length = len(body) + (100 if cut else 0)
+        t.write(
+            b"HTTP/1.1 %d X\r\n%sContent-Length: %d\r\n\r\n%s"
+            % (status, head.encode("latin-1"), length, body)
+        )
+        if cut:
+            await asyncio.sleep(0.05)
+            _reset(t)
 
 
 def _reset(transport: asyncio.Transport) -> None:

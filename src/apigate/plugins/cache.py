@@ -40,6 +40,9 @@ for it; a plugin that makes a response depend on a request header must add that 
   open breaker), it calls `ctx.vars.get("stale_response")` if present: a zero-argument callable
   returning a `Response` (sets `ctx.cache_status = "STALE"` itself) or None when the stale
   window has passed since; a `Response` is sent instead of the error.
+- Both stale answers go out without the exchange's decoration, so the plugin applies the
+  response hooks of the plugins above it itself (`chain.respond_hooks` for its own request
+  hook), as the exchange does for a HIT: CORS headers are on a STALE answer too.
 
 ## Coalescing
 
@@ -69,6 +72,7 @@ from pydantic import ConfigDict, field_validator
 
 from apigate.config.errors import ConfigError
 from apigate.config.units import NonNegativeDuration, PositiveDuration, PositiveSize
+from apigate.http.upstream import ResponseHead
 from apigate.plugins.base import Plugin, PluginConfig, PluginEnv, Response
 from apigate.plugins.cache_rules import (
     UNSTORED_FIELDS,
@@ -336,7 +340,37 @@ class CachePlugin(Plugin):
             return None
         ctx.cache_status = "STALE"
         headers = [*entry.headers, (b"Age", b"%d" % int(age)), _X_CACHE["STALE"]]
-        return Response(entry.status, entry.body, headers, entry.content_type or _OCTET_STREAM)
+        return Response(
+            entry.status,
+            entry.body,
+            self._decorated(ctx, entry.status, headers),
+            entry.content_type or _OCTET_STREAM,
+        )
+
+    def _decorated(
+        self, ctx: Any, status: int, headers: list[tuple[bytes, bytes]]
+    ) -> list[tuple[bytes, bytes]]:
+        """`headers` after the response hooks of the plugins above this one (CORS, rate-limit
+        headers), as the exchange decorates a HIT this plugin returned from `on_request`. A
+        stale answer replaces a response or an error and goes out undecorated otherwise (a
+        cross-origin client lost its Access-Control-Allow-Origin)."""
+        chain = getattr(getattr(ctx, "route", None), "chain", None)
+        if chain is None:
+            return headers
+        for index, hook in enumerate(chain.request_hooks):
+            if getattr(hook, "__self__", None) is self:
+                decorators = chain.respond_hooks[index]
+                break
+        else:
+            return headers
+        if not decorators:
+            return headers
+        head = ResponseHead()
+        head.status = status
+        head.headers = headers
+        for decorate in decorators:
+            decorate(ctx, head)
+        return head.headers
 
     # ------------------------------------------------------------------ response side
     def on_response(self, ctx: Any, head: Any) -> None:

@@ -25,7 +25,11 @@ required part with 400 and an optional one like any other failure. A 204 from a 
 
 Each call goes through the service's balancer and keep-alive pool (the proxy's own pools, so
 connections are reused across parts and plain proxied requests, and passive health sees the
-results); a pooled connection the upstream had just closed is retried once on a new one.
+results); a pooled connection the upstream had just closed is retried once on a new one. The
+service's circuit breaker guards the calls as it guards proxied requests: an open breaker fails
+the part at once (`circuit open`) without a call, and a part's outcome (a timeout, a transport
+error or a 5xx is a failure) counts towards opening or closing it; a call cancelled because a
+required sibling failed counts for neither.
 Only the request id and forwarding headers go to the parts, never the client's credentials.
 The HTTP client is injectable (`fetch=`), so unit tests need no sockets.
 """
@@ -225,13 +229,32 @@ class Aggregator:
             timeout=part.timeout,
             max_body=self.max_body,
         )
+        breaker = getattr(service, "breaker", None)
+        since = None
+        if breaker is not None:
+            if not breaker.allow():
+                raise PartError("circuit open")  # as a proxied request: the upstream sees nothing
+            since = breaker.transitions
+        healthy: bool | None = None  # None: cancelled, which says nothing about the service
         try:
             async with asyncio.timeout(part.timeout):
                 response = await self.fetch(request)
+            healthy = response.status < 500
         except TimeoutError:
+            healthy = False
             raise PartError("timeout") from None
         except (OSError, PoolFull):
+            healthy = False
             raise PartError("connect error") from None
+        except PartError:
+            healthy = False
+            raise
+        finally:
+            if breaker is not None:
+                if healthy is None:
+                    breaker.release(since)
+                else:
+                    breaker.record(healthy, since)
         if not 200 <= response.status < 300:
             raise PartError(f"HTTP {response.status}")
         if response.status == 204:

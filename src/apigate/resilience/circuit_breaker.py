@@ -8,7 +8,10 @@
     HALF_OPEN  up to `half_open_requests` probes pass at a time; that many successes close the
                breaker, any failure opens it again for another `open_for`.
 
-A failure is a transport error, a timeout or a 5xx answer. The clock is injectable so tests
+A failure is a transport error, a timeout or a 5xx answer; a request that ends without an
+outcome (cancelled, its client gone) is `release()`d instead: it counts for nothing and gives its
+probe slot back. A caller that keeps `transitions` from its `allow()` and passes it as `since`
+is never mistaken for a probe of a later half-open round. The clock is injectable so tests
 need no sleeping. On the hot path a closed breaker costs one comparison in `allow()` and one
 bucket update in `record()`.
 """
@@ -64,9 +67,16 @@ class CircuitBreaker:
         self.half_open_in_flight += 1
         return True
 
-    def record(self, ok: bool) -> None:
-        """The outcome of a request that `allow()` let through."""
+    def record(self, ok: bool, since: int | None = None) -> None:
+        """The outcome of a request that `allow()` let through.
+
+        `since` is `self.transitions` read right after that `allow()`: with it, an outcome
+        from an earlier period (a slow request let through while the breaker was still closed,
+        or a probe of a previous half-open round) is not taken for one of this round's probes.
+        """
         if self.state is State.HALF_OPEN:
+            if since is not None and since != self.transitions:
+                return  # not one of this round's probes: it holds no slot and proves nothing
             self.half_open_in_flight = max(0, self.half_open_in_flight - 1)
             if not ok:
                 self._open("a probe failed in half-open state")
@@ -95,6 +105,13 @@ class CircuitBreaker:
         total, failures = self.window_counts(now)
         if total >= self.config.min_requests and failures / total >= self.config.failure_rate:
             self._open(f"failure rate {failures / total:.0%} over {total:.0f} requests")
+
+    def release(self, since: int | None = None) -> None:
+        """A request `allow()` let through ended without saying anything about the service (it
+        was cancelled, or its client went away): its half-open probe slot is free again, and
+        nothing is counted. `since` as for `record`."""
+        if self.state is State.HALF_OPEN and (since is None or since == self.transitions):
+            self.half_open_in_flight = max(0, self.half_open_in_flight - 1)
 
     # ------------------------------------------------------------------ state
     def window_counts(self, now: float | None = None) -> tuple[float, float]:

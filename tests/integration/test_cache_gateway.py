@@ -1,0 +1,548 @@
+"""The response cache through a real gateway: each RFC 9111 rule of issue 5, coalescing,
+truncated bodies, stale-if-error, purge through the admin API, and CORS on answers the gateway
+makes itself (a HIT, a 401).
+
+The upstream's `/respond` behaviour sends whatever headers a test asks for and a body that
+counts the requests it had received (`n`), so an identical `n` means "served from the cache".
+Every test uses its own query tag (`t=...`) and so its own cache keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+import pytest_asyncio
+
+from tests.support.client import RawClient, Truncated
+from tests.support.gateway import GatewayProcess, base_config
+from tests.support.http import Reply, request
+from tests.support.redis_server import RedisServer
+from tests.support.upstream import Upstream
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+ORIGIN = "https://app.example.com"
+JWT_SECRET = "a-secret-of-at-least-32-bytes-for-hs256!"
+
+
+def _config(up: Upstream, doomed: Upstream) -> dict[str, Any]:
+    def route(name: str, cache: dict[str, Any], service: str = "up", **extra: Any) -> Any:
+        plugins = {"cache": cache, **extra.pop("plugins", {})}
+        return {
+            "name": name,
+            "match": {"paths": [f"/{name}"]},
+            "service": service,
+            "strip_prefix": True,
+            "plugins": plugins,
+            **extra,
+        }
+
+    return base_config(
+        listeners={"proxy": {"address": "127.0.0.1:0"}, "admin": {"address": "127.0.0.1:0"}},
+        services={
+            "up": {"targets": [up.url], "health": {"passive": None}},
+            "doomed": {"targets": [doomed.url], "health": {"passive": None}},
+        },
+        consumers=[
+            {"name": "alice", "api_keys": ["alice-key"]},
+            {"name": "bob", "api_keys": ["bob-key"]},
+        ],
+        routes=[
+            route("c", {}),
+            route("ttl", {"ttl": "30s"}),
+            route("stale", {"stale_if_error": "30s"}),
+            route("down", {"stale_if_error": "30s"}, service="doomed"),
+            route("purge", {}),
+            route(
+                "keyed",
+                {"ttl": "30s", "key_include_consumer": True},
+                plugins={"key_auth": {}},
+            ),
+            route("small", {"ttl": "30s", "max_entry_bytes": "1KiB"}),
+            route(
+                "shaped",
+                {"ttl": "30s"},
+                plugins={
+                    "response_transform": {
+                        "headers": {"add": {"X-Shaped": "yes"}},
+                        "json": {"remove": ["headers"], "add": {"shaped": True}},
+                    }
+                },
+            ),
+            route(
+                "jwt",
+                {"ttl": "30s"},
+                plugins={"jwt": {"secret": JWT_SECRET, "algorithms": ["HS256"]}},
+            ),
+        ],
+        plugins={"cors": {"origins": [ORIGIN]}},
+    )
+
+
+@dataclass
+class Setup:
+    gw: GatewayProcess
+    up: Upstream
+    doomed: Upstream
+
+    async def get(self, path: str, headers: dict[str, str] | None = None) -> Reply:
+        return await request(self.gw.port, "GET", path, headers=headers)
+
+    def count(self, tag: str, up: Upstream | None = None) -> int:
+        """Requests of the test tagged `tag` that reached the upstream."""
+        return sum(f"t={tag}&" in r.query + "&" for r in (up or self.up).received)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def setup() -> AsyncIterator[Setup]:
+    async with contextlib.AsyncExitStack() as stack:
+        up = await stack.enter_async_context(Upstream("up"))
+        doomed = await stack.enter_async_context(Upstream("doomed"))
+        gw = await stack.enter_async_context(GatewayProcess(_config(up, doomed)))
+        yield Setup(gw, up, doomed)
+        assert gw.proc is not None and gw.proc.returncode is None, "died:\n" + gw.logs()
+
+
+def _target(route: str, tag: str, *headers: str, **params: str) -> str:
+    """`/route/respond?t=tag&h=...`: the upstream answers with these header fields."""
+    query = [f"t={tag}", *(f"h={quote(h)}" for h in headers)]
+    query += [f"{k}={v}" for k, v in params.items()]
+    return f"/{route}/respond?" + "&".join(query)
+
+
+# ------------------------------------------------------------------------------ freshness
+
+
+async def test_max_age_is_a_hit_with_age_and_the_same_body(setup: Setup) -> None:
+    path = _target("c", "maxage", "Cache-Control: max-age=60", "Age: 30", "X-Custom: kept")
+    first = await setup.get(path)
+    assert first.status == 200 and first.headers["x-cache"] == "MISS"
+    second = await setup.get(path)
+    assert second.status == 200 and second.headers["x-cache"] == "HIT"
+    assert second.body == first.body and second.json()["n"] == first.json()["n"]
+    assert second.headers["age"] == "30"  # the upstream's Age, plus ~0 s in our store
+    assert second.headers["x-custom"] == "kept"
+    assert second.headers["content-type"] == "application/json"
+    assert second.headers["content-length"] == str(len(first.body))
+    assert setup.count("maxage") == 1
+    # HEAD is answered from GET's entry
+    head = await request(setup.gw.port, "HEAD", path)
+    assert head.status == 200 and head.headers["x-cache"] == "HIT" and head.body == b""
+    assert setup.count("maxage") == 1
+
+
+async def test_entries_age_and_expire(setup: Setup) -> None:
+    path = _target("c", "expire", "Cache-Control: max-age=2", "Age: 1")
+    first = await setup.get(path)
+    assert first.headers["x-cache"] == "MISS"
+    assert (await setup.get(path)).headers["age"] == "1"
+    await asyncio.sleep(1.05)
+    late = await setup.get(path)
+    assert late.headers["x-cache"] == "MISS", "an expired entry was served"
+    assert late.json()["n"] != first.json()["n"]
+    assert setup.count("expire") == 2
+
+
+async def test_s_maxage_wins_over_max_age_for_a_shared_cache(setup: Setup) -> None:
+    path = _target("c", "smaxage", "Cache-Control: max-age=0, s-maxage=60")
+    assert (await setup.get(path)).headers["x-cache"] == "MISS"
+    assert (await setup.get(path)).headers["x-cache"] == "HIT"
+    assert setup.count("smaxage") == 1
+
+
+@pytest.mark.parametrize(
+    ("tag", "headers"),
+    [
+        ("nostore", ["Cache-Control: no-store, max-age=60"]),
+        ("private", ["Cache-Control: private, max-age=60"]),
+        ("nocache", ["Cache-Control: no-cache, max-age=60"]),
+        ("varystar", ["Cache-Control: max-age=60", "Vary: *"]),
+        ("cookie", ["Cache-Control: max-age=60", "Set-Cookie: session=1"]),
+        ("silent", []),  # says nothing, and route `c` has no ttl
+    ],
+)
+async def test_responses_that_must_not_be_stored(
+    setup: Setup, tag: str, headers: list[str]
+) -> None:
+    path = _target("c", tag, *headers)
+    replies = [await setup.get(path) for _ in range(3)]
+    assert [r.headers["x-cache"] for r in replies] == ["MISS"] * 3
+    assert len({r.json()["n"] for r in replies}) == 3
+    assert setup.count(tag) == 3
+
+
+async def test_uncacheable_status_is_not_stored(setup: Setup) -> None:
+    path = _target("c", "status", "Cache-Control: max-age=60", status="500")
+    replies = [await setup.get(path) for _ in range(2)]
+    assert [r.status for r in replies] == [500, 500]
+    assert setup.count("status") == 2
+    cacheable = _target("c", "status404", "Cache-Control: max-age=60", status="404")
+    assert [(await setup.get(cacheable)).headers["x-cache"] for _ in range(2)] == ["MISS", "HIT"]
+
+
+async def test_route_ttl_applies_to_silent_responses_only(setup: Setup) -> None:
+    path = _target("ttl", "ttl")
+    assert [(await setup.get(path)).headers["x-cache"] for _ in range(3)] == [
+        "MISS",
+        "HIT",
+        "HIT",
+    ]
+    assert setup.count("ttl") == 1
+    told = _target("ttl", "ttl-nostore", "Cache-Control: no-store")  # the response's word wins
+    assert [(await setup.get(told)).headers["x-cache"] for _ in range(2)] == ["MISS", "MISS"]
+
+
+# ------------------------------------------------------------------------------ keys
+
+
+async def test_vary_makes_separate_entries(setup: Setup) -> None:
+    path = _target("c", "vary", "Cache-Control: max-age=60", "Vary: Accept-Language")
+    en1 = await setup.get(path, {"Accept-Language": "en"})
+    fr1 = await setup.get(path, {"Accept-Language": "fr"})
+    en2 = await setup.get(path, {"Accept-Language": "en"})
+    fr2 = await setup.get(path, {"Accept-Language": "fr"})
+    none = await setup.get(path)
+    assert [r.headers["x-cache"] for r in (en1, fr1, en2, fr2, none)] == [
+        "MISS",
+        "MISS",
+        "HIT",
+        "HIT",
+        "MISS",
+    ]
+    assert en2.json()["n"] == en1.json()["n"] != fr1.json()["n"] == fr2.json()["n"]
+    assert ["Accept-Language", "en"] in en2.json()["headers"]
+    assert ["Accept-Language", "fr"] in fr2.json()["headers"]
+    assert setup.count("vary") == 3
+
+
+async def test_authorization_is_not_shared_unless_public(setup: Setup) -> None:
+    auth = {"Authorization": "Bearer one"}
+    plain = _target("c", "auth-plain", "Cache-Control: max-age=60")
+    assert [(await setup.get(plain, auth)).headers["x-cache"] for _ in range(2)] == [
+        "MISS",
+        "MISS",
+    ]
+    # an entry stored for an anonymous request is not served to one with credentials
+    assert (await setup.get(plain)).headers["x-cache"] == "MISS"
+    assert (await setup.get(plain)).headers["x-cache"] == "HIT"
+    assert (await setup.get(plain, auth)).headers["x-cache"] == "MISS"
+    assert setup.count("auth-plain") == 4
+
+    public = _target("c", "auth-public", "Cache-Control: public, max-age=60")
+    first = await setup.get(public, auth)
+    other = await setup.get(public, {"Authorization": "Bearer two"})
+    assert (first.headers["x-cache"], other.headers["x-cache"]) == ("MISS", "HIT")
+    assert setup.count("auth-public") == 1
+    shared = _target("c", "auth-smaxage", "Cache-Control: s-maxage=60")
+    assert [(await setup.get(shared, auth)).headers["x-cache"] for _ in range(2)] == [
+        "MISS",
+        "HIT",
+    ]
+
+
+async def test_consumer_is_part_of_the_key_when_configured(setup: Setup) -> None:
+    path = _target("keyed", "consumer", "Cache-Control: max-age=60")
+    alice = {"apikey": "alice-key"}
+    bob = {"apikey": "bob-key"}
+    replies = [await setup.get(path, h) for h in (alice, bob, alice, bob)]
+    assert [r.headers["x-cache"] for r in replies] == ["MISS", "MISS", "HIT", "HIT"]
+    assert replies[2].json()["n"] == replies[0].json()["n"] != replies[1].json()["n"]
+    assert setup.count("consumer") == 2
+
+
+async def test_x_cache_bypass(setup: Setup) -> None:
+    path = _target("c", "bypass", "Cache-Control: max-age=60")
+    post = await request(setup.gw.port, "POST", path, body=b"x")
+    assert post.status == 200 and post.headers["x-cache"] == "BYPASS"
+    assert (await setup.get(path)).headers["x-cache"] == "MISS"
+    assert (await setup.get(path)).headers["x-cache"] == "HIT"
+    # the client asks for a fresh answer: not served from the cache, but the answer is stored
+    fresh = await setup.get(path, {"Cache-Control": "no-cache"})
+    assert fresh.headers["x-cache"] == "BYPASS"
+    again = await setup.get(path)
+    assert again.headers["x-cache"] == "HIT" and again.json()["n"] == fresh.json()["n"]
+    nostore = await setup.get(path, {"Cache-Control": "no-store"})
+    assert nostore.headers["x-cache"] == "BYPASS"
+    assert setup.count("bypass") == 4
+
+
+# ------------------------------------------------------------------------------ coalescing
+
+
+async def test_100_concurrent_misses_make_one_upstream_request(setup: Setup) -> None:
+    path = _target("c", "herd", "Cache-Control: max-age=60", ms="500")
+    replies = await asyncio.gather(*(setup.get(path) for _ in range(100)))
+    assert [r.status for r in replies] == [200] * 100
+    assert setup.count("herd") == 1
+    assert len({r.body for r in replies}) == 1
+    words = sorted(r.headers["x-cache"] for r in replies)
+    assert words == ["HIT"] * 99 + ["MISS"]
+
+
+async def test_a_body_cut_off_mid_way_is_never_stored(setup: Setup) -> None:
+    path = _target("c", "cut", "Cache-Control: max-age=60", cut="1")
+    for expected in (1, 2):
+        async with RawClient(setup.gw.port) as client:
+            await client.send(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            with pytest.raises(Truncated):
+                await client.response()
+        assert setup.count("cut") == expected  # the second one went upstream again
+    # concurrent waiters on a leader whose body is cut go upstream themselves
+    path = _target("c", "cut-herd", "Cache-Control: max-age=60", cut="1", ms="200")
+
+    async def one() -> str:
+        async with RawClient(setup.gw.port) as client:
+            await client.send(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            try:
+                resp = await client.response()
+            except Truncated:
+                return "truncated"
+            return f"complete {resp.status}"
+
+    outcomes = await asyncio.gather(*(one() for _ in range(5)))
+    assert outcomes == ["truncated"] * 5
+    assert setup.count("cut-herd") == 5
+
+
+# ------------------------------------------------------------------------------ stale-if-error
+
+
+async def test_stale_entry_replaces_a_5xx_and_a_reset(setup: Setup) -> None:
+    path = _target("stale", "stale", "Cache-Control: max-age=1")
+    first = await setup.get(path)
+    assert first.headers["x-cache"] == "MISS"
+    await asyncio.sleep(1.05)  # expired, within stale_if_error (30 s)
+    try:
+        setup.up.state.override = "/status/503"
+        stale = await setup.get(path)
+        assert stale.status == 200 and stale.headers["x-cache"] == "STALE"
+        assert stale.body == first.body and int(stale.headers["age"]) >= 1
+        setup.up.state.override = "/reset"
+        reset = await setup.get(path)
+        assert reset.status == 200 and reset.headers["x-cache"] == "STALE"
+        assert reset.body == first.body
+    finally:
+        setup.up.state.override = None
+    assert setup.count("stale") == 3
+    fresh = await setup.get(path)  # the upstream is back: a fresh answer replaces the entry
+    assert fresh.headers["x-cache"] == "MISS" and fresh.json()["n"] != first.json()["n"]
+    # a route without stale_if_error passes the error through
+    plain = _target("c", "nostale", "Cache-Control: max-age=1")
+    await setup.get(plain)
+    await asyncio.sleep(1.05)
+    try:
+        setup.up.state.override = "/status/503"
+        assert (await setup.get(plain)).status == 503
+    finally:
+        setup.up.state.override = None
+
+
+async def test_stale_entry_is_served_when_the_upstream_is_down(setup: Setup) -> None:
+    path = _target("down", "down", "Cache-Control: max-age=1")
+    first = await setup.get(path)
+    assert first.status == 200 and first.headers["x-cache"] == "MISS"
+    await setup.doomed.__aexit__(None, None, None)  # the server goes away: connect refused
+    await asyncio.sleep(1.05)
+    stale = await setup.get(path)
+    assert stale.status == 200 and stale.headers["x-cache"] == "STALE"
+    assert stale.body == first.body
+    other = await setup.get(_target("down", "down-other"))  # nothing stale for this one
+    assert other.status == 502 and other.json()["error"] == "upstream_connect_error"
+
+
+# ------------------------------------------------------------------------------ purge
+
+
+async def test_purge_by_route_and_prefix(setup: Setup) -> None:
+    a = _target("purge", "purge-a", "Cache-Control: max-age=60")
+    b = _target("purge", "purge-b", "Cache-Control: max-age=60")
+    other = _target("c", "purge-other", "Cache-Control: max-age=60")
+    for path in (a, b, other):
+        assert (await setup.get(path)).headers["x-cache"] == "MISS"
+        assert (await setup.get(path)).headers["x-cache"] == "HIT"
+    admin = setup.gw.admin_port
+    prefix = quote("/purge/respond?t=purge-a", safe="")
+    reply = await request(admin, "DELETE", f"/cache?route=purge&prefix={prefix}")
+    assert reply.status == 200 and reply.json()["purged"] == 1
+    assert (await setup.get(a)).headers["x-cache"] == "MISS"
+    assert (await setup.get(b)).headers["x-cache"] == "HIT"
+    reply = await request(admin, "DELETE", "/cache?route=purge")
+    assert reply.status == 200 and reply.json()["purged"] == 2
+    assert (await setup.get(a)).headers["x-cache"] == "MISS"
+    assert (await setup.get(b)).headers["x-cache"] == "MISS"
+    assert (await setup.get(other)).headers["x-cache"] == "HIT"  # another route: untouched
+    missing = await request(admin, "DELETE", "/cache?route=nope")
+    assert missing.status == 404
+
+
+# ------------------------------------------------------------------------------ CORS
+
+
+async def test_cors_headers_on_a_cache_hit(setup: Setup) -> None:
+    path = _target("c", "cors", "Cache-Control: max-age=60")
+    origin = {"Origin": ORIGIN}
+    miss = await setup.get(path, origin)
+    hit = await setup.get(path, origin)
+    assert (miss.headers["x-cache"], hit.headers["x-cache"]) == ("MISS", "HIT")
+    for reply in (miss, hit):
+        assert reply.headers["access-control-allow-origin"] == ORIGIN
+        assert "origin" in reply.headers["vary"].lower()
+    # a request without Origin gets neither that entry nor a CORS header
+    bare = await setup.get(path)
+    assert bare.headers["x-cache"] == "MISS" and "access-control-allow-origin" not in bare.headers
+    hit_bare = await setup.get(path)
+    assert hit_bare.headers["x-cache"] == "HIT"
+    assert "access-control-allow-origin" not in hit_bare.headers
+    assert setup.count("cors") == 2
+
+
+async def test_cors_headers_on_a_401_from_key_auth_and_jwt(setup: Setup) -> None:
+    origin = {"Origin": ORIGIN}
+    for path in ("/keyed/echo", "/jwt/echo"):
+        reply = await setup.get(path, origin)
+        assert reply.status == 401, (path, reply.body)
+        assert reply.headers["access-control-allow-origin"] == ORIGIN, path
+        assert "x-cache" not in reply.headers or reply.headers["x-cache"] != "HIT"
+    assert not [r for r in setup.up.received if r.path == "/echo"]
+
+
+async def test_cors_headers_on_a_stale_answer(setup: Setup) -> None:
+    """An entry stored from a same-origin request, served STALE to a cross-origin one (in
+    place of a 5xx, and of a reset): the CORS plugin's headers must be on it, as on a HIT."""
+    path = _target("stale", "stale-cors", "Cache-Control: max-age=1")
+    assert (await setup.get(path)).headers["x-cache"] == "MISS"
+    hit = await setup.get(path, {"Origin": ORIGIN})
+    assert hit.headers["x-cache"] == "HIT"
+    assert hit.headers["access-control-allow-origin"] == ORIGIN
+    await asyncio.sleep(1.05)
+    try:
+        for failure in ("/status/503", "/reset"):
+            setup.up.state.override = failure
+            stale = await setup.get(path, {"Origin": ORIGIN})
+            assert stale.headers["x-cache"] == "STALE", failure
+            assert stale.headers.get("access-control-allow-origin") == ORIGIN, failure
+    finally:
+        setup.up.state.override = None
+
+
+async def test_conditional_hit_is_a_304(setup: Setup) -> None:
+    path = _target("c", "etag", "Cache-Control: max-age=60", 'ETag: "v1"')
+    first = await setup.get(path)
+    assert first.headers["etag"] == '"v1"'
+    not_modified = await setup.get(path, {"If-None-Match": '"v0", "v1"'})
+    assert not_modified.status == 304 and not_modified.body == b""
+    assert not_modified.headers["x-cache"] == "HIT" and not_modified.headers["etag"] == '"v1"'
+    other = await setup.get(path, {"If-None-Match": '"v2"'})
+    assert other.status == 200 and other.body == first.body
+    assert setup.count("etag") == 1
+
+
+async def test_chunked_and_close_delimited_responses_are_stored_whole(setup: Setup) -> None:
+    for path, body in (
+        ("/ttl/chunked?n=4", b"chunk-0;chunk-1;chunk-2;chunk-3;"),
+        ("/ttl/eof", b"body-until-eof"),
+    ):
+        miss = await setup.get(path)
+        hit = await setup.get(path)
+        assert (miss.headers["x-cache"], hit.headers["x-cache"]) == ("MISS", "HIT")
+        assert miss.body == hit.body == body
+        assert hit.headers["content-length"] == str(len(body))
+        assert [r.path for r in setup.up.received].count(path[4:].partition("?")[0]) == 1
+
+
+async def test_entry_over_max_entry_bytes_is_not_stored(setup: Setup) -> None:
+    small = await setup.get("/small/big?bytes=1000")
+    assert [
+        small.headers["x-cache"],
+        (await setup.get("/small/big?bytes=1000")).headers["x-cache"],
+    ] == ["MISS", "HIT"]
+    big = [await setup.get("/small/big?bytes=5000") for _ in range(2)]
+    assert [r.headers["x-cache"] for r in big] == ["MISS", "MISS"]
+    assert all(len(r.body) == 5000 for r in big)
+
+
+async def test_transformed_response_is_what_is_stored(setup: Setup) -> None:
+    path = _target("shaped", "shaped")
+    miss = await setup.get(path)
+    hit = await setup.get(path)
+    assert (miss.headers["x-cache"], hit.headers["x-cache"]) == ("MISS", "HIT")
+    assert miss.body == hit.body
+    doc = hit.json()
+    assert doc["shaped"] is True and "headers" not in doc
+    assert hit.headers["x-shaped"] == "yes"
+    assert hit.headers["content-length"] == str(len(hit.body))
+    assert setup.count("shaped") == 1
+
+
+async def test_coalesced_waiters_only_share_a_matching_variant(setup: Setup) -> None:
+    path = _target("c", "vary-herd", "Cache-Control: max-age=60", "Vary: Accept-Language", ms="300")
+    langs = ["en"] * 6 + ["fr"] * 4
+    leader = asyncio.create_task(setup.get(path, {"Accept-Language": "en"}))
+    await asyncio.sleep(0.05)
+    replies = await asyncio.gather(*(setup.get(path, {"Accept-Language": la}) for la in langs))
+    first = await leader
+    for lang, reply in zip(langs, replies, strict=True):
+        assert ["Accept-Language", lang] in reply.json()["headers"], "another variant's body"
+        if lang == "en":
+            assert reply.body == first.body and reply.headers["x-cache"] == "HIT"
+    en_upstream = [
+        r
+        for r in setup.up.received
+        if "t=vary-herd" in r.query and r.header("accept-language") == "en"
+    ]
+    assert len(en_upstream) == 1
+
+
+async def test_ok(setup: Setup) -> None:
+    """The gateway survived the module (a crash would show as connection errors above)."""
+    assert setup.gw.proc is not None and setup.gw.proc.returncode is None
+    started = time.monotonic()
+    assert (await setup.get("/c/echo")).status == 200
+    assert time.monotonic() - started < 1
+
+
+# ------------------------------------------------------------------------------ Redis store
+
+
+async def test_redis_store_is_shared_by_two_gateways_and_purged() -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        redis = await stack.enter_async_context(RedisServer())
+        up = await stack.enter_async_context(Upstream("up"))
+        config = base_config(
+            listeners={"proxy": {"address": "127.0.0.1:0"}, "admin": {"address": "127.0.0.1:0"}},
+            services={"up": {"targets": [up.url], "health": {"passive": None}}},
+            routes=[
+                {
+                    "name": "r",
+                    "match": {"paths": ["/r"]},
+                    "service": "up",
+                    "strip_prefix": True,
+                    "plugins": {"cache": {"store": redis.url, "redis_timeout": "1s"}},
+                }
+            ],
+        )
+        one = await stack.enter_async_context(GatewayProcess(config))
+        two = await stack.enter_async_context(GatewayProcess(config))
+        host = {"Host": "api.example.com"}  # as behind a load balancer: the key has the host
+        path = _target("r", "redis", "Cache-Control: max-age=60", "Age: 3", ms="300")
+        herd = await asyncio.gather(
+            *(request(one.port, "GET", path, headers=host) for _ in range(30))
+        )
+        assert sorted(r.headers["x-cache"] for r in herd) == ["HIT"] * 29 + ["MISS"]
+        assert len({r.body for r in herd}) == 1
+        await asyncio.sleep(0.1)  # the entry is written to Redis in the background
+        other = await request(two.port, "GET", path, headers=host)
+        assert other.headers["x-cache"] == "HIT" and other.body == herd[0].body
+        assert other.headers["age"] == "3"
+        assert len(up.received) == 1
+        purged = await request(two.admin_port, "DELETE", "/cache?route=r")
+        assert purged.status == 200 and purged.json()["purged"] == 1
+        again = await request(one.port, "GET", path, headers=host)
+        assert again.headers["x-cache"] == "MISS" and len(up.received) == 2
