@@ -87,14 +87,13 @@ class RoundRobinBalancer(Balancer):
     def pick(self, key: str | None = None, exclude: Collection[Instance] = ()) -> Instance | None:
         schedule = self._schedule
         if schedule:
+            if exclude:
+                # Retry path: smooth WRR among the others, with its own state, and the cursor
+                # untouched. (Advancing it on a retry made every next first try land on the
+                # instance that had just failed, with two instances.)
+                return self._pick_live(exclude)
             i = self._cursor
             instance = schedule[i]
-            if exclude and instance in exclude:
-                # Retry path: smooth WRR among the others, with its own state, so the rest
-                # keep their weights (walking the schedule instead would favour whichever
-                # instance follows the excluded one's slots). The cursor stays: the next
-                # plain pick gets this slot.
-                return self._pick_live(exclude)
             self._cursor = i + 1 if i + 1 < len(schedule) else 0
             return instance
         return self._pick_live(exclude)

@@ -92,6 +92,8 @@ class ProxyExchange:
     _reused = False
     _pending_error: GatewayError | None = None
     _breaker_armed = False  # the breaker let this request through and awaits its outcome
+    _breaker_since = 0  # breaker.transitions right after allow(): which period the outcome is for
+    _service_failed = False  # an attempt failed (5xx, error), even if a stale answer hid it
     _replay: list[bytes] | None = None  # the request body as sent, for a retry
     _replay_ok = True  # False once the body outgrew _REPLAY_LIMIT
     _respond_index = -1  # which request hook produced the response (for decoration)
@@ -343,6 +345,7 @@ class ProxyExchange:
                     )
                     return
                 self._breaker_armed = True
+                self._breaker_since = breaker.transitions
             if service.retry.attempts:
                 service.retry.budget.requests += 1  # inline: it runs on every request
                 if self._replay_ok and self.request.has_body and self._can_repeat(service):
@@ -482,12 +485,11 @@ class ProxyExchange:
         self.service.balancer.on_start(self.instance)
         self._t_upstream = self.loop.time()
         policy = self.service.retry
-        up.begin(
-            self,
-            req.method == "HEAD",
-            policy.per_try_timeout or self.service.config.timeouts.response,
-            upgrade=req.upgrade is not None,
-        )
+        overall = self.service.config.timeouts.response
+        timeout = policy.per_try_timeout or overall
+        if self.retries:  # the tries together stay within timeouts.response
+            timeout = max(0.001, min(timeout, self.t0 + overall - self.loop.time()))
+        up.begin(self, req.method == "HEAD", timeout, upgrade=req.upgrade is not None)
         route = self.route
         assert route is not None
         if route.chain.upstream_request_hooks and not self._call_hooks(
@@ -555,6 +557,8 @@ class ProxyExchange:
         ):
             self._drop_upstream(ok=False)
             return
+        if head.status >= 500:
+            self._service_failed = True
         route = self.route
         if route is not None and route.chain.response_hooks:
             if not self._call_hooks(route.chain.response_hooks, head):
@@ -769,6 +773,8 @@ class ProxyExchange:
     def fail(self, err: GatewayError) -> None:
         if self._client_gone or self._finished:
             return
+        if err.status >= 500 and self.instance is not None and err.code != "plugin_error":
+            self._service_failed = True  # before a stale answer can hide it
         if self._head_sent:
             self.error = err.message
             self.conn.abort()
@@ -810,9 +816,15 @@ class ProxyExchange:
         self._finished = True
         self.total_ms = (self.loop.time() - self.t0) * 1000.0
         if self._breaker_armed and self.service is not None and self.service.breaker is not None:
-            # a client that went away is not the service's failure
-            failed = self.status >= 500 and self.status != 499
-            self.service.breaker.record(not failed)
+            breaker = self.service.breaker
+            if self._service_failed:
+                breaker.record(False, since=self._breaker_since)
+            elif self._client_gone and not self._head_sent:
+                # the client left before the service answered: no outcome to count, but a
+                # half-open probe slot to give back
+                breaker.release(since=self._breaker_since)
+            else:
+                breaker.record(True, since=self._breaker_since)
         route = self.route
         if route is not None and route.chain.end_hooks:
             for hook in route.chain.end_hooks:
