@@ -154,3 +154,19 @@ def aggregate3(env: Env) -> Spec:
         paths=("/agg",),
         apigate_body=merged,
     )
+
+
+@scenario("ratelimit_redis")
+def ratelimit_redis(env: Env) -> Spec:
+    """A rate limit that never trips, kept in Redis (one Lua call per request) — the cost of
+    a limit shared by many gateways. Needs a running Redis: APIGATE_BENCH_REDIS=redis://..."""
+    import os
+
+    url = os.environ.get("APIGATE_BENCH_REDIS")
+    if not url:
+        raise SystemExit("ratelimit_redis: set APIGATE_BENCH_REDIS=redis://127.0.0.1:6379/0")
+    plugins = (
+        ", plugins: {rate_limit: {requests: 1000000000, per: 1s, key: ip, "
+        f"store: {url}, store_timeout: 1s}}}}"
+    )
+    return Spec(apigate_yaml(env, [route("limited", "/", plugins)]), nginx_location("/"))
