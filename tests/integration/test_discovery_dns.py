@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import sys
 import textwrap
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,8 @@ from apigate.registry.events import EVENTS
 from apigate.registry.health import attach_health, health_checker
 from apigate.server import Gateway
 from tests.support.dns_server import DnsServer
-from tests.support.gateway import GatewayProcess, base_config, raw_request
+from tests.support.gateway import GatewayProcess, base_config
+from tests.support.traffic import eventually, last_seq, spread, who
 from tests.support.upstream import Upstream, _Conn
 
 ROUTES = [{"name": "all", "match": {"paths": ["/"]}, "service": "users"}]
@@ -65,35 +64,6 @@ def users_config(discovery: dict[str, Any], **service: Any) -> dict[str, Any]:
     return base_config(services={"users": {"discovery": discovery, **service}}, routes=ROUTES)
 
 
-def last_seq() -> int:
-    recent = EVENTS.recent(limit=1)
-    return int(recent[-1]["seq"]) if recent else 0
-
-
-async def who(port: int) -> str:
-    """The name of the upstream that answered, or "HTTP nnn" for a gateway error."""
-    resp = await raw_request(port, b"GET /echo HTTP/1.1\r\nHost: users\r\n\r\n")
-    head, _, body = resp.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 200"):
-        return head.split(b"\r\n")[0].decode(errors="replace")[:12]
-    return str(json.loads(body)["upstream"])
-
-
-async def spread(port: int, n: int) -> Counter[str]:
-    return Counter([await who(port) for _ in range(n)])
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float) -> float:
-    """Seconds until `check()` held; fails after `timeout`."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while not await check():
-        if loop.time() - start > timeout:
-            pytest.fail(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.02)
-    return loop.time() - start
-
-
 def manager(gw: Gateway) -> DnsManager:
     found = dns_manager(gw)
     assert found is not None
@@ -109,14 +79,14 @@ async def test_traffic_follows_a_changing_a_record_within_its_ttl() -> None:
         dns.set_a("users.test", "127.0.0.2", ttl=1)
         config = users_config({"dns": "users.test", "port": old.port, "min_ttl": 0})
         async with gateway(config, dns) as gw:
-            assert await spread(gw.proxy_port, 5) == {"old": 5}  # resolved before serving
+            assert await spread(gw.proxy_port, 5, "users") == {"old": 5}  # resolved before serving
             dns.set_a("users.test", "127.0.0.3", ttl=1)
 
             async def moved() -> bool:
-                return await who(gw.proxy_port) == "new"
+                return await who(gw.proxy_port, "users") == "new"
 
             assert await eventually(moved, timeout=2.0) <= 1.3  # the TTL, plus a lookup
-            assert await spread(gw.proxy_port, 10) == {"new": 10}
+            assert await spread(gw.proxy_port, 10, "users") == {"new": 10}
             users = gw.services.services["users"]
             assert list(users.instances) == [f"dns:127.0.0.3:{new.port}"]
             assert manager(gw).status()["users"]["addresses"] == [f"127.0.0.3:{new.port}"]
@@ -136,7 +106,7 @@ async def test_serve_stale_keeps_traffic_flowing_while_the_resolver_is_down(outa
             dns.mode = outage  # type: ignore[assignment]
             queries = len(dns.queries)
             for _ in range(8):  # ~1 s of outage: several lookups fail, no request does
-                assert await spread(gw.proxy_port, 3) == {"old": 3}
+                assert await spread(gw.proxy_port, 3, "users") == {"old": 3}
                 await asyncio.sleep(0.1)
             assert len(dns.queries) > queries + 2  # it kept retrying
             warnings = [e for e in EVENTS.recent(since=seq) if e["kind"] == "dns" and "error" in e]
@@ -147,7 +117,7 @@ async def test_serve_stale_keeps_traffic_flowing_while_the_resolver_is_down(outa
             dns.set_a("users.test", "127.0.0.3", ttl=0)
 
             async def moved() -> bool:
-                return await who(gw.proxy_port) == "new"
+                return await who(gw.proxy_port, "users") == "new"
 
             assert await eventually(moved, timeout=2.0) < 1.0  # backoff is capped by max_ttl
             recovered = [e for e in EVENTS.recent(since=seq) if "works again" in e["message"]]
@@ -173,14 +143,17 @@ async def test_srv_targets_give_ports_and_weights() -> None:
         )
         discovery = {"dns": name, "port": 80, "srv": True, "min_ttl": "100ms"}
         async with gateway(users_config(discovery), dns) as gw:
-            assert await spread(gw.proxy_port, 40) == {"a": 30, "b": 10}  # priority 20 unused
+            assert await spread(gw.proxy_port, 40, "users") == {
+                "a": 30,
+                "b": 10,
+            }  # priority 20 unused
             dns.set_srv(name, (20, 1, backup.port, "a.users.test"), ttl=0)
 
             async def moved() -> bool:
-                return await who(gw.proxy_port) == "backup"
+                return await who(gw.proxy_port, "users") == "backup"
 
             await eventually(moved, timeout=2.0)
-            assert await spread(gw.proxy_port, 5) == {"backup": 5}
+            assert await spread(gw.proxy_port, 5, "users") == {"backup": 5}
 
 
 async def test_reload_starts_and_stops_discovery() -> None:
@@ -189,18 +162,18 @@ async def test_reload_starts_and_stops_discovery() -> None:
         async with gateway(
             base_config(services={"users": {"targets": [static.url]}}, routes=ROUTES), dns
         ) as gw:
-            assert await spread(gw.proxy_port, 2) == {"static": 2}
+            assert await spread(gw.proxy_port, 2, "users") == {"static": 2}
             with_dns = users_config({"dns": "users.test", "port": a.port})
             await gw.apply_config(GatewayConfig.model_validate(with_dns))
 
             async def resolved() -> bool:
-                return await who(gw.proxy_port) == "a"
+                return await who(gw.proxy_port, "users") == "a"
 
             await eventually(resolved, timeout=2.0)
             without = base_config(services={"users": {"targets": [static.url]}}, routes=ROUTES)
             await gw.apply_config(GatewayConfig.model_validate(without))
             # the DNS instance is removed synchronously with the reload
-            assert await spread(gw.proxy_port, 4) == {"static": 4}
+            assert await spread(gw.proxy_port, 4, "users") == {"static": 4}
             assert manager(gw).discoveries == {}
 
 
@@ -223,7 +196,7 @@ async def test_discovered_instances_are_health_checked() -> None:
                 return not checker.status("users").get(sick_id, {"healthy": True})["healthy"]
 
             await eventually(marked, timeout=2.0)
-            assert await spread(gw.proxy_port, 6) == {"good": 6}
+            assert await spread(gw.proxy_port, 6, "users") == {"good": 6}
             assert checker.status("users")[sick_id]["last_error"] == "HTTP 503"
 
 
@@ -262,11 +235,11 @@ async def test_a_gateway_process_follows_dns(tmp_path: Path) -> None:
         config = users_config({"dns": "users.test", "port": old.port, "min_ttl": "100ms"})
         env = {**extension_env(tmp_path, "attach_dns"), "APIGATE_DNS_NAMESERVER": dns.nameserver}
         async with GatewayProcess(config, env=env) as gw:
-            assert await spread(gw.port, 3) == {"old": 3}
+            assert await spread(gw.port, 3, "users") == {"old": 3}
             dns.set_a("users.test", "127.0.0.3", ttl=0)
 
             async def moved() -> bool:
-                return await who(gw.port) == "new"
+                return await who(gw.port, "users") == "new"
 
             await eventually(moved, timeout=3.0)
-            assert await spread(gw.port, 5) == {"new": 5}
+            assert await spread(gw.port, 5, "users") == {"new": 5}

@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import socket
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from apigate.balancing.base import Instance
 from apigate.config.schema import ActiveHealthConfig, GatewayConfig
@@ -23,7 +19,8 @@ from apigate.registry.events import EVENTS
 from apigate.registry.health import ActiveHealthChecker, attach_health, health_checker, http_probe
 from apigate.server import Gateway
 from tests.integration.test_discovery_dns import UpstreamOn, extension_env
-from tests.support.gateway import GatewayProcess, base_config, raw_request
+from tests.support.gateway import GatewayProcess, base_config
+from tests.support.traffic import eventually, last_seq, spread
 from tests.support.upstream import Upstream
 
 ROUTES = [{"name": "all", "match": {"paths": ["/"]}, "service": "svc"}]
@@ -53,37 +50,6 @@ async def gateway(cfg: dict[str, Any]) -> AsyncIterator[tuple[Gateway, ActiveHea
         yield gw, checker
     finally:
         await gw.shutdown(0)
-
-
-def last_seq() -> int:
-    recent = EVENTS.recent(limit=1)
-    return int(recent[-1]["seq"]) if recent else 0
-
-
-async def who(port: int) -> str:
-    resp = await raw_request(port, b"GET /echo HTTP/1.1\r\nHost: svc\r\n\r\n")
-    head, _, body = resp.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 200"):
-        return head.split(b"\r\n")[0].decode(errors="replace")[:12]
-    return str(json.loads(body)["upstream"])
-
-
-async def spread(port: int, n: int) -> Counter[str]:
-    return Counter([await who(port) for _ in range(n)])
-
-
-async def eventually(check: Callable[[], bool | Awaitable[bool]], timeout: float) -> float:
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return loop.time() - start
-        if loop.time() - start > timeout:
-            pytest.fail(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.02)
 
 
 def healthy(checker: ActiveHealthChecker, iid: str) -> bool:
