@@ -834,18 +834,25 @@ class ProxyExchange:
                     log.exception("response-end hook failed")
         # give back any pause this exchange put on the client connection: an upstream that
         # answered without reading the whole body, for one, never resumes its writing
-        for paused in ("_paused_upstream_write", "_paused_for_buffer", "_paused_for_tunnel"):
-            if getattr(self, paused):  # each one is a pause_reading() of its own
-                setattr(self, paused, False)
-                self.conn.resume_reading()
+        if self._paused_upstream_write or self._paused_for_buffer or self._paused_for_tunnel:
+            for paused in ("_paused_upstream_write", "_paused_for_buffer", "_paused_for_tunnel"):
+                if getattr(self, paused):  # each one is a pause_reading() of its own
+                    setattr(self, paused, False)
+                    self.conn.resume_reading()
+        if self.observers:
+            self._run_log_hooks(self.observers)
         log_hooks = route.chain.log_hooks if route is not None else self.runtime.log_hooks
-        for hook in (*(self.observers or ()), *log_hooks):
+        if log_hooks:
+            self._run_log_hooks(log_hooks)
+        if not self._client_gone:
+            self.conn.finish_exchange(self, keep_alive)
+
+    def _run_log_hooks(self, hooks: list[Callable[[Any], None]]) -> None:
+        for hook in hooks:
             try:
                 hook(self)
             except Exception:  # logging must never break the connection
                 log.exception("log hook failed on %s", self._describe())
-        if not self._client_gone:
-            self.conn.finish_exchange(self, keep_alive)
 
     def _drop_upstream(self, ok: bool) -> None:
         """Abandon the current upstream response (retried or replaced): its connection cannot
