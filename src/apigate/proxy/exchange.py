@@ -461,8 +461,11 @@ class ProxyExchange:
             return False
         if self.request.has_body and (self._replay is None or not self._body_done):
             return False  # the body was streamed and not kept: it cannot be sent again
-        if self.t0 + service.config.timeouts.response < self.loop.time():
-            return False  # the overall deadline (timeouts.response) has passed
+        if self.loop.time() >= self.t0 + service.config.timeouts.response - 0.001:
+            # the overall deadline (timeouts.response) has passed, or is where the try that
+            # just timed out was cut: loop time is cached per iteration, so "now" can equal
+            # the deadline exactly, and a strict comparison let one more try start
+            return False
         key = service.hash_key(self) if service.hash_key is not None else None
         if service.balancer.pick(key, self.tried) is None:
             return False  # no other instance: the client gets this attempt's real answer
