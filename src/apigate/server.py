@@ -164,12 +164,15 @@ class Gateway:
         try:
             runtime = compile_runtime(config, self.services, self.env)
             await self._start_plugins(runtime)
-        except ConfigError:
+        except Exception as exc:  # any failure: the old snapshot and services stay in force
             self.env.config = self.runtime.config
             self.services.reconcile(self.runtime.config)
-            raise
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError([f"the new config could not be started: {exc}"]) from exc
         old, self.runtime = self.runtime, runtime
         self.limits = config.limits
+        self.trusted_proxies = TrustedProxies(config.listeners.proxy.trusted_proxies)
         for callback in self.on_runtime:
             callback(runtime)
         # Plugins of the old snapshot may still serve in-flight requests: close them later.

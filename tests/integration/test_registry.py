@@ -114,6 +114,8 @@ async def test_bad_registrations_are_refused_with_reasons() -> None:
         cases = [
             ({"url": f"http://127.0.0.1:{gw.port}"}, 400, "self_reference"),
             ({"url": f"http://127.0.0.1:{gw.admin_port}"}, 400, "self_reference"),
+            ({"url": f"http://127.0.0.2:{gw.port}"}, 400, "self_reference"),
+            ({"url": f"http://localhost:{gw.port}"}, 400, "self_reference"),
             ({"url": "ftp://x:1"}, 400, "invalid_url"),
             ({"url": "http://127.0.0.1:9", "ttl": "soon"}, 400, "invalid_body"),
             ({"url": "http://127.0.0.1:9", "weight": -1}, 400, "invalid_body"),

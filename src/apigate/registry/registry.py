@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -72,7 +74,7 @@ class Registry:
         except ValidationError as exc:
             first = exc.errors()[0]
             raise RegistrationError(400, "invalid_url", f"url: {first['msg']}") from None
-        if self._points_at_gateway(target.host, target.port):
+        if await self._points_at_gateway(target.host, target.port):
             raise RegistrationError(
                 400, "self_reference", "url points at this gateway's own listener"
             )
@@ -136,11 +138,27 @@ class Registry:
         await ops.put_entity("services", name, {}, implicit=True)
         EVENTS.record("service", f"service {name} created by its first registration", service=name)
 
-    def _points_at_gateway(self, host: str, port: int) -> bool:
-        if (host, port) in self.own_addresses:
-            return True
-        local = host in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::")
-        return local and any(p == port for _, p in self.own_addresses)
+    async def _points_at_gateway(self, host: str, port: int) -> bool:
+        """Would a request to host:port come back to one of our listeners (a proxy loop)?
+
+        The name is resolved (off the loop) and each address compared as an address, so
+        127.0.0.2, ::ffff:127.0.0.1 or a hostname of this machine are caught as well as the
+        literal spellings; a listener on 0.0.0.0 is reached through any local address."""
+        ports = {p for _, p in self.own_addresses}
+        if port not in ports:
+            return False
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port)
+        except OSError:
+            return False  # unresolvable: it cannot reach us either (and will fail health)
+        local = await asyncio.get_running_loop().run_in_executor(None, _local_addresses)
+        for info in infos:
+            addr = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+                addr = addr.ipv4_mapped
+            if addr.is_loopback or addr.is_unspecified or addr in local:
+                return True
+        return False
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -163,6 +181,17 @@ class Registry:
         for service_name, iid in lapsed:
             self.deregister(service_name, iid, reason="removed: TTL lapsed")
         return len(lapsed)
+
+
+def _local_addresses() -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """This machine's own addresses (those its host name resolves to)."""
+    found: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None):
+            found.add(ipaddress.ip_address(str(info[4][0]).split("%")[0]))
+    except OSError:
+        pass
+    return found
 
 
 def registry_of(gateway: Gateway) -> Registry:
