@@ -100,31 +100,31 @@ def routes10k(env: Env) -> Spec:
     return Spec(apigate_yaml(env, routes), nginx, paths=("/", "/r05000/x"))
 
 
-_JWT_SECRET = "bench-secret-0123456789abcdef0123456789abcdef"  # a throwaway benchmark key
-
-
-def _bench_token() -> str:
+def _bench_token(secret: str) -> str:
     import time
 
     import jwt
 
     claims = {"sub": "bench", "iss": "bench", "exp": int(time.time()) + 3600}
-    return jwt.encode(claims, _JWT_SECRET, algorithm="HS256")
+    return jwt.encode(claims, secret, algorithm="HS256")
 
 
 @scenario("plugins")
 def plugins(env: Env) -> Spec:
     """JWT (the same token, so verified once then cached) + a local rate limit that never
     trips + a JSON access log to a file, against nginx's plain route (issue 4's yardstick)."""
+    import secrets
+
+    secret = secrets.token_hex(32)  # made per run: no key lives in the repository
     plugins = (
-        ", plugins: {jwt: {secret: " + _JWT_SECRET + ", algorithms: [HS256], issuer: bench}, "
+        ", plugins: {jwt: {secret: " + secret + ", algorithms: [HS256], issuer: bench}, "
         "rate_limit: {requests: 1000000000, per: 1s, key: ip}}"
     )
     extra = f"plugins:\n  access_log: {{path: {env.workdir / 'access.log'}}}\n"
     return Spec(
         apigate_yaml(env, [route("plugins", "/", plugins)], extra),
         nginx_location("/"),
-        headers=(f"Authorization: Bearer {_bench_token()}",),
+        headers=(f"Authorization: Bearer {_bench_token(secret)}",),
     )
 
 
