@@ -21,6 +21,7 @@ HOP_BY_HOP_REQUEST = (
     b"Keep-Alive: timeout=5\r\n"
     b"TE: trailers\r\n"
     b"Trailer: X-Sum\r\n"
+    b"Trailers: X-Sum\r\n"
     b"Proxy-Authorization: Basic c2VjcmV0\r\n"
     b"Proxy-Connection: keep-alive\r\n"
     b"Upgrade: h2c\r\n"
@@ -45,6 +46,7 @@ async def test_hop_by_hop_request_headers_are_not_forwarded(env: Env) -> None:
         "keep-alive",
         "te",
         "trailer",
+        "trailers",
         "proxy-authorization",
         "proxy-connection",
         "upgrade",
@@ -207,6 +209,7 @@ async def test_hop_by_hop_response_headers_are_not_forwarded(env: Env) -> None:
             "proxy-authenticate",
             "te",
             "trailer",
+            "trailers",
             "upgrade",
             "proxy-connection",
             "connection",

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 import httptools
 
 from apigate.http.errors import GatewayError, render_error
+from apigate.http.headers import FORWARDING, HOP_BY_HOP, connection_tokens, valid_request_id
 from apigate.http.request import Request
 from apigate.routing.normalize import normalize_path
 
@@ -99,7 +100,10 @@ _H_XFF = 8
 _H_DROP = 9  # hop-by-hop or gateway-owned: never forwarded
 _H_TRACEPARENT = 10
 _H_TRACESTATE = 11
+# Every hop-by-hop name (headers.HOP_BY_HOP, the one list) and the forwarding headers the gateway
+# writes itself are dropped; the names the connection interprets override that below.
 _SPECIAL: dict[bytes, int] = {
+    **dict.fromkeys(HOP_BY_HOP | FORWARDING, _H_DROP),
     b"host": _H_HOST,
     b"content-length": _H_CONTENT_LENGTH,
     b"transfer-encoding": _H_TRANSFER_ENCODING,
@@ -110,16 +114,6 @@ _SPECIAL: dict[bytes, int] = {
     b"x-forwarded-for": _H_XFF,
     b"traceparent": _H_TRACEPARENT,
     b"tracestate": _H_TRACESTATE,
-    b"keep-alive": _H_DROP,
-    b"proxy-connection": _H_DROP,
-    b"te": _H_DROP,
-    b"trailer": _H_DROP,
-    b"proxy-authorization": _H_DROP,
-    b"x-forwarded-proto": _H_DROP,
-    b"x-forwarded-host": _H_DROP,
-    b"x-forwarded-port": _H_DROP,
-    b"forwarded": _H_DROP,
-    b"x-real-ip": _H_DROP,
 }
 _FORWARDING_KEPT_IF_TRUSTED = (
     b"x-forwarded-proto",
@@ -354,8 +348,6 @@ class ClientConnection(asyncio.Protocol):
         elif kind == _H_UPGRADE:
             req.upgrade = value
         elif kind == _H_REQUEST_ID:
-            from apigate.http.headers import valid_request_id
-
             if valid_request_id(value) and not req.request_id:
                 req.request_id = value.decode("ascii")
         elif kind == _H_TRACEPARENT:
@@ -433,8 +425,6 @@ class ClientConnection(asyncio.Protocol):
         self._parse_target(req)
         keep_alive = version == "1.1"
         if self._connection_values:
-            from apigate.http.headers import connection_tokens
-
             tokens = connection_tokens(self._connection_values)
             if b"close" in tokens:
                 keep_alive = False

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
-from apigate.http.headers import HeaderList, connection_tokens
+from apigate.http.headers import HOP_BY_HOP, HeaderList, connection_tokens
 
 if TYPE_CHECKING:
     from apigate.http.pool import Pool
@@ -78,16 +78,14 @@ _R_TRANSFER_ENCODING = 2
 _R_CONNECTION = 3
 _R_UPGRADE = 4
 _R_DROP = 5
+# Every hop-by-hop name (headers.HOP_BY_HOP, the one list) is dropped; the ones the connection
+# interprets override that below.
 _RESPONSE_SPECIAL: dict[bytes, int] = {
+    **dict.fromkeys(HOP_BY_HOP, _R_DROP),
     b"content-length": _R_CONTENT_LENGTH,
     b"transfer-encoding": _R_TRANSFER_ENCODING,
     b"connection": _R_CONNECTION,
     b"upgrade": _R_UPGRADE,
-    b"keep-alive": _R_DROP,
-    b"proxy-connection": _R_DROP,
-    b"te": _R_DROP,
-    b"trailer": _R_DROP,
-    b"proxy-authenticate": _R_DROP,
     # the gateway writes its own X-Request-Id (the one it sent upstream); an upstream that
     # echoes it back would otherwise give the client two
     b"x-request-id": _R_DROP,
