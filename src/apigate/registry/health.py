@@ -44,8 +44,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from apigate.registry.events import EVENTS
-
 if TYPE_CHECKING:
     from apigate.balancing.base import Instance
     from apigate.config.schema import ActiveHealthConfig
@@ -247,17 +245,12 @@ class ActiveHealthChecker:
         if not state.healthy and still_there and not inst.healthy:
             # active checks were turned off: release what they held out
             inst.held_out = False
-            inst.healthy = True
-            inst.failures = 0
-            service.refresh()
-            EVENTS.record(
-                "health",
-                f"{service.name}/{inst.id} readmitted: active checks off",
-                service=service.name,
-                instance=inst.id,
-                healthy=True,
-                reason="active checks disabled",
+            service.set_health(
+                inst,
+                True,
+                "readmitted: active checks off",
                 check="active",
+                reason="active checks disabled",
             )
 
     def _hold_out(self, state: ProbeState) -> None:
@@ -310,29 +303,12 @@ class ActiveHealthChecker:
     def _transition(self, state: ProbeState, healthy: bool, reason: str) -> None:
         service, inst = state.service, state.instance
         state.healthy = healthy
-        inst.healthy = healthy
         inst.held_out = not healthy
         if healthy:
-            inst.failures = 0
-            message = f"{service.name}/{inst.id} healthy after {state.successes} passing checks"
-            level = logging.INFO
+            message = f"healthy after {state.successes} passing checks"
         else:
-            message = (
-                f"{service.name}/{inst.id} unhealthy after {state.failures} failed "
-                f"checks ({reason})"
-            )
-            level = logging.WARNING
-        service.refresh()
-        EVENTS.record(
-            "health",
-            message,
-            level,
-            service=service.name,
-            instance=inst.id,
-            healthy=healthy,
-            reason=reason,
-            check="active",
-        )
+            message = f"unhealthy after {state.failures} failed checks ({reason})"
+        service.set_health(inst, healthy, message, check="active", reason=reason)
 
     # ------------------------------------------------------------------ admin
     def status(self, service_name: str) -> dict[str, dict[str, Any]]:

@@ -179,32 +179,36 @@ class Service:
             return
         inst.failures += 1
         if inst.failures >= passive.failures and inst.healthy:
-            inst.healthy = False
-            self.refresh()
-            EVENTS.record(
-                "health",
-                f"{self.name}/{inst.id} ejected after {inst.failures} consecutive failures",
-                logging.WARNING,
-                service=self.name,
-                instance=inst.id,
-                healthy=False,
-                check="passive",
+            self.set_health(
+                inst, False, f"ejected after {inst.failures} consecutive failures", check="passive"
             )
             asyncio.get_running_loop().call_later(passive.eject_for, self._readmit, inst)
 
     def _readmit(self, inst: Instance) -> None:
         if self.instances.get(inst.id) is not inst or inst.healthy or inst.held_out:
             return  # gone, already back, or kept out by failing active checks
-        inst.failures = 0
-        inst.healthy = True
+        self.set_health(inst, True, "readmitted after ejection", check="passive")
+
+    def set_health(
+        self, inst: Instance, healthy: bool, message: str, *, check: str, **fields: Any
+    ) -> None:
+        """The one way health changes: the flag, the balancer's available set, an event.
+
+        Passive ejection and active checks both come through here, so the admin API, the
+        dashboard and the logs see every transition the same way."""
+        inst.healthy = healthy
+        if healthy:
+            inst.failures = 0
         self.refresh()
         EVENTS.record(
             "health",
-            f"{self.name}/{inst.id} readmitted after ejection",
+            f"{self.name}/{inst.id} {message}",
+            logging.INFO if healthy else logging.WARNING,
             service=self.name,
             instance=inst.id,
-            healthy=True,
-            check="passive",
+            healthy=healthy,
+            check=check,
+            **fields,
         )
 
     def refresh(self) -> None:
