@@ -169,6 +169,16 @@ def _is_ip(text: str) -> bool:
 # --- listeners ------------------------------------------------------------------------------
 
 
+def is_loopback_host(host: str) -> bool:
+    """`localhost` or a loopback address (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def parse_address(address: str) -> tuple[str, int]:
     """("127.0.0.1", 8080) from "127.0.0.1:8080"; "[::1]:8080" -> ("::1", 8080).
 
@@ -213,13 +223,7 @@ class ListenerConfig(StrictModel):
 
     @property
     def is_loopback(self) -> bool:
-        host = self.host
-        if host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback_host(self.host)
 
 
 class TLSCertConfig(StrictModel):

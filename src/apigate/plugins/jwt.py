@@ -23,7 +23,6 @@ JWKS keys are fetched at start, refetched when a token names an unknown `kid` (a
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import re
@@ -42,6 +41,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from pydantic import Field, field_validator, model_validator
 
 from apigate.config.errors import located_error
+from apigate.config.schema import is_loopback_host
 from apigate.config.units import NonNegativeDuration, PositiveDuration
 from apigate.plugins.base import Plugin, PluginConfig, PluginEnv, Response
 from apigate.plugins.identity import (
@@ -144,7 +144,7 @@ class JwtConfig(StrictPluginConfig):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"invalid JWKS URL {value!r}: use https://host/path")
-        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        if parts.scheme == "http" and not is_loopback_host(parts.hostname):
             raise ValueError("plain http is only allowed for a loopback JWKS URL; use https")
         return value
 
@@ -172,15 +172,6 @@ class JwtConfig(StrictPluginConfig):
         if problems:
             raise located_error(type(self).__name__, problems)
         return self
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _secret_problems(secret: str, algorithms: list[str]) -> list[tuple[tuple[str | int, ...], str]]:
