@@ -6,29 +6,25 @@ import asyncio
 import time
 from email.utils import formatdate
 
+from apigate.periodic import Periodic
+
 
 class DateHeader:
-    __slots__ = ("_handle", "value")
+    __slots__ = ("_ticker", "value")
 
     def __init__(self) -> None:
         self.value = b""
-        self._handle: asyncio.TimerHandle | None = None
+        self._ticker = Periodic(self._refresh)
         self._refresh()
 
     def _refresh(self) -> None:
         self.value = b"Date: " + formatdate(time.time(), usegmt=True).encode() + b"\r\n"
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        def tick() -> None:
-            self._refresh()
-            self._handle = loop.call_later(1.0, tick)
-
-        self._handle = loop.call_later(1.0, tick)
+        self._ticker.start(loop)
 
     def stop(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        self._ticker.stop()
 
 
 DATE = DateHeader()

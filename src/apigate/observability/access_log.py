@@ -14,6 +14,7 @@ import time
 from typing import IO, Any, Literal
 
 from apigate.observability.tracing import trace_id_of
+from apigate.periodic import Periodic
 from apigate.plugins.base import Plugin, PluginConfig, PluginEnv
 
 _FLUSH_BYTES = 64 * 1024
@@ -36,24 +37,17 @@ class AccessLogPlugin(Plugin):
         self._out: IO[str] | None = None
         self._buf: list[str] = []
         self._size = 0
-        self._timer: asyncio.TimerHandle | None = None
+        self._ticker = Periodic(self.flush)
 
     async def start(self) -> None:
         if self.path == "-":
             self._out = sys.stdout
         else:
             self._out = await asyncio.to_thread(open, self.path, "a", encoding="utf-8")
-        loop = asyncio.get_running_loop()
-
-        def tick() -> None:
-            self.flush()
-            self._timer = loop.call_later(1.0, tick)
-
-        self._timer = loop.call_later(1.0, tick)
+        self._ticker.start(asyncio.get_running_loop())
 
     async def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        self._ticker.stop()
         self.flush()
         if self._out is not None and self._out is not sys.stdout:
             self._out.close()

@@ -39,6 +39,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from apigate import __version__
+from apigate.periodic import Periodic
 
 if TYPE_CHECKING:
     from apigate.admin.http import AdminRequest, AdminResponse
@@ -155,7 +156,7 @@ class GatewayMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
         ProcessCollector(registry=self.registry)
-        self._timer: asyncio.TimerHandle | None = None
+        self._ticker = Periodic(self._tick)
 
     # ------------------------------------------------------------------ hot path
     def observe(self, ctx: Any, _bisect: Any = bisect_left, _bounds: Any = BUCKETS_MS) -> None:
@@ -251,18 +252,15 @@ class GatewayMetrics:
         self.ring.append((time.time() if now is None else now, by_route))
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        def tick() -> None:
-            self.fold()
-            self.snapshot()
-            self._timer = loop.call_later(1.0, tick)
-
         self.snapshot()
-        self._timer = loop.call_later(1.0, tick)
+        self._ticker.start(loop)
+
+    def _tick(self) -> None:
+        self.fold()
+        self.snapshot()
 
     def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._ticker.stop()
 
     def stats(self, window: int = 60, point_window: int = 5) -> dict[str, Any]:
         """Per route: totals, rate, 5xx share and p50/p99 over the last `window` seconds, and a

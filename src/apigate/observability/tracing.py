@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, model_validator
 
+from apigate.periodic import Periodic
 from apigate.plugins.base import Plugin, PluginConfig, PluginEnv
 
 if TYPE_CHECKING:
@@ -286,7 +287,7 @@ class TracingPlugin(Plugin):
         self.dropped = 0
         self.exported = 0
         self._exporter: Any = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._ticker = Periodic(self.flush)
         self._pending: set[asyncio.Future[None]] = set()
         if config.otlp_endpoint:  # only then does the chain see an on_log hook
             self.on_log = self._record
@@ -296,19 +297,11 @@ class TracingPlugin(Plugin):
         if not self.cfg.otlp_endpoint:
             return
         self._exporter = make_exporter(self.cfg.otlp_endpoint)
-        loop = asyncio.get_running_loop()
-
-        def tick() -> None:
-            self.flush()
-            self._timer = loop.call_later(1.0, tick)
-
-        self._timer = loop.call_later(1.0, tick)
+        self._ticker.start(asyncio.get_running_loop())
 
     async def close(self) -> None:
         reset_sample_ratio(self)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._ticker.stop()
         self.flush()
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
