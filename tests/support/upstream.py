@@ -224,8 +224,8 @@ class _Conn(asyncio.Protocol):
             body = b"hop"
             t.write(
                 b"HTTP/1.1 200 OK\r\nConnection: X-Bar, keep-alive\r\nX-Bar: secret\r\n"
-                b"Keep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\nTE: trailers\r\nTrailers: x\r\n"
-                b"Trailer: X-Sum\r\nUpgrade: h2c\r\nProxy-Connection: keep-alive\r\n"
+                b"Keep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\nTE: trailers\r\n"
+                b"Trailers: x\r\nTrailer: X-Sum\r\nUpgrade: h2c\r\nProxy-Connection: keep-alive\r\n"
                 b"X-End-To-End: kept\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
             )
         elif path.startswith("/status/"):
