@@ -1,12 +1,17 @@
 """The gateway's own Python cost per proxied request, without sockets or the event loop's I/O.
 
-    python bench/micro.py [--requests 50000] [--profile] [--config plain|plugins]
+    python bench/micro.py [--requests 50000] [--profile] [--config plain|plugins] [--metrics]
 
 A real `Gateway` (runtime, routing, plugins, pools) serves requests through the real
 `ClientConnection` and `UpstreamConnection` protocols, whose transports are in-memory fakes: the
 request bytes go into `data_received`, the upstream's answer is fed back the same way. What is
 left is exactly the per-request Python work of the data plane, which is what the hot-path rules
 are about; the syscalls (4 per request) and epoll are what `bench/run.py` adds on top.
+
+`--config plugins` is bench/scenarios.py's `plugins` scenario (issue 4's yardstick): a JWT
+(HS256, the same token every time, so verified once and then cached), a local rate limit that
+never trips and the JSON access log to a temporary file. `--metrics` adds the per-request
+Prometheus observer the real server always runs (`apigate.observability.metrics`).
 """
 
 from __future__ import annotations
@@ -15,28 +20,76 @@ import argparse
 import asyncio
 import cProfile
 import pstats
+import secrets
+import tempfile
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import jwt
 
 from apigate.config.loader import parse_config
 from apigate.http.protocol import ClientConnection
 from apigate.http.upstream import UpstreamConnection
+from apigate.observability.metrics import GatewayMetrics
 from apigate.server import Gateway
 
-REQUEST = b"GET /hello HTTP/1.1\r\nHost: bench\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"
 RESPONSE = (
     b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sun, 22 Nov 2026 12:00:00 GMT\r\n"
     b"Content-Type: text/plain\r\nContent-Length: 13\r\nConnection: keep-alive\r\n\r\n"
     b"Hello, World!"
 )
 
-CONFIGS: dict[str, dict[str, Any]] = {
-    "plain": {
-        "listeners": {"proxy": {"address": "127.0.0.1:0"}, "admin": None},
-        "services": {"up": {"targets": ["http://127.0.0.1:9"]}},
-        "routes": [{"name": "r", "match": {"paths": ["/"]}, "service": "up"}],
-    },
-}
+
+def request_bytes(*headers: str) -> bytes:
+    """The request every iteration sends, with `headers` ("Name: value") added."""
+    lines = ["GET /hello HTTP/1.1", "Host: bench", "User-Agent: wrk", "Accept: */*", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+@dataclass(frozen=True)
+class Bench:
+    """One micro-benchmark config: apigate's config (as parsed YAML) and the request bytes."""
+
+    config: dict[str, Any]
+    request: bytes
+
+
+def _plain(workdir: Path) -> Bench:
+    return Bench(
+        {
+            "listeners": {"proxy": {"address": "127.0.0.1:0"}, "admin": None},
+            "services": {"up": {"targets": ["http://127.0.0.1:9"]}},
+            "routes": [{"name": "r", "match": {"paths": ["/"]}, "service": "up"}],
+        },
+        request_bytes(),
+    )
+
+
+def _plugins(workdir: Path) -> Bench:
+    """bench/scenarios.py's `plugins`: jwt (cached) + local rate limit + JSON access log."""
+    secret = secrets.token_hex(32)  # made per run: no key lives in the repository
+    claims = {"sub": "bench", "iss": "bench", "exp": int(time.time()) + 3600}
+    token = jwt.encode(claims, secret, algorithm="HS256")
+    plugins = {
+        "jwt": {"secret": secret, "algorithms": ["HS256"], "issuer": "bench"},
+        "rate_limit": {"requests": 1_000_000_000, "per": "1s", "key": "ip"},
+    }
+    return Bench(
+        {
+            "listeners": {"proxy": {"address": "127.0.0.1:0"}, "admin": None},
+            "services": {"up": {"targets": ["http://127.0.0.1:9"]}},
+            "routes": [
+                {"name": "r", "match": {"paths": ["/"]}, "service": "up", "plugins": plugins}
+            ],
+            "plugins": {"access_log": {"path": str(workdir / "access.log")}},
+        },
+        request_bytes(f"Authorization: Bearer {token}"),
+    )
+
+
+CONFIGS = {"plain": _plain, "plugins": _plugins}
 
 
 class FakeTransport:
@@ -79,8 +132,22 @@ class FakeTransport:
         pass
 
 
-async def run(requests: int, profile: bool, config_name: str) -> float:
-    gateway = Gateway(parse_config(CONFIGS[config_name]))
+async def run(requests: int, profile: bool, config_name: str, metrics: bool) -> float:
+    with tempfile.TemporaryDirectory(prefix="apigate-micro-") as workdir:
+        bench = CONFIGS[config_name](Path(workdir))
+        gateway = Gateway(parse_config(bench.config))
+        if metrics:
+            gateway.observers.append(GatewayMetrics(gateway).observe)
+        for plugin in gateway.runtime.plugins:  # e.g. the access log opens its file
+            await plugin.start()
+        try:
+            return _measure(gateway, bench.request, requests, profile)
+        finally:
+            for plugin in gateway.runtime.plugins:
+                await plugin.close()
+
+
+def _measure(gateway: Gateway, request: bytes, requests: int, profile: bool) -> float:
     service = gateway.services.services["up"]
     inst = next(iter(service.instances.values()))
     pool = service.pool_for(inst)
@@ -92,7 +159,7 @@ async def run(requests: int, profile: bool, config_name: str) -> float:
     client.connection_made(FakeTransport(("127.0.0.1", 50000)))  # type: ignore[arg-type]
 
     def one() -> None:
-        client.data_received(REQUEST)
+        client.data_received(request)
         upstream.data_received(RESPONSE)
 
     for _ in range(2000):  # warm up caches (matcher host cache, pools)
@@ -116,6 +183,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=50_000)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="plain")
+    parser.add_argument("--metrics", action="store_true", help="add the metrics observer")
     args = parser.parse_args()
     try:
         import uvloop
@@ -123,8 +191,9 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    per_request = asyncio.run(run(args.requests, args.profile, args.config))
-    print(f"{args.config}: {per_request:.2f} µs of Python per proxied request")
+    per_request = asyncio.run(run(args.requests, args.profile, args.config, args.metrics))
+    name = args.config + (" + metrics" if args.metrics else "")
+    print(f"{name}: {per_request:.2f} µs of Python per proxied request")
 
 
 if __name__ == "__main__":
