@@ -3,15 +3,23 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench system-deps clean
+.PHONY: demo test lint build pure bench system-deps clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# Compile the per-request modules with mypyc, in place (see setup.py). `make pure` undoes it.
+build: $(STAMP)
+	APIGATE_COMPILE=1 $(PY) setup.py -q build_ext --inplace --force
+
+pure:
+	find src -name '*.so' -delete
+
 demo: $(STAMP)
+	$(MAKE) build || echo "make demo: compiling failed (no C compiler?): running pure Python"
 	$(VENV)/bin/apigate demo
 
 system-deps:
@@ -19,15 +27,20 @@ system-deps:
 	scripts/install-browser
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests bench
-	$(PY) -m ruff format --check src tests bench
+	$(PY) -m ruff check src tests bench setup.py
+	$(PY) -m ruff format --check src tests bench setup.py
 	$(PY) -m mypy
 
+# Both builds: the pure-Python one on the unit and conformance tests, then the compiled one
+# (what `make demo` and the benchmark run) on the whole suite.
 test: $(STAMP) system-deps lint
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(MAKE) pure
+	APIGATE_EXPECT_BUILD="pure" $(PY) -m pytest -q -p no:cacheprovider tests/unit tests/conformance
+	$(MAKE) build
+	APIGATE_EXPECT_BUILD="compiled" $(PY) -m pytest -q -p no:cacheprovider
 
-bench: $(STAMP)
+bench: $(STAMP) build
 	$(PY) bench/run.py
 
-clean:
+clean: pure
 	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

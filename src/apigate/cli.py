@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from apigate import __version__
+from apigate.buildinfo import build_name
 from apigate.config.errors import ConfigError
 from apigate.config.loader import load_config
 
@@ -117,7 +118,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="apigate", description="A fast API gateway.")
-    parser.add_argument("--version", action="version", version=f"apigate {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"apigate {__version__}, {build_name()}"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the gateway")

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from apigate.buildinfo import build_name, stale_modules
 from apigate.config.errors import ConfigError
 from apigate.config.loader import load_config
 from apigate.config.schema import GatewayConfig
@@ -105,7 +106,16 @@ class Gateway:
         await self._start_plugins(self.runtime)
         for hook in self.on_start:
             await hook(self)
-        log.info("proxy listening", extra={"event": "listen", "address": self.proxy_address})
+        log.info(
+            "proxy listening",
+            extra={"event": "listen", "address": self.proxy_address, "build": build_name()},
+        )
+        stale = stale_modules()
+        if stale:  # a source checkout edited after `make build`: the old code is what runs
+            log.warning(
+                "compiled modules are older than their sources; run `make build` or `make pure`",
+                extra={"event": "stale_build", "modules": stale},
+            )
 
     @property
     def proxy_address(self) -> str:

@@ -224,14 +224,15 @@ class ClientConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upg:
             self._start_tunnel_buffer(data[upg.args[0] :])
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
+        # (a name per clause: compiled by mypyc, a name keeps the type of its first binding)
+        except httptools.HttpParserCallbackError as callback_error:
+            cause = callback_error.__context__
             if isinstance(cause, GatewayError):
                 self._reject(cause)
             elif cause is not None and not isinstance(cause, _Stop):
                 raise cause from None
-        except httptools.HttpParserError as exc:
-            self._reject(GatewayError(400, f"malformed request: {_parser_reason(exc)}"))
+        except httptools.HttpParserError as parse_error:
+            self._reject(GatewayError(400, f"malformed request: {_parser_reason(parse_error)}"))
         else:
             if self.phase == Phase.HEAD:
                 # Backstop against a client that never finishes a header line: httptools
@@ -449,11 +450,13 @@ class ClientConnection(asyncio.Protocol):
             if url[:7].lower() == b"http://" or url[:8].lower() == b"https://":
                 # absolute-form (RFC 9112 §3.2.2): the authority replaces Host
                 try:
-                    parsed = httptools.parse_url(url)
+                    parsed = cast(_URLParts, httptools.parse_url(url))
                 except httptools.HttpParserInvalidURLError:
                     raise GatewayError(400, "invalid request target") from None
                 if parsed.userinfo:  # RFC 9110 §4.2.4: treat userinfo in an http URI as an error
                     raise GatewayError(400, "userinfo in request target")
+                if not parsed.host:
+                    raise GatewayError(400, "invalid request target")
                 authority = parsed.host.decode("latin-1").lower()
                 if parsed.port:
                     authority += f":{parsed.port}"
@@ -711,6 +714,17 @@ class ClientConnection(asyncio.Protocol):
             f"<ClientConnection {self.client_ip}:{self.client_port} {self.phase.name} "
             f"served={self.requests_served} queued={len(self._queue)}>"
         )
+
+
+class _URLParts(Protocol):
+    """httptools' URL as it really is: its stub types every part as bytes, but a part the URL
+    does not have is None (mypyc checks the declared types at run time)."""
+
+    host: bytes | None
+    port: int | None
+    path: bytes | None
+    query: bytes | None
+    userinfo: bytes | None
 
 
 class _Stop(Exception):

@@ -28,8 +28,10 @@ if TYPE_CHECKING:
 MAX_RESPONSE_HEAD = 64 * 1024
 
 
-class InvalidResponse(ConnectionError):
-    """The upstream's response cannot be proxied faithfully (the exchange answers 502)."""
+class InvalidResponse(Exception):
+    """The upstream's response cannot be proxied faithfully (the exchange answers 502).
+
+    (An Exception, not a ConnectionError: mypyc cannot compile subclasses of OSError.)"""
 
 
 class ResponseHead(HeaderList):
@@ -164,8 +166,10 @@ class UpstreamConnection(asyncio.Protocol):
                 if self._head_bytes > MAX_RESPONSE_HEAD:
                     raise InvalidResponse(f"response head larger than {MAX_RESPONSE_HEAD} bytes")
             listener.flush_head()  # a head whose body has not arrived yet goes out now
-        except InvalidResponse as exc:
-            self._invalid(listener, exc)
+        # (each clause names its exception differently: compiled by mypyc, a name keeps the
+        # type of its first binding)
+        except InvalidResponse as invalid:
+            self._invalid(listener, invalid)
         except httptools.HttpParserUpgrade as upg:
             extra = data[upg.args[0] :]
             if self.head is not None and self.head.status == 101:
@@ -174,15 +178,16 @@ class UpstreamConnection(asyncio.Protocol):
                 listener.on_upgraded(extra)
             else:
                 self.close()
-        except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, InvalidResponse):
-                self._invalid(listener, exc.__context__)
+        except httptools.HttpParserCallbackError as callback_error:
+            cause = callback_error.__context__
+            if isinstance(cause, InvalidResponse):
+                self._invalid(listener, cause)
                 return
-            if exc.__context__ is not None:
-                raise exc.__context__ from None
+            if cause is not None:
+                raise cause from None
             raise
-        except httptools.HttpParserError as exc:
-            self._invalid(listener, InvalidResponse(f"malformed response: {exc}"))
+        except httptools.HttpParserError as parse_error:
+            self._invalid(listener, InvalidResponse(f"malformed response: {parse_error}"))
 
     def _invalid(self, listener: UpstreamListener, exc: InvalidResponse) -> None:
         self.reusable = False

@@ -54,6 +54,7 @@ _REPLAY_LIMIT = 64 * 1024  # a request body up to this size is kept so that it c
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _CRLF = b"\r\n"
+_NO_PARAMS: dict[str, str] = {}  # (never written to: a route with params brings its own dict)
 
 
 class ProxyExchange:
@@ -105,7 +106,6 @@ class ProxyExchange:
     _retry_timer: asyncio.TimerHandle | None = None
     _replay_size = 0
     _stale_retried = False
-    params: dict[str, str] = {}
 
     def __init__(
         self,
@@ -123,6 +123,7 @@ class ProxyExchange:
         self.tried: list[Instance] = []
         self.vars: dict[str, Any] = {}  # scratch space shared by plugins
         self.upstream_path = request.path
+        self.params: dict[str, str] = _NO_PARAMS  # the route's captured {params}, once routed
         self._body: list[bytes] = []
         self._body_done = not request.has_body
 
@@ -390,11 +391,11 @@ class ProxyExchange:
             )
             self._retry_connect()
             return
-        except OSError as exc:
+        except OSError as os_error:  # (a name per clause: see UpstreamConnection.data_received)
             service.report(inst, ok=False)
             self._pending_error = GatewayError(
                 502,
-                f"connect to {inst.host}:{inst.port} failed: {exc.strerror or exc}",
+                f"connect to {inst.host}:{inst.port} failed: {os_error.strerror or os_error}",
                 "upstream_connect_error",
             )
             self._retry_connect()

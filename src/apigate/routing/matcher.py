@@ -38,7 +38,6 @@ them again on the way out.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from operator import itemgetter
 from urllib.parse import quote, unquote
 
@@ -49,33 +48,81 @@ __all__ = ["Match", "Matcher", "NoMatch", "RouteSpec"]
 HeaderLookup = Callable[[str], str | None]
 
 
-@dataclass(frozen=True, slots=True)
+# Plain classes rather than dataclasses: mypyc compiles this module, and its dataclass support
+# fails at import on these annotations (KeyError: 'object').
 class RouteSpec:
     """One route's match conditions, as the config compiler hands them over."""
 
-    name: str
-    paths: tuple[str, ...]
-    methods: frozenset[str] | None = None
-    hosts: tuple[str, ...] | None = None
-    headers: tuple[tuple[str, str], ...] | None = None
-    payload: object = None
+    __slots__ = ("headers", "hosts", "methods", "name", "paths", "payload")
+
+    def __init__(
+        self,
+        name: str,
+        paths: tuple[str, ...],
+        methods: frozenset[str] | None = None,
+        hosts: tuple[str, ...] | None = None,
+        headers: tuple[tuple[str, str], ...] | None = None,
+        payload: object = None,
+    ) -> None:
+        self.name = name
+        self.paths = paths
+        self.methods = methods
+        self.hosts = hosts
+        self.headers = headers
+        self.payload = payload
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.name, self.paths, self.methods, self.hosts, self.headers, self.payload)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RouteSpec) and other._key() == self._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"RouteSpec({self.name!r}, {self.paths!r})"
 
 
-@dataclass(slots=True)
 class Match:
     """The route chosen for a request, with its captured parameters."""
 
-    spec: RouteSpec
-    params: dict[str, str]
-    prefix: str
-    exact: bool
+    __slots__ = ("exact", "params", "prefix", "spec")
+
+    def __init__(self, spec: RouteSpec, params: dict[str, str], prefix: str, exact: bool) -> None:
+        self.spec = spec
+        self.params = params
+        self.prefix = prefix
+        self.exact = exact
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Match) and (
+            other.spec,
+            other.params,
+            other.prefix,
+            other.exact,
+        ) == (self.spec, self.params, self.prefix, self.exact)
+
+    def __repr__(self) -> str:
+        return f"Match({self.spec.name!r}, params={self.params!r}, prefix={self.prefix!r})"
 
 
-@dataclass(frozen=True, slots=True)
 class NoMatch:
     """No route matched: 405 when ``allowed_methods`` is non-empty, 404 otherwise."""
 
-    allowed_methods: frozenset[str] = field(default_factory=frozenset)
+    __slots__ = ("allowed_methods",)
+
+    def __init__(self, allowed_methods: frozenset[str] = frozenset()) -> None:
+        self.allowed_methods = allowed_methods
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NoMatch) and other.allowed_methods == self.allowed_methods
+
+    def __hash__(self) -> int:
+        return hash(self.allowed_methods)
+
+    def __repr__(self) -> str:
+        return f"NoMatch({set(self.allowed_methods)!r})"
 
 
 _NOT_FOUND = NoMatch()
