@@ -14,14 +14,22 @@ from importlib.machinery import EXTENSION_SUFFIXES
 
 # The modules setup.py compiles (it reads this list): the per-request path.
 HOT_PATH_MODULES = (
+    "apigate.balancing.base",
+    "apigate.balancing.consistent_hash",
+    "apigate.balancing.ewma",
+    "apigate.balancing.least_conn",
+    "apigate.balancing.random_choice",
+    "apigate.balancing.round_robin",
     "apigate.http.errors",
     "apigate.http.headers",
     "apigate.http.pool",
     "apigate.http.protocol",
     "apigate.http.request",
+    "apigate.http.status",
     "apigate.http.upstream",
     "apigate.proxy.exchange",
     "apigate.proxy.heads",
+    "apigate.registry.service",
     "apigate.routing.matcher",
     "apigate.routing.normalize",
 )

@@ -30,6 +30,7 @@ from bisect import bisect_left
 from collections.abc import Collection, Iterable
 from hashlib import shake_128
 from operator import attrgetter
+from typing import ClassVar
 from zlib import crc32
 
 from apigate.balancing.base import Balancer, Instance
@@ -51,7 +52,7 @@ def key_hash(key: str) -> int:
 class ConsistentHashBalancer(Balancer):
     """Hash ring with virtual nodes; O(log points) per pick; round robin when key is None."""
 
-    name = "consistent_hash"
+    name: ClassVar[str] = "consistent_hash"
 
     def __init__(self, instances: Iterable[Instance] = ()) -> None:
         self._hashes: list[int] = []  # sorted ring positions

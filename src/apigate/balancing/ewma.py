@@ -28,6 +28,7 @@ import random
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from math import exp
+from typing import ClassVar
 
 from apigate.balancing.base import Balancer, Instance
 from apigate.balancing.round_robin import slash_list
@@ -40,7 +41,7 @@ MIN_SAMPLE = 1e-6  # an estimate of 0.0 means "no sample yet", so samples never 
 class EwmaBalancer(Balancer):
     """Peak-EWMA + power of two choices; O(1) per pick (two random draws, two costs)."""
 
-    name = "ewma"
+    name: ClassVar[str] = "ewma"
 
     def __init__(
         self,

@@ -15,6 +15,7 @@ previous winner, and the first instance with the lowest load wins, so equal load
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
+from typing import ClassVar
 
 from apigate.balancing.base import Balancer, Instance
 from apigate.balancing.round_robin import slash_list
@@ -23,7 +24,7 @@ from apigate.balancing.round_robin import slash_list
 class LeastConnectionsBalancer(Balancer):
     """Fewest in-flight requests per unit of weight; O(n) scan, early exit on an idle one."""
 
-    name = "least_connections"
+    name: ClassVar[str] = "least_connections"
 
     def __init__(self, instances: Iterable[Instance] = ()) -> None:
         self._ring: list[Instance] = []  # available twice: a scan from any start is one run

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from bisect import bisect_right
 from collections.abc import Collection, Iterable
+from typing import ClassVar
 
 from apigate.balancing.base import Balancer, Instance
 from apigate.balancing.round_robin import slash_list
@@ -22,7 +23,7 @@ REDRAWS = 3  # draws tried on the retry path before the exact O(n) fallback
 class RandomBalancer(Balancer):
     """Weighted random; O(log n) per pick. Pass `rng` (a seeded `random.Random`) in tests."""
 
-    name = "random"
+    name: ClassVar[str] = "random"
 
     def __init__(
         self, instances: Iterable[Instance] = (), *, rng: random.Random | None = None

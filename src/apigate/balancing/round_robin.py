@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Sequence
 from functools import reduce
 from math import gcd
+from typing import ClassVar
 
 from apigate.balancing.base import Balancer, Instance
 
@@ -57,7 +58,7 @@ def smooth_schedule(instances: Sequence[Instance], weights: Sequence[int]) -> li
 class RoundRobinBalancer(Balancer):
     """Smooth weighted round robin; O(1) per pick from a precomputed schedule."""
 
-    name = "round_robin"
+    name: ClassVar[str] = "round_robin"
 
     def __init__(self, instances: Iterable[Instance] = ()) -> None:
         self._schedule: list[Instance] = []  # empty in live mode
