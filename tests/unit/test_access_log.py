@@ -3,6 +3,7 @@ what `json.dumps` made of the same fields before the line was built by hand."""
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from types import SimpleNamespace
@@ -87,11 +88,19 @@ def reference_line(ctx: Any) -> str:
     return json.dumps(doc, separators=(",", ":")) + "\n"
 
 
-def logged(ctx: Any) -> str:
+def log_plugin() -> tuple[AccessLogPlugin, io.StringIO]:
     plugin: AccessLogPlugin = build("access_log", {})
+    out = io.StringIO()
+    plugin._out = out  # as start() would open it
+    return plugin, out
+
+
+def logged(ctx: Any) -> str:
+    plugin, out = log_plugin()
     plugin.on_log(ctx)
-    assert len(plugin._buf) == 1
-    return plugin._buf[0]
+    assert out.getvalue() == ""  # nothing is written per request
+    plugin.flush()
+    return out.getvalue()
 
 
 def test_plain_line_matches_json_dumps() -> None:
@@ -170,9 +179,52 @@ def test_timestamps_match_strftime(start: float) -> None:
 
 def test_second_cache_follows_the_clock() -> None:
     """Consecutive lines within and across seconds (and back: clocks step) keep right times."""
-    plugin: AccessLogPlugin = build("access_log", {})
+    plugin, out = log_plugin()
     starts = [100.25, 100.75, 101.0, 99.5, 101.001]
     ctxs = [make_log_ctx(start=s) for s in starts]
     for ctx in ctxs:
         plugin.on_log(ctx)
-    assert plugin._buf == [reference_line(ctx) for ctx in ctxs]
+    plugin.flush()
+    assert out.getvalue() == "".join(reference_line(ctx) for ctx in ctxs)
+
+
+def test_lines_are_written_in_batches_in_order() -> None:
+    plugin, out = log_plugin()
+    ctxs = [make_log_ctx(path=f"/{i}", start=1000.0 + i / 10) for i in range(600)]
+    for ctx in ctxs[:255]:
+        plugin.on_log(ctx)
+    assert out.getvalue() == ""
+    for ctx in ctxs[255:]:
+        plugin.on_log(ctx)
+    written = out.getvalue().splitlines(keepends=True)
+    assert len(written) == 512  # two full batches; the rest waits for the tick
+    plugin.flush()
+    assert out.getvalue() == "".join(reference_line(ctx) for ctx in ctxs)
+    plugin.flush()  # nothing pending: nothing written twice
+    assert out.getvalue().count("\n") == 600
+
+
+def test_values_are_taken_when_the_request_is_logged() -> None:
+    """A line says what was true when its request ended, not when the batch is written."""
+    breaker = SimpleNamespace(state=SimpleNamespace(value="open"))
+    ctx = make_log_ctx(path="/a")
+    ctx.service.breaker = breaker  # type: ignore[attr-defined]
+    expected = reference_line(ctx)
+    plugin, out = log_plugin()
+    plugin.on_log(ctx)
+    breaker.state.value = "closed"
+    ctx.request.path = "/b"
+    ctx.status = 500  # type: ignore[attr-defined]
+    plugin.flush()
+    assert out.getvalue() == expected
+    assert json.loads(expected)["breaker"] == "open"
+
+
+def test_lines_before_start_are_dropped() -> None:
+    plugin: AccessLogPlugin = build("access_log", {})
+    plugin.on_log(make_log_ctx())
+    plugin.flush()  # no output yet (start() opens it): dropped, as before
+    out = io.StringIO()
+    plugin._out = out
+    plugin.flush()
+    assert out.getvalue() == ""
