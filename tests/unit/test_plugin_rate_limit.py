@@ -89,6 +89,33 @@ def test_n_plus_one_is_429_with_headers() -> None:
     }
 
 
+def test_an_empty_bucket_and_a_filling_one_give_their_own_headers() -> None:
+    """The empty-bucket headers are built once; a filling bucket's are computed per response."""
+    plugin, clock = limiter({"requests": 2, "per": "3s", "burst": 3})
+    seen = []
+    for _ in range(3):
+        ctx = make_ctx()
+        assert hit(plugin, ctx) is None
+        seen.append(rate_headers(plugin, ctx))
+        seen.append(rate_headers(plugin, ctx))  # a second response: same values, no sharing
+    clock.advance(10)  # drained: empty again
+    ctx = make_ctx()
+    assert hit(plugin, ctx) is None
+    seen.append(rate_headers(plugin, ctx))
+    pairs = [(h["RateLimit-Remaining"], h["RateLimit-Reset"]) for h in seen]
+    # (remaining, reset): 1.5 s per request, 3 of burst; then empty again after the pause
+    assert pairs == [
+        ("3", "2"),
+        ("3", "2"),
+        ("2", "3"),
+        ("2", "3"),
+        ("1", "5"),
+        ("1", "5"),
+        ("3", "2"),
+    ]
+    assert all(h["RateLimit-Limit"] == "2" for h in seen)
+
+
 def test_burst_zero_means_an_even_pace() -> None:
     plugin, clock = limiter({"requests": 10, "per": "1s"})
     assert admitted(plugin, 5) == 1

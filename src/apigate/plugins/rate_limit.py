@@ -196,6 +196,9 @@ class RateLimitPlugin(Plugin):
         ]
         longest = -(-(self.tolerance + self.interval) // 1_000_000_000) + 1
         self._reset_cache = [(_RESET, b"%d" % n) for n in range(min(longest, 4096))]
+        # The headers of a request that found its bucket empty (behind == interval): every
+        # request of a client slower than the limit, so they are built once, not per response.
+        self._idle_headers = self._rate_headers(self.interval)
         self._headers = config.headers
         self._message = (
             f"rate limit exceeded: {config.requests} requests per {format_duration(config.per)}"
@@ -249,7 +252,7 @@ class RateLimitPlugin(Plugin):
             if name[0] | 32 == 114 and name[:10].lower() == b"ratelimit-":
                 headers = head.headers = [h for h in headers if h[0][:10].lower() != b"ratelimit-"]
                 break
-        headers += self._rate_headers(behind)
+        headers += self._idle_headers if behind == self.interval else self._rate_headers(behind)
 
     def _rate_headers(self, behind: int) -> tuple[tuple[bytes, bytes], ...]:
         remaining = max(0, (self.tolerance - behind) // self.interval + 1)
