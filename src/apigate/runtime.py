@@ -93,6 +93,7 @@ class ServiceTable:
                 i.origin != "static" for i in svc.instances.values()
             ):
                 del self.services[name]
+                self.pools.retire(name)
         return dict(self.services)
 
 

@@ -124,10 +124,10 @@ async def test_metrics_count_known_traffic(tmp_path: Path) -> None:
         instance = f"127.0.0.1:{up.port}"
         assert got["apigate_instance_healthy"] == {key(service="up", instance=instance): 1}
         assert got["apigate_instance_in_flight"] == {key(service="up", instance=instance): 0}
-        pool = f"http://127.0.0.1:{up.port}"
-        assert got["apigate_pool_connections_created_total"][key(pool=pool)] >= 1
-        assert got["apigate_pool_reuse_ratio"][key(pool=pool)] > 0.5  # 7 requests, keep-alive
-        assert key(pool=pool, state="idle") in got["apigate_pool_connections"]
+        pool = {"service": "up", "instance": instance, "pool": f"http://127.0.0.1:{up.port}"}
+        assert got["apigate_pool_connections_created_total"][key(**pool)] >= 1
+        assert got["apigate_pool_reuse_ratio"][key(**pool)] > 0.5  # 7 requests, keep-alive
+        assert key(**pool, state="idle") in got["apigate_pool_connections"]
         assert "apigate_connections_open" in got
         assert got["apigate_config_reloads_total"] == {key(result="ok"): 0, key(result="failed"): 0}
         assert list(got["apigate_info"].values()) == [1]

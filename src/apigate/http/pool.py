@@ -1,4 +1,6 @@
-"""Keep-alive connection pools, one per upstream endpoint (scheme, host, port).
+"""Keep-alive connection pools, one per service instance (as Envoy keeps one per host of a
+cluster): a service's `max_connections` bounds its own connections to each instance, whatever
+other services point at the same address, and an instance that leaves takes its pool along.
 
 As in httpcore, the pool decides synchronously (take an idle connection, or reserve a slot for a
 new one) and only then does I/O. Idle connections are reused most-recent-first so that the rest
@@ -35,8 +37,12 @@ class Pool:
         max_pending: int = 0,
         max_idle: int = 256,
         idle_timeout: float = 60.0,
+        service: str = "",
+        instance: str = "",
     ) -> None:
         self.loop = loop
+        self.service = service  # whose pool this is (metrics labels)
+        self.instance = instance
         self.host = host
         self.port = port
         self.scheme = scheme
@@ -147,6 +153,7 @@ class Pool:
             self._hand_over(None)  # a slot is free: the first waiter opens a connection
 
     def close(self) -> None:
+        """Close the idle connections now; busy ones close when their exchange releases them."""
         self.closed = True
         while self.idle:
             self.idle.pop().close()
@@ -161,15 +168,23 @@ class Pool:
         return f"<Pool {self.key} {active} active, {len(self.idle)} idle>"
 
 
+PoolKey = tuple[str, str, str, str, int]  # service, instance id, scheme, host, port
+
+
 class PoolManager:
-    """All pools of the process, shared across runtime snapshots so reloads keep connections."""
+    """All pools of the process, shared across runtime snapshots so reloads keep connections.
+
+    A pool belongs to one instance of one service; `retire` drops the pools of instances and
+    services that left, so that registration churn does not accumulate pools."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.pools: dict[tuple[str, str, int], Pool] = {}
+        self.pools: dict[PoolKey, Pool] = {}
 
     def get(
         self,
+        service: str,
+        instance_id: str,
         scheme: str,
         host: str,
         port: int,
@@ -178,7 +193,7 @@ class PoolManager:
         max_pending: int = 0,
         idle_timeout: float = 60.0,
     ) -> Pool:
-        key = (scheme, host, port)
+        key = (service, instance_id, scheme, host, port)
         pool = self.pools.get(key)
         if pool is None:
             pool = Pool(
@@ -189,13 +204,27 @@ class PoolManager:
                 max_connections=max_connections,
                 max_pending=max_pending,
                 idle_timeout=idle_timeout,
+                service=service,
+                instance=instance_id,
             )
             self.pools[key] = pool
-        else:
+        else:  # a reload may have changed the service's limits
             pool.max_connections = max_connections
             pool.max_pending = max_pending
             pool.idle_timeout = idle_timeout
         return pool
+
+    def retire(self, service: str, instance_id: str | None = None) -> int:
+        """Close and forget the pools of `service` (of one instance when `instance_id` is
+        given). Requests in flight finish on their connections. Returns how many pools."""
+        keys = [
+            key
+            for key in self.pools
+            if key[0] == service and (instance_id is None or key[1] == instance_id)
+        ]
+        for key in keys:
+            self.pools.pop(key).close()
+        return len(keys)
 
     def close(self) -> None:
         for pool in self.pools.values():

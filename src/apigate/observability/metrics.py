@@ -459,30 +459,36 @@ def _gateway_gauges(gw: Gateway) -> Iterator[Metric]:
     yield from _instance_gauges(gw)
 
 
+_POOL_LABELS = ["service", "instance", "pool"]
+
+
 def _pool_gauges(gw: Gateway) -> Iterator[Metric]:
     conns = GaugeMetricFamily(
         "apigate_pool_connections",
-        "Upstream connections by pool and state.",
-        labels=["pool", "state"],
+        "Upstream connections by pool (one per service instance) and state.",
+        labels=["service", "instance", "pool", "state"],
     )
     ratio = GaugeMetricFamily(
         "apigate_pool_reuse_ratio",
         "Share of upstream requests sent on a reused connection.",
-        labels=["pool"],
+        labels=_POOL_LABELS,
     )
     created = CounterMetricFamily(
-        "apigate_pool_connections_created", "Upstream connections opened.", labels=["pool"]
+        "apigate_pool_connections_created", "Upstream connections opened.", labels=_POOL_LABELS
     )
     reused = CounterMetricFamily(
-        "apigate_pool_connections_reused", "Idle upstream connections reused.", labels=["pool"]
+        "apigate_pool_connections_reused",
+        "Idle upstream connections reused.",
+        labels=_POOL_LABELS,
     )
     for pool in list(gw.pools.pools.values()):
         idle = len(pool.idle)
-        conns.add_metric([pool.key, "active"], max(0, pool.total - idle))
-        conns.add_metric([pool.key, "idle"], idle)
-        ratio.add_metric([pool.key], pool.reuse_ratio)
-        created.add_metric([pool.key], pool.created)
-        reused.add_metric([pool.key], pool.reused)
+        labels = [pool.service, pool.instance, pool.key]
+        conns.add_metric([*labels, "active"], max(0, pool.total - idle))
+        conns.add_metric([*labels, "idle"], idle)
+        ratio.add_metric(labels, pool.reuse_ratio)
+        created.add_metric(labels, pool.created)
+        reused.add_metric(labels, pool.reused)
     yield from (conns, ratio, created, reused)
 
 

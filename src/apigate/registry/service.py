@@ -96,6 +96,7 @@ class Service:
         for iid, inst in list(self.instances.items()):
             if inst.origin == "static" and iid not in wanted:
                 del self.instances[iid]
+                self.pools.retire(self.name, iid)
         for iid, target in wanted.items():
             current = self.instances.get(iid)
             if current is None:
@@ -137,6 +138,8 @@ class Service:
     ) -> Instance:
         inst = self.instances.get(iid)
         if inst is None or (inst.host, inst.port, inst.scheme) != (host, port, scheme):
+            if inst is not None:  # same id, new address: the old address's pool goes
+                self.pools.retire(self.name, iid)
             inst = Instance(
                 iid,
                 url,
@@ -162,6 +165,7 @@ class Service:
         if inst is not None:
             inst.draining = True
             self._pool_by_instance.pop(iid, None)
+            self.pools.retire(self.name, iid)
             self.balancer.set_instances(self.instances.values())
         return inst
 
@@ -220,6 +224,8 @@ class Service:
         pool = self._pool_by_instance.get(inst.id)
         if pool is None:
             pool = self.pools.get(
+                self.name,
+                inst.id,
                 inst.scheme,
                 inst.host,
                 inst.port,

@@ -1,0 +1,139 @@
+"""Connection pools per service instance: own limits, retired when the instance leaves."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from apigate.config.loader import parse_config
+from apigate.config.schema import ServiceConfig
+from apigate.http.pool import PoolManager
+from apigate.http.upstream import UpstreamConnection
+from apigate.registry.service import Service
+from apigate.runtime import ServiceTable
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def service(pools: PoolManager, name: str, *targets: str, **extra: Any) -> Service:
+    cfg = ServiceConfig.model_validate({"targets": list(targets), **extra})
+    return Service(name, cfg, pools)
+
+
+def parked_connection(svc: Service, iid: str) -> tuple[UpstreamConnection, FakeTransport]:
+    """An idle keep-alive connection in the pool of `iid`."""
+    pool = svc.pool_for(svc.instances[iid])
+    conn = UpstreamConnection(pool)
+    transport = FakeTransport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    pool.total += 1
+    conn.reusable = True
+    pool.release(conn)
+    assert list(pool.idle) == [conn]
+    return conn, transport
+
+
+async def test_services_on_one_address_have_their_own_pools_and_limits() -> None:
+    pools = PoolManager(asyncio.get_running_loop())
+    small = service(pools, "small", "http://10.0.0.1:80", max_connections=2)
+    large = service(pools, "large", "http://10.0.0.1:80", max_connections=500)
+    small_pool = small.pool_for(small.instances["10.0.0.1:80"])
+    large_pool = large.pool_for(large.instances["10.0.0.1:80"])
+    assert small_pool is not large_pool
+    # the last service's limit used to win for both
+    assert (small_pool.max_connections, large_pool.max_connections) == (2, 500)
+    assert (small_pool.service, large_pool.service) == ("small", "large")
+
+
+async def test_a_removed_instance_takes_its_pool_along() -> None:
+    pools = PoolManager(asyncio.get_running_loop())
+    svc = service(pools, "svc")
+    svc.add_instance("a", "http://10.0.0.1:80", "10.0.0.1", 80)
+    svc.add_instance("b", "http://10.0.0.2:80", "10.0.0.2", 80)
+    _, a_transport = parked_connection(svc, "a")
+    _, b_transport = parked_connection(svc, "b")
+    assert len(pools.pools) == 2
+
+    svc.remove_instance("a")
+    assert [key[1] for key in pools.pools] == ["b"]
+    assert a_transport.closed and not b_transport.closed
+
+
+async def test_registration_churn_does_not_accumulate_pools() -> None:
+    pools = PoolManager(asyncio.get_running_loop())
+    svc = service(pools, "svc")
+    for i in range(100):
+        inst = svc.add_instance(f"i{i}", f"http://10.0.1.{i}:80", f"10.0.1.{i}", 80)
+        svc.pool_for(inst)
+        svc.remove_instance(f"i{i}")
+    assert pools.pools == {}
+
+
+async def test_a_busy_connection_of_a_retired_pool_closes_when_released() -> None:
+    pools = PoolManager(asyncio.get_running_loop())
+    svc = service(pools, "svc")
+    inst = svc.add_instance("a", "http://10.0.0.1:80", "10.0.0.1", 80)
+    pool = svc.pool_for(inst)
+    busy = UpstreamConnection(pool)
+    transport = FakeTransport()
+    busy.connection_made(transport)  # type: ignore[arg-type]
+    pool.total += 1
+    svc.remove_instance("a")
+    assert not transport.closed  # the request in flight finishes on it
+    busy.reusable = True
+    pool.release(busy)
+    assert transport.closed and not pool.idle
+
+
+async def test_a_new_address_for_an_instance_id_retires_the_old_pool() -> None:
+    pools = PoolManager(asyncio.get_running_loop())
+    svc = service(pools, "svc")
+    svc.add_instance("a", "http://10.0.0.1:80", "10.0.0.1", 80)
+    _, old = parked_connection(svc, "a")
+    inst = svc.add_instance("a", "http://10.0.0.9:80", "10.0.0.9", 80)
+    assert old.closed
+    assert svc.pool_for(inst).host == "10.0.0.9"
+    assert len(pools.pools) == 1
+
+
+async def test_a_static_target_dropped_by_a_reload_takes_its_pool_along() -> None:
+    pools = PoolManager(asyncio.get_running_loop())
+    svc = service(pools, "svc", "http://10.0.0.1:80", "http://10.0.0.2:80")
+    _, gone = parked_connection(svc, "10.0.0.1:80")
+    _, kept = parked_connection(svc, "10.0.0.2:80")
+    svc.apply_config(ServiceConfig.model_validate({"targets": ["http://10.0.0.2:80"]}))
+    assert gone.closed and not kept.closed
+    assert [key[1] for key in pools.pools] == ["10.0.0.2:80"]
+
+
+async def test_a_service_dropped_by_a_reload_takes_its_pools_along() -> None:
+    pools = PoolManager(asyncio.get_running_loop())
+    table = ServiceTable(pools)
+
+    def config(*names: str) -> Any:
+        return parse_config(
+            {
+                "listeners": {"proxy": {"address": "127.0.0.1:0"}, "admin": None},
+                "services": {n: {"targets": ["http://10.0.0.1:80"]} for n in names},
+                "routes": [{"name": "r", "match": {"paths": ["/"]}, "service": names[0]}],
+            }
+        )
+
+    services = table.reconcile(config("keep", "drop"))
+    _, dropped = parked_connection(services["drop"], "10.0.0.1:80")
+    _, kept = parked_connection(services["keep"], "10.0.0.1:80")
+    table.reconcile(config("keep"))
+    assert dropped.closed and not kept.closed
+    assert [key[0] for key in pools.pools] == ["keep"]
