@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from apigate.http.errors import GatewayError, render_error, render_response
 from apigate.http.pool import PoolFull
 from apigate.http.upstream import InvalidResponse, ResponseHead, UpstreamConnection
-from apigate.observability.tracing import trace_headers
+from apigate.observability.trace_context import trace_headers
 from apigate.plugins.base import Response
 from apigate.proxy.body_rewrite import RequestBodyRewrite, ResponseBodyRewrite
 from apigate.proxy.heads import request_head, response_head

@@ -1,0 +1,201 @@
+"""W3C Trace Context (traceparent / tracestate) on every request: the hot-path half of
+`apigate.observability.tracing` (which has the design notes and the OTLP exporter), kept apart
+so that it can be compiled with the data plane (see apigate.buildinfo).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import re
+from binascii import hexlify
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from apigate.http.request import Request
+
+_MASK64 = (1 << 64) - 1
+_WEYL = 0x9E3779B97F4A7C15  # odd, so n -> base + n * _WEYL is a bijection modulo 2**64
+TRACE_HEADERS = frozenset({b"traceparent", b"tracestate"})  # lower-case names the head skips
+
+_rng = random.Random(os.urandom(16))
+_span_ids = itertools.count(_rng.getrandbits(64), _WEYL)  # taken modulo 2**64
+_sampled_below = 1 << 64  # new traces: sampled when the low 64 bits of the id are below this
+_ratio_owner: object = None
+
+
+def _reseed() -> None:
+    """A forked worker must not repeat its parent's ids."""
+    global _span_ids
+    _rng.seed(os.urandom(16))
+    _span_ids = itertools.count(_rng.getrandbits(64), _WEYL)
+
+
+os.register_at_fork(after_in_child=_reseed)
+
+
+# ---------------------------------------------------------------------- ids and parsing
+def _span() -> bytes:
+    """16 lower-case hex digits as bytes, unique in this process, never all zeros."""
+    return hexlify((next(_span_ids) & _MASK64 or _WEYL).to_bytes(8))
+
+
+def new_span_id() -> str:
+    return _span().decode()
+
+
+def _new_trace() -> tuple[bytes, bytes]:
+    """(32 hex digits, flags) of a new trace; flags say sampled unless `set_sample_ratio`
+    left this trace id out."""
+    value = _rng.getrandbits(128) or 1
+    flags = b"01" if value & _MASK64 < _sampled_below else b"00"
+    return hexlify(value.to_bytes(16)), flags
+
+
+def new_trace_id() -> str:
+    return _new_trace()[0].decode()
+
+
+def new_trace() -> tuple[str, str, str]:
+    """A fresh root context, shaped like `parse_traceparent`'s answer: (trace id, span id,
+    flags)."""
+    trace_id, flags = _new_trace()
+    return trace_id.decode(), new_span_id(), flags.decode()
+
+
+def set_sample_ratio(ratio: float, owner: object = None) -> None:
+    """Share of the traces the gateway *starts* that are marked sampled (by trace id, as
+    OpenTelemetry's TraceIdRatioBased sampler decides, so that both sides agree).
+
+    Process-wide: the tracing plugin of the current snapshot sets it (`owner`), and only that
+    owner may set it back when it closes, so an old snapshot's plugin closing after a reload
+    does not undo the new one's setting."""
+    global _sampled_below, _ratio_owner
+    _sampled_below = int(max(0.0, min(1.0, ratio)) * (1 << 64))
+    _ratio_owner = owner
+
+
+def reset_sample_ratio(owner: object) -> None:
+    if _ratio_owner is owner:
+        set_sample_ratio(1.0)
+
+
+# version 00, lower-case hex, trace id and parent id not all zeros (one C call: ~0.3 µs
+# against ~0.6 µs for the same checks as slices and comparisons)
+_TRACEPARENT = re.compile(rb"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
+_match = _TRACEPARENT.fullmatch
+
+
+def _valid(value: bytes) -> bytes | None:
+    """`value` (surrounding blanks removed) when it is a valid version-00 traceparent."""
+    if _match(value) is not None:
+        return value
+    value = value.strip(b" \t")
+    return value if _match(value) is not None else None
+
+
+def parse_traceparent(value: bytes) -> tuple[str, str, str] | None:
+    """(trace id, parent id, flags) of a version-00 `traceparent`, or None when invalid."""
+    valid = _valid(value)
+    if valid is None:
+        return None
+    return valid[3:35].decode(), valid[36:52].decode(), valid[53:55].decode()
+
+
+def _incoming(request: Request) -> tuple[bytes | None, list[bytes]]:
+    """The client's traceparent (None when absent or repeated) and tracestate values.
+
+    The parser keeps both apart from the other headers (`Request.traceparent`/`tracestate`),
+    so the upstream head needs no per-header check to replace them."""
+    return (request.traceparent or None), (request.tracestate or [])
+
+
+def continue_trace(incoming: bytes | None) -> tuple[bytes, str, bool]:
+    """(traceparent to send upstream, trace id, whether `incoming` was valid and continued).
+
+    The hot-path core: a valid `incoming` keeps its trace id and flags, anything else starts
+    a new trace. The span id in the answer is new either way."""
+    span = hexlify((next(_span_ids) & _MASK64 or _WEYL).to_bytes(8))
+    if incoming is not None:
+        valid = incoming if _match(incoming) is not None else _valid(incoming)
+        if valid is not None:
+            return valid[:36] + span + valid[52:], valid[3:35].decode(), True
+    value = _rng.getrandbits(128) or 1
+    trace_id = hexlify(value.to_bytes(16))
+    flags = b"01" if value & _MASK64 < _sampled_below else b"00"
+    return b"00-" + trace_id + b"-" + span + b"-" + flags, trace_id.decode(), False
+
+
+def outgoing_traceparent(request: Request) -> tuple[bytes, str]:
+    """The `traceparent` value to send upstream and the trace id to log."""
+    parent, _states = _incoming(request)
+    value, trace_id, _continued = continue_trace(parent)
+    return value, trace_id
+
+
+def trace_headers(ctx: Any) -> bytes:
+    """The trace header lines for the upstream request head, and the trace recorded on the
+    exchange: `ctx.vars["trace_id"]` (for the access log) and `ctx.vars["traceparent"]` (what
+    was sent, for the exporter). The head builder must skip the client's own `traceparent` and
+    `tracestate` fields (names in TRACE_HEADERS): they come back from here, the state only when
+    the trace is continued. A retry of the same exchange reuses the span. When the trace is
+    continued, `ctx.vars["trace_parent"]` keeps the client's field for the exporter."""
+    parent, states = _incoming(ctx.request)
+    tv = ctx.vars
+    sent = tv.get("traceparent") if tv else None
+    if sent is not None:
+        continued = parent is not None and _valid(parent) is not None
+    elif tv and "trace_id" in tv:  # trace_id_of() ran first (a plugin logged): same trace
+        valid = _valid(parent) if parent is not None else None
+        continued = valid is not None and valid[3:35].decode() == tv["trace_id"]
+        flags = tv.get("trace_flags", b"01")
+        sent = b"-".join((b"00", tv["trace_id"].encode(), _span(), flags))
+        tv["traceparent"] = sent
+    else:
+        sent, trace_id, continued = continue_trace(parent)
+        tv["trace_id"] = trace_id
+        tv["traceparent"] = sent
+        if continued:  # the exporter's parent link, safe from later edits of the headers
+            tv["trace_parent"] = parent
+    line = b"traceparent: " + sent + b"\r\n"
+    if states and continued:  # the vendors' state goes with the trace it belongs to
+        return line + b"".join([b"tracestate: " + s + b"\r\n" for s in states])
+    return line
+
+
+def trace_id_of(ctx: Any) -> str:
+    """The exchange's trace id, also for a request that never went upstream (401, 404):
+    continued from the client's `traceparent` or new, and then recorded on the exchange."""
+    tv = ctx.vars
+    trace_id: str | None = tv.get("trace_id")
+    if trace_id is not None:
+        return trace_id
+    parent, _states = _incoming(ctx.request)
+    valid = _valid(parent) if parent is not None else None
+    if valid is not None:
+        trace_id, flags = valid[3:35].decode(), valid[53:55]
+    else:
+        new_id, flags = _new_trace()
+        trace_id = new_id.decode()
+    tv["trace_id"] = trace_id
+    tv["trace_flags"] = flags
+    return trace_id
+
+
+def span_context(ctx: Any) -> tuple[str, str, str, str]:
+    """(trace id, upstream span id or "", parent id or "", flags) of a finished exchange, for
+    the exporter (cold path: re-reads the client's traceparent)."""
+    trace_id = trace_id_of(ctx)
+    sent: bytes | None = ctx.vars.get("traceparent")
+    parent: bytes | None = ctx.vars.get("trace_parent")
+    if parent is None:
+        parent, _states = _incoming(ctx.request)
+    valid = _valid(parent) if parent is not None else None
+    parent_id = (
+        valid[36:52].decode() if valid is not None and valid[3:35].decode() == trace_id else ""
+    )
+    if sent is not None:
+        return trace_id, sent[36:52].decode(), parent_id, sent[53:55].decode()
+    flags: bytes = ctx.vars.get("trace_flags", b"01")
+    return trace_id, "", parent_id, flags.decode()
