@@ -137,7 +137,7 @@ async def run(requests: int, profile: bool, config_name: str, metrics: bool) -> 
         bench = CONFIGS[config_name](Path(workdir))
         gateway = Gateway(parse_config(bench.config))
         if metrics:
-            gateway.observers.append(GatewayMetrics(gateway).observe)
+            gateway.observers.append(GatewayMetrics(gateway).recorder.observe)  # as install()
         for plugin in gateway.runtime.plugins:  # e.g. the access log opens its file
             await plugin.start()
         try:

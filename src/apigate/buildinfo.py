@@ -27,6 +27,7 @@ HOT_PATH_MODULES = (
     "apigate.http.request",
     "apigate.http.status",
     "apigate.http.upstream",
+    "apigate.observability.series",
     "apigate.observability.trace_context",
     "apigate.proxy.exchange",
     "apigate.proxy.heads",

@@ -1,8 +1,9 @@
 """Gateway metrics: plain counters on the hot path, Prometheus objects only at scrape time.
 
-Per request, `GatewayMetrics.observe(ctx)` does dictionary and list arithmetic on a `_Series`
-per route: a request counter by (method, status class), two fixed-bucket latency histograms
-(bucket index by `bisect`), bytes in and out. No `prometheus_client` call happens per request:
+Per request, `SeriesRecorder.observe(ctx)` (apigate.observability.series, compiled with the
+data plane) does dictionary and list arithmetic on a `RouteSeries` per route: a request
+counter by (method, status class), two fixed-bucket latency histograms (bucket index by
+`bisect`), bytes in and out. No `prometheus_client` call happens per request:
 its labelled metrics take a lock and a dict lookup per label set (measured with thread CPU time
 on the 2-core test machine: `Counter.labels(...).inc()` 1.8 µs and `Histogram.labels(...)
 .observe()` 2.2 µs, against 0.63 µs for the whole of `observe`). The `_Collector` turns the
@@ -23,7 +24,6 @@ import asyncio
 import logging
 import re
 import time
-from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -39,6 +39,12 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from apigate import __version__
+from apigate.observability.series import (
+    BUCKETS_MS,
+    NB,
+    RouteSeries,
+    SeriesRecorder,
+)
 from apigate.periodic import Periodic
 
 if TYPE_CHECKING:
@@ -47,30 +53,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("apigate.metrics")
 
-# Upper bounds (ms) of the latency buckets; one more bucket holds everything above (+Inf).
-BUCKETS_MS: tuple[float, ...] = (
-    0.1,
-    0.25,
-    0.5,
-    1,
-    2.5,
-    5,
-    10,
-    25,
-    50,
-    100,
-    250,
-    500,
-    1000,
-    2500,
-    5000,
-    10000,
-    30000,
-)
-_NB = len(BUCKETS_MS) + 1
-_CLASSES = 10  # status // 100 (0: no status, e.g. the client left before an answer)
 _LE = [f"{b / 1000:g}" for b in BUCKETS_MS] + ["+Inf"]  # exposed in seconds, as is customary
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT"})
 _COUNTER_NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
 MAX_NAMED_SERIES = 10_000  # distinct (name, route, service) triples accepted by `inc`
 RING_SECONDS = 61  # per-second snapshots kept for /stats (one minute of deltas)
@@ -90,64 +73,16 @@ KNOWN_COUNTERS = {
 }
 
 
-class _Series:
-    """Counters of one route: mutated in place by `observe`.
-
-    Counts and 5xx are not kept apart: they are the sums of `total` and of `methods[*][5]`,
-    computed at scrape time rather than paid for per request."""
-
-    __slots__ = (
-        "bytes_in",
-        "bytes_out",
-        "methods",
-        "total",
-        "total_sum",
-        "upstream",
-        "upstream_sum",
-    )
-
-    def __init__(self) -> None:
-        self.methods: dict[str, list[int]] = {}  # method -> count per status class (index 2: 2xx)
-        self.total = [0] * _NB  # non-cumulative bucket counts of total_ms
-        self.total_sum = 0.0
-        self.upstream = [0] * _NB  # of upstream_ms, for requests that reached an upstream
-        self.upstream_sum = 0.0
-        self.bytes_in = 0
-        self.bytes_out = 0
-
-    @property
-    def count(self) -> int:
-        return sum(self.total)
-
-    @property
-    def errors(self) -> int:
-        return sum(row[5] for row in self.methods.values())
-
-    def merge(self, other: _Series) -> None:
-        for method, row in other.methods.items():
-            mine = self.methods.setdefault(method, [0] * _CLASSES)
-            for i, n in enumerate(row):
-                mine[i] += n
-        for i in range(_NB):
-            self.total[i] += other.total[i]
-            self.upstream[i] += other.upstream[i]
-        self.total_sum += other.total_sum
-        self.upstream_sum += other.upstream_sum
-        self.bytes_in += other.bytes_in
-        self.bytes_out += other.bytes_out
-
-
 class GatewayMetrics:
     """The process's counters, the Prometheus registry that exposes them, the /stats ring."""
 
     def __init__(self, gateway: Gateway | None = None) -> None:
         self.gateway = gateway
-        # keyed by the CompiledRoute object itself (None: no route matched). Hashing an object
-        # by identity is cheaper than building and hashing a (route, service) tuple of names
-        # (measured: ~0.15 µs of what was ~0.85 µs per call); `fold` retires old snapshots'
-        # route objects so that a reload does not keep them alive.
-        self.series: dict[Any, _Series] = {}
-        self.retired: dict[tuple[str, str], _Series] = {}
+        # per route object (see SeriesRecorder); `fold` retires old snapshots' route objects
+        # so that a reload does not keep them alive
+        self.recorder = SeriesRecorder()
+        self.series: dict[Any, RouteSeries] = self.recorder.series
+        self.retired: dict[tuple[str, str], RouteSeries] = {}
         self.counters: dict[tuple[str, str, str], float] = {}
         self.dropped_counters = 0
         self.started = time.time()
@@ -159,31 +94,10 @@ class GatewayMetrics:
         self._ticker = Periodic(self._tick)
 
     # ------------------------------------------------------------------ hot path
-    def observe(self, ctx: Any, _bisect: Any = bisect_left, _bounds: Any = BUCKETS_MS) -> None:
-        """Count one finished exchange (called once, from the exchange's completion).
-
-        ~0.6 µs: one dict lookup by identity, one by method, two bisects, plain increments.
-        Call it once `ctx.total_ms` is set (the exchange's `_complete`)."""
-        route = ctx.route
-        s = self.series.get(route)
-        if s is None:
-            s = self.series[route] = _Series()
-        req = ctx.request
-        try:
-            s.methods[req.method][ctx.status // 100] += 1
-        except KeyError:  # first of its kind: a non-standard method counts as OTHER
-            _count_new(s.methods, req.method, ctx.status)
-        t = ctx.total_ms
-        s.total[_bisect(_bounds, t)] += 1
-        s.total_sum += t
-        u = ctx.upstream_ms
-        if u is not None:
-            s.upstream[_bisect(_bounds, u)] += 1
-            s.upstream_sum += u
-        s.bytes_out += ctx.bytes_sent
-        length = req.content_length
-        if length:
-            s.bytes_in += length
+    def observe(self, ctx: Any) -> None:
+        """Count one finished exchange (see SeriesRecorder.observe, the hot-path version the
+        gateway calls directly)."""
+        self.recorder.observe(ctx)
 
     def inc(self, name: str, route: str = "", service: str = "", value: float = 1.0) -> None:
         """Bump the counter `apigate_<name>_total{route, service}` (plugins call this)."""
@@ -202,9 +116,9 @@ class GatewayMetrics:
         self.counters[key] = value
 
     # ------------------------------------------------------------------ by name
-    def by_name(self) -> dict[tuple[str, str], _Series]:
+    def by_name(self) -> dict[tuple[str, str], RouteSeries]:
         """The series keyed by (route name, service name), old snapshots' routes merged in."""
-        out: dict[tuple[str, str], _Series] = {}
+        out: dict[tuple[str, str], RouteSeries] = {}
         merged: set[tuple[str, str]] = set()
         for key, s in [
             *self.retired.items(),
@@ -215,7 +129,7 @@ class GatewayMetrics:
                 out[key] = s
                 continue
             if key not in merged:  # copy before adding, never mutate a live series
-                copy = _Series()
+                copy = RouteSeries()
                 copy.merge(have)
                 out[key] = have = copy
                 merged.add(key)
@@ -298,15 +212,6 @@ class GatewayMetrics:
         return f"<GatewayMetrics {len(self.series)} series, {total} requests>"
 
 
-def _count_new(methods: dict[str, list[int]], method: str, status: int) -> None:
-    if method not in _METHODS:
-        method = "OTHER"
-    row = methods.get(method)
-    if row is None:
-        row = methods[method] = [0] * _CLASSES
-    row[min(status // 100, _CLASSES - 1)] += 1
-
-
 def _names(route: Any) -> tuple[str, str]:
     if route is None:
         return ("", "")
@@ -333,7 +238,7 @@ def quantile_ms(buckets: list[int] | tuple[int, ...], q: float) -> float | None:
     return float(BUCKETS_MS[-1])
 
 
-_EMPTY: tuple[int, int, tuple[int, ...]] = (0, 0, (0,) * _NB)
+_EMPTY: tuple[int, int, tuple[int, ...]] = (0, 0, (0,) * NB)
 
 
 def _delta(ring: list[Snapshot], name: str, end: int, span: int) -> dict[str, Any]:
@@ -545,7 +450,7 @@ async def attach_metrics(gateway: Gateway) -> None:
         return
     metrics = GatewayMetrics(gateway)
     gateway.extensions["metrics"] = metrics
-    gateway.observers.append(metrics.observe)
+    gateway.observers.append(metrics.recorder.observe)  # compiled: no interpreted hop
     gateway.env.shared["metrics"] = metrics
     api = gateway.extensions.get("admin_api")
     if api is not None:
