@@ -29,11 +29,15 @@ HOT_PATH_MODULES = (
     "apigate.http.upstream",
     "apigate.observability.series",
     "apigate.observability.trace_context",
+    "apigate.plugins.chain",
     "apigate.proxy.exchange",
     "apigate.proxy.heads",
     "apigate.registry.service",
+    "apigate.resilience.circuit_breaker",
+    "apigate.resilience.retry",
     "apigate.routing.matcher",
     "apigate.routing.normalize",
+    "apigate.runtime",
 )
 
 

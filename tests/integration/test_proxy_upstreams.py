@@ -29,14 +29,17 @@ def _closed_port() -> int:
 
 def _config(up: Upstream) -> dict[str, Any]:
     dead = f"http://127.0.0.1:{_closed_port()}"
+    # Every service has its own pools (one per instance), so each one's idle connections are
+    # closed after a short idle timeout: the tests below count the upstream's open connections.
+    idle = {"idle": "300ms"}
     return base_config(
         services={
-            "up": {"targets": [up.url], "timeouts": {"idle": "300ms"}, "health": {"passive": None}},
-            "mixed": {"targets": [dead, up.url], "health": {"passive": None}},
-            "one": {"targets": [up.url], "max_connections": 1},
+            "up": {"targets": [up.url], "timeouts": idle, "health": {"passive": None}},
+            "mixed": {"targets": [dead, up.url], "timeouts": idle, "health": {"passive": None}},
+            "one": {"targets": [up.url], "timeouts": idle, "max_connections": 1},
             "short": {
                 "targets": [up.url],
-                "timeouts": {"response": "1s"},
+                "timeouts": {"response": "1s", **idle},
                 "health": {"passive": None},
             },
         },
@@ -131,16 +134,23 @@ async def test_service_connection_limit_is_503(env: Env) -> None:
     assert (await _get(env, b"/one/echo")).status == 200  # the slot is free again
 
 
+async def _no_upstream_connections(env: Env, seconds: float = 1.0) -> bool:
+    """Wait until the upstream has no open connection (earlier tests' pooled ones idle out)."""
+    for _ in range(int(seconds / 0.02)):
+        if not env.up.state.open:
+            return True
+        await asyncio.sleep(0.02)
+    return not env.up.state.open
+
+
 async def test_client_gone_mid_response_aborts_the_upstream_connection(env: Env) -> None:
+    assert await _no_upstream_connections(env)
     async with RawClient(env.port) as c:
         await c.send(b"GET /pattern?bytes=%d HTTP/1.1\r\nHost: x\r\n\r\n" % (50 << 20))
         await c.read_head()
-    # the client closed with 50 MB unread: that upstream connection cannot be reused
-    for _ in range(50):
-        if not env.up.state.open:
-            break
-        await asyncio.sleep(0.02)
-    assert not env.up.state.open
+    # the client closed with 50 MB unread: that upstream connection cannot be reused (it is
+    # aborted at once: well within the wait, and before the 300 ms idle timeout could matter)
+    assert await _no_upstream_connections(env, seconds=0.25)
     assert (await _get(env, b"/echo")).status == 200
     first, second = env.up.received
     assert second.connection != first.connection
@@ -148,6 +158,7 @@ async def test_client_gone_mid_response_aborts_the_upstream_connection(env: Env)
 
 async def test_client_reset_while_waiting_aborts_the_upstream_connection(env: Env) -> None:
     """(A client that only half-closes, with FIN, still gets its response: curl-style.)"""
+    assert await _no_upstream_connections(env)
     c = RawClient(env.port)
     await c.connect()
     await c.send(b"GET /slow?ms=500 HTTP/1.1\r\nHost: x\r\n\r\n")
