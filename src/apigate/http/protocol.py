@@ -130,13 +130,42 @@ _LINGER_SECONDS = 2.0  # how long a refused client's further input is read and d
 _HOST_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%!$&'()*+,;=:[]"
 
 
+class EdgeLimits:
+    """The `limits:` section as plain attributes: the connection reads them several times per
+    request, and compiled, a native attribute is a load where a pydantic model's costs a
+    lookup through its class hierarchy and then its instance dictionary."""
+
+    def __init__(self, config: LimitsConfig) -> None:
+        self.config = config
+        self.max_header_bytes: int = config.max_header_bytes
+        self.max_headers: int = config.max_headers
+        self.max_url_bytes: int = config.max_url_bytes
+        self.max_body_bytes: int = config.max_body_bytes
+        self.header_timeout: float = config.header_timeout
+        self.body_timeout: float = config.body_timeout
+        self.idle_timeout: float = config.idle_timeout
+        self.max_connections: int = config.max_connections
+
+
+_edge_limits: EdgeLimits | None = None
+
+
+def edge_limits(config: LimitsConfig) -> EdgeLimits:
+    """`config` as EdgeLimits, made once per config object (a reload brings a new one)."""
+    global _edge_limits
+    cached = _edge_limits
+    if cached is None or cached.config is not config:
+        cached = _edge_limits = EdgeLimits(config)
+    return cached
+
+
 class ClientConnection(asyncio.Protocol):
     """One client TCP connection: parses requests, enforces limits, runs exchanges in order."""
 
     def __init__(self, host: ConnectionHost) -> None:
         self.host = host
         self.loop = host.loop
-        self.limits = host.limits
+        self.limits = edge_limits(host.limits)
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         # Let any "HTTP/d.d" through llhttp so that parser_headers_done answers every version

@@ -462,7 +462,7 @@ class ProxyExchange:
             return False
         if self.request.has_body and (self._replay is None or not self._body_done):
             return False  # the body was streamed and not kept: it cannot be sent again
-        if self.loop.time() >= self.t0 + service.config.timeouts.response - 0.001:
+        if self.loop.time() >= self.t0 + service.response_timeout - 0.001:
             # the overall deadline (timeouts.response) has passed, or is where the try that
             # just timed out was cut: loop time is cached per iteration, so "now" can equal
             # the deadline exactly, and a strict comparison let one more try start
@@ -489,7 +489,7 @@ class ProxyExchange:
         self.service.balancer.on_start(self.instance)
         self._t_upstream = self.loop.time()
         policy = self.service.retry
-        overall = self.service.config.timeouts.response
+        overall = self.service.response_timeout
         timeout = policy.per_try_timeout or overall
         if self.retries:  # the tries together stay within timeouts.response
             timeout = max(0.001, min(timeout, self.t0 + overall - self.loop.time()))

@@ -82,6 +82,8 @@ class Service:
         old_kind = self.config.balancer
         old_config = self.config
         self.config = config
+        # read on every request: a native attribute rather than two pydantic lookups
+        self.response_timeout: float = config.timeouts.response
         # keep breaker state and retry budget across reloads that do not change their settings
         if config.circuit_breaker is None:
             self.breaker = None
