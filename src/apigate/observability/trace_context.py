@@ -5,9 +5,7 @@ so that it can be compiled with the data plane (see apigate.buildinfo).
 
 from __future__ import annotations
 
-import itertools
 import os
-import random
 import re
 from binascii import hexlify
 from typing import TYPE_CHECKING, Any
@@ -15,30 +13,46 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from apigate.http.request import Request
 
-_MASK64 = (1 << 64) - 1
-_WEYL = 0x9E3779B97F4A7C15  # odd, so n -> base + n * _WEYL is a bijection modulo 2**64
 TRACE_HEADERS = frozenset({b"traceparent", b"tracestate"})  # lower-case names the head skips
 
-_rng = random.Random(os.urandom(16))
-_span_ids = itertools.count(_rng.getrandbits(64), _WEYL)  # taken modulo 2**64
+_MASK64 = (1 << 64) - 1
+_ZERO_SPAN = b"0" * 16
+_RANDOM_BYTES = 4096  # drawn per os.urandom call: 128 trace ids or 256 span ids
+_hex = b""  # random lower-case hex digits not handed out yet (from _pos on)
+_pos = 0
 _sampled_below = 1 << 64  # new traces: sampled when the low 64 bits of the id are below this
 _ratio_owner: object = None
 
 
-def _reseed() -> None:
-    """A forked worker must not repeat its parent's ids."""
-    global _span_ids
-    _rng.seed(os.urandom(16))
-    _span_ids = itertools.count(_rng.getrandbits(64), _WEYL)
+def _random_hex(digits: int) -> bytes:
+    """`digits` random lower-case hex digits: slices of one os.urandom draw, so that an id
+    costs a bytes slice (the draw, one system call, is shared by a few hundred ids)."""
+    global _hex, _pos
+    start = _pos
+    end = start + digits
+    if end > len(_hex):
+        _hex = hexlify(os.urandom(_RANDOM_BYTES))
+        start, end = 0, digits
+    _pos = end
+    return _hex[start:end]
 
 
-os.register_at_fork(after_in_child=_reseed)
+def _forget_random() -> None:
+    """A forked worker must not repeat its parent's ids: it draws its own."""
+    global _hex, _pos
+    _hex, _pos = b"", 0
+
+
+os.register_at_fork(after_in_child=_forget_random)
 
 
 # ---------------------------------------------------------------------- ids and parsing
 def _span() -> bytes:
-    """16 lower-case hex digits as bytes, unique in this process, never all zeros."""
-    return hexlify((next(_span_ids) & _MASK64 or _WEYL).to_bytes(8))
+    """16 random lower-case hex digits as bytes, never all zeros (W3C: an invalid id)."""
+    span = _random_hex(16)
+    while span == _ZERO_SPAN:
+        span = _random_hex(16)
+    return span
 
 
 def new_span_id() -> str:
@@ -47,10 +61,13 @@ def new_span_id() -> str:
 
 def _new_trace() -> tuple[bytes, bytes]:
     """(32 hex digits, flags) of a new trace; flags say sampled unless `set_sample_ratio`
-    left this trace id out."""
-    value = _rng.getrandbits(128) or 1
-    flags = b"01" if value & _MASK64 < _sampled_below else b"00"
-    return hexlify(value.to_bytes(16)), flags
+    left this trace id out (by its low 64 bits, as OpenTelemetry's TraceIdRatioBased)."""
+    trace_id = _random_hex(32)
+    if trace_id == b"0" * 32:  # W3C: an invalid id (one chance in 2**128)
+        trace_id = b"0" * 31 + b"1"
+    if _sampled_below > _MASK64 or int(trace_id[16:], 16) < _sampled_below:
+        return trace_id, b"01"
+    return trace_id, b"00"
 
 
 def new_trace_id() -> str:
@@ -116,14 +133,12 @@ def continue_trace(incoming: bytes | None) -> tuple[bytes, str, bool]:
 
     The hot-path core: a valid `incoming` keeps its trace id and flags, anything else starts
     a new trace. The span id in the answer is new either way."""
-    span = hexlify((next(_span_ids) & _MASK64 or _WEYL).to_bytes(8))
+    span = _span()
     if incoming is not None:
         valid = incoming if _match(incoming) is not None else _valid(incoming)
         if valid is not None:
             return valid[:36] + span + valid[52:], valid[3:35].decode(), True
-    value = _rng.getrandbits(128) or 1
-    trace_id = hexlify(value.to_bytes(16))
-    flags = b"01" if value & _MASK64 < _sampled_below else b"00"
+    trace_id, flags = _new_trace()
     return b"00-" + trace_id + b"-" + span + b"-" + flags, trace_id.decode(), False
 
 

@@ -11,15 +11,12 @@ a new trace and drops the client's `tracestate`, which belongs to the trace it n
 continues. `S` is the id of the gateway's *upstream (client) span*: the upstream's own span
 becomes its child. The gateway's server span gets its id only when it is exported.
 
-Costs (measured with thread CPU time, Python 3.11, on the 2-core test machine): formatting
-ints as hex dominates, so ids are made as bytes (`hexlify(n.to_bytes(8))` ~120 ns against
-~230 ns for `f"{n:016x}"`) and the header is assembled as bytes. A span id is the next value of
-`itertools.count(random base, odd step)` modulo 2**64 (a Weyl sequence: unique for 2**64 ids
-in a process, never zero, its base re-drawn after fork); a new trace id is 128 bits of a
-per-process `random.Random` seeded from `os.urandom` (`os.urandom(8).hex()` costs ~0.6 µs
-alone: a system call per id). `continue_trace` takes ~0.8 µs (new trace) to ~1.1 µs (continued);
-scanning the request's header list for the client's fields adds ~0.1 µs per header, which the
-downstream parser can save by capturing them as it parses.
+Costs: ids are random lower-case hex digits sliced from one `os.urandom` draw of 4 KiB
+(hexlified once), so an id costs a bytes slice and the system call is shared by a few hundred
+ids (`os.urandom(8).hex()` per id cost ~0.6 µs: a system call each); a forked worker draws its
+own. Span ids are 64 random bits, as OpenTelemetry's; a new trace is sampled by the low 64 bits
+of its id. The header is assembled as bytes, and the parser keeps the client's `traceparent`
+and `tracestate` apart from the other headers, so nothing scans the header list for them.
 
 The propagation functions live in `apigate.observability.trace_context` (compiled with the data
 plane) and are re-exported here. OpenTelemetry export is optional (`pip install
