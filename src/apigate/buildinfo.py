@@ -30,6 +30,7 @@ HOT_PATH_MODULES = (
     "apigate.observability.series",
     "apigate.observability.trace_context",
     "apigate.plugins.chain",
+    "apigate.proxy.aggregate",
     "apigate.proxy.exchange",
     "apigate.proxy.heads",
     "apigate.registry.service",

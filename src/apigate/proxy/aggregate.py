@@ -40,7 +40,6 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -54,7 +53,6 @@ from apigate.routing.rewrite import encode_param
 if TYPE_CHECKING:
     from apigate.config.schema import AggregatePartConfig, RouteConfig
     from apigate.http.upstream import ResponseHead, UpstreamConnection
-    from apigate.registry.service import Service
 
 __all__ = [
     "MAX_PART_BODY",
@@ -72,22 +70,45 @@ log = logging.getLogger("apigate.proxy.aggregate")
 MAX_PART_BODY = 10 << 20
 
 
-@dataclass(slots=True)
+# Plain classes rather than dataclasses: mypyc compiles this module (apigate.buildinfo), and
+# its dataclass support fails at import on annotations like these.
 class PartRequest:
-    part: str
-    service: Service
-    method: str
-    target: str  # path?query, already encoded
-    headers: list[tuple[bytes, bytes]]
-    timeout: float
-    max_body: int = MAX_PART_BODY
+    __slots__ = ("headers", "max_body", "method", "part", "service", "target", "timeout")
+
+    def __init__(
+        self,
+        part: str,
+        service: AnyService,
+        method: str,
+        target: str,  # path?query, already encoded
+        headers: list[tuple[bytes, bytes]],
+        timeout: float,
+        max_body: int = MAX_PART_BODY,
+    ) -> None:
+        self.part = part
+        self.service = service
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.timeout = timeout
+        self.max_body = max_body
+
+    def __repr__(self) -> str:
+        return f"<PartRequest {self.part} {self.method} {self.target}>"
 
 
-@dataclass(slots=True)
 class PartResponse:
-    status: int
-    body: bytes
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(
+        self, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers if headers is not None else []
+
+    def __repr__(self) -> str:
+        return f"<PartResponse {self.status} {len(self.body)} bytes>"
 
 
 class PartError(Exception):
@@ -101,6 +122,9 @@ class _MissingInput(Exception):
 
 
 Fetch = Callable[[PartRequest], Awaitable[PartResponse]]
+# A registry Service, or a test's stand-in: compiled by mypyc, a `Service` annotation would be
+# checked at run time and refuse the stand-ins.
+AnyService = Any
 Handler = Callable[[Any], Coroutine[Any, Any, None]]
 
 
@@ -153,7 +177,7 @@ class Aggregator:
     def __init__(
         self,
         route: RouteConfig,
-        services: Mapping[str, Service],
+        services: Mapping[str, AnyService],
         loop: asyncio.AbstractEventLoop | None = None,
         *,
         fetch: Fetch | None = None,
@@ -183,22 +207,26 @@ class Aggregator:
     async def aggregate(self, ctx: Any) -> bytes:
         """The merged JSON body; raises GatewayError when a required part fails."""
         loop = self.loop or asyncio.get_running_loop()
-        tasks = {loop.create_task(self._call(part, ctx)): part for part in self.parts}
-        results: dict[str, bytes | BaseException] = {}
-        pending = set(tasks)
+        tasks = [loop.create_task(self._outcome(part, ctx)) for part in self.parts]
         try:
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    part = tasks[task]
-                    exc = task.exception()
-                    if exc is not None and not part.optional:
-                        raise _required_failure(part, exc)
-                    results[part.name] = exc if exc is not None else task.result()
+            # the first required failure raises here at once (fail fast); an optional part's
+            # failure is its outcome. (gather: one waiter for all, where an asyncio.wait loop
+            # re-registered a callback on every pending part per completion)
+            outcomes = await asyncio.gather(*tasks)
         finally:
-            for task in pending:
-                task.cancel()
-        return self._merge(results)
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+        return self._merge({part.name: out for part, out in zip(self.parts, outcomes, strict=True)})
+
+    async def _outcome(self, part: _Part, ctx: Any) -> bytes | BaseException:
+        """The part's body; its failure as a value when it is optional, raised otherwise."""
+        try:
+            return await self._call(part, ctx)
+        except Exception as exc:
+            if part.optional:
+                return exc
+            raise _required_failure(part, exc) from None
 
     def _merge(self, results: dict[str, bytes | BaseException]) -> bytes:
         """Spliced, not re-serialised: each part's body was validated as UTF-8 JSON."""
@@ -237,8 +265,11 @@ class Aggregator:
             since = breaker.transitions
         healthy: bool | None = None  # None: cancelled, which says nothing about the service
         try:
-            async with asyncio.timeout(part.timeout):
-                response = await self.fetch(request)
+            if self.fetch is pooled_fetch:  # it keeps the part's deadline itself, with one timer
+                response = await pooled_fetch(request)
+            else:
+                async with asyncio.timeout(part.timeout):
+                    response = await self.fetch(request)
             healthy = response.status < 500
         except TimeoutError:
             healthy = False
@@ -302,7 +333,7 @@ def _part_headers(ctx: Any) -> list[tuple[bytes, bytes]]:
 
 def build_aggregate_handler(
     route: RouteConfig,
-    services: Mapping[str, Service],
+    services: Mapping[str, AnyService],
     loop: asyncio.AbstractEventLoop | None = None,
     *,
     fetch: Fetch | None = None,
@@ -364,6 +395,13 @@ class _PartListener:
     def on_upstream_timeout(self) -> None:
         self._fail(PartError("timeout"))
 
+    def on_deadline(self) -> None:
+        """The part's whole time is up (pooled_fetch's deadline): cut the call."""
+        if not self.future.done():
+            self.conn.detach()
+            self.conn.abort()
+            self._fail(TimeoutError())
+
     def on_upgraded(self, extra: bytes) -> None:
         self.conn.abort()
         self._fail(PartError("unexpected protocol upgrade"))
@@ -391,12 +429,15 @@ def _request_bytes(request: PartRequest, host: bytes) -> bytes:
 
 
 async def pooled_fetch(request: PartRequest) -> PartResponse:
-    """One call through the service's balancer and pools.
+    """One call through the service's balancer and pools, within `request.timeout` in all
+    (TimeoutError past it, as `asyncio.timeout` would raise, without its per-call cost).
 
     A connect failure moves on to another instance once; a reused keep-alive connection that
     turns out closed before any response byte is replaced by a fresh one once.
     """
     service = request.service
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + request.timeout
     tried: list[Any] = []
     fresh_retry = True
     while True:
@@ -407,18 +448,22 @@ async def pooled_fetch(request: PartRequest) -> PartResponse:
         conn = pool.acquire_idle()
         reused = conn is not None
         if conn is None:
+            left = deadline - loop.time()
+            connect_timeout = service.config.timeouts.connect
             try:
-                conn = await pool.connect(service.config.timeouts.connect)
+                conn = await pool.connect(min(connect_timeout, max(left, 0.0)))
             except PoolFull:
                 raise PartError("connection limit reached") from None
             except (OSError, TimeoutError):
+                if left <= connect_timeout and loop.time() >= deadline:
+                    raise TimeoutError from None  # the part's time ran out, not the instance's
                 service.report(inst, ok=False)
                 tried.append(inst)
                 if len(tried) >= 2:
                     raise PartError("connect error") from None
                 continue
         try:
-            return await _exchange(service, inst, conn, request)
+            return await _exchange(service, inst, conn, request, deadline)
         except _Lost as lost:
             if reused and not lost.got_bytes and fresh_retry:
                 fresh_retry = False  # the keep-alive race: the upstream closed it as we reused it
@@ -427,7 +472,11 @@ async def pooled_fetch(request: PartRequest) -> PartResponse:
 
 
 async def _exchange(
-    service: Service, inst: Any, conn: UpstreamConnection, request: PartRequest
+    service: AnyService,
+    inst: Any,
+    conn: UpstreamConnection,
+    request: PartRequest,
+    deadline: float,
 ) -> PartResponse:
     listener = _PartListener(conn, request.max_body)
     loop = conn.loop
@@ -435,18 +484,21 @@ async def _exchange(
     service.balancer.on_start(inst)
     ok = cancelled = False
     status = 0
+    timer = loop.call_at(deadline, listener.on_deadline)
     try:
-        conn.begin(listener, request.method == "HEAD", request.timeout)
+        conn.begin(listener, request.method == "HEAD", max(deadline - started, 0.001))
         conn.write(_request_bytes(request, conn.pool.host_header))
         conn.request_sent = True
         response = await listener.future
         status = response.status
         ok = True
         return response
-    except asyncio.CancelledError:
-        cancelled = True  # our timeout or a failed sibling part: says nothing about the instance
+    except (asyncio.CancelledError, TimeoutError):
+        # the part's deadline or a failed sibling part: says nothing about the instance
+        cancelled = True
         raise
     finally:
+        timer.cancel()
         if ok:
             conn.pool.release(conn)
         else:
