@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
@@ -105,12 +105,17 @@ def slow(seconds: float, doc: Any = None) -> Callable[[], Awaitable[PartResponse
     return answer
 
 
-SERVICES = cast(dict[str, Service], {"users": object(), "orders": object()})
+def services(*names: str) -> dict[str, Service]:
+    """Real services (the fake client answers for them: nothing connects)."""
+    pools = PoolManager(asyncio.get_running_loop())
+    config = ServiceConfig.model_validate({"targets": ["http://127.0.0.1:9"]})
+    return {name: Service(name, config, pools) for name in names}
 
 
 async def run(config: RouteConfig, client: FakeClient, ctx: Ctx | None = None) -> Ctx:
     ctx = ctx or Ctx()
-    handler = build_aggregate_handler(config, SERVICES, asyncio.get_running_loop(), fetch=client)
+    known = services("users", "orders")
+    handler = build_aggregate_handler(config, known, asyncio.get_running_loop(), fetch=client)
     await handler(ctx)
     return ctx
 
@@ -252,7 +257,7 @@ async def test_a_missing_input_nulls_an_optional_part() -> None:
 
 def test_a_route_without_parts_is_refused() -> None:
     with pytest.raises(ValueError, match="no aggregate parts"):
-        Aggregator(RouteConfig.model_construct(name="x", aggregate=None), SERVICES)
+        Aggregator(RouteConfig.model_construct(name="x", aggregate=None), {})
 
 
 # ------------------------------------------------------------------------------ real sockets
@@ -310,7 +315,7 @@ async def test_pooled_client_connect_error() -> None:
 
 
 def test_aggregator_repr_names_its_parts() -> None:
-    aggregator = Aggregator(route(DASHBOARD), SERVICES)
+    aggregator = Aggregator(route(DASHBOARD), {})
     assert repr(aggregator) == (
         "<Aggregator dash [<Part profile users/users/{user_id} required>, "
         "<Part orders orders/orders?user={user_id} optional>]>"

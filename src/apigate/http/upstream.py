@@ -328,7 +328,8 @@ class UpstreamConnection(asyncio.Protocol):
         response_timeout: float,
         upgrade: bool = False,
     ) -> None:
-        """Attach an exchange before its request head is written."""
+        """Attach an exchange before its request head is written. `response_timeout` 0: no
+        timer of the connection's own (the caller keeps a deadline of its own)."""
         self.listener = listener
         self.head = None
         self.head_only = head_only

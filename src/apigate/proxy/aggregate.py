@@ -53,6 +53,7 @@ from apigate.routing.rewrite import encode_param
 if TYPE_CHECKING:
     from apigate.config.schema import AggregatePartConfig, RouteConfig
     from apigate.http.upstream import ResponseHead, UpstreamConnection
+    from apigate.registry.service import Service
 
 __all__ = [
     "MAX_PART_BODY",
@@ -78,7 +79,7 @@ class PartRequest:
     def __init__(
         self,
         part: str,
-        service: AnyService,
+        service: Service,
         method: str,
         target: str,  # path?query, already encoded
         headers: list[tuple[bytes, bytes]],
@@ -122,9 +123,6 @@ class _MissingInput(Exception):
 
 
 Fetch = Callable[[PartRequest], Awaitable[PartResponse]]
-# A registry Service, or a test's stand-in: compiled by mypyc, a `Service` annotation would be
-# checked at run time and refuse the stand-ins.
-AnyService = Any
 Handler = Callable[[Any], Coroutine[Any, Any, None]]
 
 
@@ -177,7 +175,7 @@ class Aggregator:
     def __init__(
         self,
         route: RouteConfig,
-        services: Mapping[str, AnyService],
+        services: Mapping[str, Service],
         loop: asyncio.AbstractEventLoop | None = None,
         *,
         fetch: Fetch | None = None,
@@ -257,7 +255,7 @@ class Aggregator:
             timeout=part.timeout,
             max_body=self.max_body,
         )
-        breaker = getattr(service, "breaker", None)
+        breaker = service.breaker
         since = None
         if breaker is not None:
             if not breaker.allow():
@@ -333,7 +331,7 @@ def _part_headers(ctx: Any) -> list[tuple[bytes, bytes]]:
 
 def build_aggregate_handler(
     route: RouteConfig,
-    services: Mapping[str, AnyService],
+    services: Mapping[str, Service],
     loop: asyncio.AbstractEventLoop | None = None,
     *,
     fetch: Fetch | None = None,
@@ -472,7 +470,7 @@ async def pooled_fetch(request: PartRequest) -> PartResponse:
 
 
 async def _exchange(
-    service: AnyService,
+    service: Service,
     inst: Any,
     conn: UpstreamConnection,
     request: PartRequest,
@@ -486,7 +484,8 @@ async def _exchange(
     status = 0
     timer = loop.call_at(deadline, listener.on_deadline)
     try:
-        conn.begin(listener, request.method == "HEAD", max(deadline - started, 0.001))
+        # no response timer of the connection's own: the deadline timer above bounds the call
+        conn.begin(listener, request.method == "HEAD", 0.0)
         conn.write(_request_bytes(request, conn.pool.host_header))
         conn.request_sent = True
         response = await listener.future
