@@ -29,13 +29,13 @@ idle: list[Upstream] = []
 connecting: set[asyncio.Task[None]] = set()  # the loop keeps tasks only weakly
 
 
-class Upstream(asyncio.Protocol):
+class _Parsed(asyncio.Protocol):
+    """Feeds what arrives to httptools and collects the header lines as they are."""
+
+    parser: Any
+
     def __init__(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
-        self.client: Client | None = None
         self.lines: list[bytes] = []
-        self.head = b""
-        self.body = b""
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -48,6 +48,15 @@ class Upstream(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.lines.append(b"%s: %s\r\n" % (name, value))
+
+
+class Upstream(_Parsed):
+    def __init__(self) -> None:
+        super().__init__()
+        self.parser = httptools.HttpResponseParser(self)
+        self.client: Client | None = None
+        self.head = b""
+        self.body = b""
 
     def on_headers_complete(self) -> None:
         status = b"HTTP/1.1 %d OK\r\n" % self.parser.get_status_code()
@@ -63,27 +72,15 @@ class Upstream(asyncio.Protocol):
             client.transport.write(self.head + self.body)
 
 
-class Client(asyncio.Protocol):
+class Client(_Parsed):
     def __init__(self, host: str, port: int) -> None:
+        super().__init__()
         self.upstream = (host, port)
         self.parser = httptools.HttpRequestParser(self)
-        self.lines: list[bytes] = []
         self.url = b""
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.parser.feed_data(data)
-
-    def on_message_begin(self) -> None:
-        self.lines = []
 
     def on_url(self, url: bytes) -> None:
         self.url = url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.lines.append(b"%s: %s\r\n" % (name, value))
 
     def on_message_complete(self) -> None:
         request = b"GET %s HTTP/1.1\r\n" % self.url + b"".join(self.lines) + b"\r\n"
