@@ -37,6 +37,7 @@ from apigate.config.units import (
     PositiveSize,
     Size,
 )
+from apigate.http.headers import is_token
 
 __all__ = [
     "ActiveHealthConfig",
@@ -71,7 +72,6 @@ __all__ = [
 
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token: methods, header names
 _HOST_LABEL = r"[a-z0-9_](?:[a-z0-9_\-]*[a-z0-9_])?"
 _HOSTNAME = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?")
 _TEMPLATE_PARAM = re.compile(r"\{([^{}]*)\}")
@@ -125,7 +125,7 @@ Name = Annotated[str, AfterValidator(_check_name)]
 
 
 def _check_method(value: str) -> str:
-    if not _TOKEN.fullmatch(value):
+    if not is_token(value):
         raise _fail("invalid_method", f"invalid HTTP method {value!r}")
     return value.upper()
 
@@ -134,7 +134,7 @@ Method = Annotated[str, AfterValidator(_check_method)]
 
 
 def _check_header_name(value: str) -> str:
-    if not _TOKEN.fullmatch(value):
+    if not is_token(value):
         raise _fail("invalid_header", f"invalid header name {value!r}")
     return value.lower()
 
@@ -521,7 +521,7 @@ class ServiceConfig(StrictModel):
         if match[1]:
             return match[1]
         kind, name = match[2], match[3].strip()
-        if kind in ("header", "cookie") and not _TOKEN.fullmatch(name):
+        if kind in ("header", "cookie") and not is_token(name):
             raise _fail("invalid_hash_on", f"invalid hash_on {value!r}: bad {kind} name")
         return f"{kind}:{name.lower() if kind == 'header' else name}"
 

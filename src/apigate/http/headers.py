@@ -47,6 +47,15 @@ VIA_VALUE = b"1.1 apigate"
 _REQUEST_ID_OK = re.compile(rb"[A-Za-z0-9._:\-]{1,128}\Z")
 
 
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def is_token(value: str) -> bool:
+    """An RFC 9110 §5.6.2 token: what a method or a header field name may be (config checks
+    of header names and methods all go through here)."""
+    return _TOKEN.fullmatch(value) is not None
+
+
 def valid_request_id(value: bytes) -> bool:
     return _REQUEST_ID_OK.match(value) is not None
 

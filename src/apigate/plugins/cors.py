@@ -23,6 +23,7 @@ from pydantic import Field, field_validator, model_validator
 
 from apigate.config.errors import located_error
 from apigate.config.units import NonNegativeDuration
+from apigate.http.headers import is_token
 from apigate.plugins.base import Plugin, PluginConfig, PluginEnv, Response
 from apigate.plugins.identity import StrictPluginConfig, forbidden
 
@@ -30,7 +31,6 @@ _ORIGIN = re.compile(
     r"(https?)://(\[[0-9a-f:.]+\]|[a-z0-9](?:[a-z0-9\-.]*[a-z0-9])?)(?::(\d{1,5}))?"
 )
 _PATTERN = re.compile(r"(https?)://\*\.([a-z0-9](?:[a-z0-9\-.]*[a-z0-9])?)(?::(\d{1,5}))?")
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CACHE_MAX = 10_000
 DEFAULT_METHODS = ["GET", "HEAD", "PUT", "PATCH", "POST", "DELETE"]
 
@@ -61,7 +61,7 @@ class CorsConfig(StrictPluginConfig):
     @classmethod
     def _check_tokens(cls, value: list[str] | None) -> list[str] | None:
         for item in value or ():
-            if not _TOKEN.fullmatch(item):
+            if not is_token(item):
                 raise ValueError(f"invalid name {item!r}")
         return value
 
@@ -170,7 +170,7 @@ class CorsPlugin(Plugin):
                 )
             allow_headers = self._headers_value
         else:
-            allow_headers = ", ".join(h for h in names if _TOKEN.fullmatch(h)).encode()
+            allow_headers = ", ".join(h for h in names if is_token(h)).encode()
         headers = [
             (b"Access-Control-Allow-Origin", origin.encode("latin-1")),
             (b"Access-Control-Allow-Methods", self._methods_value),

@@ -43,6 +43,7 @@ from pydantic import Field, field_validator, model_validator
 from apigate.config.errors import located_error
 from apigate.config.schema import is_loopback_host
 from apigate.config.units import NonNegativeDuration, PositiveDuration
+from apigate.http.headers import is_token
 from apigate.plugins.base import Plugin, PluginConfig, PluginEnv, Response
 from apigate.plugins.identity import (
     BEARER_CHALLENGE,
@@ -72,7 +73,6 @@ MAX_JWKS_BYTES = 1 << 20
 # Three non-empty base64url segments. Python's base64 decoder skips characters outside the
 # alphabet, so without this check a token with junk in its signature would still verify.
 _COMPACT_JWS = re.compile(rb"[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+")
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _PRINTABLE = re.compile(r"[\x20-\x7e]*")
 _RESERVED_HEADERS = frozenset(
     {
@@ -122,7 +122,7 @@ class JwtConfig(StrictPluginConfig):
     @field_validator("header")
     @classmethod
     def _check_header(cls, value: str) -> str:
-        if not _HEADER_NAME.fullmatch(value):
+        if not is_token(value):
             raise ValueError(f"invalid header name {value!r}")
         return value.lower()
 
@@ -130,7 +130,7 @@ class JwtConfig(StrictPluginConfig):
     @classmethod
     def _check_forward(cls, value: dict[str, str]) -> dict[str, str]:
         for header in value.values():
-            if not _HEADER_NAME.fullmatch(header):
+            if not is_token(header):
                 raise ValueError(f"invalid header name {header!r}")
             if header.lower() in _RESERVED_HEADERS:
                 raise ValueError(f"header {header!r} cannot carry a claim")

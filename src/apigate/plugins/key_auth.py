@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -19,10 +18,9 @@ from pydantic import field_validator, model_validator
 
 from apigate.config.errors import located_error
 from apigate.config.schema import ConsumerConfig
+from apigate.http.headers import is_token
 from apigate.plugins.base import Plugin, PluginConfig, PluginEnv, Response
 from apigate.plugins.identity import API_KEY_CHALLENGE, StrictPluginConfig, unauthorized
-
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 class KeyAuthConfig(StrictPluginConfig):
@@ -34,7 +32,7 @@ class KeyAuthConfig(StrictPluginConfig):
     @classmethod
     def _check_headers(cls, value: list[str]) -> list[str]:
         for name in value:
-            if not _HEADER_NAME.fullmatch(name):
+            if not is_token(name):
                 raise ValueError(f"invalid header name {name!r}")
         return [name.lower() for name in value]
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import re
 import time
 from collections.abc import Callable
 from itertools import islice
@@ -45,11 +44,11 @@ from pydantic import Field, field_validator
 
 from apigate.config.errors import ConfigError
 from apigate.config.units import PositiveDuration, format_duration
+from apigate.http.headers import is_token
 from apigate.plugins.base import Plugin, PluginConfig, PluginEnv, Response
 from apigate.plugins.identity import StrictPluginConfig, reject
 from apigate.store.redis import RedisStore, Script, StoreUnavailable, shared_redis
 
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _SWEEP_MIN = 10_000  # keys before the first sweep of expired entries
 _REMAINING = b"RateLimit-Remaining"
 _RESET = b"RateLimit-Reset"
@@ -93,7 +92,7 @@ class RateLimitConfig(StrictPluginConfig):
             kind, _, header = part.partition(":")
             if part in ("ip", "consumer", "route"):
                 continue
-            if kind == "header" and _HEADER_NAME.fullmatch(header):
+            if kind == "header" and is_token(header):
                 continue
             raise ValueError(f"invalid key {part!r}: use ip, consumer, route or header:NAME")
         return value

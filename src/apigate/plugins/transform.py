@@ -55,7 +55,7 @@ from pydantic import ConfigDict, Field, field_validator
 
 from apigate.config.units import PositiveSize
 from apigate.http.errors import GatewayError
-from apigate.http.headers import FORWARDING, HOP_BY_HOP
+from apigate.http.headers import FORWARDING, HOP_BY_HOP, is_token
 from apigate.plugins.base import Plugin, PluginConfig, PluginEnv
 from apigate.routing.normalize import normalize_path
 from apigate.routing.rewrite import encode_param
@@ -82,7 +82,6 @@ log = logging.getLogger("apigate.plugins.transform")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?:\.([A-Za-z0-9_\-]+))?\}")
 _SOURCES = frozenset({"param", "query", "claim", "header", "var"})
 _BUILTINS = frozenset({"request_id", "consumer", "method", "path", "host", "client_ip"})
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _UNSAFE_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # CR, LF, NUL...: header injection
 _FRAMING = frozenset({b"host", b"content-length", b"x-request-id"}) | HOP_BY_HOP
 _LOG_EVERY = 60.0
@@ -195,7 +194,7 @@ def _template(value: str) -> ValueTemplate:
 
 
 def _header_name(value: str, forbidden: frozenset[bytes]) -> str:
-    if not _TOKEN.fullmatch(value):
+    if not is_token(value):
         raise ValueError(f"invalid header name {value!r}")
     if value.lower().encode() in forbidden:
         raise ValueError(f"header {value!r} is managed by the gateway and cannot be transformed")
