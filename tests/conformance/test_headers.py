@@ -259,3 +259,13 @@ async def test_response_gets_a_date_when_the_upstream_sends_none(env: Env) -> No
     env.up.state.canned["/undated"] = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
     resp, _ = await request(env.port, b"GET /undated HTTP/1.1\r\nHost: x\r\n\r\n", close_wait=0.01)
     assert resp.header("date") is not None and resp.header("date").endswith("GMT")
+
+
+async def test_trailing_whitespace_is_not_part_of_a_field_value(env: Env) -> None:
+    """RFC 9110 §5.5: llhttp hands the value over with its trailing OWS; "Host: x " was
+    refused as an invalid Host, and other values went upstream with the blanks."""
+    _resp, got = await proxied(
+        env, b"GET /echo HTTP/1.1\r\nHost: api.example \t\r\nX-Tag: v2  \r\n\r\n"
+    )
+    assert got.header("x-forwarded-host") == "api.example"
+    assert b"X-Tag: v2\r\n" in got.raw

@@ -353,6 +353,10 @@ class ClientConnection(asyncio.Protocol):
         self._header_count += 1
         if self._header_count > self.limits.max_headers:
             raise GatewayError(431, "too many request header fields")
+        if value and (value[-1] == 32 or value[-1] == 9):
+            # llhttp keeps trailing whitespace, which is not part of a field value (RFC 9110
+            # §5.5): "Host: a.example " was refused as an invalid Host
+            value = value.rstrip(b" \t")
         kind = _SPECIAL.get(name.lower())
         if kind is None:
             req.headers.append((name, value))

@@ -115,6 +115,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.upgrade = False
         self._head_bytes = 0
         self._connection_values: list[bytes] = []
+        self._ended_in_read = False  # a response ended in the read being parsed
         self._skip_rest = False
         self._deadline = 0.0
         self._timeout = 0.0
@@ -158,6 +159,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = True
         if self._timeout:
             self._deadline = self.loop.time() + self._timeout
+        self._ended_in_read = False
         try:
             self.parser.feed_data(data)
             head = self.head
@@ -169,7 +171,7 @@ class UpstreamConnection(asyncio.Protocol):
         # (each clause names its exception differently: compiled by mypyc, a name keeps the
         # type of its first binding)
         except InvalidResponse as invalid:
-            self._invalid(listener, invalid)
+            self._invalid(invalid)
         except httptools.HttpParserUpgrade as upg:
             extra = data[upg.args[0] :]
             if self.head is not None and self.head.status == 101:
@@ -181,19 +183,22 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserCallbackError as callback_error:
             cause = callback_error.__context__
             if isinstance(cause, InvalidResponse):
-                self._invalid(listener, cause)
+                self._invalid(cause)
                 return
             if cause is not None:
                 raise cause from None
             raise
         except httptools.HttpParserError as parse_error:
-            self._invalid(listener, InvalidResponse(f"malformed response: {parse_error}"))
+            self._invalid(InvalidResponse(f"malformed response: {parse_error}"))
 
-    def _invalid(self, listener: UpstreamListener, exc: InvalidResponse) -> None:
+    def _invalid(self, exc: InvalidResponse) -> None:
+        """Close; the exchange attached *now* learns why. (Not the one attached when the read
+        began: a response can end mid-read and another exchange take the connection.)"""
+        listener, self.listener = self.listener, None
         self.reusable = False
-        self.listener = None
         self.close()
-        listener.on_upstream_lost(exc)
+        if listener is not None:
+            listener.on_upstream_lost(exc)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too; connection_lost decides what the EOF meant
@@ -222,17 +227,25 @@ class UpstreamConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ parser callbacks
     def on_message_begin(self) -> None:
+        if self._ended_in_read:
+            # More bytes after a whole response, unasked for: whatever they are, they must not
+            # become the answer to the next request sent on this connection (which may have
+            # taken it by now: the response's end released it to the pool).
+            raise InvalidResponse("bytes after the end of a response")
         self.head = ResponseHead()
         self._connection_values = []
 
     def on_status(self, status: bytes) -> None:
-        if self.head is not None:
-            self.head.reason = status
+        head = self.head
+        if head is not None:  # (called once per read the reason phrase spans)
+            head.reason = head.reason + status if head.reason else status
 
     def on_header(self, name: bytes, value: bytes) -> None:
         head = self.head
         if head is None or head.status:  # status is set at headers-complete: this is a trailer
             return
+        if value and (value[-1] == 32 or value[-1] == 9):
+            value = value.rstrip(b" \t")  # llhttp keeps trailing OWS; not part of the value
         kind = _RESPONSE_SPECIAL.get(name.lower())
         if kind is None:
             head.headers.append((name, value))
@@ -313,6 +326,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._finish()
 
     def _finish(self) -> None:
+        self._ended_in_read = True
         head = self.head
         self.reusable = bool(head and head.keep_alive and self.request_sent) and not self.closed
         self._deadline = 0.0
