@@ -2,17 +2,23 @@
 
 Redis being slow or down must never hang a request (ARCHITECTURE.md), so:
 
-- every call runs under its caller's timeout (`asyncio.timeout`; a rate limiter passes 50 ms);
-  redis-py drops a connection whose command was cancelled, so no reply is ever misattributed;
+- every call runs under its caller's timeout (a rate limiter passes 50 ms); redis-py drops a
+  connection whose command was cancelled, so no reply is ever misattributed;
 - redis-py's own retries are off: the caller decides what a failure means (allow or deny);
 - a refused or reset connection, or three timeouts in a row (one slow answer on a busy host
-  is not an outage), mark the store *down*: `available()` then answers False without any I/O,
-  except for one probe every `retry_after` seconds, so an outage costs an attribute check per
-  request, not a timeout; the first success marks it up again;
-- an outage is logged once when it starts and once when it ends, never per request.
+  is not an outage; script calls that shared a round trip time out as one), mark the store
+  *down*: `available()` then answers False without any I/O, except for one probe every
+  `retry_after` seconds, so an outage costs an attribute check per request, not a timeout; the
+  first success marks it up again;
+- an outage is logged once when it starts and once when it ends, never per request;
+- an error reply to a script call (the script failing on one key) fails that call only: Redis
+  answered, so it is no outage.
 
 Scripts run with EVALSHA and fall back to EVAL when the server does not know the script yet
-(NOSCRIPT: a restarted or flushed Redis), which also loads it for the next EVALSHA.
+(NOSCRIPT: a restarted or flushed Redis), which also loads it for the next EVALSHA. Script calls
+made in the same event-loop iteration share one round trip (one pipeline; see
+`apigate.store.redis_batch`), and their deadlines share one timer instead of a timeout context
+each.
 
 `shared_redis(env.shared, url)` gives every feature of a process the same client (one pool),
 kept across config reloads.
@@ -33,8 +39,11 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from apigate.store.redis_batch import ScriptBatcher, StoreUnavailable, unavailable
+
+__all__ = ["RedisStore", "Script", "StoreUnavailable", "redact_url", "shared_redis"]
 
 log = logging.getLogger("apigate.store.redis")
 
@@ -47,10 +56,6 @@ _NO_CLIENT_SETINFO: dict[str, Any] = (
     if "driver_info" in inspect.signature(AbstractConnection.__init__).parameters
     else {"lib_name": None, "lib_version": None}
 )
-
-
-class StoreUnavailable(Exception):
-    """The store did not answer in time or at all; the caller applies its fallback."""
 
 
 class Script:
@@ -84,6 +89,7 @@ class RedisStore:
         timeout: float = 0.05,
         retry_after: float = 0.5,
         max_connections: int = 64,
+        max_batch: int = 256,
     ) -> None:
         self.url = url
         self.timeout = timeout
@@ -98,6 +104,12 @@ class RedisStore:
             **_NO_CLIENT_SETINFO,
         )
         self.client = Redis(connection_pool=self.pool)
+        self.scripts = ScriptBatcher(
+            self.client,
+            on_failure=self._failed,
+            on_success=self._succeeded,
+            max_batch=max_batch,
+        )
         self.down_since: float | None = None
         self.outages = 0
         self._timeouts = 0
@@ -154,18 +166,11 @@ class RedisStore:
         args: Sequence[str | bytes | int],
         timeout: float | None = None,
     ) -> Any:
-        """EVALSHA (EVAL on NOSCRIPT) under `timeout`; raises StoreUnavailable on any failure."""
-        try:
-            async with asyncio.timeout(timeout if timeout is not None else self.timeout):
-                try:
-                    result = await self.client.evalsha(script.sha, len(keys), *keys, *args)
-                except NoScriptError:
-                    result = await self.client.eval(script.source, len(keys), *keys, *args)
-        except Exception as exc:  # timeouts, refused connections, errors from the script
-            self._failed(exc)
-            raise StoreUnavailable(str(exc) or type(exc).__name__) from exc
-        self._succeeded()
-        return result
+        """EVALSHA (EVAL on NOSCRIPT) under `timeout`, batched with the other script calls of
+        this loop iteration; raises StoreUnavailable on any failure."""
+        return await self.scripts.submit(
+            script, keys, args, timeout if timeout is not None else self.timeout
+        )
 
     async def call(self, *command: str | bytes | int, timeout: float | None = None) -> Any:
         """One raw command (PING, GET, ...) under `timeout`."""
@@ -174,11 +179,12 @@ class RedisStore:
                 result = await self.client.execute_command(*command)  # type: ignore[no-untyped-call]
         except Exception as exc:
             self._failed(exc)
-            raise StoreUnavailable(str(exc) or type(exc).__name__) from exc
+            raise unavailable(exc) from exc
         self._succeeded()
         return result
 
     async def close(self) -> None:
+        await self.scripts.close()
         await self.client.aclose()
         await self.pool.disconnect()
 
