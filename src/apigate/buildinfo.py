@@ -20,6 +20,7 @@ HOT_PATH_MODULES = (
     "apigate.balancing.least_conn",
     "apigate.balancing.random_choice",
     "apigate.balancing.round_robin",
+    "apigate.http.date",
     "apigate.http.errors",
     "apigate.http.headers",
     "apigate.http.pool",

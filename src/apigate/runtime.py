@@ -14,7 +14,7 @@ import asyncio
 import itertools
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from apigate.config.errors import ConfigError
 from apigate.config.schema import GatewayConfig, RouteConfig
@@ -26,7 +26,7 @@ from apigate.registry.service import Service
 from apigate.routing.matcher import Matcher, RouteSpec
 from apigate.routing.rewrite import compile_template, strip
 
-_generations = itertools.count(1)
+_generations: Final = itertools.count(1)
 
 
 @dataclass(slots=True, eq=False)

@@ -29,7 +29,7 @@ from apigate.http.pool import PoolManager
 from apigate.http.protocol import ClientConnection
 from apigate.http.request import Request
 from apigate.plugins.base import PluginEnv
-from apigate.proxy.exchange import ProxyExchange
+from apigate.proxy.exchange import ExchangeFactory, ProxyExchange
 from apigate.runtime import Runtime, ServiceTable, compile_runtime
 
 log = logging.getLogger("apigate.server")
@@ -69,16 +69,16 @@ class Gateway:
         # how a re-read file becomes the effective config (the admin store adds its changes)
         self.compose_config: Callable[[GatewayConfig], GatewayConfig] = lambda c: c
         self.admin_server: asyncio.Server | None = None
+        # ConnectionHost.new_exchange: a compiled callable (one call per request)
+        self.new_exchange: Callable[[ClientConnection, Request], ProxyExchange] = ExchangeFactory(
+            self
+        )
         self._stopped = asyncio.Event()
         self._watch_task: asyncio.Task[None] | None = None
 
     @property
     def config(self) -> GatewayConfig:
         return self.runtime.config
-
-    # ------------------------------------------------------------------ ConnectionHost
-    def new_exchange(self, conn: ClientConnection, request: Request) -> ProxyExchange:
-        return ProxyExchange(conn, request, self.runtime, self.observers)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:

@@ -211,3 +211,12 @@ def test_log_levels_per_component() -> None:
     )
     with pytest.raises(ValueError, match="loud"):
         parse_log_levels("info,apigate.proxy=loud")
+
+
+@pytest.mark.parametrize("ms", [0.0, 0.05, 0.1, 0.11, 1.0, 7.3, 250.0, BUCKETS_MS[-1], 1e9, -1.0])
+def test_bucket_index_is_bisect_left(ms: float) -> None:
+    from bisect import bisect_left
+
+    from apigate.observability.series import _bucket
+
+    assert _bucket(ms) == bisect_left(BUCKETS_MS, ms)

@@ -669,3 +669,31 @@ def test_pipelined_head_arriving_during_a_response_is_timed(h: Harness) -> None:
 
 def test_repr(h: Harness) -> None:
     assert repr(h.conn) == "<ClientConnection 127.0.0.1:40000 IDLE served=0 queued=0>"
+
+
+def test_field_tables_by_spelling_agree_with_the_lower_case_ones() -> None:
+    """The parsers look a field name up as received first: every spelling must classify
+    exactly as its lower-cased form does, and common end-to-end names as nothing special."""
+    from apigate.http import protocol, upstream
+
+    for as_sent, by_lower in (
+        (protocol._SPECIAL_AS_SENT, protocol._SPECIAL),
+        (upstream._RESPONSE_SPECIAL_AS_SENT, upstream._RESPONSE_SPECIAL),
+    ):
+        for name, kind in as_sent.items():
+            assert by_lower.get(name.lower(), 0) == kind, name
+        for name in by_lower:
+            title = b"-".join(part.capitalize() for part in name.split(b"-"))
+            assert as_sent[title] == as_sent[name] == by_lower[name]
+        assert as_sent[b"User-Agent"] == as_sent[b"content-type"] == 0
+
+
+def test_request_start_is_the_wall_clock_time_of_its_first_byte() -> None:
+    """Request.start is derived from the loop's monotonic clock reading the connection took
+    at the first byte (the loop's clock is time.monotonic-based)."""
+    import time
+
+    req = Request()
+    req.began_at = time.monotonic() - 2.5
+    assert abs(req.start - (time.time() - 2.5)) < 0.05
+    assert abs(Request().start - time.time()) < 0.05  # not from a connection: now

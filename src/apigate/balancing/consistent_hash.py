@@ -30,13 +30,13 @@ from bisect import bisect_left
 from collections.abc import Collection, Iterable
 from hashlib import shake_128
 from operator import attrgetter
-from typing import ClassVar
+from typing import ClassVar, Final
 from zlib import crc32
 
 from apigate.balancing.base import Balancer, Instance
 from apigate.balancing.round_robin import RoundRobinBalancer, slash_list
 
-POINTS_PER_WEIGHT = 100
+POINTS_PER_WEIGHT: Final = 100
 
 
 def point_hashes(instance_id: str, count: int) -> tuple[int, ...]:

@@ -28,14 +28,14 @@ import random
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from math import exp
-from typing import ClassVar
+from typing import ClassVar, Final
 
 from apigate.balancing.base import Balancer, Instance
 from apigate.balancing.round_robin import slash_list
 
-MAX_PENALTY = 60.0  # seconds; bounds the compounding of "5 x estimate" on repeated failures
-REDRAWS = 3  # p2c draws tried on the retry path before filtering
-MIN_SAMPLE = 1e-6  # an estimate of 0.0 means "no sample yet", so samples never store 0
+MAX_PENALTY: Final = 60.0  # seconds; bounds the compounding of "5 x estimate" on repeated failures
+REDRAWS: Final = 3  # p2c draws tried on the retry path before filtering
+MIN_SAMPLE: Final = 1e-6  # an estimate of 0.0 means "no sample yet", so samples never store 0
 
 
 class EwmaBalancer(Balancer):

@@ -12,12 +12,12 @@ from __future__ import annotations
 import random
 from bisect import bisect_right
 from collections.abc import Collection, Iterable
-from typing import ClassVar
+from typing import ClassVar, Final
 
 from apigate.balancing.base import Balancer, Instance
 from apigate.balancing.round_robin import slash_list
 
-REDRAWS = 3  # draws tried on the retry path before the exact O(n) fallback
+REDRAWS: Final = 3  # draws tried on the retry path before the exact O(n) fallback
 
 
 class RandomBalancer(Balancer):

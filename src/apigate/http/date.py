@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from email.utils import formatdate
+from typing import Final
 
 from apigate.periodic import Periodic
 
@@ -27,4 +28,4 @@ class DateHeader:
         self._ticker.stop()
 
 
-DATE = DateHeader()
+DATE: Final = DateHeader()

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from typing import Final
 
 from apigate.http.date import DATE
 from apigate.http.status import status_line
 
 # error code (machine readable) per status, used when a caller does not name one
-DEFAULT_CODES: dict[int, str] = {
+DEFAULT_CODES: Final[dict[int, str]] = {
     400: "bad_request",
     401: "unauthorized",
     403: "forbidden",
@@ -32,7 +33,7 @@ DEFAULT_CODES: dict[int, str] = {
     505: "http_version_not_supported",
 }
 
-SERVER_HEADER = b"Server: apigate\r\n"
+SERVER_HEADER: Final = b"Server: apigate\r\n"
 
 
 class GatewayError(Exception):

@@ -54,7 +54,9 @@ class Pool:
         self.waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
-        self.idle: deque[UpstreamConnection] = deque()
+        # a list, not a deque: only its end is used (LIFO keeps the warmest connection busy),
+        # and compiled, list pop/append are native where deque methods are generic calls
+        self.idle: list[UpstreamConnection] = []
         self.total = 0  # open + connecting
         self.created = 0
         self.reused = 0

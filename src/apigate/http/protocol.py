@@ -35,12 +35,18 @@ import asyncio
 import enum
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 import httptools
 
 from apigate.http.errors import GatewayError, render_error
-from apigate.http.headers import FORWARDING, HOP_BY_HOP, connection_tokens, valid_request_id
+from apigate.http.headers import (
+    FORWARDING,
+    HOP_BY_HOP,
+    by_spelling,
+    connection_tokens,
+    valid_request_id,
+)
 from apigate.http.request import Request
 from apigate.routing.normalize import normalize_path
 
@@ -89,20 +95,20 @@ class ConnectionHost(Protocol):
 
 
 # Request headers the connection interprets itself, by lower-cased name.
-_H_HOST = 1
-_H_CONTENT_LENGTH = 2
-_H_TRANSFER_ENCODING = 3
-_H_CONNECTION = 4
-_H_EXPECT = 5
-_H_UPGRADE = 6
-_H_REQUEST_ID = 7
-_H_XFF = 8
-_H_DROP = 9  # hop-by-hop or gateway-owned: never forwarded
-_H_TRACEPARENT = 10
-_H_TRACESTATE = 11
+_H_HOST: Final = 1
+_H_CONTENT_LENGTH: Final = 2
+_H_TRANSFER_ENCODING: Final = 3
+_H_CONNECTION: Final = 4
+_H_EXPECT: Final = 5
+_H_UPGRADE: Final = 6
+_H_REQUEST_ID: Final = 7
+_H_XFF: Final = 8
+_H_DROP: Final = 9  # hop-by-hop or gateway-owned: never forwarded
+_H_TRACEPARENT: Final = 10
+_H_TRACESTATE: Final = 11
 # Every hop-by-hop name (headers.HOP_BY_HOP, the one list) and the forwarding headers the gateway
 # writes itself are dropped; the names the connection interprets override that below.
-_SPECIAL: dict[bytes, int] = {
+_SPECIAL: Final[dict[bytes, int]] = {
     **dict.fromkeys(HOP_BY_HOP | FORWARDING, _H_DROP),
     b"host": _H_HOST,
     b"content-length": _H_CONTENT_LENGTH,
@@ -115,19 +121,22 @@ _SPECIAL: dict[bytes, int] = {
     b"traceparent": _H_TRACEPARENT,
     b"tracestate": _H_TRACESTATE,
 }
-_FORWARDING_KEPT_IF_TRUSTED = (
+_SPECIAL_AS_SENT: Final = by_spelling(_SPECIAL)  # 0: an end-to-end field
+_FORWARDING_KEPT_IF_TRUSTED: Final = (
     b"x-forwarded-proto",
     b"x-forwarded-host",
     b"x-forwarded-port",
     b"forwarded",
 )
 
-_PAUSE_BUFFER = 64 * 1024  # buffered request body bytes before we stop reading the client
-_LINGER_SECONDS = 2.0  # how long a refused client's further input is read and discarded
+_PAUSE_BUFFER: Final = 64 * 1024  # buffered request body bytes before we stop reading the client
+_LINGER_SECONDS: Final = 2.0  # how long a refused client's further input is read and discarded
 
 # What may appear in a Host header: uri-host [":" port] (RFC 9110 §7.2, RFC 3986 §3.2.2).
 # Anything else (spaces, "@", "/", "\\", quotes) is refused: Host is routed on and forwarded.
-_HOST_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%!$&'()*+,;=:[]"
+_HOST_CHARS: Final = (
+    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%!$&'()*+,;=:[]"
+)
 
 
 class EdgeLimits:
@@ -166,6 +175,11 @@ class ClientConnection(asyncio.Protocol):
         self.host = host
         self.loop = host.loop
         self.limits = edge_limits(host.limits)
+        # Per-request reads of the host (an interpreted object) cost a generic lookup each:
+        # what cannot change while the listener runs is taken once per connection.
+        self.scheme = host.scheme
+        self.request_ids = host.request_ids
+        self._new_exchange = host.new_exchange
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         # Let any "HTTP/d.d" through llhttp so that parser_headers_done answers every version
@@ -199,6 +213,7 @@ class ClientConnection(asyncio.Protocol):
         # a later pipelined request was malformed: answer the earlier ones, then this, then close
         self._pending_error: GatewayError | None = None
         self._deadline = 0.0
+        self.began_at = 0.0  # loop time of the current request's first byte
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self.requests_served = 0
@@ -219,7 +234,7 @@ class ClientConnection(asyncio.Protocol):
         self.host.connections.add(self)
         if len(self.host.connections) > self.limits.max_connections:
             err = GatewayError(503, "too many connections", "too_many_connections")
-            rid = self.host.request_ids.next()  # every error body carries a request id
+            rid = self.request_ids.next()  # every error body carries a request id
             self.transport.write(render_error(err, rid, keep_alive=False))
             self.close()
             return
@@ -320,12 +335,14 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ parser callbacks
     def on_message_begin(self) -> None:
         self.phase = Phase.HEAD
-        self._deadline = self.loop.time() + self.limits.header_timeout
+        now = self.began_at = self.loop.time()  # (the exchange starts its clock from this)
+        self._deadline = now + self.limits.header_timeout
         self._head_bytes = -self._feeding  # data_received adds this read back: counts as 0
         req = Request()
+        req.began_at = now
         req.client_ip = self.client_ip
         req.client_port = self.client_port
-        req.scheme = self.host.scheme
+        req.scheme = self.scheme
         self._req = req
         self._url = b""
         self._header_count = 0
@@ -357,8 +374,10 @@ class ClientConnection(asyncio.Protocol):
             # llhttp keeps trailing whitespace, which is not part of a field value (RFC 9110
             # §5.5): "Host: a.example " was refused as an invalid Host
             value = value.rstrip(b" \t")
-        kind = _SPECIAL.get(name.lower())
+        kind = _SPECIAL_AS_SENT.get(name)
         if kind is None:
+            kind = _SPECIAL.get(name.lower(), 0)
+        if kind == 0:
             req.headers.append((name, value))
             return
         if kind == _H_HOST:
@@ -408,7 +427,7 @@ class ClientConnection(asyncio.Protocol):
         # fired (408, queue dropped) while it merely waited behind a slow response.
         self.phase = Phase.WAIT
         self._deadline = 0.0
-        ex = self.host.new_exchange(self, req)
+        ex = self._new_exchange(self, req)
         self._parsing = ex
         if req.has_body:
             # Stream the body: the exchange starts now if it is at the front of the queue.
@@ -475,7 +494,7 @@ class ClientConnection(asyncio.Protocol):
         if self._forwarding_kept:
             req.headers.extend(self._forwarding_kept)
         if not req.request_id:
-            req.request_id = self.host.request_ids.next()
+            req.request_id = self.request_ids.next()
 
     def _parse_target(self, req: Request) -> None:
         url = self._url
@@ -605,7 +624,7 @@ class ClientConnection(asyncio.Protocol):
         """Answer with a gateway error and close (the connection state is unknown)."""
         rid = request.request_id if request is not None else ""
         if not rid:  # refused before the head was complete: still give the client an id
-            rid = self.host.request_ids.next()
+            rid = self.request_ids.next()
             if request is not None:
                 request.request_id = rid
         self.write(render_error(err, rid, keep_alive=False, head_only=head_only))

@@ -11,6 +11,8 @@ class Request(HeaderList):
     """One client request head. Header names keep the client's spelling; values stay bytes."""
 
     __slots__ = (
+        "_start",
+        "began_at",
         "chunked",
         "client_ip",
         "client_port",
@@ -25,7 +27,6 @@ class Request(HeaderList):
         "query",
         "request_id",
         "scheme",
-        "start",
         "traceparent",
         "tracestate",
         "upgrade",
@@ -54,7 +55,24 @@ class Request(HeaderList):
         # (continued) values upstream: b"" marks a repeated traceparent, which is invalid
         self.traceparent: bytes | None = None
         self.tracestate: list[bytes] | None = None
-        self.start = time.time()
+        # the event loop's clock when the first byte arrived (set by the connection)
+        self.began_at = 0.0
+        self._start = 0.0  # set explicitly (tests, replayed requests): wins over began_at
+
+    @property
+    def start(self) -> float:
+        """Wall-clock time of the request's first byte, for logs. Derived when asked, from
+        the loop's monotonic clock, which the connection reads anyway: a `time.time()` per
+        request was a call on the hot path that only the access log needs."""
+        if self._start:
+            return self._start
+        if not self.began_at:
+            return time.time()
+        return time.time() - (time.monotonic() - self.began_at)
+
+    @start.setter
+    def start(self, wall_time: float) -> None:
+        self._start = wall_time
 
     @property
     def has_body(self) -> bool:

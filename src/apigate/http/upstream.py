@@ -13,11 +13,11 @@ one we start a fresh parser for the next response instead of trusting the old on
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 import httptools
 
-from apigate.http.headers import HOP_BY_HOP, HeaderList, connection_tokens
+from apigate.http.headers import HOP_BY_HOP, HeaderList, by_spelling, connection_tokens
 
 if TYPE_CHECKING:
     from apigate.http.pool import Pool
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 # An upstream is untrusted too: its head is bounded like a client's (nginx: "upstream sent too
 # big header"). httptools would otherwise accumulate an endless header line in memory.
-MAX_RESPONSE_HEAD = 64 * 1024
+MAX_RESPONSE_HEAD: Final = 64 * 1024
 
 
 class InvalidResponse(Exception):
@@ -75,14 +75,14 @@ class UpstreamListener(Protocol):
     def upstream_write_resumed(self) -> None: ...
 
 
-_R_CONTENT_LENGTH = 1
-_R_TRANSFER_ENCODING = 2
-_R_CONNECTION = 3
-_R_UPGRADE = 4
-_R_DROP = 5
+_R_CONTENT_LENGTH: Final = 1
+_R_TRANSFER_ENCODING: Final = 2
+_R_CONNECTION: Final = 3
+_R_UPGRADE: Final = 4
+_R_DROP: Final = 5
 # Every hop-by-hop name (headers.HOP_BY_HOP, the one list) is dropped; the ones the connection
 # interprets override that below.
-_RESPONSE_SPECIAL: dict[bytes, int] = {
+_RESPONSE_SPECIAL: Final[dict[bytes, int]] = {
     **dict.fromkeys(HOP_BY_HOP, _R_DROP),
     b"content-length": _R_CONTENT_LENGTH,
     b"transfer-encoding": _R_TRANSFER_ENCODING,
@@ -92,6 +92,7 @@ _RESPONSE_SPECIAL: dict[bytes, int] = {
     # echoes it back would otherwise give the client two
     b"x-request-id": _R_DROP,
 }
+_RESPONSE_SPECIAL_AS_SENT: Final = by_spelling(_RESPONSE_SPECIAL)  # 0: an end-to-end field
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -116,6 +117,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_bytes = 0
         self._connection_values: list[bytes] = []
         self._ended_in_read = False  # a response ended in the read being parsed
+        self.read_at = 0.0  # loop time of the latest read (the exchange times itself by it)
         self._skip_rest = False
         self._deadline = 0.0
         self._timeout = 0.0
@@ -139,6 +141,7 @@ class UpstreamConnection(asyncio.Protocol):
         if listener is None:
             return
         head = self.head
+        self.read_at = self.loop.time()  # the end of the response, when EOF ends its body
         if head is not None and head.until_eof and not self.tunnel and exc is None:
             # EOF is how a length-less body ends; a reset (exc set) is not: the body may be
             # cut, and the client must see a truncated response, not a complete one.
@@ -157,8 +160,9 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.got_bytes = True
+        now = self.read_at = self.loop.time()
         if self._timeout:
-            self._deadline = self.loop.time() + self._timeout
+            self._deadline = now + self._timeout
         self._ended_in_read = False
         try:
             self.parser.feed_data(data)
@@ -246,8 +250,10 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if value and (value[-1] == 32 or value[-1] == 9):
             value = value.rstrip(b" \t")  # llhttp keeps trailing OWS; not part of the value
-        kind = _RESPONSE_SPECIAL.get(name.lower())
+        kind = _RESPONSE_SPECIAL_AS_SENT.get(name)
         if kind is None:
+            kind = _RESPONSE_SPECIAL.get(name.lower(), 0)
+        if kind == 0:
             head.headers.append((name, value))
         elif kind == _R_CONTENT_LENGTH:
             head.content_length = int(value)
@@ -341,6 +347,7 @@ class UpstreamConnection(asyncio.Protocol):
         head_only: bool,
         response_timeout: float,
         upgrade: bool = False,
+        now: float = 0.0,
     ) -> None:
         """Attach an exchange before its request head is written. `response_timeout` 0: no
         timer of the connection's own (the caller keeps a deadline of its own)."""
@@ -355,7 +362,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._skip_rest = False
         self.requests += 1
         self._timeout = response_timeout
-        self._set_deadline(response_timeout)
+        self._set_deadline(response_timeout, now)
+
+    def mark_sent(self, now: float) -> None:
+        """`request_sent = True` with the loop time the caller has already read."""
+        self._request_sent = True
+        if self._timeout:
+            self._deadline = now + self._timeout
 
     def detach(self) -> None:
         self.listener = None
@@ -400,11 +413,12 @@ class UpstreamConnection(asyncio.Protocol):
         self._timeout = 0.0
         self._set_deadline(idle_timeout)
 
-    def _set_deadline(self, seconds: float) -> None:
+    def _set_deadline(self, seconds: float, now: float = 0.0) -> None:
+        """Deadline `seconds` from `now` (the loop time, read here when the caller has none)."""
         if seconds <= 0:
             self._deadline = 0.0
             return
-        self._deadline = self.loop.time() + seconds
+        self._deadline = (now or self.loop.time()) + seconds
         if self._timer is None or self._timer_at > self._deadline:
             if self._timer is not None:
                 self._timer.cancel()

@@ -8,39 +8,49 @@ from __future__ import annotations
 import os
 import re
 from binascii import hexlify
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from apigate.http.request import Request
 
-TRACE_HEADERS = frozenset({b"traceparent", b"tracestate"})  # lower-case names the head skips
+TRACE_HEADERS: Final = frozenset({b"traceparent", b"tracestate"})  # lower-case names the head skips
 
-_MASK64 = (1 << 64) - 1
-_ZERO_SPAN = b"0" * 16
-_RANDOM_BYTES = 4096  # drawn per os.urandom call: 128 trace ids or 256 span ids
-_hex = b""  # random lower-case hex digits not handed out yet (from _pos on)
-_pos = 0
-_sampled_below = 1 << 64  # new traces: sampled when the low 64 bits of the id are below this
-_ratio_owner: object = None
+_MASK64: Final = (1 << 64) - 1
+_ZERO_SPAN: Final = b"0" * 16
+_RANDOM_BYTES: Final = 4096  # drawn per os.urandom call: 128 trace ids or 256 span ids
+
+
+class _State:
+    """Process-wide state read on every request, in a native object rather than module
+    globals (compiled, reading a global that is ever reassigned is a dictionary lookup)."""
+
+    def __init__(self) -> None:
+        self.hex = b""  # random lower-case hex digits not handed out yet (from `pos` on)
+        self.pos = 0
+        # new traces: sampled when the low 64 bits of the id are below this
+        self.sampled_below = 1 << 64
+        self.ratio_owner: object = None
+
+
+_STATE: Final = _State()
 
 
 def _random_hex(digits: int) -> bytes:
     """`digits` random lower-case hex digits: slices of one os.urandom draw, so that an id
     costs a bytes slice (the draw, one system call, is shared by a few hundred ids)."""
-    global _hex, _pos
-    start = _pos
+    state = _STATE
+    start = state.pos
     end = start + digits
-    if end > len(_hex):
-        _hex = hexlify(os.urandom(_RANDOM_BYTES))
+    if end > len(state.hex):
+        state.hex = hexlify(os.urandom(_RANDOM_BYTES))
         start, end = 0, digits
-    _pos = end
-    return _hex[start:end]
+    state.pos = end
+    return state.hex[start:end]
 
 
 def _forget_random() -> None:
     """A forked worker must not repeat its parent's ids: it draws its own."""
-    global _hex, _pos
-    _hex, _pos = b"", 0
+    _STATE.hex, _STATE.pos = b"", 0
 
 
 os.register_at_fork(after_in_child=_forget_random)
@@ -65,7 +75,8 @@ def _new_trace() -> tuple[bytes, bytes]:
     trace_id = _random_hex(32)
     if trace_id == b"0" * 32:  # W3C: an invalid id (one chance in 2**128)
         trace_id = b"0" * 31 + b"1"
-    if _sampled_below > _MASK64 or int(trace_id[16:], 16) < _sampled_below:
+    below = _STATE.sampled_below
+    if below > _MASK64 or int(trace_id[16:], 16) < below:
         return trace_id, b"01"
     return trace_id, b"00"
 
@@ -88,20 +99,19 @@ def set_sample_ratio(ratio: float, owner: object = None) -> None:
     Process-wide: the tracing plugin of the current snapshot sets it (`owner`), and only that
     owner may set it back when it closes, so an old snapshot's plugin closing after a reload
     does not undo the new one's setting."""
-    global _sampled_below, _ratio_owner
-    _sampled_below = int(max(0.0, min(1.0, ratio)) * (1 << 64))
-    _ratio_owner = owner
+    _STATE.sampled_below = int(max(0.0, min(1.0, ratio)) * (1 << 64))
+    _STATE.ratio_owner = owner
 
 
 def reset_sample_ratio(owner: object) -> None:
-    if _ratio_owner is owner:
+    if _STATE.ratio_owner is owner:
         set_sample_ratio(1.0)
 
 
 # version 00, lower-case hex, trace id and parent id not all zeros (one C call: ~0.3 µs
 # against ~0.6 µs for the same checks as slices and comparisons)
-_TRACEPARENT = re.compile(rb"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
-_match = _TRACEPARENT.fullmatch
+_TRACEPARENT: Final = re.compile(rb"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
+_match: Final = _TRACEPARENT.fullmatch
 
 
 def _valid(value: bytes) -> bytes | None:
@@ -150,14 +160,18 @@ def outgoing_traceparent(request: Request) -> tuple[bytes, str]:
 
 
 def trace_headers(ctx: Any) -> bytes:
-    """The trace header lines for the upstream request head, and the trace recorded on the
-    exchange: `ctx.vars["trace_id"]` (for the access log) and `ctx.vars["traceparent"]` (what
-    was sent, for the exporter). The head builder must skip the client's own `traceparent` and
+    """`trace_lines(ctx.request, ctx.vars)`: for an exchange-like `ctx` (tests, plugins)."""
+    return trace_lines(ctx.request, ctx.vars)
+
+
+def trace_lines(request: Request, tv: dict[str, Any]) -> bytes:
+    """The trace header lines for the upstream request head, and the trace recorded in the
+    exchange's `vars` (`tv`): "trace_id" (for the access log) and "traceparent" (what was sent,
+    for the exporter). The head builder must skip the client's own `traceparent` and
     `tracestate` fields (names in TRACE_HEADERS): they come back from here, the state only when
     the trace is continued. A retry of the same exchange reuses the span. When the trace is
-    continued, `ctx.vars["trace_parent"]` keeps the client's field for the exporter."""
-    parent, states = _incoming(ctx.request)
-    tv = ctx.vars
+    continued, `tv["trace_parent"]` keeps the client's field for the exporter."""
+    parent, states = _incoming(request)
     sent = tv.get("traceparent") if tv else None
     if sent is not None:
         continued = parent is not None and _valid(parent) is not None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Final
 
 from pydantic import ValidationError
 
@@ -17,7 +17,7 @@ from apigate.config.errors import ConfigError, format_validation_error
 from apigate.plugins.base import Plugin, PluginEnv
 
 # short name -> "module:Class"; imported lazily so an unused plugin costs nothing at start-up
-BUILTIN: dict[str, str] = {
+BUILTIN: Final[dict[str, str]] = {
     "access_log": "apigate.observability.access_log:AccessLogPlugin",
     "tracing": "apigate.observability.tracing:TracingPlugin",
     "jwt": "apigate.plugins.jwt:JwtPlugin",

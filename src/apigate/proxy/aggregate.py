@@ -40,7 +40,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
 
 from apigate.http.errors import GatewayError
@@ -68,7 +68,7 @@ __all__ = [
 
 log = logging.getLogger("apigate.proxy.aggregate")
 
-MAX_PART_BODY = 10 << 20
+MAX_PART_BODY: Final = 10 << 20
 
 
 # Plain classes rather than dataclasses: mypyc compiles this module (apigate.buildinfo), and

@@ -28,12 +28,12 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from apigate.http.errors import GatewayError, render_error, render_response
 from apigate.http.pool import PoolFull
 from apigate.http.upstream import InvalidResponse, ResponseHead, UpstreamConnection
-from apigate.observability.trace_context import trace_headers
+from apigate.observability.trace_context import trace_lines
 from apigate.plugins.base import Response
 from apigate.proxy.body_rewrite import RequestBodyRewrite, ResponseBodyRewrite
 from apigate.proxy.heads import request_head, response_head
@@ -48,13 +48,26 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("apigate.proxy")
 
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-_BUFFER_LIMIT = 64 * 1024
-_REPLAY_LIMIT = 64 * 1024  # a request body up to this size is kept so that it can be retried
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_LAST_CHUNK = b"0\r\n\r\n"
-_CRLF = b"\r\n"
-_NO_PARAMS: dict[str, str] = {}  # (never written to: a route with params brings its own dict)
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+_BUFFER_LIMIT: Final = 64 * 1024
+_REPLAY_LIMIT: Final = 64 * 1024  # a request body up to this size is kept so that it can be retried
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_LAST_CHUNK: Final = b"0\r\n\r\n"
+_CRLF: Final = b"\r\n"
+# (never written to: a route with params brings its own dict)
+_NO_PARAMS: Final[dict[str, str]] = {}
+
+
+class ExchangeFactory:
+    """The gateway's `ConnectionHost.new_exchange`, compiled: called once per request, where an
+    interpreted method cost a Python frame."""
+
+    def __init__(self, gateway: Any) -> None:
+        self.gateway = gateway  # read at each call: a reload replaces its runtime
+
+    def __call__(self, conn: ClientConnection, request: Request) -> ProxyExchange:
+        gateway = self.gateway
+        return ProxyExchange(conn, request, gateway.runtime, gateway.observers)
 
 
 class ProxyExchange:
@@ -119,7 +132,8 @@ class ProxyExchange:
         self.runtime = runtime
         self.observers = observers
         self.loop = conn.loop
-        self.t0 = conn.loop.time()
+        # the clock starts at the request's first byte (the connection read the loop's time)
+        self.t0 = conn.began_at or conn.loop.time()
         self.tried: list[Instance] = []
         self.vars: dict[str, Any] = {}  # scratch space shared by plugins
         self.upstream_path = request.path
@@ -487,13 +501,13 @@ class ProxyExchange:
         self.upstream = up
         self._reused = reused
         self.service.balancer.on_start(self.instance)
-        self._t_upstream = self.loop.time()
+        now = self._t_upstream = self.loop.time()  # one reading for all of this
         policy = self.service.retry
         overall = self.service.response_timeout
         timeout = policy.per_try_timeout or overall
         if self.retries:  # the tries together stay within timeouts.response
-            timeout = max(0.001, min(timeout, self.t0 + overall - self.loop.time()))
-        up.begin(self, req.method == "HEAD", timeout, upgrade=req.upgrade is not None)
+            timeout = max(0.001, min(timeout, self.t0 + overall - now))
+        up.begin(self, req.method == "HEAD", timeout, upgrade=req.upgrade is not None, now=now)
         route = self.route
         assert route is not None
         if route.chain.upstream_request_hooks and not self._call_hooks(
@@ -512,7 +526,7 @@ class ProxyExchange:
             host,
             chunked=chunked,
             content_length=length,
-            extra=trace_headers(self),
+            extra=trace_lines(req, self.vars),
         )
         body = self._body
         if body and self._replay is not None:
@@ -537,7 +551,7 @@ class ProxyExchange:
         else:
             up.write(head)
         if self._body_done:
-            up.request_sent = True
+            up.mark_sent(now)
         elif req.expect_continue and not self._sent_continue:
             self._sent_continue = True
             self.conn.write(_CONTINUE)
@@ -551,7 +565,9 @@ class ProxyExchange:
             return
         req = self.request
         self.status = head.status
-        self.upstream_ms = (self.loop.time() - self._t_upstream) * 1000.0
+        up = self.upstream  # (the head arrived in its read: its clock reading is now)
+        now = up.read_at if up is not None else self.loop.time()
+        self.upstream_ms = (now - self._t_upstream) * 1000.0
         service = self.service
         if (
             head.status >= 500
@@ -636,9 +652,11 @@ class ProxyExchange:
     def on_response_done(self) -> None:
         up = self.upstream
         self.upstream = None
+        now = 0.0
         if up is not None:
+            now = up.read_at  # the response ended in its latest read (or at its EOF)
             up.pool.release(up)
-        self._release_instance(ok=True)
+        self._release_instance(ok=True, now=now)
         if self._client_gone:
             return
         rewrite = self._response_rewrite
@@ -651,7 +669,7 @@ class ProxyExchange:
             self.conn.write(head + _LAST_CHUNK if head is not None else _LAST_CHUNK)
         elif head is not None:
             self.conn.write(head)
-        self._complete(self._keep_alive)
+        self._complete(self._keep_alive, now)
 
     def on_upstream_lost(self, exc: Exception | None) -> None:
         up = self.upstream
@@ -803,22 +821,24 @@ class ProxyExchange:
         self._complete(keep_alive)
 
     # ================================================================== bookkeeping
-    def _release_instance(self, ok: bool) -> None:
+    def _release_instance(self, ok: bool, now: float = 0.0) -> None:
+        """Tell the balancer and passive health how the attempt went; `now`: the loop time,
+        when the caller has read it already."""
         inst = self.instance
         if inst is None or self._t_upstream == 0.0:
             return
-        latency = self.loop.time() - self._t_upstream
+        latency = (now or self.loop.time()) - self._t_upstream
         self._t_upstream = 0.0
         service = self.service
         if service is not None:
             service.balancer.on_finish(inst, latency, ok)
             service.report(inst, ok=ok and self.status < 500, status=self.status)
 
-    def _complete(self, keep_alive: bool) -> None:
+    def _complete(self, keep_alive: bool, now: float = 0.0) -> None:
         if self._finished:
             return
         self._finished = True
-        self.total_ms = (self.loop.time() - self.t0) * 1000.0
+        self.total_ms = ((now or self.loop.time()) - self.t0) * 1000.0
         if self._breaker_armed and self.service is not None and self.service.breaker is not None:
             breaker = self.service.breaker
             if self._service_failed:

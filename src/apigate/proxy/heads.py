@@ -8,16 +8,18 @@ alongside for upstreams that read the standard header.
 
 from __future__ import annotations
 
+from typing import Final
+
 from apigate.http.date import DATE
 from apigate.http.headers import VIA_VALUE, forwarded_for_node
 from apigate.http.request import Request
 from apigate.http.status import status_line
 from apigate.http.upstream import ResponseHead
 
-_CHUNKED = b"Transfer-Encoding: chunked\r\n"
-_CONN_CLOSE = b"Connection: close\r\n"
-_CONN_KEEP_ALIVE = b"Connection: keep-alive\r\n"
-_VIA = b"Via: " + VIA_VALUE + b"\r\n"
+_CHUNKED: Final = b"Transfer-Encoding: chunked\r\n"
+_CONN_CLOSE: Final = b"Connection: close\r\n"
+_CONN_KEEP_ALIVE: Final = b"Connection: keep-alive\r\n"
+_VIA: Final = b"Via: " + VIA_VALUE + b"\r\n"
 
 
 def request_head(

@@ -22,11 +22,12 @@ import enum
 import logging
 import time
 from collections.abc import Callable
+from typing import Final
 
 from apigate.config.schema import CircuitBreakerConfig
 from apigate.registry.events import EVENTS
 
-_BUCKETS = 10
+_BUCKETS: Final = 10
 
 
 class State(enum.Enum):

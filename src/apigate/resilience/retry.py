@@ -14,10 +14,11 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Final
 
 from apigate.config.schema import RetriesConfig
 
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 class RetryBudget:

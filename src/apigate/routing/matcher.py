@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from operator import itemgetter
+from typing import Final
 from urllib.parse import quote, unquote
 
 from apigate.routing.normalize import normalize_path
@@ -125,8 +126,8 @@ class NoMatch:
         return f"NoMatch({set(self.allowed_methods)!r})"
 
 
-_NOT_FOUND = NoMatch()
-_HOST_CACHE_SIZE = 1024
+_NOT_FOUND: Final = NoMatch()
+_HOST_CACHE_SIZE: Final = 1024
 
 
 class _Candidate:
@@ -249,7 +250,7 @@ class _Node:
         return node
 
 
-_depth_of = itemgetter(0)
+_depth_of: Final = itemgetter(0)
 
 
 class _Bucket:

@@ -24,14 +24,16 @@ against about 1.4 µs for the full pass on a short path with an escape or a dot 
 
 from __future__ import annotations
 
+from typing import Final
+
 __all__ = ["normalize_path"]
 
-_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-_HEX = "0123456789abcdefABCDEF"
+_UNRESERVED: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEX: Final = "0123456789abcdefABCDEF"
 # Every two-digit escape ("7e", "7E", "2f", ...) -> what replaces "%xx": the character when it is
 # unreserved, the upper-cased escape otherwise. One dict lookup per escape validates and
 # rewrites it (484 entries); int(h, 16) plus hex-digit checks took 2.3 times as long.
-_ESCAPES: dict[str, str] = {}
+_ESCAPES: Final[dict[str, str]] = {}
 for _high in _HEX:
     for _low in _HEX:
         _char = chr(int(_high + _low, 16))
