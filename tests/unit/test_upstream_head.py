@@ -14,7 +14,12 @@ import pytest
 from apigate.config.schema import ServiceConfig
 from apigate.http.pool import PoolManager
 from apigate.http.request import Request
-from apigate.http.upstream import InvalidResponse, ResponseHead, UpstreamConnection
+from apigate.http.upstream import (
+    InvalidResponse,
+    ResponseHead,
+    UpstreamConnection,
+    UpstreamListener,
+)
 from apigate.proxy.heads import response_head
 from apigate.registry.service import Service
 
@@ -37,7 +42,7 @@ class FakeTransport:
         return self.closed
 
 
-class Listener:
+class Listener(UpstreamListener):
     """Records what the connection tells the exchange."""
 
     def __init__(self) -> None:

@@ -181,6 +181,24 @@ def forwarded_for_node(ip: str) -> str:
     return f'"[{ip}]"' if ":" in ip else ip
 
 
+def forwarding_lines(client_ip: str, forwarded_for: bytes | None, scheme: str, host: str) -> bytes:
+    """The X-Forwarded-For/-Proto/-Host and Forwarded lines of an upstream request head.
+
+    A trusted peer's X-Forwarded-For (`forwarded_for`) is extended with the client address;
+    anyone else's was dropped by the parser. The same for every request of a connection that
+    keeps its Host, so the connection keeps the last one (ClientConnection.parser_headers_done).
+    """
+    ip = client_ip.encode()
+    xff = ip if forwarded_for is None else forwarded_for + b", " + ip
+    client_host = host.encode("latin-1")
+    proto = scheme.encode()
+    return (
+        b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n"
+        b'Forwarded: for=%s;host="%s";proto=%s\r\n'
+        % (xff, proto, client_host, forwarded_for_node(client_ip).encode(), client_host, proto)
+    )
+
+
 class HeaderList:
     """Case-insensitive access to a `headers` list of (name, value) bytes pairs.
 

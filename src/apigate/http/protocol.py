@@ -45,6 +45,7 @@ from apigate.http.headers import (
     HOP_BY_HOP,
     by_spelling,
     connection_tokens,
+    forwarding_lines,
     valid_request_id,
 )
 from apigate.http.request import Request
@@ -214,6 +215,10 @@ class ClientConnection(asyncio.Protocol):
         self._pending_error: GatewayError | None = None
         self._deadline = 0.0
         self.began_at = 0.0  # loop time of the current request's first byte
+        self._host_field = b""  # the last valid Host field and its routing form
+        self._host = ""
+        self._forwarding_host: str | None = None  # the Host of `_forwarding`
+        self._forwarding = b""
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self.requests_served = 0
@@ -382,9 +387,12 @@ class ClientConnection(asyncio.Protocol):
             return
         if kind == _H_HOST:
             self._host_count += 1
-            if value.translate(None, _HOST_CHARS):  # a byte outside uri-host [":" port]
-                raise GatewayError(400, "invalid Host header")
-            req.host = value.decode("latin-1").lower()  # sent upstream by the exchange
+            if value != self._host_field:  # (a keep-alive client repeats the one it sent)
+                if value.translate(None, _HOST_CHARS):  # a byte outside uri-host [":" port]
+                    raise GatewayError(400, "invalid Host header")
+                self._host_field = value
+                self._host = value.decode("latin-1").lower()
+            req.host = self._host  # sent upstream by the exchange
         elif kind == _H_CONTENT_LENGTH:
             req.content_length = int(value)  # llhttp validated digits and duplicates
         elif kind == _H_TRANSFER_ENCODING:
@@ -493,6 +501,11 @@ class ClientConnection(asyncio.Protocol):
         req.keep_alive = keep_alive
         if self._forwarding_kept:
             req.headers.extend(self._forwarding_kept)
+        if req.forwarded_for is None:  # (a trusted peer's list changes per request)
+            if req.host != self._forwarding_host:
+                self._forwarding_host = req.host
+                self._forwarding = forwarding_lines(self.client_ip, None, self.scheme, req.host)
+            req.forwarding = self._forwarding
         if not req.request_id:
             req.request_id = self.request_ids.next()
 

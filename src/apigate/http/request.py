@@ -19,6 +19,7 @@ class Request(HeaderList):
         "content_length",
         "expect_continue",
         "forwarded_for",
+        "forwarding",
         "headers",
         "host",
         "keep_alive",
@@ -48,6 +49,8 @@ class Request(HeaderList):
         self.upgrade: bytes | None = None  # the Upgrade header value when the client asks for one
         self.request_id = ""
         self.forwarded_for: bytes | None = None  # client-sent X-Forwarded-For (kept if trusted)
+        # headers.forwarding_lines() for this request when the connection has them (else b"")
+        self.forwarding = b""
         self.client_ip = ""
         self.client_port = 0
         self.scheme = "http"

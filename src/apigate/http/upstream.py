@@ -13,9 +13,10 @@ one we start a fresh parser for the next response instead of trusting the old on
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Final, Protocol, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
+from mypy_extensions import mypyc_attr
 
 from apigate.http.headers import HOP_BY_HOP, HeaderList, by_spelling, connection_tokens
 
@@ -61,18 +62,39 @@ class ResponseHead(HeaderList):
         self.upgrade: bytes | None = None
 
 
-class UpstreamListener(Protocol):
-    """The exchange side of an upstream connection."""
+@mypyc_attr(allow_interpreted_subclasses=True)
+class UpstreamListener:
+    """The exchange side of an upstream connection: the proxy exchange and the aggregator's
+    parts subclass it (so may tests). A base class, not a Protocol: compiled, the connection's
+    calls on it (four per response) are then native calls, where calls on a Protocol-typed
+    object are lookups by name."""
 
-    def on_response_head(self, head: ResponseHead) -> None: ...
-    def on_response_body(self, chunk: bytes) -> None: ...
-    def on_response_done(self) -> None: ...
-    def on_upstream_lost(self, exc: Exception | None) -> None: ...
-    def on_upstream_timeout(self) -> None: ...
-    def on_upgraded(self, extra: bytes) -> None: ...
-    def flush_head(self) -> None: ...
-    def upstream_write_paused(self) -> None: ...
-    def upstream_write_resumed(self) -> None: ...
+    def on_response_head(self, head: ResponseHead) -> None:
+        raise NotImplementedError
+
+    def on_response_body(self, chunk: bytes) -> None:
+        raise NotImplementedError
+
+    def on_response_done(self) -> None:
+        raise NotImplementedError
+
+    def on_upstream_lost(self, exc: Exception | None) -> None:
+        raise NotImplementedError
+
+    def on_upstream_timeout(self) -> None:
+        raise NotImplementedError
+
+    def on_upgraded(self, extra: bytes) -> None:
+        raise NotImplementedError
+
+    def flush_head(self) -> None:
+        raise NotImplementedError
+
+    def upstream_write_paused(self) -> None:
+        raise NotImplementedError
+
+    def upstream_write_resumed(self) -> None:
+        raise NotImplementedError
 
 
 _R_CONTENT_LENGTH: Final = 1

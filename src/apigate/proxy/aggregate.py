@@ -46,6 +46,7 @@ from urllib.parse import quote
 from apigate.http.errors import GatewayError
 from apigate.http.headers import VIA_VALUE
 from apigate.http.pool import PoolFull
+from apigate.http.upstream import UpstreamListener
 from apigate.plugins.base import Response
 from apigate.plugins.transform import ValueTemplate
 from apigate.routing.rewrite import encode_param
@@ -351,8 +352,8 @@ class _Lost(Exception):
         self.got_bytes = got_bytes
 
 
-class _PartListener:
-    """Collects one response from a pooled `UpstreamConnection` (an `UpstreamListener`)."""
+class _PartListener(UpstreamListener):
+    """Collects one response from a pooled `UpstreamConnection`."""
 
     __slots__ = ("chunks", "conn", "future", "head", "max_body", "size")
 

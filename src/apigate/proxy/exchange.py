@@ -32,7 +32,12 @@ from typing import TYPE_CHECKING, Any, Final
 
 from apigate.http.errors import GatewayError, render_error, render_response
 from apigate.http.pool import PoolFull
-from apigate.http.upstream import InvalidResponse, ResponseHead, UpstreamConnection
+from apigate.http.upstream import (
+    InvalidResponse,
+    ResponseHead,
+    UpstreamConnection,
+    UpstreamListener,
+)
 from apigate.observability.trace_context import trace_lines
 from apigate.plugins.base import Response
 from apigate.proxy.body_rewrite import RequestBodyRewrite, ResponseBodyRewrite
@@ -70,7 +75,7 @@ class ExchangeFactory:
         return ProxyExchange(conn, request, gateway.runtime, gateway.observers)
 
 
-class ProxyExchange:
+class ProxyExchange(UpstreamListener):
     """Implements both `http.protocol.Exchange` and `http.upstream.UpstreamListener`."""
 
     # Rarely changed state lives here as class-level defaults: an exchange only pays for the

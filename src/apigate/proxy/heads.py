@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Final
 
 from apigate.http.date import DATE
-from apigate.http.headers import VIA_VALUE, forwarded_for_node
+from apigate.http.headers import VIA_VALUE, forwarding_lines
 from apigate.http.request import Request
 from apigate.http.status import status_line
 from apigate.http.upstream import ResponseHead
@@ -33,30 +33,18 @@ def request_head(
     extra: bytes = b"",
 ) -> bytes:
     """The head of the request sent upstream (HTTP/1.1, keep-alive)."""
-    ip = req.client_ip
-    xff = ip.encode() if req.forwarded_for is None else req.forwarded_for + b", " + ip.encode()
     target = path.encode("ascii")
     if req.query:
         target += b"?" + req.query
-    client_host = req.host.encode("latin-1")
     parts = [
         b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, target, host_header),
     ]
     for name, value in req.headers:
         parts.append(b"%s: %s\r\n" % (name, value))
     parts.append(
-        b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n"
-        b'Forwarded: for=%s;host="%s";proto=%s\r\nX-Request-Id: %s\r\n'
-        % (
-            xff,
-            req.scheme.encode(),
-            client_host,
-            forwarded_for_node(ip).encode(),
-            client_host,
-            req.scheme.encode(),
-            req.request_id.encode(),
-        )
+        req.forwarding or forwarding_lines(req.client_ip, req.forwarded_for, req.scheme, req.host)
     )
+    parts.append(b"X-Request-Id: %s\r\n" % req.request_id.encode())
     parts.append(_VIA)
     if extra:  # trace context and whatever else the exchange adds, as ready header lines
         parts.append(extra)
