@@ -253,13 +253,13 @@ def test_local_counters_survive_a_reload_with_the_same_settings() -> None:
 
 def test_expired_keys_are_swept() -> None:
     plugin, clock = limiter({"requests": 10, "per": "1s"})
-    plugin._sweep_at = 100
+    plugin.limiter.sweep_at = 100
     for i in range(100):
         assert hit(plugin, make_ctx(client_ip=f"10.0.{i // 250}.{i % 250}")) is None
     clock.advance(1)
     assert hit(plugin, make_ctx(client_ip="10.9.9.9")) is None
     assert hit(plugin, make_ctx(client_ip="10.9.9.8")) is None  # 102 keys > 100: sweep
-    assert plugin._table is not None and len(plugin._table) == 2
+    assert plugin.limiter.table is not None and len(plugin.limiter.table) == 2
 
 
 # ============================================================================ stores

@@ -13,6 +13,9 @@ A plugin is a class with a `name`, a `priority`, a pydantic `Config` and any of 
 
 Hooks are plain functions unless they must wait (Redis, JWKS fetch): the exchange only creates a
 task when a hook actually returns an awaitable, so synchronous plugins cost no scheduling.
+The chain takes each hook from the plugin *instance*, so `__init__` may also set one as an
+attribute (any callable): the built-in jwt, rate_limit and access_log plugins bind the methods
+of their compiled per-request halves that way, with no interpreted frame in between.
 Higher `priority` runs first (auth 1000+, rate limit 900, cache 800, transform 700, log 0).
 """
 

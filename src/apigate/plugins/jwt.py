@@ -7,6 +7,7 @@ Theory of operation, per request:
    must not get to choose which of them the gateway checks and which one the upstream reads.
 2. Look it up in the verified-token cache (token bytes -> claims, dropped at `exp`): a token seen
    before costs one dict lookup instead of a signature check (RS256 ~40 µs, ES256 ~90 µs).
+   Steps 1, 2 and 4 for a cached token run compiled (apigate.plugins.jwt_cache); the rest here.
 3. Otherwise verify it with PyJWT, with the algorithm pinned twice: it must be one of the
    configured `algorithms` and one the key's family supports, so `alg: none` never passes and an
    HS256 token "signed" with an RSA public key never meets an HMAC key. `kid` is only a lookup
@@ -32,7 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
-from urllib.parse import unquote_to_bytes, urlsplit
+from urllib.parse import urlsplit
 
 import jwt
 from cryptography import x509
@@ -52,6 +53,7 @@ from apigate.plugins.identity import (
     StrictPluginConfig,
     unauthorized,
 )
+from apigate.plugins.jwt_cache import CONFLICT, TokenCache, Verified
 
 log = logging.getLogger("apigate.plugins.jwt")
 
@@ -87,7 +89,6 @@ _RESERVED_HEADERS = frozenset(
         "authorization",
     }
 )
-_CONFLICT = b"\x00conflict"  # sentinel: two different tokens in one request
 
 
 # ============================================================================ configuration
@@ -432,16 +433,6 @@ class JwksSource:
 
 
 # ============================================================================ the plugin
-@dataclass(slots=True)
-class Verified:
-    """A cache entry: what a verified token grants, until `expires` (epoch seconds)."""
-
-    claims: dict[str, Any]
-    expires: float
-    consumer: Any
-    forward: list[tuple[bytes, bytes]]
-
-
 def _describe(exc: jwt.PyJWTError) -> str:
     if isinstance(exc, jwt.ExpiredSignatureError):
         return "token expired"
@@ -512,15 +503,20 @@ class JwtPlugin(Plugin):
                     max_age=config.jwks_max_age,
                 )
             self.jwks = source
-        self.cache: dict[bytes, Verified] = {}
-        self.cache_size = config.cache_size
-        self._header = config.header.encode()
-        self._header_size = len(self._header)
-        self._bearer_only = config.header == "authorization"
-        self._cookie = config.cookie.encode() if config.cookie else None
-        self._query = config.query_param.encode() if config.query_param else None
         self._forward = [(claim, h.encode()) for claim, h in config.forward_claims.items()]
-        self._forward_lower = frozenset(h.lower() for _, h in self._forward)
+        self.tokens = TokenCache(
+            header=config.header.encode(),
+            bearer_only=config.header == "authorization",
+            cookie=config.cookie.encode() if config.cookie else None,
+            query=config.query_param.encode() if config.query_param else None,
+            size=config.cache_size,
+            forward_headers=frozenset(h.lower() for _, h in self._forward),
+            miss=self._uncached,
+        )
+        self.cache = self.tokens.entries  # token bytes -> Verified
+        # The hook is the compiled method itself: a cached token is answered with no
+        # interpreted frame on the way (timed in place: ~0.9 µs interpreted, ~0.45 compiled).
+        self.on_request = self.tokens.on_request
         self._decoder = jwt.PyJWT(
             options={
                 "verify_aud": config.audience is not None,
@@ -540,77 +536,19 @@ class JwtPlugin(Plugin):
     async def close(self) -> None:
         """Nothing to undo: the JWKS source is shared with the next snapshot's instance."""
 
-    # ------------------------------------------------------------------ hot path
-    def on_request(self, ctx: Any) -> Any:
-        token = self._find_token(ctx.request)
+    # ------------------------------------------------------------------ uncached tokens
+    def _uncached(self, ctx: Any, token: bytes | None) -> Any:
+        """What TokenCache.on_request (the hook) could not answer from the cache."""
         if token is None:
             return unauthorized(ctx, "missing bearer token", BEARER_CHALLENGE)
-        # The cached token before the conflict check: it is the common case, and _CONFLICT is
-        # never a key (only tokens that verified are), so it falls through to its answer.
-        entry = self.cache.get(token)
-        if entry is not None and entry.expires > time.time():
-            self._accept(ctx, entry)
-            return None
-        if token is _CONFLICT:
+        if token is CONFLICT:
             return self._invalid(ctx, "several different tokens in one request")
-        if entry is not None:  # past its exp or the 5-minute re-check: verify it again
-            self.cache.pop(token, None)
+        self.cache.pop(token, None)  # past its exp or the 5-minute re-check: verify it again
         try:
             return self._verify(ctx, token)
         except Exception:  # a verifier bug must still be a 401, never a 500
             log.exception("JWT verification failed unexpectedly")
             return self._invalid(ctx, "invalid token")
-
-    def _find_token(self, req: Any) -> bytes | None:
-        found: bytes | None = None
-        target, size = self._header, self._header_size
-        for name, value in req.headers:
-            # the length first: most headers differ in it, and it allocates nothing
-            if len(name) == size and name.lower() == target:
-                if value[:7].lower() == b"bearer ":
-                    token = value[7:].strip()
-                elif self._bearer_only:
-                    continue  # another scheme (Basic ...) is not ours
-                else:
-                    token = value.strip()
-                if found is not None and token != found:
-                    return _CONFLICT
-                found = token
-        if self._cookie is None and self._query is None:
-            return found
-        for token in self._extra_tokens(req):
-            if found is not None and token != found:
-                return _CONFLICT
-            found = token
-        return found
-
-    def _extra_tokens(self, req: Any) -> list[bytes]:
-        tokens: list[bytes] = []
-        cookie_name = self._cookie
-        if cookie_name is not None:
-            for name, value in req.headers:
-                if len(name) == 6 and name.lower() == b"cookie":
-                    for pair in value.split(b";"):
-                        key, eq, val = pair.partition(b"=")
-                        if eq and key.strip() == cookie_name:
-                            tokens.append(val.strip().strip(b'"'))
-        param = self._query
-        if param is not None and req.query:
-            for pair in req.query.split(b"&"):
-                key, eq, val = pair.partition(b"=")
-                if eq and unquote_to_bytes(key) == param:
-                    tokens.append(unquote_to_bytes(val.replace(b"+", b" ")))
-        return tokens
-
-    def _accept(self, ctx: Any, entry: Verified) -> None:
-        ctx.vars["jwt_claims"] = entry.claims
-        if entry.consumer is not None:
-            ctx.consumer = entry.consumer
-        if self._forward_lower:
-            req = ctx.request
-            drop = self._forward_lower
-            req.headers = [h for h in req.headers if h[0].lower() not in drop]
-            req.headers.extend(entry.forward)
 
     def _invalid(self, ctx: Any, message: str) -> Response:
         return unauthorized(ctx, message, BEARER_INVALID, code="invalid_token")
@@ -665,7 +603,7 @@ class JwtPlugin(Plugin):
             claims = self._decode(token, alg, keys)
         except jwt.PyJWTError as exc:
             return self._invalid(ctx, _describe(exc))
-        self._accept(ctx, self._remember(token, claims))
+        self.tokens.accept(ctx, self._remember(token, claims))
         return None
 
     def _decode(self, token: bytes, alg: str, keys: list[VerifyKey]) -> dict[str, Any]:
@@ -693,12 +631,7 @@ class JwtPlugin(Plugin):
         forward = [(h, header_value(claims[c])) for c, h in self._forward if c in claims]
         consumer = self.consumers.find(claims.get(self.cfg.consumer_claim))
         entry = Verified(claims, expires, consumer, forward)
-        if self.cache_size:
-            cache = self.cache
-            if len(cache) >= self.cache_size:
-                # FIFO eviction: the oldest insertion goes (dicts keep insertion order).
-                cache.pop(next(iter(cache)))
-            cache[token] = entry
+        self.tokens.add(token, entry)
         return entry
 
     def __repr__(self) -> str:

@@ -21,7 +21,8 @@ Headers: `RateLimit-Limit` (requests), `RateLimit-Remaining` (admissible right n
 plus `Retry-After` on a 429.
 
 Stores. `local` (the default): a dict key → TAT in this process; the hot path is a clock read,
-a dict get and a dict set, with no await. `redis`: one Lua script (below) does the whole
+a dict get and a dict set, with no await, compiled with the data plane
+(apigate.plugins.rate_limit_local). `redis`: one Lua script (below) does the whole
 check-and-update atomically on the Redis server, with Redis's clock, so N gateway processes
 share one limit exactly. A Redis call waits at most `store_timeout`; a failure applies
 `on_store_error` (`allow`: pass without limiting, `deny`: 503) and the store stays "down",
@@ -34,10 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
-import time
 from collections.abc import Callable
-from itertools import islice
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -47,12 +45,8 @@ from apigate.config.units import PositiveDuration, format_duration
 from apigate.http.headers import is_token
 from apigate.plugins.base import Plugin, PluginConfig, PluginEnv, Response
 from apigate.plugins.identity import StrictPluginConfig, reject
+from apigate.plugins.rate_limit_local import LocalLimiter
 from apigate.store.redis import RedisStore, Script, StoreUnavailable, shared_redis
-
-_SWEEP_MIN = 10_000  # keys before the first sweep of expired entries
-_REMAINING = b"RateLimit-Remaining"
-_RESET = b"RateLimit-Reset"
-_MAX_KEYS = 1_000_000  # hard cap on the local table (then the oldest half is forgotten)
 
 # KEYS[1] = bucket; ARGV = emission interval T (µs), tolerance τ (µs).
 # Returns {admitted (1/0), TAT - now in µs (after the update when admitted)}.
@@ -107,54 +101,6 @@ class RateLimitConfig(StrictPluginConfig):
         raise ValueError(f"invalid store {value!r}: use local, redis or redis://host:6379/0")
 
 
-# ============================================================================ keys
-KeyFunc = Callable[[Any], str]
-
-
-def _client_ip(ctx: Any) -> str:
-    # ip_filter leaves the address it resolved through trusted proxies here
-    ip: str = ctx.vars.get("client_ip") or ctx.request.client_ip
-    return ip
-
-
-def _consumer(ctx: Any) -> str:
-    consumer = ctx.consumer
-    if consumer is None:
-        return "ip:" + _client_ip(ctx)  # unauthenticated: limited per address
-    name: str = consumer.name
-    return name
-
-
-def _route(ctx: Any) -> str:
-    route = ctx.route
-    return route.name if route is not None else "-"
-
-
-def _header(lname: str) -> KeyFunc:
-    def key(ctx: Any) -> str:
-        value = ctx.request.header(lname)
-        return "h:" + value if value else "ip:" + _client_ip(ctx)
-
-    return key
-
-
-def key_function(spec: str | list[str]) -> KeyFunc:
-    parts = [spec] if isinstance(spec, str) else spec
-    funcs: list[KeyFunc] = []
-    for part in parts:
-        if part == "ip":
-            funcs.append(_client_ip)
-        elif part == "consumer":
-            funcs.append(_consumer)
-        elif part == "route":
-            funcs.append(_route)
-        else:
-            funcs.append(_header(part.partition(":")[2].lower()))
-    if len(funcs) == 1:
-        return funcs[0]
-    return lambda ctx: "\x1f".join(f(ctx) for f in funcs)
-
-
 def redis_url(cfg: RateLimitConfig, top_level: str) -> str | None:
     """The Redis URL this limiter uses, or None for the in-process store."""
     top_is_redis = top_level.startswith(("redis://", "rediss://"))
@@ -182,35 +128,41 @@ class RateLimitPlugin(Plugin):
         super().__init__(config, env)
         assert isinstance(config, RateLimitConfig)
         self.cfg = config
-        per_ns = round(config.per * 1e9)
-        self.interval = -(-per_ns // config.requests)  # ns, rounded up
-        self.tolerance = config.burst * self.interval
+        per = format_duration(config.per)
+        self.limiter = LocalLimiter(
+            requests=config.requests,
+            per=config.per,
+            burst=config.burst,
+            key=config.key,
+            headers=config.headers,
+            message=f"rate limit exceeded: {config.requests} requests per {per}",
+            bind=self._bind,
+        )
         per_us = round(config.per * 1e6)
         self.interval_us = -(-per_us // config.requests)
         self.tolerance_us = config.burst * self.interval_us
-        self.key_of = key_function(config.key)
-        self._limit_header = (b"RateLimit-Limit", b"%d" % config.requests)
-        self._remaining_cache = [
-            (_REMAINING, b"%d" % n) for n in range(min(config.burst + 2, 1024))
-        ]
-        longest = -(-(self.tolerance + self.interval) // 1_000_000_000) + 1
-        self._reset_cache = [(_RESET, b"%d" % n) for n in range(min(longest, 4096))]
-        # The headers of a request that found its bucket empty (behind == interval): every
-        # request of a client slower than the limit, so they are built once, not per response.
-        self._idle_headers = self._rate_headers(self.interval)
-        self._headers = config.headers
-        self._message = (
-            f"rate limit exceeded: {config.requests} requests per {format_duration(config.per)}"
-        )
         self._signature = json.dumps(config.model_dump(mode="json"), sort_keys=True)
-        self._table: dict[str, int] | None = None
         self._prefix = ""
-        self._sweep_at = _SWEEP_MIN
-        self.clock = time.monotonic_ns  # replaceable in tests
         url = redis_url(config, env.config.store)
         self.redis: RedisStore | None = (
             shared_redis(env.shared, url, timeout=config.store_timeout) if url else None
         )
+        # The hooks are the compiled limiter's own methods, called by the chain with no
+        # interpreted frame in between (timed in place, both hooks: ~1.1 µs per request
+        # interpreted, ~0.5 compiled); only the Redis store answers from here.
+        self.on_request: Callable[[Any], Any] = (
+            self.limiter.on_request if self.redis is None else self._remote
+        )
+        self.on_response = self.limiter.on_response
+
+    @property
+    def clock(self) -> Callable[[], int]:
+        """The local store's clock (integer ns; tests replace it)."""
+        return self.limiter.clock
+
+    @clock.setter
+    def clock(self, clock: Callable[[], int]) -> None:
+        self.limiter.clock = clock
 
     async def start(self) -> None:
         """Open a first Redis connection now, so the first request does not pay for it."""
@@ -218,59 +170,6 @@ class RateLimitPlugin(Plugin):
             # a failure is logged by the store; requests apply on_store_error until it is back
             with contextlib.suppress(StoreUnavailable):
                 await self.redis.call("PING", timeout=max(1.0, self.cfg.store_timeout))
-
-    # ------------------------------------------------------------------ hot path
-    def on_request(self, ctx: Any) -> Any:
-        key = self.key_of(ctx)
-        if self.redis is not None:
-            return self._remote(ctx, key)
-        table = self._table
-        if table is None:
-            table = self._bind(ctx)
-        now = self.clock()
-        tat = table.get(key, now)
-        if tat < now:
-            tat = now
-        behind = tat - now
-        if behind > self.tolerance:
-            return self._reject(ctx, behind)
-        table[key] = tat + self.interval
-        if len(table) > self._sweep_at:
-            self._sweep(table, now)
-        ctx.vars["rate_limit"] = behind + self.interval
-        return None
-
-    def on_response(self, ctx: Any, head: Any) -> None:
-        behind = ctx.vars.get("rate_limit")
-        if behind is None or not self._headers:
-            return
-        headers = head.headers
-        for name, _ in headers:
-            # the upstream's own RateLimit-* would contradict ours; `| 32` lower-cases the
-            # first byte, so only names starting with R/r pay for the prefix comparison
-            if name[0] | 32 == 114 and name[:10].lower() == b"ratelimit-":
-                headers = head.headers = [h for h in headers if h[0][:10].lower() != b"ratelimit-"]
-                break
-        headers += self._idle_headers if behind == self.interval else self._rate_headers(behind)
-
-    def _rate_headers(self, behind: int) -> tuple[tuple[bytes, bytes], ...]:
-        remaining = max(0, (self.tolerance - behind) // self.interval + 1)
-        reset = -(-behind // 1_000_000_000)  # ceil, in ints
-        # Both values are small and bounded, so their headers are built once (formatting two
-        # ints as bytes per response cost ~0.5 µs, a third of the plugin's whole cost).
-        rem, res = self._remaining_cache, self._reset_cache
-        return (
-            self._limit_header,
-            rem[remaining] if remaining < len(rem) else (_REMAINING, b"%d" % remaining),
-            res[reset] if reset < len(res) else (_RESET, b"%d" % reset),
-        )
-
-    def _reject(self, ctx: Any, behind: int) -> Response:
-        retry = max(1, math.ceil((behind - self.tolerance) / 1e9))
-        headers = [(b"Retry-After", b"%d" % retry)]
-        if self._headers:
-            headers.extend(self._rate_headers(behind))
-        return reject(ctx, 429, "rate_limited", self._message, headers)
 
     # ------------------------------------------------------------------ local store
     def _bind(self, ctx: Any) -> dict[str, int]:
@@ -284,25 +183,17 @@ class RateLimitPlugin(Plugin):
         table: dict[str, int] = self.env.shared.setdefault(
             f"rate_limit:{scope}:{self._signature}", {}
         )
-        self._table = table
         return table
 
-    def _sweep(self, table: dict[str, int], now: int) -> None:
-        for key in [k for k, tat in table.items() if tat <= now]:
-            del table[key]
-        if len(table) > _MAX_KEYS:
-            for key in list(islice(table, len(table) // 2)):
-                del table[key]
-        self._sweep_at = max(2 * len(table), _SWEEP_MIN)
-
     # ------------------------------------------------------------------ redis store
-    def _remote(self, ctx: Any, key: str) -> Any:
+    def _remote(self, ctx: Any) -> Any:
+        """The `on_request` hook with the Redis store."""
         assert self.redis is not None
         if not self._prefix:
             self._bind(ctx)
         if not self.redis.available():
             return self._store_error(ctx)
-        return self._remote_check(ctx, self._prefix + key)
+        return self._remote_check(ctx, self._prefix + self.limiter.key_of(ctx))
 
     async def _remote_check(self, ctx: Any, key: str) -> Response | None:
         assert self.redis is not None
@@ -316,9 +207,9 @@ class RateLimitPlugin(Plugin):
             admitted, behind_us = int(result[0]), int(result[1])
         except (StoreUnavailable, TypeError, ValueError, IndexError):
             return self._store_error(ctx)
-        behind = behind_us * self.interval // self.interval_us  # µs -> local ns units
+        behind = behind_us * self.limiter.interval // self.interval_us  # µs -> local ns units
         if not admitted:
-            return self._reject(ctx, behind)
+            return self.limiter.reject(ctx, behind)
         ctx.vars["rate_limit"] = behind
         return None
 

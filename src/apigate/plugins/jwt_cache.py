@@ -1,0 +1,148 @@
+"""The per-request half of the `jwt` plugin (apigate.plugins.jwt): finding the token in a
+request and the verified-token cache, compiled with the data plane (apigate.buildinfo).
+
+A token seen before is answered here without leaving native code: the chain calls
+`TokenCache.on_request` directly, and only a token that is missing, conflicting, unknown or
+past its time goes back to the plugin (`miss`) for a 401 or a signature check.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Final
+from urllib.parse import unquote_to_bytes
+
+from apigate.http.request import Request
+
+CONFLICT: Final = b"\x00conflict"  # sentinel: two different tokens in one request
+
+
+class Verified:
+    """A cache entry: what a verified token grants, until `expires` (epoch seconds)."""
+
+    __slots__ = ("claims", "consumer", "expires", "forward")
+
+    def __init__(
+        self,
+        claims: dict[str, Any],
+        expires: float,
+        consumer: Any,
+        forward: list[tuple[bytes, bytes]],
+    ) -> None:
+        self.claims = claims
+        self.expires = expires
+        self.consumer = consumer
+        self.forward = forward
+
+    def __repr__(self) -> str:
+        return f"<Verified until {self.expires:.0f} consumer={self.consumer!r}>"
+
+
+class TokenCache:
+    """Where a request's token is (header, cookie, query parameter) and what the tokens
+    verified so far grant (token bytes -> `Verified`, at most `size`, oldest dropped first)."""
+
+    def __init__(
+        self,
+        *,
+        header: bytes,
+        bearer_only: bool,
+        cookie: bytes | None,
+        query: bytes | None,
+        size: int,
+        forward_headers: frozenset[bytes],
+        miss: Callable[[Any, bytes | None], Any],
+    ) -> None:
+        self.entries: dict[bytes, Verified] = {}
+        self.size = size
+        self.header = header
+        self.bearer_only = bearer_only
+        self.cookie = cookie
+        self.query = query
+        self.forward_headers = forward_headers  # lower-case names of the claim headers
+        # the plugin's answer for a token this cache cannot vouch for (or None: no token)
+        self.miss = miss
+
+    def on_request(self, ctx: Any) -> Any:
+        """The plugin's `on_request` hook. `ctx` is Any (tests pass stand-ins), its `request`
+        a real `Request`."""
+        token = self.find(ctx.request)
+        # The cache before the conflict check: the common case, and CONFLICT is never a key
+        # (only tokens that verified are), so a conflict falls through to the plugin.
+        if token is not None:
+            entry = self.entries.get(token)
+            if entry is not None and entry.expires > time.time():
+                self.accept(ctx, entry)
+                return None
+        return self.miss(ctx, token)
+
+    def find(self, req: Request) -> bytes | None:
+        """The request's token, None, or CONFLICT when it carries two different ones: an
+        attacker must not get to choose which the gateway checks and which the upstream
+        reads."""
+        found: bytes | None = None
+        target = self.header
+        size = len(target)
+        for name, value in req.headers:
+            # the length first: most headers differ in it, and it allocates nothing
+            if len(name) == size and name.lower() == target:
+                if value.startswith(b"Bearer ") or value[:7].lower() == b"bearer ":
+                    token = value[7:].strip()
+                elif self.bearer_only:
+                    continue  # another scheme (Basic ...) is not ours
+                else:
+                    token = value.strip()
+                if found is not None and token != found:
+                    return CONFLICT
+                found = token
+        if self.cookie is None and self.query is None:
+            return found
+        for token in self.extra_tokens(req):
+            if found is not None and token != found:
+                return CONFLICT
+            found = token
+        return found
+
+    def extra_tokens(self, req: Request) -> list[bytes]:
+        """Tokens in the configured cookie and query parameter."""
+        tokens: list[bytes] = []
+        cookie_name = self.cookie
+        if cookie_name is not None:
+            for name, value in req.headers:
+                if len(name) == 6 and name.lower() == b"cookie":
+                    for pair in value.split(b";"):
+                        key, eq, val = pair.partition(b"=")
+                        if eq and key.strip() == cookie_name:
+                            tokens.append(val.strip().strip(b'"'))
+        param = self.query
+        if param is not None and req.query:
+            for pair in req.query.split(b"&"):
+                key, eq, val = pair.partition(b"=")
+                if eq and unquote_to_bytes(key) == param:
+                    tokens.append(unquote_to_bytes(val.replace(b"+", b" ")))
+        return tokens
+
+    def accept(self, ctx: Any, entry: Verified) -> None:
+        """Publish what the token grants: claims, consumer, claim headers for the upstream."""
+        scratch: dict[str, Any] = ctx.vars
+        scratch["jwt_claims"] = entry.claims
+        if entry.consumer is not None:
+            ctx.consumer = entry.consumer
+        drop = self.forward_headers
+        if drop:
+            req: Request = ctx.request
+            req.headers = [h for h in req.headers if h[0].lower() not in drop]
+            req.headers.extend(entry.forward)
+
+    def add(self, token: bytes, entry: Verified) -> None:
+        """Remember a verified token (FIFO eviction: dicts keep insertion order)."""
+        if not self.size:
+            return
+        entries = self.entries
+        if len(entries) >= self.size:
+            entries.pop(next(iter(entries)))
+        entries[token] = entry
+
+    def __repr__(self) -> str:
+        return f"<TokenCache {len(self.entries)} of {self.size} tokens>"

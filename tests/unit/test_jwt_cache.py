@@ -1,0 +1,113 @@
+"""The compiled half of the jwt plugin: where a token is found, what the cache answers by
+itself, and what it hands back to the plugin (`miss`). The plugin's behaviour as a whole is in
+test_plugin_jwt.py."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from apigate.plugins.chain import PluginChain
+from apigate.plugins.jwt_cache import CONFLICT, TokenCache, Verified
+from tests.unit.test_plugin_fakes import build, make_ctx, make_request, sent_header
+
+SECRET = "s" * 32
+
+
+def token_cache(**overrides: Any) -> tuple[TokenCache, list[tuple[Any, bytes | None]]]:
+    misses: list[tuple[Any, bytes | None]] = []
+
+    def miss(ctx: Any, token: bytes | None) -> str:
+        misses.append((ctx, token))
+        return "miss"
+
+    settings: dict[str, Any] = {
+        "header": b"authorization",
+        "bearer_only": True,
+        "cookie": None,
+        "query": None,
+        "size": 10,
+        "forward_headers": frozenset(),
+        "miss": miss,
+        **overrides,
+    }
+    return TokenCache(**settings), misses
+
+
+def verified(consumer: Any = None, forward: list[tuple[bytes, bytes]] | None = None) -> Verified:
+    return Verified({"sub": "alice"}, time.time() + 60, consumer, forward or [])
+
+
+def test_the_bearer_scheme_is_case_insensitive_and_other_schemes_are_not_tokens() -> None:
+    cache, _ = token_cache()
+    for value in ("Bearer abc", "bearer abc", "BEARER  abc "):
+        assert cache.find(make_request(headers=[("Authorization", value)])) == b"abc"
+    assert cache.find(make_request(headers=[("Authorization", "Basic abc")])) is None
+    assert cache.find(make_request(headers=[("X-Authorization", "Bearer abc")])) is None
+    assert cache.find(make_request()) is None
+
+
+def test_a_custom_header_takes_the_token_with_or_without_the_scheme() -> None:
+    cache, _ = token_cache(header=b"x-token", bearer_only=False)
+    assert cache.find(make_request(headers=[("X-Token", " abc ")])) == b"abc"
+    assert cache.find(make_request(headers=[("x-token", "Bearer abc")])) == b"abc"
+
+
+def test_two_different_tokens_are_a_conflict_and_the_same_one_twice_is_not() -> None:
+    cache, _ = token_cache(cookie=b"session", query=b"access_token")
+    twice = [("Authorization", "Bearer a"), ("Authorization", "Bearer a")]
+    assert cache.find(make_request(headers=twice)) == b"a"
+    differ = [("Authorization", "Bearer a"), ("authorization", "Bearer b")]
+    assert cache.find(make_request(headers=differ)) is CONFLICT
+    cookie = [("Authorization", "Bearer a"), ("Cookie", 'x=1; session="b"')]
+    assert cache.find(make_request(headers=cookie)) is CONFLICT
+    query = make_request(headers=[("Authorization", "Bearer a")], query=b"access_token=b")
+    assert cache.find(query) is CONFLICT
+    assert cache.find(make_request(query=b"x=1&access_token=a%2Bb+c")) == b"a+b c"
+    assert cache.find(make_request(headers=[("Cookie", "session=a")])) == b"a"
+
+
+def test_a_cached_token_is_answered_without_the_plugin() -> None:
+    cache, misses = token_cache(forward_headers=frozenset({b"x-user"}))
+    consumer = object()
+    cache.add(b"abc", verified(consumer, [(b"X-User", b"alice")]))
+    ctx = make_ctx(headers=[("Authorization", "Bearer abc"), ("X-USER", "spoofed")])
+    assert cache.on_request(ctx) is None
+    assert misses == []
+    assert ctx.vars["jwt_claims"] == {"sub": "alice"}
+    assert ctx.consumer is consumer
+    assert sent_header(ctx.request, "X-User") == ["alice"]
+
+
+def test_missing_conflicting_unknown_and_expired_tokens_go_to_the_plugin() -> None:
+    cache, misses = token_cache()
+    expired = verified()
+    expired.expires = time.time() - 1
+    cache.add(b"old", expired)
+    cases = [
+        ([], None),
+        ([("Authorization", "Bearer a"), ("Authorization", "Bearer b")], CONFLICT),
+        ([("Authorization", "Bearer new")], b"new"),
+        ([("Authorization", "Bearer old")], b"old"),
+    ]
+    for headers, token in cases:
+        ctx = make_ctx(headers=headers)
+        assert cache.on_request(ctx) == "miss"
+        assert misses[-1] == (ctx, token)
+        assert "jwt_claims" not in ctx.vars
+
+
+def test_the_cache_drops_its_oldest_entry_and_size_zero_keeps_none() -> None:
+    cache, _ = token_cache(size=2)
+    for token in (b"a", b"b", b"c"):
+        cache.add(token, verified())
+    assert list(cache.entries) == [b"b", b"c"]
+    nothing, _ = token_cache(size=0)
+    nothing.add(b"a", verified())
+    assert nothing.entries == {}
+
+
+def test_the_chain_calls_the_compiled_hook_directly() -> None:
+    plugin = build("jwt", {"secret": SECRET, "algorithms": ["HS256"]})
+    assert PluginChain([plugin]).request_hooks == [plugin.tokens.on_request]
+    assert plugin.cache is plugin.tokens.entries

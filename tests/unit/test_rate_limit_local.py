@@ -1,0 +1,111 @@
+"""The compiled half of the rate_limit plugin: keys, the table it binds once, and its headers.
+GCRA's bound and the plugin's behaviour as a whole are in test_plugin_rate_limit.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from apigate.config.schema import ConsumerConfig
+from apigate.plugins.base import Response
+from apigate.plugins.chain import PluginChain
+from apigate.plugins.rate_limit_local import LocalLimiter, key_function
+from tests.unit.test_plugin_fakes import build, make_ctx, make_route, upstream_head
+
+S = 1_000_000_000  # ns per second
+
+
+def local_limiter(**overrides: Any) -> tuple[LocalLimiter, list[dict[str, int]]]:
+    tables: list[dict[str, int]] = []
+
+    def bind(ctx: Any) -> dict[str, int]:
+        tables.append({})
+        return tables[-1]
+
+    settings: dict[str, Any] = {
+        "requests": 2,
+        "per": 1.0,
+        "burst": 0,
+        "key": "ip",
+        "headers": True,
+        "message": "slow down",
+        "bind": bind,
+        **overrides,
+    }
+    limiter = LocalLimiter(**settings)
+    limiter.clock = lambda: 1000 * S
+    return limiter, tables
+
+
+def test_the_table_is_bound_once_on_the_first_request() -> None:
+    limiter, tables = local_limiter(requests=10, burst=5)
+    assert limiter.table is None
+    for _ in range(3):
+        assert limiter.on_request(make_ctx()) is None
+    assert len(tables) == 1 and limiter.table is tables[0]
+    assert tables[0] == {"203.0.113.7": 1000 * S + 3 * (S // 10)}
+
+
+def test_a_full_bucket_is_a_429_with_retry_after_and_headers() -> None:
+    limiter, _ = local_limiter(requests=2, per=10.0)
+    ctx = make_ctx()
+    assert limiter.on_request(ctx) is None
+    assert ctx.vars["rate_limit"] == 5 * S
+    denied = limiter.on_request(make_ctx())
+    assert isinstance(denied, Response) and denied.status == 429
+    assert denied.headers == [
+        (b"Retry-After", b"5"),
+        (b"RateLimit-Limit", b"2"),
+        (b"RateLimit-Remaining", b"0"),
+        (b"RateLimit-Reset", b"5"),
+    ]
+
+
+def test_headers_replace_the_upstreams_and_are_absent_when_off() -> None:
+    limiter, _ = local_limiter()
+    ctx = make_ctx()
+    assert limiter.on_request(ctx) is None
+    head = upstream_head([(b"RateLimit-Limit", b"9"), (b"X-A", b"1"), (b"rATELIMIT-x", b"2")])
+    limiter.on_response(ctx, head)
+    assert head.headers == [
+        (b"X-A", b"1"),
+        (b"RateLimit-Limit", b"2"),
+        (b"RateLimit-Remaining", b"0"),
+        (b"RateLimit-Reset", b"1"),
+    ]
+    quiet, _ = local_limiter(headers=False)
+    assert quiet.on_request(ctx) is None
+    head = upstream_head([(b"X-A", b"1")])
+    quiet.on_response(ctx, head)
+    assert head.headers == [(b"X-A", b"1")]
+
+
+def test_values_beyond_the_precomputed_headers_are_formatted() -> None:
+    limiter, _ = local_limiter(requests=1, per=10_000.0, burst=2000)
+    assert len(limiter.remaining_cache) == 1024 and len(limiter.reset_cache) == 4096
+    assert limiter.rate_headers(limiter.interval) == (
+        (b"RateLimit-Limit", b"1"),
+        (b"RateLimit-Remaining", b"2000"),
+        (b"RateLimit-Reset", b"10000"),
+    )
+
+
+def test_key_functions() -> None:
+    alice = make_ctx(client_ip="10.0.0.1", headers=[("X-Tenant", "t1")], route=make_route("a"))
+    alice.consumer = ConsumerConfig(name="alice")
+    anonymous = make_ctx(client_ip="10.0.0.2")
+    anonymous.vars["client_ip"] = "198.51.100.9"  # resolved by ip_filter
+    assert key_function("ip")(anonymous) == "198.51.100.9"
+    assert key_function("consumer")(alice) == "alice"
+    assert key_function("consumer")(anonymous) == "ip:198.51.100.9"
+    assert key_function("route")(alice) == "a"
+    assert key_function("route")(anonymous) == "-"
+    assert key_function("header:X-Tenant")(alice) == "h:t1"
+    assert key_function("header:X-Tenant")(anonymous) == "ip:198.51.100.9"
+    assert key_function(["consumer", "route"])(alice) == "alice\x1fa"
+
+
+def test_the_chain_calls_the_compiled_hooks_directly() -> None:
+    plugin = build("rate_limit", {"requests": 1, "per": "1s"})
+    chain = PluginChain([plugin])
+    assert chain.request_hooks == [plugin.limiter.on_request]
+    assert chain.response_hooks == [plugin.limiter.on_response]
