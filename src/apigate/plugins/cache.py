@@ -258,15 +258,20 @@ class CachePlugin(Plugin):
         # A consumer-scoped key is that consumer's own entry: the §3.5 sharing rule is moot.
         auth = authorization and consumer is None
         now = self.clock()
-        state = _State(base, policy, auth, now)
-        ctx.vars[STATE_KEY] = state
         store = self.store
         if isinstance(store, RedisCacheStore):
-            return self._lookup_async(ctx, state, store)
+            return self._lookup_async(ctx, _State(base, policy, auth, now), store)
+        key = base
         entry = store.get(base, now)
         if entry is not None and entry.is_marker:
-            state.key = variant_key(base, entry.vary, req)
-            entry = store.get(state.key, now)
+            key = variant_key(base, entry.vary, req)
+            entry = store.get(key, now)
+        if entry is not None and policy.lookup and (entry.auth_ok or not auth):
+            age = entry.age(now)
+            if is_fresh(entry.lifetime, age, policy):  # a hit: no state to keep at all
+                return self._hit(ctx, entry, age)
+        state = _State(base, policy, auth, now)
+        state.key = key
         return self._after_lookup(ctx, state, entry, now)
 
     async def _lookup_async(
@@ -286,13 +291,17 @@ class CachePlugin(Plugin):
         self, ctx: Any, state: _State, entry: CacheEntry | None, now: float
     ) -> Response | Awaitable[Response | None] | None:
         policy = state.policy
-        if entry is not None and (entry.auth_ok or not state.auth):
-            age = entry.age(now)
-            if policy.lookup and is_fresh(entry.lifetime, age, policy):
-                return self._hit(ctx, entry, age)
-            if stale_usable(entry.lifetime, age, entry.stale_window):
-                state.stale = entry
-                ctx.vars["stale_response"] = lambda: self._stale_response(ctx, entry)
+        if entry is not None and not (entry.auth_ok or not state.auth):
+            entry = None  # not for a request with credentials (RFC 9111 §3.5)
+        age = entry.age(now) if entry is not None else 0.0
+        if entry is not None and policy.lookup and is_fresh(entry.lifetime, age, policy):
+            # (no state kept: the response hooks of a hit have nothing to do)
+            return self._hit(ctx, entry, age)
+        ctx.vars[STATE_KEY] = state
+        if entry is not None and stale_usable(entry.lifetime, age, entry.stale_window):
+            stale = entry
+            state.stale = stale
+            ctx.vars["stale_response"] = lambda: self._stale_response(ctx, stale)
         ctx.cache_status = "MISS" if policy.lookup else "BYPASS"
         flight = self._flights.get(state.key)
         if flight is not None:

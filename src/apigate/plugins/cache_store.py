@@ -64,8 +64,12 @@ class CacheEntry:
     etag: str | None = None
     last_modified: str | None = None
     size: int = field(default=0, init=False)
+    # kept (in the store) until then: fresh life plus the stale-if-error window (computed
+    # once: the store compares it on every lookup)
+    retain_until: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
+        self.retain_until = self.expires_at + self.stale_window
         self.size = (
             _ENTRY_OVERHEAD
             + len(self.body)
@@ -81,11 +85,6 @@ class CacheEntry:
     @property
     def expires_at(self) -> float:
         return self.stored_at - self.initial_age + self.lifetime
-
-    @property
-    def retain_until(self) -> float:
-        """Kept (in the store) until then: fresh life plus the stale-if-error window."""
-        return self.expires_at + self.stale_window
 
     def age(self, now: float) -> float:
         return self.initial_age + max(0.0, now - self.stored_at)

@@ -294,7 +294,9 @@ class ProxyExchange(UpstreamListener):
                 return
             if outcome is None:
                 continue
-            if inspect.isawaitable(outcome):
+            # a Response first: inspect.isawaitable goes through the ABC machinery (~1 µs
+            # on every cache hit, 401, 429)
+            if not isinstance(outcome, Response) and inspect.isawaitable(outcome):
                 self._task = self.loop.create_task(self._await_hook(outcome, i))
                 return
             self._respond_index = i
