@@ -130,10 +130,20 @@ Handler = Callable[[Any], Coroutine[Any, Any, None]]
 class _Part:
     """One `aggregate:` entry, its path template parsed once."""
 
-    __slots__ = ("encoders", "method", "name", "optional", "service", "template", "timeout")
+    __slots__ = (
+        "encoders",
+        "member",
+        "method",
+        "name",
+        "optional",
+        "service",
+        "template",
+        "timeout",
+    )
 
     def __init__(self, name: str, config: AggregatePartConfig) -> None:
         self.name = name
+        self.member = json.dumps(name).encode() + b":"  # its key in the merged object
         self.service = config.service
         self.optional = config.optional
         self.timeout = config.timeout
@@ -206,7 +216,8 @@ class Aggregator:
     async def aggregate(self, ctx: Any) -> bytes:
         """The merged JSON body; raises GatewayError when a required part fails."""
         loop = self.loop or asyncio.get_running_loop()
-        tasks = [loop.create_task(self._outcome(part, ctx)) for part in self.parts]
+        headers = _part_headers(ctx)  # the same for every part (read, never changed)
+        tasks = [loop.create_task(self._outcome(part, ctx, headers)) for part in self.parts]
         try:
             # the first required failure raises here at once (fail fast); an optional part's
             # failure is its outcome. (gather: one waiter for all, where an asyncio.wait loop
@@ -218,10 +229,12 @@ class Aggregator:
                     task.cancel()
         return self._merge({part.name: out for part, out in zip(self.parts, outcomes, strict=True)})
 
-    async def _outcome(self, part: _Part, ctx: Any) -> bytes | BaseException:
+    async def _outcome(
+        self, part: _Part, ctx: Any, headers: list[tuple[bytes, bytes]]
+    ) -> bytes | BaseException:
         """The part's body; its failure as a value when it is optional, raised otherwise."""
         try:
-            return await self._call(part, ctx)
+            return await self._call(part, ctx, headers)
         except Exception as exc:
             if part.optional:
                 return exc
@@ -238,12 +251,12 @@ class Aggregator:
                 raw = b"null"
             else:
                 raw = outcome
-            members.append(json.dumps(part.name).encode() + b":" + raw)
+            members.append(part.member + raw)
         if errors:
             members.append(b'"_errors":' + json.dumps(errors, separators=(",", ":")).encode())
         return b"{" + b",".join(members) + b"}"
 
-    async def _call(self, part: _Part, ctx: Any) -> bytes:
+    async def _call(self, part: _Part, ctx: Any, headers: list[tuple[bytes, bytes]]) -> bytes:
         service = self.services.get(part.service)
         if service is None:
             raise PartError(f"unknown service {part.service}")
@@ -252,7 +265,7 @@ class Aggregator:
             service=service,
             method=part.method,
             target=part.target(ctx),
-            headers=_part_headers(ctx),
+            headers=headers,
             timeout=part.timeout,
             max_body=self.max_body,
         )
@@ -486,9 +499,9 @@ async def _exchange(
     timer = loop.call_at(deadline, listener.on_deadline)
     try:
         # no response timer of the connection's own: the deadline timer above bounds the call
-        conn.begin(listener, request.method == "HEAD", 0.0)
+        conn.begin(listener, request.method == "HEAD", 0.0, now=started)
         conn.write(_request_bytes(request, conn.pool.host_header))
-        conn.request_sent = True
+        conn.mark_sent(started)
         response = await listener.future
         status = response.status
         ok = True
