@@ -320,3 +320,39 @@ def test_aggregator_repr_names_its_parts() -> None:
         "<Aggregator dash [<Part profile users/users/{user_id} required>, "
         "<Part orders orders/orders?user={user_id} optional>]>"
     )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"a":1}',
+        b" [1, 2] ",
+        b'"x"',
+        b"1",
+        b"null",
+        b"\n{}\r\n\t",
+        b"NaN",
+        b"",
+        b"  ",
+        b"{",
+        b'{"a":1} x',
+        b"{}{}",
+        b"\xef\xbb\xbf{}",
+        b"\xff",
+        b'{"a":"\\ud800"}',
+        b"[1,]",
+    ],
+)
+def test_part_bodies_are_validated_as_json_loads_would(body: bytes) -> None:
+    from apigate.proxy.aggregate import PartError, _json_bytes
+
+    try:
+        json.loads(body.decode("utf-8"))
+        valid = True
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        valid = False
+    if valid:
+        assert _json_bytes(body) == body.strip()
+    else:
+        with pytest.raises(PartError):
+            _json_bytes(body)

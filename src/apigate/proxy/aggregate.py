@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import json.scanner
 import logging
+import re
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
@@ -220,14 +222,15 @@ class Aggregator:
         tasks = [loop.create_task(self._outcome(part, ctx, headers)) for part in self.parts]
         try:
             # the first required failure raises here at once (fail fast); an optional part's
-            # failure is its outcome. (gather: one waiter for all, where an asyncio.wait loop
-            # re-registered a callback on every pending part per completion)
-            outcomes = await asyncio.gather(*tasks)
+            # failure is its outcome
+            await _Join(loop, tasks).future
         finally:
             for task in tasks:
                 if not task.done():
                     task.cancel()
-        return self._merge({part.name: out for part, out in zip(self.parts, outcomes, strict=True)})
+        return self._merge(
+            {part.name: task.result() for part, task in zip(self.parts, tasks, strict=True)}
+        )
 
     async def _outcome(
         self, part: _Part, ctx: Any, headers: list[tuple[bytes, bytes]]
@@ -308,10 +311,58 @@ class Aggregator:
         return f"<Aggregator {self.route} {self.parts!r}>"
 
 
+class _Join:
+    """One future for the parts' tasks: done when all are, failed at once when one raises (a
+    required part: fail fast). asyncio.gather does the same through a Python-level callback
+    per task and a future subclass; compiled, this costs a fraction of that per part."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, tasks: list[asyncio.Task[bytes | BaseException]]
+    ) -> None:
+        self.future: asyncio.Future[None] = loop.create_future()
+        self.pending = len(tasks)
+        for task in tasks:
+            task.add_done_callback(self.done)
+
+    def done(self, task: asyncio.Task[bytes | BaseException]) -> None:
+        future = self.future
+        if task.cancelled():  # by us after a failure, or from outside
+            if not future.done():
+                future.cancel()
+            return
+        exc = task.exception()  # (retrieved even when it comes too late to matter)
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+            return
+        self.pending -= 1
+        if self.pending == 0:
+            future.set_result(None)
+
+
+# json.loads minus its three Python-level frames: the C scanner json.loads ends up in, with
+# the same rules (surrounding whitespace allowed, nothing else after the value).
+# (typeshed types make_scanner's argument as the scanner class itself)
+_SCAN: Final[Callable[[str, int], tuple[Any, int]]] = json.scanner.make_scanner(
+    json.JSONDecoder()  # type: ignore[arg-type]
+)
+_BLANK: Final = re.compile(r"[ \t\n\r]*")
+
+
+def _skip_blank(text: str, pos: int) -> int:
+    found = _BLANK.match(text, pos)
+    return found.end() if found is not None else pos
+
+
 def _json_bytes(body: bytes) -> bytes:
+    """`body` when it is one JSON value in UTF-8 (what the merged object splices in)."""
     try:
-        json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        text = body.decode("utf-8")
+        _value, end = _SCAN(text, _skip_blank(text, 0))
+        if _skip_blank(text, end) != len(text):
+            raise ValueError("extra data")
+    except (UnicodeDecodeError, ValueError, StopIteration):
         raise PartError("invalid JSON") from None
     return body.strip()
 
