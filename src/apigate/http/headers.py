@@ -99,7 +99,7 @@ def by_spelling(kinds: dict[bytes, int]) -> dict[bytes, int]:
             if spelling.lower() not in kinds:
                 table[spelling] = 0
     for lname, kind in kinds.items():
-        title = b"-".join(part.capitalize() for part in lname.split(b"-"))
+        title = b"-".join([part.capitalize() for part in lname.split(b"-")])
         for spelling in (lname, title, lname.upper(), title.replace(b"-Id", b"-ID")):
             table[spelling] = kind
     return table
