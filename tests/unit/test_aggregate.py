@@ -356,3 +356,50 @@ def test_part_bodies_are_validated_as_json_loads_would(body: bytes) -> None:
     else:
         with pytest.raises(PartError):
             _json_bytes(body)
+
+
+async def test_join_fails_fast_and_every_part_exception_is_retrieved() -> None:
+    """The parts' join (asyncio.gather's job before): the first failure ends the wait at
+    once; a failure that comes later is still retrieved, so asyncio never logs it as lost."""
+    from apigate.proxy.aggregate import _Join
+
+    loop = asyncio.get_running_loop()
+    gate: asyncio.Future[None] = loop.create_future()
+
+    async def fail(message: str, wait: asyncio.Future[None] | None = None) -> bytes:
+        if wait is not None:
+            await wait
+        raise RuntimeError(message)
+
+    async def slow() -> bytes:
+        await asyncio.sleep(10)
+        return b"1"
+
+    first, second, pending = (
+        loop.create_task(fail("first")),
+        loop.create_task(fail("second", gate)),
+        loop.create_task(slow()),
+    )
+    join = _Join(loop, [first, second, pending])  # type: ignore[list-item]
+    with pytest.raises(RuntimeError, match="first"):
+        await join.future
+    gate.set_result(None)
+    await asyncio.wait([second])
+    assert not second._log_traceback  # type: ignore[attr-defined]
+    pending.cancel()
+    await asyncio.wait([pending])
+    assert join.future.done()
+
+
+async def test_join_waits_for_every_part() -> None:
+    from apigate.proxy.aggregate import _Join
+
+    loop = asyncio.get_running_loop()
+
+    async def part(delay: float) -> bytes:
+        await asyncio.sleep(delay)
+        return b"%r" % delay
+
+    tasks = [loop.create_task(part(d)) for d in (0.02, 0.0, 0.01)]
+    await _Join(loop, tasks).future  # type: ignore[arg-type]
+    assert [t.result() for t in tasks] == [b"0.02", b"0.0", b"0.01"]

@@ -247,9 +247,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     @request_sent.setter
     def request_sent(self, value: bool) -> None:
-        self._request_sent = value
-        if value and self._timeout:  # the response timeout counts from the end of the request
-            self._deadline = self.loop.time() + self._timeout
+        if value:
+            self.mark_sent(self.loop.time() if self._timeout else 0.0)
+        else:
+            self._request_sent = False
 
     # ------------------------------------------------------------------ parser callbacks
     def on_message_begin(self) -> None:
@@ -387,7 +388,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._set_deadline(response_timeout, now)
 
     def mark_sent(self, now: float) -> None:
-        """`request_sent = True` with the loop time the caller has already read."""
+        """The whole request is written (`now`: the loop time, which the caller has read):
+        the response timeout counts from here."""
         self._request_sent = True
         if self._timeout:
             self._deadline = now + self._timeout
