@@ -316,6 +316,35 @@ def test_connection_close_and_http10_keep_alive(h: Harness) -> None:
     assert h3.exchanges[0].request.keep_alive is False
 
 
+def _versions(h: Harness) -> list[tuple[str, bool]]:
+    return [(ex.request.version, ex.request.keep_alive) for ex in h.exchanges]
+
+
+def test_each_request_has_its_own_version_however_the_reads_fall(h: Harness) -> None:
+    """The connection reads "1.1" off the first line of a read instead of asking httptools
+    (see ClientConnection._read_starts_v11): a request that is not first in its read, that
+    does not start it, or whose line is split must still get its own version."""
+    h.feed(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.0\r\n\r\n")  # pipelined
+    assert _versions(h) == [("1.1", True), ("1.0", False)]
+    h2 = Harness()
+    h2.feed(b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\nX-A: b HTTP/1.1\r\n\r\n")
+    h2.exchanges[0].answer()
+    h2.feed(b"\r\nGET /b HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")  # leading CRLF
+    h2.exchanges[1].answer()
+    h2.feed(b"GET /c HTT", b"P/1.0\r\nConnection: keep-alive\r\n\r\n")  # split line
+    h2.exchanges[2].answer()
+    h2.feed(b"GET /d HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert _versions(h2) == [("1.0", True)] * 3 + [("1.1", True)]
+
+
+def test_an_unsupported_version_after_a_supported_one_is_refused(h: Harness) -> None:
+    h.feed(GET)
+    h.exchanges[0].answer()
+    h.transport.take()
+    h.feed(b"GET / HTTP/1.2\r\nHost: x\r\n\r\n")
+    assert h.error()[0] == 505
+
+
 def test_absolute_form_sets_host_and_path(h: Harness) -> None:
     h.feed(b"GET http://Other.Example:8080/p/../q?z HTTP/1.1\r\nHost: x\r\n\r\n")
     req = h.exchanges[0].request

@@ -189,6 +189,27 @@ async def test_no_date_from_the_upstream_gets_the_gateways() -> None:
     assert client_head(head).count(b"Date: ") == 1
 
 
+async def test_each_response_has_its_own_version_however_the_reads_fall() -> None:
+    """The connection reads "HTTP/1.1 " off the start of a read instead of asking httptools
+    (see UpstreamConnection._read_starts_v11): a final response after an interim one in the
+    same read, or one whose status line is split, must still get its own version."""
+    conn, _ = connection()
+    [head] = exchange(conn, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").heads
+    assert head.version == "1.1" and conn.reusable
+    listener = exchange(
+        conn, b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    )
+    [head] = listener.heads
+    assert (head.version, head.keep_alive, listener.done) == ("1.0", False, 1)
+    assert not conn.reusable
+    conn2, _ = connection()
+    [head] = exchange(conn2, b"HTTP/1.", b"0 200 OK\r\nContent-Length: 0\r\n\r\n").heads
+    assert (head.version, head.keep_alive) == ("1.0", False)
+    conn3, _ = connection()
+    [head] = exchange(conn3, b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.0 204 No\r\n\r\n").heads
+    assert (head.version, head.status) == ("1.0", 204)
+
+
 async def test_bytes_after_a_whole_response_close_the_connection() -> None:
     """A second, unasked-for response in the same read must never answer the next request
     (the connection is back in the pool by then); the finished exchange hears nothing."""

@@ -130,6 +130,7 @@ _FORWARDING_KEPT_IF_TRUSTED: Final = (
     b"forwarded",
 )
 
+_V11_LINE_END: Final = b" HTTP/1.1\r\n"  # how a request line of that version ends
 _PAUSE_BUFFER: Final = 64 * 1024  # buffered request body bytes before we stop reading the client
 _LINGER_SECONDS: Final = 2.0  # how long a refused client's further input is read and discarded
 
@@ -197,6 +198,12 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._head_bytes = 0
         self._feeding = 0  # size of the read being parsed (see on_message_begin)
+        # The request line of the message this read begins with ends in " HTTP/1.1" (see
+        # data_received), and the same for the message being parsed: its version is known
+        # without asking httptools, whose get_http_version() formats a new str every call
+        # (measured: ~2,000 instructions, 3% of a proxied request).
+        self._read_starts_v11 = False
+        self._v11 = False
         self._after_read: list[Callable[[], None]] = []
         self._header_count = 0
         self._host_count = 0
@@ -269,6 +276,9 @@ class ClientConnection(asyncio.Protocol):
             self.tunnel.tunnel_data(data)
             return
         self._feeding = len(data)
+        if self.phase == Phase.IDLE:  # no message begun: the read starts with a request line
+            eol = data.find(b"\n")
+            self._read_starts_v11 = eol >= 10 and data.startswith(_V11_LINE_END, eol - 10)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upg:
@@ -295,6 +305,7 @@ class ClientConnection(asyncio.Protocol):
                     self._reject(GatewayError(431, "request header section too large"))
         finally:
             self._feeding = 0
+            self._read_starts_v11 = False
         if self._after_read:
             callbacks, self._after_read = self._after_read, []
             for callback in callbacks:
@@ -343,6 +354,8 @@ class ClientConnection(asyncio.Protocol):
         now = self.began_at = self.loop.time()  # (the exchange starts its clock from this)
         self._deadline = now + self.limits.header_timeout
         self._head_bytes = -self._feeding  # data_received adds this read back: counts as 0
+        # (only the first message of a read starts where data_received looked)
+        self._v11, self._read_starts_v11 = self._read_starts_v11, False
         req = Request()
         req.began_at = now
         req.client_ip = self.client_ip
@@ -400,7 +413,7 @@ class ClientConnection(asyncio.Protocol):
         elif kind == _H_CONNECTION:
             self._connection_values.append(value)
         elif kind == _H_EXPECT:
-            if self.parser.get_http_version() == "1.0":
+            if self._http_version() == "1.0":
                 pass  # RFC 9110 §10.1.1: a server MUST ignore 100-continue in HTTP/1.0
             elif value.strip().lower() == b"100-continue":
                 req.expect_continue = True
@@ -463,7 +476,7 @@ class ClientConnection(asyncio.Protocol):
 
     def parser_headers_done(self, req: Request) -> None:
         """Validate the complete head and fill the derived fields; raises GatewayError."""
-        version = self.parser.get_http_version()
+        version = self._http_version()
         if version not in ("1.1", "1.0"):
             raise GatewayError(505, f"HTTP/{version} is not supported")
         req.version = version
@@ -508,6 +521,10 @@ class ClientConnection(asyncio.Protocol):
             req.forwarding = self._forwarding
         if not req.request_id:
             req.request_id = self.request_ids.next()
+
+    def _http_version(self) -> str:
+        """The version of the request being parsed, as "1.1"."""
+        return "1.1" if self._v11 else self.parser.get_http_version()
 
     def _parse_target(self, req: Request) -> None:
         url = self._url
