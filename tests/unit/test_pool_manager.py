@@ -16,6 +16,11 @@ from apigate.runtime import ServiceTable
 class FakeTransport:
     def __init__(self) -> None:
         self.closed = False
+        self.reading = True
+        self.resumes = 0
+
+    def pause_reading(self) -> None:
+        self.reading = False
 
     def close(self) -> None:
         self.closed = True
@@ -24,7 +29,8 @@ class FakeTransport:
         return self.closed
 
     def resume_reading(self) -> None:
-        pass
+        self.reading = True
+        self.resumes += 1
 
 
 def service(pools: PoolManager, name: str, *targets: str, **extra: Any) -> Service:
@@ -137,3 +143,20 @@ async def test_a_service_dropped_by_a_reload_takes_its_pools_along() -> None:
     table.reconcile(config("keep"))
     assert dropped.closed and not kept.closed
     assert [key[0] for key in pools.pools] == ["keep"]
+
+
+async def test_a_connection_paused_by_backpressure_reads_again_once_parked() -> None:
+    """The client stopped reading as the response ended: the exchange paused the upstream's
+    reading; parked like that, the connection's next response would hang. An unpaused one is
+    parked without a call into its transport (the common case, once per request)."""
+    pools = PoolManager(asyncio.get_running_loop())
+    svc = service(pools, "svc", "http://10.0.0.1:80")
+    conn, transport = parked_connection(svc, "10.0.0.1:80")
+    assert transport.resumes == 0
+    pool = svc.pool_for(svc.instances["10.0.0.1:80"])
+    pool.idle.remove(conn)
+    conn.pause_reading()
+    assert not transport.reading
+    conn.reusable = True
+    pool.release(conn)
+    assert transport.reading and transport.resumes == 1 and list(pool.idle) == [conn]

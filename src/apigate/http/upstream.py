@@ -134,6 +134,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = False  # any byte of the current response arrived
         self._request_sent = False  # the whole request (head + body) was written
         self._write_blocked = False  # the upstream is not reading what we write (pause_writing)
+        self._reading_paused = False  # we paused the transport's reading (client backpressure)
         self.tunnel = False
         self.upgrade = False
         self._head_bytes = 0
@@ -423,10 +424,14 @@ class UpstreamConnection(asyncio.Protocol):
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self.closed:
+            self._reading_paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.transport is not None and not self.closed:
+        # (the pool resumes every connection it gets back, nearly always unpaused: a call
+        # into the transport each time cost ~600 instructions per request)
+        if self._reading_paused and self.transport is not None and not self.closed:
+            self._reading_paused = False
             self.transport.resume_reading()
 
     def close(self) -> None:
