@@ -176,8 +176,10 @@ def _token(sub: str) -> str:
 async def test_three_services_concurrently_merged_as_documented(setup: Setup) -> None:
     auth = {"Authorization": f"Bearer {_token('u-7')}"}
     await setup.get("/dashboard/42?limit=5", auth)  # warm the pools
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    traced = {**auth, "traceparent": f"00-{trace}-00f067aa0ba902b7-01"}
     started = time.monotonic()
-    reply = await setup.get("/dashboard/42?limit=5", auth)
+    reply = await setup.get("/dashboard/42?limit=5", traced)
     elapsed = time.monotonic() - started
     assert reply.status == 200, reply.body
     assert reply.headers["content-type"] == "application/json"
@@ -199,10 +201,17 @@ async def test_three_services_concurrently_merged_as_documented(setup: Setup) ->
     assert (order.path, order.query) == ("/slow/orders", "ms=300&user=42&limit=5")
     assert (pref.path, pref.query) == ("/slow/prefs/u-7", "ms=300")
     request_id = reply.headers["x-request-id"]
+    spans = set()
     for rec in (user, order, pref):
         assert rec.method == "GET"
         assert rec.header("x-request-id") == request_id
         assert rec.header("authorization") is None  # the client's credentials stay here
+        forwarded = f'for=127.0.0.1;host="127.0.0.1:{setup.gw.port}";proto=http'
+        assert rec.header("forwarded") == forwarded
+        sent = rec.header("traceparent") or ""
+        assert sent.startswith(f"00-{trace}-") and sent.endswith("-01")  # the client's trace
+        spans.add(sent[36:52])
+    assert len(spans) == 3  # a span of its own per part
 
 
 async def test_template_values_are_encoded_where_they_stand(setup: Setup) -> None:

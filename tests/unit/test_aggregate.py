@@ -152,6 +152,31 @@ async def test_parts_are_called_concurrently_and_merged_under_their_keys() -> No
     assert not any(n.lower() == b"authorization" for n, _ in sent["profile"].headers)
 
 
+async def test_parts_get_the_forwarding_fields_and_a_span_of_the_clients_trace() -> None:
+    """As a proxied request would: a trusted proxy's X-Forwarded-For chain extended,
+    Forwarded, and the client's trace continued, each part with its own span id."""
+    client = FakeClient({"/users/42": ok({}), "/orders?user=42": ok([])})
+    ctx = Ctx()
+    ctx.request.forwarded_for = b"198.51.100.1"
+    parent = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    ctx.request.traceparent = parent
+    ctx.request.tracestate = [b"k=v"]
+    await run(route(DASHBOARD), client, ctx)
+    spans = {}
+    for request in client.requests:
+        fields = dict(request.headers)
+        assert fields[b"X-Forwarded-For"] == b"198.51.100.1, 203.0.113.7"
+        assert fields[b"Forwarded"] == b'for=203.0.113.7;host="gw.example.com";proto=http'
+        assert fields[b"X-Forwarded-Host"] == b"gw.example.com"
+        assert fields[b"tracestate"] == b"k=v"
+        sent = fields[b"traceparent"]
+        assert sent[:36] == parent[:36] and sent[52:] == b"-01"
+        spans[request.part] = sent[36:52].decode()
+    assert len(set(spans.values())) == 2
+    recorded = {name: span_id for name, _, span_id, _, _, _ in ctx.vars["part_spans"]}
+    assert recorded == spans
+
+
 @pytest.mark.parametrize(
     ("answer", "error"),
     [

@@ -239,6 +239,7 @@ def test_spans_link_server_upstream_and_caller() -> None:
         200,
         "r1",
         None,
+        [],
     )
     server, upstream = tracing.build_spans([record], "apigate")
     assert server.kind == SpanKind.SERVER and upstream.kind == SpanKind.CLIENT
@@ -248,6 +249,42 @@ def test_spans_link_server_upstream_and_caller() -> None:
     assert f"{upstream.context.span_id:016x}" == sent.split("-")[2]
     assert server.end_time - server.start_time == 12_000_000
     assert upstream.attributes["server.address"] == "10.0.0.1"
+
+
+def test_an_aggregates_parts_are_client_spans_of_the_server_span() -> None:
+    pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.trace import SpanKind, StatusCode
+
+    c = ctx((b"traceparent", VALID), (b"tracestate", b"k=v"))
+    first, states = tracing.child_traceparent(c)
+    second, _ = tracing.child_traceparent(c)
+    assert FORMAT.match(first) and first[3:35].decode() == TRACE and first[53:55] == b"01"
+    assert first[36:52] != second[36:52] and states == [b"k=v"]
+    parts = [
+        ("profile", "users", first[36:52].decode(), 1000.001, 3.0, False),
+        ("orders", "orders", second[36:52].decode(), 1000.002, 5.0, True),
+    ]
+    record = (span_context(c), 1000.0, 12.0, None, "GET", "/x", "dash", "", None, 502, "r1")
+    server, profile, orders = tracing.build_spans([(*record, None, parts)], "apigate")
+    assert server.kind == SpanKind.SERVER
+    assert profile.kind == orders.kind == SpanKind.CLIENT
+    assert profile.parent.span_id == orders.parent.span_id == server.context.span_id
+    assert f"{profile.context.span_id:016x}" == first[36:52].decode()
+    assert f"{orders.context.trace_id:032x}" == TRACE
+    assert profile.name == "part profile" and profile.attributes["apigate.service"] == "users"
+    assert orders.end_time - orders.start_time == 5_000_000
+    assert (profile.status.status_code, orders.status.status_code) == (
+        StatusCode.UNSET,
+        StatusCode.ERROR,
+    )
+
+
+def test_a_part_of_a_request_without_a_valid_trace_starts_one_for_the_exchange() -> None:
+    c = ctx((b"traceparent", b"garbage"), (b"tracestate", b"k=v"))
+    first, states = tracing.child_traceparent(c)
+    second, _ = tracing.child_traceparent(c)
+    assert first[3:35] == second[3:35] != TRACE.encode()  # one new trace for the exchange
+    assert first[3:35].decode() == trace_id_of(c) and states == []  # not the old trace's state
 
 
 async def test_an_old_snapshots_plugin_does_not_reset_the_new_ones_ratio() -> None:

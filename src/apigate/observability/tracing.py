@@ -36,6 +36,7 @@ from pydantic import Field, model_validator
 
 from apigate.observability.trace_context import (
     TRACE_HEADERS,
+    child_traceparent,
     continue_trace,
     new_span_id,
     new_trace,
@@ -56,6 +57,7 @@ log = logging.getLogger("apigate.tracing")
 __all__ = [
     "TRACE_HEADERS",
     "TracingPlugin",
+    "child_traceparent",
     "continue_trace",
     "new_span_id",
     "new_trace",
@@ -99,9 +101,23 @@ class TracingConfig(PluginConfig):
 
 
 # (trace, start s, total ms, upstream ms, method, path, route, service, instance, status,
-#  request id, error) of one finished exchange, kept until the next export
+#  request id, error, an aggregate's part spans) of one finished exchange, kept until the next
+#  export; a part span is (part, service, span id, start s, ms, failed), see proxy.aggregate
+_PartSpan = tuple[str, str, str, float, float, bool]
 _Record = tuple[
-    tuple[str, str, str, str], float, float, float | None, str, str, str, str, Any, int, str, Any
+    tuple[str, str, str, str],
+    float,
+    float,
+    float | None,
+    str,
+    str,
+    str,
+    str,
+    Any,
+    int,
+    str,
+    Any,
+    list[_PartSpan],
 ]
 _MAX_QUEUE = 20_000
 
@@ -170,6 +186,7 @@ class TracingPlugin(Plugin):
                 ctx.status,
                 req.request_id,
                 ctx.error,
+                ctx.vars.get("part_spans") or [],
             )
         )
 
@@ -208,7 +225,8 @@ def make_exporter(endpoint: str) -> Any:
 
 def build_spans(batch: list[_Record], service_name: str) -> list[Any]:
     """OpenTelemetry `ReadableSpan`s: a server span per exchange and, when it reached an
-    upstream, a client span for the time to the upstream's response head. The exchange does
+    upstream, a client span for the time to the upstream's response head (one per part for an
+    aggregate route). The exchange does
     not record when the upstream attempt began, so the client span starts with the server span."""
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import ReadableSpan
@@ -222,8 +240,9 @@ def build_spans(batch: list[_Record], service_name: str) -> list[Any]:
     spans: list[Any] = []
     for record in batch:
         (trace, start, total_ms, up_ms, method, path, route, service, inst, status, rid, err) = (
-            record
+            record[:12]
         )
+        part_spans = record[12]
         trace_id = int(trace[0], 16)
         flags = TraceFlags(int(trace[3], 16))
         start_ns = int(start * 1e9)
@@ -275,6 +294,22 @@ def build_spans(batch: list[_Record], service_name: str) -> list[Any]:
                     instrumentation_scope=scope,
                     start_time=start_ns,
                     end_time=start_ns + int(up_ms * 1e6),
+                )
+            )
+        for part, part_service, span_id, part_start, part_ms, part_failed in part_spans:
+            part_start_ns = int(part_start * 1e9)
+            spans.append(
+                ReadableSpan(
+                    f"part {part}",
+                    context=SpanContext(trace_id, int(span_id, 16), False, flags),
+                    parent=server_ctx,
+                    resource=resource,
+                    attributes={"apigate.service": part_service, "apigate.part": part},
+                    kind=SpanKind.CLIENT,
+                    instrumentation_scope=scope,
+                    status=Status(StatusCode.ERROR if part_failed else StatusCode.UNSET),
+                    start_time=part_start_ns,
+                    end_time=part_start_ns + int(part_ms * 1e6),
                 )
             )
     return spans

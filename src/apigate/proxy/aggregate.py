@@ -30,7 +30,10 @@ service's circuit breaker guards the calls as it guards proxied requests: an ope
 the part at once (`circuit open`) without a call, and a part's outcome (a timeout, a transport
 error or a 5xx is a failure) counts towards opening or closing it; a call cancelled because a
 required sibling failed counts for neither.
-Only the request id and forwarding headers go to the parts, never the client's credentials.
+Only the request id, the forwarding headers (as a proxied request gets them) and the trace
+context go to the parts, never the client's credentials. Each part is a child span of the
+request's trace: its own span id in `traceparent`, recorded in `vars["part_spans"]` for the
+tracing exporter, which exports a client span per part.
 The HTTP client is injectable (`fetch=`), so unit tests need no sockets.
 """
 
@@ -41,17 +44,22 @@ import json
 import json.scanner
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
 
 from apigate.http.errors import GatewayError
-from apigate.http.headers import VIA_VALUE
+from apigate.http.headers import VIA_VALUE, forwarding_fields
 from apigate.http.pool import PoolFull
 from apigate.http.upstream import UpstreamListener
+from apigate.observability.trace_context import child_traceparent
 from apigate.plugins.base import Response
 from apigate.plugins.transform import ValueTemplate
 from apigate.routing.rewrite import encode_param
+
+# (part name, service, span id, start (epoch s), duration ms, failed): a part's span
+PartSpan = tuple[str, str, str, float, float, bool]
 
 if TYPE_CHECKING:
     from apigate.config.schema import AggregatePartConfig, RouteConfig
@@ -263,12 +271,16 @@ class Aggregator:
         service = self.services.get(part.service)
         if service is None:
             raise PartError(f"unknown service {part.service}")
+        # each part is a child span of the client's request: its own span id in the trace
+        traceparent, states = child_traceparent(ctx)
+        part_headers = [*headers, (b"traceparent", traceparent)]
+        part_headers += [(b"tracestate", state) for state in states]
         request = PartRequest(
             part=part.name,
             service=service,
             method=part.method,
             target=part.target(ctx),
-            headers=headers,
+            headers=part_headers,
             timeout=part.timeout,
             max_body=self.max_body,
         )
@@ -279,13 +291,16 @@ class Aggregator:
                 raise PartError("circuit open")  # as a proxied request: the upstream sees nothing
             since = breaker.transitions
         healthy: bool | None = None  # None: cancelled, which says nothing about the service
+        started = time.time()
+        status = 0
         try:
             if self.fetch is pooled_fetch:  # it keeps the part's deadline itself, with one timer
                 response = await pooled_fetch(request)
             else:
                 async with asyncio.timeout(part.timeout):
                     response = await self.fetch(request)
-            healthy = response.status < 500
+            status = response.status
+            healthy = status < 500
         except TimeoutError:
             healthy = False
             raise PartError("timeout") from None
@@ -301,6 +316,18 @@ class Aggregator:
                     breaker.release(since)
                 else:
                     breaker.record(healthy, since)
+            # for the tracing exporter (a cancelled call is not a failed one)
+            spans: list[PartSpan] = ctx.vars.setdefault("part_spans", [])
+            spans.append(
+                (
+                    part.name,
+                    service.name,
+                    traceparent[36:52].decode(),
+                    started,
+                    (time.time() - started) * 1000.0,
+                    healthy is False or status >= 400,
+                )
+            )
         if not 200 <= response.status < 300:
             raise PartError(f"HTTP {response.status}")
         if response.status == 204:
@@ -382,14 +409,14 @@ def _required_failure(part: _Part, exc: BaseException) -> GatewayError:
 
 
 def _part_headers(ctx: Any) -> list[tuple[bytes, bytes]]:
+    """What every part is sent besides its trace context: the forwarding fields a proxied
+    request gets (a trusted proxy's X-Forwarded-For chain extended, Forwarded), and no
+    client credentials."""
     req = ctx.request
-    ip = req.client_ip.encode()
     return [
         (b"Accept", b"application/json"),
         (b"X-Request-Id", req.request_id.encode()),
-        (b"X-Forwarded-For", ip),
-        (b"X-Forwarded-Host", req.host.encode("latin-1")),
-        (b"X-Forwarded-Proto", req.scheme.encode()),
+        *forwarding_fields(req.client_ip, req.forwarded_for, req.scheme, req.host),
         (b"Via", VIA_VALUE),
     ]
 
