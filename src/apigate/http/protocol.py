@@ -482,7 +482,10 @@ class ClientConnection(asyncio.Protocol):
         if version not in ("1.1", "1.0"):
             raise GatewayError(505, f"HTTP/{version} is not supported")
         req.version = version
-        req.method = self.parser.get_method().decode("ascii")
+        raw_method = self.parser.get_method()
+        # the constant, not a new str per request: its hash is cached for every dict the
+        # method is looked up in later (routing, metrics)
+        req.method = "GET" if raw_method == b"GET" else raw_method.decode("ascii")
         header_bytes = len(self._url) + sum(len(n) + len(v) + 4 for n, v in req.headers)
         if header_bytes > self.limits.max_header_bytes:
             raise GatewayError(431, "request header section too large")
