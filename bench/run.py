@@ -53,7 +53,7 @@ from results import (
     table_lines,
     warning_lines,
 )
-from scenarios import SCENARIOS, Env, Spec
+from scenarios import SCENARIOS, Env, Spec, default_scenarios, missing_env
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -449,8 +449,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add(
         "--scenarios",
         type=csv_list(SCENARIOS),
-        default=list(SCENARIOS),
-        help=f"comma-separated, from: {', '.join(SCENARIOS)} (all)",
+        default=default_scenarios(),
+        help=f"comma-separated, from: {', '.join(SCENARIOS)} (all that can run)",
     )
     add(
         "--targets",
@@ -474,7 +474,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # "{python} -m apigate run -c {config} --workers 2", or the word "nginx" for a second nginx
     # there: the harness's self-test, which must show ratios of about 1.0.
     add("--apigate-cmd", default=DEFAULT_APIGATE_CMD, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    missing = missing_env(args.scenarios)
+    if missing:  # now, not after the scenarios before it have run for minutes
+        parser.error("; ".join(missing))
+    return args
 
 
 def apigate_version(bench: Bench) -> str:

@@ -8,6 +8,7 @@ own port and scratch directory), so it must be a pure function of `env`. See ben
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,15 +41,37 @@ class Spec:
 
 ScenarioFn = Callable[[Env], Spec]
 SCENARIOS: dict[str, ScenarioFn] = {}
+# scenario -> the environment variable it needs (and without which it is not in the default set)
+REQUIRES_ENV: dict[str, str] = {}
 
 
-def scenario(name: str) -> Callable[[ScenarioFn], ScenarioFn]:
-    """Register a scenario function under `name` (the name --scenarios takes)."""
+def default_scenarios() -> list[str]:
+    """What runs without --scenarios: every scenario whose environment is there."""
+    return [
+        name for name in SCENARIOS if name not in REQUIRES_ENV or os.environ.get(REQUIRES_ENV[name])
+    ]
+
+
+def missing_env(names: Iterable[str]) -> list[str]:
+    """ "scenario: VARIABLE" for each of `names` that cannot run for want of its variable."""
+    return [
+        f"{name}: set {REQUIRES_ENV[name]}"
+        for name in names
+        if name in REQUIRES_ENV and not os.environ.get(REQUIRES_ENV[name])
+    ]
+
+
+def scenario(name: str, requires_env: str | None = None) -> Callable[[ScenarioFn], ScenarioFn]:
+    """Register a scenario function under `name` (the name --scenarios takes). One that
+    `requires_env` (a server address, say) runs by default only when that variable is set,
+    and asked for without it, stops the benchmark before anything runs."""
 
     def register(fn: ScenarioFn) -> ScenarioFn:
         if name in SCENARIOS:
             raise ValueError(f"scenario {name!r} is registered twice")
         SCENARIOS[name] = fn
+        if requires_env:
+            REQUIRES_ENV[name] = requires_env
         return fn
 
     return register
@@ -156,15 +179,11 @@ def aggregate3(env: Env) -> Spec:
     )
 
 
-@scenario("ratelimit_redis")
+@scenario("ratelimit_redis", requires_env="APIGATE_BENCH_REDIS")
 def ratelimit_redis(env: Env) -> Spec:
     """A rate limit that never trips, kept in Redis (one Lua call per request) — the cost of
     a limit shared by many gateways. Needs a running Redis: APIGATE_BENCH_REDIS=redis://..."""
-    import os
-
-    url = os.environ.get("APIGATE_BENCH_REDIS")
-    if not url:
-        raise SystemExit("ratelimit_redis: set APIGATE_BENCH_REDIS=redis://127.0.0.1:6379/0")
+    url = os.environ["APIGATE_BENCH_REDIS"]
     plugins = (
         ", plugins: {rate_limit: {requests: 1000000000, per: 1s, key: ip, "
         f"store: {url}, store_timeout: 1s}}}}"
