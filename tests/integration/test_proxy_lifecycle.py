@@ -139,12 +139,14 @@ async def test_in_flight_request_finishes_on_its_snapshot() -> None:
 async def test_snapshots_are_frozen_out_of_the_collector_and_a_replaced_one_is_freed() -> None:
     """A full garbage collection walking a big config stalled every request for ~100 ms
     (bench routes10k p99): the gateway freezes what is alive once it is ready and after each
-    reload has drained; the replaced snapshot's plugins must still be freed then."""
+    reload has drained; the replaced snapshot's plugins must still be freed then. Young
+    collections are made rarer (they walked every in-flight aggregate's tasks every ~15
+    requests)."""
     import gc
     import weakref
 
     from apigate.config.schema import GatewayConfig
-    from apigate.server import Gateway
+    from apigate.server import YOUNG_GC_THRESHOLD, Gateway
 
     def config(with_cors: bool) -> GatewayConfig:
         route: dict[str, Any] = {"name": "r", "match": {"paths": ["/"]}, "service": "up"}
@@ -159,10 +161,13 @@ async def test_snapshots_are_frozen_out_of_the_collector_and_a_replaced_one_is_f
 
     gc.unfreeze()  # (an earlier test's gateway in this process may have frozen the heap)
     assert gc.get_freeze_count() == 0
+    thresholds = gc.get_threshold()
+    gc.set_threshold(700, *thresholds[1:])
     gw = Gateway(config(with_cors=True))
     await gw.start()
     try:
         assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (YOUNG_GC_THRESHOLD, *thresholds[1:])
         [plugin] = [p for p in gw.runtime.plugins if type(p).__name__ == "CorsPlugin"]
         plugin.cycle = plugin  # type: ignore[attr-defined]  # only a collection can free it
         old_plugin = weakref.ref(plugin)
@@ -176,3 +181,4 @@ async def test_snapshots_are_frozen_out_of_the_collector_and_a_replaced_one_is_f
         assert gc.get_freeze_count() > 0
     finally:
         await gw.shutdown(0)
+        gc.set_threshold(*thresholds)
