@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conformance.conftest import Env, assert_rejected, proxied
+from tests.support.client import RawClient
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -178,6 +179,22 @@ async def test_absolute_form_without_path(env: Env) -> None:
 )
 async def test_bad_request_target(env: Env, target: bytes) -> None:
     await assert_rejected(env, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n", 400)
+
+
+async def test_options_asterisk_is_answered_by_the_gateway(env: Env) -> None:
+    """`OPTIONS *` asks about the server, not a resource (RFC 9110 §9.3.7): the gateway answers
+    it, with Content-Length: 0 as that section requires, and keeps the connection. It used to
+    be routed as "/" and sent upstream as `OPTIONS *`."""
+    async with RawClient(env.port) as c:
+        await c.send(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")
+        resp = await c.response()
+        assert resp.status == 200
+        assert resp.header("allow") == "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+        assert resp.header("content-length") == "0" and resp.header("x-request-id")
+        assert env.up.received == []
+        await c.send(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")  # the same connection
+        assert (await c.response()).status == 200
+    assert [r.path for r in env.up.received] == ["/echo"]
 
 
 @pytest.mark.parametrize(

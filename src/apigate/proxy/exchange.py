@@ -59,6 +59,8 @@ _REPLAY_LIMIT: Final = 64 * 1024  # a request body up to this size is kept so th
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 _CRLF: Final = b"\r\n"
+# what `OPTIONS *` is told the gateway proxies (CONNECT is refused: 405)
+_SERVER_METHODS: Final = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 # (never written to: a route with params brings its own dict)
 _NO_PARAMS: Final[dict[str, str]] = {}
 
@@ -153,6 +155,11 @@ class ProxyExchange(UpstreamListener):
 
     # ================================================================== client side events
     def start(self) -> None:
+        if self.request.path == "*":  # OPTIONS * (the only method the parser lets have it)
+            # about the server itself, not a resource (RFC 9110 §9.3.7): answered here, as no
+            # route's upstream is the server meant (it was routed as "/" and sent upstream)
+            self.respond(Response(200, b"", [(b"Allow", _SERVER_METHODS)], b"text/plain"))
+            return
         try:
             self._route()
         except GatewayError as err:
