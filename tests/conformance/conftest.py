@@ -44,12 +44,18 @@ def conformance_config(upstream_url: str, **overrides: Any) -> dict[str, Any]:
                 "service": "up",
                 "rewrite": "/admin-route",
             },
-            # a route may raise the edge body limit
+            # a route may raise the edge body limit, or lower it
             {
                 "name": "upload",
                 "match": {"paths": ["/upload"]},
                 "service": "up",
                 "limits": {"max_body_bytes": 5000},
+            },
+            {
+                "name": "small-upload",
+                "match": {"paths": ["/small-upload"]},
+                "service": "up",
+                "limits": {"max_body_bytes": 10},
             },
             {
                 "name": "keep-host",

@@ -269,6 +269,25 @@ async def test_pipelined_request_waiting_behind_a_slow_one_is_not_timed_out(env:
         assert second.json()["query"] == "second"
 
 
+async def test_a_routes_lower_body_limit_holds_for_a_body_read_while_queued(env: Env) -> None:
+    """A pipelined chunked upload waits behind a slow request; its body (100 bytes, under the
+    edge's 1000) is read meanwhile. Its route allows 10: 413 when it starts, and the upstream
+    never sees it. (The limit was applied to the connection after the body was read, so the
+    upload went through.)"""
+    chunked = b"64\r\n" + b"a" * 100 + b"\r\n0\r\n\r\n"
+    async with RawClient(env.port) as c:
+        await c.send(
+            b"GET /slow?ms=300 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /small-upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + chunked
+        )
+        first = await c.response()
+        second = await c.response()
+    assert first.status == 200
+    assert_error(second, 413)
+    assert [r.path for r in env.up.received] == ["/slow"]
+
+
 # ------------------------------------------------------------------ max_connections
 async def test_max_connections() -> None:
     cfg = base_config(

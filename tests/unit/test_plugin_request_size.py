@@ -12,7 +12,9 @@ class FakeConn:
     def __init__(self, limit: int) -> None:
         self.limit = limit
 
-    def apply_route_limits(self, max_body: int | None, body_timeout: float | None) -> int:
+    def apply_route_limits(
+        self, ex: object, max_body: int | None, body_timeout: float | None
+    ) -> int:
         if max_body is not None:
             self.limit = max_body
         return self.limit
@@ -44,3 +46,16 @@ def test_config_errors() -> None:
         build("request_size", {"max_bytes": "lots"})
     with pytest.raises(ConfigError, match="max_bytes: required"):
         build("request_size", {})
+
+
+def test_a_chunked_body_read_while_queued_is_held_to_the_limit() -> None:
+    """A pipelined request's body may be read before its route (and this plugin) is known:
+    what was read already counts."""
+    plugin = build("request_size", {"max_bytes": 100})
+    ctx = make_ctx("POST", chunked=True)
+    ctx.conn = FakeConn(10 * 1024 * 1024)  # type: ignore[attr-defined]
+    ctx.buffered_body_bytes = 101  # type: ignore[attr-defined]
+    outcome = resolve(plugin.on_request(ctx))
+    assert outcome is not None and outcome.status == 413
+    ctx.buffered_body_bytes = 100  # type: ignore[attr-defined]
+    assert resolve(plugin.on_request(ctx)) is None

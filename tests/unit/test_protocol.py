@@ -474,7 +474,7 @@ def test_body_limit_with_content_length_and_chunked() -> None:
 def test_route_limits_raise_the_body_limit() -> None:
     h = Harness()
     h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3000\r\n\r\n")
-    assert h.conn.apply_route_limits(5000, None) == 5000
+    assert h.conn.apply_route_limits(h.exchanges[0], 5000, None) == 5000
     h.feed(b"a" * 3000)
     assert h.exchanges[0].events == ["start", "body_done"]
 
@@ -655,9 +655,33 @@ def test_body_timeout_is_408_and_restarts_with_each_read(h: Harness) -> None:
     assert h.exchanges[0].events == ["start", "client_lost"]
 
 
+def test_a_request_starting_after_its_body_leaves_the_next_ones_limits_alone(
+    h: Harness,
+) -> None:
+    """A, then B (chunked, read whole while it waited behind A), then C's head and part of
+    its body, in one read. When B starts, its route's limits (10 bytes, 0.5 s) are B's
+    alone: C, whose body is arriving, keeps the edge's (1000 bytes, 3 s)."""
+    h.feed(
+        GET
+        + b"POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"5\r\nhello\r\n0\r\n\r\n"
+        + b"POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n"
+        + b"c" * 100
+    )
+    a, b, c = h.exchanges
+    a.answer()
+    assert b.events == ["body_done", "start"]
+    assert h.conn.apply_route_limits(b, 10, 0.5) == 10  # what B checks its body against
+    h.transport.take()
+    h.loop.advance(2)  # past B's route body_timeout, within the edge's
+    h.feed(b"c" * 400)  # C's 500 bytes: over B's limit, within the edge's
+    assert h.transport.written == b"" and c.body == b"c" * 500
+    assert c.events == ["body_done"]
+
+
 def test_route_body_timeout(h: Harness) -> None:
     h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
-    h.conn.apply_route_limits(None, 1.0)
+    h.conn.apply_route_limits(h.exchanges[0], None, 1.0)
     h.loop.advance(6)
     assert h.error()[0] == 408
 

@@ -597,12 +597,20 @@ class ClientConnection(asyncio.Protocol):
             self._enqueue(ex)
 
     # ------------------------------------------------------------------ limits per route
-    def apply_route_limits(self, max_body: int | None, body_timeout: float | None) -> int:
-        """The exchange calls this once the route is known (a route may override the edge).
+    def apply_route_limits(
+        self, ex: Exchange, max_body: int | None, body_timeout: float | None
+    ) -> int:
+        """The exchange `ex` calls this once its route is known (a route may override the edge).
 
-        Returns the body limit in force, so that the exchange can refuse a declared
-        Content-Length above it before reading a byte of the body (413).
+        Returns the body limit in force for `ex`, so that it can refuse a declared
+        Content-Length above it before reading a byte of the body (413), or a body it read
+        while it waited behind an earlier pipelined request. The connection's own limits
+        change only while `ex`'s body is the one being read: a request that starts once its
+        body is read must not set the limits of the next one, which may be arriving meanwhile
+        (it did: a route's smaller max_body or body_timeout applied to the next request).
         """
+        if ex is not self._parsing:
+            return max_body if max_body is not None else self.limits.max_body_bytes
         if max_body is not None:
             self._max_body = max_body
         if body_timeout is not None:

@@ -36,9 +36,11 @@ class RequestSizePlugin(Plugin):
         if length is not None and length > self.max_bytes:
             return reject(ctx, 413, "payload_too_large", self._message)
         if req.chunked:
+            if getattr(ctx, "buffered_body_bytes", 0) > self.max_bytes:  # read while queued
+                return reject(ctx, 413, "payload_too_large", self._message)
             conn = getattr(ctx, "conn", None)
-            if conn is not None and conn.apply_route_limits(None, None) > self.max_bytes:
-                conn.apply_route_limits(self.max_bytes, None)
+            if conn is not None and conn.apply_route_limits(ctx, None, None) > self.max_bytes:
+                conn.apply_route_limits(ctx, self.max_bytes, None)
         return None
 
     def __repr__(self) -> str:

@@ -153,6 +153,12 @@ class ProxyExchange(UpstreamListener):
         """A response head is committed: an error can no longer be sent, only a cut."""
         return self._head_sent
 
+    @property
+    def buffered_body_bytes(self) -> int:
+        """Request body bytes read and not forwarded yet: before the request goes upstream
+        (while plugins decide), all that was read, a pipelined request's whole body even."""
+        return self._body_size
+
     # ================================================================== client side events
     def start(self) -> None:
         if self.request.path == "*":  # OPTIONS * (the only method the parser lets have it)
@@ -278,8 +284,10 @@ class ProxyExchange(UpstreamListener):
             if rewrite is not None:
                 self._request_rewrite = rewrite
         if route.max_body is not None or route.body_timeout is not None or req.content_length:
-            limit = self.conn.apply_route_limits(route.max_body, route.body_timeout)
+            limit = self.conn.apply_route_limits(self, route.max_body, route.body_timeout)
             if req.content_length is not None and req.content_length > limit:
+                raise GatewayError(413, f"request body larger than {limit} bytes")
+            if self._body_size > limit:  # (chunked) read while it waited behind another request
                 raise GatewayError(413, f"request body larger than {limit} bytes")
         try:
             self.upstream_path = route.upstream_path(req.path, result.prefix, result.params)
