@@ -331,9 +331,9 @@ def settle_heap() -> None:
     # A young-generation collection every 700 net allocations (CPython's default) ran every
     # ~15 aggregated requests under load: each walked the in-flight requests' tasks and
     # coroutines (~0.3 ms), about 22 µs per request in all (timed with gc.callbacks at 50
-    # connections). Request/response garbage is freed by reference counting, so only cycles
-    # wait for the collector, and 50,000 lets fewer of them wait than one request's worth of
-    # memory. (Only raised: an embedding application's higher setting stands.)
+    # connections). Request/response garbage is freed by reference counting; only objects in
+    # cycles wait for the collector, at most 50,000 of them (a few MB) at this setting.
+    # (Only raised: an embedding application's higher setting stands.)
     threshold, *older = gc.get_threshold()
     if threshold < YOUNG_GC_THRESHOLD:
         gc.set_threshold(YOUNG_GC_THRESHOLD, *older)

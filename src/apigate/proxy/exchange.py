@@ -161,7 +161,7 @@ class ProxyExchange(UpstreamListener):
 
     # ================================================================== client side events
     def start(self) -> None:
-        if self.request.path == "*":  # OPTIONS * (the only method the parser lets have it)
+        if self.request.path == "*":  # OPTIONS * (the parser takes "*" with OPTIONS only)
             # about the server itself, not a resource (RFC 9110 §9.3.7): answered here, as no
             # route's upstream is the server meant (it was routed as "/" and sent upstream)
             self.respond(Response(200, b"", [(b"Allow", _SERVER_METHODS)], b"text/plain"))
