@@ -96,6 +96,16 @@ async def test_a_script_error_fails_only_its_caller(store: RedisStore) -> None:
     assert not store.is_down  # Redis answered: an error reply is no outage
 
 
+async def test_an_error_reply_to_a_command_is_no_outage(store: RedisStore) -> None:
+    """The cache store's GET/SET go through `call`: a WRONGTYPE answer once marked the store
+    down, and every feature using it skipped Redis for `retry_after`."""
+    await store.call("RPUSH", "wrongtype:list", "x")
+    with pytest.raises(StoreUnavailable, match="WRONGTYPE"):
+        await store.call("GET", "wrongtype:list")
+    assert not store.is_down and store.available()
+    assert await store.call("PING") is True
+
+
 async def test_noscript_after_script_flush_is_handled_for_a_whole_batch(
     store: RedisStore,
 ) -> None:

@@ -11,8 +11,8 @@ Redis being slow or down must never hang a request (ARCHITECTURE.md), so:
   `retry_after` seconds, so an outage costs an attribute check per request, not a timeout; the
   first success marks it up again;
 - an outage is logged once when it starts and once when it ends, never per request;
-- an error reply to a script call (the script failing on one key) fails that call only: Redis
-  answered, so it is no outage.
+- an error reply (a script failing on one key, a command on a key of the wrong type, a
+  replica refusing a write) fails that call only: Redis answered, so it is no outage.
 
 Scripts run with EVALSHA and fall back to EVAL when the server does not know the script yet
 (NOSCRIPT: a restarted or flushed Redis), which also loads it for the next EVALSHA. Script calls
@@ -39,6 +39,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from apigate.store.redis_batch import ScriptBatcher, StoreUnavailable, unavailable
@@ -181,6 +182,9 @@ class RedisStore:
         try:
             async with asyncio.timeout(timeout if timeout is not None else self.timeout):
                 result = await self.client.execute_command(*command)  # type: ignore[no-untyped-call]
+        except ResponseError as reply:  # WRONGTYPE, OOM, READONLY...: Redis answered
+            self._succeeded()  # the call failed, the store is up (it used to be marked down)
+            raise unavailable(reply) from reply
         except Exception as exc:
             self._failed(exc)
             raise unavailable(exc) from exc
