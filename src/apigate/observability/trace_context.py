@@ -212,20 +212,26 @@ def trace_id_of(ctx: Any) -> str:
     return trace_id
 
 
-def child_traceparent(ctx: Any) -> tuple[bytes, list[bytes]]:
-    """A `traceparent` value for one more upstream call the exchange makes (an aggregate's
-    part): the exchange's trace and flags with a new span id (`value[36:52]`, which the caller
-    records for the exporter), and the client's `tracestate` values when that trace is the
-    client's own."""
-    trace_id = trace_id_of(ctx)
-    tv = ctx.vars
-    sent: bytes | None = tv.get("traceparent")
-    flags: bytes = sent[53:55] if sent is not None else tv.get("trace_flags", b"01")
-    value = b"-".join((b"00", trace_id.encode(), _span(), flags))
-    parent, states = _incoming(ctx.request)
-    valid = _valid(parent) if parent is not None else None
-    continued = valid is not None and valid[3:35].decode() == trace_id
-    return value, (states if continued else [])
+class ChildTrace:
+    """The exchange's trace for upstream calls it makes itself (an aggregate's parts), read
+    once: each `traceparent()` is that trace and its flags with a new span id
+    (`value[36:52]`, which the caller records for the exporter); `states` are the client's
+    `tracestate` values when the trace is the client's own, else empty."""
+
+    def __init__(self, ctx: Any) -> None:
+        trace_id = trace_id_of(ctx)
+        tv = ctx.vars
+        sent: bytes | None = tv.get("traceparent")
+        flags: bytes = sent[53:55] if sent is not None else tv.get("trace_flags", b"01")
+        self._prefix = b"00-" + trace_id.encode() + b"-"
+        self._suffix = b"-" + flags
+        parent, states = _incoming(ctx.request)
+        valid = _valid(parent) if parent is not None else None
+        continued = valid is not None and valid[3:35].decode() == trace_id
+        self.states: list[bytes] = states if continued else []
+
+    def traceparent(self) -> bytes:
+        return self._prefix + _span() + self._suffix
 
 
 def span_context(ctx: Any) -> tuple[str, str, str, str]:

@@ -36,7 +36,7 @@ from pydantic import Field, model_validator
 
 from apigate.observability.trace_context import (
     TRACE_HEADERS,
-    child_traceparent,
+    ChildTrace,
     continue_trace,
     new_span_id,
     new_trace,
@@ -56,8 +56,8 @@ log = logging.getLogger("apigate.tracing")
 
 __all__ = [
     "TRACE_HEADERS",
+    "ChildTrace",
     "TracingPlugin",
-    "child_traceparent",
     "continue_trace",
     "new_span_id",
     "new_trace",
