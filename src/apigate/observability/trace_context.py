@@ -15,6 +15,10 @@ if TYPE_CHECKING:
 
 TRACE_HEADERS: Final = frozenset({b"traceparent", b"tracestate"})  # lower-case names the head skips
 
+# A call the exchange made itself (an aggregate's part), for the exporter: (part name, service,
+# span id, start (epoch s), duration ms, failed). Recorded in `vars["part_spans"]`.
+PartSpan = tuple[str, str, str, float, float, bool]
+
 _MASK64: Final = (1 << 64) - 1
 _ZERO_SPAN: Final = b"0" * 16
 _RANDOM_BYTES: Final = 4096  # drawn per os.urandom call: 128 trace ids or 256 span ids
@@ -122,6 +126,13 @@ def _valid(value: bytes) -> bytes | None:
     return value if _match(value) is not None else None
 
 
+def _continued(parent: bytes | None, trace_id: str) -> bytes | None:
+    """The client's `parent` field (blanks removed) when it is valid and of trace `trace_id`,
+    the exchange's: that trace was continued, not replaced."""
+    valid = _valid(parent) if parent is not None else None
+    return valid if valid is not None and valid[3:35].decode() == trace_id else None
+
+
 def parse_traceparent(value: bytes) -> tuple[str, str, str] | None:
     """(trace id, parent id, flags) of a version-00 `traceparent`, or None when invalid."""
     valid = _valid(value)
@@ -176,8 +187,7 @@ def trace_lines(request: Request, tv: dict[str, Any]) -> bytes:
     if sent is not None:
         continued = parent is not None and _valid(parent) is not None
     elif tv and "trace_id" in tv:  # trace_id_of() ran first (a plugin logged): same trace
-        valid = _valid(parent) if parent is not None else None
-        continued = valid is not None and valid[3:35].decode() == tv["trace_id"]
+        continued = _continued(parent, tv["trace_id"]) is not None
         flags = tv.get("trace_flags", b"01")
         sent = b"-".join((b"00", tv["trace_id"].encode(), _span(), flags))
         tv["traceparent"] = sent
@@ -226,8 +236,7 @@ class ChildTrace:
         self._prefix = b"00-" + trace_id.encode() + b"-"
         self._suffix = b"-" + flags
         parent, states = _incoming(ctx.request)
-        valid = _valid(parent) if parent is not None else None
-        continued = valid is not None and valid[3:35].decode() == trace_id
+        continued = _continued(parent, trace_id) is not None
         self.states: list[bytes] = states if continued else []
 
     def traceparent(self) -> bytes:
@@ -242,10 +251,8 @@ def span_context(ctx: Any) -> tuple[str, str, str, str]:
     parent: bytes | None = ctx.vars.get("trace_parent")
     if parent is None:
         parent, _states = _incoming(ctx.request)
-    valid = _valid(parent) if parent is not None else None
-    parent_id = (
-        valid[36:52].decode() if valid is not None and valid[3:35].decode() == trace_id else ""
-    )
+    valid = _continued(parent, trace_id)
+    parent_id = valid[36:52].decode() if valid is not None else ""
     if sent is not None:
         return trace_id, sent[36:52].decode(), parent_id, sent[53:55].decode()
     flags: bytes = ctx.vars.get("trace_flags", b"01")

@@ -37,6 +37,7 @@ from pydantic import Field, model_validator
 from apigate.observability.trace_context import (
     TRACE_HEADERS,
     ChildTrace,
+    PartSpan,
     continue_trace,
     new_span_id,
     new_trace,
@@ -102,8 +103,7 @@ class TracingConfig(PluginConfig):
 
 # (trace, start s, total ms, upstream ms, method, path, route, service, instance, status,
 #  request id, error, an aggregate's part spans) of one finished exchange, kept until the next
-#  export; a part span is (part, service, span id, start s, ms, failed), see proxy.aggregate
-_PartSpan = tuple[str, str, str, float, float, bool]
+#  export
 _Record = tuple[
     tuple[str, str, str, str],
     float,
@@ -117,7 +117,7 @@ _Record = tuple[
     int,
     str,
     Any,
-    list[_PartSpan],
+    list[PartSpan],
 ]
 _MAX_QUEUE = 20_000
 

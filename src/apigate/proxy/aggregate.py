@@ -52,13 +52,10 @@ from apigate.http.errors import GatewayError
 from apigate.http.headers import VIA_VALUE, forwarding_fields
 from apigate.http.pool import PoolFull
 from apigate.http.upstream import UpstreamListener
-from apigate.observability.trace_context import ChildTrace
+from apigate.observability.trace_context import ChildTrace, PartSpan
 from apigate.plugins.base import Response
 from apigate.plugins.transform import ValueTemplate
 from apigate.routing.rewrite import encode_param
-
-# (part name, service, span id, start (epoch s), duration ms, failed): a part's span
-PartSpan = tuple[str, str, str, float, float, bool]
 
 if TYPE_CHECKING:
     from apigate.config.schema import AggregatePartConfig, RouteConfig
