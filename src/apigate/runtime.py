@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -21,7 +21,7 @@ from apigate.config.schema import GatewayConfig, RouteConfig
 from apigate.http.pool import PoolManager
 from apigate.plugins.base import Plugin, PluginEnv
 from apigate.plugins.chain import PluginChain, build_chain
-from apigate.proxy.aggregate import build_aggregate_handler
+from apigate.proxy.aggregate import Handler, build_aggregate_handler
 from apigate.registry.service import Service
 from apigate.routing.matcher import Matcher, RouteSpec
 from apigate.routing.rewrite import compile_template, strip
@@ -63,7 +63,7 @@ class Runtime:
     # on_log hooks of the global plugins, for requests that matched no route (404s are logged too)
     log_hooks: list[Callable[[Any], None]] = field(default_factory=list)
     # route name -> coroutine function serving routes without a service (aggregation)
-    handlers: dict[str, Callable[[Any], Coroutine[Any, Any, None]]] = field(default_factory=dict)
+    handlers: dict[str, Handler] = field(default_factory=dict)
     generation: int = field(default_factory=lambda: next(_generations))
 
     def __repr__(self) -> str:
@@ -142,7 +142,7 @@ def compile_runtime(config: GatewayConfig, table: ServiceTable, env: PluginEnv) 
         specs.append(_route_spec(index, route, compiled))
     if errors:
         raise ConfigError(errors)
-    handlers: dict[str, Callable[[Any], Coroutine[Any, Any, None]]] = {}
+    handlers: dict[str, Handler] = {}
     for route in config.routes:
         if route.aggregate:
             handlers[route.name] = build_aggregate_handler(route, services, env.loop)

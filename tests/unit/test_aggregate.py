@@ -36,12 +36,21 @@ class Ctx:
         self.consumer: Any = None
         self.response: Response | None = None
         self.error: GatewayError | None = None
+        self.answers = 0
+        self.answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def respond(self, response: Response) -> None:
         self.response = response
+        self._answer()
 
     def fail(self, err: GatewayError) -> None:
         self.error = err
+        self._answer()
+
+    def _answer(self) -> None:
+        self.answers += 1
+        assert self.answers == 1, "answered twice"
+        self.answered.set_result(None)
 
     def doc(self) -> Any:
         assert self.response is not None, self.error
@@ -98,9 +107,13 @@ def ok(doc: Any) -> PartResponse:
 
 
 def slow(seconds: float, doc: Any = None) -> Callable[[], Awaitable[PartResponse]]:
+    return later(seconds, ok(doc))
+
+
+def later(seconds: float, response: PartResponse) -> Callable[[], Awaitable[PartResponse]]:
     async def answer() -> PartResponse:
         await asyncio.sleep(seconds)
-        return ok(doc)
+        return response
 
     return answer
 
@@ -116,7 +129,8 @@ async def run(config: RouteConfig, client: FakeClient, ctx: Ctx | None = None) -
     ctx = ctx or Ctx()
     known = services("users", "orders")
     handler = build_aggregate_handler(config, known, asyncio.get_running_loop(), fetch=client)
-    await handler(ctx)
+    assert handler(ctx) is None  # it answers the exchange itself, through callbacks
+    await ctx.answered
     return ctx
 
 
@@ -211,7 +225,7 @@ async def test_a_required_part_that_fails_is_a_502_naming_it_and_cancels_the_res
     parts = {**DASHBOARD, "orders": {**DASHBOARD["orders"], "timeout": "5s"}}
     client = FakeClient(
         {
-            "/users/42": PartResponse(503, b"{}"),
+            "/users/42": later(0.01, PartResponse(503, b"{}")),  # once the other call is out
             "/orders?user=42": slow(5.0, []),
         }
     )
@@ -308,7 +322,8 @@ async def test_pooled_client_against_a_real_upstream() -> None:
         handler = build_aggregate_handler(config, {"users": service}, loop)
         for _ in range(2):
             ctx = Ctx()
-            await asyncio.wait_for(handler(ctx), 2.0)
+            handler(ctx)
+            await asyncio.wait_for(ctx.answered, 2.0)
             doc = ctx.doc()
             assert doc["echo"]["path"] == "/echo/42" and doc["echo"]["query"] == "user=42"
             assert doc["down"] is None and doc["slow"] is None
@@ -334,7 +349,8 @@ async def test_pooled_client_connect_error() -> None:
     )
     config = route({"profile": {"service": "users", "path": "/users/{user_id}"}})
     ctx = Ctx()
-    await asyncio.wait_for(build_aggregate_handler(config, {"users": service}, loop)(ctx), 3.0)
+    build_aggregate_handler(config, {"users": service}, loop)(ctx)
+    await asyncio.wait_for(ctx.answered, 3.0)
     assert ctx.error is not None and ctx.error.message == "part 'profile' failed: connect error"
     pools.close()
 
@@ -386,48 +402,181 @@ def test_part_bodies_are_validated_as_json_loads_would(body: bytes) -> None:
             _json_bytes(body)
 
 
-async def test_join_fails_fast_and_every_part_exception_is_retrieved() -> None:
-    """The parts' join (asyncio.gather's job before): the first failure ends the wait at
-    once; a failure that comes later is still retrieved, so asyncio never logs it as lost."""
-    from apigate.proxy.aggregate import _Join
+# ------------------------------------------------------------------------------ the run
 
-    loop = asyncio.get_running_loop()
-    gate: asyncio.Future[None] = loop.create_future()
 
-    async def fail(message: str, wait: asyncio.Future[None] | None = None) -> bytes:
-        if wait is not None:
-            await wait
-        raise RuntimeError(message)
+async def test_outcomes_are_merged_in_the_configured_order_whatever_order_they_come_in() -> None:
+    parts = {
+        "a": {"service": "users", "path": "/a"},
+        "b": {"service": "users", "path": "/b"},
+        "c": {"service": "orders", "path": "/c"},
+    }
+    client = FakeClient({"/a": slow(0.03, "a"), "/b": ok("b"), "/c": slow(0.01, "c")})
+    ctx = await run(route(parts), client)
+    assert ctx.response is not None and ctx.response.body == b'{"a":"a","b":"b","c":"c"}'
+    assert [r.target for r in client.requests] == ["/a", "/b", "/c"]  # all out at once
 
-    async def slow() -> bytes:
-        await asyncio.sleep(10)
-        return b"1"
 
-    first, second, pending = (
-        loop.create_task(fail("first")),
-        loop.create_task(fail("second", gate)),
-        loop.create_task(slow()),
+async def test_a_required_part_failing_before_its_call_leaves_the_rest_uncalled() -> None:
+    config = constructed_route(
+        {
+            "me": {"service": "users", "path": "/users/{claim.sub}"},
+            "profile": {"service": "users", "path": "/users/1"},
+        }
     )
-    join = _Join(loop, [first, second, pending])  # type: ignore[list-item]
-    with pytest.raises(RuntimeError, match="first"):
-        await join.future
-    gate.set_result(None)
-    await asyncio.wait([second])
-    assert not second._log_traceback  # type: ignore[attr-defined]
-    pending.cancel()
-    await asyncio.wait([pending])
-    assert join.future.done()
+    client = FakeClient({"/users/1": ok({"id": 1})})
+    ctx = await run(config, client)
+    assert ctx.error is not None and ctx.error.status == 400
+    await asyncio.sleep(0.01)  # (time for a call, had one been started)
+    assert client.requests == []
+    assert "part_spans" not in ctx.vars  # no call, no span
 
 
-async def test_join_waits_for_every_part() -> None:
-    from apigate.proxy.aggregate import _Join
+async def test_an_unknown_service_fails_its_part_without_a_call() -> None:
+    parts = {
+        "a": {"service": "users", "path": "/a"},
+        "b": {"service": "nowhere", "path": "/b", "optional": True},
+    }
+    client = FakeClient({"/a": ok(1)})
+    ctx = await run(route(parts), client)
+    assert ctx.doc() == {
+        "a": 1,
+        "b": None,
+        "_errors": [{"part": "b", "error": "unknown service nowhere"}],
+    }
+    assert [r.target for r in client.requests] == ["/a"]
 
+
+async def test_spans_record_every_call_and_whether_it_failed() -> None:
+    parts = {
+        "a": {"service": "users", "path": "/a"},
+        "b": {"service": "orders", "path": "/b", "optional": True},
+        "c": {"service": "orders", "path": "/c", "optional": True, "timeout": "20ms"},
+    }
+    client = FakeClient({"/a": ok(1), "/b": PartResponse(404, b"{}"), "/c": slow(1.0)})
+    ctx = await run(route(parts), client)
+    spans = {name: (service, failed) for name, service, _, _, _, failed in ctx.vars["part_spans"]}
+    assert spans == {"a": ("users", False), "b": ("orders", True), "c": ("orders", True)}
+    assert client.cancelled == ["/c"]  # its deadline cut the call
+
+
+async def test_a_bug_in_the_client_is_an_internal_error_not_the_services_failure() -> None:
+    """An exception other than a transport failure says nothing about the service: the
+    breaker gives the probe slot back instead of counting a failure."""
+    known = services("users")
+    config = ServiceConfig.model_validate(
+        {"targets": ["http://127.0.0.1:9"], "circuit_breaker": {"consecutive_failures": 1}}
+    )
+    known["users"] = Service("users", config, PoolManager(asyncio.get_running_loop()))
+    client = FakeClient({"/a": RuntimeError("bug")})
+    ctx = Ctx()
+    route_config = route({"a": {"service": "users", "path": "/a"}})
+    build_aggregate_handler(route_config, known, fetch=client)(ctx)
+    await ctx.answered
+    assert ctx.error is not None and ctx.error.message == "part 'a' failed: internal error"
+    breaker = known["users"].breaker
+    assert breaker is not None and breaker.allow()  # still closed
+
+
+async def test_pooled_client_replaces_a_kept_alive_connection_the_upstream_closed() -> None:
+    """The keep-alive race: the upstream closes an idle connection as a part takes it. The
+    part goes out again on a fresh connection, and the instance is not blamed."""
     loop = asyncio.get_running_loop()
+    pools = PoolManager(loop)
+    async with Upstream() as up:
+        # one failure ejects an instance: a blamed instance fails the retry, and the test
+        config = ServiceConfig.model_validate(
+            {"targets": [up.url], "health": {"passive": {"failures": 1}}}
+        )
+        service = Service("users", config, pools)
+        handler = build_aggregate_handler(
+            route({"echo": {"service": "users", "path": "/echo/{user_id}"}}), {"users": service}
+        )
+        inst = next(iter(service.instances.values()))
+        pool = service.pool_for(inst)
+        for round_ in range(2):
+            if round_:
+                assert len(pool.idle) == 1
+                for transport in list(up.state.open):  # closed by the upstream, unseen yet
+                    transport.close()
+            ctx = Ctx()
+            handler(ctx)
+            await asyncio.wait_for(ctx.answered, 2.0)
+            assert ctx.doc()["echo"]["path"] == "/echo/42"
+        assert up.state.connections == 2 and pool.reused == 1
+        assert [r.path for r in up.received] == ["/echo/42", "/echo/42"]
+        assert inst.failures == 0 and inst.healthy
+        pools.close()
+    await asyncio.sleep(0)
 
-    async def part(delay: float) -> bytes:
-        await asyncio.sleep(delay)
-        return b"%r" % delay
 
-    tasks = [loop.create_task(part(d)) for d in (0.02, 0.0, 0.01)]
-    await _Join(loop, tasks).future  # type: ignore[arg-type]
-    assert [t.result() for t in tasks] == [b"0.02", b"0.0", b"0.01"]
+async def test_pooled_client_cuts_what_it_no_longer_needs() -> None:
+    """A response over the size cap and a call whose required sibling failed are both cut:
+    their connections are closed, never reused with the rest of a response unread."""
+    loop = asyncio.get_running_loop()
+    pools = PoolManager(loop)
+    async with Upstream() as up:
+        service = Service("users", ServiceConfig.model_validate({"targets": [up.url]}), pools)
+        pool = service.pool_for(next(iter(service.instances.values())))
+        config = route(
+            {
+                "big": {"service": "users", "path": "/big?bytes=100000", "optional": True},
+                "small": {"service": "users", "path": "/echo/1"},
+            }
+        )
+        ctx = Ctx()
+        Aggregator(config, {"users": service}, max_body=1000)(ctx)
+        await asyncio.wait_for(ctx.answered, 2.0)
+        doc = ctx.doc()
+        assert doc["small"]["path"] == "/echo/1" and doc["big"] is None
+        assert doc["_errors"] == [{"part": "big", "error": "response too large"}]
+        await asyncio.sleep(0.05)
+        assert pool.total == len(pool.idle) == 1  # only the small part's connection is back
+
+        config = route(
+            {
+                "slow": {"service": "users", "path": "/slow?ms=3000"},
+                "down": {"service": "users", "path": "/status/503"},
+            }
+        )
+        ctx = Ctx()
+        Aggregator(config, {"users": service})(ctx)
+        await asyncio.wait_for(ctx.answered, 2.0)
+        assert ctx.error is not None and ctx.error.message == "part 'down' failed: HTTP 503"
+        await asyncio.sleep(0.05)
+        assert pool.total == len(pool.idle) == 1  # the slow call's connection was closed
+        pools.close()
+    await asyncio.sleep(0)
+
+
+async def test_each_part_keeps_its_own_deadline() -> None:
+    """One timer serves the parts' deadlines: each part is cut at its own, not at the first
+    or the last."""
+    parts = {  # (the longest first: the timer must move to an earlier deadline)
+        "late": {"service": "orders", "path": "/c", "optional": True, "timeout": "1s"},
+        "long": {"service": "users", "path": "/b", "optional": True, "timeout": "150ms"},
+        "short": {"service": "users", "path": "/a", "optional": True, "timeout": "20ms"},
+    }
+    client = FakeClient({"/a": slow(1.0), "/b": slow(1.0), "/c": slow(0.05, "c")})
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    ctx = await run(route(parts), client)
+    took = loop.time() - started
+    assert ctx.doc() == {
+        "late": "c",  # answered after the short part's deadline, before the long one's
+        "long": None,
+        "short": None,
+        "_errors": [{"part": "long", "error": "timeout"}, {"part": "short", "error": "timeout"}],
+    }
+    assert 0.14 <= took < 0.6
+    ends = {name: ms for name, _, _, _, ms, _ in ctx.vars["part_spans"]}
+    assert 15 <= ends["short"] < 100 and 140 <= ends["long"] < 600
+
+
+async def test_a_bug_in_the_aggregator_answers_500_once(caplog: pytest.LogCaptureFixture) -> None:
+    ctx = Ctx()
+    ctx.request.request_id = None  # type: ignore[assignment]  # (it cannot build part heads)
+    client = FakeClient({})
+    await run(route(DASHBOARD), client, ctx)
+    assert ctx.error is not None and (ctx.error.status, ctx.error.code) == (500, "aggregate_error")
+    assert client.requests == [] and "aggregation failed on route dash" in caplog.text

@@ -365,7 +365,9 @@ class ProxyExchange(UpstreamListener):
             if handler is None:
                 self.fail(GatewayError(502, f"route {self.route.name} has no upstream"))
                 return
-            self._task = self.loop.create_task(handler(self))
+            running = handler(self)  # (an aggregate answers through callbacks: None)
+            if running is not None:
+                self._task = self.loop.create_task(running)
             return
         if not self.tried:  # first attempt: breaker and retry budget see every request once
             breaker = service.breaker
