@@ -575,7 +575,7 @@ async def test_each_part_keeps_its_own_deadline() -> None:
 
 async def test_a_bug_in_the_aggregator_answers_500_once(caplog: pytest.LogCaptureFixture) -> None:
     ctx = Ctx()
-    ctx.request.request_id = None  # type: ignore[assignment]  # (it cannot build part heads)
+    ctx.vars = None  # type: ignore[assignment]  # (the run cannot read the trace)
     client = FakeClient({})
     await run(route(DASHBOARD), client, ctx)
     assert ctx.error is not None and (ctx.error.status, ctx.error.code) == (500, "aggregate_error")
