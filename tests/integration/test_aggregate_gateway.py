@@ -4,9 +4,11 @@ required parts failing (5xx, refused, hanging past their timeout)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -130,6 +132,13 @@ def _config(users: Upstream, orders: Upstream, prefs: Upstream) -> dict[str, Any
                 "name": "needs-query",
                 "match": {"paths": ["/needs-query"]},
                 "aggregate": {"profile": {"service": "users", "path": "/users/{query.id}"}},
+            },
+            {
+                "name": "slow-part",
+                "match": {"paths": ["/slow-part"]},
+                "aggregate": {
+                    "profile": {"service": "users", "path": "/slow/leave?ms=5000", "timeout": "9s"}
+                },
             },
             {
                 "name": "required-refused",
@@ -308,3 +317,29 @@ async def test_required_part_missing_its_input_is_400(setup: Setup) -> None:
     assert reply.json()["message"] == "part 'profile': missing query.id"
     ok = await setup.get("/needs-query?id=42")
     assert ok.status == 200 and ok.body == b'{"profile":%s}' % PROFILE
+
+
+async def test_a_client_leaving_mid_aggregate_cuts_the_part_calls(setup: Setup) -> None:
+    """As for a proxied request (nginx's default, Envoy's reset): nobody wants the answer, so
+    the part's upstream connection is closed at once, not held for the slow answer."""
+    before = len(setup.users.state.open)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", setup.gw.port)
+    writer.write(b"GET /slow-part HTTP/1.1\r\nHost: gw\r\n\r\n")
+    await writer.drain()
+    for _ in range(200):
+        if any(r.path == "/slow/leave" for r in setup.users.received):
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("the part never reached the upstream")
+    during = len(setup.users.state.open)
+    assert during >= max(before, 1)
+    # gone, not half-closed (a half-closed client may still wait for its answer): a reset
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()
+    for _ in range(200):
+        if len(setup.users.state.open) < during:
+            break
+        await asyncio.sleep(0.01)
+    assert len(setup.users.state.open) == during - 1, "the part's connection stayed open"

@@ -580,3 +580,53 @@ async def test_a_bug_in_the_aggregator_answers_500_once(caplog: pytest.LogCaptur
     await run(route(DASHBOARD), client, ctx)
     assert ctx.error is not None and (ctx.error.status, ctx.error.code) == (500, "aggregate_error")
     assert client.requests == [] and "aggregation failed on route dash" in caplog.text
+
+
+async def test_the_client_leaving_cuts_the_calls_still_running() -> None:
+    parts = {
+        "fast": {"service": "users", "path": "/a"},
+        "slow": {"service": "orders", "path": "/b", "timeout": "5s"},
+    }
+    client = FakeClient({"/a": ok(1), "/b": slow(5.0)})
+    ctx = Ctx()
+    handler = build_aggregate_handler(route(parts), services("users", "orders"), fetch=client)
+    handler(ctx)
+    await asyncio.sleep(0.01)
+    assert ctx.on_client_lost is not None  # type: ignore[attr-defined]
+    ctx.on_client_lost()  # type: ignore[attr-defined]  # what the exchange calls
+    await asyncio.sleep(0.01)
+    assert client.cancelled == ["/b"] and not ctx.answered.done()
+    assert ctx.on_client_lost is None  # type: ignore[attr-defined]  # (no cycle left)
+    spans = {name: failed for name, _, _, _, _, failed in ctx.vars["part_spans"]}
+    assert spans == {"fast": False, "slow": False}  # cut by us: not the service's failure
+
+
+async def test_an_answered_run_leaves_no_hook_on_the_exchange() -> None:
+    client = FakeClient({"/users/42": ok({}), "/orders?user=42": slow(0.01, [])})
+    ctx = await run(route(DASHBOARD), client)
+    assert ctx.response is not None and ctx.on_client_lost is None  # type: ignore[attr-defined]
+
+
+async def test_pooled_calls_are_closed_when_the_client_leaves() -> None:
+    loop = asyncio.get_running_loop()
+    pools = PoolManager(loop)
+    async with Upstream() as up:
+        service = Service("users", ServiceConfig.model_validate({"targets": [up.url]}), pools)
+        pool = service.pool_for(next(iter(service.instances.values())))
+        ctx = Ctx()
+        Aggregator(
+            route({"slow": {"service": "users", "path": "/slow?ms=3000"}}), {"users": service}
+        )(ctx)
+        for _ in range(100):  # until the upstream has the request
+            await asyncio.sleep(0.01)
+            if up.received:
+                break
+        assert len(up.state.open) == 1
+        ctx.on_client_lost()  # type: ignore[attr-defined]
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if not up.state.open:
+                break
+        assert not up.state.open and pool.total == 0 and not ctx.answered.done()
+        pools.close()
+    await asyncio.sleep(0)

@@ -235,6 +235,9 @@ class Aggregator:
         try:
             run = _Run(self, ctx)
             run.start()
+            if not run.over:
+                ctx.on_client_lost = run.client_gone
+                run.hooked = True
         except Exception:  # a bug here must still answer the client, and only once
             log.exception("aggregation failed on route %s", self.route)
             err = GatewayError(500, "aggregation failed", "aggregate_error")
@@ -280,6 +283,7 @@ class _Run:
         self.outcomes: list[bytes | BaseException | None] = [None] * len(aggregator.parts)
         self.pending = len(aggregator.parts)
         self.over = False  # answered: later outcomes change nothing
+        self.hooked = False  # ctx.on_client_lost is ours
         # One timer for the parts' deadlines, at the earliest one still ahead (parts mostly
         # share one timeout: a timer per part cost ~6,000 instructions each).
         self.timer: asyncio.TimerHandle | None = None
@@ -315,7 +319,10 @@ class _Run:
 
     def _end(self) -> None:
         self.over = True
-        self.calls = []  # (no run <-> call cycle left for the garbage collector)
+        # no cycle left for the garbage collector: run <-> calls, run <-> exchange
+        self.calls = []
+        if self.hooked:
+            self.ctx.on_client_lost = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -343,15 +350,25 @@ class _Run:
             return
         self.ctx.respond(Response(200, body))
 
+    def client_gone(self) -> None:
+        """The client left: nobody wants the answer, so the calls still running are cut
+        (as a proxied request's upstream connection is), counting for neither health nor
+        breakers."""
+        if not self.over:
+            self._cancel_calls()
+
     def abandon(self, err: GatewayError) -> None:
         """Answer with `err` (unless answered already) and cancel the calls still running."""
         if self.over:
             return
+        self._cancel_calls()
+        self.ctx.fail(err)
+
+    def _cancel_calls(self) -> None:
         calls = self.calls
         self._end()
         for call in calls:
             call.cancel()
-        self.ctx.fail(err)
 
 
 # json.loads minus its three Python-level frames: the C scanner json.loads ends up in, with

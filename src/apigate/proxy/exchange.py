@@ -123,6 +123,9 @@ class ProxyExchange(UpstreamListener):
     _chunk_hooks: list[Callable[..., Any]] | None = None
     _forwarding = False  # an attempt is under way (picking, connecting or attached)
     _task: asyncio.Task[None] | None = None  # kept: the loop holds tasks only weakly
+    # a route handler answering through callbacks (an aggregate) stops its calls with this
+    # when the client leaves first, as a proxied request's upstream is cut
+    on_client_lost: Callable[[], None] | None = None
     _retry_timer: asyncio.TimerHandle | None = None
     _replay_size = 0
     _stale_retried = False
@@ -220,6 +223,9 @@ class ProxyExchange(UpstreamListener):
             self._retry_timer = None
         if self._finished:
             return
+        stop, self.on_client_lost = self.on_client_lost, None
+        if stop is not None:
+            stop()
         up = self.upstream
         if up is not None:
             self.upstream = None
