@@ -630,3 +630,58 @@ async def test_pooled_calls_are_closed_when_the_client_leaves() -> None:
         assert not up.state.open and pool.total == 0 and not ctx.answered.done()
         pools.close()
     await asyncio.sleep(0)
+
+
+async def test_a_body_nested_too_deep_to_scan_is_invalid_json() -> None:
+    """The C scanner gives up with a RecursionError, not a ValueError: still an invalid
+    body (it once escaped into the connection's callback and the part hung to its deadline)."""
+    deep = b"[" * 100_000
+    client = FakeClient({"/users/42": ok({}), "/orders?user=42": PartResponse(200, deep)})
+    ctx = await run(route(DASHBOARD), client)
+    assert ctx.doc()["_errors"] == [{"part": "orders", "error": "invalid JSON"}]
+
+    loop = asyncio.get_running_loop()
+    pools = PoolManager(loop)
+    async with Upstream() as up:
+        up.state.canned["/deep"] = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (
+            len(deep),
+            deep,
+        )
+        service = Service("users", ServiceConfig.model_validate({"targets": [up.url]}), pools)
+        ctx = Ctx()
+        Aggregator(route({"deep": {"service": "users", "path": "/deep"}}), {"users": service})(ctx)
+        await asyncio.wait_for(ctx.answered, 2.0)
+        assert ctx.error is not None and ctx.error.message == "part 'deep' failed: invalid JSON"
+        pools.close()
+    await asyncio.sleep(0)
+
+
+async def test_a_bug_in_a_parts_bookkeeping_is_logged_and_the_client_answered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Not an exception escaping into the connection's callback, and a run left unanswered."""
+    loop = asyncio.get_running_loop()
+    pools = PoolManager(loop)
+    async with Upstream() as up:
+        service = Service("users", ServiceConfig.model_validate({"targets": [up.url]}), pools)
+        config = route(
+            {
+                "echo": {"service": "users", "path": "/echo/1"},
+                "broken": {"service": "users", "path": "/echo/2", "optional": True},
+            }
+        )
+        aggregator = Aggregator(config, {"users": service})
+        ctx = Ctx()
+        ctx.vars = _ExplodingVars()  # no span can be recorded
+        aggregator(ctx)
+        await asyncio.wait_for(ctx.answered, 2.0)
+        doc = ctx.doc()
+        assert doc["echo"]["path"] == "/echo/1" and doc["broken"]["path"] == "/echo/2"
+        assert caplog.text.count("unexpected error") == 2
+        pools.close()
+    await asyncio.sleep(0)
+
+
+class _ExplodingVars(dict[str, Any]):
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        raise RuntimeError("no room for spans")

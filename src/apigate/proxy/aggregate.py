@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from apigate.http.pool import Pool
     from apigate.http.upstream import ResponseHead, UpstreamConnection
     from apigate.registry.service import Service
+    from apigate.resilience.circuit_breaker import CircuitBreaker
 
 __all__ = [
     "MAX_PART_BODY",
@@ -389,7 +390,8 @@ def _json_bytes(body: bytes) -> bytes:
         _value, end = _SCAN(text, 0)
         if end != len(text):
             raise ValueError("extra data")
-    except (UnicodeDecodeError, ValueError, StopIteration):
+    except (UnicodeDecodeError, ValueError, StopIteration, RecursionError):
+        # (RecursionError: a body nested deeper than the C scanner goes, "[[[[..." say)
         raise PartError("invalid JSON") from None
     return body.strip(b" \t\n\r")
 
@@ -450,8 +452,12 @@ class _PartCall(UpstreamListener):
         self.part = part
         self.service: Service | None = None
         self.target = ""
+        self.request_line = b""  # up to the version: b"GET /users/42"
         self.traceparent = b""
-        self.since: int | None = None  # the breaker's transitions at allow() (see its record)
+        # the breaker that let the call through (a reload may replace the service's), and its
+        # transitions then (see CircuitBreaker.record)
+        self.breaker: CircuitBreaker | None = None
+        self.since: int | None = None
         self.started = 0.0  # wall clock, for the span
         self.finished = False
         self.deadline = 0.0  # loop time (the run's timer keeps it)
@@ -478,10 +484,12 @@ class _PartCall(UpstreamListener):
             self.service = service
             self.traceparent = run.trace.traceparent()  # the part's own span id
             self.target = part.target(run.ctx)
+            self.request_line = part.method_bytes + self.target.encode("ascii")
             breaker = service.breaker
             if breaker is not None:
                 if not breaker.allow():
                     raise PartError("circuit open")  # as a proxied request: no call at all
+                self.breaker = breaker
                 self.since = breaker.transitions
         except Exception as exc:  # no call was made: no span, nothing for the breaker
             self.finished = True
@@ -545,26 +553,28 @@ class _PartCall(UpstreamListener):
         if self.finished:
             return
         self.finished = True
-        service = self.service
-        assert service is not None
-        breaker = service.breaker
-        if breaker is not None:
-            if healthy is None:
-                breaker.release(self.since)
-            else:
-                breaker.record(healthy, self.since)
-        spans: list[PartSpan] = self.run.ctx.vars.setdefault("part_spans", [])
-        spans.append(
-            (
-                self.part.name,
-                service.name,
-                self.traceparent[36:52].decode(),
-                self.started,
-                (time.time() - self.started) * 1000.0,
-                failed,
+        try:  # (whatever goes wrong here, the run learns the outcome)
+            service = self.service
+            assert service is not None
+            breaker = self.breaker
+            if breaker is not None:
+                if healthy is None:
+                    breaker.release(self.since)
+                else:
+                    breaker.record(healthy, self.since)
+            spans: list[PartSpan] = self.run.ctx.vars.setdefault("part_spans", [])
+            spans.append(
+                (
+                    self.part.name,
+                    service.name,
+                    self.traceparent[36:52].decode(),
+                    self.started,
+                    (time.time() - self.started) * 1000.0,
+                    failed,
+                )
             )
-        )
-        self.run.settle(self, outcome)
+        finally:
+            self.run.settle(self, outcome)
 
     def on_deadline(self) -> None:
         """The part's whole time is up: cut the call wherever it is."""
@@ -610,23 +620,38 @@ class _PartCall(UpstreamListener):
             self._fail(exc, healthy=None)
             return
         self.task = None
-        self._response(response.status, response.body)
+        try:
+            self._response(response.status, response.body)
+        except Exception as bug:
+            self._crashed(bug)
 
     # ------------------------------------------------------------------ pooled client
     def _send(self) -> None:
         """Pick an instance; send on one of its idle connections, or open one."""
+        if self.finished:
+            return
         service = self.service
         assert service is not None
-        inst = service.balancer.pick(None, self.tried)
-        if inst is None:
-            self._fail(PartError("connect error" if self.tried else "no healthy instance"))
-            return
-        pool = service.pool_for(inst)
-        conn = pool.acquire_idle()
-        if conn is not None:
-            self._exchange(inst, conn, reused=True)
-        else:
-            self.task = self.run.loop.create_task(self._connect(inst, pool))
+        try:
+            inst = service.balancer.pick(None, self.tried)
+            if inst is None:
+                self._fail(PartError("connect error" if self.tried else "no healthy instance"))
+                return
+            pool = service.pool_for(inst)
+            conn = pool.acquire_idle()
+            if conn is not None:
+                self._exchange(inst, conn, reused=True)
+            else:
+                self.task = self.run.loop.create_task(self._connect(inst, pool))
+        except Exception as exc:
+            self._crashed(exc)
+
+    def _crashed(self, exc: Exception) -> None:
+        """A bug of ours in a callback: the part fails (an internal error, not the service's)
+        rather than the exception escaping into the connection's or the loop's hands."""
+        log.exception("aggregate part %s: unexpected error", self.part.name, exc_info=exc)
+        self._drop_conn()
+        self._fail(exc, healthy=None)
 
     async def _connect(self, inst: Any, pool: Pool) -> None:
         service = self.service
@@ -642,6 +667,8 @@ class _PartCall(UpstreamListener):
             return
         except (OSError, TimeoutError):
             self.task = None
+            if self.finished:  # ended meanwhile (a cancel that came too late to interrupt)
+                return
             if left <= connect_timeout and loop.time() >= self.deadline:
                 self.on_deadline()  # the part's time ran out, not the instance's
                 return
@@ -656,7 +683,18 @@ class _PartCall(UpstreamListener):
         if self.finished:  # ended while connecting (it was not cancelled in time)
             pool.release(conn)
             return
-        self._exchange(inst, conn, reused=conn.requests > 0)  # handed over by a finishing call
+        if conn.closed:  # handed over by a finishing call, then closed by the upstream
+            pool.release(conn)
+            if self.fresh_retry:
+                self.fresh_retry = False
+                self._send()
+            else:
+                self._fail(PartError("connection reset"))
+            return
+        try:
+            self._exchange(inst, conn, reused=conn.requests > 0)  # (or handed over)
+        except Exception as exc:
+            self._crashed(exc)
 
     def _exchange(self, inst: Any, conn: UpstreamConnection, reused: bool) -> None:
         service = self.service
@@ -676,8 +714,7 @@ class _PartCall(UpstreamListener):
         conn.write(
             b"".join(
                 [
-                    part.method_bytes,
-                    self.target.encode("ascii"),
+                    self.request_line,
                     b" HTTP/1.1\r\nHost: ",
                     conn.pool.host_header,
                     b"\r\ntraceparent: ",
@@ -717,7 +754,10 @@ class _PartCall(UpstreamListener):
         service = self.service
         assert service is not None
         service.report(self.inst, ok=head.status < 500, status=head.status)
-        self._response(head.status, b"".join(self.chunks))
+        try:
+            self._response(head.status, b"".join(self.chunks))
+        except Exception as exc:
+            self._crashed(exc)
 
     def on_upstream_lost(self, exc: Exception | None) -> None:
         conn = self.conn
