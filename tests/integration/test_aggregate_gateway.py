@@ -186,7 +186,7 @@ async def test_three_services_concurrently_merged_as_documented(setup: Setup) ->
     auth = {"Authorization": f"Bearer {_token('u-7')}"}
     await setup.get("/dashboard/42?limit=5", auth)  # warm the pools
     trace = "4bf92f3577b34da6a3ce929d0e0e4736"
-    traced = {**auth, "traceparent": f"00-{trace}-00f067aa0ba902b7-01"}
+    traced = {**auth, "traceparent": f"00-{trace}-00f067aa0ba902b7-01", "tracestate": "k=v"}
     started = time.monotonic()
     reply = await setup.get("/dashboard/42?limit=5", traced)
     elapsed = time.monotonic() - started
@@ -215,8 +215,13 @@ async def test_three_services_concurrently_merged_as_documented(setup: Setup) ->
         assert rec.method == "GET"
         assert rec.header("x-request-id") == request_id
         assert rec.header("authorization") is None  # the client's credentials stay here
-        forwarded = f'for=127.0.0.1;host="127.0.0.1:{setup.gw.port}";proto=http'
-        assert rec.header("forwarded") == forwarded
+        host = f"127.0.0.1:{setup.gw.port}"
+        assert rec.header("forwarded") == f'for=127.0.0.1;host="{host}";proto=http'
+        assert rec.header_values("x-forwarded-for") == ["127.0.0.1"]
+        assert (rec.header("x-forwarded-proto"), rec.header("x-forwarded-host")) == ("http", host)
+        assert rec.header("accept") == "application/json" and rec.header("via") == "1.1 apigate"
+        assert rec.header_values("tracestate") == ["k=v"]
+        assert rec.raw.count(b"\r\n\r\n") == 1 and rec.raw.endswith(b"\r\n\r\n")  # one head
         sent = rec.header("traceparent") or ""
         assert sent.startswith(f"00-{trace}-") and sent.endswith("-01")  # the client's trace
         spans.add(sent[36:52])

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
 
 from apigate.http.errors import GatewayError
-from apigate.http.headers import VIA_VALUE, forwarding_fields
+from apigate.http.headers import VIA_VALUE, forwarding_fields, forwarding_lines
 from apigate.http.pool import PoolFull
 from apigate.http.upstream import UpstreamListener
 from apigate.observability.trace_context import ChildTrace, PartSpan
@@ -60,6 +60,7 @@ from apigate.routing.rewrite import encode_param
 if TYPE_CHECKING:
     from apigate.config.schema import AggregatePartConfig, RouteConfig
     from apigate.http.pool import Pool
+    from apigate.http.request import Request
     from apigate.http.upstream import ResponseHead, UpstreamConnection
     from apigate.registry.service import Service
     from apigate.resilience.circuit_breaker import CircuitBreaker
@@ -273,13 +274,21 @@ class _Run:
         self.aggregator = aggregator
         self.ctx = ctx
         self.loop = aggregator.loop or asyncio.get_running_loop()
-        self.headers = _part_headers(ctx)  # the same for every part (read, never changed)
         self.trace = ChildTrace(ctx)  # each part a child span of the request's trace
-        # the header lines of every part's request but its traceparent (which comes first),
-        # serialised once per run rather than once per part
-        lines = [b"%s: %s\r\n" % (name, value) for name, value in self.headers]
+        # the header lines of every part's request but its traceparent (which comes first):
+        # `_part_headers`, serialised once per run; the forwarding lines are the ones a
+        # proxied request of the connection gets (kept by the connection when it can)
+        req: Request = ctx.request
+        lines = [
+            _ACCEPT_JSON,
+            b"X-Request-Id: %s\r\n" % req.request_id.encode(),
+            req.forwarding
+            or forwarding_lines(req.client_ip, req.forwarded_for, req.scheme, req.host),
+            _VIA_LINE,
+        ]
         lines += [b"tracestate: %s\r\n" % state for state in self.trace.states]
         self.header_lines = b"".join(lines)
+        self.spans: list[PartSpan] | None = None  # ctx.vars["part_spans"], once there is one
         self.calls: list[_PartCall] = []
         self.outcomes: list[bytes | BaseException | None] = [None] * len(aggregator.parts)
         self.pending = len(aggregator.parts)
@@ -410,10 +419,14 @@ def _required_failure(part: _Part, exc: BaseException) -> GatewayError:
     return GatewayError(502, f"part '{part.name}' failed: {_describe(exc)}", "aggregate_failed")
 
 
+_ACCEPT_JSON: Final = b"Accept: application/json\r\n"
+_VIA_LINE: Final = b"Via: " + VIA_VALUE + b"\r\n"
+
+
 def _part_headers(ctx: Any) -> list[tuple[bytes, bytes]]:
     """What every part is sent besides its trace context: the forwarding fields a proxied
     request gets (a trusted proxy's X-Forwarded-For chain extended, Forwarded), and no
-    client credentials."""
+    client credentials. (As fields, for an injected client; `_Run` writes the same as lines.)"""
     req = ctx.request
     return [
         (b"Accept", b"application/json"),
@@ -508,7 +521,7 @@ class _PartCall(UpstreamListener):
         """The call as an injected client is given it."""
         run, part, service = self.run, self.part, self.service
         assert service is not None
-        headers = [*run.headers, (b"traceparent", self.traceparent)]
+        headers = [*_part_headers(run.ctx), (b"traceparent", self.traceparent)]
         headers += [(b"tracestate", state) for state in run.trace.states]
         return PartRequest(
             part.name,
@@ -562,7 +575,10 @@ class _PartCall(UpstreamListener):
                     breaker.release(self.since)
                 else:
                     breaker.record(healthy, self.since)
-            spans: list[PartSpan] = self.run.ctx.vars.setdefault("part_spans", [])
+            run = self.run
+            spans = run.spans
+            if spans is None:
+                spans = run.spans = run.ctx.vars.setdefault("part_spans", [])
             spans.append(
                 (
                     self.part.name,
