@@ -61,6 +61,32 @@ async def test_same_trace_id_at_client_upstream_and_log(tmp_path: Path) -> None:
         assert ids[1] != TRACE
 
 
+async def test_the_access_log_line_of_a_real_exchange(tmp_path: Path) -> None:
+    """Every base field as the gateway's own exchange fills it in (the unit tests log
+    stand-ins, which take another path)."""
+    log_path = tmp_path / "access.log"
+    async with Upstream() as up, running_gateway(traced_config(up.url, log_path), tmp_path) as gw:
+        resp = await get(gw.proxy_port, "/api/echo?x=1")
+        head, _, body = resp.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        request_id = next(
+            line.split(b":", 1)[1].strip().decode()
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"x-request-id:")
+        )
+        await get(gw.proxy_port, "/nowhere")
+    first, second = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert first["request_id"] == request_id and len(first["trace_id"]) == 32
+    assert (first["client"], first["method"], first["path"]) == ("127.0.0.1", "GET", "/api/echo")
+    assert (first["route"], first["service"], first["status"]) == ("api", "up", 200)
+    assert first["instance"] == f"127.0.0.1:{up.port}"
+    assert first["bytes"] == len(body) > 0
+    assert 0 <= first["upstream_ms"] <= first["total_ms"]
+    assert not {"consumer", "retries", "breaker", "cache", "error"} & first.keys()
+    assert (second["route"], second["service"], second["instance"]) == (None, None, None)
+    assert (second["status"], second["upstream_ms"]) == (404, None)
+
+
 # ---------------------------------------------------------------------- OTLP export
 class Collector(asyncio.Protocol):
     """A fake OTLP/HTTP collector: keeps every ExportTraceServiceRequest it is sent."""

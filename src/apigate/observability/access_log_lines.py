@@ -25,6 +25,7 @@ from typing import Any, Final
 
 from apigate.http.request import Request
 from apigate.observability.trace_context import trace_id_of
+from apigate.proxy.exchange import ProxyExchange
 
 # Final: a compiled module reads it from a C static, not from its globals dict per call
 _quote: Final = encode_basestring_ascii
@@ -93,12 +94,62 @@ class AccessLogLines:
     def on_log(self, ctx: Any) -> None:
         """Keep the exchange's values, copied now (a breaker's state, for one, changes later);
         the line is made by `line` when it is written. `ctx` is Any (tests log stand-ins);
-        its `request` is a real Request, read natively."""
-        req: Request = ctx.request
-        route = ctx.route
-        service = ctx.service
-        inst = ctx.instance
-        consumer = ctx.consumer
+        the gateway's own exchanges are read as what they are: compiled, a typed read is a
+        load where an untyped one is a lookup by name (a dozen per request)."""
+        if isinstance(ctx, ProxyExchange):
+            route = ctx.route
+            service = ctx.service
+            inst = ctx.instance
+            self._keep(
+                ctx.request,
+                trace_id_of(ctx),
+                None if route is None else route.name,
+                service,
+                None if inst is None else inst.id,
+                ctx.consumer,
+                ctx.status,
+                ctx.bytes_sent,
+                ctx.upstream_ms,
+                ctx.total_ms,
+                ctx.retries,
+                ctx.cache_status,
+                ctx.error,
+            )
+        else:  # (other names: compiled, a name keeps the type of its first binding)
+            any_route = ctx.route
+            any_inst = ctx.instance
+            self._keep(
+                ctx.request,
+                trace_id_of(ctx),
+                None if any_route is None else any_route.name,
+                ctx.service,
+                None if any_inst is None else any_inst.id,
+                ctx.consumer,
+                ctx.status,
+                ctx.bytes_sent,
+                ctx.upstream_ms,
+                ctx.total_ms,
+                ctx.retries,
+                ctx.cache_status,
+                ctx.error,
+            )
+
+    def _keep(
+        self,
+        req: Request,
+        trace_id: str,
+        route: str | None,
+        service: Any,
+        instance: str | None,
+        consumer: Any,
+        status: int,
+        sent: int,
+        upstream_ms: float | None,
+        total_ms: float | None,
+        retries: int,
+        cache: str | None,
+        error: str | None,
+    ) -> None:
         if consumer is not None:
             name = getattr(consumer, "name", _NO_NAME)
             consumer = str(consumer) if name is _NO_NAME else name
@@ -109,22 +160,22 @@ class AccessLogLines:
                 req.start,
                 req.request_id,
                 # set with the upstream head's trace headers; trace_id_of() makes the others'
-                trace_id_of(ctx),
+                trace_id,
                 req.client_ip,
                 req.method,
                 req.path,
-                None if route is None else route.name,
+                route,
                 None if service is None else service.name,
-                None if inst is None else inst.id,
-                ctx.status,
-                ctx.bytes_sent,
-                ctx.upstream_ms,
-                ctx.total_ms,
+                instance,
+                status,
+                sent,
+                upstream_ms,
+                total_ms,
                 consumer,
-                ctx.retries,
+                retries,
                 None if breaker is None else breaker.state.value,
-                ctx.cache_status,
-                ctx.error,
+                cache,
+                error,
             )
         )
         if len(pending) >= FLUSH_LINES:
