@@ -160,3 +160,26 @@ async def test_a_connection_paused_by_backpressure_reads_again_once_parked() -> 
     conn.reusable = True
     pool.release(conn)
     assert transport.reading and transport.resumes == 1 and list(pool.idle) == [conn]
+
+
+async def test_a_connection_handed_to_a_waiter_cancelled_meanwhile_is_not_lost() -> None:
+    """Every slot busy; a request waits; a finishing exchange hands it a connection, and in
+    the same loop iteration the waiting request is cancelled (its client left, its sibling
+    part failed). The connection must end up with the request or back in the pool: never
+    open and counted with nobody to use or close it. (Python 3.11's wait_for returns the
+    handed value despite the cancellation; 3.12's let it be lost before the pool caught it.)"""
+    pools = PoolManager(asyncio.get_running_loop())
+    svc = service(pools, "svc", "http://10.0.0.1:80", max_connections=1, max_pending=1)
+    conn, _ = parked_connection(svc, "10.0.0.1:80")
+    pool = svc.pool_for(svc.instances["10.0.0.1:80"])
+    assert pool.acquire_idle() is conn  # the one slot is busy
+    waiting = asyncio.get_running_loop().create_task(pool.connect(5.0))
+    await asyncio.sleep(0)
+    assert len(pool.waiters) == 1
+    conn.reusable = True
+    pool.release(conn)  # handed to the waiter ...
+    waiting.cancel()  # ... which is cancelled before it runs again
+    await asyncio.gather(waiting, return_exceptions=True)
+    got = None if waiting.cancelled() else waiting.result()
+    assert got is conn or list(pool.idle) == [conn]
+    assert pool.total == 1 and not pool.waiters

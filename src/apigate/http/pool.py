@@ -111,6 +111,17 @@ class Pool:
             handed = await asyncio.wait_for(waiter, timeout)
         except TimeoutError:
             raise PoolFull(f"{self.key}: no connection free within {timeout:g}s") from None
+        except asyncio.CancelledError:
+            # Cancelled just as a connection (or a freed slot) was handed to us: on Python
+            # 3.12+ wait_for lets the cancellation win and the handed value was lost, a
+            # connection open and counted that nobody would use or close. Pass it on.
+            if waiter.done() and not waiter.cancelled():
+                given = waiter.result()
+                if given is not None:
+                    self.release(given)
+                elif self.waiters:
+                    self._hand_over(None)
+            raise
         finally:
             with contextlib.suppress(ValueError):
                 self.waiters.remove(waiter)
