@@ -29,7 +29,8 @@ results); a pooled connection the upstream had just closed is retried once on a 
 service's circuit breaker guards the calls as it guards proxied requests: an open breaker fails
 the part at once (`circuit open`) without a call, and a part's outcome (a timeout, a transport
 error or a 5xx is a failure) counts towards opening or closing it; a call cancelled because a
-required sibling failed counts for neither.
+required sibling failed, or because the client left (reset, not half-closed), counts for
+neither.
 Only the request id, the forwarding headers (as a proxied request gets them) and the trace
 context go to the parts, never the client's credentials. Each part is a child span of the
 request's trace: its own span id in `traceparent`, recorded in `vars["part_spans"]` for the
@@ -452,7 +453,7 @@ def build_aggregate_handler(
 
 class _PartCall(UpstreamListener):
     """One part's call: through the service's balancer and keep-alive pools, or through an
-    injected `fetch` (tests), within the part's `timeout` in all (one timer, which cuts the
+    injected `fetch` (tests), within the part's `timeout` in all (the run's timer cuts the
     call wherever it is: connecting, sending or reading).
 
     Pooled: a connect failure moves on to another instance once; a reused keep-alive
@@ -534,8 +535,8 @@ class _PartCall(UpstreamListener):
         )
 
     def cancel(self) -> None:
-        """A required sibling failed: stop, counting for neither the instance nor the
-        breaker (the call says nothing about the service)."""
+        """A required sibling failed, or the client left: stop, counting for neither the
+        instance nor the breaker (the call says nothing about the service)."""
         if self.finished:
             return
         self._stop_waiting()
