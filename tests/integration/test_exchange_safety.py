@@ -87,3 +87,56 @@ async def test_target_path_is_put_before_the_request_path() -> None:
             assert resp.startswith(b"HTTP/1.1 200")
             assert up.received[-1].path == "/base/echo"
             assert up.received[-1].query == "q=1"
+
+
+class _AnswerThenClose(asyncio.Protocol):
+    """An upstream that answers its first request after 300 ms with a keep-alive response
+    and closes the connection in the same breath (response and FIN arrive together), and
+    answers later connections' requests at once."""
+
+    connections = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        type(self).connections += 1
+        self.first = type(self).connections == 1
+        self.transport: Any = transport
+
+    def data_received(self, data: bytes) -> None:
+        if b"\r\n\r\n" not in data:
+            return
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"
+        if self.first:
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.3, lambda: (self.transport.write(answer), self.transport.close()))
+        else:
+            self.transport.write(answer)
+
+
+async def test_a_connection_handed_over_then_closed_by_the_upstream_is_not_used() -> None:
+    """Every slot busy, a request waits; the busy connection's response hands it to the
+    waiter, and the upstream's FIN, right behind the response, closes it as the waiter takes
+    it. The waiter's request goes out again on a new connection (the keep-alive race), not
+    a 502, nor a wait for the response timeout."""
+    _AnswerThenClose.connections = 0
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(_AnswerThenClose, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    cfg = _route(f"http://127.0.0.1:{port}")
+    cfg["services"]["up"].update(
+        {"max_connections": 1, "max_pending": 1, "timeouts": {"response": "3s"}}
+    )
+    try:
+        async with GatewayProcess(cfg) as gw:
+            first = asyncio.ensure_future(
+                raw_request(gw.port, b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n")
+            )
+            await asyncio.sleep(0.1)  # the first holds the one connection; the second waits
+            started = loop.time()
+            second = await raw_request(gw.port, b"GET /b HTTP/1.1\r\nHost: t\r\n\r\n")
+            took = loop.time() - started
+            assert (await first).startswith(b"HTTP/1.1 200")
+            assert second.startswith(b"HTTP/1.1 200"), second[:200]
+            assert took < 1.5, took
+            assert _AnswerThenClose.connections == 2
+    finally:
+        server.close()
