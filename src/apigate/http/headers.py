@@ -181,43 +181,23 @@ def forwarded_for_node(ip: str) -> str:
     return f'"[{ip}]"' if ":" in ip else ip
 
 
-def _forwarding_values(
-    client_ip: str, forwarded_for: bytes | None, scheme: str, host: str
-) -> tuple[bytes, bytes, bytes, bytes]:
-    """X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host and Forwarded values. A trusted
-    peer's X-Forwarded-For (`forwarded_for`) is extended with the client address; anyone
-    else's was dropped by the parser."""
+def forwarding_lines(client_ip: str, forwarded_for: bytes | None, scheme: str, host: str) -> bytes:
+    """The X-Forwarded-For/-Proto/-Host and Forwarded lines of an upstream request head. A
+    trusted peer's X-Forwarded-For (`forwarded_for`) is extended with the client address;
+    anyone else's was dropped by the parser. The same for every request of a connection that
+    keeps its Host (and has no trusted X-Forwarded-For), so the connection keeps the last one
+    (ClientConnection.parser_headers_done); an aggregate's parts get them too.
+    """
     ip = client_ip.encode()
     xff = ip if forwarded_for is None else forwarded_for + b", " + ip
     client_host = host.encode("latin-1")
     proto = scheme.encode()
     node = forwarded_for_node(client_ip).encode()
-    return xff, proto, client_host, b'for=%s;host="%s";proto=%s' % (node, client_host, proto)
-
-
-def forwarding_lines(client_ip: str, forwarded_for: bytes | None, scheme: str, host: str) -> bytes:
-    """The X-Forwarded-For/-Proto/-Host and Forwarded lines of an upstream request head. The
-    same for every request of a connection that keeps its Host (and has no trusted
-    X-Forwarded-For), so the connection keeps the last one (ClientConnection.parser_headers_done).
-    """
     return (
         b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n"
-        b"Forwarded: %s\r\n" % _forwarding_values(client_ip, forwarded_for, scheme, host)
+        b'Forwarded: for=%s;host="%s";proto=%s\r\n'
+        % (xff, proto, client_host, node, client_host, proto)
     )
-
-
-def forwarding_fields(
-    client_ip: str, forwarded_for: bytes | None, scheme: str, host: str
-) -> list[tuple[bytes, bytes]]:
-    """`forwarding_lines` as (name, value) fields, for the requests the gateway makes itself
-    on a client's behalf (an aggregate's parts)."""
-    xff, proto, client_host, forwarded = _forwarding_values(client_ip, forwarded_for, scheme, host)
-    return [
-        (b"X-Forwarded-For", xff),
-        (b"X-Forwarded-Proto", proto),
-        (b"X-Forwarded-Host", client_host),
-        (b"Forwarded", forwarded),
-    ]
 
 
 class HeaderList:
