@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -302,11 +303,32 @@ def test_a_route_without_parts_is_refused() -> None:
 # ------------------------------------------------------------------------------ real sockets
 
 
-async def test_pooled_client_against_a_real_upstream() -> None:
-    loop = asyncio.get_running_loop()
-    pools = PoolManager(loop)
+@asynccontextmanager
+async def users_upstream(**config: Any) -> AsyncIterator[tuple[Upstream, Service]]:
+    """A real upstream, and the service `users` in front of it with pools of its own."""
+    pools = PoolManager(asyncio.get_running_loop())
     async with Upstream() as up:
-        service = Service("users", ServiceConfig.model_validate({"targets": [up.url]}), pools)
+        try:
+            yield (
+                up,
+                Service(
+                    "users", ServiceConfig.model_validate({"targets": [up.url], **config}), pools
+                ),
+            )
+        finally:
+            pools.close()
+    await asyncio.sleep(0)  # (the closed connections' callbacks)
+
+
+async def answered(handler: Callable[[Ctx], None], ctx: Ctx | None = None) -> Ctx:
+    ctx = ctx or Ctx()
+    handler(ctx)
+    await asyncio.wait_for(ctx.answered, 2.0)
+    return ctx
+
+
+async def test_pooled_client_against_a_real_upstream() -> None:
+    async with users_upstream() as (up, service):
         config = route(
             {
                 "echo": {"service": "users", "path": "/echo/{user_id}?user={user_id}"},
@@ -319,12 +341,9 @@ async def test_pooled_client_against_a_real_upstream() -> None:
                 },
             }
         )
-        handler = build_aggregate_handler(config, {"users": service}, loop)
+        handler = build_aggregate_handler(config, {"users": service})
         for _ in range(2):
-            ctx = Ctx()
-            handler(ctx)
-            await asyncio.wait_for(ctx.answered, 2.0)
-            doc = ctx.doc()
+            doc = (await answered(handler)).doc()
             assert doc["echo"]["path"] == "/echo/42" and doc["echo"]["query"] == "user=42"
             assert doc["down"] is None and doc["slow"] is None
             assert doc["_errors"] == [
@@ -337,8 +356,6 @@ async def test_pooled_client_against_a_real_upstream() -> None:
         )
         pool = service.pool_for(next(iter(service.instances.values())))
         assert pool.reused >= 1  # the second request reused the first one's connections
-        pools.close()
-    await asyncio.sleep(0)
 
 
 async def test_pooled_client_connect_error() -> None:
@@ -348,9 +365,7 @@ async def test_pooled_client_connect_error() -> None:
         "users", ServiceConfig.model_validate({"targets": ["http://127.0.0.1:9"]}), pools
     )
     config = route({"profile": {"service": "users", "path": "/users/{user_id}"}})
-    ctx = Ctx()
-    build_aggregate_handler(config, {"users": service}, loop)(ctx)
-    await asyncio.wait_for(ctx.answered, 3.0)
+    ctx = await answered(build_aggregate_handler(config, {"users": service}, loop))
     assert ctx.error is not None and ctx.error.message == "part 'profile' failed: connect error"
     pools.close()
 
@@ -481,14 +496,8 @@ async def test_a_bug_in_the_client_is_an_internal_error_not_the_services_failure
 async def test_pooled_client_replaces_a_kept_alive_connection_the_upstream_closed() -> None:
     """The keep-alive race: the upstream closes an idle connection as a part takes it. The
     part goes out again on a fresh connection, and the instance is not blamed."""
-    loop = asyncio.get_running_loop()
-    pools = PoolManager(loop)
-    async with Upstream() as up:
-        # one failure ejects an instance: a blamed instance fails the retry, and the test
-        config = ServiceConfig.model_validate(
-            {"targets": [up.url], "health": {"passive": {"failures": 1}}}
-        )
-        service = Service("users", config, pools)
+    # one failure ejects an instance: a blamed instance fails the retry, and the test
+    async with users_upstream(health={"passive": {"failures": 1}}) as (up, service):
         handler = build_aggregate_handler(
             route({"echo": {"service": "users", "path": "/echo/{user_id}"}}), {"users": service}
         )
@@ -499,24 +508,16 @@ async def test_pooled_client_replaces_a_kept_alive_connection_the_upstream_close
                 assert len(pool.idle) == 1
                 for transport in list(up.state.open):  # closed by the upstream, unseen yet
                     transport.close()
-            ctx = Ctx()
-            handler(ctx)
-            await asyncio.wait_for(ctx.answered, 2.0)
-            assert ctx.doc()["echo"]["path"] == "/echo/42"
+            assert (await answered(handler)).doc()["echo"]["path"] == "/echo/42"
         assert up.state.connections == 2 and pool.reused == 1
         assert [r.path for r in up.received] == ["/echo/42", "/echo/42"]
         assert inst.failures == 0 and inst.healthy
-        pools.close()
-    await asyncio.sleep(0)
 
 
 async def test_pooled_client_cuts_what_it_no_longer_needs() -> None:
     """A response over the size cap and a call whose required sibling failed are both cut:
     their connections are closed, never reused with the rest of a response unread."""
-    loop = asyncio.get_running_loop()
-    pools = PoolManager(loop)
-    async with Upstream() as up:
-        service = Service("users", ServiceConfig.model_validate({"targets": [up.url]}), pools)
+    async with users_upstream() as (_up, service):
         pool = service.pool_for(next(iter(service.instances.values())))
         config = route(
             {
@@ -524,9 +525,7 @@ async def test_pooled_client_cuts_what_it_no_longer_needs() -> None:
                 "small": {"service": "users", "path": "/echo/1"},
             }
         )
-        ctx = Ctx()
-        Aggregator(config, {"users": service}, max_body=1000)(ctx)
-        await asyncio.wait_for(ctx.answered, 2.0)
+        ctx = await answered(Aggregator(config, {"users": service}, max_body=1000))
         doc = ctx.doc()
         assert doc["small"]["path"] == "/echo/1" and doc["big"] is None
         assert doc["_errors"] == [{"part": "big", "error": "response too large"}]
@@ -539,14 +538,10 @@ async def test_pooled_client_cuts_what_it_no_longer_needs() -> None:
                 "down": {"service": "users", "path": "/status/503"},
             }
         )
-        ctx = Ctx()
-        Aggregator(config, {"users": service})(ctx)
-        await asyncio.wait_for(ctx.answered, 2.0)
+        ctx = await answered(Aggregator(config, {"users": service}))
         assert ctx.error is not None and ctx.error.message == "part 'down' failed: HTTP 503"
         await asyncio.sleep(0.05)
         assert pool.total == len(pool.idle) == 1  # the slow call's connection was closed
-        pools.close()
-    await asyncio.sleep(0)
 
 
 async def test_each_part_keeps_its_own_deadline() -> None:
@@ -608,10 +603,7 @@ async def test_an_answered_run_leaves_no_hook_on_the_exchange() -> None:
 
 
 async def test_pooled_calls_are_closed_when_the_client_leaves() -> None:
-    loop = asyncio.get_running_loop()
-    pools = PoolManager(loop)
-    async with Upstream() as up:
-        service = Service("users", ServiceConfig.model_validate({"targets": [up.url]}), pools)
+    async with users_upstream() as (up, service):
         pool = service.pool_for(next(iter(service.instances.values())))
         ctx = Ctx()
         Aggregator(
@@ -628,8 +620,6 @@ async def test_pooled_calls_are_closed_when_the_client_leaves() -> None:
             if not up.state.open:
                 break
         assert not up.state.open and pool.total == 0 and not ctx.answered.done()
-        pools.close()
-    await asyncio.sleep(0)
 
 
 async def test_a_body_nested_too_deep_to_scan_is_invalid_json() -> None:
@@ -640,46 +630,32 @@ async def test_a_body_nested_too_deep_to_scan_is_invalid_json() -> None:
     ctx = await run(route(DASHBOARD), client)
     assert ctx.doc()["_errors"] == [{"part": "orders", "error": "invalid JSON"}]
 
-    loop = asyncio.get_running_loop()
-    pools = PoolManager(loop)
-    async with Upstream() as up:
+    async with users_upstream() as (up, service):
         up.state.canned["/deep"] = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (
             len(deep),
             deep,
         )
-        service = Service("users", ServiceConfig.model_validate({"targets": [up.url]}), pools)
-        ctx = Ctx()
-        Aggregator(route({"deep": {"service": "users", "path": "/deep"}}), {"users": service})(ctx)
-        await asyncio.wait_for(ctx.answered, 2.0)
+        config = route({"deep": {"service": "users", "path": "/deep"}})
+        ctx = await answered(Aggregator(config, {"users": service}))
         assert ctx.error is not None and ctx.error.message == "part 'deep' failed: invalid JSON"
-        pools.close()
-    await asyncio.sleep(0)
 
 
 async def test_a_bug_in_a_parts_bookkeeping_is_logged_and_the_client_answered(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Not an exception escaping into the connection's callback, and a run left unanswered."""
-    loop = asyncio.get_running_loop()
-    pools = PoolManager(loop)
-    async with Upstream() as up:
-        service = Service("users", ServiceConfig.model_validate({"targets": [up.url]}), pools)
+    async with users_upstream() as (_up, service):
         config = route(
             {
                 "echo": {"service": "users", "path": "/echo/1"},
                 "broken": {"service": "users", "path": "/echo/2", "optional": True},
             }
         )
-        aggregator = Aggregator(config, {"users": service})
         ctx = Ctx()
         ctx.vars = _ExplodingVars()  # no span can be recorded
-        aggregator(ctx)
-        await asyncio.wait_for(ctx.answered, 2.0)
-        doc = ctx.doc()
+        doc = (await answered(Aggregator(config, {"users": service}), ctx)).doc()
         assert doc["echo"]["path"] == "/echo/1" and doc["broken"]["path"] == "/echo/2"
         assert caplog.text.count("unexpected error") == 2
-        pools.close()
-    await asyncio.sleep(0)
 
 
 class _ExplodingVars(dict[str, Any]):
