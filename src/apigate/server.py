@@ -329,9 +329,11 @@ def settle_heap() -> None:
     gc.collect()
     gc.freeze()
     # A young-generation collection every 700 net allocations (CPython's default) ran every
-    # ~15 aggregated requests under load: each walked the in-flight requests' tasks and
-    # coroutines (~0.3 ms), about 22 µs per request in all (timed with gc.callbacks at 50
-    # connections). Request/response garbage is freed by reference counting; only objects in
+    # ~15 aggregated requests under load when each part was a task: each walked the
+    # in-flight requests' tasks and coroutines (~0.3 ms), about 22 µs per request in all
+    # (timed with gc.callbacks at 50 connections). Aggregation no longer makes tasks or
+    # cycles, but an async plugin hook (a Redis-kept rate limit) still runs as a task per
+    # request. Request/response garbage is freed by reference counting; only objects in
     # cycles wait for the collector, at most 50,000 of them (a few MB) at this setting.
     # (Only raised: an embedding application's higher setting stands.)
     threshold, *older = gc.get_threshold()
