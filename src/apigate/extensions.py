@@ -1,10 +1,10 @@
 """Attach the control-plane subsystems to a gateway before it starts.
 
-Each subsystem (config store + admin API, metrics, dashboard, registry TTLs, DNS discovery,
-active health checks)
-registers its start/stop hooks on the `Gateway` here, so `server.py` stays about listeners and
-snapshots. Order matters: the admin store first (it may change the effective config), then the
-registry, then discovery and health, which watch the services the others create.
+Each subsystem (config store + admin API, metrics, dashboard, registry TTLs, the cluster sync of
+`store: redis://`, DNS discovery, active health checks) registers its start/stop hooks on the
+`Gateway` here, so `server.py` stays about listeners and snapshots. Order matters: the admin
+store first (it may change the effective config), then the registry and the cluster sync that
+shares it, then discovery and health, which watch the services the others create.
 """
 
 from __future__ import annotations
@@ -25,12 +25,14 @@ def _attachers() -> list[Attach]:
     from apigate.registry.dns import attach_dns
     from apigate.registry.health import attach_health
     from apigate.registry.registry import attach_registry
+    from apigate.store.cluster import attach_cluster
 
     return [
         attach_admin,
         attach_metrics,
         attach_dashboard,
         attach_registry,
+        attach_cluster,
         attach_dns,
         attach_health,
     ]

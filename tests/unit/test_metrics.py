@@ -187,6 +187,7 @@ def test_fold_retires_routes_of_old_snapshots() -> None:
         reloads_failed=0,
         pools=SimpleNamespace(pools={}),
         services=SimpleNamespace(services={}),
+        extensions={},
     )
     m = GatewayMetrics(gateway)  # type: ignore[arg-type]
     m.observe(FakeCtx(old))

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from apigate import __version__
-from apigate.admin.config_ops import ConfigConflict, ConfigOps
+from apigate.admin.config_ops import ConfigConflict, ConfigOps, StoreWriteFailed
 from apigate.admin.http import AdminError, AdminRequest, AdminResponse, json_response
 from apigate.config.errors import ConfigError
 from apigate.config.units import parse_duration
@@ -93,7 +93,12 @@ class AdminApi:
                 allowed.append(route_method)
                 continue
             req.params = m.groupdict()
-            return await handler(req)
+            try:
+                return await handler(req)
+            except StoreWriteFailed as exc:
+                raise AdminError(
+                    503, "store_unavailable", f"the change was not made: the store failed: {exc}"
+                ) from None
         if allowed:
             raise AdminError(
                 405,
@@ -216,7 +221,8 @@ class AdminApi:
         return json_response(doc, 201 if created else 200)
 
     async def deregister(self, req: AdminRequest) -> AdminResponse:
-        ok = registry_of(self.gateway).deregister(req.params["service"], req.params["instance"])
+        registry = registry_of(self.gateway)
+        ok = await registry.deregister(req.params["service"], req.params["instance"])
         if not ok:
             raise AdminError(
                 404,
@@ -302,6 +308,9 @@ class AdminApi:
         body = {
             "config": shown,
             "store": ops.store.describe(),
+            "cluster": cluster.describe()
+            if (cluster := self.gateway.extensions.get("cluster"))
+            else None,
             "persisted": ops.store.persistent,
             "generation": self.gateway.runtime.generation,
         }

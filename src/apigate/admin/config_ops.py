@@ -2,7 +2,9 @@
 
 Every change is computed on the effective config document, validated by the same schema as
 the file, compiled into a snapshot, and only then written to the store — so the store never
-holds a change the gateway refused. `ETag`s are a hash of the effective document.
+holds a change the gateway refused. A change the store cannot take (SQLite failing, Redis
+down) is undone here too, so that this node never serves what the others do not know of.
+`ETag`s are a hash of the effective document.
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from apigate.config.errors import ConfigError
 from apigate.config.loader import dump_config, parse_config
 from apigate.config.schema import GatewayConfig
 from apigate.store.config_store import ConfigStore
@@ -21,9 +26,15 @@ if TYPE_CHECKING:
 
 KINDS = ("services", "routes", "consumers")
 
+log = logging.getLogger("apigate.admin")
+
 
 class ConfigConflict(Exception):
     """The change is valid on its own but contradicts the current state (409)."""
+
+
+class StoreWriteFailed(Exception):
+    """The store could not keep a change (503); the change was undone on this node."""
 
 
 class ConfigOps:
@@ -31,6 +42,9 @@ class ConfigOps:
         self.gateway = gateway
         self.store = store
         self._lock = asyncio.Lock()
+        # the file's own config, as last read (start-up, SIGHUP): what other nodes' changes
+        # are composed onto
+        self.file_config: GatewayConfig = gateway.config
 
     @classmethod
     def of(cls, gateway: Gateway) -> ConfigOps:
@@ -48,6 +62,7 @@ class ConfigOps:
 
     def compose(self, file_config: GatewayConfig) -> GatewayConfig:
         """The file's config with the stored changes applied (start-up and SIGHUP)."""
+        self.file_config = file_config
         if self.store.base is None and not self.store.overlay:
             return file_config
         return parse_config(self.store.merge(dump_config(file_config)), source="<store>")
@@ -75,11 +90,10 @@ class ConfigOps:
                 entity["name"] = name
             candidate = _with_entity(doc, kind, name, entity)
             config = parse_config(candidate, source="<admin>")
-            await self.gateway.apply_config(config)
             stored = (
                 {k: v for k, v in entity.items() if k != "name"} if kind != "services" else entity
             )
-            await self.store.put(kind, name, stored)
+            await self._apply_then_store(config, lambda: self.store.put(kind, name, stored))
             return self.get_entity(dump_config(config), kind, name) or entity, created
 
     async def delete_entity(self, kind: str, name: str) -> bool:
@@ -93,8 +107,7 @@ class ConfigOps:
                     raise ConfigConflict(f"service {name} is used by routes: {', '.join(users)}")
             candidate = _with_entity(doc, kind, name, None)
             config = parse_config(candidate, source="<admin>")
-            await self.gateway.apply_config(config)
-            await self.store.put(kind, name, None)
+            await self._apply_then_store(config, lambda: self.store.put(kind, name, None))
             return True
 
     async def replace(self, doc: dict[str, Any], dry_run: bool = False) -> GatewayConfig:
@@ -105,9 +118,48 @@ class ConfigOps:
 
                 dry_compile(config, self.gateway.loop)
                 return config
-            await self.gateway.apply_config(config)
-            await self.store.replace_base(dump_config(config))
+            await self._apply_then_store(
+                config, lambda: self.store.replace_base(dump_config(config))
+            )
             return config
+
+    async def _apply_then_store(
+        self, config: GatewayConfig, write: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Apply `config` (ConfigError: nothing changed), then store it; a store failure puts
+        the previous config back and raises StoreWriteFailed."""
+        previous = self.gateway.config
+        await self.gateway.apply_config(config)
+        try:
+            await write()
+        except BaseException as exc:
+            await self.gateway.apply_config(previous)
+            if isinstance(exc, Exception):
+                raise StoreWriteFailed(str(exc) or type(exc).__name__) from exc
+            raise
+
+    async def sync_from_store(self) -> bool:
+        """Another node changed the shared store: read it and apply what it now says.
+        Returns whether a new config was applied; a config this node refuses is logged and
+        the current one keeps serving."""
+        async with self._lock:
+            if not await self.store.refresh():
+                return False
+            try:
+                config = self.compose(self.file_config)
+                await self.gateway.apply_config(config)
+            except ConfigError as exc:
+                log.error(
+                    "a change from the shared store was refused; this node keeps its config:\n%s",
+                    exc,
+                    extra={"event": "config_sync", "ok": False},
+                )
+                return False
+            log.info(
+                "config changed by another node",
+                extra={"event": "config_sync", "ok": True, "version": self.store.version},
+            )
+            return True
 
 
 def _with_entity(

@@ -47,13 +47,13 @@ def _crud(kind: str, schema_ref: str, param: str) -> dict[str, Any]:
             "responses": {
                 "200": _resp("replaced"),
                 "201": _resp("created"),
-                **_errors(400, 401, 413),
+                **_errors(400, 401, 413, 503),
             },
         },
         "delete": {
             "summary": f"delete a {kind[:-1]}",
             "parameters": [_name_param(param)],
-            "responses": {"200": _resp("deleted"), **_errors(401, 404, 409)},
+            "responses": {"200": _resp("deleted"), **_errors(401, 404, 409, 503)},
         },
     }
 
@@ -122,7 +122,7 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {
                     "200": _resp("renewed"),
                     "201": _resp("registered"),
-                    **_errors(400, 401, 409, 413),
+                    **_errors(400, 401, 409, 413, 503),
                 },
             },
             "delete": {
@@ -170,7 +170,10 @@ def openapi_document() -> dict[str, Any]:
                 "summary": "replace the config whole (If-Match: ETag; ?dry_run=true)",
                 "parameters": [{"name": "dry_run", "in": "query", "schema": {"type": "boolean"}}],
                 "requestBody": _body("#/components/schemas/GatewayConfig"),
-                "responses": {"200": _resp("applied or validated"), **_errors(400, 401, 412, 413)},
+                "responses": {
+                    "200": _resp("applied or validated"),
+                    **_errors(400, 401, 412, 413, 503),
+                },
             },
         },
     }

@@ -360,6 +360,18 @@ def _gateway_gauges(gw: Gateway) -> Iterator[Metric]:
     reloads.add_metric(["ok"], gw.reloads_ok)
     reloads.add_metric(["failed"], gw.reloads_failed)
     yield reloads
+    cluster = gw.extensions.get("cluster")
+    if cluster is not None:  # store: redis://
+        yield GaugeMetricFamily(
+            "apigate_cluster_connected",
+            "1 while this node follows the other nodes' changes through Redis.",
+            value=int(cluster.connected),
+        )
+        yield GaugeMetricFamily(
+            "apigate_cluster_unshared_changes",
+            "Registry changes made on this node that Redis has not taken yet.",
+            value=len(cluster.unshared),
+        )
     yield from _pool_gauges(gw)
     yield from _instance_gauges(gw)
 

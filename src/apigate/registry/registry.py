@@ -8,6 +8,10 @@ requests already on its connections finish.
 
 A registration for a service the config does not declare creates it with default settings
 (through a config change, so routes can name it and `GET /config` shows it).
+
+With `store: redis://` a `mirror` (`apigate.store.cluster.ClusterSync`) shares every
+registration, heartbeat and deregistration made here with the other gateway nodes, and brings
+theirs in through `apply`/`drop`, which change this node only.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import ipaddress
 import logging
 import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import ValidationError
 
@@ -51,11 +55,23 @@ class Registration:
     metadata: dict[str, Any] | None = None
 
 
+class Mirror(Protocol):
+    """Where this node's registry changes go so that other nodes see them."""
+
+    async def instance_up(self, reg: Registration) -> None: ...
+
+    async def instance_down(self, service: str, instance_id: str) -> None: ...
+
+
 class Registry:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self._sweeper: asyncio.Task[None] | None = None
         self.own_addresses: set[tuple[str, int]] = set()
+        self.mirror: Mirror | None = None
+        # +1 per change of the registered instances: a cluster resync taken while one happened
+        # may be stale, and is not applied
+        self.changes = 0
 
     async def start(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep_forever())
@@ -80,15 +96,34 @@ class Registry:
             )
         if not 0 < reg.ttl <= MAX_TTL:
             raise RegistrationError(400, "invalid_ttl", f"ttl must be in (0, {MAX_TTL:.0f}s]")
-        service = self.gateway.services.services.get(reg.service)
-        if service is None:
+        if reg.service not in self.gateway.services.services:
             await self._create_service(reg.service)
-            service = self.gateway.services.services[reg.service]
+        inst, created = self._add(reg, target)
+        if self.mirror is not None:
+            await self.mirror.instance_up(reg)
+        return inst, created
+
+    def apply(self, reg: Registration, source: str) -> bool:
+        """A registration or heartbeat another node took: this node only. False when it cannot
+        be applied here (an unknown service, a bad URL, an id a static target holds)."""
+        if reg.service not in self.gateway.services.services:
+            return False
+        try:
+            self._add(reg, TargetConfig(url=reg.url, weight=reg.weight), source=source)
+        except (ValidationError, RegistrationError):
+            return False
+        return True
+
+    def _add(
+        self, reg: Registration, target: TargetConfig, source: str | None = None
+    ) -> tuple[Instance, bool]:
+        service = self.gateway.services.services[reg.service]
         existing = service.instances.get(reg.instance_id)
         if existing is not None and existing.origin != "registered":
             raise RegistrationError(
                 409, "conflict", f"instance id {reg.instance_id} is a {existing.origin} target"
             )
+        self.changes += 1
         inst = service.add_instance(
             reg.instance_id,
             reg.url,
@@ -103,9 +138,10 @@ class Registry:
         created = existing is None or existing is not inst
         inst.expires_at = self.gateway.loop.time() + reg.ttl
         if created:
+            via = f" (through {source})" if source else ""
             EVENTS.record(
                 "registration",
-                f"{reg.service}/{reg.instance_id} registered at {reg.url}",
+                f"{reg.service}/{reg.instance_id} registered at {reg.url}{via}",
                 service=reg.service,
                 instance=reg.instance_id,
                 url=reg.url,
@@ -113,13 +149,24 @@ class Registry:
             )
         return inst, created
 
-    def deregister(self, service_name: str, instance_id: str, reason: str = "deregistered") -> bool:
+    async def deregister(self, service_name: str, instance_id: str) -> bool:
+        """`DELETE .../instances/{id}`: here, and on every node through the mirror."""
+        if not self.drop(service_name, instance_id, "deregistered"):
+            return False
+        if self.mirror is not None:
+            await self.mirror.instance_down(service_name, instance_id)
+        return True
+
+    def drop(self, service_name: str, instance_id: str, reason: str) -> bool:
+        """Remove a registered instance from this node only (TTL lapse, another node's
+        deregistration). False when there is no such registered instance."""
         service = self.gateway.services.services.get(service_name)
         if service is None:
             return False
         inst = service.instances.get(instance_id)
         if inst is None or inst.origin != "registered":
             return False
+        self.changes += 1
         service.remove_instance(instance_id)
         EVENTS.record(
             "registration",
@@ -179,8 +226,17 @@ class Registry:
             and inst.expires_at <= now
         ]
         for service_name, iid in lapsed:
-            self.deregister(service_name, iid, reason="removed: TTL lapsed")
+            self.drop(service_name, iid, "removed: TTL lapsed")
         return len(lapsed)
+
+    def registered(self) -> dict[tuple[str, str], Instance]:
+        """Every registered instance on this node, by (service, instance id)."""
+        return {
+            (svc.name, inst.id): inst
+            for svc in self.gateway.services.services.values()
+            for inst in svc.instances.values()
+            if inst.origin == "registered"
+        }
 
 
 def _local_addresses() -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:

@@ -31,9 +31,15 @@ class ConfigStore:
     def __init__(self) -> None:
         self.base: dict[str, Any] | None = None
         self.overlay: dict[tuple[Kind, str], dict[str, Any] | None] = {}
+        self.version = 0  # of a shared store: +1 per change any node made
 
     async def open(self) -> None:
         """Load what was saved (nothing for memory)."""
+
+    async def refresh(self) -> bool:
+        """Read again what other processes may have changed; whether anything did. Only a
+        shared store (Redis) has other writers."""
+        return False
 
     async def close(self) -> None:
         """Release resources."""
@@ -139,9 +145,14 @@ class SqliteConfigStore(ConfigStore):
         }
 
 
-def open_config_store(url: str) -> ConfigStore:
-    """`memory` | `sqlite:///path` | `redis://...` (cluster state; config overlay kept locally)."""
+def open_config_store(url: str, shared: dict[str, Any]) -> ConfigStore:
+    """`memory` | `sqlite:///path` | `redis://...` (shared by every node: see
+    `apigate.store.cluster`). `shared` is the process's `PluginEnv.shared` (one Redis client)."""
     if url.startswith("sqlite:///"):
         # sqlite:///state.db is relative to the working directory; sqlite:////var/x.db absolute
         return SqliteConfigStore(url[len("sqlite:///") :])
+    if url.startswith(("redis://", "rediss://")):
+        from apigate.store.cluster import RedisConfigStore
+
+        return RedisConfigStore(url, shared)
     return ConfigStore()

@@ -1,0 +1,219 @@
+"""Gateway nodes sharing one real Redis (`store: redis://`): registrations and admin changes made
+on one node reach the others, a node started later begins with them, and a Redis outage (even
+one that loses every key) neither stops proxying nor loses what the nodes know."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from apigate.store.cluster import INSTANCES
+from apigate.store.redis import RedisStore
+from tests.support.gateway import GatewayProcess, base_config
+from tests.support.http import Reply, request
+from tests.support.redis_server import RedisServer
+from tests.support.upstream import Upstream
+
+
+def _config(redis: RedisServer) -> dict[str, Any]:
+    return base_config(
+        listeners={"proxy": {"address": "127.0.0.1:0"}, "admin": {"address": "127.0.0.1:0"}},
+        store=redis.url,
+        services={"hello": {}},
+        routes=[{"name": "hello", "match": {"paths": ["/"]}, "service": "hello"}],
+    )
+
+
+@contextlib.asynccontextmanager
+async def _nodes(redis: RedisServer, count: int) -> AsyncIterator[list[GatewayProcess]]:
+    async with contextlib.AsyncExitStack() as stack:
+        nodes = [
+            await stack.enter_async_context(GatewayProcess(_config(redis))) for _ in range(count)
+        ]
+        for node in nodes:
+            await _until(lambda n=node: _cluster(n), lambda c: c["connected"], what="connected")
+        yield nodes
+
+
+async def _cluster(node: GatewayProcess) -> dict[str, Any]:
+    doc: dict[str, Any] = (await request(node.admin_port, "GET", "/config")).json()["cluster"]
+    return doc
+
+
+async def _until(
+    probe: Callable[[], Awaitable[Any]],
+    ok: Callable[[Any], bool],
+    *,
+    within: float = 5.0,
+    what: str = "",
+) -> Any:
+    """Poll `probe` until `ok` holds of its result; the result, or AssertionError with the last."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        result = await probe()
+        if ok(result):
+            return result
+        if loop.time() > deadline:
+            raise AssertionError(f"not {what} within {within}s: {result!r}")
+        await asyncio.sleep(0.02)
+
+
+async def _register(node: GatewayProcess, iid: str, url: str, ttl: str = "10s") -> Reply:
+    body = {"url": url, "ttl": ttl, "metadata": {"zone": "z1"}}
+    return await request(node.admin_port, "PUT", f"/services/hello/instances/{iid}", json_body=body)
+
+
+async def _instances(node: GatewayProcess, service: str = "hello") -> dict[str, dict[str, Any]]:
+    reply = await request(node.admin_port, "GET", f"/services/{service}")
+    if reply.status != 200:
+        return {}
+    return {i["id"]: i for i in reply.json()["instances"]}
+
+
+async def _cluster_gauges(node: GatewayProcess) -> dict[str, float]:
+    text = (await request(node.admin_port, "GET", "/metrics")).body.decode()
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name.startswith("apigate_cluster_")
+        for sample in family.samples
+    }
+
+
+async def _answered_by(node: GatewayProcess, path: str = "/") -> str | None:
+    reply = await request(node.port, "GET", path)
+    return str(reply.json()["upstream"]) if reply.status == 200 else None
+
+
+async def test_a_registration_serves_on_every_node_heartbeats_renew_and_delete_removes() -> None:
+    async with RedisServer() as redis, Upstream("a") as a, _nodes(redis, 2) as (one, two):
+        assert (await _register(one, "a", a.url, ttl="1s")).status == 201
+        loop = asyncio.get_running_loop()
+        registered = loop.time()
+        await _until(lambda: _answered_by(two), lambda up: up == "a", what="served by node two")
+        assert loop.time() - registered < 1.0  # pub/sub, not the periodic resync
+        seen = (await _instances(two))["a"]
+        assert seen["origin"] == "registered" and seen["metadata"] == {"zone": "z1"}
+
+        for _ in range(8):  # heartbeats to node one keep it alive on node two past its 1 s TTL
+            await asyncio.sleep(0.3)
+            assert (await _register(one, "a", a.url, ttl="1s")).status == 200
+        assert "a" in await _instances(two)
+
+        deleted = await request(two.admin_port, "DELETE", "/services/hello/instances/a")
+        assert deleted.status == 200
+        await _until(lambda: _instances(one), lambda found: "a" not in found, within=1.0)
+        assert (await request(one.port, "GET", "/")).status == 503
+        events = (await request(one.admin_port, "GET", "/events")).json()["events"]
+        assert any("deregistered (through node" in e["message"] for e in events)
+
+
+async def test_a_lapsed_ttl_removes_the_instance_everywhere_and_from_redis() -> None:
+    async with RedisServer() as redis, Upstream("a") as a, _nodes(redis, 2) as (one, two):
+        assert (await _register(one, "a", a.url, ttl="600ms")).status == 201
+        await _until(lambda: _instances(two), lambda found: "a" in found, within=1.0)
+        for node in (one, two):
+            await _until(lambda n=node: _instances(n), lambda found: not found, within=2.0)
+        client = RedisStore(redis.url, timeout=1.0)
+        try:  # the next resync (every 5 s) removes the lapsed entry from Redis itself
+            await _until(lambda: client.call("HLEN", INSTANCES), lambda n: n == 0, within=7.0)
+        finally:
+            await client.close()
+
+
+async def test_admin_changes_reach_every_node_and_a_node_started_later_has_them() -> None:
+    async with RedisServer() as redis, Upstream("a") as a, _nodes(redis, 2) as (one, two):
+        route = {"match": {"paths": ["/extra"]}, "service": "extra", "strip_prefix": True}
+        service = {"targets": [a.url]}
+        assert (
+            await request(one.admin_port, "PUT", "/services/extra", json_body=service)
+        ).status == 201
+        assert (
+            await request(one.admin_port, "PUT", "/routes/extra", json_body=route)
+        ).status == 201
+        await _until(lambda: _answered_by(two, "/extra/x"), lambda up: up == "a", within=1.0)
+        # an implicit service: created by a registration on node two, routed on node one
+        assert (
+            await request(
+                two.admin_port,
+                "PUT",
+                "/services/fresh/instances/f1",
+                json_body={"url": a.url, "ttl": "30s"},
+            )
+        ).status == 201
+        fresh = {"match": {"paths": ["/fresh"]}, "service": "fresh"}
+        assert (
+            await request(two.admin_port, "PUT", "/routes/fresh", json_body=fresh)
+        ).status == 201
+        await _until(lambda: _answered_by(one, "/fresh"), lambda up: up == "a", within=1.0)
+
+        async with GatewayProcess(_config(redis)) as three:
+            await _until(lambda: _answered_by(three, "/extra/x"), lambda up: up == "a", within=2.0)
+            assert "f1" in await _instances(three, "fresh")
+            config = (await request(three.admin_port, "GET", "/config")).json()
+            assert config["store"]["kind"] == "redis" and config["store"]["shared"] is True
+            gone = await request(three.admin_port, "DELETE", "/routes/extra")
+            assert gone.status == 200
+            await _until(
+                lambda: request(one.admin_port, "GET", "/routes/extra"),
+                lambda reply: reply.status == 404,
+                within=1.0,
+                what="route removed on node one",
+            )
+
+
+async def test_a_redis_outage_keeps_serving_and_a_redis_that_lost_everything_is_refilled() -> None:
+    async with (
+        RedisServer() as redis,
+        Upstream("a") as a,
+        Upstream("b") as b,
+        _nodes(redis, 2) as (one, two),
+    ):
+        route = {"match": {"paths": ["/kept"]}, "service": "hello"}
+        assert (await request(one.admin_port, "PUT", "/routes/kept", json_body=route)).status == 201
+        assert (await _register(one, "a", a.url, ttl="60s")).status == 201
+        await _until(lambda: _answered_by(two, "/kept"), lambda up: up == "a", within=1.0)
+
+        await redis.kill()
+        await _until(lambda: _cluster(two), lambda c: not c["connected"], what="disconnected")
+        assert (await _cluster_gauges(two))["apigate_cluster_connected"] == 0
+        # registrations still work where they are made; config changes are refused, undone
+        assert (await _register(two, "b", b.url, ttl="60s")).status == 201
+        assert set(await _instances(two)) == {"a", "b"}
+        refused = await request(one.admin_port, "PUT", "/routes/new", json_body=route)
+        assert refused.status == 503 and refused.json()["error"] == "store_unavailable"
+        assert (await request(one.port, "GET", "/new")).status == 200  # served by "/"
+        assert "new" not in [
+            r["name"] for r in (await request(one.admin_port, "GET", "/routes")).json()["routes"]
+        ]
+        assert await _answered_by(one, "/kept") == "a"  # nothing dropped meanwhile
+
+        await redis.start()  # on the same port, empty: nothing was saved
+        await _until(lambda: _instances(one), lambda found: set(found) == {"a", "b"}, within=6.0)
+        client = RedisStore(redis.url, timeout=1.0)
+        try:
+            assert await client.call("HLEN", INSTANCES) == 2
+        finally:
+            await client.close()
+        assert set(await _instances(two)) == {"a", "b"}
+        assert await _cluster_gauges(two) == {
+            "apigate_cluster_connected": 1,
+            "apigate_cluster_unshared_changes": 0,
+        }
+        for node in (one, two):
+            assert await _answered_by(node, "/kept") in ("a", "b")
+        # and the cluster works as before: a change on one node reaches the other
+        route2 = {"match": {"paths": ["/after"]}, "service": "hello"}
+        assert (
+            await request(two.admin_port, "PUT", "/routes/after", json_body=route2)
+        ).status == 201
+        await _until(
+            lambda: request(one.admin_port, "GET", "/routes/after"),
+            lambda reply: reply.status == 200,
+            within=1.0,
+        )
