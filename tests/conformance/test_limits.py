@@ -288,6 +288,40 @@ async def test_a_routes_lower_body_limit_holds_for_a_body_read_while_queued(env:
     assert [r.path for r in env.up.received] == ["/slow"]
 
 
+async def test_a_routes_higher_body_limit_holds_for_a_body_read_while_queued(env: Env) -> None:
+    """The other way round: a pipelined upload of 3000 bytes (over the edge's 1000, under its
+    route's 5000) arrives in the same read as the request it waits behind. It goes through
+    whole: its route's limit is the one that counts. (It was refused with 413: the edge limit
+    was applied to the body read while it was queued, before its route was known.)"""
+    body = bytes(range(256)) * 11 + b"x" * 184  # 3000 bytes
+    async with RawClient(env.port) as c:
+        await c.send(
+            b"GET /slow?ms=300 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 3000\r\n\r\n" + body
+        )
+        first = await c.response()
+        second = await c.response()
+    assert (first.status, second.status) == (200, 200)
+    assert [r.path for r in env.up.received] == ["/slow", "/upload"]
+    assert env.up.received[1].body == body
+
+
+async def test_the_edge_body_limit_holds_for_a_body_read_while_queued(env: Env) -> None:
+    """The same upload to a route without a limit of its own: the edge's 1000 bytes hold (413
+    when it starts), and the upstream never sees it."""
+    async with RawClient(env.port) as c:
+        await c.send(
+            b"GET /slow?ms=300 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"bb8\r\n" + b"a" * 3000 + b"\r\n0\r\n\r\n"
+        )
+        first = await c.response()
+        second = await c.response()
+    assert first.status == 200
+    assert_error(second, 413)
+    assert [r.path for r in env.up.received] == ["/slow"]
+
+
 # ------------------------------------------------------------------ max_connections
 async def test_max_connections() -> None:
     cfg = base_config(

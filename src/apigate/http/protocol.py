@@ -573,9 +573,12 @@ class ClientConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
-        if self._body_bytes > self._max_body:
-            raise GatewayError(413, f"request body larger than {self._max_body} bytes")
         ex = self._parsing
+        if self._body_bytes > self._max_body and (ex is None or ex is self.current):
+            # A queued exchange's route, and so its limit, is not known yet: what it buffers
+            # meanwhile is bounded by one read (reading paused when it was queued), and it
+            # checks that against its route's limit when it starts (apply_route_limits).
+            raise GatewayError(413, f"request body larger than {self._max_body} bytes")
         if ex is not None:
             if ex is self.current:
                 self._deadline = self.loop.time() + self._body_timeout()

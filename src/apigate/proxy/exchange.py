@@ -289,7 +289,12 @@ class ProxyExchange(UpstreamListener):
             rewrite = RequestBodyRewrite.start(self, chain.request_body_plugins)
             if rewrite is not None:
                 self._request_rewrite = rewrite
-        if route.max_body is not None or route.body_timeout is not None or req.content_length:
+        if (
+            route.max_body is not None
+            or route.body_timeout is not None
+            or req.content_length
+            or self._body_size  # read while it was queued: the connection did not check it
+        ):
             limit = self.conn.apply_route_limits(self, route.max_body, route.body_timeout)
             if req.content_length is not None and req.content_length > limit:
                 raise GatewayError(413, f"request body larger than {limit} bytes")
