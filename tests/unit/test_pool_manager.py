@@ -7,7 +7,7 @@ from typing import Any
 
 from apigate.config.loader import parse_config
 from apigate.config.schema import ServiceConfig
-from apigate.http.pool import PoolManager
+from apigate.http.pool import PoolFull, PoolManager
 from apigate.http.upstream import UpstreamConnection
 from apigate.registry.service import Service
 from apigate.runtime import ServiceTable
@@ -183,3 +183,66 @@ async def test_a_connection_handed_to_a_waiter_cancelled_meanwhile_is_not_lost()
     got = None if waiting.cancelled() else waiting.result()
     assert got is conn or list(pool.idle) == [conn]
     assert pool.total == 1 and not pool.waiters
+
+
+class ConnectingLoop:
+    """The running loop, except that a new connection opens at once, on a fake transport."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.opened = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loop, name)
+
+    async def create_connection(self, factory: Any, *args: Any, **kwargs: Any) -> Any:
+        proto = factory()
+        transport = FakeTransport()
+        proto.connection_made(transport)
+        self.opened += 1
+        return transport, proto
+
+
+async def test_a_slot_freed_for_a_waiter_is_not_taken_by_a_request_arriving_meanwhile() -> None:
+    """Every slot busy, a request waits; the busy connection is closed, so its slot goes to
+    the waiter, and a new request arrives before the waiter runs again. The waiter must get
+    the slot and the newcomer wait its turn. (The slot was only uncounted: the newcomer took
+    it, and the waiter, woken to an over-full pool, failed with 503.)"""
+    loop = asyncio.get_running_loop()
+    pools = PoolManager(loop)
+    svc = service(pools, "svc", "http://10.0.0.1:80", max_connections=1, max_pending=1)
+    conn, _ = parked_connection(svc, "10.0.0.1:80")
+    pool = svc.pool_for(svc.instances["10.0.0.1:80"])
+    pool.loop = ConnectingLoop(loop)  # type: ignore[assignment]
+    assert pool.acquire_idle() is conn  # the one slot is busy
+    waiting = loop.create_task(pool.connect(5.0))
+    await asyncio.sleep(0)
+    assert len(pool.waiters) == 1
+    conn.connection_lost(None)  # the upstream closed it: the slot is the waiter's
+    newcomer = loop.create_task(pool.connect(0.2))
+    got, late = await asyncio.gather(waiting, newcomer, return_exceptions=True)
+    assert isinstance(got, UpstreamConnection), got
+    assert isinstance(late, PoolFull) and "within" in str(late)  # it waited, then gave up
+    assert pool.total == 1 and not pool.waiters
+
+
+async def test_a_raised_limit_lets_the_waiting_requests_in_first() -> None:
+    loop = asyncio.get_running_loop()
+    pools = PoolManager(loop)
+    svc = service(pools, "svc", "http://10.0.0.1:80", max_connections=1, max_pending=4)
+    conn, _ = parked_connection(svc, "10.0.0.1:80")
+    pool = svc.pool_for(svc.instances["10.0.0.1:80"])
+    pool.loop = ConnectingLoop(loop)  # type: ignore[assignment]
+    assert pool.acquire_idle() is conn
+    waiting = [loop.create_task(pool.connect(5.0)) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert len(pool.waiters) == 3
+    pool.set_max_connections(3)  # two more slots: the first two waiters'
+    newcomer = loop.create_task(pool.connect(0.2))
+    late, got1, got2 = await asyncio.gather(newcomer, *waiting[:2], return_exceptions=True)
+    assert isinstance(got1, UpstreamConnection) and isinstance(got2, UpstreamConnection)
+    assert isinstance(late, PoolFull)  # behind the third waiter, which still waits
+    assert pool.total == 3 and len(pool.waiters) == 1
+    waiting[2].cancel()
+    await asyncio.gather(waiting[2], return_exceptions=True)
+    assert not pool.waiters and pool.total == 3

@@ -50,7 +50,8 @@ class Pool:
         self.max_connections = max_connections
         self.max_pending = max_pending
         # requests waiting for a connection: a future gets a returned connection, or None
-        # when a slot freed up (the waiter then opens a connection itself)
+        # when a slot freed up; that slot stays counted in `total`, reserved for the waiter
+        # (which opens a connection in it), so that a request arriving meanwhile cannot take it
         self.waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
@@ -84,7 +85,8 @@ class Pool:
             handed = await self._wait_for_slot(timeout)
             if handed is not None:
                 return handed
-        self.total += 1
+        else:
+            self.total += 1
         try:
             _, proto = await asyncio.wait_for(
                 self.loop.create_connection(
@@ -97,7 +99,7 @@ class Pool:
                 timeout,
             )
         except BaseException:
-            self.total -= 1
+            self._free_slot()
             raise
         self.created += 1
         return proto
@@ -110,24 +112,27 @@ class Pool:
         try:
             handed = await asyncio.wait_for(waiter, timeout)
         except TimeoutError:
+            self._pass_on(waiter)
             raise PoolFull(f"{self.key}: no connection free within {timeout:g}s") from None
         except asyncio.CancelledError:
-            # Cancelled just as a connection (or a freed slot) was handed to us: on Python
-            # 3.12+ wait_for lets the cancellation win and the handed value was lost, a
-            # connection open and counted that nobody would use or close. Pass it on.
-            if waiter.done() and not waiter.cancelled():
-                given = waiter.result()
-                if given is not None:
-                    self.release(given)
-                elif self.waiters:
-                    self._hand_over(None)
+            self._pass_on(waiter)
             raise
         finally:
             with contextlib.suppress(ValueError):
                 self.waiters.remove(waiter)
-        if handed is None and self.total >= self.max_connections:
-            raise PoolFull(f"{self.key}: all {self.max_connections} connections busy")
         return handed
+
+    def _pass_on(self, waiter: asyncio.Future[UpstreamConnection | None]) -> None:
+        """A waiter timed out or was cancelled just as a connection (or a freed slot) was
+        handed to it: on Python 3.12+ wait_for lets the timeout or cancellation win, and the
+        handed value was lost, a connection open and counted that nobody would use or close
+        (or a slot reserved for nobody). Give it to the next waiter, or back to the pool."""
+        if waiter.done() and not waiter.cancelled():
+            given = waiter.result()
+            if given is not None:
+                self.release(given)
+            else:
+                self._free_slot()
 
     def _hand_over(self, conn: UpstreamConnection | None) -> bool:
         """Give `conn` (or a free slot) to the longest-waiting request; False if none waits."""
@@ -159,11 +164,24 @@ class Pool:
 
     def forget(self, conn: UpstreamConnection) -> None:
         """Called once from `connection_lost`."""
-        self.total -= 1
         with contextlib.suppress(ValueError):  # it was busy, not parked
             self.idle.remove(conn)
-        if self.waiters:
-            self._hand_over(None)  # a slot is free: the first waiter opens a connection
+        self._free_slot()
+
+    def _free_slot(self) -> None:
+        """A connection slot is free: the first waiter gets it (and opens a connection in
+        it), or it is uncounted."""
+        if not (self.waiters and self._hand_over(None)):
+            self.total -= 1
+
+    def set_max_connections(self, max_connections: int) -> None:
+        """A reload changed the limit: slots it adds go to the requests waiting first."""
+        self.max_connections = max_connections
+        while self.waiters and self.total < max_connections:
+            self.total += 1
+            if not self._hand_over(None):
+                self.total -= 1
+                break
 
     def close(self) -> None:
         """Close the idle connections now; busy ones close when their exchange releases them."""
@@ -222,7 +240,7 @@ class PoolManager:
             )
             self.pools[key] = pool
         else:  # a reload may have changed the service's limits
-            pool.max_connections = max_connections
+            pool.set_max_connections(max_connections)
             pool.max_pending = max_pending
             pool.idle_timeout = idle_timeout
         return pool
