@@ -7,7 +7,7 @@ from typing import Any
 
 from apigate.config.loader import parse_config
 from apigate.config.schema import ServiceConfig
-from apigate.http.pool import PoolFull, PoolManager
+from apigate.http.pool import Pool, PoolFull, PoolManager
 from apigate.http.upstream import UpstreamConnection
 from apigate.registry.service import Service
 from apigate.runtime import ServiceTable
@@ -203,18 +203,26 @@ class ConnectingLoop:
         return transport, proto
 
 
+def busy_pool(max_pending: int) -> tuple[Pool, UpstreamConnection]:
+    """A pool of one slot, busy with the connection returned; new connections open at once."""
+    loop = asyncio.get_running_loop()
+    svc = service(
+        PoolManager(loop), "svc", "http://10.0.0.1:80", max_connections=1, max_pending=max_pending
+    )
+    conn, _ = parked_connection(svc, "10.0.0.1:80")
+    pool = svc.pool_for(svc.instances["10.0.0.1:80"])
+    pool.loop = ConnectingLoop(loop)  # type: ignore[assignment]
+    assert pool.acquire_idle() is conn
+    return pool, conn
+
+
 async def test_a_slot_freed_for_a_waiter_is_not_taken_by_a_request_arriving_meanwhile() -> None:
     """Every slot busy, a request waits; the busy connection is closed, so its slot goes to
     the waiter, and a new request arrives before the waiter runs again. The waiter must get
     the slot and the newcomer wait its turn. (The slot was only uncounted: the newcomer took
     it, and the waiter, woken to an over-full pool, failed with 503.)"""
     loop = asyncio.get_running_loop()
-    pools = PoolManager(loop)
-    svc = service(pools, "svc", "http://10.0.0.1:80", max_connections=1, max_pending=1)
-    conn, _ = parked_connection(svc, "10.0.0.1:80")
-    pool = svc.pool_for(svc.instances["10.0.0.1:80"])
-    pool.loop = ConnectingLoop(loop)  # type: ignore[assignment]
-    assert pool.acquire_idle() is conn  # the one slot is busy
+    pool, conn = busy_pool(max_pending=1)
     waiting = loop.create_task(pool.connect(5.0))
     await asyncio.sleep(0)
     assert len(pool.waiters) == 1
@@ -228,12 +236,7 @@ async def test_a_slot_freed_for_a_waiter_is_not_taken_by_a_request_arriving_mean
 
 async def test_a_raised_limit_lets_the_waiting_requests_in_first() -> None:
     loop = asyncio.get_running_loop()
-    pools = PoolManager(loop)
-    svc = service(pools, "svc", "http://10.0.0.1:80", max_connections=1, max_pending=4)
-    conn, _ = parked_connection(svc, "10.0.0.1:80")
-    pool = svc.pool_for(svc.instances["10.0.0.1:80"])
-    pool.loop = ConnectingLoop(loop)  # type: ignore[assignment]
-    assert pool.acquire_idle() is conn
+    pool, _ = busy_pool(max_pending=4)
     waiting = [loop.create_task(pool.connect(5.0)) for _ in range(3)]
     await asyncio.sleep(0)
     assert len(pool.waiters) == 3
