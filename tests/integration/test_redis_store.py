@@ -16,9 +16,11 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from apigate.plugins.cache_store import RedisCacheStore
 from apigate.plugins.rate_limit import GCRA_SCRIPT
 from apigate.store.redis import TIMEOUTS_TO_TRIP, RedisStore, StoreUnavailable
 from tests.support.redis_server import RedisServer
+from tests.unit.test_cache_store import NOW, entry, key
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -74,6 +76,18 @@ async def test_concurrent_calls_share_round_trips(store: RedisStore) -> None:
     # Redis's own count of socket reads: the pipeline, the INFO calls, nothing per caller
     assert await stat(store, "stats", "total_reads_processed") - reads < 10
     assert not store.is_down
+
+
+async def test_concurrent_cache_lookups_and_stores_share_round_trips(store: RedisStore) -> None:
+    cache = RedisCacheStore(store, namespace="batch:", timeout=1.0)
+    entries = [entry(key("r", f"/{i}"), body=b"%d" % i) for i in range(50)]
+    await cache.put(entries[0], NOW)  # loads the SET script
+    await cache.get(entries[0].key, NOW)  # and the GET script
+    trips = store.scripts.round_trips
+    assert all(await asyncio.gather(*(cache.put(e, NOW) for e in entries)))
+    got = await asyncio.gather(*(cache.get(e.key, NOW) for e in entries))
+    assert [g.body if g else None for g in got] == [e.body for e in entries]
+    assert store.scripts.round_trips - trips == 2  # one pipeline for 50 stores, one for 50 reads
 
 
 async def test_more_callers_than_a_batch_holds(redis: RedisServer) -> None:
