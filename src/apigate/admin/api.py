@@ -97,7 +97,9 @@ class AdminApi:
                 return await handler(req)
             except StoreWriteFailed as exc:
                 raise AdminError(
-                    503, "store_unavailable", f"the change was not made: the store failed: {exc}"
+                    503,
+                    "store_unavailable",
+                    f"the store did not confirm the change, so it is not in force here: {exc}",
                 ) from None
         if allowed:
             raise AdminError(

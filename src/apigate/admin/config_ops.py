@@ -19,12 +19,16 @@ from typing import TYPE_CHECKING, Any
 from apigate.config.errors import ConfigError
 from apigate.config.loader import dump_config, parse_config
 from apigate.config.schema import GatewayConfig
-from apigate.store.config_store import ConfigStore
+from apigate.store.config_store import ConfigStore, StoreConflict
 
 if TYPE_CHECKING:
     from apigate.server import Gateway
 
 KINDS = ("services", "routes", "consumers")
+CONFLICT_RETRIES = 5  # a change redone after another node's: then 409
+
+# a computed change: the new config, and the store write that keeps it
+Change = tuple[GatewayConfig, Callable[[], Awaitable[None]]]
 
 log = logging.getLogger("apigate.admin")
 
@@ -45,6 +49,7 @@ class ConfigOps:
         # the file's own config, as last read (start-up, SIGHUP): what other nodes' changes
         # are composed onto
         self.file_config: GatewayConfig = gateway.config
+        self.refused: str | None = None  # why the shared config last failed to apply here
 
     @classmethod
     def of(cls, gateway: Gateway) -> ConfigOps:
@@ -82,84 +87,109 @@ class ConfigOps:
         self, kind: str, name: str, body: dict[str, Any], implicit: bool = False
     ) -> tuple[dict[str, Any], bool]:
         """Create or replace one service/route/consumer. Returns (entity, created)."""
-        async with self._lock:
-            doc = self.effective_doc()
+        entity = dict(body)
+        if kind != "services":
+            entity["name"] = name
+        stored = {k: v for k, v in entity.items() if k != "name"} if kind != "services" else entity
+        created = False
+
+        def change(doc: dict[str, Any]) -> Change:
+            nonlocal created
             created = self.get_entity(doc, kind, name) is None
-            entity = dict(body)
-            if kind != "services":
-                entity["name"] = name
-            candidate = _with_entity(doc, kind, name, entity)
-            config = parse_config(candidate, source="<admin>")
-            stored = (
-                {k: v for k, v in entity.items() if k != "name"} if kind != "services" else entity
-            )
-            await self._apply_then_store(config, lambda: self.store.put(kind, name, stored))
-            return self.get_entity(dump_config(config), kind, name) or entity, created
+            config = parse_config(_with_entity(doc, kind, name, entity), source="<admin>")
+            return config, lambda: self.store.put(kind, name, stored)
+
+        config = await self._change(change)
+        assert config is not None
+        return self.get_entity(dump_config(config), kind, name) or entity, created
 
     async def delete_entity(self, kind: str, name: str) -> bool:
-        async with self._lock:
-            doc = self.effective_doc()
+        def change(doc: dict[str, Any]) -> Change | None:
             if self.get_entity(doc, kind, name) is None:
-                return False
+                return None
             if kind == "services":
                 users = [r.get("name") for r in doc.get("routes") or [] if r.get("service") == name]
                 if users:
                     raise ConfigConflict(f"service {name} is used by routes: {', '.join(users)}")
-            candidate = _with_entity(doc, kind, name, None)
-            config = parse_config(candidate, source="<admin>")
-            await self._apply_then_store(config, lambda: self.store.put(kind, name, None))
-            return True
+            config = parse_config(_with_entity(doc, kind, name, None), source="<admin>")
+            return config, lambda: self.store.put(kind, name, None)
+
+        return await self._change(change) is not None
 
     async def replace(self, doc: dict[str, Any], dry_run: bool = False) -> GatewayConfig:
-        async with self._lock:
-            config = parse_config(doc, source="<admin>")
-            if dry_run:  # compile against throwaway services: plugins, routes and TLS checked
-                from apigate.runtime import dry_compile
+        config = parse_config(doc, source="<admin>")
+        if dry_run:  # compile against throwaway services: plugins, routes and TLS checked
+            from apigate.runtime import dry_compile
 
-                dry_compile(config, self.gateway.loop)
-                return config
-            await self._apply_then_store(
-                config, lambda: self.store.replace_base(dump_config(config))
-            )
+            dry_compile(config, self.gateway.loop)
             return config
+        await self._change(
+            lambda _doc: (config, lambda: self.store.replace_base(dump_config(config)))
+        )
+        return config
+
+    async def _change(
+        self, change: Callable[[dict[str, Any]], Change | None]
+    ) -> GatewayConfig | None:
+        """Compute a change on the effective config (None: nothing to change), apply it, then
+        store it. A shared store that another node changed meanwhile refuses the write
+        (StoreConflict): this node then takes the other change and computes its own again,
+        so that no node's change is lost and every node ends with the same config."""
+        for _ in range(CONFLICT_RETRIES):
+            async with self._lock:
+                computed = change(self.effective_doc())
+                if computed is None:
+                    return None
+                config, write = computed
+                try:
+                    await self._apply_then_store(config, write)
+                    return config
+                except StoreConflict:
+                    await self._sync_locked(force=True)
+        raise ConfigConflict("the config kept changing on other nodes meanwhile; try again")
 
     async def _apply_then_store(
         self, config: GatewayConfig, write: Callable[[], Awaitable[None]]
     ) -> None:
-        """Apply `config` (ConfigError: nothing changed), then store it; a store failure puts
-        the previous config back and raises StoreWriteFailed."""
+        """Apply `config` (ConfigError: nothing changed), then store it. A store failure or
+        conflict puts the previous config back (StoreWriteFailed, StoreConflict)."""
         previous = self.gateway.config
         await self.gateway.apply_config(config)
         try:
             await write()
         except BaseException as exc:
             await self.gateway.apply_config(previous)
-            if isinstance(exc, Exception):
+            if isinstance(exc, Exception) and not isinstance(exc, StoreConflict):
                 raise StoreWriteFailed(str(exc) or type(exc).__name__) from exc
             raise
 
-    async def sync_from_store(self) -> bool:
+    async def sync_from_store(self, force: bool = False) -> bool:
         """Another node changed the shared store: read it and apply what it now says.
         Returns whether a new config was applied; a config this node refuses is logged and
-        the current one keeps serving."""
+        the current one keeps serving (`refused` says why)."""
         async with self._lock:
-            if not await self.store.refresh():
-                return False
-            try:
-                config = self.compose(self.file_config)
-                await self.gateway.apply_config(config)
-            except ConfigError as exc:
-                log.error(
-                    "a change from the shared store was refused; this node keeps its config:\n%s",
-                    exc,
-                    extra={"event": "config_sync", "ok": False},
-                )
-                return False
-            log.info(
-                "config changed by another node",
-                extra={"event": "config_sync", "ok": True, "version": self.store.version},
+            return await self._sync_locked(force)
+
+    async def _sync_locked(self, force: bool) -> bool:
+        if not await self.store.refresh(force):
+            return False
+        try:
+            config = self.compose(self.file_config)
+            await self.gateway.apply_config(config)
+        except ConfigError as exc:
+            self.refused = str(exc)
+            log.error(
+                "the shared config was refused; this node keeps serving its own:\n%s",
+                exc,
+                extra={"event": "config_sync", "ok": False},
             )
-            return True
+            return False
+        self.refused = None
+        log.info(
+            "config changed by another node",
+            extra={"event": "config_sync", "ok": True, "version": self.store.version},
+        )
+        return True
 
 
 def _with_entity(

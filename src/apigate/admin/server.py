@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 async def attach_admin(gateway: Gateway) -> None:
     """Open the config store, apply its stored changes, and serve the admin API."""
-    store = open_config_store(gateway.config.store, gateway.env.shared)
+    store = open_config_store(gateway.config.store)
     await store.open()
     ops = ConfigOps(gateway, store)
     gateway.extensions["config_ops"] = ops

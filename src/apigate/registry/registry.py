@@ -60,7 +60,7 @@ class Mirror(Protocol):
 
     async def instance_up(self, reg: Registration) -> None: ...
 
-    async def instance_down(self, service: str, instance_id: str) -> None: ...
+    async def instance_down(self, service: str, instance_id: str, ttl_left: float) -> None: ...
 
 
 class Registry:
@@ -69,9 +69,10 @@ class Registry:
         self._sweeper: asyncio.Task[None] | None = None
         self.own_addresses: set[tuple[str, int]] = set()
         self.mirror: Mirror | None = None
-        # +1 per change of the registered instances: a cluster resync taken while one happened
-        # may be stale, and is not applied
+        # +1 per change of a registered instance, and the number of each (service, id)'s last
+        # change: a cluster resync leaves alone what changed while it read the shared state
         self.changes = 0
+        self.changed: dict[tuple[str, str], int] = {}
 
     async def start(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep_forever())
@@ -103,16 +104,38 @@ class Registry:
             await self.mirror.instance_up(reg)
         return inst, created
 
-    def apply(self, reg: Registration, source: str) -> bool:
+    async def apply(self, reg: Registration, source: str) -> bool:
         """A registration or heartbeat another node took: this node only. False when it cannot
-        be applied here (an unknown service, a bad URL, an id a static target holds)."""
-        if reg.service not in self.gateway.services.services:
+        be applied here (an unknown service, a bad URL, an id a static target holds, an
+        address that is this node's own listener)."""
+        service = self.gateway.services.services.get(reg.service)
+        if service is None:
             return False
         try:
-            self._add(reg, TargetConfig(url=reg.url, weight=reg.weight), source=source)
-        except (ValidationError, RegistrationError):
+            target = TargetConfig(url=reg.url, weight=reg.weight)
+        except ValidationError:
+            return False
+        known = service.instances.get(reg.instance_id)
+        if (known is None or known.url != reg.url) and await self._points_at_gateway(
+            target.host, target.port
+        ):
+            logging.getLogger("apigate.registry").warning(
+                "%s/%s from %s points at this node's own listener: not applied here",
+                reg.service,
+                reg.instance_id,
+                source,
+                extra={"event": "registration", "url": reg.url},
+            )
+            return False
+        try:
+            self._add(reg, target, source=source)
+        except RegistrationError:
             return False
         return True
+
+    def touch(self, key: tuple[str, str]) -> None:
+        self.changes += 1
+        self.changed[key] = self.changes
 
     def _add(
         self, reg: Registration, target: TargetConfig, source: str | None = None
@@ -123,7 +146,7 @@ class Registry:
             raise RegistrationError(
                 409, "conflict", f"instance id {reg.instance_id} is a {existing.origin} target"
             )
-        self.changes += 1
+        self.touch((reg.service, reg.instance_id))
         inst = service.add_instance(
             reg.instance_id,
             reg.url,
@@ -151,10 +174,14 @@ class Registry:
 
     async def deregister(self, service_name: str, instance_id: str) -> bool:
         """`DELETE .../instances/{id}`: here, and on every node through the mirror."""
+        service = self.gateway.services.services.get(service_name)
+        inst = service.instances.get(instance_id) if service is not None else None
+        expires_at = inst.expires_at if inst is not None else None
         if not self.drop(service_name, instance_id, "deregistered"):
             return False
         if self.mirror is not None:
-            await self.mirror.instance_down(service_name, instance_id)
+            ttl_left = expires_at - self.gateway.loop.time() if expires_at is not None else 0.0
+            await self.mirror.instance_down(service_name, instance_id, ttl_left)
         return True
 
     def drop(self, service_name: str, instance_id: str, reason: str) -> bool:
@@ -166,7 +193,7 @@ class Registry:
         inst = service.instances.get(instance_id)
         if inst is None or inst.origin != "registered":
             return False
-        self.changes += 1
+        self.touch((service_name, instance_id))
         service.remove_instance(instance_id)
         EVENTS.record(
             "registration",

@@ -23,6 +23,10 @@ Kind = str  # "services" | "routes" | "consumers"
 _NAMED_LISTS = ("routes", "consumers")
 
 
+class StoreConflict(Exception):
+    """A shared store changed since this process read it: read it again, then redo the change."""
+
+
 class ConfigStore:
     """In-memory overlay (the `memory` store)."""
 
@@ -36,9 +40,10 @@ class ConfigStore:
     async def open(self) -> None:
         """Load what was saved (nothing for memory)."""
 
-    async def refresh(self) -> bool:
-        """Read again what other processes may have changed; whether anything did. Only a
-        shared store (Redis) has other writers."""
+    async def refresh(self, force: bool = False) -> bool:
+        """Read again what other processes may have changed; whether anything did (`force`:
+        read even if the version says nothing did). Only a shared store (Redis) has other
+        writers."""
         return False
 
     async def close(self) -> None:
@@ -145,14 +150,14 @@ class SqliteConfigStore(ConfigStore):
         }
 
 
-def open_config_store(url: str, shared: dict[str, Any]) -> ConfigStore:
+def open_config_store(url: str) -> ConfigStore:
     """`memory` | `sqlite:///path` | `redis://...` (shared by every node: see
-    `apigate.store.cluster`). `shared` is the process's `PluginEnv.shared` (one Redis client)."""
+    `apigate.store.cluster`)."""
     if url.startswith("sqlite:///"):
         # sqlite:///state.db is relative to the working directory; sqlite:////var/x.db absolute
         return SqliteConfigStore(url[len("sqlite:///") :])
     if url.startswith(("redis://", "rediss://")):
-        from apigate.store.cluster import RedisConfigStore
+        from apigate.store.redis_config_store import RedisConfigStore
 
-        return RedisConfigStore(url, shared)
+        return RedisConfigStore(url)
     return ConfigStore()

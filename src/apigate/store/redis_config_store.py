@@ -1,0 +1,132 @@
+"""The admin-API config changes every node of a cluster shares (`store: redis://`).
+
+A write goes to Redis first, and only over the epoch and version this node last read
+(StoreConflict otherwise: `ConfigOps._change` takes the other change and redoes its own); then
+it is kept here too, for `ConfigStore.merge`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+from typing import Any
+
+from apigate.store.cluster_scripts import (
+    BASE,
+    CHANNEL,
+    CONFIG_READ,
+    CONFIG_TIMEOUT,
+    CONFIG_WRITE,
+    EPOCH,
+    OVERLAY,
+    SEED,
+    SEEDED,
+    SYNC_TIMEOUT,
+    VERSION,
+    field,
+    text,
+)
+from apigate.store.config_store import ConfigStore, StoreConflict
+from apigate.store.redis import RedisStore, StoreUnavailable, redact_url
+
+log = logging.getLogger("apigate.cluster")
+
+
+def node_name() -> str:
+    """This process, as other nodes' logs and events name it."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
+
+
+class RedisConfigStore(ConfigStore):
+    """The admin changes every node shares. A write goes to Redis first, and only over the
+    version and epoch this node last read (StoreConflict otherwise); then it is kept here."""
+
+    persistent = True
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = url
+        # its own client: the cluster's reads and writes neither share pipelines nor outage
+        # bookkeeping with the rate limiter's 50 ms calls
+        self.redis = RedisStore(url, timeout=SYNC_TIMEOUT, max_connections=8)
+        self.node = node_name()
+        self._node_json = json.dumps(self.node)
+        self.epoch: str | None = None  # of the state last read; None: Redis has none
+
+    async def open(self) -> None:
+        try:
+            await self.refresh()
+        except StoreUnavailable as exc:  # start with the file; the cluster sync catches up
+            log.warning(
+                "redis store unreachable at start-up; serving the file's config until it is: %s",
+                exc,
+                extra={"event": "config_sync", "ok": False, "store": redact_url(self.url)},
+            )
+
+    async def close(self) -> None:
+        await self.redis.close()
+
+    async def refresh(self, force: bool = False) -> bool:
+        reply = await self.redis.run_script(CONFIG_READ, [BASE, OVERLAY, VERSION, EPOCH], [])
+        version = int(reply[1])
+        epoch = text(reply[2]) if reply[2] else None
+        if not force and version == self.version and epoch == self.epoch:
+            return False
+        self.base = json.loads(reply[0]) if reply[0] else None
+        self.overlay = {}
+        for raw_field, raw_doc in zip(reply[3::2], reply[4::2], strict=True):
+            kind, name = json.loads(raw_field)
+            self.overlay[(kind, name)] = json.loads(raw_doc)
+        self.version, self.epoch = version, epoch
+        return True
+
+    async def put(self, kind: str, name: str, doc: dict[str, Any] | None) -> None:
+        await self._write(["put", field(kind, name), json.dumps(doc)])
+        await super().put(kind, name, doc)
+
+    async def replace_base(self, doc: dict[str, Any]) -> None:
+        await self._write(["base", json.dumps(doc)])
+        await super().replace_base(doc)
+
+    async def _write(self, change: list[str | bytes | int]) -> None:
+        reply = await self.redis.run_script(
+            CONFIG_WRITE,
+            [OVERLAY, BASE, VERSION, EPOCH],
+            [self.epoch or "", str(self.version), CHANNEL, self._node_json, *change],
+            timeout=CONFIG_TIMEOUT,
+        )
+        outcome = text(reply[0])
+        if outcome == "conflict":
+            raise StoreConflict("the shared config changed since this node read it")
+        if outcome != "ok":  # no epoch: Redis lost its state and no node has restored it yet
+            raise StoreUnavailable("the cluster state is being restored; try again")
+        self.version = int(reply[1])
+
+    async def seed(self) -> tuple[str, bool]:
+        """(Re)create the cluster state from this node's config, if Redis has none or one
+        seeded by a node that knew less (see SEED). Returns (epoch in force, ours)."""
+        args: list[str | bytes | int] = [
+            secrets.token_hex(8),
+            str(self.version),
+            json.dumps(self.base) if self.base is not None else "",
+            CHANNEL,
+            self._node_json,
+        ]
+        for (kind, name), doc in self.overlay.items():
+            args += [field(kind, name), json.dumps(doc)]
+        reply = await self.redis.run_script(SEED, [EPOCH, BASE, OVERLAY, VERSION, SEEDED], args)
+        return text(reply[0]), bool(reply[1])
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "redis",
+            "persisted": True,
+            "shared": True,
+            "url": redact_url(self.url),
+            "node": self.node,
+            "version": self.version,
+            "overlay_entries": len(self.overlay),
+        }
