@@ -14,7 +14,12 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from apigate import __version__
-from apigate.admin.config_ops import ConfigConflict, ConfigOps, StoreWriteFailed
+from apigate.admin.config_ops import (
+    ConfigConflict,
+    ConfigOps,
+    PreconditionFailed,
+    StoreWriteFailed,
+)
 from apigate.admin.http import AdminError, AdminRequest, AdminResponse, json_response
 from apigate.config.errors import ConfigError
 from apigate.config.units import parse_duration
@@ -95,6 +100,8 @@ class AdminApi:
             req.params = m.groupdict()
             try:
                 return await handler(req)
+            except ConfigConflict as exc:  # (any change: another node's made it impossible)
+                raise AdminError(409, "conflict", str(exc)) from None
             except StoreWriteFailed as exc:
                 raise AdminError(
                     503,
@@ -320,20 +327,17 @@ class AdminApi:
 
     async def post_config(self, req: AdminRequest) -> AdminResponse:
         ops = ConfigOps.of(self.gateway)
-        if_match = req.headers.get("if-match")
-        if if_match is not None and if_match != "*" and if_match != ops.etag():
-            raise AdminError(
-                412, "precondition_failed", "the config changed since you read it (ETag mismatch)"
-            )
         doc = req.json()
         if not isinstance(doc, dict):
             raise AdminError(400, "invalid_body", "body must be a JSON object")
         refuse_redacted(doc)
         dry_run = req.query.get("dry_run", "").lower() in ("1", "true", "yes")
         try:
-            config = await ops.replace(doc, dry_run=dry_run)
+            config = await ops.replace(doc, dry_run=dry_run, if_match=req.headers.get("if-match"))
         except ConfigError as exc:
             raise AdminError(400, "invalid_config", str(exc)) from None
+        except PreconditionFailed as exc:
+            raise AdminError(412, "precondition_failed", str(exc)) from None
         result = {
             "ok": True,
             "dry_run": dry_run,

@@ -41,6 +41,10 @@ class StoreWriteFailed(Exception):
     """The store could not keep a change (503); the change was undone on this node."""
 
 
+class PreconditionFailed(Exception):
+    """The config is not the one the client read (`If-Match`): 412."""
+
+
 class ConfigOps:
     def __init__(self, gateway: Gateway, store: ConfigStore) -> None:
         self.gateway = gateway
@@ -116,16 +120,29 @@ class ConfigOps:
 
         return await self._change(change) is not None
 
-    async def replace(self, doc: dict[str, Any], dry_run: bool = False) -> GatewayConfig:
+    async def replace(
+        self, doc: dict[str, Any], dry_run: bool = False, if_match: str | None = None
+    ) -> GatewayConfig:
+        """Replace the whole config; `if_match`: only if it is still the one with that ETag
+        (checked again each time another node's change forces a retry)."""
         config = parse_config(doc, source="<admin>")
+
+        def check(current: dict[str, Any]) -> None:
+            if if_match is not None and if_match != "*" and if_match != self.etag(current):
+                raise PreconditionFailed("the config changed since you read it (ETag mismatch)")
+
         if dry_run:  # compile against throwaway services: plugins, routes and TLS checked
             from apigate.runtime import dry_compile
 
+            check(self.effective_doc())
             dry_compile(config, self.gateway.loop)
             return config
-        await self._change(
-            lambda _doc: (config, lambda: self.store.replace_base(dump_config(config)))
-        )
+
+        def change(current: dict[str, Any]) -> Change:
+            check(current)
+            return config, lambda: self.store.replace_base(dump_config(config))
+
+        await self._change(change)
         return config
 
     async def _change(
@@ -145,7 +162,10 @@ class ConfigOps:
                     await self._apply_then_store(config, write)
                     return config
                 except StoreConflict:
-                    await self._sync_locked(force=True)
+                    try:
+                        await self._sync_locked(force=True)
+                    except Exception as exc:  # the store failed as we read it again
+                        raise StoreWriteFailed(str(exc) or type(exc).__name__) from exc
         raise ConfigConflict("the config kept changing on other nodes meanwhile; try again")
 
     async def _apply_then_store(

@@ -134,8 +134,9 @@ class Registry:
         return True
 
     def touch(self, key: tuple[str, str]) -> None:
-        self.changes += 1
-        self.changed[key] = self.changes
+        if self.mirror is not None:  # only the cluster sync reads (and prunes) these
+            self.changes += 1
+            self.changed[key] = self.changes
 
     def _add(
         self, reg: Registration, target: TargetConfig, source: str | None = None

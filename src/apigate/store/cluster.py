@@ -14,8 +14,7 @@ What is kept (all under `apigate:cluster:`):
     config:overlay     hash  ["kind","name"] -> the entity's document, or null (deleted)
     config:base        a POSTed whole config, when there is one
     config:version     +1 per config change, whoever made it
-    epoch, seeded      a token written when the state above was (re)created, and the config
-                       version it was created with
+    epoch              a token written when the state above was (re)created
 
 and announced on the channel `apigate:cluster:events`. Every write and its announcement are one
 Lua script: a change is in Redis and announced, or neither. A config write names the epoch and
@@ -35,12 +34,14 @@ Redis being down or slow never stops proxying (every call has a deadline):
   and is written to Redis (and so reaches the others) at the first resync that succeeds;
 - an admin config change is refused with 503 `store_unavailable` and undone on this node, so
   that no node serves a config the others cannot learn;
-- a Redis that comes back empty (restarted without persistence, flushed) has no epoch. The
-  first node back seeds it with its config; a node that knows a later version re-seeds it
-  (while nobody has changed it since), so the most recent config wins whatever the order the
-  nodes come back in. Each node writes back the registrations its own API took, unless a
-  tombstone says another node deregistered them meanwhile, and keeps the instances Redis
-  forgot until they lapse, instead of dropping them.
+- a Redis that comes back empty (restarted without persistence, flushed) has no epoch, and one
+  restored from an old save has an older config version than the nodes have read (versions
+  only ever come from Redis). The first node back seeds it with its config; a node that knows
+  a later version seeds it again, so the most recent config wins whatever the order the nodes
+  come back in. Each node writes back the registrations its own API took, unless a tombstone
+  says another node deregistered them meanwhile or another node registered them anew, and
+  keeps the instances Redis forgot until they lapse, instead of dropping them. (Instances
+  deregistered after an old save was taken come back from it, until their TTL lapses.)
 
 The cluster has its own Redis client: its reads and writes neither share pipelines nor outage
 bookkeeping with the rate limiter's 50 ms calls.
@@ -251,11 +252,12 @@ class ClusterSync:
     # ------------------------------------------------------------------ following
     async def _on_announcement(self, data: bytes | str) -> None:
         try:
-            event = json.loads(data)
-            op = event["op"]
-        except (ValueError, KeyError, TypeError):
+            await self._apply_announcement(json.loads(data))
+        except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("ignoring a malformed cluster announcement", extra={"event": "cluster"})
-            return
+
+    async def _apply_announcement(self, event: dict[str, Any]) -> None:
+        op = event["op"]
         if event.get("node") == self.node:
             return
         source = f"node {event.get('node')}"
@@ -289,11 +291,13 @@ class ClusterSync:
         mark = self.registry.changes
         reply = await self._snapshot()
         epoch = text(reply[0]) if reply[0] else None
-        if epoch is None or epoch != self.joined:
-            await self._join()
+        version = int(reply[1])
+        if epoch is None or epoch != self.joined or version < self.config_store.version:
+            await self._join()  # Redis lost its state (or some of it), or it was re-created
             return  # the next resync reads the state as it now is
-        if int(reply[1]) != self.config_store.version:
-            await self.ops.sync_from_store()
+        if version != self.config_store.version or self.ops.refused:
+            # (a config this node refused may have failed for a passing reason: try again)
+            await self.ops.sync_from_store(force=self.ops.refused is not None)
         await self._reconcile(reply, mark)
         self.resyncs += 1
 
@@ -334,7 +338,9 @@ class ClusterSync:
             if key in self.kept and key not in gone:
                 continue  # forgotten by an emptied Redis: it lapses here, or is renewed
             self.registry.drop(*key, "removed: no longer in the shared registry")
-        self.kept.intersection_update(self.registry.registered())
+        registered = self.registry.registered()
+        self.kept.intersection_update(registered)
+        self.own.intersection_update(registered)
         for key, (doc, left) in live.items():
             if left <= 0 or self.unshared.get(key) == "down" or changed.get(key, 0) > mark:
                 continue
@@ -359,9 +365,9 @@ class ClusterSync:
             if op == "down":
                 calls.append(self._down(key, self.tombstones.get(key, 0.0)))
             elif alive and inst is not None and inst.expires_at is not None:
-                mode = "restore" if op == "restore" else "fresh"
+                # written late: a deregistration or re-registration made meanwhile wins
                 left = inst.expires_at - now
-                calls.append(self._up(key, inst.url, inst.weight, inst.metadata, left, mode))
+                calls.append(self._up(key, inst.url, inst.weight, inst.metadata, left, "restore"))
             else:
                 calls.append(None)
         await asyncio.gather(*(self._run(call) for call in calls if call is not None))

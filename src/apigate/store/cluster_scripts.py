@@ -16,7 +16,6 @@ OVERLAY = PREFIX + "config:overlay"
 BASE = PREFIX + "config:base"
 VERSION = PREFIX + "config:version"
 EPOCH = PREFIX + "epoch"
-SEEDED = PREFIX + "seeded"  # the config version the state was (re)created with
 GONE = PREFIX + "gone"  # tombstones: deregistered instances, until their TTL would have run out
 
 RESYNC_INTERVAL = 5.0  # seconds between full reads of the shared state
@@ -27,8 +26,10 @@ SYNC_TIMEOUT = 2.0  # a resync's reads
 
 # ------------------------------------------------------------------ scripts
 # KEYS: instances, expiry, gone. ARGV: field, document, ttl seconds, channel, announcement,
-# "fresh" (a registration or heartbeat: clears a tombstone) or "restore" (written back after
-# Redis lost its state: not over a tombstone, so a deregistration made meanwhile stands).
+# "fresh" (a registration or heartbeat as it is taken: clears a tombstone) or "restore" (one
+# written late: after an outage, or back into a Redis that lost its state). A restore neither
+# overrides a deregistration made meanwhile (a tombstone) nor a different entry already there
+# (a newer registration through another node), and only ever extends an expiry.
 REGISTER = Script(
     """
 local t = redis.call('TIME')
@@ -36,6 +37,10 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 if ARGV[6] == 'restore' then
   local gone = redis.call('ZSCORE', KEYS[3], ARGV[1])
   if gone and tonumber(gone) > now then return 0 end
+  local there = redis.call('HGET', KEYS[1], ARGV[1])
+  if there and there ~= ARGV[2] then return 0 end
+  local expires = redis.call('ZSCORE', KEYS[2], ARGV[1])
+  if there and expires and tonumber(expires) >= now + tonumber(ARGV[3]) then return 0 end
 else
   redis.call('ZREM', KEYS[3], ARGV[1])
 end
@@ -120,24 +125,21 @@ return out
 """
 )
 
-# (Re)create the cluster state from this node: KEYS epoch, base, overlay, version, seeded.
+# (Re)create the cluster state from this node: KEYS epoch, base, overlay, version.
 # ARGV: new epoch, this node's version, its base or '', channel, node (JSON), field, doc, ...
-# Written when Redis has no state (fresh, restarted empty, flushed), or over a state another
-# node seeded with a lower version that nobody has changed since: the node that knows the
-# most wins whatever the order they come back in. Answers {epoch in force, 1 if ours}.
+# Written when Redis has no state (fresh, restarted empty, flushed) or an older one than this
+# node has read (restored from an old save; seeded by a node that knew less): versions only
+# ever come from Redis, so a node ahead of it means Redis lost changes. The node that knows
+# the most recent config wins whatever the order the nodes come back in.
+# Answers {epoch in force, 1 if this call (re)created it}.
 SEED = Script(
     """
 local epoch = redis.call('GET', KEYS[1])
-if epoch then
-  local seeded = redis.call('GET', KEYS[5])
-  local current = redis.call('GET', KEYS[4]) or '0'
-  if not seeded or seeded ~= current or tonumber(ARGV[2]) <= tonumber(seeded) then
-    return {epoch, 0}
-  end
+if epoch and tonumber(ARGV[2]) <= tonumber(redis.call('GET', KEYS[4]) or '0') then
+  return {epoch, 0}
 end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[4], ARGV[2])
-redis.call('SET', KEYS[5], ARGV[2])
 redis.call('DEL', KEYS[2], KEYS[3])
 if ARGV[3] ~= '' then redis.call('SET', KEYS[2], ARGV[3]) end
 for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end

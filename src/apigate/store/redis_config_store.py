@@ -23,7 +23,6 @@ from apigate.store.cluster_scripts import (
     EPOCH,
     OVERLAY,
     SEED,
-    SEEDED,
     SYNC_TIMEOUT,
     VERSION,
     field,
@@ -106,8 +105,8 @@ class RedisConfigStore(ConfigStore):
         self.version = int(reply[1])
 
     async def seed(self) -> tuple[str, bool]:
-        """(Re)create the cluster state from this node's config, if Redis has none or one
-        seeded by a node that knew less (see SEED). Returns (epoch in force, ours)."""
+        """(Re)create the cluster state from this node's config, if Redis has none or an older
+        one than this node read (see SEED). Returns (epoch in force, ours)."""
         args: list[str | bytes | int] = [
             secrets.token_hex(8),
             str(self.version),
@@ -117,7 +116,7 @@ class RedisConfigStore(ConfigStore):
         ]
         for (kind, name), doc in self.overlay.items():
             args += [field(kind, name), json.dumps(doc)]
-        reply = await self.redis.run_script(SEED, [EPOCH, BASE, OVERLAY, VERSION, SEEDED], args)
+        reply = await self.redis.run_script(SEED, [EPOCH, BASE, OVERLAY, VERSION], args)
         return text(reply[0]), bool(reply[1])
 
     def describe(self) -> dict[str, Any]:
