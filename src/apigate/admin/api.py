@@ -311,15 +311,14 @@ class AdminApi:
     # ------------------------------------------------------------------ whole config
     async def get_config(self, req: AdminRequest) -> AdminResponse:
         ops = ConfigOps.of(self.gateway)
+        cluster = self.gateway.extensions.get("cluster")  # store: redis://
         doc = ops.effective_doc()
         etag = ops.etag(doc)
         shown = redact_secrets(doc)
         body = {
             "config": shown,
             "store": ops.store.describe(),
-            "cluster": cluster.describe()
-            if (cluster := self.gateway.extensions.get("cluster"))
-            else None,
+            "cluster": cluster.describe() if cluster is not None else None,
             "persisted": ops.store.persistent,
             "generation": self.gateway.runtime.generation,
         }

@@ -106,7 +106,8 @@ class ClusterSync:
         self.node = self.config_store.node
         self.joined: str | None = None  # the epoch whose state this node has taken in
         self.resyncs = 0
-        # registry changes made here that Redis has not taken yet: "up" or "down"
+        # registry changes made here that Redis has not taken yet: "up", "down", or
+        # "restore" (a registration written back into a Redis that lost it)
         self.unshared: dict[Key, str] = {}
         # registrations this node's own API took: what it writes back to a Redis that lost
         # its state (the others' are theirs to write back, or their instances' heartbeats')
@@ -177,8 +178,6 @@ class ClusterSync:
         with contextlib.suppress(StoreUnavailable):
             await self._run(call, REGISTRY_TIMEOUT)
             self._settled(key, op)
-            if key not in self.unshared:
-                self.tombstones.pop(key, None)
 
     async def _run(self, call: Call, timeout: float = SYNC_TIMEOUT) -> Any:
         return await self.redis.run_script(call[0], [INSTANCES, EXPIRY, GONE], call[1], timeout)
@@ -190,6 +189,7 @@ class ClusterSync:
         """Redis has taken `op` for `key`, unless a newer change of it is on its way."""
         if self.unshared.get(key) == op:
             del self.unshared[key]
+            self.tombstones.pop(key, None)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -358,23 +358,19 @@ class ClusterSync:
         now = self.gateway.loop.time()
         registered = self.registry.registered()
         pending = list(self.unshared.items())
-        calls: list[Call | None] = []
+        calls: list[Call] = []
         for key, op in pending:
-            inst = registered.get(key)
-            alive = inst is not None and inst.expires_at is not None and inst.expires_at > now
             if op == "down":
                 calls.append(self._down(key, self.tombstones.get(key, 0.0)))
-            elif alive and inst is not None and inst.expires_at is not None:
+                continue
+            inst = registered.get(key)  # (gone or lapsed since: nothing to write)
+            if inst is not None and inst.expires_at is not None and inst.expires_at > now:
                 # written late: a deregistration or re-registration made meanwhile wins
                 left = inst.expires_at - now
                 calls.append(self._up(key, inst.url, inst.weight, inst.metadata, left, "restore"))
-            else:
-                calls.append(None)
-        await asyncio.gather(*(self._run(call) for call in calls if call is not None))
+        await asyncio.gather(*(self._run(call) for call in calls))
         for key, op in pending:
             self._settled(key, op)
-            if key not in self.unshared:
-                self.tombstones.pop(key, None)
 
     def describe(self) -> dict[str, Any]:
         return {
