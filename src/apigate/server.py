@@ -209,27 +209,42 @@ class Gateway:
     async def reload(self) -> bool:
         """Re-read the config file (SIGHUP, --watch). Returns whether the new config took."""
         self.reload_certificates()
-        if self.config_path is None:
+        path = self.config_path
+        if path is None:
             return False
+        return await self.apply_reload(lambda: self.compose_config(load_config(path))) is None
+
+    async def apply_reload(
+        self, make: Callable[[], GatewayConfig], source: str = "the file"
+    ) -> str | None:
+        """Make and apply a config read again: the file (SIGHUP, --watch) or the shared store
+        (another node's change). Counted in `reloads_ok`/`reloads_failed` and logged either
+        way; returns why it was refused (the previous config keeps serving), or None."""
         try:
-            config = self.compose_config(load_config(self.config_path))
-            runtime = await self.apply_config(config)
+            runtime = await self.apply_config(make())
         except ConfigError as exc:
             self.reloads_failed += 1
             self.last_reload_error = str(exc)
             log.error(
-                "reload rejected; the previous config keeps serving:\n%s",
+                "reload rejected (from %s); the previous config keeps serving:\n%s",
+                source,
                 exc,
-                extra={"event": "reload", "ok": False},
+                extra={"event": "reload", "ok": False, "source": source},
             )
-            return False
+            return str(exc)
         self.reloads_ok += 1
         self.last_reload_error = None
         log.info(
-            "config reloaded",
-            extra={"event": "reload", "ok": True, "generation": runtime.generation},
+            "config reloaded (from %s)",
+            source,
+            extra={
+                "event": "reload",
+                "ok": True,
+                "source": source,
+                "generation": runtime.generation,
+            },
         )
-        return True
+        return None
 
     def reload_certificates(self) -> bool:
         """Re-read the proxy listener's certificate files; rejected ones keep the old serving."""

@@ -76,12 +76,13 @@ async def _instances(node: GatewayProcess, service: str = "hello") -> dict[str, 
     return {i["id"]: i for i in reply.json()["instances"]}
 
 
-async def _cluster_gauges(node: GatewayProcess) -> dict[str, float]:
+async def _samples(node: GatewayProcess, prefix: str = "apigate_cluster_") -> dict[str, float]:
+    """The node's metric samples whose family starts with `prefix`, by name and labels."""
     text = (await request(node.admin_port, "GET", "/metrics")).body.decode()
     return {
-        sample.name: sample.value
+        sample.name + "".join(f",{k}={v}" for k, v in sorted(sample.labels.items())): sample.value
         for family in text_string_to_metric_families(text)
-        if family.name.startswith("apigate_cluster_")
+        if family.name.startswith(prefix)
         for sample in family.samples
     }
 
@@ -138,6 +139,10 @@ async def test_admin_changes_reach_every_node_and_a_node_started_later_has_them(
             await request(one.admin_port, "PUT", "/routes/extra", json_body=route)
         ).status == 201
         await _until(lambda: _answered_by(two, "/extra/x"), lambda up: up == "a", within=2.0)
+        # another node's change is a reload of node two's config, and counted as one
+        reloads = await _samples(two, "apigate_config_reloads")
+        assert reloads["apigate_config_reloads_total,result=ok"] >= 1
+        assert reloads["apigate_config_reloads_total,result=failed"] == 0
         # an implicit service: created by a registration on node two, routed on node one
         assert (
             await request(
@@ -182,7 +187,7 @@ async def test_a_redis_outage_keeps_serving_and_a_redis_that_lost_everything_is_
 
         await redis.kill()
         await _until(lambda: _cluster(two), lambda c: not c["connected"], what="disconnected")
-        assert (await _cluster_gauges(two))["apigate_cluster_connected"] == 0
+        assert (await _samples(two))["apigate_cluster_connected"] == 0
         # registrations still work where they are made; config changes are refused, undone
         assert (await _register(two, "b", b.url, ttl="60s")).status == 201
         assert set(await _instances(two)) == {"a", "b"}
@@ -203,7 +208,7 @@ async def test_a_redis_outage_keeps_serving_and_a_redis_that_lost_everything_is_
             await client.close()
         assert set(await _instances(two)) == {"a", "b"}
         expected = {"apigate_cluster_connected": 1, "apigate_cluster_unshared_changes": 0}
-        await _until(lambda: _cluster_gauges(two), lambda gauges: gauges == expected)
+        await _until(lambda: _samples(two), lambda gauges: gauges == expected)
         for node in (one, two):
             assert await _answered_by(node, "/kept") in ("a", "b")
         # and the cluster works as before: a change on one node reaches the other

@@ -12,11 +12,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from apigate.config.errors import ConfigError
 from apigate.config.loader import dump_config, parse_config
 from apigate.config.schema import GatewayConfig
 from apigate.store.config_store import ConfigStore, StoreConflict
@@ -29,8 +27,6 @@ CONFLICT_RETRIES = 5  # a change redone after another node's: then 409
 
 # a computed change: the new config, and the store write that keeps it
 Change = tuple[GatewayConfig, Callable[[], Awaitable[None]]]
-
-log = logging.getLogger("apigate.admin")
 
 
 class ConfigConflict(Exception):
@@ -193,23 +189,10 @@ class ConfigOps:
     async def _sync_locked(self, force: bool) -> bool:
         if not await self.store.refresh(force):
             return False
-        try:
-            config = self.compose(self.file_config)
-            await self.gateway.apply_config(config)
-        except ConfigError as exc:
-            self.refused = str(exc)
-            log.error(
-                "the shared config was refused; this node keeps serving its own:\n%s",
-                exc,
-                extra={"event": "config_sync", "ok": False},
-            )
-            return False
-        self.refused = None
-        log.info(
-            "config changed by another node",
-            extra={"event": "config_sync", "ok": True, "version": self.store.version},
+        self.refused = await self.gateway.apply_reload(
+            lambda: self.compose(self.file_config), source="the shared store"
         )
-        return True
+        return self.refused is None
 
 
 def _with_entity(
