@@ -62,7 +62,7 @@ class Runtime:
     plugins: list[Plugin] = field(default_factory=list)
     # on_log hooks of the global plugins, for requests that matched no route (404s are logged too)
     log_hooks: list[Callable[[Any], None]] = field(default_factory=list)
-    # route name -> coroutine function serving routes without a service (aggregation)
+    # route name -> the handler serving a route without a service (aggregation; see Handler)
     handlers: dict[str, Handler] = field(default_factory=dict)
     generation: int = field(default_factory=lambda: next(_generations))
 
