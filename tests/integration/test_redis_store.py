@@ -188,3 +188,21 @@ async def test_a_killed_then_restarted_redis(
 
 def logged(caplog: pytest.LogCaptureFixture, text: str) -> int:
     return sum(text in record.getMessage() for record in caplog.records)
+
+
+async def test_a_restart_between_calls_fails_none(
+    redis: RedisServer, store: RedisStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis restarted while the pool's connections sat idle leaves each of them closed; every
+    call after it must still be answered, and the store never taken for down (without the
+    reconnect-once retry, each stale connection failed one call, each failure an outage)."""
+    caplog.set_level(logging.INFO, logger="apigate.store.redis")
+    await asyncio.gather(*(store.call("PING") for _ in range(8)))  # 8 pooled connections
+    await gcra(store, "warm", 1)
+    await redis.kill()
+    await redis.start()  # no call in between: nothing has seen the outage yet
+    for _ in range(8):  # one at a time, so that each takes one of the stale connections
+        assert await store.call("PING") is True
+    assert await asyncio.gather(*(store.call("PING") for _ in range(8))) == [True] * 8
+    assert await gcra(store, "restarted") == own_replies()
+    assert not store.is_down and logged(caplog, "redis store unavailable") == 0

@@ -4,7 +4,12 @@ Redis being slow or down must never hang a request (ARCHITECTURE.md), so:
 
 - every call runs under its caller's timeout (a rate limiter passes 50 ms); redis-py drops a
   connection whose command was cancelled, so no reply is ever misattributed;
-- redis-py's own retries are off: the caller decides what a failure means (allow or deny);
+- redis-py retries a call once, at once, only when its connection fails (ConnectionError):
+  a restarted Redis leaves every pooled connection closed, and without that retry each of
+  them would fail one call (a rate-limited request decided by `on_store_error`, an admin
+  change refused) and mark the store down again; a Redis really down refuses the second
+  connect as fast as the first. Timeouts are not retried: the caller decides what a failure
+  means (allow or deny);
 - a refused or reset connection, or three timeouts in a row (one slow answer on a busy host
   is not an outage; script calls that shared a round trip time out as one), mark the store
   *down*: `available()` then answers False without any I/O, except for one probe every
@@ -39,6 +44,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -99,7 +105,7 @@ class RedisStore:
             url,
             max_connections=max_connections,
             timeout=None,  # waiting for a pooled connection is bounded by the call's timeout
-            retry=Retry(NoBackoff(), 0),
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             socket_connect_timeout=max(timeout, 1.0),
             # No socket timeout: every call already has its own deadline (`asyncio.timeout` in
             # `call`, the batch timer for scripts), and redis-py's would cost a timeout context
