@@ -12,7 +12,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from apigate.store.cluster_scripts import INSTANCES, RESYNC_INTERVAL
+from apigate.store.cluster_scripts import INSTANCES, OVERLAY, RESYNC_INTERVAL
 from apigate.store.redis import RedisStore
 from tests.support.gateway import GatewayProcess, base_config
 from tests.support.http import Reply, request
@@ -193,6 +193,7 @@ async def test_a_redis_outage_keeps_serving_and_a_redis_that_lost_everything_is_
         assert set(await _instances(two)) == {"a", "b"}
         refused = await request(one.admin_port, "PUT", "/routes/new", json_body=route)
         assert refused.status == 503 and refused.json()["error"] == "store_unavailable"
+        assert refused.headers["retry-after"] == "1"
         assert (await request(one.port, "GET", "/new")).status == 200  # served by "/"
         assert "new" not in [
             r["name"] for r in (await request(one.admin_port, "GET", "/routes")).json()["routes"]
@@ -268,6 +269,33 @@ async def test_changes_that_contradict_each_other_cannot_both_take() -> None:
                     lambda n=node: _route_names(n),
                     lambda names: ("r" in names) == (added.status == 201),
                 )
+
+
+async def test_an_admin_change_right_after_redis_restarted_empty_is_taken() -> None:
+    """Before any node's resync has restored an emptied Redis, and over pooled connections the
+    restart closed: the change restores the shared state itself and is taken (it was 503
+    until the resync, and once more for the stale connection)."""
+    async with RedisServer() as redis, _nodes(redis, 2) as (one, two):
+        route = {"match": {"paths": ["/kept"]}, "service": "hello"}
+        assert (await request(one.admin_port, "PUT", "/routes/kept", json_body=route)).status == 201
+        await _until(lambda: _route_names(two), lambda names: "kept" in names)
+        for node in (one, two):
+            node.signal(signal.SIGSTOP)  # no resync, no announcement: only the change below
+        try:
+            await redis.kill()
+            await redis.start()  # empty
+        finally:
+            for node in (one, two):
+                node.signal(signal.SIGCONT)
+        added = await request(two.admin_port, "PUT", "/routes/added", json_body=route)
+        assert added.status == 201, added.json()
+        for node in (one, two):
+            await _until(lambda n=node: _route_names(n), lambda names: {"kept", "added"} <= names)
+        client = RedisStore(redis.url, timeout=1.0)
+        try:
+            assert await client.call("HLEN", OVERLAY) == 2
+        finally:
+            await client.close()
 
 
 async def test_a_node_that_knew_less_does_not_wipe_what_an_emptied_redis_forgot() -> None:

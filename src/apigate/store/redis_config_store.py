@@ -100,8 +100,12 @@ class RedisConfigStore(ConfigStore):
         outcome = text(reply[0])
         if outcome == "conflict":
             raise StoreConflict("the shared config changed since this node read it")
-        if outcome != "ok":  # no epoch: Redis lost its state and no node has restored it yet
-            raise StoreUnavailable("the cluster state is being restored; try again")
+        if outcome == "no_epoch":
+            # Redis lost its state and no node has restored it yet: restore it now rather than
+            # refuse the change until this node's resync does (SEED keeps the newest config any
+            # node read, so this is safe from any node); the change is then computed again
+            await self.seed()
+            raise StoreConflict("the shared state was lost and has been restored")
         self.version = int(reply[1])
 
     async def seed(self) -> tuple[str, bool]:
