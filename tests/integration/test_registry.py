@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from tests.support.gateway import GatewayProcess, base_config
 from tests.support.http import KeepAliveClient, request
@@ -127,6 +128,8 @@ async def test_bad_registrations_are_refused_with_reasons() -> None:
             assert (reply.status, reply.json()["error"]) == (status, code), body
         raw = await request(port, "PUT", "/services/hello/instances/x", body=b"{nope")
         assert raw.status == 400 and raw.json()["error"] == "invalid_json"
+        deep = await request(port, "PUT", "/services/hello/instances/x", body=b"[" * 5000)
+        assert deep.status == 400 and deep.json()["error"] == "invalid_json"
         big = await request(port, "PUT", "/services/hello/instances/x", body=b"x" * (2 << 20))
         assert big.status == 413
 
@@ -188,6 +191,28 @@ async def test_config_etag_dry_run_and_memory_store_says_not_persisted() -> None
         bad = dict(doc, routes=[{"name": "x", "service": "nope"}])
         invalid = await request(gw.admin_port, "POST", "/config", json_body=bad)
         assert invalid.status == 400 and "unknown service 'nope'" in invalid.json()["message"]
+
+
+async def test_a_config_nested_too_deeply_is_refused_and_the_api_keeps_working() -> None:
+    """A 2 KB route whose plugin config nests 300 levels was applied and stored, answered 500,
+    and from then on every admin call that dumps the config failed too (pydantic's
+    serialization depth); a 10 KB `[[[...` body answered 500 with a RecursionError."""
+    async with GatewayProcess(_config()) as gw:
+        value: Any = 1
+        for _ in range(300):
+            value = {"a": value}
+        plugins = {"request_transform": {"json": {"add": {"f": value}}}}
+        route = {"match": {"paths": ["/deep"]}, "service": "hello", "plugins": plugins}
+        deep = await request(gw.admin_port, "PUT", "/routes/deep", json_body=route)
+        assert deep.status == 400, deep.json()
+        assert "nested more than 64 levels deep" in deep.json()["message"]
+        assert (await request(gw.port, "GET", "/deep")).status == 503  # "/": no instance yet
+        assert (await request(gw.admin_port, "GET", "/config")).status == 200
+        assert (await request(gw.admin_port, "GET", "/routes/deep")).status == 404
+        nested = b"[" * 5000 + b"]" * 5000
+        for method, path in (("POST", "/config"), ("PUT", "/services/x")):
+            reply = await request(gw.admin_port, method, path, body=nested)
+            assert (reply.status, reply.json()["error"]) == (400, "invalid_json")
 
 
 async def test_sqlite_store_brings_admin_changes_back_after_restart(tmp_path) -> None:

@@ -1212,3 +1212,20 @@ def test_aggregate_paths_may_read_query_and_claims_but_rewrites_may_not() -> Non
     with pytest.raises(ConfigError) as info:
         parse_config(bad)
     assert "routes[0].rewrite" in str(info.value)
+
+
+def test_a_config_nested_too_deeply_is_an_error_with_its_path(tmp_path: Path) -> None:
+    value: Any = 1
+    for _ in range(70):
+        value = {"a": value}
+    plugins = {"request_transform": {"json": {"add": {"f": value}}}}
+    doc = {"routes": [{"name": "r", "service": "s", "plugins": plugins}], "services": {"s": {}}}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(doc)
+    assert "routes[0].plugins.request_transform.json.add.f.a...:" in str(caught.value)
+    assert "nested more than 64 levels deep" in str(caught.value)
+    # a YAML file nested 3000 deep: an error, not a RecursionError in what walks it
+    path = tmp_path / "deep.yaml"
+    path.write_text("plugins: " + "[" * 3000 + "]" * 3000)
+    with pytest.raises(ConfigError, match="nested more than 64 levels deep"):
+        load_config(path)

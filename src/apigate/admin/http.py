@@ -40,6 +40,8 @@ class AdminRequest:
             return json.loads(self.body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise AdminError(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+        except RecursionError:  # json.loads recurses per level: `[` * 5000
+            raise AdminError(400, "invalid_json", "body is nested too deeply") from None
 
 
 @dataclass

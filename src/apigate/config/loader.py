@@ -30,6 +30,10 @@ from apigate.config.schema import GatewayConfig
 __all__ = ["dump_config", "interpolate_env", "load_config", "parse_config"]
 
 MERGED_SECTIONS = ("services", "consumers", "routes", "plugins")
+# Deeper than any config needs (a transform's JSON value inside a route's plugin: ~10 levels),
+# shallow enough that validating, dumping and storing it never hits a recursion limit: a config
+# nested too deeply for pydantic to serialize once made every later admin call answer 500.
+MAX_DEPTH = 64
 KEYED_SECTIONS = ("services", "plugins")
 
 
@@ -139,6 +143,11 @@ def _read_yaml(path: Path, shown_as: str = "") -> Any:
         raise ConfigError(f"{prefix}{_describe_yaml_error(exc)}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{prefix}invalid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{prefix}invalid YAML: nested too deeply") from None
+    too_deep = _too_deep(data)
+    if too_deep is not None:  # before anything walks it recursively (interpolation)
+        raise ConfigError(f"{prefix}{_too_deep_message(too_deep)}")
     return _restore_references(data, references)
 
 
@@ -397,6 +406,11 @@ def dump_config(config: GatewayConfig) -> dict[str, Any]:
 
 
 def _validate(data: dict[str, Any], source: str, origins: _Origins) -> GatewayConfig:
+    too_deep = _too_deep(data)
+    if too_deep is not None:
+        shown_as, loc = origins.locate(too_deep)
+        line = _too_deep_message(loc)
+        raise ConfigError(f"{shown_as}: {line}" if shown_as else line, source)
     try:
         return GatewayConfig.model_validate(data)
     except ValidationError as exc:
@@ -406,6 +420,24 @@ def _validate(data: dict[str, Any], source: str, origins: _Origins) -> GatewayCo
             line = f"{format_loc(loc)}: {error_message(error)}" if loc else error_message(error)
             lines.append(f"{shown_as}: {line}" if shown_as else line)
         raise ConfigError(lines, source) from None
+
+
+def _too_deep(data: Any) -> tuple[str | int, ...] | None:
+    """The path of a value nested more than MAX_DEPTH levels deep, if any (no recursion)."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(data, ())]
+    while stack:
+        node, loc = stack.pop()
+        if len(loc) > MAX_DEPTH:
+            return loc
+        if isinstance(node, dict):
+            stack.extend((value, (*loc, str(key))) for key, value in node.items())
+        elif isinstance(node, list):
+            stack.extend((value, (*loc, index)) for index, value in enumerate(node))
+    return None
+
+
+def _too_deep_message(loc: Loc) -> str:
+    return f"{format_loc(loc[:8])}...: nested more than {MAX_DEPTH} levels deep"
 
 
 def _not_a_mapping(data: Any) -> str:
