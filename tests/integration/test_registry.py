@@ -119,6 +119,8 @@ async def test_bad_registrations_are_refused_with_reasons() -> None:
             ({"url": f"http://localhost:{gw.port}"}, 400, "self_reference"),
             ({"url": "ftp://x:1"}, 400, "invalid_url"),
             ({"url": "http://127.0.0.1:9", "ttl": "soon"}, 400, "invalid_body"),
+            ({"url": "http://127.0.0.1:9", "ttl": True}, 400, "invalid_body"),
+            ({"url": "http://127.0.0.1:9", "ttl": None}, 400, "invalid_body"),
             ({"url": "http://127.0.0.1:9", "weight": -1}, 400, "invalid_body"),
             ({"url": "http://127.0.0.1:9", "colour": "red"}, 400, "invalid_body"),
             ({}, 400, "invalid_body"),
@@ -247,12 +249,14 @@ async def test_credentials_never_leave_through_the_api_nor_come_back_redacted() 
     cfg = _config(store="redis://:hunter2@127.0.0.1:6390/0")
     cfg["routes"][0]["plugins"] = {
         "jwt": {"secret": "s" * 40, "algorithms": ["HS256"]},
+        # a credential for the upstream, as a header value (any case of its name)
+        "request_transform": {"headers": {"set": {"authorization": "Bearer up-secret-9"}}},
     }
     cfg["consumers"] = [{"name": "bob", "api_keys": ["k-123456"]}]
     async with GatewayProcess(cfg) as gw:
         for path in ("/config", "/routes", "/routes/hello", "/consumers", "/consumers/bob"):
             body = (await request(gw.admin_port, "GET", path)).body.decode()
-            for secret in ("s" * 40, "k-123456", "hunter2"):
+            for secret in ("s" * 40, "k-123456", "hunter2", "up-secret-9"):
                 assert secret not in body, (path, secret)
         shown = (await request(gw.admin_port, "GET", "/config")).json()["config"]
         assert shown["store"] == "redis://:[redacted]@127.0.0.1:6390/0"

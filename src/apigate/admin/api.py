@@ -209,8 +209,8 @@ class AdminApi:
             raise AdminError(400, "invalid_body", "url (string) is required")
         ttl_raw = body.get("ttl", "30s")
         try:
-            ttl = parse_duration(ttl_raw) if isinstance(ttl_raw, str) else float(ttl_raw)
-        except (ValueError, TypeError):
+            ttl = parse_duration(ttl_raw)  # "10s" or seconds; `true` is no duration
+        except ValueError:
             raise AdminError(400, "invalid_body", f"ttl: invalid duration {ttl_raw!r}") from None
         weight = body.get("weight", 1)
         if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 1000:
@@ -367,15 +367,21 @@ def _instance_doc(inst: Instance, now: float) -> dict[str, Any]:
 REDACTED = "[redacted]"
 # config keys whose values are credentials, wherever they appear (plugins, consumers, admin)
 _SECRET_KEYS = frozenset({"secret", "password", "token", "api_keys", "client_secret"})
+# header names whose configured values are credentials (a transform that sets the upstream's
+# Authorization), matched without regard to case as HTTP does
+_SECRET_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "cookie", "x-api-key", "api-key", "x-auth-token"}
+)
 _URL_PASSWORD = re.compile(r"(?<=://)([^:/@]*):[^@/]+@")
 
 
 def redact_secrets(value: Any) -> Any:
     """A copy of a config document with every credential replaced by "[redacted]":
-    values under secret-named keys, and passwords inside URLs (redis://:pw@host)."""
+    values under secret-named keys or credential header names, and passwords inside URLs
+    (redis://:pw@host)."""
     if isinstance(value, dict):
         return {
-            k: (REDACTED if k in _SECRET_KEYS and v else redact_secrets(v))
+            k: (REDACTED if v and _is_secret_key(k) else redact_secrets(v))
             for k, v in value.items()
         }
     if isinstance(value, list):
@@ -383,6 +389,10 @@ def redact_secrets(value: Any) -> Any:
     if isinstance(value, str) and "://" in value and "@" in value:
         return _URL_PASSWORD.sub(lambda m: f"{m.group(1)}:{REDACTED}@", value)
     return value
+
+
+def _is_secret_key(key: Any) -> bool:
+    return key in _SECRET_KEYS or (isinstance(key, str) and key.lower() in _SECRET_HEADERS)
 
 
 def refuse_redacted(value: Any, where: str = "body") -> None:
