@@ -531,7 +531,8 @@ def test_target_forms_and_parts() -> None:
 )
 def test_bad_target_urls(url: str, reason: str) -> None:
     (error,) = errors_of({"services": {"s": {"targets": [url]}}})
-    assert error.startswith(f"services.s.targets[0].url: invalid target URL {url!r}")
+    shown = url.replace(":p@", ":[redacted]@")  # (the password of the user-info case)
+    assert error.startswith(f"services.s.targets[0].url: invalid target URL {shown!r}")
     assert reason in error
 
 
@@ -1229,3 +1230,16 @@ def test_a_config_nested_too_deeply_is_an_error_with_its_path(tmp_path: Path) ->
     path.write_text("plugins: " + "[" * 3000 + "]" * 3000)
     with pytest.raises(ConfigError, match="nested more than 64 levels deep"):
         load_config(path)
+
+
+def test_errors_never_show_a_password_in_a_url() -> None:
+    doc = {
+        "store": "redis://:hunter2@localhost:6379/notadb",
+        "services": {"s": {"targets": ["http://user:hunter3@127.0.0.1:9000"]}},
+    }
+    with pytest.raises(ConfigError) as caught:
+        parse_config(doc)
+    shown = str(caught.value)
+    assert "invalid store 'redis://:[redacted]@localhost:6379/notadb'" in shown
+    assert "invalid target URL 'http://user:[redacted]@127.0.0.1:9000'" in shown
+    assert "hunter" not in shown

@@ -350,6 +350,8 @@ def test_config_errors() -> None:
     assert "invalid duration" in error({"requests": 1, "per": "soon"})
     assert "invalid key 'cookie:x'" in error({"requests": 1, "per": "1s", "key": "cookie:x"})
     assert "invalid store 'mysql://x'" in error({"requests": 1, "per": "1s", "store": "mysql://x"})
+    with_password = error({"requests": 1, "per": "1s", "store": "mysql://u:pw9@x"})
+    assert "'mysql://u:[redacted]@x'" in with_password and "pw9" not in with_password
     assert "'redis' needs the top-level store" in error(
         {"requests": 1, "per": "1s", "store": "redis"}
     )

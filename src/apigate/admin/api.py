@@ -23,6 +23,7 @@ from apigate.admin.config_ops import (
 from apigate.admin.http import AdminError, AdminRequest, AdminResponse, json_response
 from apigate.config.errors import ConfigError
 from apigate.config.units import parse_duration
+from apigate.redaction import REDACTED, redact_url
 from apigate.registry.events import EVENTS
 from apigate.registry.registry import Registration, RegistrationError, registry_of
 
@@ -364,7 +365,6 @@ def _instance_doc(inst: Instance, now: float) -> dict[str, Any]:
     }
 
 
-REDACTED = "[redacted]"
 # config keys whose values are credentials, wherever they appear (plugins, consumers, admin)
 _SECRET_KEYS = frozenset({"secret", "password", "token", "api_keys", "client_secret"})
 # header names whose configured values are credentials (a transform that sets the upstream's
@@ -372,7 +372,6 @@ _SECRET_KEYS = frozenset({"secret", "password", "token", "api_keys", "client_sec
 _SECRET_HEADERS = frozenset(
     {"authorization", "proxy-authorization", "cookie", "x-api-key", "api-key", "x-auth-token"}
 )
-_URL_PASSWORD = re.compile(r"(?<=://)([^:/@]*):[^@/]+@")
 
 
 def redact_secrets(value: Any) -> Any:
@@ -386,8 +385,8 @@ def redact_secrets(value: Any) -> Any:
         }
     if isinstance(value, list):
         return [redact_secrets(v) for v in value]
-    if isinstance(value, str) and "://" in value and "@" in value:
-        return _URL_PASSWORD.sub(lambda m: f"{m.group(1)}:{REDACTED}@", value)
+    if isinstance(value, str):
+        return redact_url(value)
     return value
 
 

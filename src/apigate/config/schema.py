@@ -38,6 +38,7 @@ from apigate.config.units import (
     Size,
 )
 from apigate.http.headers import is_token
+from apigate.redaction import redact_url
 
 __all__ = [
     "ActiveHealthConfig",
@@ -311,18 +312,18 @@ def _split_target(url: str) -> _TargetParts:
     """Validate a target URL and split it; raises ValueError with the reason."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
-        raise ValueError(f"invalid target URL {url!r}: use http://host:port")
+        raise ValueError(f"invalid target URL {redact_url(url)!r}: use http://host:port")
     if "?" in url or "#" in url:
-        raise ValueError(f"invalid target URL {url!r}: no query or fragment allowed")
+        raise ValueError(f"invalid target URL {redact_url(url)!r}: no query or fragment allowed")
     if "@" in parts.netloc:
-        raise ValueError(f"invalid target URL {url!r}: no user info allowed")
+        raise ValueError(f"invalid target URL {redact_url(url)!r}: no user info allowed")
     try:
         port = parts.port
     except ValueError:
-        raise ValueError(f"invalid target URL {url!r}: bad port") from None
+        raise ValueError(f"invalid target URL {redact_url(url)!r}: bad port") from None
     host = parts.hostname or ""
     if not host or not (_is_ip(host) or _HOSTNAME.fullmatch(host)):
-        raise ValueError(f"invalid target URL {url!r}: bad or missing host")
+        raise ValueError(f"invalid target URL {redact_url(url)!r}: bad or missing host")
     if port is None:
         port = 443 if parts.scheme == "https" else 80
     return _TargetParts(parts.scheme, host, port, parts.path.rstrip("/"))
@@ -734,13 +735,13 @@ def _check_store(value: str) -> str:
     if value.startswith("sqlite://"):
         if value.removeprefix("sqlite://").startswith("/") and len(value) > len("sqlite:///"):
             return value
-        raise _fail("invalid_store", f"invalid store {value!r}: {hint}")
+        raise _fail("invalid_store", f"invalid store {redact_url(value)!r}: {hint}")
     parts = urlsplit(value)
     database = parts.path.removeprefix("/")
     redis_ok = parts.scheme in ("redis", "rediss") and parts.hostname and _valid_port(value)
     if redis_ok and (database == "" or database.isdigit()):
         return value
-    raise _fail("invalid_store", f"invalid store {value!r}: {hint}")
+    raise _fail("invalid_store", f"invalid store {redact_url(value)!r}: {hint}")
 
 
 def _valid_port(url: str) -> bool:

@@ -46,6 +46,7 @@ from apigate.http.headers import is_token
 from apigate.plugins.base import Plugin, PluginConfig, PluginEnv, Response
 from apigate.plugins.identity import StrictPluginConfig, reject
 from apigate.plugins.rate_limit_local import LocalLimiter
+from apigate.redaction import redact_url
 from apigate.store.redis import RedisStore, Script, StoreUnavailable, shared_redis
 
 # KEYS[1] = bucket; ARGV = emission interval T (µs), tolerance τ (µs).
@@ -98,7 +99,9 @@ class RateLimitConfig(StrictPluginConfig):
             return value
         if value.startswith(("redis://", "rediss://")):
             return value
-        raise ValueError(f"invalid store {value!r}: use local, redis or redis://host:6379/0")
+        raise ValueError(
+            f"invalid store {redact_url(value)!r}: use local, redis or redis://host:6379/0"
+        )
 
 
 def redis_url(cfg: RateLimitConfig, top_level: str) -> str | None:

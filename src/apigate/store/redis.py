@@ -38,7 +38,6 @@ import logging
 import time
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
@@ -48,9 +47,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from apigate.redaction import redact_url
 from apigate.store.redis_batch import ScriptBatcher, StoreUnavailable, unavailable
 
-__all__ = ["RedisStore", "Script", "StoreUnavailable", "redact_url", "shared_redis"]
+__all__ = ["RedisStore", "Script", "StoreUnavailable", "shared_redis"]
 
 log = logging.getLogger("apigate.store.redis")
 
@@ -76,16 +76,6 @@ class Script:
 
     def __repr__(self) -> str:
         return f"<Script {self.sha[:10]}>"
-
-
-def redact_url(url: str) -> str:
-    """The URL without its password, for logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class RedisStore:

@@ -14,6 +14,7 @@ import secrets
 import socket
 from typing import Any
 
+from apigate.redaction import redact_url
 from apigate.store.cluster_scripts import (
     BASE,
     CHANNEL,
@@ -29,7 +30,7 @@ from apigate.store.cluster_scripts import (
     text,
 )
 from apigate.store.config_store import ConfigStore, StoreConflict
-from apigate.store.redis import RedisStore, StoreUnavailable, redact_url
+from apigate.store.redis import RedisStore, StoreUnavailable
 
 log = logging.getLogger("apigate.cluster")
 
