@@ -69,6 +69,7 @@ def _compile(config: object) -> object:
 
 
 def cmd_routes(args: argparse.Namespace) -> int:
+    from apigate.ops import format_table
     from apigate.runtime import Runtime
 
     try:
@@ -81,19 +82,14 @@ def cmd_routes(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(table, indent=2, default=str))
         return 0
-    columns = ["route", "host", "methods", "path", "kind"]
-    rows = [[str(row.get(c, "")) for c in columns] for row in table]
-    for row in rows:
-        name = row[0]
-        compiled = runtime.routes.get(name)
-        row.append(compiled.service.name if compiled and compiled.service else "(aggregate)")
-    columns.append("service")
-    widths = [
-        max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)
-    ]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for row in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+    columns = ["route", "host", "methods", "path", "kind", "headers", "service"]
+    rows = []
+    for entry in table:
+        compiled = runtime.routes.get(str(entry["name"]))
+        service = compiled.service.name if compiled and compiled.service else "(aggregate)"
+        keys = ("name", "host", "methods", "path", "kind", "headers")
+        rows.append([str(entry[key] or "-") for key in keys] + [service])
+    print(format_table(columns, rows))
     return 0
 
 

@@ -59,6 +59,8 @@ def fetch_json(base: str, path: str, token: str, *, optional: bool = False) -> A
     except urllib.error.HTTPError as exc:
         if exc.code == 404 and optional:
             return None
+        if exc.code == 401 and token:
+            raise AdminApiError("the admin API refused the token given") from None
         if exc.code == 401:
             raise AdminApiError(
                 "the admin API needs a token: pass --token or set APIGATE_ADMIN_TOKEN"

@@ -46,6 +46,31 @@ async def run_cli(*args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
+async def test_routes_prints_the_compiled_table_with_names_and_services(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    doc = {
+        "version": 1,
+        "services": {"s": {"targets": ["http://127.0.0.1:9"]}},
+        "routes": [
+            {"name": "api", "match": {"paths": ["/api"], "methods": ["GET"]}, "service": "s"},
+            {
+                "name": "agg",
+                "match": {"paths": ["/agg"]},
+                "aggregate": {"a": {"service": "s", "path": "/a"}},
+            },
+        ],
+    }
+    path.write_text(yaml.safe_dump(doc))
+    code, out, err = await run_cli("routes", "-c", str(path))
+    assert code == 0, err
+    header, *rows = [line.split() for line in out.splitlines()]
+    assert header == ["ROUTE", "HOST", "METHODS", "PATH", "KIND", "HEADERS", "SERVICE"]
+    assert sorted(rows) == [
+        ["agg", "*", "*", "/agg", "prefix", "-", "(aggregate)"],
+        ["api", "*", "GET", "/api", "prefix", "-", "s"],
+    ]
+
+
 async def test_check_reports_each_target_and_fails_when_one_is_down(tmp_path: Path) -> None:
     dead = closed_port()
     async with Upstream() as up:
@@ -101,7 +126,9 @@ async def test_status_prints_services_instances_and_routes(
         assert "/api" in route_line and " up " in route_line
 
         assert await asyncio.to_thread(cmd_status, url, "wrong", io.StringIO()) == 1
-        assert "needs a token" in capsys.readouterr().err
+        assert "refused the token given" in capsys.readouterr().err
+        assert await asyncio.to_thread(cmd_status, url, "", io.StringIO()) == 1
+        assert "needs a token: pass --token" in capsys.readouterr().err
 
         code, cli_out, _ = await run_cli("status", "--admin", url, "--token", TOKEN)
         assert code == 0 and "extra-1" in cli_out
