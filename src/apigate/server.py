@@ -168,6 +168,8 @@ class Gateway:
     # ------------------------------------------------------------------ reload
     async def apply_config(self, config: GatewayConfig) -> Runtime:
         """Compile and swap in a new snapshot; raises ConfigError and keeps the old one."""
+        if problems := self.listener_changes(config):
+            raise ConfigError(problems)
         if config.listeners.proxy.tls is not None:
             from apigate.http.tls import validate_tls
 
@@ -195,6 +197,26 @@ class Gateway:
             lambda: self._keep(self.loop.create_task(self._retire(old))),
         )
         return runtime
+
+    def listener_changes(self, config: GatewayConfig) -> list[str]:
+        """What `config` would change of the sockets this process listens on: a restart's job,
+        so a reload that asks for it is refused rather than reported as done and not done."""
+        if self.proxy_server is None:  # not listening yet: start() binds what the config says
+            return []
+        old, new = self.config.listeners, config.listeners
+        problems = []
+        if new.proxy.address != old.proxy.address:
+            problems.append(
+                f"listeners.proxy.address: {old.proxy.address} -> {new.proxy.address} "
+                "needs a restart"
+            )
+        if (new.proxy.tls is None) != (old.proxy.tls is None):
+            problems.append("listeners.proxy.tls: turning TLS on or off needs a restart")
+        old_admin = old.admin.address if old.admin is not None else None
+        new_admin = new.admin.address if new.admin is not None else None
+        if new_admin != old_admin:
+            problems.append(f"listeners.admin: {old_admin} -> {new_admin} needs a restart")
+        return problems
 
     async def _retire(self, old: Runtime) -> None:
         """After the drain: close the old snapshot's plugins, then free the snapshot."""

@@ -97,6 +97,20 @@ async def test_watch_reload_serves_the_new_route() -> None:
         assert await _status(gw.port, "/old/echo") == 404
 
 
+async def test_a_reload_that_moves_a_listener_is_refused_with_the_reason() -> None:
+    """The gateway cannot move its sockets on a reload: the file asking for it is refused (it
+    was reported as reloaded while the old ports went on serving and the new ones refused)."""
+    async with Upstream() as up, GatewayProcess(_config(up, "/old")) as gw:
+        moved = _config(up, "/new")
+        moved["listeners"] = dict(moved["listeners"], proxy={"address": "127.0.0.1:1"})
+        gw.write_config(moved)
+        gw.signal(signal.SIGHUP)
+        line = await gw.wait_for_log("reload rejected")
+        assert "listeners.proxy.address: 127.0.0.1:0 -> 127.0.0.1:1 needs a restart" in line
+        assert await _status(gw.port, "/old/echo") == 200
+        assert await _status(gw.port, "/new/echo") == 404
+
+
 async def test_invalid_file_is_rejected_and_the_old_config_keeps_serving() -> None:
     async with Upstream() as up, GatewayProcess(_config(up, "/old")) as gw:
         bad = _config(up, "/new")

@@ -15,6 +15,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from apigate.config.errors import ConfigError
 from apigate.config.loader import dump_config, parse_config
 from apigate.config.schema import GatewayConfig
 from apigate.store.config_store import ConfigStore, StoreConflict
@@ -131,6 +132,8 @@ class ConfigOps:
             from apigate.runtime import dry_compile
 
             check(self.effective_doc())
+            if problems := self.gateway.listener_changes(config):
+                raise ConfigError(problems, "<admin>")
             dry_compile(config, self.gateway.loop)
             return config
 
