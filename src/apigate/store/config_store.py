@@ -85,13 +85,20 @@ class SqliteConfigStore(ConfigStore):
 
     def __init__(self, path: str | Path) -> None:
         super().__init__()
-        self.path = Path(path)
+        # absolute from the start, so that logs and GET /config say which file it is
+        self.path = Path(path).absolute()
         self._db: sqlite3.Connection | None = None
 
     async def open(self) -> None:
         await asyncio.to_thread(self._open_sync)
 
     def _open_sync(self) -> None:
+        try:
+            self._open_db()
+        except sqlite3.Error as exc:  # not a database, a directory, locked...: a clean start-up
+            raise OSError(f"store {self.path}: {exc}") from None  # error (cli), no traceback
+
+    def _open_db(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, check_same_thread=False)
         # the overlay holds plugin secrets and consumers' keys as configured: owner-only file
