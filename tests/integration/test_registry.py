@@ -221,6 +221,22 @@ async def test_a_config_nested_too_deeply_is_refused_and_the_api_keeps_working()
             assert (reply.status, reply.json()["error"]) == (400, "invalid_json")
 
 
+async def test_a_service_in_use_cannot_be_deleted_whoever_uses_it() -> None:
+    cfg = _config()
+    cfg["services"] = {"a": {}, "b": {}, "c": {}}
+    part = {"service": "b", "path": "/"}
+    cfg["routes"] = [
+        {"name": "plain", "match": {"paths": ["/a"]}, "service": "a"},
+        {"name": "agg", "match": {"paths": ["/agg"]}, "aggregate": {"p": part}},
+    ]
+    async with GatewayProcess(cfg) as gw:
+        for service, user in (("a", "plain"), ("b", "agg")):  # (an aggregate's part got 400)
+            reply = await request(gw.admin_port, "DELETE", f"/services/{service}")
+            assert (reply.status, reply.json()["error"]) == (409, "conflict"), reply.json()
+            assert f"used by routes: {user}" in reply.json()["message"]
+        assert (await request(gw.admin_port, "DELETE", "/services/c")).status == 200
+
+
 async def test_sqlite_store_brings_admin_changes_back_after_restart(tmp_path) -> None:
     cfg = _config(store=f"sqlite:///{tmp_path}/state.db")
     async with Upstream("a") as a:

@@ -109,7 +109,7 @@ class ConfigOps:
             if self.get_entity(doc, kind, name) is None:
                 return None
             if kind == "services":
-                users = [r.get("name") for r in doc.get("routes") or [] if r.get("service") == name]
+                users = [r.get("name") for r in doc.get("routes") or [] if _uses(r, name)]
                 if users:
                     raise ConfigConflict(f"service {name} is used by routes: {', '.join(users)}")
             config = parse_config(_with_entity(doc, kind, name, None), source="<admin>")
@@ -196,6 +196,14 @@ class ConfigOps:
             lambda: self.compose(self.file_config), source="the shared store"
         )
         return self.refused is None
+
+
+def _uses(route: dict[str, Any], service: str) -> bool:
+    """Whether a route document sends requests to `service`, itself or in an aggregate part."""
+    if route.get("service") == service:
+        return True
+    parts = route.get("aggregate") or {}
+    return any(isinstance(p, dict) and p.get("service") == service for p in parts.values())
 
 
 def _with_entity(
