@@ -212,7 +212,8 @@ async def test_each_response_has_its_own_version_however_the_reads_fall() -> Non
 
 async def test_bytes_after_a_whole_response_close_the_connection() -> None:
     """A second, unasked-for response in the same read must never answer the next request
-    (the connection is back in the pool by then); the finished exchange hears nothing."""
+    (the connection would be handed to it when the first one's end is reported); the finished
+    exchange hears nothing."""
     conn, transport = connection()
     listener = exchange(
         conn,

@@ -8,6 +8,12 @@ response that ended cleanly, said nothing against keep-alive, and whose request 
 Interim 1xx responses (100, 103) are swallowed; 101 switches the connection to a byte tunnel.
 A HEAD response's body length cannot be told to httptools (it has no "skip body" hook), so after
 one we start a fresh parser for the next response instead of trusting the old one's state.
+
+A response that ends is reported to the exchange (`on_response_done`, which may hand the
+connection to the next request at once) only when the whole read it ended in has been parsed:
+bytes after its end in that read (a "body" sent with a HEAD, 204 or 304 response, a second
+response nobody asked for) then close the connection before anyone can reuse it, and never reach
+the next exchange.
 """
 
 from __future__ import annotations
@@ -139,14 +145,15 @@ class UpstreamConnection(asyncio.Protocol):
         self.upgrade = False
         self._head_bytes = 0
         self._connection_values: list[bytes] = []
-        self._ended_in_read = False  # a response ended in the read being parsed
+        # A response ended in the read being parsed; its end is reported once the read is
+        # parsed (see data_received), and any byte the parser meets until then is not asked for.
+        self._ended_in_read = False
         # The read being parsed begins with "HTTP/1.1 " where no response was begun, and the
         # same for the response being parsed: its version is known without get_http_version(),
         # which formats a new str every call (~2,000 instructions).
         self._read_starts_v11 = False
         self._v11 = False
         self.read_at = 0.0  # loop time of the latest read (the exchange times itself by it)
-        self._skip_rest = False
         self._deadline = 0.0
         self._timeout = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -194,13 +201,20 @@ class UpstreamConnection(asyncio.Protocol):
         self._ended_in_read = False
         self._read_starts_v11 = self.head is None and data.startswith(b"HTTP/1.1 ")
         try:
-            self.parser.feed_data(data)
             head = self.head
-            if head is None or not head.status:  # the head is still incomplete after this read
-                self._head_bytes += len(data)
-                if self._head_bytes > MAX_RESPONSE_HEAD:
-                    raise InvalidResponse(f"response head larger than {MAX_RESPONSE_HEAD} bytes")
-            listener.flush_head()  # a head whose body has not arrived yet goes out now
+            big = len(data) + self._head_bytes > MAX_RESPONSE_HEAD
+            if big and (head is None or not head.status):
+                self._feed_bounded(data)  # (rare: a read that could complete too large a head)
+            else:
+                self.parser.feed_data(data)
+            if not self._ended_in_read:
+                head = self.head
+                if head is None or not head.status:  # the head is still incomplete
+                    self._head_bytes += len(data)
+                    if self._head_bytes > MAX_RESPONSE_HEAD:
+                        raise InvalidResponse(
+                            f"response head larger than {MAX_RESPONSE_HEAD} bytes"
+                        )
         # (each clause names its exception differently: compiled by mypyc, a name keeps the
         # type of its first binding)
         except InvalidResponse as invalid:
@@ -223,10 +237,39 @@ class UpstreamConnection(asyncio.Protocol):
             raise
         except httptools.HttpParserError as parse_error:
             self._invalid(InvalidResponse(f"malformed response: {parse_error}"))
+        else:
+            if self._ended_in_read:
+                # Only now, with nothing of the read left to parse, may the exchange release
+                # the connection (and the next request take it).
+                self._finish(True)
+            else:
+                listener.flush_head()  # a head whose body has not arrived yet goes out now
+
+    def _feed_bounded(self, data: bytes) -> None:
+        """Feed a read that may complete a head beyond MAX_RESPONSE_HEAD (a head that ends in
+        the read it began in was once never measured): first the bytes the head may still
+        take, then, once it is whole, the rest. (A 101 head is whole in the first part, where
+        httptools stops at once, so HttpParserUpgrade offsets stay offsets into `data`.)
+
+        Memoryviews, not slices: the rest is often the start of a large body, not worth a
+        copy. (Only a read that could hold an oversized head comes here: never a plain
+        response's, at most the first read of a large one.)"""
+        room = MAX_RESPONSE_HEAD - self._head_bytes
+        parser = self.parser  # (a HEAD response swaps in a new one; the rest goes to the old)
+        view = memoryview(data)
+        parser.feed_data(view[:room])
+        head = self.head
+        if not self._ended_in_read and (head is None or not head.status):
+            raise InvalidResponse(f"response head larger than {MAX_RESPONSE_HEAD} bytes")
+        parser.feed_data(view[room:])
 
     def _invalid(self, exc: InvalidResponse) -> None:
-        """Close; the exchange attached *now* learns why. (Not the one attached when the read
-        began: a response can end mid-read and another exchange take the connection.)"""
+        """Close; the exchange learns why. When its response had already ended in this read,
+        the bytes at fault came after it: the response stands, the connection does not."""
+        if self._ended_in_read:
+            self.close()
+            self._finish(False)
+            return
         listener, self.listener = self.listener, None
         self.reusable = False
         self.close()
@@ -263,8 +306,8 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self._ended_in_read:
             # More bytes after a whole response, unasked for: whatever they are, they must not
-            # become the answer to the next request sent on this connection (which may have
-            # taken it by now: the response's end released it to the pool).
+            # become the answer to the next request sent on this connection (which would take
+            # it as soon as the response's end is reported): the connection closes instead.
             raise InvalidResponse("bytes after the end of a response")
         self.head = ResponseHead()
         self._connection_values = []
@@ -296,6 +339,12 @@ class UpstreamConnection(asyncio.Protocol):
             if head.chunked or value.strip().lower() != b"chunked":
                 raise InvalidResponse(f"unsupported Transfer-Encoding {value[:40]!r}")
             head.chunked = True
+            if not self._v11 and self.parser.get_http_version() != "1.1":
+                # RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message means its framing is
+                # faulty: the message is still read (as chunked), but the connection must
+                # close after it. Said as a "close" token, the one keep-alive decision weighs
+                # it (and no per-response test is added for a case this rare).
+                self._connection_values.append(b"close")
         elif kind == _R_CONNECTION:
             self._connection_values.append(value)
         elif kind == _R_UPGRADE:
@@ -305,14 +354,19 @@ class UpstreamConnection(asyncio.Protocol):
         head = self.head
         assert head is not None
         status = self.parser.get_status_code()
-        if status == 101 and not self.upgrade:
-            # a tunnel the client did not ask for would desynchronise its connection
-            raise InvalidResponse("101 Switching Protocols without an upgrade request")
+        if status < 200 or status > 599:  # (one test for the usual statuses)
+            if status < 100 or status > 599:
+                # RFC 9110 §15: a status code is 100-599. llhttp takes any 3 digits ("099",
+                # "000", "999"), which the client would get as an invalid status line.
+                raise InvalidResponse(f"status code {status} outside 100-599")
+            if status != 101:
+                self.head = None  # interim response: wait for the final one
+                return
+            if not self.upgrade:
+                # a tunnel the client did not ask for would desynchronise its connection
+                raise InvalidResponse("101 Switching Protocols without an upgrade request")
         head.status = status
         head.version = "1.1" if self._v11 else self.parser.get_http_version()
-        if 100 <= status < 200 and status != 101:
-            self.head = None  # interim response: wait for the final one
-            return
         keep_alive = head.version == "1.1"
         values = self._connection_values
         if values and len(values) == 1 and values[0].lower() == b"keep-alive":
@@ -337,36 +391,36 @@ class UpstreamConnection(asyncio.Protocol):
         if listener is not None:
             listener.on_response_head(head)
         if self.head_only and status != 101:
-            # httptools cannot be told that a HEAD response has no body: finish it here and
-            # give the next response a fresh parser.
-            self._skip_rest = True
+            # httptools cannot be told that a HEAD response has no body: the response ends
+            # here, and the next one gets a fresh parser. The old one goes on parsing this
+            # read: a "body" it finds there is not one (on_body).
             self.parser = httptools.HttpResponseParser(self)
-            self._finish()
+            self._ended_in_read = True
 
     def on_body(self, body: bytes) -> None:
-        if self._skip_rest:
-            # Bytes after a HEAD response: the framing is not what we think. The connection
-            # was already released to the pool, so "not reusable" came too late (it could be
-            # reused with the rest of this body read as the next response): close it.
-            self.close()
-            return
+        if self._ended_in_read:
+            # Bytes after a HEAD response, in the read its head came in: the framing is not
+            # what we think. They must reach no client, and the connection no next request.
+            raise InvalidResponse("body bytes after a response that has none")
         listener = self.listener
         if listener is not None:
             listener.on_response_body(body)
 
     def on_message_complete(self) -> None:
-        if self._skip_rest:
-            return
-        if self.head is None:  # end of an interim 1xx response
-            return
-        if self.head.status == 101:
-            return
-        self._finish()
-
-    def _finish(self) -> None:
-        self._ended_in_read = True
         head = self.head
-        self.reusable = bool(head and head.keep_alive and self.request_sent) and not self.closed
+        if head is None:  # end of an interim 1xx response
+            return
+        if head.status == 101:
+            return
+        self._ended_in_read = True  # reported at the end of the read (data_received)
+
+    def _finish(self, clean: bool) -> None:
+        """The response ended: the exchange is done with the connection, which may be reused
+        if it was `clean` (nothing unasked for came after), kept alive and the request sent."""
+        head = self.head
+        self.reusable = (
+            clean and bool(head and head.keep_alive and self.request_sent) and not self.closed
+        )
         self._deadline = 0.0
         listener, self.listener = self.listener, None
         if listener is not None:
@@ -391,7 +445,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = False
         self.request_sent = False
         self.reusable = False
-        self._skip_rest = False
         self.requests += 1
         self._timeout = response_timeout
         self._set_deadline(response_timeout, now)
