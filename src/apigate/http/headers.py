@@ -121,6 +121,49 @@ def valid_request_id(value: bytes) -> bool:
     return _REQUEST_ID_OK.match(value) is not None
 
 
+# A Host field value: uri-host [":" port] (RFC 9110 §7.2, RFC 3986 §3.2.2-3.2.3). uri-host is an
+# IP-literal ("[" IPv6address or IPvFuture "]") or a reg-name (an IPv4 address is one, as the
+# grammar goes); port is up to 65535, possibly empty after the colon. Percent-encoding may only
+# spell UTF-8 octets of a name (RFC 3986 §3.2.2), so an encoded control byte ("%00") is refused.
+# The brackets' content is checked for hex digits, ":" and "." here and as an IPv6 address in
+# valid_host: a few requests carry one, and the full IPv6 grammar as a regex is unreadable.
+# (runs of name characters between the %XX: an alternation per character was twice as slow)
+_NAME_CHARS: Final = rb"[A-Za-z0-9\-._~!$&'()*+,;=]*"
+_PCT_NOT_CONTROL: Final = rb"%(?:[2-6][0-9A-Fa-f]|7[0-9A-Ea-e]|[89A-Fa-f][0-9A-Fa-f])"
+_REG_NAME: Final = _NAME_CHARS + rb"(?:" + _PCT_NOT_CONTROL + _NAME_CHARS + rb")*"
+_PORT: Final = (
+    rb"(?:[0-9]{0,4}|[0-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+)
+_HOST_OK: Final = re.compile(
+    rb"(?:\[(?:([0-9A-Fa-f:.]+)|v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+)\]|"
+    + _REG_NAME
+    + rb")(?::"
+    + _PORT
+    + rb")?"
+)
+
+
+def valid_host(value: bytes) -> bool:
+    """Whether a Host field value is uri-host [":" port]: RFC 9112 §3.2 wants a 400 for any
+    other, and the value is routed on and forwarded (X-Forwarded-Host, Forwarded).
+
+    Cost: one precompiled fullmatch, ~0.7 µs (about twice the byte-set check it replaced);
+    the connection calls it only when a request's Host differs from the previous one's, so a
+    keep-alive client pays it once.
+    """
+    match = _HOST_OK.fullmatch(value)
+    if match is None:
+        return False
+    ipv6 = match.group(1)
+    if ipv6 is None:
+        return True
+    try:
+        ipaddress.IPv6Address(ipv6.decode("ascii"))
+    except ValueError:
+        return False
+    return True
+
+
 class RequestIds:
     """Unique, cheap request ids: a random per-process prefix plus a counter.
 

@@ -46,6 +46,7 @@ from apigate.http.headers import (
     by_spelling,
     connection_tokens,
     forwarding_lines,
+    valid_host,
     valid_request_id,
 )
 from apigate.http.request import Request
@@ -135,12 +136,8 @@ _QUESTION_MARK: Final = ord("?")
 _V11_LINE_END: Final = b" HTTP/1.1\r\n"  # how a request line of that version ends
 _PAUSE_BUFFER: Final = 64 * 1024  # buffered request body bytes before we stop reading the client
 _LINGER_SECONDS: Final = 2.0  # how long a refused client's further input is read and discarded
-
-# What may appear in a Host header: uri-host [":" port] (RFC 9110 §7.2, RFC 3986 §3.2.2).
-# Anything else (spaces, "@", "/", "\\", quotes) is refused: Host is routed on and forwarded.
-_HOST_CHARS: Final = (
-    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%!$&'()*+,;=:[]"
-)
+# slack over max_header_bytes for the framing that shares the trailer's reads ("0\r\n", CRLFs)
+_TRAILER_SLACK: Final = 1024
 
 
 class EdgeLimits:
@@ -185,10 +182,7 @@ class ClientConnection(asyncio.Protocol):
         self.request_ids = host.request_ids
         self._new_exchange = host.new_exchange
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
-        # Let any "HTTP/d.d" through llhttp so that parser_headers_done answers every version
-        # but 1.0/1.1 with 505 (strict llhttp says 400 to HTTP/1.2 but accepts HTTP/2.0).
-        self.parser.set_dangerous_leniencies(lenient_version=True)
+        self.parser = _request_parser(self)
         self.phase = Phase.IDLE
         self.client_ip = ""
         self.client_port = 0
@@ -198,7 +192,9 @@ class ClientConnection(asyncio.Protocol):
         self._parsing: Exchange | None = None  # the exchange whose request is being read
         self._req: Request | None = None
         self._url = b""
+        # bytes of whole reads that ended inside a section httptools buffers (see _bound_unread)
         self._head_bytes = 0
+        self._header_bytes = 0  # field lines of the message being read (head and trailer)
         self._feeding = 0  # size of the read being parsed (see on_message_begin)
         # The request line of the message this read begins with ends in " HTTP/1.1" (see
         # data_received), and the same for the message being parsed: its version is known
@@ -210,6 +206,9 @@ class ClientConnection(asyncio.Protocol):
         self._header_count = 0
         self._host_count = 0
         self._body_bytes = 0
+        # the request being read asks for an upgrade and has a body, which llhttp skips: it is
+        # forwarded as a plain request, and the body read by _parse_after_upgrade
+        self._upgrade_body = False
         self._max_body = 0
         self._te_values: list[bytes] = []
         self._connection_values: list[bytes] = []
@@ -282,29 +281,12 @@ class ClientConnection(asyncio.Protocol):
             eol = data.find(b"\n")
             self._read_starts_v11 = eol >= 10 and data.startswith(_V11_LINE_END, eol - 10)
         try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upg:
-            self._start_tunnel_buffer(data[upg.args[0] :])
-        # (a name per clause: compiled by mypyc, a name keeps the type of its first binding)
-        except httptools.HttpParserCallbackError as callback_error:
-            cause = callback_error.__context__
-            if isinstance(cause, GatewayError):
-                self._reject(cause)
-            elif cause is not None and not isinstance(cause, _Stop):
-                raise cause from None
-        except httptools.HttpParserError as parse_error:
-            self._reject(GatewayError(400, f"malformed request: {_parser_reason(parse_error)}"))
-        else:
-            if self.phase == Phase.HEAD:
-                # Backstop against a client that never finishes a header line: httptools
-                # accumulates a partial header in memory, so bound the reads that end with the
-                # head still incomplete. Only whole reads after the one where the message began
-                # count (see on_message_begin), so a body that shares a read with its head is
-                # never mistaken for header bytes (it was, and a 100 KB POST got a 431).
-                self._head_bytes += len(data)
-                limit = self.limits.max_header_bytes + self.limits.max_url_bytes + 1024
-                if self._head_bytes > limit:
-                    self._reject(GatewayError(431, "request header section too large"))
+            upgrade_at = self._feed(data)
+            if upgrade_at >= 0:
+                # (not in _feed's handler: what a callback raises there gets the
+                # HttpParserUpgrade as its __context__, where _callback_failed looks for the
+                # GatewayError)
+                self._parse_after_upgrade(data[upgrade_at:])
         finally:
             self._feeding = 0
             self._read_starts_v11 = False
@@ -312,6 +294,56 @@ class ClientConnection(asyncio.Protocol):
             callbacks, self._after_read = self._after_read, []
             for callback in callbacks:
                 callback()
+
+    def _feed(self, data: bytes) -> int:
+        """Parse `data`; where in it an upgrade request's head ended, else -1. A malformed
+        request or one over a limit is refused (_reject)."""
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upg:
+            offset: int = upg.args[0]
+            return offset
+        # (a name per clause: compiled by mypyc, a name keeps the type of its first binding)
+        except httptools.HttpParserCallbackError as callback_error:
+            self._callback_failed(callback_error)
+        except httptools.HttpParserError as parse_error:
+            self._parse_failed(parse_error)
+        else:
+            # a head, or a body (chunk framing, trailer), is still being read
+            if self.phase == Phase.HEAD or self._parsing is not None:
+                self._bound_unread(len(data))
+        return -1
+
+    def _callback_failed(self, error: httptools.HttpParserCallbackError) -> None:
+        cause = error.__context__
+        if isinstance(cause, GatewayError):
+            self._reject(cause)
+        elif cause is not None and not isinstance(cause, _Stop):
+            raise cause from None
+
+    def _parse_failed(self, error: httptools.HttpParserError) -> None:
+        self._reject(GatewayError(400, f"malformed request: {_parser_reason(error)}"))
+
+    def _bound_unread(self, size: int) -> None:
+        """Backstop against a field line that never ends: httptools accumulates a partial
+        header or trailer line in memory, and calls on_header only once it is whole.
+
+        So bound the whole reads that end inside the head, or inside a body without carrying
+        any of its bytes (chunk framing and the trailer section, RFC 9112 §7.1.2: a trailer
+        line grew memory without limit). The read a message began in, the one its head ended
+        in and any read that carried body bytes count as 0 (on_message_begin,
+        on_headers_complete and on_body set the count to minus its size), so a body sharing a
+        read with its head is never mistaken for header bytes (it was, and a 100 KB POST got
+        a 431). A Content-Length body always carries bytes, so it never adds up.
+        """
+        self._head_bytes += size
+        if self.phase == Phase.HEAD:
+            limit = self.limits.max_header_bytes + self.limits.max_url_bytes + 1024
+            if self._head_bytes > limit:
+                self._reject(GatewayError(431, "request header section too large"))
+        elif self._head_bytes > self.limits.max_header_bytes + _TRAILER_SLACK:
+            # (431 while nothing of the response went out, else _reject closes the connection)
+            self._reject(GatewayError(431, "request trailer section too large"))
 
     def after_read(self, callback: Callable[[], None]) -> bool:
         """Run `callback` once the read being parsed is fully parsed; False if none is.
@@ -366,6 +398,7 @@ class ClientConnection(asyncio.Protocol):
         self._req = req
         self._url = b""
         self._header_count = 0
+        self._header_bytes = 0
         self._host_count = 0
         self._body_bytes = 0
         self._max_body = self.limits.max_body_bytes
@@ -386,10 +419,16 @@ class ClientConnection(asyncio.Protocol):
         if self.phase != Phase.HEAD:  # a trailer field after a chunked body: not forwarded
             # (on_headers_complete leaves HEAD even for a queued request, so a pipelined
             # request's trailers cannot become its headers, as they once did)
+            self._on_trailer(name, value)
             return
         self._header_count += 1
         if self._header_count > self.limits.max_headers:
             raise GatewayError(431, "too many request header fields")
+        # Every field line counts, whatever becomes of it: Host, the trace context and the
+        # hop-by-hop fields were once left out, and a 20 KB Host went upstream twice (in
+        # X-Forwarded-Host and Forwarded) past a 2 KiB limit. (A sum here, checked once in
+        # parser_headers_done, replaced a generator over the kept fields there.)
+        self._header_bytes += len(name) + len(value) + 4  # ": " and CRLF
         if value and (value[-1] == 32 or value[-1] == 9):
             # llhttp keeps trailing whitespace, which is not part of a field value (RFC 9110
             # §5.5): "Host: a.example " was refused as an invalid Host
@@ -403,7 +442,7 @@ class ClientConnection(asyncio.Protocol):
         if kind == _H_HOST:
             self._host_count += 1
             if value != self._host_field:  # (a keep-alive client repeats the one it sent)
-                if value.translate(None, _HOST_CHARS):  # a byte outside uri-host [":" port]
+                if not valid_host(value):  # not uri-host [":" port]: RFC 9112 §3.2 says 400
                     raise GatewayError(400, "invalid Host header")
                 self._host_field = value
                 self._host = value.decode("latin-1").lower()
@@ -440,10 +479,21 @@ class ClientConnection(asyncio.Protocol):
         elif self.trusted_peer and name.lower() in _FORWARDING_KEPT_IF_TRUSTED:
             self._forwarding_kept.append((name, value))
 
+    def _on_trailer(self, name: bytes, value: bytes) -> None:
+        """A trailer field is dropped, but it counts against the same limits as the head's
+        fields (the message's field lines together): a client must not be able to send in a
+        trailer section what the head may not carry. (A partial line: see _bound_unread.)"""
+        self._header_count += 1
+        if self._header_count > self.limits.max_headers:
+            raise GatewayError(431, "too many request header fields")
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self.limits.max_header_bytes:
+            raise GatewayError(431, "request trailer section too large")
+
     def on_headers_complete(self) -> None:
         req = self._req
         assert req is not None
-        self._head_bytes = 0
+        self._head_bytes = -self._feeding  # (the head's last read is no trailer: _bound_unread)
         self.parser_headers_done(req)
         # The head is read: leave HEAD now, whatever happens to the exchange. A queued request
         # used to stay in HEAD, so its trailers were taken as headers and the header timeout
@@ -486,8 +536,7 @@ class ClientConnection(asyncio.Protocol):
         # the constant, not a new str per request: its hash is cached for every dict the
         # method is looked up in later (routing, metrics)
         req.method = "GET" if raw_method == b"GET" else raw_method.decode("ascii")
-        header_bytes = len(self._url) + sum(len(n) + len(v) + 4 for n, v in req.headers)
-        if header_bytes > self.limits.max_header_bytes:
+        if len(self._url) + self._header_bytes > self.limits.max_header_bytes:
             raise GatewayError(431, "request header section too large")
         if req.method == "CONNECT":
             raise GatewayError(405, "CONNECT is not supported", headers=())
@@ -509,8 +558,17 @@ class ClientConnection(asyncio.Protocol):
                 keep_alive = False
             elif b"keep-alive" in tokens:
                 keep_alive = True
-            if req.upgrade is not None and b"upgrade" not in tokens:
-                req.upgrade = None
+            if req.upgrade is not None:
+                if b"upgrade" not in tokens:
+                    req.upgrade = None
+                elif req.has_body:
+                    # An upgrade request with a body (curl --http2 -d sends one): llhttp skips
+                    # the body of any upgrade request, the upstream was sent a Content-Length
+                    # it never received, and the client waited for a 504. RFC 9110 §7.8 lets a
+                    # server ignore Upgrade, so it goes as a plain request (nginx does the same
+                    # to h2c), and _parse_after_upgrade reads the body llhttp skipped.
+                    req.upgrade = None
+                    self._upgrade_body = True
             named = tokens - {b"close", b"keep-alive", b"upgrade"}
             if named:  # headers the client marked hop-by-hop for this connection
                 req.headers = [(n, v) for n, v in req.headers if n.lower() not in named]
@@ -573,6 +631,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
+        self._head_bytes = -self._feeding  # a read with body bytes is no trailer (_bound_unread)
         ex = self._parsing
         if self._body_bytes > self._max_body and (ex is None or ex is self.current):
             # A queued exchange's route, and so its limit, is not known yet: what it buffers
@@ -590,6 +649,13 @@ class ClientConnection(asyncio.Protocol):
         if ex is None:
             return
         if ex.request.has_body:
+            if self._upgrade_body:
+                self._upgrade_body = False
+                if self.parser.should_upgrade():
+                    # llhttp "completes" an upgrade request at its head, having skipped its
+                    # body: the body is still to be read (see _parse_after_upgrade)
+                    self._parsing = ex
+                    return
             if self.phase == Phase.BODY:
                 self.phase = Phase.WAIT
                 self._deadline = 0.0
@@ -757,6 +823,26 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.resume_reading()
 
     # ------------------------------------------------------------------ upgrades (WebSocket)
+    def _parse_after_upgrade(self, rest: bytes) -> None:
+        """llhttp stopped after the head of an upgrade request; `rest` is what followed it.
+
+        Without a body that is the start of the tunnel. With one, llhttp skipped the body (on
+        any upgrade request: httptools tells it to) and on_message_complete kept the request
+        open: a new parser reads it, primed with a head that frames the body the same way
+        (_BodyAfterUpgrade drops that head's callbacks), then every later request. Looped, not
+        recursive: one read may hold many such requests.
+        """
+        while self._parsing is not None and self.phase != Phase.CLOSED:
+            parser = _request_parser(_BodyAfterUpgrade(self))
+            parser.feed_data(_body_framing_head(self._parsing.request))
+            self.parser = parser
+            upgrade_at = self._feed(rest)
+            if upgrade_at < 0:
+                return
+            rest = rest[upgrade_at:]
+        if self.phase != Phase.CLOSED:
+            self._start_tunnel_buffer(rest)
+
     def _start_tunnel_buffer(self, extra: bytes) -> None:
         """llhttp stopped at an Upgrade request: bytes after the head belong to the tunnel."""
         ex = self._parsing or self.current
@@ -813,6 +899,64 @@ class ClientConnection(asyncio.Protocol):
             f"<ClientConnection {self.client_ip}:{self.client_port} {self.phase.name} "
             f"served={self.requests_served} queued={len(self._queue)}>"
         )
+
+
+def _request_parser(protocol: object) -> httptools.HttpRequestParser:
+    parser = httptools.HttpRequestParser(protocol)
+    # Let any "HTTP/d.d" through llhttp so that parser_headers_done answers every version
+    # but 1.0/1.1 with 505 (strict llhttp says 400 to HTTP/1.2 but accepts HTTP/2.0).
+    parser.set_dangerous_leniencies(lenient_version=True)
+    return parser
+
+
+def _body_framing_head(req: Request) -> bytes:
+    """A request head that frames a body as `req`'s head did, for a parser to read it with."""
+    if req.chunked:
+        framing = b"Transfer-Encoding: chunked"
+    else:
+        framing = b"Content-Length: %d" % (req.content_length or 0)
+    persistence = b"keep-alive" if req.keep_alive else b"close"  # (what may follow it)
+    return b"POST / HTTP/%s\r\n%s\r\nConnection: %s\r\n\r\n" % (
+        req.version.encode("ascii"),
+        framing,
+        persistence,
+    )
+
+
+class _BodyAfterUpgrade:
+    """The callbacks of a parser that takes over after llhttp skipped an upgrade request's
+    body (ClientConnection._parse_after_upgrade). Its first message is a made-up head followed
+    by the real body: that head's callbacks are dropped, and the rest, the body, its trailer
+    and every later request, go to the connection. Only such a connection pays the extra call
+    per callback; httptools binds a protocol's callbacks once, when the parser is made."""
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self._conn = conn
+        self._in_made_up_head = True
+
+    def on_message_begin(self) -> None:
+        if not self._in_made_up_head:
+            self._conn.on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if not self._in_made_up_head:
+            self._conn.on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_made_up_head:
+            self._conn.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self._in_made_up_head:
+            self._in_made_up_head = False
+        else:
+            self._conn.on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self._conn.on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._conn.on_message_complete()
 
 
 class _URLParts(Protocol):
