@@ -108,7 +108,7 @@ class AdminApi:
                     503,
                     "store_unavailable",
                     f"the store did not confirm the change, so it is not in force here: {exc}",
-                    {"Retry-After": "1"},  # an emptied Redis is restored within about a second
+                    {"Retry-After": "1"},  # Redis unreachable: no better guess than soon
                 ) from None
         if allowed:
             raise AdminError(

@@ -394,6 +394,9 @@ def parse_config(data: Any, source: str = "<config>") -> GatewayConfig:
     """
     if not isinstance(data, dict):
         raise ConfigError(_not_a_mapping(data), source)
+    too_deep = _too_deep(data)  # (a file's tree was measured as it was read: _read_yaml)
+    if too_deep is not None:
+        raise ConfigError(_too_deep_message(too_deep), source)
     return _validate(data, source, _Origins())
 
 
@@ -406,11 +409,6 @@ def dump_config(config: GatewayConfig) -> dict[str, Any]:
 
 
 def _validate(data: dict[str, Any], source: str, origins: _Origins) -> GatewayConfig:
-    too_deep = _too_deep(data)
-    if too_deep is not None:
-        shown_as, loc = origins.locate(too_deep)
-        line = _too_deep_message(loc)
-        raise ConfigError(f"{shown_as}: {line}" if shown_as else line, source)
     try:
         return GatewayConfig.model_validate(data)
     except ValidationError as exc:
