@@ -334,6 +334,23 @@ async def test_websocket_upgrade_tunnels_both_ways(env: Env) -> None:
     assert got.header("sec-websocket-version") == "13"
 
 
+async def test_websocket_upgrade_pipelined_behind_a_request(env: Env) -> None:
+    """The upgrade waits for the GET before it; the bytes sent after its head, in the same
+    read, are the tunnel's and reach the upstream once it has switched."""
+    async with RawClient(env.port) as c:
+        await c.send(
+            GET % b"/echo" + b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\n\r\nearly"
+        )
+        assert (await c.response()).status == 200
+        assert (await c.response()).status == 101
+        assert await c.read_exact(5) == b"early"
+        await c.send(b"later")
+        assert await c.read_exact(5) == b"later"
+    echo, ws = env.up.received
+    assert b"early" not in echo.raw and ws.header("upgrade") == "websocket"
+
+
 async def test_upgrade_refused_by_the_upstream_closes_the_connection(env: Env) -> None:
     async with RawClient(env.port) as c:
         await c.send(

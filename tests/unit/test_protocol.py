@@ -612,11 +612,11 @@ def test_write_backpressure_is_passed_to_the_exchange(h: Harness) -> None:
 
 
 # ------------------------------------------------------------------ upgrades
+WS_UPGRADE = b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+
+
 def test_upgrade_switches_to_a_tunnel(h: Harness) -> None:
-    h.feed(
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
-        b"early-bytes"
-    )
+    h.feed(WS_UPGRADE + b"early-bytes")
     (ex,) = h.exchanges
     assert ex.request.upgrade == b"websocket"
     assert ex.events == ["start"] and ex.tunnel == b"early-bytes"
@@ -624,6 +624,28 @@ def test_upgrade_switches_to_a_tunnel(h: Harness) -> None:
     assert ex.tunnel == b"early-bytesGET / HTTP/1.1\r\n\r\n"
     assert h.conn.eof_received() is True
     assert ex.events == ["start", "tunnel_eof"]
+
+
+def test_upgrade_pipelined_behind_a_request_tunnels_its_own_bytes(h: Harness) -> None:
+    """The tunnel belongs to the upgrade request, which waits behind the one before it: its
+    early bytes, and what follows, must not reach the earlier request's exchange."""
+    h.feed(GET + WS_UPGRADE + b"early-bytes")
+    first, ws = h.exchanges
+    assert first.events == ["start"] and ws.events == []
+    assert first.tunnel == b"" and ws.tunnel == b"early-bytes"
+    h.feed(b"more")
+    assert first.tunnel == b"" and ws.tunnel == b"early-bytesmore"
+    first.answer()
+    assert ws.events == ["start"]
+    assert h.conn.eof_received() is True
+    assert ws.events == ["start", "tunnel_eof"] and "tunnel_eof" not in first.events
+
+
+def test_client_lost_with_a_queued_tunnel_reaches_each_exchange_once(h: Harness) -> None:
+    h.feed(GET + WS_UPGRADE)
+    first, ws = h.exchanges
+    h.conn.connection_lost(None)
+    assert first.events == ["start", "client_lost"] and ws.events == ["client_lost"]
 
 
 # ------------------------------------------------------------------ timeouts

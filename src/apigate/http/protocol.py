@@ -264,8 +264,9 @@ class ClientConnection(asyncio.Protocol):
             self._linger = None
         if self.current is not None:
             self.current.client_lost()
-        if self.tunnel is not None and self.tunnel is not self.current:
-            self.tunnel.client_lost()
+        tunnel = self.tunnel
+        if tunnel is not None and tunnel is not self.current and tunnel not in self._queue:
+            tunnel.client_lost()
         for ex in self._queue:
             ex.client_lost()
         self._queue.clear()
@@ -844,8 +845,12 @@ class ClientConnection(asyncio.Protocol):
             self._start_tunnel_buffer(rest)
 
     def _start_tunnel_buffer(self, extra: bytes) -> None:
-        """llhttp stopped at an Upgrade request: bytes after the head belong to the tunnel."""
-        ex = self._parsing or self.current
+        """llhttp stopped at an Upgrade request: bytes after the head belong to the tunnel.
+
+        The upgrade request is the last one parsed: still being read, or waiting behind
+        earlier pipelined requests (the queue's tail), or begun.
+        """
+        ex = self._parsing or (self._queue[-1] if self._queue else self.current)
         self._parsing = None
         if ex is None:
             self.close()
