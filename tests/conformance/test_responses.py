@@ -83,16 +83,29 @@ async def test_unproxyable_response_is_502(env: Env, raw: bytes) -> None:
     assert good.connection != bad.connection, "the bad connection must not be reused"
 
 
-async def test_interim_responses_are_not_forwarded(env: Env) -> None:
+async def test_interim_responses_are_forwarded_except_100(env: Env) -> None:
+    """RFC 9110 §15.2: a proxy forwards 1xx responses. A 100 answers an Expect, which the
+    gateway handles itself (and never forwards): an upstream's own 100 is dropped."""
     env.up.state.canned["/hints"] = (
-        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n"
+        b"Connection: X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n\r\n"
         b"HTTP/1.1 100 Continue\r\n\r\n"
+        b"HTTP/1.1 102 Processing\r\n\r\n"
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
     )
     async with RawClient(env.port) as c:
         await c.send(b"GET /hints HTTP/1.1\r\nHost: x\r\n\r\n")
-        resp = await c.response(interim=True)
-        assert (resp.status, resp.body) == (200, b"ok")
+        hints = await c.response(interim=True)
+        assert (hints.status, hints.reason) == (103, "Early Hints")
+        assert hints.header("link") == "</a.css>; rel=preload"
+        assert hints.header("x-hop") is None and hints.header("keep-alive") is None
+        assert hints.header("connection") is None
+        assert (await c.response(interim=True)).status == 102
+        final = await c.response(interim=True)
+        assert (final.status, final.body) == (200, b"ok")
+        await c.send(b"GET /hints HTTP/1.0\r\n\r\n")  # a 1.0 client cannot take a 1xx
+        final = await c.response(interim=True)
+        assert (final.status, final.body) == (200, b"ok")
 
 
 async def test_http10_upstream_response_is_sent_as_http11(env: Env) -> None:

@@ -47,12 +47,16 @@ class Listener(UpstreamListener):
 
     def __init__(self) -> None:
         self.heads: list[ResponseHead] = []
+        self.interim: list[ResponseHead] = []
         self.body = b""
         self.done = 0
         self.lost: list[Exception | None] = []
 
     def on_response_head(self, head: ResponseHead) -> None:
         self.heads.append(head)
+
+    def on_interim_head(self, head: ResponseHead) -> None:
+        self.interim.append(head)
 
     def on_response_body(self, chunk: bytes) -> None:
         self.body += chunk
@@ -180,6 +184,31 @@ async def test_interim_response_in_one_read_and_final_head_split_over_two() -> N
     )
     [head] = listener.heads
     assert (head.status, head.header("x-a"), listener.body) == (200, "b", b"ok")
+    [hints] = listener.interim
+    assert (hints.status, hints.headers) == (103, [(b"Link", b"</a>")])
+
+
+INTERIM = (
+    b"HTTP/1.1 100 Continue\r\n\r\n"
+    b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\nConnection: X-Hop\r\nX-Hop: 1\r\n"
+    b"Keep-Alive: timeout=5\r\n\r\n"
+    b"HTTP/1.1 102 Processing\r\n\r\n"
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+)
+
+
+@pytest.mark.parametrize("step", [len(INTERIM), 1, 13])
+async def test_interim_responses_but_100_reach_the_listener_filtered(step: int) -> None:
+    conn, _ = connection()
+    reads = [INTERIM[i : i + step] for i in range(0, len(INTERIM), step)]
+    listener = exchange(conn, *reads)
+    assert [(h.status, h.reason, h.headers) for h in listener.interim] == [
+        (103, b"Early Hints", [(b"Link", b"</a>")]),
+        (102, b"Processing", []),
+    ]
+    [head] = listener.heads
+    assert (head.status, listener.body, listener.done) == (200, b"ok", 1)
+    assert conn.reusable
 
 
 async def test_no_date_from_the_upstream_gets_the_gateways() -> None:

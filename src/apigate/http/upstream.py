@@ -5,7 +5,9 @@ responses with httptools and hands the exchange a filtered head and the decoded 
 connection may go back to the pool is decided here, from what the response actually did: a
 response that ended cleanly, said nothing against keep-alive, and whose request was fully sent.
 
-Interim 1xx responses (100, 103) are swallowed; 101 switches the connection to a byte tunnel.
+Interim 1xx responses (102, 103) are handed to the exchange, which forwards them (RFC 9110
+§15.2); a 100 is dropped (the gateway answers Expect itself and never forwards it); 101 switches
+the connection to a byte tunnel.
 A HEAD response's body length cannot be told to httptools (it has no "skip body" hook), so after
 one we start a fresh parser for the next response instead of trusting the old one's state.
 
@@ -84,6 +86,10 @@ class UpstreamListener:
     def on_response_done(self) -> None:
         raise NotImplementedError
 
+    def on_interim_head(self, head: ResponseHead) -> None:
+        """A 1xx response other than 100 and 101 (its head is filtered like a final one's).
+        Dropped unless a subclass forwards it."""
+
     def on_upstream_lost(self, exc: Exception | None) -> None:
         raise NotImplementedError
 
@@ -121,6 +127,16 @@ _RESPONSE_SPECIAL: Final[dict[bytes, int]] = {
     b"x-request-id": _R_DROP,
 }
 _RESPONSE_SPECIAL_AS_SENT: Final = by_spelling(_RESPONSE_SPECIAL)  # 0: an end-to-end field
+
+
+def _without_named(
+    headers: list[tuple[bytes, bytes]], tokens: set[bytes]
+) -> list[tuple[bytes, bytes]]:
+    """`headers` without the hop-by-hop fields a Connection header named (RFC 9110 §7.6.1)."""
+    named = tokens - {b"close", b"keep-alive", b"upgrade"}
+    if not named:
+        return headers
+    return [(n, v) for n, v in headers if n.lower() not in named]
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -360,6 +376,13 @@ class UpstreamConnection(asyncio.Protocol):
                 # "000", "999"), which the client would get as an invalid status line.
                 raise InvalidResponse(f"status code {status} outside 100-599")
             if status != 101:
+                listener = self.listener
+                if status != 100 and listener is not None:
+                    head.status = status
+                    if self._connection_values:
+                        tokens = connection_tokens(self._connection_values)
+                        head.headers = _without_named(head.headers, tokens)
+                    listener.on_interim_head(head)
                 self.head = None  # interim response: wait for the final one
                 return
             if not self.upgrade:
@@ -377,9 +400,7 @@ class UpstreamConnection(asyncio.Protocol):
                 keep_alive = False
             elif b"keep-alive" in tokens:
                 keep_alive = True
-            named = tokens - {b"close", b"keep-alive", b"upgrade"}
-            if named:
-                head.headers = [(n, v) for n, v in head.headers if n.lower() not in named]
+            head.headers = _without_named(head.headers, tokens)
         no_body = self.head_only or status in (204, 304) or status == 101
         if not no_body and head.content_length is None and not head.chunked:
             head.until_eof = True

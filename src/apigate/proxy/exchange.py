@@ -41,7 +41,7 @@ from apigate.http.upstream import (
 from apigate.observability.trace_context import trace_lines
 from apigate.plugins.base import Response
 from apigate.proxy.body_rewrite import RequestBodyRewrite, ResponseBodyRewrite
-from apigate.proxy.heads import request_head, response_head
+from apigate.proxy.heads import interim_head, request_head, response_head
 from apigate.routing.matcher import NoMatch
 
 if TYPE_CHECKING:
@@ -653,6 +653,13 @@ class ProxyExchange(UpstreamListener):
         )
         if status == 101:
             self.flush_head()
+
+    def on_interim_head(self, head: ResponseHead) -> None:
+        # RFC 9110 §15.2: a proxy forwards 1xx responses (103 Early Hints, 102), but never to
+        # an HTTP/1.0 client, nor once the final head is on its way (after a retry)
+        if self._client_gone or self._head_sent or self.request.version != "1.1":
+            return
+        self.conn.write(interim_head(head))
 
     def flush_head(self) -> None:
         """End of an upstream read: whatever head is still held goes out now."""

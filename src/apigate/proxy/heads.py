@@ -93,3 +93,13 @@ def response_head(
             parts.append(_CONN_KEEP_ALIVE)
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+def interim_head(head: ResponseHead) -> bytes:
+    """A 1xx response forwarded to the client as the upstream sent it, less its hop-by-hop
+    fields (no framing: a 1xx has no body)."""
+    parts = [status_line(head.status, head.reason)]
+    for name, value in head.headers:
+        parts.append(b"%s: %s\r\n" % (name, value))
+    parts.append(b"\r\n")
+    return b"".join(parts)
