@@ -544,6 +544,23 @@ async def test_pooled_client_cuts_what_it_no_longer_needs() -> None:
         assert pool.total == len(pool.idle) == 1  # the slow call's connection was closed
 
 
+async def test_a_part_over_the_size_cap_says_nothing_against_its_instance() -> None:
+    """The cap is the gateway's limit: the instance answered, so passive health does not count
+    a failure (three such parts ejected a healthy instance) nor does the breaker."""
+    async with users_upstream(
+        health={"passive": {"failures": 2}},
+        circuit_breaker={"consecutive_failures": 2, "min_requests": 1000},
+    ) as (_up, service):
+        config = route({"big": {"service": "users", "path": "/big?bytes=100000"}})
+        for _ in range(3):
+            ctx = await answered(Aggregator(config, {"users": service}, max_body=1000))
+            assert ctx.error is not None
+            assert ctx.error.message == "part 'big' failed: response too large"
+        (inst,) = service.instances.values()
+        assert service.balancer.pick(None, []) is inst, "the instance must not be ejected"
+        assert service.breaker is not None and service.breaker.state.value == "closed"
+
+
 async def test_each_part_keeps_its_own_deadline() -> None:
     """One timer serves the parts' deadlines: each part is cut at its own, not at the first
     or the last."""

@@ -741,8 +741,10 @@ class _PartCall(UpstreamListener):
     def on_response_body(self, chunk: bytes) -> None:
         self.size += len(chunk)
         if self.size > self.run.aggregator.max_body:
-            self._lost()
-            self._fail(PartError("response too large"))
+            # our limit, not the instance's fault: it answered, so passive health and the
+            # breaker hear nothing against it (three such parts ejected a healthy instance)
+            self._drop_conn()
+            self._end(True, True, PartError("response too large"))
             return
         self.chunks.append(chunk)
 
