@@ -103,7 +103,8 @@ async def test_metrics_count_known_traffic(tmp_path: Path) -> None:
         assert [await proxy(gw, "GET", "/api/echo") for _ in range(4)] == [200] * 4
         assert [await proxy(gw, "GET", "/api/status/503") for _ in range(2)] == [503] * 2
         assert await proxy(gw, "POST", "/api/echo", b"0123456789") == 200
-        assert await proxy(gw, "GET", "/nowhere") == 404
+        not_found = await raw_request(gw.proxy_port, b"GET /nowhere HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert not_found.startswith(b"HTTP/1.1 404 ")
 
         status, headers, body = await admin(gw, "GET", "/metrics")
         assert status == 200
@@ -120,6 +121,9 @@ async def test_metrics_count_known_traffic(tmp_path: Path) -> None:
         assert got["apigate_upstream_duration_seconds_count"][key(**route)] == 7
         assert got["apigate_request_bytes_total"][key(**route)] == 10
         assert got["apigate_response_bytes_total"][key(**route)] > 0
+        # the gateway's own answers count too: the 404's JSON body
+        no_route = key(route="", service="")
+        assert got["apigate_response_bytes_total"][no_route] == len(not_found.split(b"\r\n\r\n")[1])
 
         instance = f"127.0.0.1:{up.port}"
         assert got["apigate_instance_healthy"] == {key(service="up", instance=instance): 1}

@@ -294,3 +294,35 @@ async def test_max_pending_queues_that_many_then_overflows() -> None:
             queued = await second
             assert queued.status == 200, queued.body
             assert [r.query for r in up.received] == ["ms=400&n=1", "ms=10&n=2"]
+
+
+async def test_the_gateways_own_connection_limit_is_not_a_service_failure() -> None:
+    """503 upstream_overloaded (max_connections reached) says nothing about the service: it
+    must not open the breaker on a healthy upstream (Envoy keeps overflow out of it too)."""
+    breaker = {"failure_rate": "50%", "min_requests": 4, "open_for": "30s"}
+    async with Upstream() as up:
+        config = _config(up.url, breaker, max_connections=1)
+        async with GatewayProcess(config) as gw:
+            replies = await asyncio.gather(*(_get(gw, "/slow?ms=300") for _ in range(6)))
+            codes = sorted(r.json()["error"] for r in replies if r.status == 503)
+            assert codes == ["upstream_overloaded"] * 5, [r.body for r in replies]
+            state = await _breaker(gw)
+            assert state["state"] == "closed", state
+            assert (await _get(gw, "/echo")).status == 200
+
+
+async def test_half_open_probe_that_reached_no_instance_does_not_close_the_breaker() -> None:
+    """Two 500s eject the only instance (passive health) and open the breaker; the probes after
+    open_for find no healthy instance. That is no success: the breaker stays half-open."""
+    breaker = {"consecutive_failures": 2, "min_requests": 1000, "open_for": "300ms"}
+    async with Upstream() as up:
+        config = _config(up.url, breaker, health={"passive": {"failures": 2, "eject_for": "30s"}})
+        async with GatewayProcess(config) as gw:
+            assert [(await _get(gw, "/status/500")).status for _ in range(2)] == [500, 500]
+            assert (await _breaker(gw))["state"] == "open"
+            await asyncio.sleep(0.4)
+            for _ in range(5):  # more than half_open_requests
+                probe = await _get(gw, "/echo")
+                assert probe.status == 503 and probe.json()["error"] == "no_healthy_instance"
+            assert (await _breaker(gw))["state"] == "half_open"
+            assert len(up.received) == 2

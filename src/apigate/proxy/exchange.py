@@ -115,6 +115,9 @@ class ProxyExchange(UpstreamListener):
     _breaker_armed = False  # the breaker let this request through and awaits its outcome
     _breaker_since = 0  # breaker.transitions right after allow(): which period the outcome is for
     _service_failed = False  # an attempt failed (5xx, error), even if a stale answer hid it
+    # the gateway refused before any instance was asked (none healthy, the pool full): nothing
+    # to tell the breaker about the service, in either direction
+    _not_attempted = False
     _replay: list[bytes] | None = None  # the request body as sent, for a retry
     _replay_ok = True  # False once the body outgrew _REPLAY_LIMIT
     _respond_index = -1  # which request hook produced the response (for decoration)
@@ -406,6 +409,7 @@ class ProxyExchange(UpstreamListener):
             if self.tried:
                 self.fail(self._pending_error or GatewayError(502, "every instance failed"))
             else:
+                self._not_attempted = True
                 self.fail(
                     GatewayError(
                         503, f"no healthy instance of service {service.name}", "no_healthy_instance"
@@ -427,6 +431,8 @@ class ProxyExchange(UpstreamListener):
         try:
             up = await pool.connect(timeouts.connect)
         except PoolFull:
+            # the gateway's own limit (max_connections), not a sign of the service's health
+            self._not_attempted = True
             self.fail(
                 GatewayError(
                     503, f"service {service.name}: connection limit reached", "upstream_overloaded"
@@ -821,7 +827,7 @@ class ProxyExchange(UpstreamListener):
                     hook(self, head)
                 response_headers = head.headers
         headers = [*response_headers, (b"X-Request-Id", req.request_id.encode())]
-        self.bytes_sent = len(response.body)
+        self.bytes_sent = 0 if req.method == "HEAD" else len(response.body)
         self.conn.write(
             render_response(
                 response.status,
@@ -837,7 +843,12 @@ class ProxyExchange(UpstreamListener):
     def fail(self, err: GatewayError) -> None:
         if self._client_gone or self._finished:
             return
-        if err.status >= 500 and self.instance is not None and err.code != "plugin_error":
+        if (
+            err.status >= 500
+            and self.instance is not None
+            and err.code != "plugin_error"
+            and not self._not_attempted
+        ):
             self._service_failed = True  # before a stale answer can hide it
         if self._head_sent:
             self.error = err.message
@@ -857,9 +868,11 @@ class ProxyExchange(UpstreamListener):
         self.status = err.status
         self.error = err.message
         keep_alive = req.keep_alive and self._body_done and not self.conn.host.draining
-        self.conn.write(
-            render_error(err, req.request_id, keep_alive=keep_alive, head_only=req.method == "HEAD")
+        out = render_error(
+            err, req.request_id, keep_alive=keep_alive, head_only=req.method == "HEAD"
         )
+        self.bytes_sent = len(out) - out.index(b"\r\n\r\n") - 4  # the body, as for a proxied one
+        self.conn.write(out)
         self._complete(keep_alive)
 
     # ================================================================== bookkeeping
@@ -885,9 +898,9 @@ class ProxyExchange(UpstreamListener):
             breaker = self.service.breaker
             if self._service_failed:
                 breaker.record(False, since=self._breaker_since)
-            elif self._client_gone and not self._head_sent:
-                # the client left before the service answered: no outcome to count, but a
-                # half-open probe slot to give back
+            elif self._not_attempted or (self._client_gone and not self._head_sent):
+                # the client left before the service answered, or no instance was asked: no
+                # outcome to count, but a half-open probe slot to give back
                 breaker.release(since=self._breaker_since)
             else:
                 breaker.record(True, since=self._breaker_since)
