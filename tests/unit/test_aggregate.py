@@ -400,13 +400,19 @@ def test_aggregator_repr_names_its_parts() -> None:
         b"\x0c{}",  # form feed: Python whitespace, not JSON's
         b"{}\x0b",
         b" 12 ",
+        b'{"x":Infinity}',
+        b"[-Infinity]",
+        b"1e400",  # valid JSON (spliced in as it is)
     ],
 )
 def test_part_bodies_are_validated_as_json_loads_would(body: bytes) -> None:
+    """As json.loads would, less its NaN/Infinity extension (not JSON: the merged document
+    would not be either)."""
+    from apigate.plugins.transform import refuse_json_constant
     from apigate.proxy.aggregate import PartError, _json_bytes
 
     try:
-        json.loads(body.decode("utf-8"))
+        json.loads(body.decode("utf-8"), parse_constant=refuse_json_constant)
         valid = True
     except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         valid = False

@@ -266,11 +266,22 @@ def test_non_json_bodies_pass_through() -> None:
     assert not plugin.wants_response_body(Ctx("HEAD"), make_head(list(JSON_HEAD)))
 
 
-def test_invalid_json_passes_through_and_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b'{"x":NaN}',  # Python's json extensions are not JSON: they were written back
+        b'{"x":[Infinity,-Infinity]}',
+        b'{"x":1e400}',  # valid, but a float overflows: it came back as Infinity
+    ],
+)
+def test_json_that_cannot_be_edited_faithfully_passes_through_and_is_logged(
+    caplog: pytest.LogCaptureFixture, body: bytes
+) -> None:
     plugin = response_plugin(json={"add": {"a": 1}})
     with caplog.at_level(logging.WARNING, "apigate.plugins.transform"):
-        out = plugin.transform_response_body(Ctx(), make_head(list(JSON_HEAD)), b"{not json")
-    assert out == b"{not json"
+        out = plugin.transform_response_body(Ctx(), make_head(list(JSON_HEAD)), body)
+    assert out == body
     assert "not valid JSON" in caplog.text
 
 

@@ -481,14 +481,24 @@ def _value(value: Any, ctx: Any) -> Any:
     return value
 
 
+def refuse_json_constant(name: str) -> Any:
+    """json's `parse_constant`: NaN and Infinity are Python's extensions, not JSON."""
+    raise ValueError(f"{name} is not JSON")
+
+
 def apply_json_edits(body: bytes, edits: JsonEdits, ctx: Any) -> bytes | None:
-    """The edited JSON body, or None when `body` is not valid JSON."""
+    """The edited JSON body, or None when `body` is not JSON this can write back faithfully:
+    not valid JSON (NaN and Infinity included), or a number too large for a float ("1e400"
+    would come back as Infinity). Numbers are read as floats, as JavaScript reads them."""
     try:
-        doc = json.loads(body)
+        doc = json.loads(body, parse_constant=refuse_json_constant)
     except (ValueError, UnicodeDecodeError):
         return None
     doc = edits.apply(doc, ctx)
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    except ValueError:  # a float that overflowed to infinity
+        return None
 
 
 def is_json_type(content_type: str | None) -> bool:

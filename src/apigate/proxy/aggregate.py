@@ -55,7 +55,7 @@ from apigate.http.pool import PoolFull
 from apigate.http.upstream import UpstreamListener
 from apigate.observability.trace_context import ChildTrace, PartSpan
 from apigate.plugins.base import Response
-from apigate.plugins.transform import ValueTemplate
+from apigate.plugins.transform import ValueTemplate, refuse_json_constant
 from apigate.routing.rewrite import encode_param
 
 if TYPE_CHECKING:
@@ -384,7 +384,7 @@ class _Run:
 # the same rules (surrounding whitespace allowed, nothing else after the value).
 # (typeshed types make_scanner's argument as the scanner class itself)
 _SCAN: Final[Callable[[str, int], tuple[Any, int]]] = json.scanner.make_scanner(
-    json.JSONDecoder()  # type: ignore[arg-type]
+    json.JSONDecoder(parse_constant=refuse_json_constant)  # type: ignore[arg-type]
 )
 _JSON_BLANK: Final = " \t\n\r"  # JSON's whitespace (not Python's: no \f or \v)
 
