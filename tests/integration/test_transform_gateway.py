@@ -292,6 +292,29 @@ async def test_response_transform_as_received_by_the_client(setup: Setup, chunke
     assert resp.header_values("x-request") == [resp.header("x-request-id")]
 
 
+async def test_head_on_a_json_edited_route_does_not_claim_the_upstreams_length(
+    setup: Setup,
+) -> None:
+    """The GET's body is edited, so the upstream's Content-Length is not its length: a HEAD
+    leaves it out (RFC 9110 §8.6) rather than state a wrong one."""
+    original = json.dumps(UPSTREAM_DOC).encode()
+    setup.up.state.canned["/head-doc"] = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+        % len(original)
+    )  # (canned answers go out verbatim: this one as a HEAD answer should)
+    async with RawClient(setup.gw.port) as client:
+        await client.send(b"HEAD /resp/head-doc HTTP/1.1\r\nHost: x\r\n\r\n")
+        resp = await client.response(method="HEAD")
+    assert resp.status == 200 and resp.header("content-length") is None
+
+
+async def test_upstream_reset_while_the_body_is_held_for_editing_is_a_502(setup: Setup) -> None:
+    """Nothing has reached the client while the body is collected for its edit: an upstream
+    that resets then gets the client a 502, as before any response (not a cut connection)."""
+    resp = await setup.send(b"GET /resp/reset-mid-json HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert resp.status == 502 and resp.json()["error"] == "upstream_reset"
+
+
 async def test_response_that_is_not_json_passes_untouched(setup: Setup) -> None:
     text = json.dumps(UPSTREAM_DOC).encode()
     setup.can("/text", text, "Content-Type: text/plain", "X-Internal: secret")

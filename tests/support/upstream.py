@@ -12,6 +12,7 @@ gateway forwarded) and behaves according to the request path:
     /slow?ms=N         wait N ms before answering
     /reset             reset the connection (RST) without answering
     /reset-mid         send a head with Content-Length 100 and 10 bytes, then reset
+                       (/reset-mid-json: the head says application/json)
     /ws                answer an Upgrade with 101 and echo bytes back
     /drain             stream the request body into a hash without keeping it (`Received.body`
                        stays empty; `body_len`/`body_sha256` are set), answer the echo document
@@ -260,7 +261,8 @@ class _Conn(asyncio.Protocol):
                 if t.get_write_buffer_size() > 1 << 20:
                     await asyncio.sleep(0.001)
         elif path.startswith("/reset-mid"):
-            t.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+            kind = b"Content-Type: application/json\r\n" if "json" in path else b""
+            t.write(b"HTTP/1.1 200 OK\r\n%sContent-Length: 100\r\n\r\n0123456789" % kind)
             await asyncio.sleep(0.05)
             _reset(t)
         elif path.startswith("/reset"):

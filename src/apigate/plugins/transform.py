@@ -631,11 +631,19 @@ class ResponseTransformPlugin(_BodyTransform):
     def on_response(self, ctx: Any, head: Any) -> None:
         if self.headers is not None:
             head.headers = self.headers.apply(head.headers, ctx)
+        if ctx.request.method == "HEAD" and self._edits_body(head):
+            # The GET's body would be edited: the upstream's length is not its length, and
+            # the edited one is unknown without the body. RFC 9110 §8.6 lets a HEAD response
+            # leave Content-Length out; a wrong one it does not allow.
+            head.content_length = None
 
     def wants_response_body(self, ctx: Any, head: Any) -> bool:
+        return ctx.request.method != "HEAD" and self._edits_body(head)
+
+    def _edits_body(self, head: Any) -> bool:
+        """Whether a body with this head gets the JSON edits."""
         return (
             self.json is not None
-            and ctx.request.method != "HEAD"
             and head.status not in (204, 304)
             and is_json_type(head.header("content-type"))
             and _identity_encoding(head.header("content-encoding"))

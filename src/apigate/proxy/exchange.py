@@ -667,6 +667,11 @@ class ProxyExchange(UpstreamListener):
             return
         self.conn.write(interim_head(head))
 
+    def _holding_response(self) -> bool:
+        """The response head is held (with the body so far) for a body rewrite."""
+        rewrite = self._response_rewrite
+        return rewrite is not None and rewrite.active
+
     def flush_head(self) -> None:
         """End of an upstream read: whatever head is still held goes out now."""
         head = self._pending_head
@@ -757,6 +762,9 @@ class ProxyExchange(UpstreamListener):
                 return
             reason = f"upstream {self._where()} closed the connection"
             self.fail(GatewayError(502, reason, "upstream_reset"))
+        elif self._holding_response():
+            reason = f"upstream {self._where()} closed the connection mid-response"
+            self.fail(GatewayError(502, reason, "upstream_reset"))
         else:
             self.error = "upstream closed mid-response"
             self.flush_head()
@@ -776,6 +784,9 @@ class ProxyExchange(UpstreamListener):
                     504, f"upstream {self._where()} did not answer in time", "upstream_timeout"
                 )
             )
+        elif self._holding_response():
+            reason = f"upstream {self._where()} did not finish its response in time"
+            self.fail(GatewayError(504, reason, "upstream_timeout"))
         else:
             self.error = "upstream timed out mid-response"
             self.conn.abort()
@@ -850,7 +861,11 @@ class ProxyExchange(UpstreamListener):
             and not self._not_attempted
         ):
             self._service_failed = True  # before a stale answer can hide it
-        if self._head_sent:
+        if self._holding_response():
+            # nothing has reached the client, which can still be told what went wrong (it
+            # used to get a cut connection and no answer)
+            self._response_rewrite = None
+        elif self._head_sent:
             self.error = err.message
             self.conn.abort()
             self._complete(keep_alive=False)
