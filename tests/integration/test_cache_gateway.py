@@ -32,7 +32,78 @@ ORIGIN = "https://app.example.com"
 JWT_SECRET = "a-secret-of-at-least-32-bytes-for-hs256!"
 
 
-def _config(up: Upstream, doomed: Upstream) -> dict[str, Any]:
+class HeldBodyUpstream:
+    """An upstream whose first answer to each target sends the head and part of the body at
+    once and holds the rest until another request arrives (or `HOLD` seconds pass).
+
+    A request coalesced behind such an answer reaches this upstream while the body is held
+    only if the cache let it go before the end of that body; `arrivals` records, for every
+    request, whether another answer's body was held when it arrived.
+
+        /private           Cache-Control: private (never stored), 10 bytes, 5 held
+        /large             Cache-Control: max-age=60, 3000 bytes, 1000 held (over 1 KiB)
+    """
+
+    HOLD = 2.0
+    ANSWERS = {  # path: (Cache-Control, body size, bytes sent before the hold)
+        "/private": ("private, max-age=60", 10, 5),
+        "/large": ("max-age=60", 3000, 2000),
+    }
+
+    def __init__(self) -> None:
+        self.arrivals: list[tuple[str, bool]] = []
+        self.arrived = asyncio.Event()
+        self._release: asyncio.Event | None = None
+        self._answered: set[str] = set()
+        self._server: asyncio.Server | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> HeldBodyUpstream:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                await self._answer(head.split(b" ", 2)[1].decode(), writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def _answer(self, target: str, writer: asyncio.StreamWriter) -> None:
+        holding = self._release is not None and not self._release.is_set()
+        self.arrivals.append((target, holding))
+        self.arrived.set()
+        if self._release is not None:
+            self._release.set()  # another request came in: let the held body go
+        cache_control, size, before_hold = self.ANSWERS[target.partition("?")[0]]
+        body = b"x" * size
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nCache-Control: %s\r\nContent-Length: %d\r\n\r\n"
+            % (cache_control.encode(), size)
+        )
+        if target in self._answered:
+            writer.write(body)
+            return
+        self._answered.add(target)
+        writer.write(body[:before_hold])
+        await writer.drain()
+        self._release = release = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(release.wait(), self.HOLD)
+        release.set()
+        writer.write(body[before_hold:])
+        await writer.drain()
+
+
+def _config(up: Upstream, doomed: Upstream, held: HeldBodyUpstream) -> dict[str, Any]:
     def route(name: str, cache: dict[str, Any], service: str = "up", **extra: Any) -> Any:
         plugins = {"cache": cache, **extra.pop("plugins", {})}
         return {
@@ -49,6 +120,7 @@ def _config(up: Upstream, doomed: Upstream) -> dict[str, Any]:
         services={
             "up": {"targets": [up.url], "health": {"passive": None}},
             "doomed": {"targets": [doomed.url], "health": {"passive": None}},
+            "held": {"targets": [held.url], "health": {"passive": None}},
         },
         consumers=[
             {"name": "alice", "api_keys": ["alice-key"]},
@@ -65,7 +137,9 @@ def _config(up: Upstream, doomed: Upstream) -> dict[str, Any]:
                 {"ttl": "30s", "key_include_consumer": True},
                 plugins={"key_auth": {}},
             ),
+            route("ck", {"ttl": "30s"}, plugins={"key_auth": {}}),  # the consumer by default
             route("small", {"ttl": "30s", "max_entry_bytes": "1KiB"}),
+            route("held", {"ttl": "30s", "max_entry_bytes": "1KiB"}, service="held"),
             route(
                 "shaped",
                 {"ttl": "30s"},
@@ -91,6 +165,7 @@ class Setup:
     gw: GatewayProcess
     up: Upstream
     doomed: Upstream
+    held: HeldBodyUpstream
 
     async def get(self, path: str, headers: dict[str, str] | None = None) -> Reply:
         return await request(self.gw.port, "GET", path, headers=headers)
@@ -105,8 +180,9 @@ async def setup() -> AsyncIterator[Setup]:
     async with contextlib.AsyncExitStack() as stack:
         up = await stack.enter_async_context(Upstream("up"))
         doomed = await stack.enter_async_context(Upstream("doomed"))
-        gw = await stack.enter_async_context(GatewayProcess(_config(up, doomed)))
-        yield Setup(gw, up, doomed)
+        held = await stack.enter_async_context(HeldBodyUpstream())
+        gw = await stack.enter_async_context(GatewayProcess(_config(up, doomed, held)))
+        yield Setup(gw, up, doomed, held)
         assert gw.proc is not None and gw.proc.returncode is None, "died:\n" + gw.logs()
 
 
@@ -257,6 +333,18 @@ async def test_consumer_is_part_of_the_key_when_configured(setup: Setup) -> None
     assert setup.count("consumer") == 2
 
 
+async def test_consumers_do_not_share_entries_by_default(setup: Setup) -> None:
+    """key_auth + cache with the defaults: alice's entry is never bob's."""
+    path = _target("ck", "ck", "Cache-Control: max-age=60")
+    alice = {"apikey": "alice-key"}
+    bob = {"apikey": "bob-key"}
+    replies = [await setup.get(path, h) for h in (alice, bob, alice, bob)]
+    assert [r.headers["x-cache"] for r in replies] == ["MISS", "MISS", "HIT", "HIT"]
+    assert replies[2].json()["n"] == replies[0].json()["n"] != replies[1].json()["n"]
+    assert replies[3].json()["n"] == replies[1].json()["n"]
+    assert setup.count("ck") == 2
+
+
 async def test_x_cache_bypass(setup: Setup) -> None:
     path = _target("c", "bypass", "Cache-Control: max-age=60")
     post = await request(setup.gw.port, "POST", path, body=b"x")
@@ -273,6 +361,29 @@ async def test_x_cache_bypass(setup: Setup) -> None:
     assert setup.count("bypass") == 4
 
 
+async def test_a_successful_unsafe_request_invalidates_the_target(setup: Setup) -> None:
+    """RFC 9111 §4.4: every variant of the target URI; not after an error response."""
+    path = _target("c", "invalidate", "Cache-Control: max-age=60", "Vary: Accept-Language")
+    langs = [{"Accept-Language": "en"}, {"Accept-Language": "fr"}]
+    for lang in langs:
+        assert (await setup.get(path, lang)).headers["x-cache"] == "MISS"
+        assert (await setup.get(path, lang)).headers["x-cache"] == "HIT"
+    neighbour = path.replace("t=invalidate", "t=invalidate-neighbour")
+    await setup.get(neighbour)
+    try:
+        setup.up.state.override = "/status/503"
+        failed = await request(setup.gw.port, "PUT", path, body=b"x")
+        assert failed.status == 503
+    finally:
+        setup.up.state.override = None
+    assert [(await setup.get(path, lang)).headers["x-cache"] for lang in langs] == ["HIT"] * 2
+    for method in ("POST", "DELETE"):
+        changed = await request(setup.gw.port, method, path, body=b"x")
+        assert changed.status == 200 and changed.headers["x-cache"] == "BYPASS"
+        assert [(await setup.get(path, lang)).headers["x-cache"] for lang in langs] == ["MISS"] * 2
+    assert (await setup.get(neighbour)).headers["x-cache"] == "HIT"
+
+
 # ------------------------------------------------------------------------------ coalescing
 
 
@@ -284,6 +395,25 @@ async def test_100_concurrent_misses_make_one_upstream_request(setup: Setup) -> 
     assert len({r.body for r in replies}) == 1
     words = sorted(r.headers["x-cache"] for r in replies)
     assert words == ["HIT"] * 99 + ["MISS"]
+
+
+@pytest.mark.parametrize("what", ["private", "large"])
+async def test_waiters_do_not_wait_for_a_body_that_will_not_be_stored(
+    setup: Setup, what: str
+) -> None:
+    """A request coalesced behind an answer that is not stored (uncacheable head, or a body
+    past max_entry_bytes) goes upstream at once, not after the end of that answer's body."""
+    held = setup.held
+    path = f"/held/{what}?t=held-{what}"
+    held.arrived.clear()
+    first = asyncio.create_task(setup.get(path))
+    await asyncio.wait_for(held.arrived.wait(), 5)  # the first one leads: it is upstream
+    second = await setup.get(path)
+    assert (await first).body == second.body == b"x" * held.ANSWERS[f"/{what}"][1]
+    assert [holding for target, holding in held.arrivals if f"t=held-{what}" in target] == [
+        False,
+        True,
+    ], "the second request waited for the end of the first one's body"
 
 
 async def test_a_body_cut_off_mid_way_is_never_stored(setup: Setup) -> None:
@@ -344,6 +474,18 @@ async def test_stale_entry_replaces_a_5xx_and_a_reset(setup: Setup) -> None:
         setup.up.state.override = None
 
 
+async def test_no_stale_answer_for_a_request_that_demands_a_fresh_one(setup: Setup) -> None:
+    path = _target("stale", "stale-demand", "Cache-Control: max-age=60")
+    assert (await setup.get(path)).headers["x-cache"] == "MISS"
+    try:
+        setup.up.state.override = "/status/500"
+        for demand in ("no-cache", "max-age=0"):
+            reply = await setup.get(path, {"Cache-Control": demand})
+            assert (reply.status, reply.headers["x-cache"]) == (500, "BYPASS"), demand
+    finally:
+        setup.up.state.override = None
+
+
 async def test_stale_entry_is_served_when_the_upstream_is_down(setup: Setup) -> None:
     path = _target("down", "down", "Cache-Control: max-age=1")
     first = await setup.get(path)
@@ -370,11 +512,12 @@ async def test_purge_by_route_and_prefix(setup: Setup) -> None:
     admin = setup.gw.admin_port
     prefix = quote("/purge/respond?t=purge-a", safe="")
     reply = await request(admin, "DELETE", f"/cache?route=purge&prefix={prefix}")
-    assert reply.status == 200 and reply.json()["purged"] == 1
+    # (2: the route has cors, which says Vary: Origin: an entry and its Vary marker)
+    assert reply.status == 200 and reply.json()["purged"] == 2
     assert (await setup.get(a)).headers["x-cache"] == "MISS"
     assert (await setup.get(b)).headers["x-cache"] == "HIT"
     reply = await request(admin, "DELETE", "/cache?route=purge")
-    assert reply.status == 200 and reply.json()["purged"] == 2
+    assert reply.status == 200 and reply.json()["purged"] == 4
     assert (await setup.get(a)).headers["x-cache"] == "MISS"
     assert (await setup.get(b)).headers["x-cache"] == "MISS"
     assert (await setup.get(other)).headers["x-cache"] == "HIT"  # another route: untouched
@@ -414,10 +557,11 @@ async def test_cors_headers_on_a_401_from_key_auth_and_jwt(setup: Setup) -> None
 
 
 async def test_cors_headers_on_a_stale_answer(setup: Setup) -> None:
-    """An entry stored from a same-origin request, served STALE to a cross-origin one (in
-    place of a 5xx, and of a reset): the CORS plugin's headers must be on it, as on a HIT."""
+    """An entry stored from a cross-origin request, served STALE to the next one from that
+    origin (in place of a 5xx, and of a reset): the CORS plugin's headers must be on it, as on
+    a HIT. (cors says Vary: Origin, so the entry is that origin's.)"""
     path = _target("stale", "stale-cors", "Cache-Control: max-age=1")
-    assert (await setup.get(path)).headers["x-cache"] == "MISS"
+    assert (await setup.get(path, {"Origin": ORIGIN})).headers["x-cache"] == "MISS"
     hit = await setup.get(path, {"Origin": ORIGIN})
     assert hit.headers["x-cache"] == "HIT"
     assert hit.headers["access-control-allow-origin"] == ORIGIN
@@ -455,6 +599,14 @@ async def test_chunked_and_close_delimited_responses_are_stored_whole(setup: Set
         assert miss.body == hit.body == body
         assert hit.headers["content-length"] == str(len(body))
         assert [r.path for r in setup.up.received].count(path[4:].partition("?")[0]) == 1
+
+
+async def test_a_hit_has_no_content_type_when_the_upstream_sent_none(setup: Setup) -> None:
+    miss = await setup.get("/ttl/eof?t=no-type")
+    hit = await setup.get("/ttl/eof?t=no-type")
+    assert (miss.headers["x-cache"], hit.headers["x-cache"]) == ("MISS", "HIT")
+    assert "content-type" not in miss.headers
+    assert "content-type" not in hit.headers
 
 
 async def test_entry_over_max_entry_bytes_is_not_stored(setup: Setup) -> None:
@@ -546,3 +698,25 @@ async def test_redis_store_is_shared_by_two_gateways_and_purged() -> None:
         assert purged.status == 200 and purged.json()["purged"] == 1
         again = await request(one.port, "GET", path, headers=host)
         assert again.headers["x-cache"] == "MISS" and len(up.received) == 2
+
+        # a DELETE through one node invalidates every variant the other stored (RFC 9111 §4.4)
+        varied = _target("r", "redis-vary", "Cache-Control: max-age=60", "Vary: Accept-Language")
+        langs = [{**host, "Accept-Language": lang} for lang in ("en", "fr")]
+        for headers in langs:
+            assert (await request(two.port, "GET", varied, headers=headers)).headers[
+                "x-cache"
+            ] == "MISS"
+        await asyncio.sleep(0.1)
+        for headers in langs:
+            assert (await request(one.port, "GET", varied, headers=headers)).headers[
+                "x-cache"
+            ] == "HIT"
+        deleted = await request(one.port, "DELETE", varied, headers=host)
+        assert deleted.status == 200 and deleted.headers["x-cache"] == "BYPASS"
+        await asyncio.sleep(0.1)  # the invalidation runs in the background too
+        for headers in langs:
+            reply = await request(two.port, "GET", varied, headers=headers)
+            assert reply.headers["x-cache"] == "MISS", headers
+        await asyncio.sleep(0.1)
+        purged = await request(two.admin_port, "DELETE", "/cache?route=r")
+        assert purged.json()["purged"] == 4  # 2 variants, their marker, the first entry

@@ -73,6 +73,16 @@ def upstream(
     return head
 
 
+def missed(plugin: CachePlugin, ctx: Ctx) -> bool:
+    """Did `ctx` go upstream at once? (Its request then ends without an answer, so that it
+    leaves no leader for the next request of the test to wait on.)"""
+    outcome = plugin.on_request(ctx)
+    if inspect.iscoroutine(outcome):
+        outcome.close()
+    plugin.on_log(ctx)
+    return outcome is None
+
+
 def hit(outcome: Any) -> Response:
     assert isinstance(outcome, Response), outcome
     return outcome
@@ -269,7 +279,6 @@ def test_stores_the_head_as_later_hooks_left_it() -> None:
     plugin.on_response_end(ctx)
     response = hit(plugin.on_request(Ctx()))
     assert header(response, b"x-transformed") == b"1"
-    assert response.content_type == b"application/octet-stream"  # the upstream named none
 
 
 # ------------------------------------------------------------------------------ integrity
@@ -355,19 +364,47 @@ def test_an_anonymous_entry_is_not_served_to_an_authorized_request() -> None:
     assert plugin.on_request(authorized) is None and authorized.cache_status == "MISS"
 
 
-def test_key_include_consumer_keeps_consumers_apart() -> None:
-    plugin, _ = cache(key_include_consumer=True)
+def as_consumer(name: str, *headers: tuple[str, str]) -> Ctx:
+    """A request a key_auth-like plugin authenticated (the key is not in Authorization)."""
+    ctx = Ctx(headers=[("apikey", name + "-key"), *headers])
+    ctx.consumer = SimpleNamespace(name=name)
+    return ctx
 
-    def as_consumer(name: str) -> Ctx:
-        ctx = Ctx(headers=[("Authorization", "Bearer " + name)])
-        ctx.consumer = SimpleNamespace(name=name)
-        return ctx
 
+def test_consumers_get_their_own_entries_by_default() -> None:
+    plugin, _ = cache(ttl="30s")
     alice = as_consumer("alice")
     plugin.on_request(alice)
-    upstream(plugin, alice, chunks=[b"alice's"])  # consumer-scoped: stored despite Authorization
+    upstream(plugin, alice, headers=[], chunks=[b"alice's"])
     assert hit(plugin.on_request(as_consumer("alice"))).body == b"alice's"
-    assert plugin.on_request(as_consumer("bob")) is None
+    bob = as_consumer("bob")
+    assert plugin.on_request(bob) is None and bob.cache_status == "MISS"
+    assert plugin.on_request(Ctx()) is None  # nor is it an anonymous request's entry
+
+
+def test_key_include_consumer_false_shares_entries_across_consumers() -> None:
+    plugin, _ = cache(ttl="30s", key_include_consumer=False)
+    alice = as_consumer("alice")
+    plugin.on_request(alice)
+    upstream(plugin, alice, headers=[], chunks=[b"for everyone"])
+    assert hit(plugin.on_request(as_consumer("bob"))).body == b"for everyone"
+
+
+@pytest.mark.parametrize("include", [True, False])
+def test_the_authorization_rule_holds_when_the_consumer_is_in_the_key(include: bool) -> None:
+    """A consumer may stand for many users (one app's key, its users' tokens in
+    Authorization): a response to a request with Authorization is stored only when it says
+    it may be shared (RFC 9111 §3.5), whether or not the consumer is in the key."""
+    plugin, _ = cache(key_include_consumer=include)
+    token = ("Authorization", "Bearer user-1")
+    alice = as_consumer("alice", token)
+    plugin.on_request(alice)
+    upstream(plugin, alice, chunks=[b"user-1's"])
+    assert missed(plugin, as_consumer("alice", ("Authorization", "Bearer user-2")))
+    public = as_consumer("alice", token)
+    plugin.on_request(public)
+    upstream(plugin, public, headers=[(b"Cache-Control", b"public, max-age=60")])
+    assert hit(plugin.on_request(as_consumer("alice", token))).status == 200
 
 
 # ------------------------------------------------------------------------------ conditionals
@@ -449,6 +486,43 @@ def test_must_revalidate_forbids_stale_if_error() -> None:
     assert "stale_response" not in failing.vars
 
 
+@pytest.mark.parametrize(
+    "demand",
+    [
+        [("Cache-Control", "no-cache")],
+        [("Cache-Control", "max-age=0")],
+        [("Pragma", "no-cache")],
+        [("Cache-Control", "max-age=30")],  # the stale entry is 70 s old
+        [("Cache-Control", "min-fresh=5")],
+    ],
+)
+def test_no_stale_answer_for_a_request_that_demands_a_fresh_one(
+    demand: list[tuple[str, str]],
+) -> None:
+    """RFC 9111 §4.2.4 / §5.2.1: these request directives forbid a stale response."""
+    plugin, clock = cache(stale_if_error="1m")
+    ctx = Ctx()
+    plugin.on_request(ctx)
+    upstream(plugin, ctx, chunks=[b"good"])
+    clock.now += 70
+    failing = Ctx(headers=demand)
+    assert plugin.on_request(failing) is None
+    assert "stale_response" not in failing.vars  # not for a connect error either
+    upstream(plugin, failing, status=503, headers=[], chunks=[b"down"])
+    assert "replace_response" not in failing.vars and failing.cache_status != "STALE"
+
+
+def test_no_stale_answer_for_no_cache_even_while_the_entry_is_fresh() -> None:
+    plugin, _ = cache(stale_if_error="1m")
+    ctx = Ctx()
+    plugin.on_request(ctx)
+    upstream(plugin, ctx, chunks=[b"good"])
+    failing = Ctx(headers=[("Cache-Control", "no-cache")])
+    plugin.on_request(failing)
+    upstream(plugin, failing, status=500, headers=[], chunks=[b"down"])
+    assert "replace_response" not in failing.vars and failing.cache_status == "BYPASS"
+
+
 # ------------------------------------------------------------------------------ coalescing
 
 
@@ -518,10 +592,200 @@ async def test_a_waiter_with_a_different_vary_value_proceeds() -> None:
     assert await waiting is None
 
 
+async def settled(task: asyncio.Future[Any]) -> bool:
+    """Has `task` finished once the loop ran the callbacks that were ready?"""
+    for _ in range(3):
+        await asyncio.sleep(0)
+    return task.done()
+
+
+@pytest.mark.parametrize(
+    ("status", "headers"),
+    [
+        pytest.param(200, [(b"Cache-Control", b"private, max-age=60")], id="private"),
+        pytest.param(500, [(b"Cache-Control", b"max-age=60")], id="500"),
+        pytest.param(
+            200, [(b"Cache-Control", b"max-age=60"), (b"Set-Cookie", b"s=1")], id="cookie"
+        ),
+    ],
+)
+async def test_waiters_are_released_by_a_head_that_will_not_be_stored(
+    status: int, headers: list[tuple[bytes, bytes]]
+) -> None:
+    plugin, _ = cache()
+    leader, follower = Ctx(), Ctx()
+    plugin.on_request(leader)
+    waiting = asyncio.ensure_future(plugin.on_request(follower))  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    head = ResponseHead()
+    head.status = status
+    head.headers = headers
+    plugin.on_response(leader, head)  # the body is still on its way
+    assert await settled(waiting), "the waiter waits for a body that will not be stored"
+    assert waiting.result() is None and follower.cache_status == "MISS"
+    plugin.on_response_chunk(leader, b"body")
+    plugin.on_response_end(leader)
+    plugin.on_log(leader)
+    assert plugin.on_request(Ctx()) is None  # still nothing stored
+
+
+async def test_waiters_are_released_once_the_body_passes_max_entry_bytes() -> None:
+    plugin, _ = cache(max_entry_bytes=10)
+    leader, follower = Ctx(), Ctx()
+    plugin.on_request(leader)
+    waiting = asyncio.ensure_future(plugin.on_request(follower))  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    head = ResponseHead()
+    head.status = 200
+    head.headers = [(b"Cache-Control", b"max-age=60")]
+    plugin.on_response(leader, head)
+    plugin.on_response_chunk(leader, b"123456")
+    assert not await settled(waiting)  # it may still fit
+    plugin.on_response_chunk(leader, b"789012")
+    assert await settled(waiting), "the waiter waits for the end of a body too large to store"
+    assert waiting.result() is None
+    plugin.on_response_chunk(leader, b"more")
+    plugin.on_response_end(leader)
+    plugin.on_log(leader)
+    assert plugin.on_request(Ctx()) is None
+
+
+async def test_a_released_key_gets_a_new_leader_while_the_old_body_streams() -> None:
+    plugin, _ = cache()
+    first = Ctx()
+    plugin.on_request(first)
+    head = ResponseHead()
+    head.status = 200
+    head.headers = [(b"Cache-Control", b"private")]
+    plugin.on_response(first, head)
+    second = Ctx()
+    assert plugin.on_request(second) is None  # leads its own request, waits for nobody
+    upstream(plugin, second, chunks=[b"second"])
+    plugin.on_response_chunk(first, b"first")
+    plugin.on_response_end(first)
+    plugin.on_log(first)  # the first leader's end must not disturb the second's entry
+    assert hit(plugin.on_request(Ctx())).body == b"second"
+    assert repr(plugin).endswith("0 in flight>")
+
+
 def test_head_does_not_lead() -> None:
     plugin, _ = cache()
     plugin.on_request(Ctx("HEAD"))
     assert plugin.on_request(Ctx()) is None  # a GET arriving next leads its own request
+
+
+# ------------------------------------------------------------------------------ invalidation
+
+
+def stored(plugin: CachePlugin, ctx: Ctx, body: bytes = b"old") -> None:
+    """Make `ctx`'s GET the stored entry."""
+    plugin.on_request(ctx)
+    upstream(plugin, ctx, chunks=[body])
+    assert hit(plugin.on_request(ctx_like(ctx))).body == body
+
+
+def ctx_like(ctx: Ctx, method: str = "GET") -> Ctx:
+    """Another request for the same target, host, headers and consumer."""
+    other = Ctx(method, ctx.request.path, ctx.route.name, query=ctx.request.query)
+    other.request.headers = list(ctx.request.headers)
+    other.request.host = ctx.request.host
+    other.consumer = ctx.consumer
+    return other
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+@pytest.mark.parametrize("status", [200, 201, 204, 303])
+def test_a_successful_unsafe_request_invalidates_the_target(method: str, status: int) -> None:
+    """RFC 9111 §4.4."""
+    plugin, _ = cache()
+    get = Ctx(query=b"id=1")
+    stored(plugin, get)
+    unsafe = ctx_like(get, method)
+    assert plugin.on_request(unsafe) is None and unsafe.cache_status == "BYPASS"
+    upstream(plugin, unsafe, status=status, headers=[], chunks=[])
+    assert plugin.on_request(ctx_like(get)) is None
+
+
+@pytest.mark.parametrize("status", [400, 404, 409, 500, 502])
+def test_an_error_response_to_an_unsafe_request_invalidates_nothing(status: int) -> None:
+    plugin, _ = cache()
+    get = Ctx(query=b"id=1")
+    stored(plugin, get)
+    post = ctx_like(get, "POST")
+    plugin.on_request(post)
+    upstream(plugin, post, status=status, headers=[])
+    assert hit(plugin.on_request(ctx_like(get))).body == b"old"
+
+
+def test_safe_methods_invalidate_nothing() -> None:
+    plugin, _ = cache()
+    get = Ctx()
+    stored(plugin, get)
+    for method in ("OPTIONS", "TRACE", "HEAD"):
+        safe = ctx_like(get, method)
+        plugin.on_request(safe)
+        upstream(plugin, safe, headers=[])
+    assert hit(plugin.on_request(ctx_like(get))).body == b"old"
+
+
+def test_invalidation_removes_every_variant_and_only_the_target() -> None:
+    plugin, _ = cache()
+    vary = [(b"Cache-Control", b"max-age=60"), (b"Vary", b"Accept-Language")]
+    for lang in ("en", "fr"):
+        ctx = Ctx(headers=[("Accept-Language", lang)])
+        plugin.on_request(ctx)
+        upstream(plugin, ctx, headers=vary, chunks=[lang.encode()])
+    neighbours = [Ctx(query=b"id=2"), Ctx(route="other"), Ctx(path="/items/1")]
+    for ctx in neighbours:
+        stored(plugin, ctx)
+    put = Ctx("PUT", headers=[("Accept-Language", "de")])  # its own variant does not matter
+    plugin.on_request(put)
+    upstream(plugin, put, status=204, headers=[], chunks=[])
+    for lang in ("en", "fr"):
+        assert missed(plugin, Ctx(headers=[("Accept-Language", lang)])), lang
+    for ctx in neighbours:
+        assert hit(plugin.on_request(ctx_like(ctx))).body == b"old"
+    assert len(plugin.store) == len(neighbours)  # the variants and their marker are gone
+
+
+def test_invalidation_covers_the_consumer_in_the_key() -> None:
+    plugin, _ = cache()
+    alice = as_consumer("alice")
+    stored(plugin, alice)
+    post = as_consumer("alice")
+    post.request.method = "POST"
+    plugin.on_request(post)
+    upstream(plugin, post, status=201, headers=[])
+    assert plugin.on_request(as_consumer("alice")) is None
+
+
+async def test_invalidation_in_the_redis_store() -> None:
+    plugin, _ = cache()
+    fake = FakeRedis()
+    plugin.store = RedisCacheStore(fake)  # type: ignore[arg-type]
+
+    async def lookup(ctx: Ctx) -> Response | None:
+        outcome = plugin.on_request(ctx)
+        return await outcome if inspect.isawaitable(outcome) else outcome
+
+    vary = [(b"Cache-Control", b"max-age=60"), (b"Vary", b"Accept-Language")]
+    for lang in ("en", "fr"):
+        ctx = Ctx(headers=[("Accept-Language", lang)])
+        assert await lookup(ctx) is None
+        upstream(plugin, ctx, headers=vary, chunks=[lang.encode()])
+        await plugin.close()  # waits for the background SET
+    other = Ctx(query=b"id=2")
+    assert await lookup(other) is None
+    upstream(plugin, other)
+    await plugin.close()
+    assert len(fake.data) == 4  # the marker, two variants, the other target
+    delete = Ctx("DELETE")
+    assert plugin.on_request(delete) is None
+    upstream(plugin, delete, status=204, headers=[], chunks=[])
+    await plugin.close()  # waits for the background invalidation
+    assert len(fake.data) == 1
+    assert await lookup(Ctx(headers=[("Accept-Language", "en")])) is None
+    assert hit(await lookup(Ctx(query=b"id=2"))).status == 200
 
 
 # ------------------------------------------------------------------------------ purge, config

@@ -13,7 +13,9 @@ from apigate.plugins.cache_rules import (
     current_age,
     etag_matches,
     freshness_lifetime,
+    invalidates,
     is_fresh,
+    is_unsafe,
     not_modified,
     parse_cache_control,
     parse_delta,
@@ -99,6 +101,53 @@ def test_request_no_cache_goes_upstream_but_refreshes_the_entry(
 ) -> None:
     policy = request_policy("GET", cc, pragma)
     assert not policy.lookup and policy.store
+
+
+@pytest.mark.parametrize(
+    ("cc", "pragma"),
+    [
+        ("no-cache", None),
+        ("max-age=0", None),
+        (None, "no-cache"),
+        ("max-age=30", None),  # "does not wish to receive a stale response" (§5.2.1.1)
+        ("min-fresh=5", None),
+    ],
+)
+def test_a_request_that_demands_a_fresh_answer_takes_no_stale_one(
+    cc: str | None, pragma: str | None
+) -> None:
+    assert not request_policy("GET", cc, pragma).stale_ok
+
+
+@pytest.mark.parametrize(("method", "cc"), [("GET", None), ("HEAD", None), ("GET", "no-transform")])
+def test_other_requests_take_a_stale_answer_for_an_error(method: str, cc: str | None) -> None:
+    assert request_policy(method, cc, None).stale_ok
+
+
+@pytest.mark.parametrize(
+    ("method", "status", "expected"),
+    [
+        ("POST", 200, True),
+        ("PUT", 201, True),
+        ("DELETE", 204, True),
+        ("PATCH", 303, True),
+        ("PURGE", 200, True),  # an unknown method is not known to be safe (RFC 9110 §9.2.1)
+        ("POST", 199, False),
+        ("POST", 400, False),
+        ("DELETE", 404, False),
+        ("PUT", 500, False),
+        ("GET", 200, False),
+        ("HEAD", 200, False),
+        ("OPTIONS", 200, False),
+        ("TRACE", 200, False),
+    ],
+)
+def test_a_non_error_response_to_an_unsafe_method_invalidates(
+    method: str, status: int, expected: bool
+) -> None:
+    """RFC 9111 §4.4."""
+    assert is_unsafe(method) is (method not in ("GET", "HEAD", "OPTIONS", "TRACE"))
+    assert invalidates(method, status) is expected
 
 
 def test_pragma_is_ignored_when_cache_control_is_present() -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from apigate.plugins.cache_store import (
     KEY_SEP,
+    VARIANT_SEP,
     CacheEntry,
     MemoryStore,
     RedisCacheStore,
@@ -119,6 +120,39 @@ def test_purge_by_route_and_prefix() -> None:
     assert len(store) == 0 and store.bytes == 0
 
 
+def variant(base: str, *values: str) -> str:
+    return base + VARIANT_SEP + KEY_SEP.join(values)
+
+
+def test_invalidate_removes_the_base_entry_and_every_variant() -> None:
+    store = MemoryStore(max_bytes=1 << 20)
+    base, other = key("r", "/a"), key("r", "/b")
+    for k in (base, variant(base, "en"), variant(base, "fr"), other, variant(other, "en")):
+        store.put(entry(k))
+    assert store.invalidate(base) == 3
+    assert list(store._entries) == [other, variant(other, "en")]
+    assert store.bytes == sum(e.size for e in store._entries.values())
+    assert store.invalidate(base) == 0
+    assert store.invalidate(key("r", "/nothing")) == 0
+
+
+def test_invalidate_counts_only_what_is_still_stored() -> None:
+    """Variants evicted, expired or purged are forgotten by the index as well."""
+    base = key("r", "/a")
+    one = entry(variant(base, "0")).size
+    store = MemoryStore(max_bytes=one * 2)
+    for i in range(4):  # the first two are evicted
+        store.put(entry(variant(base, str(i))))
+    store.put(entry(variant(base, "s"), lifetime=1))
+    assert store.get(variant(base, "s"), NOW + 2) is None  # expired: dropped on read
+    assert len(store) == 1
+    assert store.invalidate(base) == 1 and len(store) == 0 and store.bytes == 0
+    store.put(entry(variant(base, "x")))
+    store.purge(route="r")
+    assert store.invalidate(base) == 0
+    assert not store._variants, "the index keeps keys that are gone"
+
+
 def test_repr_tells_the_state() -> None:
     store = MemoryStore(max_bytes=4096)
     store.put(entry())
@@ -174,6 +208,7 @@ class FakeRedis:
 
     def __init__(self) -> None:
         self.data: dict[bytes, bytes] = {}
+        self.sets: dict[bytes, set[bytes]] = {}
         self.ttl: dict[bytes, int] = {}
         self.down = False
         self.calls: list[tuple[Any, ...]] = []
@@ -184,28 +219,53 @@ class FakeRedis:
     async def run_script(
         self, script: Any, keys: list[str], args: list[Any], timeout: float
     ) -> Any:
-        """The cache's two scripts, told apart by their source."""
-        name = "GET" if "'GET'" in script.source else "SET"
-        return await self.call(name, *keys, *([args[0], "PX", args[1]] if args else []))
+        """The cache's scripts, told apart by their source (the Lua itself runs against a
+        real Redis in tests/integration/test_cache_gateway.py)."""
+        source = script.source
+        if "SMEMBERS" in source:  # invalidate: the base key, every indexed variant, the index
+            members = await self.call("SMEMBERS", keys[1])
+            removed = await self.call("DEL", keys[0], *members)
+            await self.call("DEL", keys[1])
+            return removed
+        if "'GET'" in source:
+            return await self.call("GET", *keys)
+        await self.call("SET", keys[0], args[0], "PX", args[1])
+        if "SADD" in source:  # a variant: indexed under its base key, kept as long as it
+            await self.call("SADD", keys[1], keys[0])
+            index = keys[1].encode()
+            self.ttl[index] = max(self.ttl.get(index, 0), int(args[1]))
+        return True
 
     async def call(self, *command: Any, timeout: float | None = None) -> Any:
         self.calls.append(command)
         if self.down:
             raise StoreUnavailable("down")
         name, *args = command
+        raw = [a.encode() if isinstance(a, str) else a for a in args]
         if name == "GET":
-            return self.data.get(args[0].encode())
+            return self.data.get(raw[0])
         if name == "SET":
-            k, blob, _, ms = args
-            self.data[k.encode()] = blob
-            self.ttl[k.encode()] = ms
+            k, blob, _, ms = raw
+            self.data[k] = blob
+            self.ttl[k] = ms
             return True
+        if name == "SADD":
+            self.sets.setdefault(raw[0], set()).update(raw[1:])
+            return 1
+        if name == "SMEMBERS":
+            return list(self.sets.get(raw[0], ()))
         if name == "SCAN":
             pattern = args[2]
-            found = [k for k in self.data if fnmatch.fnmatchcase(k.decode(), pattern)]
+            found = [
+                k for k in [*self.data, *self.sets] if fnmatch.fnmatchcase(k.decode(), pattern)
+            ]
             return 0, found
         if name == "DEL":
-            return sum(1 for k in args if self.data.pop(k, None) is not None)
+            return sum(
+                1
+                for k in raw
+                if self.data.pop(k, None) is not None or self.sets.pop(k, None) is not None
+            )
         raise AssertionError(name)
 
 
@@ -240,3 +300,33 @@ async def test_redis_purge_filters_by_route_and_prefix(redis: FakeRedis) -> None
     assert await store.purge(route="a", prefix="/users") == 1
     assert await store.purge(prefix="/users") == 1
     assert len(redis.data) == 1
+
+
+async def test_redis_indexes_variants_under_their_base(redis: FakeRedis) -> None:
+    store = RedisCacheStore(redis)  # type: ignore[arg-type]
+    base = key("r", "/a")
+    await store.put(entry(base, status=0, lifetime=60), NOW)  # the Vary marker: not indexed
+    await store.put(entry(variant(base, "en"), lifetime=60), NOW)
+    await store.put(entry(variant(base, "fr"), lifetime=10, stale_window=100), NOW)
+    await store.put(entry(variant(base, "de"), lifetime=30), NOW)
+    index = store.variants_key(base).encode()
+    assert redis.sets == {
+        index: {(store.namespace + variant(base, v)).encode() for v in ("en", "fr", "de")}
+    }
+    assert redis.ttl[index] == 110_000  # as long as its longest-kept variant
+    assert not store.variants_key(base).startswith(store.namespace)  # purge never sees it
+
+
+async def test_redis_invalidate_removes_the_base_and_its_variants(redis: FakeRedis) -> None:
+    store = RedisCacheStore(redis)  # type: ignore[arg-type]
+    base, other = key("r", "/a"), key("r", "/b")
+    for k in (base, variant(base, "en"), variant(base, "fr"), other, variant(other, "en")):
+        await store.put(entry(k), NOW)
+    assert await store.invalidate(base) == 3
+    assert sorted(redis.data) == sorted(
+        (store.namespace + k).encode() for k in (other, variant(other, "en"))
+    )
+    assert await store.get(variant(other, "en"), NOW) is not None
+    assert await store.invalidate(base) == 0
+    redis.down = True
+    assert await store.invalidate(other) == 0  # an outage: nothing removed, nothing raised

@@ -64,7 +64,7 @@ def render_response(
     status: int,
     body: bytes,
     *,
-    content_type: bytes = b"application/json",
+    content_type: bytes | None = b"application/json",
     headers: list[tuple[bytes, bytes]] | None = None,
     keep_alive: bool = True,
     head_only: bool = False,
@@ -76,7 +76,8 @@ def render_response(
         for name, value in headers:
             parts.append(name + b": " + value + b"\r\n")
     if body or status not in (204, 304):
-        parts += (b"Content-Type: ", content_type, b"\r\n")
+        if content_type is not None:  # (None: a stored response that had none)
+            parts += (b"Content-Type: ", content_type, b"\r\n")
         parts.append(b"Content-Length: %d\r\n" % len(body))
     if not keep_alive:
         parts.append(b"Connection: close\r\n")

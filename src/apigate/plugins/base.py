@@ -43,7 +43,7 @@ class Response:
     status: int
     body: bytes = b""
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    content_type: bytes = b"application/json"
+    content_type: bytes | None = b"application/json"  # None: no Content-Type field
 
 
 @dataclass

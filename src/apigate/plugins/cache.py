@@ -5,8 +5,15 @@
         plugins:
           cache: {ttl: 30s, max_bytes: 64MiB, max_entry_bytes: 1MiB, stale_if_error: 1m}
 
-Keys: route, GET (HEAD shares GET's entry), path?query, Host, the consumer's name when
-`key_include_consumer`, and the values of the request headers the response's `Vary` names.
+Keys: route, GET (HEAD shares GET's entry), path?query, Host, the authenticated consumer's
+name (`key_include_consumer`, default true: credentials outside `Authorization`, such as an
+API key header, a query key or a JWT cookie, are invisible to the §3.5 rule below and, with
+`hide_credentials`, to the upstream's `Vary`, so without it one consumer's response would
+reach another), and the values of the request headers the response's `Vary` names.
+`key_include_consumer: false` shares entries between consumers (for routes whose responses
+do not depend on who asks). Whatever the key, a response to a request with `Authorization`
+is stored only when it says `public`, `s-maxage` or `must-revalidate` (RFC 9111 §3.5): a
+consumer may stand for many users (an application's key, its users' tokens).
 The rules themselves are the pure functions of `cache_rules.py`; the stores are in
 `cache_store.py`. Every response of the route carries `X-Cache: HIT | MISS | BYPASS` (or
 `STALE`, see below) and `ctx.cache_status` holds the same word for the access log.
@@ -48,8 +55,19 @@ for it; a plugin that makes a response depend on a request header must add that 
 
 The first miss for a key becomes the *leader* and goes upstream; concurrent misses for the
 same key wait (at most `coalesce_timeout`) for the leader's outcome and are answered from the
-entry it stored (HIT), or, when it stored nothing (uncacheable, too large, cut off, failed),
-go upstream themselves. A HEAD never leads (its response has no body to store).
+entry it stored (HIT), or, when it stores nothing (uncacheable, too large, cut off, failed),
+go upstream themselves: as soon as that is known (as nginx's proxy_cache_lock and Varnish's
+hit-for-miss do), i.e. when the head says the response will not be stored, when the body
+passes `max_entry_bytes`, or else when the response ends. A HEAD never leads (its response
+has no body to store).
+
+## Invalidation
+
+A 2xx or 3xx response to an unsafe method (POST, PUT, PATCH, DELETE, any method but GET,
+HEAD, OPTIONS and TRACE) removes what is stored for the same route, path?query, Host and
+consumer part of the key, every Vary variant included (RFC 9111 §4.4), in either store. (It
+costs the requests of the routes that have this plugin only; a GET in flight at that moment
+may still store the answer it had from before the change.)
 
 ## Purge
 
@@ -65,7 +83,7 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from pydantic import ConfigDict, field_validator
@@ -78,7 +96,9 @@ from apigate.plugins.cache_rules import (
     UNSTORED_FIELDS,
     RequestPolicy,
     StorePolicy,
+    invalidates,
     is_fresh,
+    is_unsafe,
     not_modified,
     request_policy,
     response_policy,
@@ -100,7 +120,7 @@ _X_CACHE = {word: (b"X-Cache", word.encode()) for word in ("HIT", "MISS", "BYPAS
 _NOT_MODIFIED_FIELDS = frozenset(
     {b"cache-control", b"content-location", b"etag", b"expires", b"vary"}
 )
-_OCTET_STREAM = b"application/octet-stream"
+_INVALIDATE_KEY = "cache_invalidate"  # ctx.vars: the base key an unsafe request may invalidate
 
 _LIVE: weakref.WeakSet[CachePlugin] = weakref.WeakSet()
 
@@ -109,7 +129,7 @@ class CacheConfig(PluginConfig):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     ttl: PositiveDuration | None = None  # for responses that give no freshness; None: not stored
-    key_include_consumer: bool = False
+    key_include_consumer: bool = True  # false: one entry for every consumer (an explicit opt-in)
     max_entry_bytes: PositiveSize = 1 << 20
     max_bytes: PositiveSize = 64 << 20
     store: str = "memory"  # memory | redis (the top-level redis store) | redis://host:port/db
@@ -162,7 +182,7 @@ class _State:
         self.base = base
         self.key = base  # the variant key once a Vary marker told us the names
         self.policy = policy
-        self.auth = auth  # carries Authorization (and is not scoped to a consumer's own keys)
+        self.auth = auth  # carries Authorization: only `auth_ok` entries serve or are stored
         self.started = started
         self.flight: _Flight | None = None
         self.stale: CacheEntry | None = None
@@ -247,16 +267,16 @@ class CachePlugin(Plugin):
     # ------------------------------------------------------------------ request side
     def on_request(self, ctx: Any) -> Response | Awaitable[Response | None] | None:
         req = ctx.request
-        cache_control, pragma, authorization = _request_fields(req.headers)
+        # `auth`: the request carries Authorization. RFC 9111 §3.5 applies with the consumer
+        # in the key too: one consumer may stand for many users (an app's key, their tokens).
+        cache_control, pragma, auth = _request_fields(req.headers)
         policy = request_policy(req.method, cache_control, pragma)
         if not policy.lookup and not policy.store:
             ctx.cache_status = "BYPASS"
+            if is_unsafe(req.method):  # its non-error response invalidates the target (§4.4)
+                ctx.vars[_INVALIDATE_KEY] = self._base_key(ctx)
             return None
-        consumer = getattr(ctx.consumer, "name", None) if self.cfg.key_include_consumer else None
-        target = req.path + "?" + req.query.decode("latin-1") if req.query else req.path
-        base = KEY_SEP.join((ctx.route.name, "GET", target, req.host, consumer or ""))
-        # A consumer-scoped key is that consumer's own entry: the §3.5 sharing rule is moot.
-        auth = authorization and consumer is None
+        base = self._base_key(ctx)
         now = self.clock()
         store = self.store
         if isinstance(store, RedisCacheStore):
@@ -273,6 +293,14 @@ class CachePlugin(Plugin):
         state = _State(base, policy, auth, now)
         state.key = key
         return self._after_lookup(ctx, state, entry, now)
+
+    def _base_key(self, ctx: Any) -> str:
+        """The key of the target's entry (or Vary marker): route, GET, path?query, Host and
+        the consumer's name when the config puts it in the key."""
+        req = ctx.request
+        consumer = getattr(ctx.consumer, "name", None) if self.cfg.key_include_consumer else None
+        target = req.path + "?" + req.query.decode("latin-1") if req.query else req.path
+        return KEY_SEP.join((ctx.route.name, "GET", target, req.host, consumer or ""))
 
     async def _lookup_async(
         self, ctx: Any, state: _State, store: RedisCacheStore
@@ -298,7 +326,11 @@ class CachePlugin(Plugin):
             # (no state kept: the response hooks of a hit have nothing to do)
             return self._hit(ctx, entry, age)
         ctx.vars[STATE_KEY] = state
-        if entry is not None and stale_usable(entry.lifetime, age, entry.stale_window):
+        if (
+            entry is not None
+            and policy.stale_ok  # no-cache, max-age, min-fresh: the client wants it fresh
+            and stale_usable(entry.lifetime, age, entry.stale_window)
+        ):
             stale = entry
             state.stale = stale
             ctx.vars["stale_response"] = lambda: self._stale_response(ctx, stale)
@@ -341,7 +373,7 @@ class CachePlugin(Plugin):
             kept = [h for h in entry.headers if h[0].lower() in _NOT_MODIFIED_FIELDS]
             return Response(304, b"", [*kept, (b"Age", b"%d" % int(age)), _X_CACHE["HIT"]])
         headers = [*entry.headers, (b"Age", b"%d" % int(age)), _X_CACHE["HIT"]]
-        return Response(entry.status, entry.body, headers, entry.content_type or _OCTET_STREAM)
+        return Response(entry.status, entry.body, headers, entry.content_type)
 
     def _stale_response(self, ctx: Any, entry: CacheEntry) -> Response | None:
         age = entry.age(self.clock())
@@ -353,7 +385,7 @@ class CachePlugin(Plugin):
             entry.status,
             entry.body,
             self._decorated(ctx, entry.status, headers),
-            entry.content_type or _OCTET_STREAM,
+            entry.content_type,
         )
 
     def _decorated(
@@ -388,11 +420,15 @@ class CachePlugin(Plugin):
         head.headers.append(_X_CACHE.get(word, _X_CACHE["BYPASS"]))
         state: _State | None = ctx.vars.get(STATE_KEY)
         if state is None:
+            base = ctx.vars.get(_INVALIDATE_KEY)
+            if base is not None and invalidates(ctx.request.method, head.status):
+                self._invalidate(base)
             return
         if head.status >= 500 and state.stale is not None:
             stale = self._stale_response(ctx, state.stale)
             if stale is not None:
                 ctx.vars["replace_response"] = stale
+            self._release(state, None)  # an error where an entry was: nothing to store
             return
         if not state.policy.store:
             return
@@ -411,10 +447,13 @@ class CachePlugin(Plugin):
             now=self.clock(),
             request_time=state.started,
         )
-        if policy.store:
-            state.store_policy = policy
-            state.head = head
-            state.chunks = []
+        if not policy.store:
+            # Waiters go upstream now, not after a body that will not be stored.
+            self._release(state, None)
+            return
+        state.store_policy = policy
+        state.head = head
+        state.chunks = []
 
     def on_response_chunk(self, ctx: Any, chunk: bytes) -> None:
         state: _State | None = ctx.vars.get(STATE_KEY)
@@ -422,7 +461,8 @@ class CachePlugin(Plugin):
             return
         state.size += len(chunk)
         if state.size > self.cfg.max_entry_bytes:
-            state.chunks = None  # too large to keep: stop collecting, store nothing
+            state.chunks = None  # too large to keep: stop collecting, store nothing,
+            self._release(state, None)  # and let the waiters go without the rest of it
         else:
             state.chunks.append(chunk)
 
@@ -506,15 +546,26 @@ class CachePlugin(Plugin):
             )
         store = self.store
         if isinstance(store, RedisCacheStore):
-            task = asyncio.get_running_loop().create_task(self._put_async(store, entry, marker))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._put_async(store, entry, marker))
             return entry
         if marker is not None:
             old = store.get(state.base, now)
             if old is None or not old.is_marker or old.retain_until <= marker.retain_until:
                 store.put(marker)
         return entry if store.put(entry) else None
+
+    def _invalidate(self, base: str) -> None:
+        store = self.store
+        if isinstance(store, RedisCacheStore):
+            self._spawn(store.invalidate(base))
+        else:
+            store.invalidate(base)
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run a Redis write in the background (`close` waits for it)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _put_async(
         self, store: RedisCacheStore, entry: CacheEntry, marker: CacheEntry | None

@@ -13,6 +13,11 @@ decline to store or to serve):
 - request `no-store` → neither served nor stored; request `no-cache` (or `Pragma: no-cache`
   without Cache-Control) and `max-age=0` → not served (we do not revalidate), the fresh answer
   is stored; request `max-age=N` / `min-fresh=N` tighten freshness;
+- a request with `no-cache`, `max-age` or `min-fresh` never gets a stale answer in place of an
+  error (§4.2.4; §5.2.1.1: with max-age the client "does not wish to receive a stale
+  response"; we do not implement `max-stale`, which could allow one);
+- a non-error (2xx, 3xx) response to an unsafe method (anything but GET, HEAD, OPTIONS, TRACE)
+  invalidates what is stored for its target URI (§4.4);
 - response `no-store`, `private`, `no-cache` → not stored (we cannot revalidate, so a `no-cache`
   entry could never be served); their qualified forms (`private="Set-Cookie"`) strip the named
   fields and store the rest (§5.2.2.4, §5.2.2.7);
@@ -42,7 +47,9 @@ __all__ = [
     "current_age",
     "etag_matches",
     "freshness_lifetime",
+    "invalidates",
     "is_fresh",
+    "is_unsafe",
     "not_modified",
     "parse_cache_control",
     "parse_delta",
@@ -54,6 +61,7 @@ __all__ = [
 ]
 
 CACHEABLE_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # RFC 9110 §9.2.1
 
 # Never stored with an entry: framing and per-response fields the gateway writes itself.
 UNSTORED_FIELDS = frozenset(
@@ -153,6 +161,7 @@ class RequestPolicy:
     max_age: float | None = None  # the request's max-age: older entries are not served
     min_fresh: float = 0.0  # the entry must stay fresh this much longer
     reason: str = ""
+    stale_ok: bool = True  # may a stale entry replace an error (stale-if-error)?
 
 
 _NOT_CACHED_METHOD = RequestPolicy(False, False, reason="method")
@@ -165,18 +174,35 @@ def request_policy(method: str, cache_control: str | None, pragma: str | None) -
     store = method == "GET"
     if not cache_control:
         if pragma and "no-cache" in pragma.lower():  # §5.4: Pragma only counts without C-C
-            return RequestPolicy(False, store, reason="no-cache")
+            return RequestPolicy(False, store, reason="no-cache", stale_ok=False)
         return _PLAIN if store else RequestPolicy(True, False)
     cc = parse_cache_control(cache_control)
     if "no-store" in cc:
         return RequestPolicy(False, False, reason="no-store")
     if "no-cache" in cc:
-        return RequestPolicy(False, store, reason="no-cache")
+        return RequestPolicy(False, store, reason="no-cache", stale_ok=False)
     max_age = parse_delta(cc["max-age"]) if "max-age" in cc else None
     if max_age == 0:
-        return RequestPolicy(False, store, reason="max-age=0")
+        return RequestPolicy(False, store, reason="max-age=0", stale_ok=False)
     min_fresh = parse_delta(cc.get("min-fresh")) or 0
-    return RequestPolicy(True, store, None if max_age is None else float(max_age), float(min_fresh))
+    return RequestPolicy(
+        True,
+        store,
+        None if max_age is None else float(max_age),
+        float(min_fresh),
+        # the client bounded the age it accepts: a stale entry is past that bound
+        stale_ok="max-age" not in cc and "min-fresh" not in cc,
+    )
+
+
+def is_unsafe(method: str) -> bool:
+    """RFC 9110 §9.2.1: a method not known to be safe may change the target resource."""
+    return method not in SAFE_METHODS
+
+
+def invalidates(method: str, status: int) -> bool:
+    """§4.4: a non-error response to an unsafe method invalidates the target URI's entries."""
+    return 200 <= status < 400 and is_unsafe(method)
 
 
 # ------------------------------------------------------------------------------ responses

@@ -10,6 +10,12 @@ the Vary'd headers, and each variant is stored under its own key; a lookup reads
 and, when it finds a marker, the variant key. Entries carry their route and path?query so
 that a purge by route or path prefix needs no key parsing (Redis keys are parsed on SCAN).
 
+`invalidate(base)` removes the entry (or marker) of a base key and every variant stored under
+it (RFC 9111 §4.4, after an unsafe request). The variants' keys hold request header values
+that cannot be derived from the base, so each store keeps an index of them per base key: a
+dict of sets in memory, a Redis set (`apigate:cache-variants:<base>`, outside the namespace
+that purge scans, expiring with its longest-kept variant) in Redis.
+
 The memory store is synchronous (a hit costs a dict lookup and no task). The Redis store is
 asynchronous and never fails a request: errors and timeouts read as a miss and a skipped
 store, and `apigate.store.redis` stops calling a Redis that is down (one probe per 0.5 s).
@@ -32,6 +38,7 @@ __all__ = [
     "CacheEntry",
     "MemoryStore",
     "RedisCacheStore",
+    "base_of",
     "decode_entry",
     "encode_entry",
     "key_fields",
@@ -94,6 +101,12 @@ class CacheEntry:
         return f"<CacheEntry {self.route} {self.target} {kind} {len(self.body)}B>"
 
 
+def base_of(key: str) -> str | None:
+    """The base key a variant key belongs to; None for a base key itself."""
+    base, sep, _ = key.partition(VARIANT_SEP)
+    return base if sep else None
+
+
 def key_fields(key: str) -> tuple[str, str]:
     """(route, target) of a key built by `cache.py`."""
     parts = key.split(KEY_SEP, 3)
@@ -118,6 +131,7 @@ class MemoryStore:
         self.bytes = 0
         self.evictions = 0
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
+        self._variants: dict[str, set[str]] = {}  # base key -> its variants' keys stored here
 
     def get(self, key: str, now: float) -> CacheEntry | None:
         entry = self._entries.get(key)
@@ -138,19 +152,44 @@ class MemoryStore:
             self.bytes -= old.size
         self._entries[entry.key] = entry
         self.bytes += entry.size
+        base = base_of(entry.key)
+        if base is not None:
+            self._variants.setdefault(base, set()).add(entry.key)
         while self.bytes > self.max_bytes:
-            _, evicted = self._entries.popitem(last=False)
+            evicted_key, evicted = self._entries.popitem(last=False)
             self.bytes -= evicted.size
             self.evictions += 1
+            self._unindex(evicted_key)
         return True
 
     def delete(self, key: str) -> None:
         self._drop(key)
 
-    def _drop(self, key: str) -> None:
+    def invalidate(self, base: str) -> int:
+        """Remove the entry (or Vary marker) under `base` and every variant of it; returns how
+        many entries were removed."""
+        removed = 0
+        for key in (base, *self._variants.pop(base, ())):
+            removed += self._drop(key)
+        return removed
+
+    def _drop(self, key: str) -> int:
         entry = self._entries.pop(key, None)
-        if entry is not None:
-            self.bytes -= entry.size
+        if entry is None:
+            return 0
+        self.bytes -= entry.size
+        self._unindex(key)
+        return 1
+
+    def _unindex(self, key: str) -> None:
+        base = base_of(key)
+        if base is None:
+            return
+        variants = self._variants.get(base)
+        if variants is not None:
+            variants.discard(key)
+            if not variants:
+                del self._variants[base]
 
     def purge(self, route: str | None = None, prefix: str | None = None) -> int:
         """Keys removed (a Vary'd resource counts its marker too)."""
@@ -229,6 +268,31 @@ def decode_entry(blob: bytes) -> CacheEntry | None:
         return None
 
 
+# KEYS[1] a variant's key, KEYS[2] its base's variant index; ARGV[1] the entry, ARGV[2] its
+# PX. The index lives as long as the longest-kept variant it names.
+_SET_VARIANT = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SADD', KEYS[2], KEYS[1])
+if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+return 1
+"""
+
+# KEYS[1] a base key, KEYS[2] its variant index: delete the base entry (or marker), every
+# variant the index names (keys not passed in KEYS: fine for the single Redis the cache uses,
+# not for a Redis Cluster) and the index; returns the entries deleted. One DEL per key keeps
+# a large index within Lua's argument limit.
+_INVALIDATE = """
+local removed = redis.call('DEL', KEYS[1])
+for _, key in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  removed = removed + redis.call('DEL', key)
+end
+redis.call('DEL', KEYS[2])
+return removed
+"""
+
+
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
@@ -250,10 +314,18 @@ class RedisCacheStore:
 
         self.redis = redis
         self.namespace = namespace
+        # the variant index lives beside the namespace, not in it: purge's SCAN never meets it
+        self.variants_namespace = namespace.rstrip(":") + "-variants:"
         self.timeout = timeout
         self._unavailable: type[Exception] = StoreUnavailable
         self.get_script = Script("return redis.call('GET', KEYS[1])")
         self.set_script = Script("return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])")
+        self.set_variant_script = Script(_SET_VARIANT)
+        self.invalidate_script = Script(_INVALIDATE)
+
+    def variants_key(self, base: str) -> str:
+        """The Redis set of the (namespaced) variant keys stored under `base`."""
+        return self.variants_namespace + base
 
     async def get(self, key: str, now: float) -> CacheEntry | None:
         if not self.redis.available():
@@ -276,13 +348,31 @@ class RedisCacheStore:
         if ttl_ms <= 0 or not self.redis.available():
             return False
         blob = encode_entry(entry)
+        keys = [self.namespace + entry.key]
+        script = self.set_script
+        base = base_of(entry.key)
+        if base is not None:  # a variant: indexed so that invalidate(base) can find it
+            keys.append(self.variants_key(base))
+            script = self.set_variant_script
         try:
-            await self.redis.run_script(
-                self.set_script, [self.namespace + entry.key], [blob, ttl_ms], timeout=self.timeout
-            )
+            await self.redis.run_script(script, keys, [blob, ttl_ms], timeout=self.timeout)
         except self._unavailable:
             return False
         return True
+
+    async def invalidate(self, base: str) -> int:
+        """Remove the entry (or Vary marker) under `base` and every variant of it; returns how
+        many entries were removed (0 when Redis is unavailable: never raises)."""
+        if not self.redis.available():
+            return 0
+        keys = [self.namespace + base, self.variants_key(base)]
+        try:
+            removed = await self.redis.run_script(
+                self.invalidate_script, keys, [], timeout=self.timeout
+            )
+        except self._unavailable:
+            return 0
+        return int(removed)
 
     async def purge(self, route: str | None = None, prefix: str | None = None) -> int:
         """Keys removed (a Vary'd resource counts its marker too); raises StoreUnavailable.
