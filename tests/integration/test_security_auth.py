@@ -9,12 +9,17 @@ import base64
 import hashlib
 import hmac
 import json
+import os
+import statistics
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
+import jwt
 import pytest
 import pytest_asyncio
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.support.gateway import GatewayProcess, base_config, raw_request
 from tests.support.upstream import Upstream
@@ -33,12 +38,35 @@ def token(**claims: Any) -> str:
     return f"{signing_input}.{b64(sig)}"
 
 
+def pbkdf2_hash(password: str, iterations: int) -> str:
+    salt = os.urandom(8).hex()
+    derived = hashlib.pbkdf2_hmac("sha256", password.encode(), salt.encode(), iterations)
+    return f"pbkdf2_sha256${iterations}${salt}${base64.b64encode(derived).decode()}"
+
+
+JWKS_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def canned_jwks() -> bytes:
+    """The JWKS the upstream serves: one key, published without a `kid`."""
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(JWKS_KEY.public_key()))
+    doc = json.dumps({"keys": [{**jwk, "use": "sig", "alg": "RS256"}]}).encode()
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (
+        len(doc),
+        doc,
+    )
+
+
 def _config(upstream_url: str) -> dict[str, Any]:
     return base_config(
         services={"up": {"targets": [upstream_url]}},
         consumers=[
             {"name": "alice", "groups": ["admins"], "api_keys": ["${ALICE_KEY}"]},
             {"name": "bob", "groups": ["users"]},
+            {
+                "name": "carol",
+                "basic_auth": {"username": "carol", "password": pbkdf2_hash("pw", 100_000)},
+            },
         ],
         routes=[
             {
@@ -56,6 +84,20 @@ def _config(upstream_url: str) -> dict[str, Any]:
                 },
             },
             {
+                "name": "jwks",
+                "match": {"paths": ["/jwks-route"]},
+                "service": "up",
+                "plugins": {
+                    "jwt": {"jwks_url": f"{upstream_url}/jwks.json", "algorithms": ["RS256"]}
+                },
+            },
+            {
+                "name": "basic",
+                "match": {"paths": ["/basic"]},
+                "service": "up",
+                "plugins": {"basic_auth": {}},
+            },
+            {
                 "name": "keys",
                 "match": {"paths": ["/keys"]},
                 "service": "up",
@@ -70,6 +112,12 @@ def _config(upstream_url: str) -> dict[str, Any]:
                     "request_size": {"max_bytes": 100},
                     "ip_filter": {"deny": ["192.0.2.0/24"]},
                 },
+            },
+            {
+                "name": "cors",
+                "match": {"paths": ["/respond"]},  # the upstream answers with the asked headers
+                "service": "up",
+                "plugins": {"cors": {"origins": ["https://app.example.com"]}},
             },
             {
                 "name": "blocked",
@@ -109,10 +157,12 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def setup() -> AsyncIterator[Setup]:
     env = {"JWT_SECRET": SECRET, "ALICE_KEY": API_KEY}
-    async with Upstream() as up, GatewayProcess(_config(up.url), env=env) as gw:
-        yield Setup(up, gw)
-        logs = "\n".join(gw.stderr_lines + gw.stdout_lines)
-        assert SECRET not in logs and API_KEY not in logs  # secrets never reach a log
+    async with Upstream() as up:
+        up.state.canned["/jwks.json"] = canned_jwks()  # fetched as the gateway starts
+        async with GatewayProcess(_config(up.url), env=env) as gw:
+            yield Setup(up, gw)
+            logs = "\n".join(gw.stderr_lines + gw.stdout_lines)
+            assert SECRET not in logs and API_KEY not in logs  # secrets never reach a log
 
 
 async def test_jwt_401_then_200_with_forwarded_claims(setup: Setup) -> None:
@@ -136,6 +186,65 @@ async def test_jwt_401_then_200_with_forwarded_claims(setup: Setup) -> None:
         got = setup.up.received[-1]
         assert got.header_values("x-user-id") == ["alice"]
         assert got.header_values("x-tenant") == []  # no such claim: the client's copy is gone
+
+
+async def test_jwt_exp_must_be_a_number(setup: Setup) -> None:
+    # PyJWT accepts "exp": "<digits>"; such a token used to be cached for 5 minutes past it.
+    count = len(setup.up.received)
+    for exp in (str(int(time.time()) + 3), str(int(time.time()) + 3600)):
+        text = token(sub="alice", iss="apigate-tests", exp=exp)
+        status, headers, body = await setup.get("/jwt/echo", f"Authorization: Bearer {text}")
+        assert status == 401, body
+        assert headers["www-authenticate"] == 'Bearer realm="apigate", error="invalid_token"'
+        assert json.loads(body)["message"] == "token's 'exp' claim is not a number"
+    assert len(setup.up.received) == count
+
+
+async def test_jwt_forward_claims_remove_underscore_variants(setup: Setup) -> None:
+    good = token(sub="alice", iss="apigate-tests", exp=time.time() + 3600)
+    for _ in range(2):  # verified, then from the cache
+        status, _, body = await setup.get(
+            "/jwt/echo",
+            f"Authorization: Bearer {good}",
+            "X_User_Id: root",
+            "x_user-id: root2",
+            "X_Tenant: evil",
+        )
+        assert status == 200, body
+        got = setup.up.received[-1]
+        names = {name.lower().replace("_", "-") for name, _ in got.headers}
+        assert got.header_values("x-user-id") == ["alice"]
+        assert got.header_values("x_user_id") == got.header_values("x_user-id") == []
+        assert "x-tenant" not in names
+
+
+async def test_jwks_key_without_kid_verifies_a_token_with_kid(setup: Setup) -> None:
+    fetches = sum(r.path == "/jwks.json" for r in setup.up.received)
+    for kid in ("k1", None):
+        headers = {"kid": kid} if kid else None
+        text = jwt.encode({"sub": "alice"}, JWKS_KEY, "RS256", headers=headers)
+        status, _, body = await setup.get("/jwks-route/echo", f"Authorization: Bearer {text}")
+        assert status == 200, body
+    assert sum(r.path == "/jwks.json" for r in setup.up.received) == fetches  # no refetch
+
+
+async def test_basic_auth_unknown_user_is_as_slow_as_a_known_one(setup: Setup) -> None:
+    # carol's hash is pbkdf2_sha256 with 100k iterations (~30 ms); an unknown user used to be
+    # answered in ~1 ms, which told an attacker which usernames exist.
+    def creds(user: str) -> str:
+        return "Authorization: Basic " + base64.b64encode(f"{user}:wrong".encode()).decode()
+
+    async def timed(user: str) -> float:
+        started = time.perf_counter()
+        status, _, _ = await setup.get("/basic/echo", creds(user))
+        assert status == 401
+        return time.perf_counter() - started
+
+    known, unknown = [], []
+    for _ in range(5):  # interleaved, medians: a hiccup of the machine moves neither much
+        known.append(await timed("carol"))
+        unknown.append(await timed("mallory"))
+    assert statistics.median(unknown) > 0.5 * statistics.median(known), (known, unknown)
 
 
 async def test_jwt_then_acl_403_for_a_consumer_outside_the_group(setup: Setup) -> None:
@@ -191,3 +300,26 @@ async def test_request_size_and_ip_filter(setup: Setup) -> None:
     assert status == 413 and json.loads(body)["error"] == "payload_too_large"
     status, _, body = await setup.get("/blocked/echo")
     assert status == 403 and json.loads(body)["error"] == "ip_forbidden"
+
+
+async def test_cors_policy_is_authoritative_over_the_upstreams(setup: Setup) -> None:
+    upstream_cors = "&".join(
+        "h=" + quote(field)
+        for field in (
+            "Access-Control-Allow-Origin:*",
+            "Access-Control-Allow-Credentials:true",
+            "Access-Control-Expose-Headers:X-Secret",
+            "Access-Control-Max-Age:86400",
+            "Vary:Accept-Encoding",
+        )
+    )
+    path = f"/respond?{upstream_cors}"
+    for origin in ("Origin: https://evil.com", None):
+        status, headers, _ = await setup.get(path, *([origin] if origin else []))
+        assert status == 200
+        assert [n for n in headers if n.startswith("access-control-")] == [], headers
+        assert headers["vary"] == "Accept-Encoding, Origin"
+    status, headers, _ = await setup.get(path, "Origin: https://app.example.com")
+    assert headers["access-control-allow-origin"] == "https://app.example.com"
+    assert "access-control-allow-credentials" not in headers  # not configured on the route
+    assert headers["vary"] == "Accept-Encoding, Origin"

@@ -79,6 +79,16 @@ def test_a_cached_token_is_answered_without_the_plugin() -> None:
     assert sent_header(ctx.request, "X-User") == ["alice"]
 
 
+def test_claim_headers_are_matched_with_underscore_and_dash_alike() -> None:
+    # WSGI/CGI/PHP turn X_User_Id and X-User-Id into the same HTTP_X_USER_ID.
+    cache, _ = token_cache(forward_headers=frozenset({b"X-User_Id"}))
+    cache.add(b"abc", verified(forward=[(b"X-User_Id", b"alice")]))
+    spoofed = [("X_User_Id", "a"), ("x-user-id", "b"), ("X_USER-ID", "c"), ("X-UserId", "kept")]
+    ctx = make_ctx(headers=[("Authorization", "Bearer abc"), *spoofed])
+    assert cache.on_request(ctx) is None
+    assert ctx.request.headers[1:] == [(b"X-UserId", b"kept"), (b"X-User_Id", b"alice")]
+
+
 def test_missing_conflicting_unknown_and_expired_tokens_go_to_the_plugin() -> None:
     cache, misses = token_cache()
     expired = verified()

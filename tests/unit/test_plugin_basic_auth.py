@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from apigate.config.errors import ConfigError
+from apigate.plugins import basic_auth
 from apigate.plugins.basic_auth import BasicAuthPlugin, make_verifier, parse_basic
 from tests.unit.test_plugin_fakes import body, build, header, make_ctx, make_env, resolve, settle
 
@@ -83,6 +84,83 @@ def test_bad_credentials_are_401_with_a_basic_challenge(plugin: BasicAuthPlugin)
         assert body(outcome)["message"] == message
 
 
+def record_pbkdf2(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int | None]]:
+    """(iterations, length) of every pbkdf2 the plugin computes."""
+    calls: list[tuple[int, int | None]] = []
+    real = hashlib.pbkdf2_hmac
+
+    def recording(
+        name: str, password: bytes, salt: bytes, iterations: int, dklen: int | None = None
+    ) -> bytes:
+        calls.append((iterations, dklen))
+        return real(name, password, salt, iterations, dklen)
+
+    monkeypatch.setattr(basic_auth.hashlib, "pbkdf2_hmac", recording)
+    return calls
+
+
+async def test_an_unknown_user_costs_the_slowest_configured_hash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An unknown user must not answer faster than a known one (that would tell which
+    # usernames exist): it pays a dummy hash of the slowest configured scheme and cost, off
+    # the event loop like a real slow check.
+    consumers = [
+        {"name": "a", "basic_auth": {"username": "a", "password": sha256_hash("pw")}},
+        {"name": "b", "basic_auth": {"username": "b", "password": pbkdf2_hash("pw", 2000)}},
+        {"name": "c", "basic_auth": {"username": "c", "password": pbkdf2_hash("pw", 3000)}},
+    ]
+    plugin: BasicAuthPlugin = build("basic_auth", {}, make_env(consumers))
+    calls = record_pbkdf2(monkeypatch)
+    outcome = plugin.on_request(make_ctx(headers=basic("c", "wrong")))
+    assert asyncio.iscoroutine(outcome)
+    known = await settle(outcome)
+    outcome = plugin.on_request(make_ctx(headers=basic("mallory", "wrong")))
+    assert asyncio.iscoroutine(outcome)  # the same path as a known user's slow check
+    unknown = await settle(outcome)
+    assert calls == [(3000, 32), (3000, 32)]
+    for denied in (known, unknown):
+        assert denied is not None and denied.status == 401
+        assert body(denied)["message"] == "invalid credentials"
+
+
+def test_an_unknown_user_with_only_fast_hashes_is_answered_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fast = [{"name": "a", "basic_auth": {"username": "a", "password": sha256_hash("pw")}}]
+    only_fast: BasicAuthPlugin = build("basic_auth", {}, make_env(fast))
+    calls = record_pbkdf2(monkeypatch)
+    denied = only_fast.on_request(make_ctx(headers=basic("mallory", "pw")))
+    assert denied is not None and denied.status == 401
+    assert calls == []
+    no_users: BasicAuthPlugin = build("basic_auth", {}, make_env())
+    denied = no_users.on_request(make_ctx(headers=basic("mallory", "pw")))
+    assert denied is not None and denied.status == 401
+
+
+def test_the_dummy_hash_copies_scheme_and_cost_but_matches_nothing() -> None:
+    stored = pbkdf2_hash("pw", 1500)
+    dummy = basic_auth.lookalike_hash(stored)
+    digest = dummy.split("$")[3]
+    assert dummy.startswith("pbkdf2_sha256$1500$") and dummy != stored
+    assert len(base64.b64decode(digest)) == len(base64.b64decode(stored.split("$")[3]))
+    check, slow = make_verifier(dummy)
+    assert slow and not check(b"pw") and not check(b"")
+    fast = basic_auth.lookalike_hash(sha256_hash("pw"))
+    check, slow = make_verifier(fast)
+    assert not slow and fast.startswith("sha256:") and not check(b"pw")
+    bcrypt_like = basic_auth.lookalike_hash("$2b$11$" + "a" * 53)
+    assert bcrypt_like.startswith("$2b$11$" + "a" * 22) and len(bcrypt_like) == 60
+    assert bcrypt_like != "$2b$11$" + "a" * 53
+
+
+def test_hash_costs_rank_schemes() -> None:
+    cost = basic_auth.hash_cost
+    assert cost(sha256_hash("x")) < cost(pbkdf2_hash("x", 1000)) < cost(pbkdf2_hash("x", 2000))
+    assert cost(pbkdf2_hash("x", 100_000)) < cost("$2b$12$" + "a" * 53)
+    assert cost("$2b$04$" + "a" * 53) < cost(pbkdf2_hash("x", 100_000))
+
+
 def test_password_with_colons(plugin: BasicAuthPlugin) -> None:
     env = make_env([{"name": "d", "basic_auth": {"username": "d", "password": sha256_hash("a:b")}}])
     plugin = build("basic_auth", {"hide_credentials": False}, env)
@@ -107,16 +185,37 @@ def test_unusable_hashes_are_config_errors() -> None:
         ("sha256:abc", "64 hex digits"),
         ("pbkdf2_sha256$x$salt$aGFzaA==", "iterations"),
         ("pbkdf2_sha256$10$salt$!!", "not base64"),
+        ("pbkdf2_sha256$10$salt$", "the hash is empty"),
+        ("$2b$12$short", "a bcrypt hash is"),
+        ("$2b$xx$" + "a" * 53, "a bcrypt hash is"),
     ]:
         with pytest.raises(ValueError, match=problem):
             make_verifier(stored)
 
 
-def test_bcrypt_needs_the_package() -> None:
-    try:
-        importlib.import_module("bcrypt")
-    except ImportError:
-        with pytest.raises(ValueError, match="needs the 'bcrypt' package"):
-            make_verifier("$2b$12$" + "a" * 53)
-    else:  # pragma: no cover - depends on the environment
-        pytest.skip("bcrypt is installed")
+def test_bcrypt_needs_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    """(The test extra installs bcrypt: its absence is simulated.)"""
+    real_import = importlib.import_module
+
+    def without_bcrypt(name: str, package: str | None = None) -> Any:
+        if name == "bcrypt":
+            raise ImportError(name)
+        return real_import(name, package)
+
+    monkeypatch.setattr(importlib, "import_module", without_bcrypt)
+    with pytest.raises(ValueError, match="needs the 'bcrypt' package"):
+        make_verifier("$2b$12$" + "a" * 53)
+
+
+async def test_an_unknown_user_costs_a_bcrypt_check_when_bcrypt_is_configured() -> None:
+    bcrypt: Any = pytest.importorskip("bcrypt")
+    stored = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=4)).decode()
+    dummy = basic_auth.lookalike_hash(stored)
+    assert dummy[:29] == stored[:29] and dummy != stored
+    assert bcrypt.checkpw(b"pw", stored.encode()) and not bcrypt.checkpw(b"pw", dummy.encode())
+    env = make_env([{"name": "a", "basic_auth": {"username": "a", "password": stored}}])
+    plugin: BasicAuthPlugin = build("basic_auth", {}, env)
+    outcome = plugin.on_request(make_ctx(headers=basic("mallory", "pw")))
+    assert asyncio.iscoroutine(outcome)
+    denied = await settle(outcome)
+    assert denied is not None and denied.status == 401

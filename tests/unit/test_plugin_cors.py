@@ -67,7 +67,7 @@ def test_plain_options_and_requests_without_origin_pass() -> None:
     assert (
         resolve(plugin.on_request(make_ctx("OPTIONS", headers=[("Origin", "https://x")]))) is None
     )
-    assert actual(plugin, None) == {}
+    assert actual(plugin, None) == {"Vary": "Origin"}
 
 
 def test_actual_response_headers() -> None:
@@ -87,7 +87,60 @@ def test_actual_response_headers() -> None:
 
 def test_disallowed_origin_gets_no_cors_headers() -> None:
     got = actual(cors(), "https://app.example.com.evil.net", ((b"X-Up", b"1"),))
-    assert got == {"X-Up": "1"}
+    assert got == {"X-Up": "1", "Vary": "Origin"}
+
+
+UPSTREAM_CORS = (
+    (b"X-Up", b"1"),
+    (b"Access-Control-Allow-Origin", b"*"),
+    (b"access-control-allow-credentials", b"true"),
+    (b"Access-Control-Allow-Methods", b"DELETE"),
+    (b"Access-Control-Allow-Headers", b"X-Secret"),
+    (b"Access-Control-Allow-Private-Network", b"true"),
+    (b"Access-Control-Expose-Headers", b"X-Secret"),
+    (b"Access-Control-Max-Age", b"86400"),
+)
+
+
+@pytest.mark.parametrize("origin", ["https://evil.com", "null", None])
+def test_the_upstreams_cors_headers_never_reach_a_disallowed_or_absent_origin(
+    origin: str | None,
+) -> None:
+    # The gateway's policy is authoritative: an upstream's `*` + credentials must not
+    # reach https://evil.com behind the gateway's back.
+    assert actual(cors(), origin, UPSTREAM_CORS) == {"X-Up": "1", "Vary": "Origin"}
+
+
+@pytest.mark.parametrize("origin", ["https://evil.com", None, "https://app.example.com"])
+@pytest.mark.parametrize(
+    "upstream_vary, expected",
+    [
+        ((), "Origin"),
+        ((b"Accept-Encoding",), "Accept-Encoding, Origin"),
+        ((b"Accept-Encoding", b"Accept-Language"), "Accept-Encoding, Accept-Language, Origin"),
+        ((b"accept-encoding, origin",), "accept-encoding, origin"),
+        ((b"*",), "*"),
+    ],
+)
+def test_vary_origin_on_every_response(
+    origin: str | None, upstream_vary: tuple[bytes, ...], expected: str
+) -> None:
+    # What the gateway answers depends on Origin (the origin echoed, or no CORS header), so
+    # a shared cache must not serve one origin's answer to another, or to a request without.
+    plugin = cors()
+    ctx = make_ctx(headers=[("Origin", origin)] if origin else [])
+    assert resolve(plugin.on_request(ctx)) is None
+    head = upstream_head([(b"Vary", v) for v in upstream_vary])
+    plugin.on_response(ctx, head)
+    assert [v.decode() for n, v in head.headers if n.lower() == b"vary"] == [expected]
+
+
+def test_vary_origin_with_star_origins_too() -> None:
+    # `*` echoes the request's origin (and refuses `null`): the answer still depends on it.
+    plugin = cors(origins=["*"])
+    assert actual(plugin, None) == {"Vary": "Origin"}
+    assert actual(plugin, "null", UPSTREAM_CORS) == {"X-Up": "1", "Vary": "Origin"}
+    assert actual(plugin, "https://any.test")["Access-Control-Allow-Origin"] == "https://any.test"
 
 
 @pytest.mark.parametrize(

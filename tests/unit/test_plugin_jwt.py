@@ -22,7 +22,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from apigate.config.errors import ConfigError
-from apigate.plugins.jwt import MAX_TOKEN_BYTES, JwtPlugin, header_value, http_get, parse_jwks
+from apigate.plugins.jwt import (
+    MAX_TOKEN_BYTES,
+    JwtPlugin,
+    KeySet,
+    VerifyKey,
+    header_value,
+    http_get,
+    parse_jwks,
+)
 from tests.unit.test_plugin_fakes import (
     body,
     build,
@@ -268,6 +276,38 @@ def test_nbf_in_the_future_fails(hs_plugin: JwtPlugin) -> None:
     assert check(hs_plugin, hs256(SECRET.encode(), sub="a", nbf=now + 5))[0] is None  # leeway
 
 
+@pytest.mark.parametrize("claim", ["exp", "nbf"])
+@pytest.mark.parametrize("value", ["digits", "1.7e9", True, False, [1], {"t": 1}, None])
+def test_exp_and_nbf_must_be_json_numbers(hs_plugin: JwtPlugin, claim: str, value: Any) -> None:
+    # RFC 7519 §4.1.4/§4.1.5: a NumericDate. PyJWT int()s what it is given, so a string of
+    # digits (or a bool) passed it, while the cache only honoured a numeric exp.
+    when = int(time.time()) + (3600 if claim == "exp" else -60)
+    claims = {claim: str(when) if value == "digits" else value}
+    token = hs256(SECRET.encode(), sub="alice", **claims)
+    outcome = check(hs_plugin, token)[0]
+    assert_invalid(outcome)
+    if value == "digits":
+        assert body(outcome)["message"] == f"token's {claim!r} claim is not a number"
+    assert hs_plugin.cache == {}
+
+
+def test_a_string_exp_is_not_served_from_the_cache_after_it_expired(
+    hs_plugin: JwtPlugin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = time.time()
+    token = hs256(SECRET.encode(), sub="alice", exp=str(int(now) + 5))
+    first = check(hs_plugin, token)[0]
+    monkeypatch.setattr(time, "time", lambda: now + 60)  # exp and the 30 s leeway are past
+    assert_invalid(check(hs_plugin, token)[0])
+    assert_invalid(first)
+
+
+def test_numeric_exp_and_nbf_still_pass(hs_plugin: JwtPlugin) -> None:
+    now = time.time()
+    for claims in ({"exp": now + 60}, {"exp": int(now) + 60}, {"nbf": int(now) - 1}, {}):
+        assert check(hs_plugin, hs256(SECRET.encode(), sub="alice", **claims))[0] is None
+
+
 def test_wrong_issuer_and_audience_fail() -> None:
     plugin = build(
         "jwt", {"secret": SECRET, "algorithms": ["HS256"], "issuer": "me", "audience": "api"}
@@ -431,6 +471,38 @@ def test_forward_claims_replace_client_sent_headers() -> None:
     assert sent_header(ctx.request, "X-User-Id") == ["alice"]
 
 
+def test_forward_claims_remove_client_sent_underscore_variants() -> None:
+    # WSGI, CGI and PHP read X_Role as HTTP_X_ROLE, exactly like X-Role.
+    plugin = build(
+        "jwt",
+        {
+            "secret": SECRET,
+            "algorithms": ["HS256"],
+            "forward_claims": {"role": "X-Role", "tenant": "X_Tenant_Id"},
+        },
+    )
+    token = hs256(SECRET.encode(), sub="alice", role="user", tenant="t1")
+    spoofed = [
+        ("X_Role", "admin3"),
+        ("x_role", "admin4"),
+        ("X-ROLE", "admin5"),
+        ("x-tenant-id", "other"),
+        ("X_TENANT-ID", "other2"),
+        ("X_Other", "kept"),
+        ("XRole", "kept"),
+    ]
+    for _ in range(2):  # verified, then from the cache
+        ctx = make_ctx(headers=[*bearer(token), *spoofed])
+        assert resolve(plugin.on_request(ctx)) is None
+        names = [(n.decode(), v.decode()) for n, v in ctx.request.headers]
+        assert [(n, v) for n, v in names if n != "Authorization"] == [
+            ("X_Other", "kept"),
+            ("XRole", "kept"),
+            ("X-Role", "user"),
+            ("X_Tenant_Id", "t1"),
+        ]
+
+
 def test_claim_header_values_cannot_inject() -> None:
     assert header_value("plain") == b"plain"
     assert header_value("a\r\nX-Evil: 1") == b'"a\\r\\nX-Evil: 1"'
@@ -490,6 +562,13 @@ def test_cache_entries_end_at_exp_plus_leeway(hs_plugin: JwtPlugin) -> None:
     no_exp = hs256(SECRET.encode(), sub="alice")
     assert check(hs_plugin, no_exp)[0] is None
     assert hs_plugin.cache[no_exp.encode()].expires <= time.time() + 300
+
+
+def test_a_fractional_exp_is_cached_no_longer_than_pyjwt_accepts_it(hs_plugin: JwtPlugin) -> None:
+    exp = int(time.time()) + 100.75  # PyJWT compares int(exp): valid until second +100
+    token = hs256(SECRET.encode(), sub="alice", exp=exp)
+    assert check(hs_plugin, token)[0] is None
+    assert hs_plugin.cache[token.encode()].expires == int(exp) + 30
 
 
 def test_cache_is_bounded() -> None:
@@ -641,6 +720,57 @@ async def test_unreachable_jwks_is_401_not_500() -> None:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     token = jwt.encode({"sub": "a"}, key, "RS256", headers={"kid": "k"})
     assert_invalid(await settle(plugin.on_request(make_ctx(headers=bearer(token)))))
+
+
+async def test_a_jwks_key_without_kid_verifies_tokens_that_carry_a_kid(
+    rsa_key: rsa.RSAPrivateKey, attacker_key: rsa.RSAPrivateKey
+) -> None:
+    kidless = {k: v for k, v in public_jwk(rsa_key, "unused").items() if k != "kid"}
+    async with JwksServer({"keys": [kidless]}) as server:
+        plugin: JwtPlugin = build("jwt", {"jwks_url": server.url, "algorithms": ["RS256"]})
+        await plugin.start()
+        for headers in ({}, {"kid": "k1"}, {"kid": "k2"}):
+            token = jwt.encode({"sub": "a"}, rsa_key, "RS256", headers=headers)
+            outcome = plugin.on_request(make_ctx(headers=bearer(token)))
+            assert not asyncio.iscoroutine(outcome)  # no refetch: the key is in the set
+            assert outcome is None
+        forged = jwt.encode({"sub": "a"}, attacker_key, "RS256", headers={"kid": "k1"})
+        assert_invalid(plugin.on_request(make_ctx(headers=bearer(forged))), "invalid signature")
+        assert server.hits == ["/jwks.json"]
+        await plugin.jwks.close()  # type: ignore[union-attr]
+
+
+async def test_a_kid_in_the_jwks_is_not_tried_on_the_kidless_keys(
+    rsa_key: rsa.RSAPrivateKey, attacker_key: rsa.RSAPrivateKey
+) -> None:
+    kidless = {k: v for k, v in public_jwk(rsa_key, "unused").items() if k != "kid"}
+    doc = {"keys": [kidless, public_jwk(attacker_key, "k1")]}
+    async with JwksServer(doc) as server:
+        plugin: JwtPlugin = build("jwt", {"jwks_url": server.url, "algorithms": ["RS256"]})
+        await plugin.start()
+        token = jwt.encode({"sub": "a"}, rsa_key, "RS256", headers={"kid": "k1"})
+        assert_invalid(plugin.on_request(make_ctx(headers=bearer(token))), "invalid signature")
+        own = jwt.encode({"sub": "a"}, attacker_key, "RS256", headers={"kid": "k1"})
+        assert plugin.on_request(make_ctx(headers=bearer(own))) is None
+        await plugin.jwks.close()  # type: ignore[union-attr]
+
+
+def test_key_set_candidates(rsa_key: rsa.RSAPrivateKey) -> None:
+    public = rsa_key.public_key()
+    k1 = VerifyKey(public, frozenset({"RS256"}), "k1")
+    ps = VerifyKey(public, frozenset({"PS256"}), "ps")
+    kidless = VerifyKey(public, frozenset({"RS256", "PS256"}))
+    keys = KeySet([k1, ps, kidless], use_kid=True)
+    assert keys.candidates("k1", "RS256") == [k1]
+    assert keys.candidates("ps", "PS256") == [ps]
+    assert keys.candidates("ps", "RS256") == []  # the named key cannot do RS256: no fallback
+    assert keys.candidates("other", "RS256") == [kidless]
+    assert keys.candidates("other", "PS256") == [kidless]
+    assert keys.candidates(None, "RS256") == [k1, kidless]
+    for alg in ("HS256", "none", "ES256"):  # never a key of another family, never alg none
+        assert keys.candidates("other", alg) == []
+        assert keys.candidates(None, alg) == []
+    assert KeySet([k1], use_kid=True).candidates("other", "RS256") == []  # -> refetch
 
 
 def test_parse_jwks_skips_what_it_cannot_use(rsa_key: rsa.RSAPrivateKey) -> None:

@@ -10,6 +10,11 @@ Every comparison is constant-time (`hmac.compare_digest`). A slow hash (pbkdf2, 
 checked in a worker thread so the event loop keeps serving, and a successful check is remembered
 for `cache_ttl` under an HMAC of the credentials with a per-process random key, so a client
 that sends the same header on every request pays the slow hash once a minute, not per request.
+
+An unknown username costs what a known one does: its password is checked, the same way, against
+a dummy hash of the scheme and cost of the slowest configured hash (random, made when the plugin
+is built), so the time of a 401 does not tell which usernames exist. (With hashes of different
+costs, users with a cheaper hash still answer faster than unknown ones: give them all one cost.)
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ import hashlib
 import hmac
 import importlib
 import os
+import re
+import secrets
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from pydantic import Field
 
@@ -34,7 +41,12 @@ from apigate.plugins.base import Plugin, PluginConfig, PluginEnv, Response
 from apigate.plugins.identity import BASIC_CHALLENGE, StrictPluginConfig, unauthorized
 
 _CACHE_MAX = 10_000
-_DUMMY = hashlib.sha256(b"apigate-dummy").hexdigest()
+_BCRYPT_HASH = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
+_BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+# Rough seconds per check, only to rank hashes of different schemes (which one the dummy check
+# copies): one pbkdf2-sha256 iteration per 32-byte block, one bcrypt round (2**cost of them).
+_PBKDF2_ITERATION_SECONDS: Final = 0.3e-6
+_BCRYPT_ROUND_SECONDS: Final = 60e-6
 
 Verifier = Callable[[bytes], bool]
 
@@ -56,6 +68,8 @@ def make_verifier(stored: str) -> tuple[Verifier, bool]:
     if stored.startswith("pbkdf2_sha256$"):
         return _pbkdf2_verifier(stored), True
     if stored.startswith(("$2a$", "$2b$", "$2y$")):
+        if not _BCRYPT_HASH.fullmatch(stored):
+            raise ValueError("a bcrypt hash is $2b$<cost>$<53 characters>")
         try:
             bcrypt: Any = importlib.import_module("bcrypt")
         except ImportError:
@@ -65,21 +79,56 @@ def make_verifier(stored: str) -> tuple[Verifier, bool]:
     raise ValueError("unknown hash format: use sha256:<hex>, pbkdf2_sha256$... or $2b$...")
 
 
-def _pbkdf2_verifier(stored: str) -> Verifier:
+def _pbkdf2_parts(stored: str) -> tuple[int, str, bytes]:
+    """(iterations, salt, expected hash) of a pbkdf2_sha256 hash; ValueError if malformed."""
     parts = stored.split("$")
     if len(parts) != 4 or not parts[1].isdigit() or int(parts[1]) < 1:
         raise ValueError("pbkdf2_sha256 needs pbkdf2_sha256$<iterations>$<salt>$<hash>")
-    iterations, salt = int(parts[1]), parts[2].encode()
     try:
         expected = base64.b64decode(parts[3], validate=True)
     except binascii.Error:
         raise ValueError("pbkdf2_sha256: the hash is not base64") from None
+    if not expected:
+        raise ValueError("pbkdf2_sha256: the hash is empty")
+    return int(parts[1]), parts[2], expected
+
+
+def _pbkdf2_verifier(stored: str) -> Verifier:
+    iterations, salt_text, expected = _pbkdf2_parts(stored)
+    salt = salt_text.encode()
 
     def check(password: bytes) -> bool:
         got = hashlib.pbkdf2_hmac("sha256", password, salt, iterations, len(expected))
         return hmac.compare_digest(got, expected)
 
     return check
+
+
+def hash_cost(stored: str) -> float:
+    """Roughly how many seconds a check against `stored` (a usable hash) takes."""
+    if stored.startswith("pbkdf2_sha256$"):
+        iterations, _, expected = _pbkdf2_parts(stored)
+        blocks = max(1, -(-len(expected) // 32))  # pbkdf2 runs once per 32-byte output block
+        return iterations * blocks * _PBKDF2_ITERATION_SECONDS
+    bcrypt = _BCRYPT_HASH.fullmatch(stored)
+    if bcrypt is not None:
+        return float(2 ** int(bcrypt[1])) * _BCRYPT_ROUND_SECONDS
+    return 0.0  # sha256: about a microsecond
+
+
+def lookalike_hash(stored: str) -> str:
+    """A hash of the same scheme and cost as `stored` (a usable hash) that no password matches:
+    its digest is random. Checking a password against it takes as long as against `stored`."""
+    if stored.startswith("pbkdf2_sha256$"):
+        iterations, salt, expected = _pbkdf2_parts(stored)
+        digest = base64.b64encode(os.urandom(len(expected))).decode()
+        return f"pbkdf2_sha256${iterations}${secrets.token_hex(len(salt))[: len(salt)]}${digest}"
+    if _BCRYPT_HASH.fullmatch(stored):
+        # `$2b$<cost>$` and the 22-character salt kept (a salt that surely decodes), the
+        # 31-character digest random
+        digest = "".join(secrets.choice(_BCRYPT_ALPHABET) for _ in range(31))
+        return stored[:29] + digest
+    return "sha256:" + os.urandom(32).hex()
 
 
 def parse_basic(value: bytes) -> tuple[bytes, bytes] | None:
@@ -105,6 +154,7 @@ class BasicAuthPlugin(Plugin):
         self.cfg = config
         self.users: dict[bytes, tuple[ConsumerConfig, Verifier, bool]] = {}
         errors = []
+        hashes: list[str] = []
         for index, consumer in enumerate(env.config.consumers):
             creds = consumer.basic_auth
             if creds is None:
@@ -115,9 +165,12 @@ class BasicAuthPlugin(Plugin):
                 errors.append(f"consumers[{index}].basic_auth.password: {exc}")
                 continue
             self.users[creds.username.encode()] = (consumer, check, slow)
+            hashes.append(creds.password)
         if errors:
             raise ConfigError(errors)
-        self._dummy, _ = make_verifier("sha256:" + _DUMMY)
+        # What an unknown username is checked against: as slow as the slowest known one.
+        slowest = max(hashes, key=hash_cost, default="sha256:")  # no users: a fast dummy
+        self._dummy, self._dummy_slow = make_verifier(lookalike_hash(slowest))
         self._cache_key = os.urandom(32)
         self._cache: dict[bytes, tuple[ConsumerConfig, float]] = {}
         self._slots: asyncio.Semaphore | None = None
@@ -140,8 +193,7 @@ class BasicAuthPlugin(Plugin):
             return None
         entry = self.users.get(user)
         if entry is None:
-            self._dummy(password)  # about the same time as a known user with a fast hash
-            return self._deny(ctx, "invalid credentials")
+            return self._refuse_unknown(ctx, password)
         consumer, check, slow = entry
         if slow:
             return self._check_slowly(ctx, consumer, check, password, memo)
@@ -151,18 +203,33 @@ class BasicAuthPlugin(Plugin):
         self._accept(ctx, consumer)
         return None
 
+    def _refuse_unknown(self, ctx: Any, password: bytes) -> Any:
+        """401 for an unknown username, after the work a known one costs (the dummy check, by
+        the same path as a real one), so that the answer's timing says nothing."""
+        if self._dummy_slow:
+            return self._refuse_slowly(ctx, password)
+        self._dummy(password)
+        return self._deny(ctx, "invalid credentials")
+
+    async def _refuse_slowly(self, ctx: Any, password: bytes) -> Response:
+        await self._run_slow_check(self._dummy, password)
+        return self._deny(ctx, "invalid credentials")
+
     async def _check_slowly(
         self, ctx: Any, consumer: ConsumerConfig, check: Verifier, password: bytes, memo: bytes
     ) -> Response | None:
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.cfg.max_concurrent_checks)
-        async with self._slots:
-            ok = await asyncio.get_running_loop().run_in_executor(None, check, password)
-        if not ok:
+        if not await self._run_slow_check(check, password):
             return self._deny(ctx, "invalid credentials")
         self._remember(memo, consumer)
         self._accept(ctx, consumer)
         return None
+
+    async def _run_slow_check(self, check: Verifier, password: bytes) -> bool:
+        """A slow hash in a worker thread, at most `max_concurrent_checks` at once."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.cfg.max_concurrent_checks)
+        async with self._slots:
+            return await asyncio.get_running_loop().run_in_executor(None, check, password)
 
     def _remember(self, memo: bytes, consumer: ConsumerConfig) -> None:
         if self.cfg.cache_ttl <= 0:

@@ -3,10 +3,14 @@
 - A preflight (OPTIONS with Origin and Access-Control-Request-Method) never reaches the
   upstream: an allowed origin, method and header set gets a 204 with the Access-Control-Allow-*
   headers; anything else gets a 403.
-- An actual request from an allowed origin gets `Access-Control-Allow-Origin: <its origin>`,
-  `Vary: Origin` and, if configured, credentials and exposed headers, added to the upstream's
-  response (replacing any the upstream sent). A disallowed origin gets no CORS header at all,
-  so the browser keeps the response from the page.
+- An actual request from an allowed origin gets `Access-Control-Allow-Origin: <its origin>`
+  and, if configured, credentials and exposed headers. A disallowed origin, or a request
+  without Origin, gets no CORS header at all, so the browser keeps the response from the page.
+  The gateway's policy is the only one: every `Access-Control-*` header the upstream sent is
+  removed first (an upstream's `Access-Control-Allow-Origin: *` must not reach any origin).
+- Every response on the route carries `Vary: Origin` (merged into the upstream's Vary): what
+  the gateway adds depends on the request's Origin, even with `*` (which echoes the origin and
+  refuses `null`), so a shared cache must not give one origin's response to another.
 
 `origins` entries: an exact origin (`https://app.example.com`, port included when not the
 default), `*` for any origin except `null`, or a wildcard subdomain `https://*.example.com`
@@ -114,6 +118,23 @@ class OriginRules:
         )
 
 
+def without_cors_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The upstream's response headers less its own CORS answer (`Access-Control-*`)."""
+    return [h for h in headers if not h[0].lower().startswith(b"access-control-")]
+
+
+def vary_on_origin(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """`headers` with Origin in Vary: the upstream's Vary fields merged into one with Origin
+    added, or left alone when they already name Origin or `*` (which covers it)."""
+    vary = [v.strip() for n, v in headers if n.lower() == b"vary" and v.strip()]
+    names = {t.strip().lower() for v in vary for t in v.split(b",")}
+    if b"origin" in names or b"*" in names:
+        return headers
+    merged = [h for h in headers if h[0].lower() != b"vary"]
+    merged.append((b"Vary", b", ".join([*vary, b"Origin"])))
+    return merged
+
+
 class CorsPlugin(Plugin):
     name = "cors"
     priority = 2100
@@ -182,18 +203,12 @@ class CorsPlugin(Plugin):
         return Response(204, b"", headers)
 
     def on_response(self, ctx: Any, head: Any) -> None:
-        origin = ctx.vars.get("cors_origin")
-        if origin is None:
-            return
-        kept = [h for h in head.headers if not h[0].lower().startswith(b"access-control-")]
-        vary = [v for n, v in kept if n.lower() == b"vary"]
-        tokens = {t.strip().lower() for v in vary for t in v.split(b",")}
-        if b"origin" not in tokens and b"*" not in tokens:
-            kept = [h for h in kept if h[0].lower() != b"vary"]
-            kept.append((b"Vary", b", ".join([*vary, b"Origin"])))
-        kept.append((b"Access-Control-Allow-Origin", origin.encode("latin-1")))
-        kept.extend(self._response_extra)
-        head.headers = kept
+        headers = vary_on_origin(without_cors_headers(head.headers))
+        origin = ctx.vars.get("cors_origin")  # set by on_request for an allowed origin only
+        if origin is not None:
+            headers.append((b"Access-Control-Allow-Origin", origin.encode("latin-1")))
+            headers.extend(self._response_extra)
+        head.headers = headers
 
     def __repr__(self) -> str:
         return f"<CorsPlugin origins={self.cfg.origins}>"

@@ -13,12 +13,16 @@ Theory of operation, per request:
    HS256 token "signed" with an RSA public key never meets an HMAC key. `kid` is only a lookup
    key in the JWKS (never a path, never fetched); `jku`, `x5u` and embedded `jwk` headers are
    ignored. Tokens over 8 KiB, or not three base64url segments, are rejected before parsing.
+   `exp` and `nbf`, when present, must be JSON numbers (RFC 7519 NumericDate): PyJWT would
+   accept a string of digits, which the cache could not honour.
 4. Publish: `ctx.vars["jwt_claims"]`, `ctx.consumer` when the `consumer_claim` names a consumer,
-   and `forward_claims` as upstream headers (client-sent copies of those headers removed).
+   and `forward_claims` as upstream headers (client-sent copies of those headers removed, with
+   `_` and `-` alike in their names: WSGI, CGI and PHP read X_Role as X-Role).
 
-JWKS keys are fetched at start, refetched when a token names an unknown `kid` (at most once per
-`jwks_min_refresh`) and refreshed in the background after `jwks_max_age`. Every failure is a
-401 with `WWW-Authenticate: Bearer realm="apigate", error="invalid_token"`, never a 500.
+JWKS keys are fetched at start, refetched when a token names a `kid` that no key has and the set
+has no kid-less key to try instead (at most once per `jwks_min_refresh`), and refreshed in the
+background after `jwks_max_age`. Every failure is a 401 with
+`WWW-Authenticate: Bearer realm="apigate", error="invalid_token"`, never a 500.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeGuard
 from urllib.parse import urlsplit
 
 import jwt
@@ -261,9 +265,12 @@ def parse_jwks(doc: Any, allowed: frozenset[str]) -> list[VerifyKey]:
 
 
 class KeySet:
-    """Keys to try for a token: by `kid` when the set uses kids, else every compatible key."""
+    """Keys to try for a token, only those that can verify its `alg`: with `use_kid` (a JWKS),
+    a token's `kid` picks the keys published with that kid, or, when no key has it, the keys
+    published without a kid (as Envoy's jwt_authn does: a kid-less JWK may sign any token).
+    A token without `kid`, or a set without `use_kid`, tries every key."""
 
-    __slots__ = ("by_kid", "keys", "use_kid")
+    __slots__ = ("by_kid", "keys", "use_kid", "without_kid")
 
     def __init__(self, keys: Iterable[VerifyKey], use_kid: bool) -> None:
         self.keys = list(keys)
@@ -272,9 +279,16 @@ class KeySet:
         for key in self.keys:
             if key.kid is not None:
                 self.by_kid.setdefault(key.kid, []).append(key)
+        self.without_kid = [key for key in self.keys if key.kid is None]
 
     def candidates(self, kid: str | None, alg: str) -> list[VerifyKey]:
-        pool = self.by_kid.get(kid, []) if (self.use_kid and kid is not None) else self.keys
+        """Empty when no key fits: for a JWKS, the kid may be a key published since the fetch."""
+        if self.use_kid and kid is not None:
+            pool = self.by_kid.get(kid) or self.without_kid
+        else:
+            pool = self.keys
+        # The algorithm pinning: only keys whose family (and curve) can do `alg`, so an HS256
+        # token never meets a public key and `alg: none` matches no key at all.
         return [key for key in pool if alg in key.algorithms]
 
     def __len__(self) -> int:
@@ -453,6 +467,23 @@ def _describe(exc: jwt.PyJWTError) -> str:
     return "invalid token"
 
 
+def is_json_number(value: object) -> TypeGuard[int | float]:
+    """True for what JSON calls a number (int or float, never a bool)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def non_numeric_date(claims: dict[str, Any]) -> str | None:
+    """The first of `exp` and `nbf` present but not a NumericDate (RFC 7519 §2: a JSON number).
+
+    PyJWT int()s these claims, so `"exp": "1795..."` or `"nbf": true` pass its checks; but the
+    cache only sees a numeric exp, and would keep such a token for MAX_CACHE_SECONDS past its
+    exp. Refusing them keeps the cache and PyJWT in agreement."""
+    for name in ("exp", "nbf"):
+        if name in claims and not is_json_number(claims[name]):
+            return name
+    return None
+
+
 def header_value(value: Any) -> bytes:
     """A claim as a header value: strings as they are, the rest as JSON; never CR/LF."""
     if isinstance(value, str):
@@ -510,7 +541,7 @@ class JwtPlugin(Plugin):
             cookie=config.cookie.encode() if config.cookie else None,
             query=config.query_param.encode() if config.query_param else None,
             size=config.cache_size,
-            forward_headers=frozenset(h.lower() for _, h in self._forward),
+            forward_headers=frozenset(h for _, h in self._forward),
             miss=self._uncached,
         )
         self.cache = self.tokens.entries  # token bytes -> Verified
@@ -603,6 +634,9 @@ class JwtPlugin(Plugin):
             claims = self._decode(token, alg, keys)
         except jwt.PyJWTError as exc:
             return self._invalid(ctx, _describe(exc))
+        not_a_date = non_numeric_date(claims)
+        if not_a_date is not None:
+            return self._invalid(ctx, f"token's {not_a_date!r} claim is not a number")
         self.tokens.accept(ctx, self._remember(token, claims))
         return None
 
@@ -626,8 +660,9 @@ class JwtPlugin(Plugin):
         now = time.time()
         expires = now + MAX_CACHE_SECONDS
         exp = claims.get("exp")
-        if isinstance(exp, int | float) and not isinstance(exp, bool):
-            expires = min(expires, exp + self._leeway)
+        if is_json_number(exp):  # always, once non_numeric_date() passed the claims
+            # PyJWT compares int(exp) with the clock: a fraction of a second buys nothing
+            expires = min(expires, int(exp) + self._leeway)
         forward = [(h, header_value(claims[c])) for c, h in self._forward if c in claims]
         consumer = self.consumers.find(claims.get(self.cfg.consumer_claim))
         entry = Verified(claims, expires, consumer, forward)

@@ -16,6 +16,14 @@ from urllib.parse import unquote_to_bytes
 from apigate.http.request import Request
 
 CONFLICT: Final = b"\x00conflict"  # sentinel: two different tokens in one request
+# A header name as WSGI, CGI and PHP see it (HTTP_X_ROLE for X-Role, x-role and X_Role alike),
+# in one pass: lower case, `_` as `-`.
+HEADER_FOLD: Final = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ_", b"abcdefghijklmnopqrstuvwxyz-")
+
+
+def fold_header_name(name: bytes) -> bytes:
+    """The name of a header with case and `_`/`-` folded away (see HEADER_FOLD)."""
+    return name.translate(HEADER_FOLD)
 
 
 class Verified:
@@ -60,7 +68,8 @@ class TokenCache:
         self.bearer_only = bearer_only
         self.cookie = cookie
         self.query = query
-        self.forward_headers = forward_headers  # lower-case names of the claim headers
+        # the claim headers' names, folded: a client-sent header that folds to one is dropped
+        self.forward_headers = frozenset(fold_header_name(h) for h in forward_headers)
         # the plugin's answer for a token this cache cannot vouch for (or None: no token)
         self.miss = miss
 
@@ -131,8 +140,10 @@ class TokenCache:
             ctx.consumer = entry.consumer
         drop = self.forward_headers
         if drop:
+            # the client's copies go, X_Role as well as x-role: an upstream behind WSGI, CGI or
+            # PHP would read either as the gateway's X-Role
             req: Request = ctx.request
-            req.headers = [h for h in req.headers if h[0].lower() not in drop]
+            req.headers = [h for h in req.headers if h[0].translate(HEADER_FOLD) not in drop]
             req.headers.extend(entry.forward)
 
     def add(self, token: bytes, entry: Verified) -> None:
