@@ -3,8 +3,9 @@
 
 `status` reads the admin API (/healthz, /services, /routes and, when metrics are on, /stats)
 with the standard library's HTTP client. `check` compiles the config like `apigate validate`,
-then opens a TCP connection to every static target and sends one `GET` (the service's active
-health path, or `/`), all targets in parallel with a 2 s limit each, and prints a table.
+then opens a TCP connection to every static target and sends one `GET` (the path the
+gateway's active health checks probe, or else the target's root), all targets in parallel
+with a 2 s limit each, and prints a table.
 """
 
 from __future__ import annotations
@@ -162,10 +163,21 @@ class Probe:
     ms: float | None = None
 
 
-async def probe_target(service: ServiceConfig, name: str, target: TargetConfig) -> Probe:
-    """One TCP connect + `GET` of the active health path (or `/`), within PROBE_TIMEOUT."""
+def probe_path(service: ServiceConfig, target: TargetConfig) -> str:
+    """What `check` asks a target for: the path the gateway's active health checks probe,
+    which is the instance's own (`health.active.path` as written: a target's base path is
+    where the service's API lives, not put before the health path, as in Kong); without
+    active checks, what a request for `/` would reach (`/base/` for a target with a base)."""
     active = service.health.active
-    path = (target.base_path + (active.path if active is not None else "/")) or "/"
+    if active is not None:
+        return active.path
+    return target.base_path + "/"
+
+
+async def probe_target(service: ServiceConfig, name: str, target: TargetConfig) -> Probe:
+    """One TCP connect + `GET` of `probe_path` within PROBE_TIMEOUT."""
+    active = service.health.active
+    path = probe_path(service, target)
     line = f"GET {path}"
     host_header = target.host if ":" not in target.host else f"[{target.host}]"
     if target.port not in (80, 443):

@@ -6,7 +6,10 @@ from __future__ import annotations
 import re
 
 REDACTED = "[redacted]"
-_URL_PASSWORD = re.compile(r"(?<=://)([^:/@]*):[^@/]+@")
+# user ":" password "@" host. The password runs to the LAST "@" of the authority (which ends
+# at "/", "?", "#" or a blank), since URL parsers (urllib, redis-py) split the credentials from
+# the host there: a raw "@" inside a password is part of the password.
+_URL_PASSWORD = re.compile(r"(?<=://)([^:/?#\s]*):[^/?#\s]+@")
 
 
 def redact_url(text: str) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from apigate.config.errors import ConfigError
-from apigate.config.schema import GatewayConfig, RouteConfig
+from apigate.config.schema import GatewayConfig, RouteConfig, TLSConfig
 from apigate.http.pool import PoolManager
 from apigate.plugins.base import Plugin, PluginEnv
 from apigate.plugins.chain import PluginChain, build_chain
@@ -161,11 +161,21 @@ def compile_runtime(config: GatewayConfig, table: ServiceTable, env: PluginEnv) 
     )
 
 
-def dry_compile(config: GatewayConfig, loop: asyncio.AbstractEventLoop) -> Runtime:
+def dry_compile(
+    config: GatewayConfig,
+    loop: asyncio.AbstractEventLoop,
+    *,
+    tls_in_force: TLSConfig | None = None,
+) -> Runtime:
     """Everything `apigate run` would refuse, without listening or connecting: the snapshot
     (routes, plugin configs) on throwaway services, and the TLS certificates and keys.
-    Used by `apigate validate` and `check`, and by the admin API's `POST /config?dry_run`."""
-    from apigate.http.tls import validate_tls
+    Used by `apigate validate` and `check`, and by the admin API's `POST /config?dry_run`.
+
+    `tls_in_force`: the `listeners.proxy.tls` of a running gateway that would apply `config`.
+    A reload keeping that section unchanged is not refused over its files (see
+    `apigate.http.tls.tls_change_problems`), so a dry run that says what the reload would do
+    passes it; without it (a file checked before start-up) the files are always checked."""
+    from apigate.http.tls import tls_change_problems
 
     pools = PoolManager(loop)
     try:
@@ -173,6 +183,6 @@ def dry_compile(config: GatewayConfig, loop: asyncio.AbstractEventLoop) -> Runti
     finally:
         pools.close()
     tls = config.listeners.proxy.tls
-    if tls is not None and (problems := validate_tls(tls)):
+    if tls is not None and (problems := tls_change_problems(tls, tls_in_force)):
         raise ConfigError(problems)
     return runtime

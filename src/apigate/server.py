@@ -31,6 +31,7 @@ from apigate.http.protocol import ClientConnection
 from apigate.http.request import Request
 from apigate.plugins.base import PluginEnv
 from apigate.proxy.exchange import ExchangeFactory, ProxyExchange
+from apigate.registry.health import health_checker
 from apigate.runtime import Runtime, ServiceTable, compile_runtime
 
 log = logging.getLogger("apigate.server")
@@ -65,7 +66,7 @@ class Gateway:
         self.on_runtime: list[Callable[[Runtime], None]] = []
         # called with every finished exchange (metrics); plain functions, no awaiting
         self.observers: list[Callable[[Any], None]] = []
-        # control-plane subsystems by name ("registry", "config_ops", "health", ...)
+        # control-plane subsystems by name ("registry", "config_ops", "tls", ...)
         self.extensions: dict[str, Any] = {}
         # how a re-read file becomes the effective config (the admin store adds its changes)
         self.compose_config: Callable[[GatewayConfig], GatewayConfig] = lambda c: c
@@ -148,11 +149,12 @@ class Gateway:
                     out.add((host, int(port)))
         return out
 
-    def health_status(self, service: str) -> dict[str, Any]:
-        """Active health-check state per instance, when the checker runs."""
-        checker = self.extensions.get("health")
-        status = getattr(checker, "status", None)
-        return status(service) if callable(status) else {}
+    def health_status(self, service: str) -> dict[str, dict[str, Any]]:
+        """Active health-check state per instance id (healthy, last_check, last_error,
+        successes, failures); empty when the service has no `health.active` or no checker
+        is attached."""
+        checker = health_checker(self)  # attach_health keeps it by gateway
+        return checker.status(service) if checker is not None else {}
 
     async def _start_plugins(self, runtime: Runtime) -> None:
         for plugin in runtime.plugins:
@@ -171,10 +173,13 @@ class Gateway:
         if problems := self.listener_changes(config):
             raise ConfigError(problems)
         if config.listeners.proxy.tls is not None:
-            from apigate.http.tls import validate_tls
+            from apigate.http.tls import tls_change_problems
 
-            if problems := validate_tls(config.listeners.proxy.tls):
-                raise ConfigError(problems)  # a broken TLS section rejects the whole reload
+            # a changed, broken TLS section rejects the whole reload; an unchanged one's files
+            # are the certificate watcher's business (logged, the loaded ones keep serving)
+            in_force = self.config.listeners.proxy.tls
+            if problems := tls_change_problems(config.listeners.proxy.tls, in_force):
+                raise ConfigError(problems)
         self.env.config = config
         try:
             runtime = compile_runtime(config, self.services, self.env)

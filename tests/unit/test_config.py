@@ -527,6 +527,10 @@ def test_target_forms_and_parts() -> None:
         ("http://u:p@h:1", "no user info"),
         ("http://h:99999", "bad port"),
         ("http://:80", "bad or missing host"),
+        # urlsplit drops these: the request line upstream would have been "GET /a b/x ..."
+        ("http://h:1/a b", "blank or control character ' ' at position 12"),
+        ("http://h:1/a\r\nX: 1", "blank or control character '\\r'"),
+        (" http://h:1", "blank or control character ' ' at position 0"),
     ],
 )
 def test_bad_target_urls(url: str, reason: str) -> None:

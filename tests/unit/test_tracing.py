@@ -65,7 +65,7 @@ def test_parse_valid() -> None:
     [
         b"",
         b"garbage",
-        VALID.replace(b"00-", b"01-", 1),  # only version 00 is accepted
+        b"01" + VALID[2:] + b"x",  # a later version: its flags end the value or a "-" follows
         VALID.replace(b"00-", b"ff-", 1),
         VALID.upper(),  # upper-case hex is invalid
         VALID[:-1],

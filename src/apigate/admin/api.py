@@ -8,10 +8,11 @@ non-loopback admin address without a token.
 from __future__ import annotations
 
 import hmac
+import json
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from apigate import __version__
 from apigate.admin.config_ops import (
@@ -35,6 +36,13 @@ if TYPE_CHECKING:
 Route = tuple[str, re.Pattern[str], Callable[[AdminRequest], Awaitable[AdminResponse]]]
 _NAME = r"(?P<{}>[A-Za-z0-9_.\-]+)"
 _SINGULAR = {"services": "service", "routes": "route", "consumers": "consumer"}
+
+# An instance id is a name (letters, digits, "_", ".", "-": the URL pattern) of at most as
+# many characters as the OpenAPI document promises for every name in a path.
+MAX_INSTANCE_ID = 128
+# Metadata is kept in memory on every node (and in Redis with a cluster) and returned by
+# every GET /services: a few labels, not a document store.
+MAX_METADATA_BYTES = 16 * 1024
 
 
 class AdminApi:
@@ -199,29 +207,7 @@ class AdminApi:
         return json_response(doc)
 
     async def register(self, req: AdminRequest) -> AdminResponse:
-        body = req.json()
-        if not isinstance(body, dict):
-            raise AdminError(400, "invalid_body", "body must be a JSON object")
-        unknown = set(body) - {"url", "ttl", "weight", "metadata"}
-        if unknown:
-            raise AdminError(400, "invalid_body", f"unknown keys: {', '.join(sorted(unknown))}")
-        url = body.get("url")
-        if not isinstance(url, str) or not url:
-            raise AdminError(400, "invalid_body", "url (string) is required")
-        ttl_raw = body.get("ttl", "30s")
-        try:
-            ttl = parse_duration(ttl_raw)  # "10s" or seconds; `true` is no duration
-        except ValueError:
-            raise AdminError(400, "invalid_body", f"ttl: invalid duration {ttl_raw!r}") from None
-        weight = body.get("weight", 1)
-        if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 1000:
-            raise AdminError(400, "invalid_body", "weight must be an integer 0..1000")
-        metadata = body.get("metadata") or {}
-        if not isinstance(metadata, dict):
-            raise AdminError(400, "invalid_body", "metadata must be an object")
-        reg = Registration(
-            req.params["service"], req.params["instance"], url, ttl, weight, metadata
-        )
+        reg = parse_registration(req.params["service"], req.params["instance"], req.json())
         try:
             inst, created = await registry_of(self.gateway).register(reg)
         except RegistrationError as exc:
@@ -346,6 +332,64 @@ class AdminApi:
             "services": len(config.services),
         }
         return json_response(result, headers={"ETag": ops.etag()})
+
+
+def parse_registration(service: str, instance_id: str, body: Any) -> Registration:
+    """The registration a `PUT /services/{service}/instances/{id}` body asks for; AdminError
+    (400 invalid_body, naming the field) for anything off."""
+    if not 1 <= len(instance_id) <= MAX_INSTANCE_ID:
+        _invalid(
+            f"instance id: {len(instance_id)} characters; 1 to {MAX_INSTANCE_ID} letters, "
+            "digits, '_', '.' or '-'"
+        )
+    if not isinstance(body, dict):
+        _invalid("body must be a JSON object")
+    unknown = set(body) - {"url", "ttl", "weight", "metadata"}
+    if unknown:
+        _invalid(f"unknown keys: {', '.join(sorted(unknown))}")
+    return Registration(
+        service,
+        instance_id,
+        _registration_url(body.get("url")),
+        _registration_ttl(body.get("ttl", "30s")),
+        _registration_weight(body.get("weight", 1)),
+        _registration_metadata(body.get("metadata", {})),
+    )
+
+
+def _invalid(message: str) -> NoReturn:
+    raise AdminError(400, "invalid_body", message)
+
+
+def _registration_url(url: Any) -> str:
+    if not isinstance(url, str) or not url:
+        _invalid("url (string) is required")
+    return url  # (its form is checked with the targets': TargetConfig)
+
+
+def _registration_ttl(raw: Any) -> float:
+    try:
+        return parse_duration(raw)  # "10s" or seconds; `true` is no duration
+    except ValueError:
+        _invalid(f"ttl: invalid duration {raw!r}")
+
+
+def _registration_weight(weight: Any) -> int:
+    if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 1000:
+        _invalid("weight must be an integer 0..1000")
+    return weight
+
+
+def _registration_metadata(metadata: Any) -> dict[str, Any]:
+    if not isinstance(metadata, dict):  # ([] or null is no object either)
+        _invalid("metadata must be an object")
+    try:
+        size = len(json.dumps(metadata, separators=(",", ":")).encode())
+    except RecursionError:  # json.loads took it, but nearer its recursion limit than this
+        _invalid("metadata: nested too deeply")
+    if size > MAX_METADATA_BYTES:
+        _invalid(f"metadata: {size} bytes as JSON, at most {MAX_METADATA_BYTES}")
+    return metadata
 
 
 def _instance_doc(inst: Instance, now: float) -> dict[str, Any]:

@@ -134,7 +134,10 @@ class ConfigOps:
             check(self.effective_doc())
             if problems := self.gateway.listener_changes(config):
                 raise ConfigError(problems, "<admin>")
-            dry_compile(config, self.gateway.loop)
+            # TLS as the real change would: an unchanged tls section is not re-judged
+            dry_compile(
+                config, self.gateway.loop, tls_in_force=self.gateway.config.listeners.proxy.tls
+            )
             return config
 
         def change(current: dict[str, Any]) -> Change:

@@ -13,7 +13,7 @@ import ipaddress
 import re
 from collections.abc import Iterable
 from functools import lru_cache
-from typing import Annotated, Any, Literal, NamedTuple, Self, cast
+from typing import Annotated, Any, Final, Literal, NamedTuple, Self, cast
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -307,9 +307,21 @@ class _TargetParts(NamedTuple):
     base_path: str
 
 
+_BLANK_OR_CONTROL: Final = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
 @lru_cache(maxsize=4096)
 def _split_target(url: str) -> _TargetParts:
     """Validate a target URL and split it; raises ValueError with the reason."""
+    # urlsplit drops blanks around a URL and tabs and line breaks inside it: such a URL would
+    # route to one address but be shown and shared as another, and a blank left in its base
+    # path would split the upstream request line
+    bad = _BLANK_OR_CONTROL.search(url)
+    if bad is not None:
+        raise ValueError(
+            f"invalid target URL {redact_url(url)!r}: blank or control character {bad[0]!r} "
+            f"at position {bad.start()}"
+        )
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise ValueError(f"invalid target URL {redact_url(url)!r}: use http://host:port")

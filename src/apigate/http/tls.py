@@ -3,7 +3,9 @@
 `ServerTLS(config)` reads every certificate and key once, checks them (readable, PEM, key
 matches, within notBefore/notAfter, covers the `hosts` listed for it) and raises one
 `ConfigError` naming each file and problem. `validate_tls(config)` runs the same checks and
-returns the problems, for `apigate validate`.
+returns the problems, for `apigate validate`; `tls_change_problems` is what a reload or an
+admin change is refused for: only a changed `tls` section is checked (an unchanged one's
+broken files are logged, not a reason to refuse an unrelated change).
 
 Renewal without restart. The listener keeps ONE `SSLContext` for its whole life (the asyncio
 server holds it). `reload()` (SIGHUP) and the file watcher (mtime, size and inode of every file,
@@ -52,7 +54,7 @@ from apigate.config.errors import ConfigError
 if TYPE_CHECKING:
     from apigate.config.schema import TLSConfig
 
-__all__ = ["ServerTLS", "validate_tls", "watch_interval"]
+__all__ = ["ServerTLS", "tls_change_problems", "validate_tls", "watch_interval"]
 
 log = logging.getLogger("apigate.tls")
 
@@ -386,6 +388,27 @@ def validate_tls(tls: TLSConfig | None) -> list[str]:
     if tls is None:
         return []
     return _prepare(tls)[1]
+
+
+def tls_change_problems(tls: TLSConfig | None, in_force: TLSConfig | None) -> list[str]:
+    """The TLS problems that refuse a new config (a reload, an admin change) whose
+    `listeners.proxy.tls` is `tls`, on a gateway whose config in force has `in_force`.
+
+    A changed section is checked as at start-up. An unchanged one is not refused over what its
+    files hold now: the listener keeps serving the certificates it checked when it loaded them
+    (the watcher and SIGHUP reject a bad renewal the same way), so one expired or broken file
+    on disk must not block every unrelated reload and admin change. It is logged as a warning.
+    """
+    problems = validate_tls(tls)
+    if not problems or tls != in_force:
+        return problems
+    log.warning(
+        "the certificate files of listeners.proxy.tls have problems; the certificates loaded "
+        "before keep serving and this config change goes ahead:\n%s",
+        "\n".join(problems),
+        extra={"event": "tls_files", "ok": False},
+    )
+    return []
 
 
 class ServerTLS:

@@ -116,14 +116,27 @@ def reset_sample_ratio(owner: object) -> None:
 # against ~0.6 µs for the same checks as slices and comparisons)
 _TRACEPARENT: Final = re.compile(rb"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 _match: Final = _TRACEPARENT.fullmatch
+# A later version (01 to fe) is read as version 00 (W3C Trace Context, "Versioning of
+# traceparent"): its first four fields, where more fields may follow after a "-"; version ff
+# is invalid. Tried only when the version-00 form fails, so the usual request pays nothing.
+_LATER_VERSION: Final = re.compile(
+    rb"(?!00|ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}(?:-.*)?",
+    re.DOTALL,
+)
+_match_later: Final = _LATER_VERSION.fullmatch
 
 
 def _valid(value: bytes) -> bytes | None:
-    """`value` (surrounding blanks removed) when it is a valid version-00 traceparent."""
+    """`value` (surrounding blanks removed) when it is a valid version-00 traceparent; a valid
+    later version's first four fields as version 00 (what is continued and sent upstream)."""
     if _match(value) is not None:
         return value
     value = value.strip(b" \t")
-    return value if _match(value) is not None else None
+    if _match(value) is not None:
+        return value
+    if _match_later(value) is not None:
+        return b"00" + value[2:55]
+    return None
 
 
 def _continued(parent: bytes | None, trace_id: str) -> bytes | None:
@@ -134,7 +147,8 @@ def _continued(parent: bytes | None, trace_id: str) -> bytes | None:
 
 
 def parse_traceparent(value: bytes) -> tuple[str, str, str] | None:
-    """(trace id, parent id, flags) of a version-00 `traceparent`, or None when invalid."""
+    """(trace id, parent id, flags) of a `traceparent` (a later version read as version 00),
+    or None when invalid."""
     valid = _valid(value)
     if valid is None:
         return None
@@ -153,7 +167,8 @@ def continue_trace(incoming: bytes | None) -> tuple[bytes, str, bool]:
     """(traceparent to send upstream, trace id, whether `incoming` was valid and continued).
 
     The hot-path core: a valid `incoming` keeps its trace id and flags, anything else starts
-    a new trace. The span id in the answer is new either way."""
+    a new trace. The span id in the answer is new either way, and the version 00 (the one
+    this gateway speaks, also when `incoming` was a later one)."""
     span = _span()
     if incoming is not None:
         valid = incoming if _match(incoming) is not None else _valid(incoming)

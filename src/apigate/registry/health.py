@@ -4,8 +4,11 @@ Theory of operation
 -------------------
 For each instance of each service whose config has `health.active`, a background task sends
 `GET <path>` over a fresh connection (`Connection: close`) and reads only the status line, all
-within `timeout`. The first probe waits a random jitter in [0, interval), later ones
-`interval` +- 10%, so a hundred instances are not probed in lockstep. `unhealthy_after`
+within `timeout`. `path` is the instance's own, as written: a target's base path
+(`http://h:1/api`) is where the service's API lives and is not put before it (Kong's
+healthcheck `http_path` works the same); `apigate check` probes the same path. The first
+probe waits a random jitter in [0, interval), later ones `interval` +- 10%, so a hundred
+instances are not probed in lockstep. `unhealthy_after`
 consecutive failures (a status outside `statuses`, a timeout, a refused or reset connection)
 take the instance out (`Instance.healthy = False`); `healthy_after` consecutive successes bring
 it back. Each transition refreshes the service's balancer and records a "health" event with the

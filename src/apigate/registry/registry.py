@@ -157,8 +157,8 @@ class Registry:
             origin="registered",
             scheme=target.scheme,
             metadata=reg.metadata,
+            base_path=target.base_path,
         )
-        inst.base_path = target.base_path
         created = existing is None or existing is not inst
         inst.expires_at = self.gateway.loop.time() + reg.ttl
         if created:

@@ -100,26 +100,35 @@ class Service:
                 del self.instances[iid]
                 self.pools.retire(self.name, iid)
         for iid, target in wanted.items():
-            current = self.instances.get(iid)
-            if current is None:
-                inst = self.instances[iid] = Instance(
-                    iid,
-                    target.url,
-                    target.host,
-                    target.port,
-                    weight=target.weight,
-                    origin="static",
-                    scheme=target.scheme,
-                )
-                inst.base_path = target.base_path
-            else:
-                current.weight = target.weight
-                current.base_path = target.base_path
+            self._apply_target(iid, target)
         self._pool_by_instance.clear()
         if old_kind != config.balancer or not isinstance(self.balancer, Balancer):
             self.balancer = make_balancer(config.balancer, self.instances.values())
         else:
             self.balancer.set_instances(self.instances.values())
+
+    def _apply_target(self, iid: str, target: TargetConfig) -> None:
+        """A static target as the file now says it. Its id is its host:port, so the same id
+        may come back with another scheme (a new instance: the old connections go) or
+        another base path (the same instance, health and connections kept, its URL updated)."""
+        current = self.instances.get(iid)
+        if current is not None and current.scheme == target.scheme:
+            current.url = target.url
+            current.weight = target.weight
+            current.base_path = target.base_path
+            return
+        if current is not None:
+            self.pools.retire(self.name, iid)
+        inst = self.instances[iid] = Instance(
+            iid,
+            target.url,
+            target.host,
+            target.port,
+            weight=target.weight,
+            origin="static",
+            scheme=target.scheme,
+        )
+        inst.base_path = target.base_path
 
     @staticmethod
     def static_id(target: TargetConfig) -> str:
@@ -137,7 +146,13 @@ class Service:
         origin: Origin = "registered",
         scheme: str = "http",
         metadata: dict[str, object] | None = None,
+        base_path: str = "",
     ) -> Instance:
+        """Add `iid`, or update it in place when it keeps its address (scheme, host, port):
+        its health, in-flight count and pooled connections stay. Either way the instance then
+        says what this call said, its `url` and `base_path` included (a re-registration that
+        only moves the base path must not leave the old URL shown, or written back to a
+        cluster's store)."""
         inst = self.instances.get(iid)
         if inst is None or (inst.host, inst.port, inst.scheme) != (host, port, scheme):
             if inst is not None:  # same id, new address: the old address's pool goes
@@ -155,9 +170,11 @@ class Service:
             self.instances[iid] = inst
             self._pool_by_instance.pop(iid, None)
         else:
+            inst.url = url
             inst.weight = weight
             inst.draining = False
             inst.metadata = dict(metadata or {})
+        inst.base_path = base_path
         self.balancer.set_instances(self.instances.values())
         return inst
 
