@@ -567,6 +567,28 @@ async def test_a_part_over_the_size_cap_says_nothing_against_its_instance() -> N
         assert service.breaker is not None and service.breaker.state.value == "closed"
 
 
+async def test_a_part_no_instance_was_asked_for_says_nothing_to_the_breaker() -> None:
+    """No healthy instance, or the gateway's own connection limit reached: the part fails,
+    but the breaker counts nothing (it opened on a healthy service for the pool's limit)."""
+    async with users_upstream(
+        max_connections=1, circuit_breaker={"consecutive_failures": 1, "min_requests": 1000}
+    ) as (_up, service):
+        slow = route({"slow": {"service": "users", "path": "/slow?ms=300", "optional": True}})
+        busy = asyncio.ensure_future(answered(Aggregator(slow, {"users": service})))
+        await asyncio.sleep(0.05)  # its call holds the one connection
+        config = route({"p": {"service": "users", "path": "/echo/1"}})
+        ctx = await answered(Aggregator(config, {"users": service}))
+        assert ctx.error is not None
+        assert ctx.error.message == "part 'p' failed: connection limit reached"
+        await busy
+        (inst,) = service.instances.values()
+        service.set_health(inst, False, "down", check="test")
+        ctx = await answered(Aggregator(config, {"users": service}))
+        assert ctx.error is not None
+        assert ctx.error.message == "part 'p' failed: no healthy instance"
+        assert service.breaker is not None and service.breaker.state.value == "closed"
+
+
 async def test_each_part_keeps_its_own_deadline() -> None:
     """One timer serves the parts' deadlines: each part is cut at its own, not at the first
     or the last."""

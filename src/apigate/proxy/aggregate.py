@@ -550,6 +550,12 @@ class _PartCall(UpstreamListener):
         """`healthy` None: a failure of ours (a bug), not the service's."""
         self._end(healthy, healthy is False, exc)
 
+    def _refused(self, reason: str) -> None:
+        """The part fails before any instance was asked (none healthy, the gateway's own
+        connection limit reached): nothing to tell the breaker about the service, as for a
+        proxied request."""
+        self._end(None, True, PartError(reason))
+
     def _end(self, healthy: bool | None, failed: bool, outcome: bytes | BaseException) -> None:
         """The call is over: the breaker and the exporter learn how it went (`healthy` None:
         cancelled), the run its outcome."""
@@ -613,7 +619,10 @@ class _PartCall(UpstreamListener):
     async def _fetch(self, fetch: Fetch, request: PartRequest) -> None:
         try:
             response = await fetch(request)
-        except (OSError, PoolFull):
+        except PoolFull:
+            self._refused("connection limit reached")
+            return
+        except OSError:
             self._fail(PartError("connect error"))
             return
         except TimeoutError:
@@ -641,7 +650,10 @@ class _PartCall(UpstreamListener):
         try:
             inst = service.balancer.pick(None, self.tried)
             if inst is None:
-                self._fail(PartError("connect error" if self.tried else "no healthy instance"))
+                if self.tried:
+                    self._fail(PartError("connect error"))
+                else:
+                    self._refused("no healthy instance")
                 return
             pool = service.pool_for(inst)
             conn = pool.acquire_idle()
@@ -669,7 +681,7 @@ class _PartCall(UpstreamListener):
             conn = await pool.connect(min(connect_timeout, max(left, 0.0)))
         except PoolFull:
             self.task = None
-            self._fail(PartError("connection limit reached"))
+            self._refused("connection limit reached")
             return
         except (OSError, TimeoutError):
             self.task = None
