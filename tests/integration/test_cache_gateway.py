@@ -323,26 +323,18 @@ async def test_authorization_is_not_shared_unless_public(setup: Setup) -> None:
     ]
 
 
-async def test_consumer_is_part_of_the_key_when_configured(setup: Setup) -> None:
-    path = _target("keyed", "consumer", "Cache-Control: max-age=60")
-    alice = {"apikey": "alice-key"}
-    bob = {"apikey": "bob-key"}
-    replies = [await setup.get(path, h) for h in (alice, bob, alice, bob)]
-    assert [r.headers["x-cache"] for r in replies] == ["MISS", "MISS", "HIT", "HIT"]
-    assert replies[2].json()["n"] == replies[0].json()["n"] != replies[1].json()["n"]
-    assert setup.count("consumer") == 2
-
-
-async def test_consumers_do_not_share_entries_by_default(setup: Setup) -> None:
-    """key_auth + cache with the defaults: alice's entry is never bob's."""
-    path = _target("ck", "ck", "Cache-Control: max-age=60")
+@pytest.mark.parametrize("route", ["keyed", "ck"], ids=["configured", "by-default"])
+async def test_consumers_do_not_share_entries(setup: Setup, route: str) -> None:
+    """key_auth + cache, with key_include_consumer set or left to its default: alice's entry
+    is never bob's."""
+    path = _target(route, route, "Cache-Control: max-age=60")
     alice = {"apikey": "alice-key"}
     bob = {"apikey": "bob-key"}
     replies = [await setup.get(path, h) for h in (alice, bob, alice, bob)]
     assert [r.headers["x-cache"] for r in replies] == ["MISS", "MISS", "HIT", "HIT"]
     assert replies[2].json()["n"] == replies[0].json()["n"] != replies[1].json()["n"]
     assert replies[3].json()["n"] == replies[1].json()["n"]
-    assert setup.count("ck") == 2
+    assert setup.count(route) == 2
 
 
 async def test_x_cache_bypass(setup: Setup) -> None:

@@ -61,15 +61,26 @@ def upstream(
     error: str | None = None,
 ) -> ResponseHead:
     """What the exchange does for a proxied response: on_response, chunks, end, log."""
-    head = ResponseHead()
-    head.status = status
-    head.headers = [(b"Content-Type", b"application/json"), *headers]
-    plugin.on_response(ctx, head)
+    head = answer_head(plugin, ctx, status, [(b"Content-Type", b"application/json"), *headers])
     for chunk in chunks:
         plugin.on_response_chunk(ctx, chunk)
     ctx.error = error
     plugin.on_response_end(ctx)
     plugin.on_log(ctx)
+    return head
+
+
+def answer_head(
+    plugin: CachePlugin,
+    ctx: Ctx,
+    status: int = 200,
+    headers: Iterable[tuple[bytes, bytes]] = ((b"Cache-Control", b"max-age=60"),),
+) -> ResponseHead:
+    """The upstream's head reaches the plugin (on_response); the body is still to come."""
+    head = ResponseHead()
+    head.status = status
+    head.headers = list(headers)
+    plugin.on_response(ctx, head)
     return head
 
 
@@ -270,10 +281,7 @@ def test_stores_the_head_as_later_hooks_left_it() -> None:
     plugin, _ = cache()
     ctx = Ctx()
     plugin.on_request(ctx)
-    head = ResponseHead()
-    head.status = 200
-    head.headers = [(b"Cache-Control", b"max-age=60")]
-    plugin.on_response(ctx, head)
+    head = answer_head(plugin, ctx)
     head.headers = [*head.headers, (b"X-Transformed", b"1")]  # response_transform runs later
     plugin.on_response_chunk(ctx, b"body")
     plugin.on_response_end(ctx)
@@ -296,10 +304,7 @@ def test_without_on_response_end_nothing_is_stored() -> None:
     plugin, _ = cache()
     ctx = Ctx()
     plugin.on_request(ctx)
-    head = ResponseHead()
-    head.status = 200
-    head.headers = [(b"Cache-Control", b"max-age=60")]
-    plugin.on_response(ctx, head)
+    answer_head(plugin, ctx)
     plugin.on_response_chunk(ctx, b"partial")
     plugin.on_log(ctx)  # the client went away: the exchange ended without on_response_end
     assert plugin.on_request(Ctx()) is None
@@ -617,10 +622,7 @@ async def test_waiters_are_released_by_a_head_that_will_not_be_stored(
     plugin.on_request(leader)
     waiting = asyncio.ensure_future(plugin.on_request(follower))  # type: ignore[arg-type]
     await asyncio.sleep(0)
-    head = ResponseHead()
-    head.status = status
-    head.headers = headers
-    plugin.on_response(leader, head)  # the body is still on its way
+    answer_head(plugin, leader, status, headers)  # the body is still on its way
     assert await settled(waiting), "the waiter waits for a body that will not be stored"
     assert waiting.result() is None and follower.cache_status == "MISS"
     plugin.on_response_chunk(leader, b"body")
@@ -635,10 +637,7 @@ async def test_waiters_are_released_once_the_body_passes_max_entry_bytes() -> No
     plugin.on_request(leader)
     waiting = asyncio.ensure_future(plugin.on_request(follower))  # type: ignore[arg-type]
     await asyncio.sleep(0)
-    head = ResponseHead()
-    head.status = 200
-    head.headers = [(b"Cache-Control", b"max-age=60")]
-    plugin.on_response(leader, head)
+    answer_head(plugin, leader)
     plugin.on_response_chunk(leader, b"123456")
     assert not await settled(waiting)  # it may still fit
     plugin.on_response_chunk(leader, b"789012")
@@ -654,10 +653,7 @@ async def test_a_released_key_gets_a_new_leader_while_the_old_body_streams() -> 
     plugin, _ = cache()
     first = Ctx()
     plugin.on_request(first)
-    head = ResponseHead()
-    head.status = 200
-    head.headers = [(b"Cache-Control", b"private")]
-    plugin.on_response(first, head)
+    answer_head(plugin, first, headers=[(b"Cache-Control", b"private")])
     second = Ctx()
     assert plugin.on_request(second) is None  # leads its own request, waits for nobody
     upstream(plugin, second, chunks=[b"second"])
