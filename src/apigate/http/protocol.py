@@ -422,14 +422,7 @@ class ClientConnection(asyncio.Protocol):
             # request's trailers cannot become its headers, as they once did)
             self._on_trailer(name, value)
             return
-        self._header_count += 1
-        if self._header_count > self.limits.max_headers:
-            raise GatewayError(431, "too many request header fields")
-        # Every field line counts, whatever becomes of it: Host, the trace context and the
-        # hop-by-hop fields were once left out, and a 20 KB Host went upstream twice (in
-        # X-Forwarded-Host and Forwarded) past a 2 KiB limit. (A sum here, checked once in
-        # parser_headers_done, replaced a generator over the kept fields there.)
-        self._header_bytes += len(name) + len(value) + 4  # ": " and CRLF
+        self._count_field(name, value)
         if value and (value[-1] == 32 or value[-1] == 9):
             # llhttp keeps trailing whitespace, which is not part of a field value (RFC 9110
             # §5.5): "Host: a.example " was refused as an invalid Host
@@ -480,14 +473,21 @@ class ClientConnection(asyncio.Protocol):
         elif self.trusted_peer and name.lower() in _FORWARDING_KEPT_IF_TRUSTED:
             self._forwarding_kept.append((name, value))
 
-    def _on_trailer(self, name: bytes, value: bytes) -> None:
-        """A trailer field is dropped, but it counts against the same limits as the head's
-        fields (the message's field lines together): a client must not be able to send in a
-        trailer section what the head may not carry. (A partial line: see _bound_unread.)"""
+    def _count_field(self, name: bytes, value: bytes) -> None:
+        """Every field line of the message counts, head and trailer, whatever becomes of it:
+        Host, the trace context and the hop-by-hop fields were once left out, and a 20 KB Host
+        went upstream twice (in X-Forwarded-Host and Forwarded) past a 2 KiB limit. The bytes
+        are checked once the head is read (parser_headers_done), or at each trailer field."""
         self._header_count += 1
         if self._header_count > self.limits.max_headers:
             raise GatewayError(431, "too many request header fields")
-        self._header_bytes += len(name) + len(value) + 4
+        self._header_bytes += len(name) + len(value) + 4  # ": " and CRLF
+
+    def _on_trailer(self, name: bytes, value: bytes) -> None:
+        """A trailer field is dropped, but it counts against the same limits as the head's
+        fields: a client must not be able to send in a trailer section what the head may not
+        carry. (A partial line: see _bound_unread.)"""
+        self._count_field(name, value)
         if self._header_bytes > self.limits.max_header_bytes:
             raise GatewayError(431, "request trailer section too large")
 

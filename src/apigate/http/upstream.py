@@ -129,6 +129,10 @@ _RESPONSE_SPECIAL: Final[dict[bytes, int]] = {
 _RESPONSE_SPECIAL_AS_SENT: Final = by_spelling(_RESPONSE_SPECIAL)  # 0: an end-to-end field
 
 
+def _head_too_large() -> InvalidResponse:
+    return InvalidResponse(f"response head larger than {MAX_RESPONSE_HEAD} bytes")
+
+
 def _without_named(
     headers: list[tuple[bytes, bytes]], tokens: set[bytes]
 ) -> list[tuple[bytes, bytes]]:
@@ -228,9 +232,7 @@ class UpstreamConnection(asyncio.Protocol):
                 if head is None or not head.status:  # the head is still incomplete
                     self._head_bytes += len(data)
                     if self._head_bytes > MAX_RESPONSE_HEAD:
-                        raise InvalidResponse(
-                            f"response head larger than {MAX_RESPONSE_HEAD} bytes"
-                        )
+                        raise _head_too_large()
         # (each clause names its exception differently: compiled by mypyc, a name keeps the
         # type of its first binding)
         except InvalidResponse as invalid:
@@ -276,7 +278,7 @@ class UpstreamConnection(asyncio.Protocol):
         parser.feed_data(view[:room])
         head = self.head
         if not self._ended_in_read and (head is None or not head.status):
-            raise InvalidResponse(f"response head larger than {MAX_RESPONSE_HEAD} bytes")
+            raise _head_too_large()
         parser.feed_data(view[room:])
 
     def _invalid(self, exc: InvalidResponse) -> None:
