@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
@@ -45,6 +46,7 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig, *, config_path: str | Path | None = None) -> None:
         self.loop = asyncio.get_running_loop()
+        self.clock = time.monotonic  # (ConnectionHost.clock: finer than the loop's)
         self.config_path = Path(config_path) if config_path else None
         self.limits = config.limits
         self.request_ids = RequestIds()

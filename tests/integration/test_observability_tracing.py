@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from apigate.observability.tracing import TracingPlugin
 from tests.integration.test_observability_metrics import gateway_config, proxy, running_gateway
-from tests.support.gateway import raw_request
+from tests.support.gateway import GatewayProcess, raw_request
 from tests.support.upstream import Upstream
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -85,6 +85,22 @@ async def test_the_access_log_line_of_a_real_exchange(tmp_path: Path) -> None:
     assert not {"consumer", "retries", "breaker", "cache", "error"} & first.keys()
     assert (second["route"], second["service"], second["instance"]) == (None, None, None)
     assert (second["status"], second["upstream_ms"]) == (404, None)
+
+
+async def test_latencies_are_finer_than_the_loop_clock(tmp_path: Path) -> None:
+    """uvloop's loop.time() ticks in whole milliseconds: timed by it, a local request took
+    0 or 1 ms, and the sub-millisecond histogram buckets and the ewma balancer saw nothing
+    else. The gateway reads a precise monotonic clock instead."""
+    log_path = tmp_path / "access.log"
+    # a real `apigate run`, on uvloop (the tests' own loop is asyncio's, whose clock is precise)
+    async with Upstream() as up, GatewayProcess(traced_config(up.url, log_path)) as gw:
+        for _ in range(20):
+            await get(gw.port, "/api/echo")
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+    timings = [line[key] for line in lines for key in ("upstream_ms", "total_ms")]
+    assert len(timings) == 40
+    off_the_tick = [ms for ms in timings if abs(ms - round(ms)) > 0.01]
+    assert len(off_the_tick) > 20, timings
 
 
 # ---------------------------------------------------------------------- OTLP export

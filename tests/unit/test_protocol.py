@@ -155,6 +155,7 @@ class FakeExchange:
 class FakeHost:
     def __init__(self, loop: FakeLoop, limits: LimitsConfig, trusted: tuple[str, ...]) -> None:
         self.loop = loop
+        self.clock = loop.time
         self.limits = limits
         self.request_ids = RequestIds()
         self.trusted_proxies = TrustedProxies(trusted)

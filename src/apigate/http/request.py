@@ -58,7 +58,7 @@ class Request(HeaderList):
         # (continued) values upstream: b"" marks a repeated traceparent, which is invalid
         self.traceparent: bytes | None = None
         self.tracestate: list[bytes] | None = None
-        # the event loop's clock when the first byte arrived (set by the connection)
+        # time.monotonic() when the first byte arrived (set by the connection)
         self.began_at = 0.0
         # set explicitly (tests, replayed requests): wins over began_at (0.0 is a time too)
         self._start: float | None = None
@@ -66,7 +66,7 @@ class Request(HeaderList):
     @property
     def start(self) -> float:
         """Wall-clock time of the request's first byte, for logs. Derived when asked, from
-        the loop's monotonic clock, which the connection reads anyway: a `time.time()` per
+        the monotonic clock, which the connection reads anyway: a `time.time()` per
         request was a call on the hot path that only the access log needs."""
         if self._start is not None:
             return self._start

@@ -21,6 +21,7 @@ the next exchange.
 from __future__ import annotations
 
 import asyncio
+from time import monotonic
 from typing import TYPE_CHECKING, Final, cast
 
 import httptools
@@ -173,7 +174,7 @@ class UpstreamConnection(asyncio.Protocol):
         # which formats a new str every call (~2,000 instructions).
         self._read_starts_v11 = False
         self._v11 = False
-        self.read_at = 0.0  # loop time of the latest read (the exchange times itself by it)
+        self.read_at = 0.0  # monotonic time of the latest read (the exchange times itself by it)
         self._deadline = 0.0
         self._timeout = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -196,7 +197,7 @@ class UpstreamConnection(asyncio.Protocol):
         if listener is None:
             return
         head = self.head
-        self.read_at = self.loop.time()  # the end of the response, when EOF ends its body
+        self.read_at = monotonic()  # the end of the response, when EOF ends its body
         if head is not None and head.until_eof and not self.tunnel and exc is None:
             # EOF is how a length-less body ends; a reset (exc set) is not: the body may be
             # cut, and the client must see a truncated response, not a complete one.
@@ -215,7 +216,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.got_bytes = True
-        now = self.read_at = self.loop.time()
+        now = self.read_at = monotonic()
         if self._timeout:
             self._deadline = now + self._timeout
         self._ended_in_read = False
@@ -300,7 +301,7 @@ class UpstreamConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self._write_blocked = True
         if self._timeout:  # the upstream stopped reading our request: time the stall from now
-            self._deadline = self.loop.time() + self._timeout
+            self._deadline = monotonic() + self._timeout
         if self.listener is not None:
             self.listener.upstream_write_paused()
 
@@ -316,7 +317,7 @@ class UpstreamConnection(asyncio.Protocol):
     @request_sent.setter
     def request_sent(self, value: bool) -> None:
         if value:
-            self.mark_sent(self.loop.time() if self._timeout else 0.0)
+            self.mark_sent(monotonic() if self._timeout else 0.0)
         else:
             self._request_sent = False
 
@@ -473,7 +474,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._set_deadline(response_timeout, now)
 
     def mark_sent(self, now: float) -> None:
-        """The whole request is written (`now`: the loop time, which the caller has read):
+        """The whole request is written (`now`: the monotonic time, which the caller has read):
         the response timeout counts from here."""
         self._request_sent = True
         if self._timeout:
@@ -527,11 +528,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._set_deadline(idle_timeout)
 
     def _set_deadline(self, seconds: float, now: float = 0.0) -> None:
-        """Deadline `seconds` from `now` (the loop time, read here when the caller has none)."""
+        """Deadline `seconds` from `now` (monotonic time, read here when the caller has none)."""
         if seconds <= 0:
             self._deadline = 0.0
             return
-        self._deadline = (now or self.loop.time()) + seconds
+        self._deadline = (now or monotonic()) + seconds
         if self._timer is None or self._timer_at > self._deadline:
             if self._timer is not None:
                 self._timer.cancel()
@@ -542,7 +543,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._timer = None
         if self.closed or not self._deadline:
             return
-        now = self.loop.time()
+        now = monotonic()
         if (
             now >= self._deadline
             and self._timeout

@@ -613,7 +613,7 @@ class _PartCall(UpstreamListener):
     def _finished_on_instance(self, ok: bool) -> None:
         service = self.service
         assert service is not None
-        service.balancer.on_finish(self.inst, self.run.loop.time() - self.sent_at, ok)
+        service.balancer.on_finish(self.inst, time.monotonic() - self.sent_at, ok)
 
     # ------------------------------------------------------------------ injected client
     async def _fetch(self, fetch: Fetch, request: PartRequest) -> None:
@@ -724,7 +724,7 @@ class _PartCall(UpstreamListener):
         self.head = None
         self.chunks = []
         self.size = 0
-        now = self.sent_at = self.run.loop.time()
+        now = self.sent_at = time.monotonic()
         service.balancer.on_start(inst)
         # no response timer of the connection's own: the part's deadline bounds the call
         conn.begin(self, part.method == "HEAD", 0.0, now=now)

@@ -28,6 +28,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Callable
+from time import monotonic
 from typing import TYPE_CHECKING, Any, Final
 
 from apigate.http.errors import GatewayError, render_error, render_response
@@ -145,8 +146,8 @@ class ProxyExchange(UpstreamListener):
         self.runtime = runtime
         self.observers = observers
         self.loop = conn.loop
-        # the clock starts at the request's first byte (the connection read the loop's time)
-        self.t0 = conn.began_at or conn.loop.time()
+        # the clock starts at the request's first byte (the connection read the time then)
+        self.t0 = conn.began_at or monotonic()
         self.tried: list[Instance] = []
         self.vars: dict[str, Any] = {}  # scratch space shared by plugins
         self.upstream_path = request.path
@@ -517,10 +518,10 @@ class ProxyExchange(UpstreamListener):
             return False
         if self.request.has_body and (self._replay is None or not self._body_done):
             return False  # the body was streamed and not kept: it cannot be sent again
-        if self.loop.time() >= self.t0 + service.response_timeout - 0.001:
+        if monotonic() >= self.t0 + service.response_timeout - 0.001:
             # the overall deadline (timeouts.response) has passed, or is where the try that
-            # just timed out was cut: loop time is cached per iteration, so "now" can equal
-            # the deadline exactly, and a strict comparison let one more try start
+            # just timed out was cut: "now" can equal that deadline exactly, and a strict
+            # comparison let one more try start (within a timer tick, 1 ms, it has passed)
             return False
         key = service.hash_key(self) if service.hash_key is not None else None
         if service.balancer.pick(key, self.tried) is None:
@@ -542,7 +543,7 @@ class ProxyExchange(UpstreamListener):
         self.upstream = up
         self._reused = reused
         self.service.balancer.on_start(self.instance)
-        now = self._t_upstream = self.loop.time()  # one reading for all of this
+        now = self._t_upstream = monotonic()  # one reading for all of this
         policy = self.service.retry
         overall = self.service.response_timeout
         timeout = policy.per_try_timeout or overall
@@ -607,7 +608,7 @@ class ProxyExchange(UpstreamListener):
         req = self.request
         self.status = head.status
         up = self.upstream  # (the head arrived in its read: its clock reading is now)
-        now = up.read_at if up is not None else self.loop.time()
+        now = up.read_at if up is not None else monotonic()
         self.upstream_ms = (now - self._t_upstream) * 1000.0
         service = self.service
         if (
@@ -892,12 +893,12 @@ class ProxyExchange(UpstreamListener):
 
     # ================================================================== bookkeeping
     def _release_instance(self, ok: bool, now: float = 0.0) -> None:
-        """Tell the balancer and passive health how the attempt went; `now`: the loop time,
+        """Tell the balancer and passive health how the attempt went; `now`: the monotonic time,
         when the caller has read it already."""
         inst = self.instance
         if inst is None or self._t_upstream == 0.0:
             return
-        latency = (now or self.loop.time()) - self._t_upstream
+        latency = (now or monotonic()) - self._t_upstream
         self._t_upstream = 0.0
         service = self.service
         if service is not None:
@@ -908,7 +909,7 @@ class ProxyExchange(UpstreamListener):
         if self._finished:
             return
         self._finished = True
-        self.total_ms = ((now or self.loop.time()) - self.t0) * 1000.0
+        self.total_ms = ((now or monotonic()) - self.t0) * 1000.0
         if self._breaker_armed and self.service is not None and self.service.breaker is not None:
             breaker = self.service.breaker
             if self._service_failed:
