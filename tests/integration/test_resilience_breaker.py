@@ -312,11 +312,13 @@ async def test_the_gateways_own_connection_limit_is_not_a_service_failure() -> N
 
 
 async def test_half_open_probe_that_reached_no_instance_does_not_close_the_breaker() -> None:
-    """Two 500s eject the only instance (passive health) and open the breaker; the probes after
-    open_for find no healthy instance. That is no success: the breaker stays half-open."""
+    """Two 500s eject the only instance (passive health, allowed to eject it) and open the
+    breaker; the probes after open_for find no healthy instance. That is no success: the
+    breaker stays half-open."""
     breaker = {"consecutive_failures": 2, "min_requests": 1000, "open_for": "300ms"}
+    passive = {"failures": 2, "eject_for": "30s", "max_ejection_percent": "100%"}
     async with Upstream() as up:
-        config = _config(up.url, breaker, health={"passive": {"failures": 2, "eject_for": "30s"}})
+        config = _config(up.url, breaker, health={"passive": passive})
         async with GatewayProcess(config) as gw:
             assert [(await _get(gw, "/status/500")).status for _ in range(2)] == [500, 500]
             assert (await _breaker(gw))["state"] == "open"

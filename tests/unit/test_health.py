@@ -1,9 +1,11 @@
-"""Active health checks without sockets: thresholds, jitter, bookkeeping, passive interplay."""
+"""Health without sockets: active thresholds, jitter, bookkeeping, passive interplay and the
+passive ejection cap."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import random
 from collections import defaultdict
 from typing import Any
@@ -324,6 +326,190 @@ async def test_an_active_down_instance_is_not_ejected_again_passively() -> None:
     svc.report(inst, ok=False)  # e.g. a request already in flight fails
     await asyncio.sleep(0.05)
     assert not inst.healthy  # no passive timer was started to readmit it
+
+
+# --- passive ejection cap (max_ejection_percent) --------------------------------------------
+
+
+def passive_service(n: int, active: dict[str, Any] | None = None, **passive: Any) -> Service:
+    """`n` static instances ("i0", "i1", ... by port order); two failures eject."""
+    targets = [f"http://127.0.0.1:{9001 + i}" for i in range(n)]
+    health: dict[str, Any] = {"passive": {"failures": 2, "eject_for": "30s", **passive}}
+    if active is not None:
+        health["active"] = {"interval": "10s", "healthy_after": 1, "unhealthy_after": 1, **active}
+    cfg = ServiceConfig.model_validate({"targets": targets, "health": health})
+    return Service("capped", cfg, PoolManager(asyncio.get_running_loop()))
+
+
+def nth(svc: Service, i: int) -> Instance:
+    return svc.instances[f"127.0.0.1:{9001 + i}"]
+
+
+def fail(svc: Service, inst: Instance, times: int) -> None:
+    for _ in range(times):
+        svc.report(inst, ok=False, status=500)
+
+
+def cap_events(seq: int) -> list[dict[str, Any]]:
+    return [e for e in health_events(seq) if e.get("reason") == "max_ejection_percent"]
+
+
+async def test_a_lone_instance_is_never_ejected_at_the_default_cap() -> None:
+    svc = passive_service(1)
+    assert svc.config.health.passive is not None
+    assert svc.config.health.passive.max_ejection_percent == 0.5
+    inst = nth(svc, 0)
+    fail(svc, inst, 10)
+    assert inst.healthy and svc.balancer.available == [inst]
+    assert inst.failures == 10  # still counted: a freed slot would eject it at once
+
+
+async def test_of_two_instances_one_is_ejected_and_the_other_keeps_serving() -> None:
+    svc = passive_service(2)
+    a, b = nth(svc, 0), nth(svc, 1)
+    fail(svc, a, 2)
+    assert not a.healthy
+    fail(svc, b, 5)
+    assert b.healthy and svc.balancer.available == [b]
+    assert svc.balancer.pick() is b
+
+
+@pytest.mark.parametrize("cap", ["100%", 1, 1.0])
+async def test_at_100_percent_every_instance_may_be_ejected(cap: object) -> None:
+    svc = passive_service(2, max_ejection_percent=cap)
+    for inst in svc.instances.values():
+        fail(svc, inst, 2)
+        assert not inst.healthy
+    assert svc.balancer.available == [] and svc.balancer.pick() is None
+
+
+@pytest.mark.parametrize(
+    ("n", "cap", "out"),
+    [
+        (1, "50%", 0),
+        (2, "50%", 1),
+        (3, "50%", 1),
+        (10, "50%", 5),
+        (10, 0.5, 5),
+        (4, "0%", 0),  # passive detection only counts failures
+        (100, "29%", 29),  # 0.29 * 100 is 28.999999999999996 in floats
+        (3, "100%", 3),
+    ],
+)
+async def test_the_cap_is_a_share_of_the_instances_rounded_down(
+    n: int, cap: object, out: int
+) -> None:
+    svc = passive_service(n, max_ejection_percent=cap)
+    for inst in svc.instances.values():
+        fail(svc, inst, 3)
+    assert sum(not i.healthy for i in svc.instances.values()) == out
+    assert len(svc.balancer.available) == n - out
+
+
+async def test_a_readmission_frees_a_slot_for_the_next_failure() -> None:
+    svc = passive_service(2, eject_for="50ms")
+    a, b = nth(svc, 0), nth(svc, 1)
+    fail(svc, a, 2)
+    fail(svc, b, 3)
+    assert not a.healthy and b.healthy
+    await asyncio.sleep(0.1)
+    assert a.healthy  # readmitted by its timer: the slot is free
+    fail(svc, b, 1)  # b never stopped failing: its next failure ejects it
+    assert not b.healthy and svc.balancer.available == [a]
+    fail(svc, a, 5)  # and now b holds the one slot
+    assert a.healthy
+
+
+async def test_a_removed_instance_no_longer_holds_a_slot() -> None:
+    svc = passive_service(3, eject_for="60s")
+    a, b = nth(svc, 0), nth(svc, 1)
+    fail(svc, a, 2)
+    fail(svc, b, 2)
+    assert not a.healthy and b.healthy  # 3 instances at 50%: one may be out
+    svc.remove_instance(a.id)  # its timer is still pending
+    fail(svc, b, 1)  # 2 instances at 50%, none out: b goes
+    assert not b.healthy
+
+
+async def test_instances_held_out_by_active_checks_do_not_count_nor_are_capped() -> None:
+    """Like Envoy, only passive (outlier) ejections use up the cap; active checks are the
+    authority and take out whatever fails them, cap or not."""
+    svc = passive_service(3, active={})
+    a, b, c = nth(svc, 0), nth(svc, 1), nth(svc, 2)
+    checker = checker_for(svc)
+    states = {inst: ProbeState(svc, inst) for inst in (a, b)}
+    for state in states.values():
+        checker.record(state, False, "HTTP 500")
+    assert not a.healthy and a.held_out and not b.healthy  # 2 of 3 out, over 50%: not capped
+    checker.record(states[b], True, "HTTP 200")
+    assert b.healthy
+    fail(svc, b, 2)  # a held out by active checks: the passive slot (1 of 3) is still free
+    assert not b.healthy
+    fail(svc, c, 4)  # and now it is taken
+    assert c.healthy and svc.balancer.available == [c]
+
+
+async def test_an_active_readmission_ends_the_passive_ejection_and_its_timer() -> None:
+    svc = passive_service(2, active={}, eject_for="200ms")
+    a, b = nth(svc, 0), nth(svc, 1)
+    checker = checker_for(svc)
+    fail(svc, a, 2)  # t=0: passively ejected until 0.2
+    await asyncio.sleep(0.1)
+    state = ProbeState(svc, a)
+    checker.record(state, False, "HTTP 500")
+    checker.record(state, True, "HTTP 200")  # active checks bring it back at 0.1
+    assert a.healthy
+    fail(svc, b, 2)  # a no longer counts: b may go
+    assert not b.healthy
+    fail(svc, a, 2)  # b holds the slot now
+    assert a.healthy
+    await asyncio.sleep(0.15)  # past 0.2: b's own timer (0.3) has not fired yet
+    assert not b.healthy
+    await asyncio.sleep(0.12)
+    assert b.healthy
+
+
+async def test_a_capped_ejection_is_told_once_per_streak(caplog: pytest.LogCaptureFixture) -> None:
+    svc = passive_service(1, eject_for="50ms")
+    inst = nth(svc, 0)
+    seq = last_seq()
+    with caplog.at_level(logging.WARNING, logger="apigate.events"):
+        fail(svc, inst, 20)
+    [event] = cap_events(seq)
+    assert event["healthy"] is True and event["check"] == "passive"
+    assert event["service"] == "capped" and event["instance"] == inst.id
+    assert (event["ejected"], event["instances"]) == (0, 1)
+    assert event["message"] == (
+        f"capped/{inst.id} not ejected after 2 consecutive failures: "
+        "max_ejection_percent 50% allows 0 of 1 instances out, 0 already are"
+    )
+    logged = [r for r in caplog.records if "not ejected" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].levelno == logging.WARNING
+    assert health_events(seq) == [event]  # no ejection, no readmission
+
+    svc.report(inst, ok=True)  # the streak ends...
+    fail(svc, inst, 5)  # ...a new one right away is not told again before eject_for
+    assert len(cap_events(seq)) == 1
+    await asyncio.sleep(0.06)
+    svc.report(inst, ok=True)
+    fail(svc, inst, 5)
+    assert len(cap_events(seq)) == 2
+
+
+async def test_an_ejection_after_a_capped_streak_is_told_as_usual() -> None:
+    svc = passive_service(2, eject_for="50ms")
+    a, b = nth(svc, 0), nth(svc, 1)
+    fail(svc, a, 2)
+    seq = last_seq()
+    fail(svc, b, 3)
+    await asyncio.sleep(0.08)
+    fail(svc, b, 1)
+    told = [(e["instance"], e["healthy"], e.get("reason")) for e in health_events(seq)]
+    assert told == [
+        (b.id, True, "max_ejection_percent"),
+        (a.id, True, None),  # readmitted
+        (b.id, False, None),  # ejected
+    ]
 
 
 def test_repr() -> None:

@@ -437,6 +437,10 @@ class ActiveHealthConfig(StrictModel):
 class PassiveHealthConfig(StrictModel):
     failures: int = Field(default=5, ge=1)
     eject_for: PositiveDuration = 30.0
+    # At most this share of a service's instances (rounded down) may be out by passive
+    # ejection at once, Envoy's outlier detection `max_ejection_percent`: at 50% a lone
+    # instance is never ejected for a few failing endpoints. 100% may eject them all.
+    max_ejection_percent: Percent = 0.5
 
 
 class HealthConfig(StrictModel):

@@ -24,7 +24,9 @@ already has — from its config, a registration or DNS — is ever probed.
 Active and passive together — both write `Instance.healthy`:
 - Passive (`Service.report`): consecutive request failures eject a healthy instance for
   `eject_for`; its timer readmits it. Active checks do not shorten an ejection: a passing probe
-  on a passively ejected instance changes nothing, the timer decides.
+  on a passively ejected instance changes nothing, the timer decides. At most
+  `max_ejection_percent` of a service's instances are out by passive ejection at once (those
+  held out by active checks do not count, as with Envoy's outlier detection).
 - Active: an instance marked unhealthy by active checks stays out until `healthy_after` probes
   pass. Passive checks never eject it again (it is already out). If it had been ejected
   passively first, the passive timer may readmit it while active checks still fail; the checker

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,7 @@ from apigate.resilience.circuit_breaker import CircuitBreaker
 from apigate.resilience.retry import RetryPolicy
 
 if TYPE_CHECKING:
-    from apigate.config.schema import ServiceConfig, TargetConfig
+    from apigate.config.schema import PassiveHealthConfig, ServiceConfig, TargetConfig
 
 log = logging.getLogger("apigate.registry")
 
@@ -74,6 +75,11 @@ class Service:
         self.breaker: CircuitBreaker | None = None
         self.retry: RetryPolicy = RetryPolicy(config.retries)
         self._pool_by_instance: dict[str, Pool] = {}
+        # passive ejections in force -> the timer that ends each; keyed by the Instance object,
+        # so that a replaced instance under the same id is not taken for the ejected one
+        self._ejected: dict[Instance, asyncio.TimerHandle] = {}
+        # instances the ejection cap kept in -> loop time of the event that said so
+        self._cap_noted: dict[Instance, float] = {}
         self.apply_config(config)
 
     # ------------------------------------------------------------------ configuration
@@ -189,9 +195,11 @@ class Service:
         return inst
 
     def report(self, inst: Instance, ok: bool, status: int = 0) -> None:
-        """Passive health: `failures` consecutive errors or 5xx eject `inst` for `eject_for`.
+        """Passive health: `failures` consecutive errors or 5xx eject `inst` for `eject_for`,
+        unless `max_ejection_percent` of the service is out by passive ejection already.
 
-        On the hot path: a success on a clean instance returns after one comparison.
+        On the hot path: a success on a clean instance returns after one comparison; the cap is
+        computed only when an ejection is due.
         """
         if ok:
             if inst.failures:
@@ -201,13 +209,68 @@ class Service:
         if passive is None:
             return
         inst.failures += 1
-        if inst.failures >= passive.failures and inst.healthy:
-            self.set_health(
-                inst, False, f"ejected after {inst.failures} consecutive failures", check="passive"
-            )
-            asyncio.get_running_loop().call_later(passive.eject_for, self._readmit, inst)
+        if inst.failures < passive.failures or not inst.healthy:
+            return
+        cap = passive.max_ejection_percent
+        if cap < 1.0 and self._passively_ejected() >= self._ejection_limit(cap):
+            # Kept in; `failures` keeps counting, so the first failure after a slot frees up
+            # (a readmission, a removal, a new instance) ejects it.
+            self._note_capped(inst, passive)
+            return
+        self._cap_noted.pop(inst, None)
+        self.set_health(
+            inst, False, f"ejected after {inst.failures} consecutive failures", check="passive"
+        )
+        loop = asyncio.get_running_loop()
+        self._ejected[inst] = loop.call_later(passive.eject_for, self._readmit, inst)
+
+    def _passively_ejected(self) -> int:
+        """Instances of this service out by passive ejection now.
+
+        Only passive ejections use up `max_ejection_percent`, as Envoy counts only its outlier-
+        ejected hosts: instances held out by active checks (`held_out`) are the checker's verdict,
+        which the cap never overrides, and do not count; neither do ejected instances removed
+        since (their timers are still pending, the service no longer has them)."""
+        return sum(1 for inst in self._ejected if self.instances.get(inst.id) is inst)
+
+    def _ejection_limit(self, cap: float) -> int:
+        # + 1e-9: 0.29 * 100 is 28.999999999999996 in floats and means 29 instances
+        return math.floor(cap * len(self.instances) + 1e-9)
+
+    def _note_capped(self, inst: Instance, passive: PassiveHealthConfig) -> None:
+        """One event per refusal streak, not one per failed request: a streak starts when the
+        failure count reaches the threshold, and goes on as long as the instance keeps failing.
+        A new streak (the instance answered well in between) is told again only after
+        `eject_for`: a flapping instance would otherwise fill the event ring and the logs at the
+        rate of its failures, where an ejection would have said two things per `eject_for`."""
+        noted = self._cap_noted.get(inst)
+        if noted is not None and inst.failures != passive.failures:
+            return  # the streak already told
+        now = asyncio.get_running_loop().time()
+        if noted is not None and now - noted < passive.eject_for:
+            return  # a new streak, too soon after the last one told
+        for gone in [i for i in self._cap_noted if self.instances.get(i.id) is not i]:
+            del self._cap_noted[gone]
+        self._cap_noted[inst] = now
+        cap = passive.max_ejection_percent
+        ejected, total = self._passively_ejected(), len(self.instances)
+        EVENTS.record(
+            "health",
+            f"{self.name}/{inst.id} not ejected after {inst.failures} consecutive failures: "
+            f"max_ejection_percent {cap * 100:g}% allows {self._ejection_limit(cap)} of "
+            f"{total} instances out, {ejected} already are",
+            logging.WARNING,
+            service=self.name,
+            instance=inst.id,
+            healthy=True,
+            check="passive",
+            reason="max_ejection_percent",
+            ejected=ejected,
+            instances=total,
+        )
 
     def _readmit(self, inst: Instance) -> None:
+        self._ejected.pop(inst, None)  # whatever follows, this ejection no longer counts
         if self.instances.get(inst.id) is not inst or inst.healthy or inst.held_out:
             return  # gone, already back, or kept out by failing active checks
         self.set_health(inst, True, "readmitted after ejection", check="passive")
@@ -222,6 +285,9 @@ class Service:
         inst.healthy = healthy
         if healthy:
             inst.failures = 0
+            timer = self._ejected.pop(inst, None)
+            if timer is not None:  # back before its passive timer (active checks passed)
+                timer.cancel()  # a stale timer would cut a later ejection short
         self.refresh()
         EVENTS.record(
             "health",
