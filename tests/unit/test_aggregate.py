@@ -280,6 +280,23 @@ async def test_a_missing_input_is_a_400_for_a_required_part() -> None:
     assert ctx.error.message == "part 'me': missing claim.sub"
 
 
+@pytest.mark.parametrize("value", ["..", ".", "%2e%2E"])
+async def test_a_value_making_a_dot_segment_is_a_400(value: str) -> None:
+    """`/users/{query.id}/orders` with id=.. went upstream as /users/../orders, which the
+    upstream resolves to /orders: outside what the part's path says (rewrites refuse it too)."""
+    config = constructed_route({"o": {"service": "users", "path": "/users/{query.id}/orders"}})
+    query = b"id=" + value.encode()
+    ctx = await run(config, FakeClient({}), Ctx(query=query))
+    assert ctx.error is not None and ctx.error.status == 400, ctx.error
+    assert "dot segment" in ctx.error.message
+
+
+async def test_dots_in_a_query_value_or_inside_a_segment_are_kept() -> None:
+    config = constructed_route({"o": {"service": "users", "path": "/u/{query.id}?next={query.n}"}})
+    client = FakeClient({"/u/a..b?next=..": ok(1)})
+    assert (await run(config, client, Ctx(query=b"id=a..b&n=.."))).doc() == {"o": 1}
+
+
 async def test_a_missing_input_nulls_an_optional_part() -> None:
     config = constructed_route(
         {

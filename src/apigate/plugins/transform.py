@@ -58,7 +58,7 @@ from apigate.http.errors import GatewayError
 from apigate.http.headers import FORWARDING, HOP_BY_HOP, is_token
 from apigate.plugins.base import Plugin, PluginConfig, PluginEnv
 from apigate.routing.normalize import normalize_path
-from apigate.routing.rewrite import encode_param
+from apigate.routing.rewrite import encode_param, has_dot_segment
 
 __all__ = [
     "HeaderOps",
@@ -360,7 +360,7 @@ def render_path(template: ValueTemplate, ctx: Any) -> str:
             text = text[1:]  # "/v2/" + "/users" is "/v2/users", not "/v2//users"
         parts += (text, literal)
     path = "".join(parts)
-    if "/." in path and any(s in (".", "..") for s in path.split("/")):
+    if has_dot_segment(path):
         raise GatewayError(400, "a value would make a dot segment in the rewritten path")
     return path
 

@@ -56,7 +56,7 @@ from apigate.http.upstream import UpstreamListener
 from apigate.observability.trace_context import ChildTrace, PartSpan
 from apigate.plugins.base import Response
 from apigate.plugins.transform import ValueTemplate, refuse_json_constant
-from apigate.routing.rewrite import encode_param
+from apigate.routing.rewrite import encode_param, has_dot_segment
 
 if TYPE_CHECKING:
     from apigate.config.schema import AggregatePartConfig, RouteConfig
@@ -126,7 +126,11 @@ class PartError(Exception):
     """A part's call failed; `str(exc)` is the text that goes into `_errors`."""
 
 
-class _MissingInput(Exception):
+class _BadInput(Exception):
+    """The request cannot fill in a part's path: the client's mistake (400)."""
+
+
+class _MissingInput(_BadInput):
     def __init__(self, names: list[str]) -> None:
         super().__init__("missing " + ", ".join(names))
         self.names = names
@@ -190,7 +194,12 @@ class _Part:
             values, self.encoders, template.literals[1:], strict=True
         ):
             parts += (encode(value or ""), literal)
-        return "".join(parts)
+        target = "".join(parts)
+        if has_dot_segment(target.partition("?")[0]):
+            # ".." and "." are left as they are by the encoding, and `/users/{query.id}/orders`
+            # with id=.. reached the upstream as /users/../orders, that is /orders
+            raise _BadInput("a value would make a dot segment in the part's path")
+        return target
 
     def __repr__(self) -> str:
         kind = "optional" if self.optional else "required"
@@ -405,13 +414,13 @@ def _json_bytes(body: bytes) -> bytes:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, PartError | _MissingInput):
+    if isinstance(exc, PartError | _BadInput):
         return str(exc)
     return "internal error"
 
 
 def _required_failure(part: _Part, exc: BaseException) -> GatewayError:
-    if isinstance(exc, _MissingInput):
+    if isinstance(exc, _BadInput):
         return GatewayError(400, f"part '{part.name}': {exc}", "bad_request")
     if not isinstance(exc, PartError):
         log.error("aggregate part %s failed", part.name, exc_info=exc)
