@@ -605,6 +605,18 @@ def test_half_closed_client_still_gets_its_response(h: Harness) -> None:
     assert h.transport.closed
 
 
+def test_half_closed_client_is_closed_once_answered(h: Harness) -> None:
+    """It sends nothing more: the connection waited for the idle timeout (75 s by default)
+    after a keep-alive answer; nginx closes at once. Pipelined requests are answered first."""
+    h.feed(GET + GET)
+    assert h.conn.eof_received() is True
+    first, second = h.exchanges
+    first.answer()
+    assert not h.transport.closed and second.events == ["start"]
+    second.answer()
+    assert h.transport.closed
+
+
 def test_write_backpressure_is_passed_to_the_exchange(h: Harness) -> None:
     h.feed(GET)
     h.conn.pause_writing()

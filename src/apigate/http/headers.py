@@ -152,7 +152,7 @@ def valid_host(value: bytes) -> bool:
     keep-alive client pays it once.
     """
     match = _HOST_OK.fullmatch(value)
-    if match is None:
+    if match is None or not value:  # (the grammar allows an empty reg-name, an http URI not)
         return False
     ipv6 = match.group(1)
     if ipv6 is None:

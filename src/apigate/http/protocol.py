@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Final, Protocol, cast
 
 import httptools
@@ -126,7 +126,28 @@ _SPECIAL: Final[dict[bytes, int]] = {
     b"x-forwarded-for": _H_XFF,
     b"traceparent": _H_TRACEPARENT,
     b"tracestate": _H_TRACESTATE,
+    # connection-specific (RFC 9113 §3.2.1), and h2c is never tunnelled (see _tunnels)
+    b"http2-settings": _H_DROP,
 }
+
+
+def _underscored(names: Collection[bytes]) -> set[bytes]:
+    """Every spelling of `names` with "_" for one or more of their "-": WSGI, CGI, PHP and
+    Rails read `X_Forwarded_For` as the same variable (HTTP_X_FORWARDED_FOR) as
+    `X-Forwarded-For`, so a client could pass for someone else through them. nginx ignores
+    names with underscores altogether (`underscores_in_headers off`); only these go here."""
+    spellings: set[bytes] = set()
+    for name in names:
+        parts = name.split(b"-")
+        for mask in range(1, 1 << (len(parts) - 1)):
+            joined = parts[0]
+            for i, part in enumerate(parts[1:]):
+                joined += (b"_" if mask >> i & 1 else b"-") + part
+            spellings.add(joined)
+    return spellings
+
+
+_SPECIAL.update(dict.fromkeys(_underscored(_SPECIAL), _H_DROP))
 _SPECIAL_AS_SENT: Final = by_spelling(_SPECIAL)  # 0: an end-to-end field
 _FORWARDING_KEPT_IF_TRUSTED: Final = (
     b"x-forwarded-proto",
@@ -214,6 +235,10 @@ class ClientConnection(asyncio.Protocol):
         # the request being read asks for an upgrade and has a body, which llhttp skips: it is
         # forwarded as a plain request, and the body read by _parse_after_upgrade
         self._upgrade_body = False
+        # the request just read asked for an upgrade that is refused (h2c, HTTP/1.0) and had
+        # no body: llhttp stopped after it all the same, and what follows is the next request
+        self._upgrade_ignored = False
+        self._client_eof = False  # the client half-closed while its request was answered
         self._max_body = 0
         self._te_values: list[bytes] = []
         self._connection_values: list[bytes] = []
@@ -374,6 +399,7 @@ class ClientConnection(asyncio.Protocol):
         if (self.current is None and not self._queue) or self._linger is not None:
             self.close()
             return None
+        self._client_eof = True  # ... but sends nothing more: close once it is answered
         return True
 
     def pause_writing(self) -> None:
@@ -390,6 +416,12 @@ class ClientConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ parser callbacks
     def on_message_begin(self) -> None:
+        if self.phase == Phase.CLOSED:
+            # We decided to close while parsing this read (a response before the request's
+            # body was read, a draining server): RFC 9112 §9.6, no further request on this
+            # connection is processed. llhttp would go on with the rest of the read, and a
+            # pipelined request after a 413 reached the upstream, its answer never sent.
+            raise _Stop
         self.phase = Phase.HEAD
         now = self.began_at = self.clock()  # (the exchange starts its clock from this)
         self._deadline = now + self.limits.header_timeout
@@ -440,7 +472,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if kind == _H_HOST:
             self._host_count += 1
-            if value != self._host_field:  # (a keep-alive client repeats the one it sent)
+            # (a keep-alive client repeats the one it sent; b"" is where a connection starts)
+            if value != self._host_field or not value:
                 if not valid_host(value):  # not uri-host [":" port]: RFC 9112 §3.2 says 400
                     raise GatewayError(400, "invalid Host header")
                 self._host_field = value
@@ -567,6 +600,10 @@ class ClientConnection(asyncio.Protocol):
             if req.upgrade is not None:
                 if b"upgrade" not in tokens:
                     req.upgrade = None
+                elif not _tunnels(version, req.upgrade):
+                    req.upgrade = None
+                    self._upgrade_body = req.has_body  # (then read as below)
+                    self._upgrade_ignored = not req.has_body
                 elif req.has_body:
                     # An upgrade request with a body (curl --http2 -d sends one): llhttp skips
                     # the body of any upgrade request, the upstream was sent a Content-Length
@@ -609,6 +646,8 @@ class ClientConnection(asyncio.Protocol):
                 if not parsed.host:
                     raise GatewayError(400, "invalid request target")
                 authority = parsed.host.decode("latin-1").lower()
+                if ":" in authority:  # an IPv6 literal: httptools gives it without brackets
+                    authority = f"[{authority}]"
                 if parsed.port:
                     authority += f":{parsed.port}"
                 req.host = authority
@@ -732,6 +771,9 @@ class ClientConnection(asyncio.Protocol):
         if self._pending_error is not None:
             self.respond_error(self._pending_error, self._req)
             return
+        if self._client_eof:  # (it waited for the idle timeout, nginx closes at once)
+            self.close()
+            return
         if self.phase == Phase.HEAD:
             return  # the next request's head is arriving: its header deadline stands
         self.phase = Phase.IDLE
@@ -838,16 +880,21 @@ class ClientConnection(asyncio.Protocol):
         (_BodyAfterUpgrade drops that head's callbacks), then every later request. Looped, not
         recursive: one read may hold many such requests.
         """
-        while self._parsing is not None and self.phase != Phase.CLOSED:
-            parser = _request_parser(_BodyAfterUpgrade(self))
-            parser.feed_data(_body_framing_head(self._parsing.request))
+        while self.phase != Phase.CLOSED:
+            if self._parsing is not None:
+                parser = _request_parser(_BodyAfterUpgrade(self))
+                parser.feed_data(_body_framing_head(self._parsing.request))
+            elif self._upgrade_ignored:  # a whole plain request: what follows is the next
+                self._upgrade_ignored = False
+                parser = _request_parser(self)
+            else:
+                self._start_tunnel_buffer(rest)
+                return
             self.parser = parser
             upgrade_at = self._feed(rest)
             if upgrade_at < 0:
                 return
             rest = rest[upgrade_at:]
-        if self.phase != Phase.CLOSED:
-            self._start_tunnel_buffer(rest)
 
     def _start_tunnel_buffer(self, extra: bytes) -> None:
         """llhttp stopped at an Upgrade request: bytes after the head belong to the tunnel.
@@ -909,6 +956,17 @@ class ClientConnection(asyncio.Protocol):
             f"<ClientConnection {self.client_ip}:{self.client_port} {self.phase.name} "
             f"served={self.requests_served} queued={len(self._queue)}>"
         )
+
+
+def _tunnels(version: str, upgrade: bytes) -> bool:
+    """Whether an upgrade request is forwarded as one (and tunnelled after a 101).
+
+    Not in HTTP/1.0 (RFC 9110 §7.8: a server MUST ignore Upgrade there, and a 1.0 client may
+    not be sent a 101). Not to h2c: past the 101 the client speaks HTTP/2 straight to the
+    upstream, out of reach of routing, plugins and the forwarding headers ("h2c smuggling");
+    Envoy and nginx do not pass it on either. Such a request goes as a plain HTTP/1.1 one.
+    """
+    return version == "1.1" and b"h2c" not in upgrade.lower()
 
 
 def _request_parser(protocol: object) -> httptools.HttpRequestParser:
