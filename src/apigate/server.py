@@ -26,6 +26,7 @@ from apigate.config.errors import ConfigError
 from apigate.config.loader import load_config
 from apigate.config.schema import GatewayConfig
 from apigate.http.date import DATE
+from apigate.http.errors import GatewayError
 from apigate.http.headers import RequestIds, TrustedProxies
 from apigate.http.pool import PoolManager
 from apigate.http.protocol import ClientConnection
@@ -84,6 +85,13 @@ class Gateway:
     @property
     def config(self) -> GatewayConfig:
         return self.runtime.config
+
+    def refused(
+        self, conn: ClientConnection, request: Request, err: GatewayError, sent: int
+    ) -> None:
+        """ConnectionHost.refused: a request refused before it had an exchange (its head
+        malformed, over a limit, too slow) is logged and counted through one made for it."""
+        self.new_exchange(conn, request).refused(err, sent)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:

@@ -69,7 +69,7 @@ def test_unfinished_trailer_line_is_bounded_and_body_reads_do_not_count() -> Non
     status, doc, _ = h.error()
     assert status == 431 and "trailer" in doc["message"]
     (ex,) = h.exchanges
-    assert ex.body == b"b" * 10_000 and ex.events == ["start", "client_lost"]
+    assert ex.body == b"b" * 10_000 and ex.events == ["start", "refused 431"]
     h.feed(b"a" * 100_000)  # read and discarded while lingering
     assert h.transport.written == b""
 

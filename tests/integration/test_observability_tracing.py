@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from apigate.observability.tracing import TracingPlugin
-from tests.integration.test_observability_metrics import gateway_config, proxy, running_gateway
+from tests.integration.test_observability_metrics import (
+    admin,
+    gateway_config,
+    key,
+    proxy,
+    running_gateway,
+    samples,
+)
 from tests.support.gateway import GatewayProcess, raw_request
 from tests.support.upstream import Upstream
 
@@ -101,6 +108,33 @@ async def test_latencies_are_finer_than_the_loop_clock(tmp_path: Path) -> None:
     assert len(timings) == 40
     off_the_tick = [ms for ms in timings if abs(ms - round(ms)) > 0.01]
     assert len(off_the_tick) > 20, timings
+
+
+async def test_requests_refused_while_parsing_are_logged_and_counted(tmp_path: Path) -> None:
+    """A malformed head or one over a limit is answered by the connection itself, before any
+    exchange: such 400s and 431s were in neither the access log nor the metrics (nginx logs
+    them). The log shows what there was of the request."""
+    log_path = tmp_path / "access.log"
+    async with Upstream() as up, running_gateway(traced_config(up.url, log_path), tmp_path) as gw:
+        twice = await raw_request(
+            gw.proxy_port, b"GET /api/a HTTP/1.1\r\nHost: t\r\nHost: u\r\n\r\n"
+        )
+        bad_name = await raw_request(gw.proxy_port, b"PUT /api/b?c HTTP/1.1\r\nBad Name: 1\r\n\r\n")
+        assert twice.startswith(b"HTTP/1.1 400 ") and bad_name.startswith(b"HTTP/1.1 400 ")
+        _, _, body = await admin(gw, "GET", "/metrics")
+    got = samples(body.decode())
+    no_route = {"route": "", "service": ""}
+    requests = got["apigate_requests_total"]
+    assert requests[key(**no_route, method="GET", status_class="4xx")] == 1
+    assert requests[key(**no_route, method="PUT", status_class="4xx")] == 1
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [(x["method"], x["path"], x["status"]) for x in lines] == [
+        ("GET", "/api/a", 400),
+        ("PUT", "/api/b?c", 400),
+    ]
+    assert lines[0]["request_id"] == json.loads(twice.partition(b"\r\n\r\n")[2])["request_id"]
+    assert lines[0]["bytes"] == len(twice.partition(b"\r\n\r\n")[2])
+    assert lines[0]["route"] is None and "host" in lines[0]["error"].lower()
 
 
 # ---------------------------------------------------------------------- OTLP export

@@ -11,6 +11,7 @@ from typing import Any, cast
 import pytest
 
 from apigate.config.schema import LimitsConfig
+from apigate.http.errors import GatewayError
 from apigate.http.headers import RequestIds, TrustedProxies
 from apigate.http.protocol import ClientConnection, Phase
 from apigate.http.request import Request
@@ -135,6 +136,9 @@ class FakeExchange:
     def client_lost(self) -> None:
         self.events.append("client_lost")
 
+    def refused(self, err: GatewayError, sent: int) -> None:
+        self.events.append(f"refused {err.status}")
+
     def client_write_paused(self) -> None:
         self.events.append("write_paused")
 
@@ -164,11 +168,17 @@ class FakeHost:
         self.draining = False
         self.exchanges: list[FakeExchange] = []
         self.exchange_class = FakeExchange
+        self.refusals: list[tuple[Request, int, int]] = []  # requests refused without exchange
 
     def new_exchange(self, conn: ClientConnection, request: Request) -> FakeExchange:
         ex = self.exchange_class(conn, request)
         self.exchanges.append(ex)
         return ex
+
+    def refused(
+        self, conn: ClientConnection, request: Request, err: GatewayError, sent: int
+    ) -> None:
+        self.refusals.append((request, err.status, sent))
 
 
 LIMITS = dict(
@@ -463,7 +473,8 @@ def test_body_limit_with_content_length_and_chunked() -> None:
     h = Harness()
     h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + b"a" * 1001)
     assert h.error()[0] == 413
-    assert h.exchanges[0].events == ["start", "client_lost"]
+    # (logged as the 413 it is: it was a 499, "client closed")
+    assert h.exchanges[0].events == ["start", "refused 413"]
     h2 = Harness()
     h2.feed(
         b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -532,14 +543,27 @@ def test_malformed_pipelined_request_is_answered_after_the_earlier_ones(h: Harne
     raw = h.transport.take()
     assert raw.index(b"first") < raw.index(b"second") < raw.index(b"HTTP/1.1 400 ")
     assert h.transport.eof_written
+    ((refused, status, sent),) = h.host.refusals  # the third had no exchange: the host logs it
+    assert (refused.method, refused.path, status) == ("GET", "/", 400)
+    assert sent == len(raw.rpartition(b"\r\n\r\n")[2])  # the error's body
+
+
+def test_a_head_refused_half_read_is_told_to_the_host_as_far_as_it_was_read(h: Harness) -> None:
+    h.feed(b"POST /a/b?c=d HTTP/1.1\r\nHost: x\r\nBad Name: 1\r\n\r\n")
+    status, doc, _ = h.error()
+    assert status == 400 and h.exchanges == []
+    ((refused, logged_status, _),) = h.host.refusals
+    assert (refused.method, refused.path, logged_status) == ("POST", "/a/b?c=d", 400)
+    assert refused.request_id == doc["request_id"]
 
 
 def test_bad_body_of_a_queued_request(h: Harness) -> None:
     h.feed(GET + b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
     first, bad = h.exchanges
-    assert bad.events == ["client_lost"]
+    assert bad.events == []
     first.answer()
     assert b"HTTP/1.1 400 " in h.transport.take()
+    assert bad.events == ["refused 400"] and h.host.refusals == []
 
 
 def test_error_mid_body_after_the_response_started_aborts(h: Harness) -> None:
@@ -687,7 +711,7 @@ def test_body_timeout_is_408_and_restarts_with_each_read(h: Harness) -> None:
     h.loop.advance(10)
     status, doc, _ = h.error()
     assert status == 408 and "body" in doc["message"]
-    assert h.exchanges[0].events == ["start", "client_lost"]
+    assert h.exchanges[0].events == ["start", "refused 408"]
 
 
 def test_a_request_starting_after_its_body_leaves_the_next_ones_limits_alone(

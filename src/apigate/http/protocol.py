@@ -78,6 +78,9 @@ class Exchange(Protocol):
     def feed_body(self, chunk: bytes) -> None: ...
     def body_done(self) -> None: ...
     def client_lost(self) -> None: ...
+    # the connection answered `err` itself (a body of `sent` bytes) and closes: the request's
+    # outcome
+    def refused(self, err: GatewayError, sent: int) -> None: ...
     def client_write_paused(self) -> None: ...
     def client_write_resumed(self) -> None: ...
     def tunnel_data(self, data: bytes) -> None: ...
@@ -98,6 +101,11 @@ class ConnectionHost(Protocol):
     draining: bool
 
     def new_exchange(self, conn: ClientConnection, request: Request) -> Exchange: ...
+    # `request`, which has no exchange, was refused with `err` (a body of `sent` bytes): log and
+    # count it
+    def refused(
+        self, conn: ClientConnection, request: Request, err: GatewayError, sent: int
+    ) -> None: ...
 
 
 # Request headers the connection interprets itself, by lower-cased name.
@@ -160,6 +168,7 @@ _HASH: Final = ord("#")
 _QUESTION_MARK: Final = ord("?")
 _V11_LINE_END: Final = b" HTTP/1.1\r\n"  # how a request line of that version ends
 _PAUSE_BUFFER: Final = 64 * 1024  # buffered request body bytes before we stop reading the client
+_LOGGED_URL: Final = 1024  # how much of a refused head's request target its log line shows
 _LINGER_SECONDS: Final = 2.0  # how long a refused client's further input is read and discarded
 # slack over max_header_bytes for the framing that shares the trailer's reads ("0\r\n", CRLFs)
 _TRAILER_SLACK: Final = 1024
@@ -251,6 +260,7 @@ class ClientConnection(asyncio.Protocol):
         self._route_body_timeout: float | None = None
         # a later pipelined request was malformed: answer the earlier ones, then this, then close
         self._pending_error: GatewayError | None = None
+        self._pending_exchange: Exchange | None = None  # that request's exchange, if it has one
         self._deadline = 0.0
         self.began_at = 0.0  # clock reading at the current request's first byte
         self._host_field = b""  # the last valid Host field and its routing form
@@ -769,7 +779,7 @@ class ClientConnection(asyncio.Protocol):
             self._begin(nxt)
             return
         if self._pending_error is not None:
-            self.respond_error(self._pending_error, self._req)
+            self.respond_error(self._pending_error, self._req, refused=self._pending_exchange)
             return
         if self._client_eof:  # (it waited for the idle timeout, nginx closes at once)
             self.close()
@@ -780,15 +790,26 @@ class ClientConnection(asyncio.Protocol):
         self._set_deadline(self.limits.idle_timeout)
 
     def respond_error(
-        self, err: GatewayError, request: Request | None, head_only: bool = False
+        self, err: GatewayError, request: Request | None, *, refused: Exchange | None = None
     ) -> None:
-        """Answer with a gateway error and close (the connection state is unknown)."""
+        """Answer with a gateway error and close (the connection state is unknown).
+
+        The refused request is logged and counted like any other: through its exchange, or
+        the host's when it was refused before it had one (its head malformed, over a limit, or
+        too slow). nginx logs its 400s and 408s too; they were in neither the access log nor
+        the metrics."""
         rid = request.request_id if request is not None else ""
         if not rid:  # refused before the head was complete: still give the client an id
             rid = self.request_ids.next()
             if request is not None:
                 request.request_id = rid
-        self.write(render_error(err, rid, keep_alive=False, head_only=head_only))
+        data = render_error(err, rid, keep_alive=False)
+        self.write(data)
+        body = len(data) - data.index(b"\r\n\r\n") - 4  # (bytes sent: the body's, as nginx's)
+        if refused is not None:
+            refused.refused(err, body)
+        elif request is not None:
+            self.host.refused(self, request, err, body)
         self.close_lingering()
 
     def _reject(self, err: GatewayError) -> None:
@@ -796,28 +817,32 @@ class ClientConnection(asyncio.Protocol):
         if self.phase == Phase.CLOSED or self._pending_error is not None:
             return
         parsing, self._parsing = self._parsing, None
-        if parsing is not None and parsing is not self.current:
-            if parsing in self._queue:  # a queued request whose body was malformed
-                self._queue.remove(parsing)
-            parsing.client_lost()
+        if self.phase == Phase.HEAD and self._req is not None:
+            # refused while its head was read: its log line shows what there was of it (the
+            # method once the target began: llhttp keeps the previous message's until then)
+            self._req.method = _seen_method(self.parser) if self._url else ""
+            self._req.path = self._url[:_LOGGED_URL].decode("latin-1")
+        if parsing is not None and parsing is not self.current and parsing in self._queue:
+            self._queue.remove(parsing)  # a queued request whose body was malformed
         current = self.current
         if current is not None and current is not parsing:
             # Earlier pipelined requests are owed their responses, in order: answer them, then
             # this error (finish_exchange), then close. Read nothing more meanwhile. (This used
             # to drop the queued requests and close without any answer to the bad one.)
             self._pending_error = err
+            self._pending_exchange = parsing
             self.phase = Phase.WAIT
             self._deadline = 0.0
             self.pause_reading()
             return
         if current is not None:
-            started = current.response_started
-            current.client_lost()
             self.current = None
-            if started:  # an error response now would land inside the one already begun
+            if current.response_started:
+                # an error response now would land inside the one already begun
+                current.client_lost()
                 self.abort()
                 return
-        self.respond_error(err, self._req)
+        self.respond_error(err, self._req, refused=parsing)
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -1036,6 +1061,15 @@ class _URLParts(Protocol):
     path: bytes | None
     query: bytes | None
     userinfo: bytes | None
+
+
+def _seen_method(parser: httptools.HttpRequestParser) -> str:
+    """The method of a request refused while its head was read, for its log line ("" when
+    llhttp had not read it yet)."""
+    try:
+        return parser.get_method().decode("latin-1")
+    except Exception:  # (httptools raises when there is none yet)
+        return ""
 
 
 class _Stop(Exception):

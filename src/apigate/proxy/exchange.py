@@ -240,6 +240,16 @@ class ProxyExchange(UpstreamListener):
         self.error = self.error or "client closed the connection"
         self._complete(keep_alive=False)
 
+    def refused(self, err: GatewayError, sent: int) -> None:
+        """The connection answered `err` itself (`sent` bytes: a malformed body, a limit, a
+        timeout) and closes: that is this request's outcome in the logs and metrics, not the
+        499 "client closed" it was logged as; a request refused before its head was all read
+        gets an exchange for this alone."""
+        self.status = err.status
+        self.error = err.message
+        self.bytes_sent = sent
+        self.client_lost()
+
     def client_write_paused(self) -> None:
         if self.upstream is not None:
             self.upstream.pause_reading()
