@@ -79,15 +79,18 @@ def cmd_routes(args: argparse.Namespace) -> int:
         return 2
     assert isinstance(runtime, Runtime)
     table = runtime.matcher.table()
+    for entry in table:
+        compiled = runtime.routes.get(str(entry["name"]))
+        # (the table's own rows hold no service: the matcher knows routes only)
+        entry["service"] = compiled.service.name if compiled and compiled.service else None
     if args.json:
         print(json.dumps(table, indent=2, default=str))
         return 0
     columns = ["route", "host", "methods", "path", "kind", "headers", "service"]
     rows = []
     for entry in table:
-        compiled = runtime.routes.get(str(entry["name"]))
-        service = compiled.service.name if compiled and compiled.service else "(aggregate)"
         keys = ("name", "host", "methods", "path", "kind", "headers")
+        service = str(entry["service"] or "(aggregate)")
         rows.append([str(entry[key] or "-") for key in keys] + [service])
     print(format_table(columns, rows))
     return 0
@@ -121,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the gateway")
     run.add_argument("-c", "--config", required=True, help="YAML config file")
-    run.add_argument("--watch", action="store_true", help="reload when the file changes")
+    run.add_argument(
+        "--watch", action="store_true", help="reload when the file or one it includes changes"
+    )
     run.add_argument(
         "--log-level",
         default="info",

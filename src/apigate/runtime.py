@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from apigate.config.errors import ConfigError
+from apigate.config.loader import config_location
 from apigate.config.schema import GatewayConfig, RouteConfig, TLSConfig
 from apigate.http.pool import PoolManager
 from apigate.plugins.base import Plugin, PluginEnv
 from apigate.plugins.chain import PluginChain, build_chain
 from apigate.proxy.aggregate import Handler, build_aggregate_handler
 from apigate.registry.service import Service
-from apigate.routing.matcher import Matcher, RouteSpec
+from apigate.routing.matcher import Matcher, RouteSpec, RouteSpecError
 from apigate.routing.rewrite import compile_template, strip
 
 _generations: Final = itertools.count(1)
@@ -74,27 +75,66 @@ class Runtime:
 
 
 class ServiceTable:
-    """The long-lived services, reconciled with each new config."""
+    """The long-lived services, reconciled with each new config in two steps.
+
+    `plan(config)` works out what the config asks for without touching the table: the services
+    it keeps (the same objects), the ones it adds (new objects, not in the table yet) and the
+    ones it drops. A snapshot is compiled against the plan, and only a snapshot that compiled
+    and started is `commit`ted: a refused config leaves the table exactly as it was, the very
+    objects the serving snapshot holds (registrations made meanwhile land where traffic goes).
+    """
 
     def __init__(self, pools: PoolManager) -> None:
         self.pools = pools
         self.services: dict[str, Service] = {}
 
-    def reconcile(self, config: GatewayConfig) -> dict[str, Service]:
+    def plan(self, config: GatewayConfig) -> ServicePlan:
+        services: dict[str, Service] = {}
+        added: dict[str, Service] = {}
         for name, svc_cfg in config.services.items():
             svc = self.services.get(name)
             if svc is None:
-                self.services[name] = Service(name, svc_cfg, self.pools)
+                svc = added[name] = Service(name, svc_cfg, self.pools)
+            services[name] = svc
+        for name, svc in self.services.items():
+            if name not in services and _has_registered(svc):
+                services[name] = svc  # kept for its registrations (see commit)
+        return ServicePlan(config, services, added)
+
+    def commit(self, plan: ServicePlan) -> None:
+        """Make the table what `plan` says: new configs applied, services added and dropped.
+
+        A service the config no longer names stays while it has registered instances (they
+        heartbeat: dropping them would only have the next heartbeat create it again)."""
+        for name, svc_cfg in plan.config.services.items():
+            svc = self.services.get(name)
+            if svc is None:
+                self.services[name] = plan.added[name]
             else:
                 svc.apply_config(svc_cfg)
         for name in list(self.services):
-            svc = self.services[name]
-            if name not in config.services and not any(
-                i.origin != "static" for i in svc.instances.values()
-            ):
+            if name not in plan.config.services and not _has_registered(self.services[name]):
                 del self.services[name]
                 self.pools.retire(name)
+
+    def reconcile(self, config: GatewayConfig) -> dict[str, Service]:
+        """Plan and commit at once (start-up, and configs that cannot be refused)."""
+        self.commit(self.plan(config))
         return dict(self.services)
+
+
+@dataclass(eq=False)
+class ServicePlan:
+    """What a config makes of the service table (see `ServiceTable.plan`)."""
+
+    config: GatewayConfig
+    # every service a snapshot of `config` uses: kept ones (the table's objects) and added ones
+    services: dict[str, Service]
+    added: dict[str, Service]
+
+
+def _has_registered(svc: Service) -> bool:
+    return any(i.origin == "registered" for i in svc.instances.values())
 
 
 def _route_spec(index: int, route: RouteConfig, compiled: CompiledRoute) -> RouteSpec:
@@ -110,33 +150,62 @@ def _route_spec(index: int, route: RouteConfig, compiled: CompiledRoute) -> Rout
 
 
 def compile_runtime(config: GatewayConfig, table: ServiceTable, env: PluginEnv) -> Runtime:
-    """Build a snapshot; raises ConfigError (with paths) for anything a plugin rejects."""
-    services = table.reconcile(config)
+    """Build a snapshot and make the service table match it; raises ConfigError (with paths)
+    for anything a plugin or the matcher rejects, with the table left as it was."""
+    runtime, plan = prepare_runtime(config, table, env)
+    table.commit(plan)
+    return runtime
+
+
+def prepare_runtime(
+    config: GatewayConfig, table: ServiceTable, env: PluginEnv
+) -> tuple[Runtime, ServicePlan]:
+    """Build a snapshot against `table.plan(config)` without changing the table: the caller
+    commits the plan once the snapshot is to serve (`Gateway.apply_config` starts its plugins
+    first). Raises ConfigError for anything a plugin, an aggregate or the matcher rejects."""
+    plan = table.plan(config)
+    services = plan.services
     cache: dict[tuple[str, str], Plugin] = {}
     routes: dict[str, CompiledRoute] = {}
     specs: list[RouteSpec] = []
     errors: list[str] = []
+
+    def locate(section: str, key: str | int) -> str:
+        return config_location(config, section, key)
+
+    # the global plugins first, once: a bad one is reported once, not once per route
+    try:
+        global_chain = build_chain(config.plugins, {}, env, -1, cache, locate=locate)
+    except ConfigError as exc:
+        errors.extend(exc.errors)
+    global_plugins = {n: raw for n, raw in config.plugins.items() if ("global", n) in cache}
     for index, route in enumerate(config.routes):
         try:
-            chain = build_chain(config.plugins, route.plugins, env, index, cache)
+            chain = build_chain(global_plugins, route.plugins, env, index, cache, locate=locate)
         except ConfigError as exc:
             errors.extend(exc.errors)
+            continue
+        try:
+            rewrite = compile_template(route.rewrite) if route.rewrite else None
+        except ValueError as exc:  # a template the schema let through ("/v2//x")
+            errors.append(f"{locate('routes', index)}.rewrite: {exc}")
             continue
         limits = route.limits
         preserve = route.preserve_host
         service = services.get(route.service) if route.service else None
-        if preserve is None:
-            preserve = service.config.preserve_host if service is not None else False
+        if preserve is None and route.service in config.services:
+            # (the config the service will have: a kept service takes it only on commit)
+            preserve = config.services[route.service].preserve_host
         compiled = CompiledRoute(
             name=route.name,
             config=route,
             service=service,
             chain=chain,
             strip_prefix=route.strip_prefix,
-            rewrite=compile_template(route.rewrite) if route.rewrite else None,
+            rewrite=rewrite,
             max_body=limits.max_body_bytes if limits else None,
             body_timeout=limits.body_timeout if limits else None,
-            preserve_host=preserve,
+            preserve_host=bool(preserve),
         )
         routes[route.name] = compiled
         specs.append(_route_spec(index, route, compiled))
@@ -146,19 +215,30 @@ def compile_runtime(config: GatewayConfig, table: ServiceTable, env: PluginEnv) 
     for route in config.routes:
         if route.aggregate:
             handlers[route.name] = build_aggregate_handler(route, services, env.loop)
-    global_chain = build_chain(config.plugins, {}, env, -1, cache)
     plugins = list(global_chain.plugins)
     for compiled in routes.values():
         plugins.extend(p for p in compiled.chain.plugins if p not in plugins)
-    return Runtime(
+    runtime = Runtime(
         config=config,
-        matcher=Matcher(specs),
+        matcher=_compile_matcher(config, specs),
         routes=routes,
         services=services,
         plugins=plugins,
         log_hooks=global_chain.log_hooks,
         handlers=handlers,
     )
+    return runtime, plan
+
+
+def _compile_matcher(config: GatewayConfig, specs: list[RouteSpec]) -> Matcher:
+    """The matcher, its refusals as config errors naming the route (never a traceback)."""
+    try:
+        return Matcher(specs)
+    except RouteSpecError as exc:
+        index = next(i for i, route in enumerate(config.routes) if route.name == exc.route)
+        raise ConfigError(
+            [f"{config_location(config, 'routes', index)}.match.{exc.field}: {exc.message}"]
+        ) from None
 
 
 def dry_compile(

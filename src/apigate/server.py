@@ -23,7 +23,7 @@ from typing import Any, Final
 
 from apigate.buildinfo import build_name, stale_modules
 from apigate.config.errors import ConfigError
-from apigate.config.loader import load_config
+from apigate.config.loader import ConfigSources, load_config
 from apigate.config.schema import GatewayConfig
 from apigate.http.date import DATE
 from apigate.http.errors import GatewayError
@@ -33,8 +33,9 @@ from apigate.http.protocol import ClientConnection
 from apigate.http.request import Request
 from apigate.plugins.base import PluginEnv
 from apigate.proxy.exchange import ExchangeFactory, ProxyExchange
+from apigate.redaction import redact_url
 from apigate.registry.health import health_checker
-from apigate.runtime import Runtime, ServiceTable, compile_runtime
+from apigate.runtime import Runtime, ServiceTable, compile_runtime, prepare_runtime
 
 log = logging.getLogger("apigate.server")
 
@@ -79,7 +80,14 @@ class Gateway:
             self
         )
         self._stopped = asyncio.Event()
+        self._applying = asyncio.Lock()  # apply_config: one at a time
         self._watch_task: asyncio.Task[None] | None = None
+        # the files the config was last read from (the main one, includes, include globs)
+        self.config_sources: ConfigSources | None = None
+        # signals are handled from before start-up; what arrives until `serve` says the
+        # gateway is up waits (see install_signal_handlers)
+        self._signals_ready = False
+        self._pending_signals: list[int] = []
         self._retiring: set[asyncio.Task[None]] = set()
 
     @property
@@ -179,8 +187,15 @@ class Gateway:
 
     # ------------------------------------------------------------------ reload
     async def apply_config(self, config: GatewayConfig) -> Runtime:
-        """Compile and swap in a new snapshot; raises ConfigError and keeps the old one."""
-        if problems := self.listener_changes(config):
+        """Compile and swap in a new snapshot; raises ConfigError and keeps the old one.
+
+        One at a time (a SIGHUP while an admin change starts its plugins waits its turn): the
+        service table is planned against the config in force and committed at the swap."""
+        async with self._applying:
+            return await self._apply_config(config)
+
+    async def _apply_config(self, config: GatewayConfig) -> Runtime:
+        if problems := self.restart_changes(config):
             raise ConfigError(problems)
         if config.listeners.proxy.tls is not None:
             from apigate.http.tls import tls_change_problems
@@ -191,15 +206,20 @@ class Gateway:
             if problems := tls_change_problems(config.listeners.proxy.tls, in_force):
                 raise ConfigError(problems)
         self.env.config = config
+        runtime: Runtime | None = None
         try:
-            runtime = compile_runtime(config, self.services, self.env)
+            # nothing here touches the service table: a config refused by a plugin (or by
+            # a plugin's start) leaves it exactly as the serving snapshot has it
+            runtime, plan = prepare_runtime(config, self.services, self.env)
             await self._start_plugins(runtime)
         except Exception as exc:  # any failure: the old snapshot and services stay in force
             self.env.config = self.runtime.config
-            self.services.reconcile(self.runtime.config)
+            if runtime is not None:  # close what did start (the old snapshot's stay open)
+                await self._close_plugins(runtime, self.runtime)
             if isinstance(exc, ConfigError):
                 raise
             raise ConfigError([f"the new config could not be started: {exc}"]) from exc
+        self.services.commit(plan)
         old, self.runtime = self.runtime, runtime
         self.limits = config.limits
         self.trusted_proxies = TrustedProxies(config.listeners.proxy.trusted_proxies)
@@ -213,9 +233,18 @@ class Gateway:
         )
         return runtime
 
+    def restart_changes(self, config: GatewayConfig) -> list[str]:
+        """What `config` would change that only a restart can: the sockets this process
+        listens on, and the store it keeps admin changes in (opened once, at start-up). A
+        reload that asks for one is refused rather than reported as done and not done."""
+        problems = []
+        if config.store != self.config.store:
+            old_store, new_store = redact_url(self.config.store), redact_url(config.store)
+            problems.append(f"store: {old_store} -> {new_store} needs a restart")
+        return problems + self.listener_changes(config)
+
     def listener_changes(self, config: GatewayConfig) -> list[str]:
-        """What `config` would change of the sockets this process listens on: a restart's job,
-        so a reload that asks for it is refused rather than reported as done and not done."""
+        """What `config` would change of the sockets this process listens on."""
         if self.proxy_server is None:  # not listening yet: start() binds what the config says
             return []
         old, new = self.config.listeners, config.listeners
@@ -249,7 +278,15 @@ class Gateway:
         path = self.config_path
         if path is None:
             return False
-        return await self.apply_reload(lambda: self.compose_config(load_config(path))) is None
+
+        def make() -> GatewayConfig:
+            sources = ConfigSources()
+            try:
+                return self.compose_config(load_config(path, sources=sources))
+            finally:  # (read even when invalid: --watch then sees the fix in any of them)
+                self.config_sources = sources
+
+        return await self.apply_reload(make) is None
 
     async def apply_reload(
         self, make: Callable[[], GatewayConfig], source: str = "the file"
@@ -289,26 +326,30 @@ class Gateway:
         return bool(tls.reload()) if tls is not None else True
 
     def watch(self, interval: float = 1.0) -> None:
-        """Reload whenever the config file's mtime or size changes."""
+        """Reload whenever the config file, a file it includes, or the set of files an
+        `include:` glob matches changes (mtime, size, created, removed)."""
         path = self.config_path
         if path is None:
             return
+        if self.config_sources is None:  # (serve() records them as it reads the file)
+            self.config_sources = ConfigSources(files=[path.resolve()])
 
-        def stamp() -> tuple[float, int]:
-            try:
-                st = path.stat()
-            except OSError:
-                return (0.0, -1)
-            return (st.st_mtime, st.st_size)
+        def sources() -> ConfigSources:
+            assert self.config_sources is not None
+            return self.config_sources
 
         async def loop() -> None:
-            last = stamp()
+            last = sources().stamp()
             while True:
                 await asyncio.sleep(interval)
-                now = stamp()
-                if now != last and now[1] >= 0:
-                    last = now
+                read = sources()
+                now = read.stamp()
+                # (the main file is first; missing, it is being replaced: wait for it)
+                if now != last and now[0][2] >= 0:
                     await self.reload()
+                    last = now
+                    if sources() != read:  # it includes other files now: watch those
+                        last = sources().stamp()
 
         self._watch_task = self.loop.create_task(loop())
 
@@ -348,16 +389,36 @@ class Gateway:
         await self._stopped.wait()
 
     def install_signal_handlers(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self.loop.add_signal_handler(sig, self._on_stop_signal, sig)
-        self.loop.add_signal_handler(signal.SIGHUP, lambda: self.loop.create_task(self.reload()))
+        """SIGTERM/SIGINT drain and stop, SIGHUP reloads. Installed before start-up: the proxy
+        listener accepts before the admin listener and the other start hooks are up, and a
+        SIGHUP then (a deploy script's reload as soon as the port answers) used to find the
+        default action and kill the process. A signal that arrives before `signals_ready`
+        waits for it."""
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self.loop.add_signal_handler(sig, self._on_signal, sig)
 
-    def _on_stop_signal(self, sig: int) -> None:
+    def signals_ready(self) -> None:
+        """Start-up is over: act on the signals that came meanwhile, then on each at once."""
+        self._signals_ready = True
+        pending, self._pending_signals = self._pending_signals, []
+        for sig in dict.fromkeys(pending):  # (two SIGHUPs meanwhile: one reload)
+            self._on_signal(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        if not self._signals_ready:
+            self._pending_signals.append(sig)
+            return
+        if sig == signal.SIGHUP:
+            self._keep(self.loop.create_task(self._reload_on_signal()))
+            return
         log.info(
             "stopping: draining in-flight requests",
             extra={"event": "shutdown", "signal": signal.Signals(sig).name},
         )
-        self.loop.create_task(self.shutdown())
+        self._keep(self.loop.create_task(self.shutdown()))
+
+    async def _reload_on_signal(self) -> None:
+        await self.reload()  # (logged and counted there, either way)
 
     def __repr__(self) -> str:
         return f"<Gateway {len(self.connections)} connections {self.runtime!r}>"
@@ -400,16 +461,19 @@ async def serve(
     ready: Callable[[Gateway], Any] | None = None,
 ) -> None:
     """Run a gateway from a config file until SIGTERM/SIGINT."""
-    config = load_config(config_path)
+    sources = ConfigSources()
+    config = load_config(config_path, sources=sources)
     gateway = Gateway(config, config_path=config_path)
+    gateway.config_sources = sources
     from apigate.extensions import attach_extensions
 
+    gateway.install_signal_handlers()  # before anything listens (see there)
     await attach_extensions(gateway)
     await gateway.start()
-    gateway.install_signal_handlers()
     if watch:
         gateway.watch()
     if ready is not None:
         ready(gateway)
     print(f"apigate {os.getpid()} listening on {gateway.proxy_address}", flush=True)
+    gateway.signals_ready()
     await gateway.wait_stopped()

@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import unquote
 
 from apigate import __version__
 from apigate.admin.config_ops import (
@@ -34,12 +35,16 @@ if TYPE_CHECKING:
     from apigate.server import Gateway
 
 Route = tuple[str, re.Pattern[str], Callable[[AdminRequest], Awaitable[AdminResponse]]]
-_NAME = r"(?P<{}>[A-Za-z0-9_.\-]+)"
+# A name in a path is one segment, percent-decoded: whatever the config accepts for that name
+# can be addressed (a consumer "alice@example.com", or "a/b" as a%2Fb); the handler then says
+# what is wrong with a name (400 naming the field), rather than "no admin endpoint".
+_NAME = r"(?P<{}>[^/]+)"
 _SINGULAR = {"services": "service", "routes": "route", "consumers": "consumer"}
 
-# An instance id is a name (letters, digits, "_", ".", "-": the URL pattern) of at most as
-# many characters as the OpenAPI document promises for every name in a path.
+# An instance id is a name (letters, digits, "_", ".", "-") of at most as many characters as
+# the OpenAPI document promises for every name in a path.
 MAX_INSTANCE_ID = 128
+_INSTANCE_ID = re.compile(r"[A-Za-z0-9_.\-]+")
 # Metadata is kept in memory on every node (and in Redis with a cluster) and returned by
 # every GET /services: a few labels, not a document store.
 MAX_METADATA_BYTES = 16 * 1024
@@ -99,14 +104,15 @@ class AdminApi:
                 return await handler(req)
         self._authorize(req)
         allowed: list[str] = []
+        target = req.raw_path or req.path
         for route_method, pattern, handler in self.routes:
-            m = pattern.match(req.path)
+            m = pattern.match(target)
             if m is None:
                 continue
             if route_method != method:
                 allowed.append(route_method)
                 continue
-            req.params = m.groupdict()
+            req.params = {key: unquote(value) for key, value in m.groupdict().items()}
             try:
                 return await handler(req)
             except ConfigConflict as exc:  # (any change: another node's made it impossible)
@@ -341,6 +347,11 @@ def parse_registration(service: str, instance_id: str, body: Any) -> Registratio
         _invalid(
             f"instance id: {len(instance_id)} characters; 1 to {MAX_INSTANCE_ID} letters, "
             "digits, '_', '.' or '-'"
+        )
+    if not _INSTANCE_ID.fullmatch(instance_id):
+        _invalid(
+            f"instance id {instance_id!r}: use letters, digits, '_', '.' or '-' "
+            "(10.0.0.5-9000 rather than 10.0.0.5:9000)"
         )
     if not isinstance(body, dict):
         _invalid("body must be a JSON object")

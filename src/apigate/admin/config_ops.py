@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from apigate.config.errors import ConfigError
 from apigate.config.loader import dump_config, parse_config
 from apigate.config.schema import GatewayConfig
-from apigate.store.config_store import ConfigStore, StoreConflict
+from apigate.store.config_store import ConfigStore, StoreConflict, with_entity
 
 if TYPE_CHECKING:
     from apigate.server import Gateway
@@ -97,7 +97,7 @@ class ConfigOps:
         def change(doc: dict[str, Any]) -> Change:
             nonlocal created
             created = self.get_entity(doc, kind, name) is None
-            config = parse_config(_with_entity(doc, kind, name, entity), source="<admin>")
+            config = parse_config(with_entity(doc, kind, name, entity), source="<admin>")
             return config, lambda: self.store.put(kind, name, stored)
 
         config = await self._change(change)
@@ -112,10 +112,30 @@ class ConfigOps:
                 users = [r.get("name") for r in doc.get("routes") or [] if _uses(r, name)]
                 if users:
                     raise ConfigConflict(f"service {name} is used by routes: {', '.join(users)}")
-            config = parse_config(_with_entity(doc, kind, name, None), source="<admin>")
+                self._refuse_registered(name)
+            config = parse_config(with_entity(doc, kind, name, None), source="<admin>")
             return config, lambda: self.store.put(kind, name, None)
 
         return await self._change(change) is not None
+
+    def _refuse_registered(self, name: str) -> None:
+        """A service with registered instances is not deleted (409), as one a route uses is
+        not: the instances heartbeat, and the next heartbeat would create the service again
+        (a registration for an unknown service does), so "deleted" would last a TTL at most
+        while the instances went on taking traffic meanwhile. Deregister them (or stop them
+        and let their TTL lapse), then delete the service."""
+        service = self.gateway.services.services.get(name)
+        registered = [
+            inst.id
+            for inst in (service.instances.values() if service else ())
+            if inst.origin == "registered"
+        ]
+        if registered:
+            shown = ", ".join(registered[:5]) + (", ..." if len(registered) > 5 else "")
+            raise ConfigConflict(
+                f"service {name} has {len(registered)} registered instance(s) ({shown}): "
+                f"deregister them first (DELETE /services/{name}/instances/{{id}})"
+            )
 
     async def replace(
         self, doc: dict[str, Any], dry_run: bool = False, if_match: str | None = None
@@ -132,7 +152,7 @@ class ConfigOps:
             from apigate.runtime import dry_compile
 
             check(self.effective_doc())
-            if problems := self.gateway.listener_changes(config):
+            if problems := self.gateway.restart_changes(config):
                 raise ConfigError(problems, "<admin>")
             # TLS as the real change would: an unchanged tls section is not re-judged
             dry_compile(
@@ -207,27 +227,3 @@ def _uses(route: dict[str, Any], service: str) -> bool:
         return True
     parts = route.get("aggregate") or {}
     return any(isinstance(p, dict) and p.get("service") == service for p in parts.values())
-
-
-def _with_entity(
-    doc: dict[str, Any], kind: str, name: str, entity: dict[str, Any] | None
-) -> dict[str, Any]:
-    out = dict(doc)
-    if kind == "services":
-        services = dict(out.get("services") or {})
-        if entity is None:
-            services.pop(name, None)
-        else:
-            services[name] = entity
-        out["services"] = services
-    else:
-        items = [i for i in out.get(kind) or [] if i.get("name") != name]
-        if entity is not None:
-            existing = [i.get("name") for i in out.get(kind) or []]
-            if name in existing:  # keep the position (file order is the tie-breaker for routes)
-                index = existing.index(name)
-                items.insert(index, entity)
-            else:
-                items.append(entity)
-        out[kind] = items
-    return out

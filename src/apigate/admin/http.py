@@ -31,6 +31,9 @@ class AdminRequest:
     body: bytes
     client_ip: str
     params: dict[str, str] = field(default_factory=dict)
+    # the path as sent, still percent-encoded: names in it are decoded segment by segment,
+    # so that `/consumers/a%2Fb` names the consumer "a/b" (empty: `path` has no escapes)
+    raw_path: str = ""
 
     def json(self) -> Any:
         """The body as JSON; raises AdminError(400) with the reason when it is not."""
@@ -157,6 +160,7 @@ class AdminConnection(asyncio.Protocol):
                 headers=self._headers,
                 body=bytes(self._body),
                 client_ip=self.client_ip,
+                raw_path=url.path.decode("latin-1"),
             )
         )
 

@@ -20,29 +20,34 @@ def _errors(*codes: int) -> dict[str, Any]:
     return {str(c): _resp("error", _ERROR) for c in codes}
 
 
-def _name_param(name: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": "path",
-        "required": True,
-        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.-]+$", "maxLength": 128},
-    }
+# services, routes and instance ids; a consumer's name is any non-empty string (percent-
+# encoded in the path: "alice%40example.com")
+_NAME_PATTERN = "^[A-Za-z0-9_.-]+$"
+
+
+def _name_param(name: str, pattern: str | None = _NAME_PATTERN) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": 128}
+    if pattern is not None:
+        schema["pattern"] = pattern
+    return {"name": name, "in": "path", "required": True, "schema": schema}
 
 
 def _body(ref: str) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": {"$ref": ref}}}}
 
 
-def _crud(kind: str, schema_ref: str, param: str) -> dict[str, Any]:
+def _crud(
+    kind: str, schema_ref: str, param: str, pattern: str | None = _NAME_PATTERN
+) -> dict[str, Any]:
     return {
         "get": {
             "summary": f"one {kind[:-1]}",
-            "parameters": [_name_param(param)],
+            "parameters": [_name_param(param, pattern)],
             "responses": {"200": _resp("found"), **_errors(401, 404)},
         },
         "put": {
             "summary": f"create or replace a {kind[:-1]}",
-            "parameters": [_name_param(param)],
+            "parameters": [_name_param(param, pattern)],
             "requestBody": _body(schema_ref),
             "responses": {
                 "200": _resp("replaced"),
@@ -52,7 +57,7 @@ def _crud(kind: str, schema_ref: str, param: str) -> dict[str, Any]:
         },
         "delete": {
             "summary": f"delete a {kind[:-1]}",
-            "parameters": [_name_param(param)],
+            "parameters": [_name_param(param, pattern)],
             "responses": {"200": _resp("deleted"), **_errors(401, 404, 409, 503)},
         },
     }
@@ -160,7 +165,9 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {"200": _resp("consumers"), **_errors(401)},
             }
         },
-        "/consumers/{name}": _crud("consumers", "#/components/schemas/ConsumerConfig", "name"),
+        "/consumers/{name}": _crud(
+            "consumers", "#/components/schemas/ConsumerConfig", "name", pattern=None
+        ),
         "/config": {
             "get": {
                 "summary": "the effective config (ETag header)",

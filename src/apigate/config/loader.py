@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,14 @@ from pydantic import ValidationError
 from apigate.config.errors import ConfigError, Loc, error_message, format_loc
 from apigate.config.schema import GatewayConfig
 
-__all__ = ["dump_config", "interpolate_env", "load_config", "parse_config"]
+__all__ = [
+    "ConfigSources",
+    "config_location",
+    "dump_config",
+    "interpolate_env",
+    "load_config",
+    "parse_config",
+]
 
 MERGED_SECTIONS = ("services", "consumers", "routes", "plugins")
 # Deeper than any config needs (a transform's JSON value inside a route's plugin: ~10 levels),
@@ -217,6 +225,31 @@ def _interpolate_string(text: str, env: Mapping[str, str], loc: Loc, problems: l
 
 
 @dataclass
+class ConfigSources:
+    """What a config was read from: every file (the main one first) and every `include:`
+    glob, which a file created later may match. `apigate run --watch` stats them all."""
+
+    files: list[Path] = field(default_factory=list)
+    globs: list[tuple[Path, str]] = field(default_factory=list)  # (folder, pattern)
+
+    def stamp(self) -> tuple[tuple[str, float, int], ...]:
+        """(path, mtime, size) of every file and glob match now: changes when one is edited,
+        created or removed (a missing file counts as (path, 0, -1))."""
+        paths = dict.fromkeys(self.files)
+        for folder, pattern in self.globs:
+            paths.update(dict.fromkeys(p.resolve() for p in sorted(folder.glob(pattern))))
+        out = []
+        for path in paths:
+            try:
+                st = path.stat()
+            except OSError:
+                out.append((str(path), 0.0, -1))
+            else:
+                out.append((str(path), st.st_mtime, st.st_size))
+        return tuple(out)
+
+
+@dataclass
 class _Origins:
     """Where each merged item came from, to name the file in its errors.
 
@@ -225,7 +258,11 @@ class _Origins:
     """
 
     items: dict[tuple[str, str | int], tuple[str, str | int]] = field(default_factory=dict)
-    files: list[Path] = field(default_factory=list)
+    sources: ConfigSources = field(default_factory=ConfigSources)
+
+    @property
+    def files(self) -> list[Path]:
+        return self.sources.files
 
     def locate(self, loc: Loc) -> tuple[str | None, Loc]:
         if len(loc) >= 2 and (str(loc[0]), loc[1]) in self.items:
@@ -234,7 +271,9 @@ class _Origins:
         return None, loc
 
 
-def _include_paths(tree: dict[str, Any], base: Path, shown_as: str) -> Iterator[Path]:
+def _include_paths(
+    tree: dict[str, Any], base: Path, shown_as: str, globs: list[tuple[Path, str]]
+) -> Iterator[Path]:
     entries = tree.pop("include", None)
     if entries is None:
         return
@@ -245,6 +284,7 @@ def _include_paths(tree: dict[str, Any], base: Path, shown_as: str) -> Iterator[
         raise ConfigError(f"{prefix}include: must be a list of file paths")
     for entry in entries:
         if any(char in entry for char in "*?["):
+            globs.append((base, entry))
             yield from sorted(base.glob(entry))  # "conf.d/*.yaml"; no match is fine
         else:
             yield base / entry
@@ -259,12 +299,12 @@ def _merge_includes(
     the main file's folder.
     """
     main = path.resolve()
-    origins.files.append(main)
     pending: list[tuple[dict[str, Any], Path, str, tuple[Path, ...]]] = [(root, path, "", (main,))]
     problems: list[str] = []
+    globs = origins.sources.globs
     while pending:
         tree, tree_path, tree_shown, chain = pending.pop(0)
-        for included in _include_paths(tree, tree_path.parent, tree_shown):
+        for included in _include_paths(tree, tree_path.parent, tree_shown, globs):
             resolved = included.resolve()
             shown_as = os.path.relpath(included, path.parent)
             if resolved in chain:
@@ -365,11 +405,36 @@ def _item_name(item: Any) -> str | None:
 # --- public entry points --------------------------------------------------------------------
 
 
-def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> GatewayConfig:
-    """Read, interpolate, merge and validate a config file; raises ConfigError."""
+# Where the items of each config loaded from files came from (by id: models are not
+# hashable; the entry goes with the config), so that problems found only when the config is
+# compiled (plugin configs, the matcher) name the included file as schema errors do.
+_LOADED_ORIGINS: dict[int, _Origins] = {}
+
+
+def config_location(config: GatewayConfig, section: str, key: str | int) -> str:
+    """`routes[4]`, `plugins.cors` as the files say: `conf.d/api.yaml: routes[0]` for the
+    first route of an included file (`config` loaded by `load_config`)."""
+    origins = _LOADED_ORIGINS.get(id(config))
+    shown_as, loc = origins.locate((section, key)) if origins else (None, (section, key))
+    where = format_loc(loc)
+    return f"{shown_as}: {where}" if shown_as else where
+
+
+def load_config(
+    path: str | Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    sources: ConfigSources | None = None,
+) -> GatewayConfig:
+    """Read, interpolate, merge and validate a config file; raises ConfigError.
+
+    `sources`, when given, is filled with the files read and the include globs as they are
+    met, so that it says what to watch even when the config turns out invalid."""
     path = Path(path)
     source = str(path)
     environment = os.environ if env is None else env
+    origins = _Origins(sources=sources if sources is not None else ConfigSources())
+    origins.files.append(path.resolve())
     try:
         data = _read_yaml(path)
     except ConfigError as exc:
@@ -378,13 +443,17 @@ def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Ga
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(_not_a_mapping(data), source)
-    origins = _Origins()
     try:
         data = interpolate_env(data, environment)
         _merge_includes(data, path, environment, origins)
     except ConfigError as exc:
         raise ConfigError(exc.errors, source) from None
-    return _validate(data, source, origins)
+    config = _validate(data, source, origins)
+    if origins.items:
+        key = id(config)
+        _LOADED_ORIGINS[key] = origins
+        weakref.finalize(config, _LOADED_ORIGINS.pop, key, None)
+    return config
 
 
 def parse_config(data: Any, source: str = "<config>") -> GatewayConfig:

@@ -149,6 +149,22 @@ def _check_hostname(value: str) -> str:
     )
 
 
+def _check_route_host(value: str) -> str:
+    """A route's `match.hosts` entry: a name, `*.suffix`, an IPv4 address, or an IPv6 address
+    (`::1` or `[::1]`, kept as `[::1]`: the form it has in a Host header)."""
+    value = value.lower()
+    inner = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    if ":" in inner:
+        try:
+            return f"[{ipaddress.IPv6Address(inner).compressed}]"
+        except ValueError:
+            raise _fail(
+                "invalid_host",
+                f"invalid host {value!r}: a name, *.suffix or an IP address, without a port",
+            ) from None
+    return _check_hostname(value)
+
+
 def _none_as_empty(value: Any) -> Any:
     """`plugins: {cors: }` in YAML gives None: treat it as an empty config."""
     if isinstance(value, dict):
@@ -666,7 +682,7 @@ class MatchConfig(StrictModel):
         default_factory=lambda: ["/"], min_length=1
     )
     methods: list[Method] | None = Field(default=None, min_length=1)
-    hosts: list[Annotated[str, AfterValidator(_check_hostname)]] | None = Field(
+    hosts: list[Annotated[str, AfterValidator(_check_route_host)]] | None = Field(
         default=None, min_length=1
     )
     headers: dict[str, str] | None = None
@@ -723,6 +739,9 @@ class RouteConfig(StrictModel):
             problems.append((("aggregate",), message))
         if self.rewrite is not None:
             problems += self._param_problems(("rewrite",), self.rewrite)
+            if self.strip_prefix:  # one of them would be ignored: say so rather than pick
+                message = "not allowed with rewrite: the template already replaces the prefix"
+                problems.append((("strip_prefix",), message))
         for part_name, part in (self.aggregate or {}).items():
             problems += self._param_problems(
                 ("aggregate", part_name, "path"), part.path, sources=True

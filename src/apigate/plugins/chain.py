@@ -7,6 +7,7 @@ own entry for a name replaces the global one.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from collections.abc import Callable, Mapping
 from typing import Any, Final
@@ -111,16 +112,28 @@ class PluginChain:
 def build_plugin(name: str, raw: Mapping[str, Any] | None, env: PluginEnv, where: str) -> Plugin:
     try:
         cls = resolve(name)
-    except (KeyError, ImportError, AttributeError, TypeError) as exc:
+    except KeyError:  # neither a built-in name nor a module:Class path
+        close = difflib.get_close_matches(name, list(BUILTIN), n=1)
+        suggestion = f"; did you mean {close[0]!r}?" if close else ""
         known = ", ".join(sorted(BUILTIN))
         raise ConfigError(
-            [f"{where}: unknown plugin '{name}' ({exc}); built-in: {known}"]
+            [
+                f"{where}: unknown plugin {name!r}{suggestion} "
+                f"(built-in: {known}; or a module:Class path)"
+            ]
         ) from None
+    except (ImportError, AttributeError, TypeError) as exc:  # a module:Class path that failed
+        raise ConfigError([f"{where}: cannot load plugin {name!r}: {exc}"]) from None
     try:
         config = cls.Config.model_validate(dict(raw or {}))
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, where)) from None
     return cls(config, env)
+
+
+def file_location(section: str, key: str | int) -> str:
+    """`routes[2]`, `plugins.cors`: where an item is, in the file's own terms."""
+    return f"{section}[{key}]" if isinstance(key, int) else f"{section}.{key}"
 
 
 def build_chain(
@@ -129,17 +142,33 @@ def build_chain(
     env: PluginEnv,
     route_index: int,
     cache: dict[tuple[str, str], Plugin],
+    *,
+    locate: Callable[[str, str | int], str] = file_location,
 ) -> PluginChain:
     """Global plugins are built once and shared by every route (their state, e.g. a rate
-    limiter's counters, is global); a route's own entry replaces the global one."""
+    limiter's counters, is global); a route's own entry replaces the global one.
+
+    `locate(section, key)` names where an item is for error lines: the loader's version says
+    `conf.d/api.yaml: routes[0]` for the first route of an included file."""
     plugins: list[Plugin] = []
+    problems: list[str] = []  # every plugin's, not only the first one's
     for name, raw in global_plugins.items():
         if name in route_plugins:
             continue
         key = ("global", name)
-        if key not in cache:
-            cache[key] = build_plugin(name, raw, env, f"plugins.{name}")
-        plugins.append(cache[key])
-    for name, raw in route_plugins.items():
-        plugins.append(build_plugin(name, raw, env, f"routes[{route_index}].plugins.{name}"))
+        try:
+            if key not in cache:
+                cache[key] = build_plugin(name, raw, env, locate("plugins", name))
+            plugins.append(cache[key])
+        except ConfigError as exc:
+            problems += exc.errors
+    if route_plugins:
+        where = locate("routes", route_index)
+        for name, raw in route_plugins.items():
+            try:
+                plugins.append(build_plugin(name, raw, env, f"{where}.plugins.{name}"))
+            except ConfigError as exc:
+                problems += exc.errors
+    if problems:
+        raise ConfigError(problems)
     return PluginChain(plugins)

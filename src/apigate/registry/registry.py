@@ -97,7 +97,9 @@ class Registry:
             )
         if not 0 < reg.ttl <= MAX_TTL:
             raise RegistrationError(400, "invalid_ttl", f"ttl must be in (0, {MAX_TTL:.0f}s]")
-        if reg.service not in self.gateway.services.services:
+        if reg.service not in self.gateway.config.services:
+            # unknown, or left in the table by a config that dropped it while it had
+            # registered instances: either way the config names it again
             await self._create_service(reg.service)
         inst, created = self._add(reg, target)
         if self.mirror is not None:
@@ -210,8 +212,10 @@ class Registry:
         from apigate.admin.config_ops import ConfigOps
 
         ops = ConfigOps.of(self.gateway)
+        kept = name in self.gateway.services.services  # (see register)
         await ops.put_entity("services", name, {}, implicit=True)
-        EVENTS.record("service", f"service {name} created by its first registration", service=name)
+        how = "declared again by a registration" if kept else "created by its first registration"
+        EVENTS.record("service", f"service {name} {how}", service=name)
 
     async def _points_at_gateway(self, host: str, port: int) -> bool:
         """Would a request to host:port come back to one of our listeners (a proxy loop)?

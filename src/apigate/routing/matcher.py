@@ -37,6 +37,7 @@ them again on the way out.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import Final
@@ -44,7 +45,7 @@ from urllib.parse import quote, unquote
 
 from apigate.routing.normalize import normalize_path
 
-__all__ = ["Match", "Matcher", "NoMatch", "RouteSpec"]
+__all__ = ["Match", "Matcher", "NoMatch", "RouteSpec", "RouteSpecError"]
 
 HeaderLookup = Callable[[str], str | None]
 
@@ -83,6 +84,17 @@ class RouteSpec:
 
     def __repr__(self) -> str:
         return f"RouteSpec({self.name!r}, {self.paths!r})"
+
+
+class RouteSpecError(ValueError):
+    """A route the matcher cannot compile: which route, which of its match fields, and why
+    (the config compiler reports it as `routes[i].match.<field>: <message>`)."""
+
+    def __init__(self, route: str, field: str, message: str) -> None:
+        super().__init__(message)
+        self.route = route
+        self.field = field
+        self.message = message
 
 
 class Match:
@@ -353,6 +365,9 @@ def _host_key(host: str) -> str:
     host = host.lower()
     if host == "*":
         return host
+    literal = ipv6_host(host)
+    if literal is not None:  # "::1" or "[::1]": keyed as a Host header writes it
+        return literal
     if host.endswith("."):
         host = host[:-1]
     if not host or ":" in host or "/" in host or "*" in host[1:]:
@@ -360,6 +375,19 @@ def _host_key(host: str) -> str:
     if host.startswith("*") and not host.startswith("*."):
         raise ValueError(f"wildcard host {host!r} must start with '*.'")
     return host
+
+
+def ipv6_host(host: str) -> str | None:
+    """`[::1]`, the form a Host header gives an IPv6 address in, for `::1`, `[::1]` or any
+    other spelling of that address (`[0:0::1]`); None when `host` is no IPv6 literal."""
+    inner = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if ":" not in inner:
+        return None
+    try:
+        address = ipaddress.IPv6Address(inner)
+    except ValueError:
+        return None
+    return f"[{address.compressed}]"
 
 
 class Matcher:
@@ -374,9 +402,15 @@ class Matcher:
         any_host: list[_Candidate] = []
         for index, spec in enumerate(specs):
             if not spec.paths:
-                raise ValueError(f"route {spec.name!r} has no paths")
-            patterns = [_Pattern(text) for text in dict.fromkeys(spec.paths)]
-            hosts = tuple(dict.fromkeys(map(_host_key, spec.hosts))) if spec.hosts else ("*",)
+                raise RouteSpecError(spec.name, "paths", f"route {spec.name!r} has no paths")
+            try:
+                patterns = [_Pattern(text) for text in dict.fromkeys(spec.paths)]
+            except ValueError as exc:
+                raise RouteSpecError(spec.name, "paths", str(exc)) from None
+            try:
+                hosts = tuple(dict.fromkeys(map(_host_key, spec.hosts))) if spec.hosts else ("*",)
+            except ValueError as exc:
+                raise RouteSpecError(spec.name, "hosts", str(exc)) from None
             for host in hosts:
                 if host == "*":
                     group = any_host
@@ -428,6 +462,8 @@ class Matcher:
             host = host[:colon]
         if host.endswith("."):
             host = host[:-1]
+        if host.startswith("["):  # an IPv6 address, however spelled, as the routes key it
+            host = ipv6_host(host) or host
         buckets: list[_Bucket] = []
         bucket = self._exact.get(host)
         if bucket is not None:

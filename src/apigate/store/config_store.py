@@ -50,6 +50,9 @@ class ConfigStore:
         """Release resources."""
 
     async def put(self, kind: Kind, name: str, doc: dict[str, Any] | None) -> None:
+        if doc is not None and self.overlay.get((kind, name), doc) is None:
+            # created again after a deletion: it goes last among the new ones, as live
+            del self.overlay[(kind, name)]
         self.overlay[(kind, name)] = doc
 
     async def replace_base(self, doc: dict[str, Any]) -> None:
@@ -57,27 +60,54 @@ class ConfigStore:
         self.overlay.clear()
 
     def merge(self, file_doc: dict[str, Any]) -> dict[str, Any]:
-        """The effective config document: base (POSTed or file) plus the overlay."""
+        """The effective config document: base (POSTed or file) plus the overlay.
+
+        An overlay route or consumer that replaces one of the base keeps its place in the
+        list, and new ones follow in the order they were created: what the admin API did live
+        (`with_entity`), so a reload or a restart does not reorder routes (the
+        file order breaks ties between equally specific routes). `store` is always the
+        file's: it names where this overlay lives, which only the file (at start-up) chooses.
+        """
         doc: dict[str, Any] = json.loads(
             json.dumps(self.base if self.base is not None else file_doc)
         )
+        if "store" in file_doc:
+            doc["store"] = file_doc["store"]
         for (kind, name), entity in self.overlay.items():
-            if kind == "services":
-                services = doc.setdefault("services", {}) or {}
-                doc["services"] = services
-                if entity is None:
-                    services.pop(name, None)
-                else:
-                    services[name] = entity
-            elif kind in _NAMED_LISTS:
-                items = [i for i in (doc.get(kind) or []) if i.get("name") != name]
-                if entity is not None:
-                    items.append({**entity, "name": name})
-                doc[kind] = items
+            if kind == "services" or kind in _NAMED_LISTS:
+                doc = with_entity(doc, kind, name, entity)
         return doc
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "memory", "persisted": False, "overlay_entries": len(self.overlay)}
+
+
+def with_entity(
+    doc: dict[str, Any], kind: str, name: str, entity: dict[str, Any] | None
+) -> dict[str, Any]:
+    """`doc` (a shallow copy) with the service, route or consumer `name` put (`entity`) or
+    removed (None). A route or consumer that replaces one keeps its place in the list, a new
+    one goes last: the file order breaks ties between equally specific routes. The one rule
+    for a live admin change (config_ops) and for the store's overlay on a reload or restart."""
+    out = dict(doc)
+    if kind == "services":
+        services = dict(out.get("services") or {})
+        if entity is None:
+            services.pop(name, None)
+        else:
+            services[name] = entity
+        out["services"] = services
+        return out
+    items: list[dict[str, Any]] = list(out.get(kind) or [])
+    names = [item.get("name") for item in items]
+    if entity is None:
+        items = [item for item in items if item.get("name") != name]
+    elif name in names:
+        items[names.index(name)] = {**entity, "name": name}
+    else:
+        items.append({**entity, "name": name})
+    out[kind] = items
+    return out
 
 
 class SqliteConfigStore(ConfigStore):
@@ -115,7 +145,9 @@ class SqliteConfigStore(ConfigStore):
         self._db = db
         row = db.execute("SELECT doc FROM base WHERE id = 1").fetchone()
         self.base = json.loads(row[0]) if row else None
-        for kind, name, doc in db.execute("SELECT kind, name, doc FROM overlay"):
+        # in the order the entities were first created (see _put_sync): merge appends new
+        # routes in that order
+        for kind, name, doc in db.execute("SELECT kind, name, doc FROM overlay ORDER BY rowid"):
             self.overlay[(kind, name)] = json.loads(doc) if doc is not None else None
 
     async def close(self) -> None:
@@ -128,12 +160,21 @@ class SqliteConfigStore(ConfigStore):
         await asyncio.to_thread(self._put_sync, kind, name, doc)
 
     def _put_sync(self, kind: Kind, name: str, doc: dict[str, Any] | None) -> None:
+        """An update keeps the row (and its rowid: the order loaded back); an entity created
+        again after its deletion gets a new row, last, as `ConfigStore.put` moves it."""
         assert self._db is not None
-        self._db.execute(
-            "INSERT OR REPLACE INTO overlay (kind, name, doc, updated) VALUES (?, ?, ?, ?)",
-            (kind, name, json.dumps(doc) if doc is not None else None, time.time()),
-        )
-        self._db.commit()
+        with self._db:
+            if doc is not None:
+                self._db.execute(
+                    "DELETE FROM overlay WHERE kind = ? AND name = ? AND doc IS NULL",
+                    (kind, name),
+                )
+            self._db.execute(
+                "INSERT INTO overlay (kind, name, doc, updated) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (kind, name) DO UPDATE SET doc = excluded.doc, "
+                "updated = excluded.updated",
+                (kind, name, json.dumps(doc) if doc is not None else None, time.time()),
+            )
 
     async def replace_base(self, doc: dict[str, Any]) -> None:
         await super().replace_base(doc)
