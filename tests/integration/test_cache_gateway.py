@@ -20,11 +20,14 @@ from urllib.parse import quote
 import pytest
 import pytest_asyncio
 
+from apigate.plugins.cache_store import RedisCacheStore, target_of
+from apigate.store.redis import RedisStore
 from tests.support.client import RawClient, Truncated
 from tests.support.gateway import GatewayProcess, base_config
 from tests.support.http import Reply, request
 from tests.support.redis_server import RedisServer
 from tests.support.upstream import Upstream
+from tests.unit.test_cache_store import entry, key
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -376,6 +379,31 @@ async def test_a_successful_unsafe_request_invalidates_the_target(setup: Setup) 
     assert (await setup.get(neighbour)).headers["x-cache"] == "HIT"
 
 
+async def test_an_unsafe_request_invalidates_every_consumers_entries(setup: Setup) -> None:
+    """RFC 9111 §4.4 with the consumer in the key (key_auth; the default): alice's PUT removes
+    bob's entries too, each Vary variant (CORS says Vary: Origin); an error answer nothing."""
+    path = _target("ck", "consumers", "Cache-Control: max-age=60")
+    alice, bob = {"apikey": "alice-key"}, {"apikey": "bob-key"}
+    readers = [alice, bob, {**bob, "Origin": ORIGIN}]
+    for headers in readers:
+        assert (await setup.get(path, headers)).headers["x-cache"] == "MISS"
+        assert (await setup.get(path, headers)).headers["x-cache"] == "HIT"
+    neighbour = path.replace("t=consumers", "t=consumers-neighbour")
+    assert (await setup.get(neighbour, bob)).headers["x-cache"] == "MISS"
+    try:
+        setup.up.state.override = "/status/503"
+        failed = await request(setup.gw.port, "PUT", path, headers=alice, body=b"x")
+        assert failed.status == 503
+    finally:
+        setup.up.state.override = None
+    assert [(await setup.get(path, h)).headers["x-cache"] for h in readers] == ["HIT"] * 3
+    changed = await request(setup.gw.port, "PUT", path, headers=alice, body=b"x")
+    assert changed.status == 200 and changed.headers["x-cache"] == "BYPASS"
+    replies = [await setup.get(path, h) for h in readers]
+    assert [r.headers["x-cache"] for r in replies] == ["MISS"] * 3
+    assert (await setup.get(neighbour, bob)).headers["x-cache"] == "HIT"
+
+
 # ------------------------------------------------------------------------------ coalescing
 
 
@@ -504,12 +532,13 @@ async def test_purge_by_route_and_prefix(setup: Setup) -> None:
     admin = setup.gw.admin_port
     prefix = quote("/purge/respond?t=purge-a", safe="")
     reply = await request(admin, "DELETE", f"/cache?route=purge&prefix={prefix}")
-    # (2: the route has cors, which says Vary: Origin: an entry and its Vary marker)
-    assert reply.status == 200 and reply.json()["purged"] == 2
+    # (the route has cors, which says Vary: Origin: an entry and its Vary marker, which is
+    # bookkeeping, not a response, and is not counted)
+    assert reply.status == 200 and reply.json()["purged"] == 1
     assert (await setup.get(a)).headers["x-cache"] == "MISS"
     assert (await setup.get(b)).headers["x-cache"] == "HIT"
     reply = await request(admin, "DELETE", "/cache?route=purge")
-    assert reply.status == 200 and reply.json()["purged"] == 4
+    assert reply.status == 200 and reply.json()["purged"] == 2
     assert (await setup.get(a)).headers["x-cache"] == "MISS"
     assert (await setup.get(b)).headers["x-cache"] == "MISS"
     assert (await setup.get(other)).headers["x-cache"] == "HIT"  # another route: untouched
@@ -711,4 +740,92 @@ async def test_redis_store_is_shared_by_two_gateways_and_purged() -> None:
             assert reply.headers["x-cache"] == "MISS", headers
         await asyncio.sleep(0.1)
         purged = await request(two.admin_port, "DELETE", "/cache?route=r")
-        assert purged.json()["purged"] == 4  # 2 variants, their marker, the first entry
+        assert purged.json()["purged"] == 3  # 2 variants (not their marker), the first entry
+
+
+async def test_redis_store_invalidates_every_consumers_entries_across_gateways() -> None:
+    """RFC 9111 §4.4 through Redis: alice's PUT through one gateway removes what bob stored
+    through another (each Vary variant), and the target index is one expiring sorted set."""
+    async with contextlib.AsyncExitStack() as stack:
+        redis = await stack.enter_async_context(RedisServer())
+        up = await stack.enter_async_context(Upstream("up"))
+        config = base_config(
+            listeners={"proxy": {"address": "127.0.0.1:0"}, "admin": {"address": "127.0.0.1:0"}},
+            services={"up": {"targets": [up.url], "health": {"passive": None}}},
+            consumers=[
+                {"name": "alice", "api_keys": ["alice-key"]},
+                {"name": "bob", "api_keys": ["bob-key"]},
+            ],
+            routes=[
+                {
+                    "name": "r",
+                    "match": {"paths": ["/r"]},
+                    "service": "up",
+                    "strip_prefix": True,
+                    "plugins": {
+                        "key_auth": {},
+                        "cache": {"store": redis.url, "redis_timeout": "1s"},
+                    },
+                }
+            ],
+        )
+        one = await stack.enter_async_context(GatewayProcess(config))
+        two = await stack.enter_async_context(GatewayProcess(config))
+        client = RedisStore(redis.url, timeout=1.0)
+        stack.push_async_callback(client.close)
+        path = _target("r", "consumers", "Cache-Control: max-age=60", "Vary: Accept-Language")
+        host = {"Host": "api.example.com"}  # as behind a load balancer: the key has the host
+        alice = {**host, "apikey": "alice-key"}
+        bob = {**host, "apikey": "bob-key"}
+        readers = [alice, *({**bob, "Accept-Language": lang} for lang in ("en", "fr"))]
+
+        async def seen(port: int) -> list[str]:
+            return [
+                (await request(port, "GET", path, headers=h)).headers["x-cache"] for h in readers
+            ]
+
+        assert await seen(two.port) == ["MISS"] * 3
+        await asyncio.sleep(0.1)  # the entries are written to Redis in the background
+        assert await seen(one.port) == ["HIT"] * 3
+        indexes = await client.call("KEYS", "apigate:cache-targets:*")
+        assert len(indexes) == 1  # one target: alice's and bob's markers and 3 variants
+        assert await client.call("ZCARD", indexes[0]) == 5
+        assert 50_000 < await client.call("PTTL", indexes[0]) <= 60_000
+
+        try:
+            up.state.override = "/status/503"
+            failed = await request(one.port, "PUT", path, headers=alice, body=b"x")
+            assert failed.status == 503
+        finally:
+            up.state.override = None
+        await asyncio.sleep(0.1)
+        assert await seen(two.port) == ["HIT"] * 3  # an error answer invalidates nothing
+        changed = await request(one.port, "PUT", path, headers=alice, body=b"x")
+        assert changed.status == 200 and changed.headers["x-cache"] == "BYPASS"
+        await asyncio.sleep(0.1)  # the invalidation runs in the background too
+        assert await client.call("KEYS", "apigate:cache*") == []  # entries, markers, index
+        assert await seen(two.port) == ["MISS"] * 3
+        await asyncio.sleep(0.1)
+        assert await seen(one.port) == ["HIT"] * 3  # stored again, shared again
+
+
+async def test_redis_target_index_drops_expired_members_and_expires() -> None:
+    """The Lua of the Redis store against a real Redis: a target stored again and again, one
+    consumer after another, keeps in its index only the entries still alive; the index
+    expires with its longest-kept entry."""
+    async with RedisServer() as redis:
+        client = RedisStore(redis.url, timeout=1.0)
+        try:
+            store = RedisCacheStore(client, timeout=1.0)
+            index = store.target_index(target_of(key("r", "/a")))
+            for i in range(8):
+                now = time.time()
+                stored = entry(key("r", "/a", f"c{i}"), at=now, lifetime=0.05)
+                assert await store.put(stored, now)
+                assert await client.call("ZCARD", index) == 1
+                assert 0 < await client.call("PTTL", index) <= 50
+                await asyncio.sleep(0.07)
+            assert await client.call("EXISTS", index) == 0
+            assert await client.call("KEYS", "*") == []  # (the entries expired too)
+        finally:
+            await client.close()

@@ -14,7 +14,7 @@ from apigate.config.errors import ConfigError
 from apigate.http.upstream import ResponseHead
 from apigate.plugins.base import Response
 from apigate.plugins.cache import CachePlugin, live_plugins, purge_all
-from apigate.plugins.cache_store import RedisCacheStore
+from apigate.plugins.cache_store import MemoryStore, RedisCacheStore, target_of
 from tests.unit.test_cache_store import FakeRedis
 from tests.unit.test_plugin_fakes import build, make_env, make_request
 
@@ -755,6 +755,105 @@ def test_invalidation_covers_the_consumer_in_the_key() -> None:
     assert plugin.on_request(as_consumer("alice")) is None
 
 
+VARY_LANG = [(b"Vary", b"Accept-Language")]  # fresh for the route's ttl
+
+
+def as_consumer_at(name: str | None, path: str = "/items", **kw: Any) -> Ctx:
+    """A request for `path` by consumer `name` (None: anonymous); `lang` sets
+    Accept-Language, `method`, `route`, `host` and `query` what they say."""
+    lang = kw.pop("lang", None)
+    host = kw.pop("host", None)
+    headers = [("Accept-Language", lang)] if lang else []
+    ctx = Ctx(kw.pop("method", "GET"), path, kw.pop("route", "r"), headers=headers, **kw)
+    if host is not None:
+        ctx.request.host = host
+    ctx.consumer = SimpleNamespace(name=name) if name else None
+    return ctx
+
+
+def store_as(plugin: CachePlugin, name: str | None, body: bytes, **kw: Any) -> None:
+    """`name`'s GET stores `body` (varying on Accept-Language when `lang` is given)."""
+    ctx = as_consumer_at(name, **kw)
+    assert plugin.on_request(ctx) is None
+    upstream(plugin, ctx, headers=VARY_LANG if "lang" in kw else [], chunks=[body])
+
+
+def unsafe_as(plugin: CachePlugin, name: str, method: str, status: int, **kw: Any) -> None:
+    ctx = as_consumer_at(name, method=method, **kw)
+    assert plugin.on_request(ctx) is None and ctx.cache_status == "BYPASS"
+    upstream(plugin, ctx, status=status, headers=[], chunks=[])
+
+
+def readers() -> list[dict[str, Any]]:
+    """Every consumer's view of GET /items?id=1: alice's, bob's in two languages, anyone's."""
+    return [
+        {"name": "alice", "query": b"id=1"},
+        {"name": "bob", "query": b"id=1", "lang": "en"},
+        {"name": "bob", "query": b"id=1", "lang": "fr"},
+        {"name": None, "query": b"id=1"},
+    ]
+
+
+def neighbours() -> list[dict[str, Any]]:
+    """What bob stored that is not /items?id=1 on route r and example.com."""
+    return [
+        {"name": "bob", "query": b"id=2"},
+        {"name": "bob", "query": b"id=1", "route": "other"},
+        {"name": "bob", "query": b"id=1", "host": "other.example.com"},
+        {"name": "bob", "path": "/items/1"},
+    ]
+
+
+@pytest.mark.parametrize("method", ["PUT", "POST", "DELETE", "PATCH"])
+def test_an_unsafe_request_invalidates_every_consumers_entries(method: str) -> None:
+    """RFC 9111 §4.4: the target URI's stored responses, whatever the secondary key: alice's
+    PUT /items?id=1 must not leave bob (or anyone) reading the old item, in any variant."""
+    plugin, _ = cache(ttl="30s")
+    for who in readers() + neighbours():
+        store_as(plugin, body=b"old", **who)
+        assert hit(plugin.on_request(as_consumer_at(**who))).body == b"old"
+    unsafe_as(plugin, "alice", method, 204, query=b"id=1")
+    for who in readers():
+        assert missed(plugin, as_consumer_at(**who)), who
+    for who in neighbours():
+        assert hit(plugin.on_request(as_consumer_at(**who))).body == b"old"
+    assert len(plugin.store) == len(neighbours())  # bob's variants and marker are gone too
+    assert isinstance(plugin.store, MemoryStore) and plugin.store.indexed == len(plugin.store)
+
+
+def test_an_error_answer_invalidates_no_consumers_entries_a_success_all() -> None:
+    plugin, _ = cache(ttl="30s")
+    for who in readers():
+        store_as(plugin, body=b"old", **who)
+    for status in (400, 404, 409, 500, 503):
+        unsafe_as(plugin, "alice", "PUT", status, query=b"id=1")
+        for who in readers():
+            assert hit(plugin.on_request(as_consumer_at(**who))).body == b"old"
+    unsafe_as(plugin, "alice", "PUT", 200, query=b"id=1")
+    for who in readers():
+        assert missed(plugin, as_consumer_at(**who)), who
+
+
+def test_the_index_stays_bounded_by_the_entries() -> None:
+    """Consumers come and go, entries expire: what the invalidation index holds is what the
+    store holds (bounded by max_bytes), never a trace of what left it."""
+    plugin, clock = cache(ttl="1s", max_bytes="4KiB")
+    store = plugin.store
+    assert isinstance(store, MemoryStore)
+    for i in range(300):
+        clock.now += 0.5
+        store_as(plugin, f"consumer-{i:03}", b"x" * 50, lang=("en", "fr", "de")[i % 3])
+        assert store.indexed == len(store) and store.bytes <= store.max_bytes
+    assert len(store) < 10
+    clock.now += 10  # everything expired: the next lookups drop what they meet
+    for i in range(297, 300):
+        assert missed(plugin, as_consumer_at(f"consumer-{i:03}", lang=("en", "fr", "de")[i % 3]))
+    store_as(plugin, "another", b"x")
+    assert store.indexed == len(store)
+    unsafe_as(plugin, "alice", "PUT", 204)
+    assert len(store) == store.indexed == 0 and store.bytes == 0
+
+
 async def test_invalidation_in_the_redis_store() -> None:
     plugin, _ = cache()
     fake = FakeRedis()
@@ -784,7 +883,47 @@ async def test_invalidation_in_the_redis_store() -> None:
     assert hit(await lookup(Ctx(query=b"id=2"))).status == 200
 
 
+async def test_invalidation_of_every_consumer_in_the_redis_store() -> None:
+    plugin, _ = cache(ttl="30s")
+    fake = FakeRedis()
+    store = plugin.store = RedisCacheStore(fake)  # type: ignore[arg-type]
+
+    async def outcome(ctx: Ctx) -> Response | None:
+        result = plugin.on_request(ctx)
+        return await result if inspect.isawaitable(result) else result
+
+    for who in readers() + neighbours():
+        ctx = as_consumer_at(**who)
+        assert await outcome(ctx) is None
+        upstream(plugin, ctx, headers=VARY_LANG if "lang" in who else [], chunks=[b"old"])
+        await plugin.close()  # waits for the background SET
+    assert len(fake.data) == len(readers()) + 1 + len(neighbours())  # and bob's marker
+    for status in (409, 204):  # an error answer invalidates nothing
+        put = as_consumer_at("alice", method="PUT", query=b"id=1")
+        assert await outcome(put) is None
+        upstream(plugin, put, status=status, headers=[], chunks=[])
+        await plugin.close()  # waits for the background invalidation
+        for who in readers():
+            get = as_consumer_at(**who)
+            assert (await outcome(get) is None) == (status == 204), (status, who)
+            plugin.on_log(get)  # (a miss ends without an answer)
+    assert len(fake.data) == len(neighbours())
+    assert store.target_index(target_of(plugin._base_key(put))).encode() not in fake.zsets
+    for who in neighbours():
+        assert hit(await outcome(as_consumer_at(**who))).body == b"old"
+
+
 # ------------------------------------------------------------------------------ purge, config
+
+
+async def test_purge_counts_responses_not_vary_markers() -> None:
+    plugin, _ = cache(ttl="30s")
+    for lang in ("en", "fr"):
+        store_as(plugin, "bob", b"old", lang=lang)
+    store_as(plugin, "alice", b"old")
+    assert len(plugin.store) == 4  # alice's, bob's two variants and their marker
+    assert await plugin.purge(route="r") == 3
+    assert len(plugin.store) == 0
 
 
 async def test_purge_by_route_and_prefix() -> None:

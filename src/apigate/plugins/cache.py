@@ -64,18 +64,22 @@ has no body to store).
 ## Invalidation
 
 A 2xx or 3xx response to an unsafe method (POST, PUT, PATCH, DELETE, any method but GET,
-HEAD, OPTIONS and TRACE) removes what is stored for the same route, path?query, Host and
-consumer part of the key, every Vary variant included (RFC 9111 §4.4), in either store. (It
+HEAD, OPTIONS and TRACE) removes what is stored for the same route, path?query and Host:
+every consumer's entry and every Vary variant (RFC 9111 §4.4: the target URI's stored
+responses, whatever their secondary keys; alice's PUT must not leave bob reading the old
+item), in either store. The stores find those entries through an index by target that they
+keep when they store an entry (see `cache_store.py`): a hit does no more work for it. (It
 costs the requests of the routes that have this plugin only; a GET in flight at that moment
 may still store the answer it had from before the change.)
 
 ## Purge
 
 `await CachePlugin.purge(route=..., prefix=...)` removes the entries of its store whose route
-is `route` and whose path?query starts with `prefix` (None = any) and returns how many keys it
-removed; `await purge_all(route=..., prefix=...)` does it for every live cache store (the admin
-API's `DELETE /cache?route=&prefix=`). Memory stores are shared by the cache plugins of a
-process that have the same `max_bytes` (so they survive reloads); purge by route to target one.
+is `route` and whose path?query starts with `prefix` (None = any) and returns how many
+responses it removed (Vary markers are bookkeeping: removed, not counted);
+`await purge_all(route=..., prefix=...)` does it for every live cache store (the admin API's
+`DELETE /cache?route=&prefix=`). Memory stores are shared by the cache plugins of a process
+that have the same `max_bytes` (so they survive reloads); purge by route to target one.
 """
 
 from __future__ import annotations
@@ -111,6 +115,7 @@ from apigate.plugins.cache_store import (
     CacheEntry,
     MemoryStore,
     RedisCacheStore,
+    target_of,
 )
 
 __all__ = ["STATE_KEY", "CacheConfig", "CachePlugin", "live_plugins", "purge_all"]
@@ -120,7 +125,7 @@ _X_CACHE = {word: (b"X-Cache", word.encode()) for word in ("HIT", "MISS", "BYPAS
 _NOT_MODIFIED_FIELDS = frozenset(
     {b"cache-control", b"content-location", b"etag", b"expires", b"vary"}
 )
-_INVALIDATE_KEY = "cache_invalidate"  # ctx.vars: the base key an unsafe request may invalidate
+_INVALIDATE_KEY = "cache_invalidate"  # ctx.vars: the target key an unsafe request may invalidate
 
 _LIVE: weakref.WeakSet[CachePlugin] = weakref.WeakSet()
 
@@ -274,7 +279,7 @@ class CachePlugin(Plugin):
         if not policy.lookup and not policy.store:
             ctx.cache_status = "BYPASS"
             if is_unsafe(req.method):  # its non-error response invalidates the target (§4.4)
-                ctx.vars[_INVALIDATE_KEY] = self._base_key(ctx)
+                ctx.vars[_INVALIDATE_KEY] = target_of(self._base_key(ctx))
             return None
         base = self._base_key(ctx)
         now = self.clock()
@@ -295,8 +300,8 @@ class CachePlugin(Plugin):
         return self._after_lookup(ctx, state, entry, now)
 
     def _base_key(self, ctx: Any) -> str:
-        """The key of the target's entry (or Vary marker): route, GET, path?query, Host and
-        the consumer's name when the config puts it in the key."""
+        """The key of the target's entry (or Vary marker): route, GET, path?query, Host (the
+        target key, `target_of`) and the consumer's name when the config puts it in the key."""
         req = ctx.request
         consumer = getattr(ctx.consumer, "name", None) if self.cfg.key_include_consumer else None
         target = req.path + "?" + req.query.decode("latin-1") if req.query else req.path
@@ -420,9 +425,9 @@ class CachePlugin(Plugin):
         head.headers.append(_X_CACHE.get(word, _X_CACHE["BYPASS"]))
         state: _State | None = ctx.vars.get(STATE_KEY)
         if state is None:
-            base = ctx.vars.get(_INVALIDATE_KEY)
-            if base is not None and invalidates(ctx.request.method, head.status):
-                self._invalidate(base)
+            target = ctx.vars.get(_INVALIDATE_KEY)
+            if target is not None and invalidates(ctx.request.method, head.status):
+                self._invalidate(target)
             return
         if head.status >= 500 and state.stale is not None:
             stale = self._stale_response(ctx, state.stale)
@@ -554,12 +559,13 @@ class CachePlugin(Plugin):
                 store.put(marker)
         return entry if store.put(entry) else None
 
-    def _invalidate(self, base: str) -> None:
+    def _invalidate(self, target: str) -> None:
+        """Every consumer's entries for the target, every Vary variant (RFC 9111 §4.4)."""
         store = self.store
         if isinstance(store, RedisCacheStore):
-            self._spawn(store.invalidate(base))
+            self._spawn(store.invalidate(target))
         else:
-            store.invalidate(base)
+            store.invalidate(target)
 
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         """Run a Redis write in the background (`close` waits for it)."""
@@ -595,7 +601,7 @@ def live_plugins() -> list[CachePlugin]:
 
 
 async def purge_all(route: str | None = None, prefix: str | None = None) -> int:
-    """Purge every live cache store once (stores are shared); returns keys removed."""
+    """Purge every live cache store once (stores are shared); returns responses removed."""
     removed = 0
     seen: list[object] = []
     for plugin in live_plugins():

@@ -2,19 +2,35 @@
 
 Keys are strings built by `cache.py`:
 
-    route \\x1f GET \\x1f path?query \\x1f host \\x1f consumer            (the "base" key)
-    base \\x1e value-of-vary-header-1 \\x1f value-2 ...                 (one variant)
+    route \\x1f GET \\x1f path?query \\x1f host                (the "target" key)
+    target \\x1f consumer                                   (the "base" key)
+    base \\x1e value-of-vary-header-1 \\x1f value-2 ...      (one variant)
 
 When a response carries `Vary`, the base key holds a small *marker* entry (status 0) naming
 the Vary'd headers, and each variant is stored under its own key; a lookup reads the base key
 and, when it finds a marker, the variant key. Entries carry their route and path?query so
 that a purge by route or path prefix needs no key parsing (Redis keys are parsed on SCAN).
+A purge and an invalidation count the responses they removed, not the markers.
 
-`invalidate(base)` removes the entry (or marker) of a base key and every variant stored under
-it (RFC 9111 §4.4, after an unsafe request). The variants' keys hold request header values
-that cannot be derived from the base, so each store keeps an index of them per base key: a
-dict of sets in memory, a Redis set (`apigate:cache-variants:<base>`, outside the namespace
-that purge scans, expiring with its longest-kept variant) in Redis.
+`invalidate(target)` removes every entry stored for a target URI: each consumer's entry (or
+marker) and every Vary variant (RFC 9111 §4.4: the cache MUST invalidate the target URI's
+stored responses after a non-error answer to an unsafe request, whatever their secondary
+keys). Those keys hold consumer names and request header values that the unsafe request does
+not know, so each store indexes every entry it stores under its target key (`target_of`).
+The index costs nothing on a lookup: it is written when an entry is stored and read by an
+invalidation only, and it never outgrows the entries it names:
+
+- memory: a dict (target key -> the key of its entry, or a set of them). Every way an entry
+  leaves the store (LRU eviction, expiry found by a lookup, purge, invalidation) removes its
+  key from the index in the same step, so the index names exactly the stored entries: an
+  expired entry nobody reads stays, index slot included, until the LRU evicts it, and
+  `max_bytes` bounds both (each entry's size charges its index slot);
+- Redis: a sorted set per target (`apigate:cache-targets:<target>`, outside the namespace
+  that purge scans) of the entries' keys scored by the (Redis) time their PX expiry ends. A
+  store drops the members already expired before adding its own, and the set expires with its
+  longest-kept member, so it holds at most the entries stored for the target within one
+  retention period; an invalidation deletes the entries it names and the set, in one Lua
+  script.
 
 The memory store is synchronous (a hit costs a dict lookup and no task). The Redis store is
 asynchronous and never fails a request: errors and timeouts read as a miss and a skipped
@@ -38,10 +54,10 @@ __all__ = [
     "CacheEntry",
     "MemoryStore",
     "RedisCacheStore",
-    "base_of",
     "decode_entry",
     "encode_entry",
     "key_fields",
+    "target_of",
 ]
 
 log = logging.getLogger("apigate.plugins.cache")
@@ -49,6 +65,9 @@ log = logging.getLogger("apigate.plugins.cache")
 KEY_SEP = "\x1f"
 VARIANT_SEP = "\x1e"
 _ENTRY_OVERHEAD = 256  # object headers, dict slot, list: measured ~240 bytes per entry
+# a memory store's target index, per entry: a dict slot or a set member and the target key
+# (a prefix of the key) with its object header: measured 84-111 bytes with a 35-byte key
+_INDEX_OVERHEAD = 64
 
 
 @dataclass(slots=True, eq=False)
@@ -79,8 +98,9 @@ class CacheEntry:
         self.retain_until = self.expires_at + self.stale_window
         self.size = (
             _ENTRY_OVERHEAD
+            + _INDEX_OVERHEAD
             + len(self.body)
-            + 2 * len(self.key)
+            + 3 * len(self.key)  # the store's dict and the entry share one; the index's prefix
             + len(self.target)
             + sum(len(n) + len(v) + 16 for n, v in self.headers)
         )
@@ -101,10 +121,12 @@ class CacheEntry:
         return f"<CacheEntry {self.route} {self.target} {kind} {len(self.body)}B>"
 
 
-def base_of(key: str) -> str | None:
-    """The base key a variant key belongs to; None for a base key itself."""
-    base, sep, _ = key.partition(VARIANT_SEP)
-    return base if sep else None
+def target_of(key: str) -> str:
+    """The target key (route, GET, path?query, Host) of a base or variant key: what an unsafe
+    request to that target invalidates. (The route is a config name, the target was parsed by
+    llhttp and the Host validated, so none of them holds a separator; the consumer's name,
+    which comes after them, may hold anything.)"""
+    return KEY_SEP.join(key.split(KEY_SEP, 4)[:4])
 
 
 def key_fields(key: str) -> tuple[str, str]:
@@ -122,7 +144,8 @@ def _matches(route: str, target: str, want_route: str | None, prefix: str | None
 
 
 class MemoryStore:
-    """An LRU bounded by the bytes of its entries (bodies, headers, keys, a fixed overhead)."""
+    """An LRU bounded by the bytes of its entries (bodies, headers, keys, a fixed overhead),
+    with an index of its entries by target key for `invalidate`."""
 
     is_async = False
 
@@ -131,7 +154,10 @@ class MemoryStore:
         self.bytes = 0
         self.evictions = 0
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
-        self._variants: dict[str, set[str]] = {}  # base key -> its variants' keys stored here
+        # target key -> the key of its entry stored here, or a set of them when there are
+        # several: together exactly the keys of `_entries`. (A lone key goes in as itself:
+        # a set costs 216 bytes even with one member, more than the rest of the index.)
+        self._targets: dict[str, str | set[str]] = {}
 
     def get(self, key: str, now: float) -> CacheEntry | None:
         entry = self._entries.get(key)
@@ -147,14 +173,14 @@ class MemoryStore:
         """Store `entry` (replacing its key), evicting least recently used ones to fit."""
         if entry.size > self.max_bytes:
             return False
-        old = self._entries.pop(entry.key, None)
+        key = entry.key
+        old = self._entries.pop(key, None)
         if old is not None:
-            self.bytes -= old.size
-        self._entries[entry.key] = entry
+            self.bytes -= old.size  # (its key is indexed already)
+        else:
+            self._index(key)
+        self._entries[key] = entry
         self.bytes += entry.size
-        base = base_of(entry.key)
-        if base is not None:
-            self._variants.setdefault(base, set()).add(entry.key)
         while self.bytes > self.max_bytes:
             evicted_key, evicted = self._entries.popitem(last=False)
             self.bytes -= evicted.size
@@ -165,42 +191,68 @@ class MemoryStore:
     def delete(self, key: str) -> None:
         self._drop(key)
 
-    def invalidate(self, base: str) -> int:
-        """Remove the entry (or Vary marker) under `base` and every variant of it; returns how
-        many entries were removed."""
+    def invalidate(self, target: str) -> int:
+        """Remove every entry stored for `target` (a `target_of` key): each consumer's, each
+        Vary variant and marker; returns how many responses were removed (not markers)."""
+        keys = self._targets.pop(target, None)
+        if keys is None:
+            return 0
         removed = 0
-        for key in (base, *self._variants.pop(base, ())):
-            removed += self._drop(key)
+        for key in (keys,) if isinstance(keys, str) else keys:
+            entry = self._entries.pop(key, None)
+            if entry is not None:
+                self.bytes -= entry.size
+                removed += not entry.is_marker
         return removed
 
-    def _drop(self, key: str) -> int:
+    def _drop(self, key: str) -> CacheEntry | None:
         entry = self._entries.pop(key, None)
-        if entry is None:
-            return 0
-        self.bytes -= entry.size
-        self._unindex(key)
-        return 1
+        if entry is not None:
+            self.bytes -= entry.size
+            self._unindex(key)
+        return entry
+
+    def _index(self, key: str) -> None:
+        target = target_of(key)
+        keys = self._targets.get(target)
+        if keys is None:
+            self._targets[target] = key
+        elif isinstance(keys, str):
+            self._targets[target] = {keys, key}
+        else:
+            keys.add(key)
 
     def _unindex(self, key: str) -> None:
-        base = base_of(key)
-        if base is None:
+        target = target_of(key)
+        keys = self._targets.get(target)
+        if keys is None:
             return
-        variants = self._variants.get(base)
-        if variants is not None:
-            variants.discard(key)
-            if not variants:
-                del self._variants[base]
+        if isinstance(keys, str):
+            if keys == key:
+                del self._targets[target]
+            return
+        keys.discard(key)
+        if len(keys) == 1:
+            self._targets[target] = keys.pop()
+
+    @property
+    def indexed(self) -> int:
+        """Keys in the target index (always `len(self)`: the index never outlives an entry)."""
+        return sum(1 if isinstance(keys, str) else len(keys) for keys in self._targets.values())
 
     def purge(self, route: str | None = None, prefix: str | None = None) -> int:
-        """Keys removed (a Vary'd resource counts its marker too)."""
+        """Remove the entries (and Vary markers) of `route` whose path?query starts with
+        `prefix` (None: any); returns how many responses were removed (not markers)."""
         doomed = [
             key
             for key, entry in self._entries.items()
             if _matches(entry.route, entry.target, route, prefix)
         ]
+        removed = 0
         for key in doomed:
-            self._drop(key)
-        return len(doomed)
+            entry = self._drop(key)
+            removed += entry is not None and not entry.is_marker
+        return removed
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -210,8 +262,8 @@ class MemoryStore:
 
     def __repr__(self) -> str:
         return (
-            f"<MemoryStore {len(self._entries)} entries, {self.bytes} of {self.max_bytes} bytes, "
-            f"{self.evictions} evicted>"
+            f"<MemoryStore {len(self._entries)} entries for {len(self._targets)} targets, "
+            f"{self.bytes} of {self.max_bytes} bytes, {self.evictions} evicted>"
         )
 
 
@@ -219,12 +271,13 @@ class MemoryStore:
 
 
 def encode_entry(entry: CacheEntry) -> bytes:
-    """One JSON line of metadata, then the body as raw bytes."""
+    """One JSON line of metadata, then the body as raw bytes. The status comes first, so that
+    a script tells a Vary marker by its first bytes (`MARKER_PREFIX`) without reading it."""
     meta = {
+        "s": entry.status,
         "k": entry.key,
         "r": entry.route,
         "p": entry.target,
-        "s": entry.status,
         "h": [[n.decode("latin-1"), v.decode("latin-1")] for n, v in entry.headers],
         "c": None if entry.content_type is None else entry.content_type.decode("latin-1"),
         "t": entry.stored_at,
@@ -268,29 +321,53 @@ def decode_entry(blob: bytes) -> CacheEntry | None:
         return None
 
 
-# KEYS[1] a variant's key, KEYS[2] its base's variant index; ARGV[1] the entry, ARGV[2] its
-# PX. The index lives as long as the longest-kept variant it names.
-_SET_VARIANT = """
+MARKER_PREFIX = b'{"s":0,'  # how `encode_entry` starts a Vary marker (status 0)
+
+# KEYS[1] an entry's key, KEYS[2] its target's index; ARGV[1] the entry, ARGV[2] its PX.
+# The index scores each key with the (Redis) time its entry expires: the members already
+# expired go before this one is added, and the index expires with its longest-kept member.
+# (TIME in a script that writes needs effects replication: the default since Redis 5.)
+_PUT = """
+local now = redis.call('TIME')
+now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('SADD', KEYS[2], KEYS[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', string.format('(%d', now))
+redis.call('ZADD', KEYS[2], string.format('%d', now + tonumber(ARGV[2])), KEYS[1])
 if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[2]) then
   redis.call('PEXPIRE', KEYS[2], ARGV[2])
 end
 return 1
 """
 
-# KEYS[1] a base key, KEYS[2] its variant index: delete the base entry (or marker), every
-# variant the index names (keys not passed in KEYS: fine for the single Redis the cache uses,
-# not for a Redis Cluster) and the index; returns the entries deleted. One DEL per key keeps
-# a large index within Lua's argument limit.
-_INVALIDATE = """
-local removed = redis.call('DEL', KEYS[1])
-for _, key in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  removed = removed + redis.call('DEL', key)
+# Delete `keys`, counting those that were stored and were not Vary markers (ARGV[1] is
+# `MARKER_PREFIX`, 7 bytes: GETRANGE reads those, not the body).
+_DELETE_COUNTING = """
+local function delete(keys)
+  local responses = 0
+  for _, key in ipairs(keys) do
+    local head = redis.call('GETRANGE', key, 0, 6)
+    if redis.call('DEL', key) == 1 and head ~= ARGV[1] then
+      responses = responses + 1
+    end
+  end
+  return responses
 end
-redis.call('DEL', KEYS[2])
+"""
+
+# KEYS[1] a target's index: delete every entry it names (keys not passed in KEYS: fine for
+# the single Redis the cache uses, not for a Redis Cluster) and the index; returns the
+# responses deleted. One DEL per key keeps a large index within Lua's argument limit.
+_INVALIDATE = (
+    _DELETE_COUNTING
+    + """
+local removed = delete(redis.call('ZRANGE', KEYS[1], 0, -1))
+redis.call('DEL', KEYS[1])
 return removed
 """
+)
+
+# KEYS: entries a purge found; returns the responses deleted.
+_PURGE = _DELETE_COUNTING + "return delete(KEYS)\n"
 
 
 def _glob_escape(text: str) -> str:
@@ -300,10 +377,11 @@ def _glob_escape(text: str) -> str:
 class RedisCacheStore:
     """Entries as Redis strings with a PX expiry, through the process-wide Redis client.
 
-    GET and SET go as one-line scripts rather than plain commands: script calls made in the
-    same loop iteration share one pipeline (`apigate.store.redis_batch`). With 64 concurrent
-    lookups against a local Redis that measured ~28-38 µs of gateway CPU per lookup, against
-    ~150-165 µs as plain commands (a pooled connection and a timeout context each)."""
+    GET and SET (with the target index) go as scripts rather than plain commands: script
+    calls made in the same loop iteration share one pipeline (`apigate.store.redis_batch`).
+    With 64 concurrent lookups against a local Redis that measured ~28-38 µs of gateway CPU
+    per lookup, against ~150-165 µs as plain commands (a pooled connection and a timeout
+    context each)."""
 
     is_async = True
 
@@ -314,18 +392,18 @@ class RedisCacheStore:
 
         self.redis = redis
         self.namespace = namespace
-        # the variant index lives beside the namespace, not in it: purge's SCAN never meets it
-        self.variants_namespace = namespace.rstrip(":") + "-variants:"
+        # the target index lives beside the namespace, not in it: purge's SCAN never meets it
+        self.targets_namespace = namespace.rstrip(":") + "-targets:"
         self.timeout = timeout
         self._unavailable: type[Exception] = StoreUnavailable
         self.get_script = Script("return redis.call('GET', KEYS[1])")
-        self.set_script = Script("return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])")
-        self.set_variant_script = Script(_SET_VARIANT)
+        self.put_script = Script(_PUT)
         self.invalidate_script = Script(_INVALIDATE)
+        self.purge_script = Script(_PURGE)
 
-    def variants_key(self, base: str) -> str:
-        """The Redis set of the (namespaced) variant keys stored under `base`."""
-        return self.variants_namespace + base
+    def target_index(self, target: str) -> str:
+        """The Redis sorted set of the (namespaced) keys stored for `target`."""
+        return self.targets_namespace + target
 
     async def get(self, key: str, now: float) -> CacheEntry | None:
         if not self.redis.available():
@@ -347,37 +425,40 @@ class RedisCacheStore:
         ttl_ms = int((entry.retain_until - now) * 1000)
         if ttl_ms <= 0 or not self.redis.available():
             return False
-        blob = encode_entry(entry)
-        keys = [self.namespace + entry.key]
-        script = self.set_script
-        base = base_of(entry.key)
-        if base is not None:  # a variant: indexed so that invalidate(base) can find it
-            keys.append(self.variants_key(base))
-            script = self.set_variant_script
+        keys = [self.namespace + entry.key, self.target_index(target_of(entry.key))]
         try:
-            await self.redis.run_script(script, keys, [blob, ttl_ms], timeout=self.timeout)
+            await self.redis.run_script(
+                self.put_script, keys, [encode_entry(entry), ttl_ms], timeout=self.timeout
+            )
         except self._unavailable:
             return False
         return True
 
-    async def invalidate(self, base: str) -> int:
-        """Remove the entry (or Vary marker) under `base` and every variant of it; returns how
-        many entries were removed (0 when Redis is unavailable: never raises)."""
+    async def invalidate(self, target: str) -> int:
+        """Remove every entry stored for `target` (a `target_of` key): each consumer's, each
+        Vary variant and marker; returns how many responses were removed (not markers; 0 when
+        Redis is unavailable: never raises)."""
         if not self.redis.available():
             return 0
-        keys = [self.namespace + base, self.variants_key(base)]
         try:
             removed = await self.redis.run_script(
-                self.invalidate_script, keys, [], timeout=self.timeout
+                self.invalidate_script,
+                [self.target_index(target)],
+                [MARKER_PREFIX],
+                timeout=self.timeout,
             )
         except self._unavailable:
             return 0
         return int(removed)
 
     async def purge(self, route: str | None = None, prefix: str | None = None) -> int:
-        """Keys removed (a Vary'd resource counts its marker too); raises StoreUnavailable.
+        """Remove the entries (and Vary markers) of `route` whose path?query starts with
+        `prefix` (None: any); returns how many responses were removed (not markers); raises
+        StoreUnavailable.
 
-        SCAN the namespace (narrowed to the route when given), DEL what matches."""
+        SCAN the namespace (narrowed to the route when given), delete what matches. (The
+        target indexes keep the purged keys until they expire: an invalidation that meets
+        one deletes nothing.)"""
         pattern = self.namespace + (_glob_escape(route) + KEY_SEP if route else "") + "*"
         cursor: Any = 0
         removed = 0
@@ -392,7 +473,11 @@ class RedisCacheStore:
                 if _matches(entry_route, target, route, prefix):
                     doomed.append(raw)
             if doomed:
-                removed += int(await self.redis.call("DEL", *doomed, timeout=2.0))
+                removed += int(
+                    await self.redis.run_script(
+                        self.purge_script, doomed, [MARKER_PREFIX], timeout=2.0
+                    )
+                )
             if int(cursor) == 0:
                 return removed
 
