@@ -1,19 +1,61 @@
-"""Passwords inside URLs (`redis://:pw@host`, `http://user:pw@host`) kept out of everything the
-gateway shows: logs, config errors, the admin API."""
+"""Passwords inside URLs (`redis://:pw@host`, `http://user:pw@host`,
+`redis://host/0?password=pw`) kept out of everything the gateway shows: logs, config errors,
+the admin API."""
 
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote_plus
 
 REDACTED = "[redacted]"
 # user ":" password "@" host. The password runs to the LAST "@" of the authority (which ends
 # at "/", "?", "#" or a blank), since URL parsers (urllib, redis-py) split the credentials from
 # the host there: a raw "@" inside a password is part of the password.
 _URL_PASSWORD = re.compile(r"(?<=://)([^:/?#\s]*):[^/?#\s]+@")
+# A URL's query: from its first "?" to the next blank.
+_URL_QUERY = re.compile(r"(://[^?\s]*\?)(\S+)")
+# One query parameter; its value runs to the next "&" (or the end of the query), so a "#" or a
+# quote after a password is redacted with it rather than shown.
+_QUERY_PARAM = re.compile(r"([^&=]+)=([^&]*)")
+# Query parameters whose value is a credential: the ones redis-py reads as secrets (every
+# parameter it does not know becomes a connection keyword, so `?password=` and
+# `?ssl_password=` authenticate), and the usual names of credentials in URLs. (Not plain
+# `key`: too often an ordinary parameter.) Compared decoded and without regard to case, as
+# `?pass%77ord=` is `password` to redis-py.
+SECRET_QUERY_PARAMS = frozenset(
+    {
+        "password",
+        "ssl_password",
+        "pass",
+        "passwd",
+        "pwd",
+        "secret",
+        "client_secret",
+        "token",
+        "access_token",
+        "refresh_token",
+        "auth",
+        "api_key",
+        "apikey",
+    }
+)
 
 
 def redact_url(text: str) -> str:
-    """`text` with the password of each URL in it replaced by "[redacted]" (the user stays)."""
-    if "@" not in text:
-        return text
-    return _URL_PASSWORD.sub(lambda m: f"{m.group(1)}:{REDACTED}@", text)
+    """`text` with the password of each URL in it replaced by "[redacted]" (the user stays),
+    and the value of each credential query parameter (`?password=`, `&token=`...)."""
+    if "@" in text:
+        text = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}:{REDACTED}@", text)
+    if "?" in text:
+        text = _URL_QUERY.sub(lambda m: m.group(1) + _redact_query(m.group(2)), text)
+    return text
+
+
+def _redact_query(query: str) -> str:
+    def one(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if unquote_plus(name).strip().lower() in SECRET_QUERY_PARAMS:
+            return f"{name}={REDACTED}"
+        return m.group(0)
+
+    return _QUERY_PARAM.sub(one, query)

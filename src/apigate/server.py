@@ -114,6 +114,12 @@ class Gateway:
             tls.watch()  # renewed files are loaded into the same context, without restart
             self.on_runtime.append(lambda runtime: tls.update(runtime.config.listeners.proxy.tls))
             self.on_stop.append(lambda _gateway: tls.close())
+        # Bound now (its address is known to the hooks, a busy port fails here), accepting
+        # only once the start hooks ran: with `store: redis://` the first hook to read the
+        # shared state is the cluster's resync, and a node that accepted before it answered
+        # 503 no_healthy_instance for every registered service (and /readyz said 200) until
+        # it had the registrations. Until then a client's connect is refused, as for a node
+        # that is not up, rather than answered wrongly.
         self.proxy_server = await self.loop.create_server(
             lambda: ClientConnection(self),
             host=listener.host or None,
@@ -123,10 +129,12 @@ class Gateway:
             ssl=self.ssl_context,
             # a client that never finishes its handshake is cut off like a slow header
             ssl_handshake_timeout=self.limits.header_timeout if self.ssl_context else None,
+            start_serving=False,
         )
         await self._start_plugins(self.runtime)
         for hook in self.on_start:
             await hook(self)
+        await self.proxy_server.start_serving()
         settle_heap()
         log.info(
             "proxy listening",

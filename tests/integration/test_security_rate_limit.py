@@ -179,6 +179,23 @@ async def test_gcra_script_on_a_real_redis(redis: RedisServer) -> None:
         await store.close()
 
 
+async def test_a_raised_limit_takes_effect_within_one_new_interval(redis: RedisServer) -> None:
+    """The key carries no settings: a TAT the old, stricter limit left an hour ahead used to
+    refuse every request under the new limit until it ran out."""
+    store = RedisStore(redis.url, timeout=1.0)
+    try:
+        hourly, per_ms = [3_600_000_000, 0], [1_000, 0]  # 1 an hour, then 1000 a second
+        assert (await store.run_script(GCRA_SCRIPT, ["raised"], hourly))[0] == 1
+        refused = await store.run_script(GCRA_SCRIPT, ["raised"], hourly)
+        assert refused[0] == 0 and refused[1] > 3_500_000_000
+        first = await store.run_script(GCRA_SCRIPT, ["raised"], per_ms)
+        assert first[1] <= 1_000  # at most one new interval to wait, not an hour
+        await asyncio.sleep(0.005)
+        assert (await store.run_script(GCRA_SCRIPT, ["raised"], per_ms))[0] == 1
+    finally:
+        await store.close()
+
+
 async def test_a_hanging_redis_costs_one_timeout_then_nothing(redis: RedisServer) -> None:
     store = RedisStore(redis.url, timeout=0.05, retry_after=0.3)
     try:

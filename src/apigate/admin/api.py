@@ -162,7 +162,8 @@ class AdminApi:
 
     async def readyz(self, req: AdminRequest) -> AdminResponse:
         gw = self.gateway
-        ready = gw.proxy_server is not None and not gw.draining
+        # (the proxy listener accepts once start-up is over: see Gateway.start)
+        ready = gw.proxy_server is not None and gw.proxy_server.is_serving() and not gw.draining
         services = {
             name: sum(1 for i in svc.instances.values() if i.available)
             for name, svc in gw.services.services.items()
@@ -323,6 +324,7 @@ class AdminApi:
         doc = req.json()
         if not isinstance(doc, dict):
             raise AdminError(400, "invalid_body", "body must be a JSON object")
+        doc = with_store_in_force(doc, self.gateway.config.store)
         refuse_redacted(doc)
         dry_run = req.query.get("dry_run", "").lower() in ("1", "true", "yes")
         try:
@@ -447,6 +449,17 @@ def redact_secrets(value: Any) -> Any:
 
 def _is_secret_key(key: Any) -> bool:
     return key in _SECRET_KEYS or (isinstance(key, str) and key.lower() in _SECRET_HEADERS)
+
+
+def with_store_in_force(doc: dict[str, Any], store: str) -> dict[str, Any]:
+    """`doc` with its `store` put back to the one in force when it is that one as `GET
+    /config` shows it (its password redacted): a read, edit, `POST /config` round trip then
+    goes through. The store always comes from the file anyway (`ConfigStore.merge`); another
+    redacted store is still refused below, and another plain one needs a restart."""
+    shown = doc.get("store")
+    if isinstance(shown, str) and REDACTED in shown and shown == redact_url(store):
+        return {**doc, "store": store}
+    return doc
 
 
 def refuse_redacted(value: Any, where: str = "body") -> None:

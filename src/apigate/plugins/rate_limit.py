@@ -28,7 +28,10 @@ share one limit exactly. A Redis call waits at most `store_timeout`; a failure a
 `on_store_error` (`allow`: pass without limiting, `deny`: 503) and the store stays "down",
 answering without I/O, until a probe succeeds (see `apigate.store.redis`).
 
-Local counters live in `env.shared`, so they survive config reloads with the same settings.
+Local counters live in `env.shared`, so they survive config reloads with the same settings
+(other settings start a fresh table). Redis counters keep their key across a change of
+settings; the script brings a TAT left by a stricter limit back within the new one's reach, so
+a raised limit takes effect at once there too.
 """
 
 from __future__ import annotations
@@ -51,6 +54,13 @@ from apigate.store.redis import RedisStore, Script, StoreUnavailable, shared_red
 
 # KEYS[1] = bucket; ARGV = emission interval T (µs), tolerance τ (µs).
 # Returns {admitted (1/0), TAT - now in µs (after the update when admitted)}.
+# Under one setting TAT never runs more than τ + T ahead of now (a request is admitted only
+# when TAT - now ≤ τ, then TAT moves on by T), so a TAT further ahead was written under a
+# stricter setting (or by a node still running it): it is brought back to now + τ + T, and a
+# raised limit takes effect within one new interval instead of when the old TAT runs out.
+# (The local store keys its table by the settings instead; here a clamp keeps the key, so a
+# change that does not touch the limit, nodes mid-rollout, or a lowered limit keep the
+# client's usage, and no key of an old setting lingers.)
 GCRA_SCRIPT = Script("""
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
@@ -58,6 +68,10 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local tat = tonumber(redis.call('GET', KEYS[1])) or now
 if tat < now then tat = now end
+if tat - now > tolerance + interval then
+  tat = now + tolerance + interval
+  redis.call('SET', KEYS[1], string.format('%d', tat), 'PX', math.floor((tat - now) / 1000) + 1)
+end
 if tat - now > tolerance then
   return {0, tat - now}
 end

@@ -12,14 +12,22 @@ What is kept (all under `apigate:cluster:`):
     gone               zset  tombstones of deregistered instances, until their TTL would have
                              run out
     config:overlay     hash  ["kind","name"] -> the entity's document, or null (deleted)
+    config:order       zset  the overlay's fields by creation sequence (config:sequence): a
+                             hash's order is arbitrary once it outgrows a listpack, and the
+                             order breaks ties between equally specific routes, so every node
+                             reads the overlay in this order
     config:base        a POSTed whole config, when there is one
     config:version     +1 per config change, whoever made it
-    epoch              a token written when the state above was (re)created
+    epoch              a token naming the config's history (see below); config:seeded and
+                       config:parent the version it began at and the state it began from,
+                       config:run the Redis process that last wrote
 
-and announced on the channel `apigate:cluster:events`. Every write and its announcement are one
-Lua script: a change is in Redis and announced, or neither. A config write names the epoch and
-version it was computed on and is refused if either moved (StoreConflict: the node takes the
-other change and redoes its own, see `ConfigOps._change`), so versions never fork.
+and announced on the channel `apigate:cluster:events:<db>` (channels are server-wide, keys per
+database: the number keeps clusters on two databases of one server apart). Every write and its
+announcement are one Lua script: a change is in Redis and announced, or neither. A config write
+names the epoch and version it was computed on and is refused if either moved (StoreConflict:
+the node takes the other change and redoes its own, see `ConfigOps._change`), so versions
+never fork within an epoch.
 
 How a node follows: it subscribes, then reads everything (a *resync*), then applies each
 announcement of another node as it comes: the registry's `apply`/`drop` and the config ops'
@@ -35,13 +43,18 @@ Redis being down or slow never stops proxying (every call has a deadline):
 - an admin config change is refused with 503 `store_unavailable` and undone on this node, so
   that no node serves a config the others cannot learn;
 - a Redis that comes back empty (restarted without persistence, flushed) has no epoch, and one
-  restored from an old save has an older config version than the nodes have read (versions
-  only ever come from Redis). The first node back seeds it with its config; a node that knows
-  a later version seeds it again, so the most recent config wins whatever the order the nodes
-  come back in. Each node writes back the registrations its own API took, unless a tombstone
-  says another node deregistered them meanwhile or another node registered them anew, and
-  keeps the instances Redis forgot until they lapse, instead of dropping them. (Instances
-  deregistered after an old save was taken come back from it, until their TTL lapses.)
+  restored from an old save has an older config version than the nodes have read. The first
+  node back seeds it with its config (a new epoch); a node that knows a later version seeds
+  it again, as long as Redis has taken no change since, so the most recent config wins
+  whatever the order the nodes come back in. Once Redis has taken a change in the new epoch
+  (its first change after a restart begins one too), versions of the old one no longer
+  compare with it: a node that comes back knowing more of the lost history takes Redis's
+  state and logs what of its own it dropped (see `_report_dropped`), instead of wiping
+  changes Redis acknowledged. Each node writes back the registrations its own API took,
+  unless a tombstone says another node deregistered them meanwhile or another node registered
+  them anew, and keeps the instances Redis forgot until they lapse, instead of dropping them.
+  (Instances deregistered after an old save was taken come back from it, until their TTL
+  lapses.)
 
 The cluster has its own Redis client: its reads and writes neither share pipelines nor outage
 bookkeeping with the rate limiter's 50 ms calls.
@@ -62,7 +75,6 @@ from redis.backoff import NoBackoff
 
 from apigate.registry.registry import Registration
 from apigate.store.cluster_scripts import (
-    CHANNEL,
     DEREGISTER,
     EPOCH,
     EXPIRY,
@@ -79,7 +91,7 @@ from apigate.store.cluster_scripts import (
     text,
 )
 from apigate.store.redis import Script, StoreUnavailable
-from apigate.store.redis_config_store import RedisConfigStore
+from apigate.store.redis_config_store import RedisConfigStore, Seeded
 
 if TYPE_CHECKING:
     from apigate.admin.config_ops import ConfigOps
@@ -104,6 +116,7 @@ class ClusterSync:
         self.registry = registry
         self.redis = self.config_store.redis
         self.node = self.config_store.node
+        self.channel = self.config_store.channel  # (names the Redis database)
         self.joined: str | None = None  # the epoch whose state this node has taken in
         self.resyncs = 0
         # registry changes made here that Redis has not taken yet: "up", "down", or
@@ -117,6 +130,10 @@ class ClusterSync:
         self.kept: set[Key] = set()
         # how long a deregistration's tombstone lasts (the TTL its instance had left)
         self.tombstones: dict[Key, float] = {}
+        # registry writes this node sent whose announcement it has not heard back yet, by key:
+        # another node's announcement of the key heard meanwhile was published before ours
+        # (a channel delivers in publish order), so Redis has, or will have, ours last
+        self.in_flight: dict[Key, int] = {}
         self.connected = False
         self._lost_logged = False
         self._task: asyncio.Task[None] | None = None
@@ -151,7 +168,7 @@ class ClusterSync:
             field(*key),
             json.dumps(doc),
             repr(ttl),
-            CHANNEL,
+            self.channel,
             json.dumps(announcement),
             mode,
         ]
@@ -162,7 +179,7 @@ class ClusterSync:
         announcement = {"op": "down", "node": self.node, "service": key[0], "id": key[1]}
         return DEREGISTER, [
             field(*key),
-            CHANNEL,
+            self.channel,
             json.dumps(announcement),
             repr(max(tombstone, RESYNC_INTERVAL)),
         ]
@@ -175,9 +192,22 @@ class ClusterSync:
         self.unshared[key] = op
         if not self.redis.available():
             return
-        with contextlib.suppress(StoreUnavailable):
+        self.in_flight[key] = self.in_flight.get(key, 0) + 1
+        try:
             await self._run(call, REGISTRY_TIMEOUT)
-            self._settled(key, op)
+        except StoreUnavailable:
+            # maybe not written: hold back nobody's announcements for it (if it was written
+            # after all, its announcement finds the count at 0 and leaves it there)
+            self._heard_back(key)
+            return
+        self._settled(key, op)
+
+    def _heard_back(self, key: Key) -> None:
+        count = self.in_flight.get(key, 0) - 1
+        if count > 0:
+            self.in_flight[key] = count
+        else:
+            self.in_flight.pop(key, None)
 
     async def _run(self, call: Call, timeout: float = SYNC_TIMEOUT) -> Any:
         return await self.redis.run_script(call[0], [INSTANCES, EXPIRY, GONE], call[1], timeout)
@@ -228,7 +258,8 @@ class ClusterSync:
         loop = self.gateway.loop
         try:
             async with asyncio.timeout(SYNC_TIMEOUT):
-                await pubsub.subscribe(CHANNEL)
+                await pubsub.subscribe(self.channel)
+            self.in_flight.clear()  # what was announced while not subscribed never comes
             await self.resync()  # after subscribing: nothing can fall between the two
             self.connected = True
             if self._lost_logged:
@@ -258,11 +289,20 @@ class ClusterSync:
 
     async def _apply_announcement(self, event: dict[str, Any]) -> None:
         op = event["op"]
+        key = (event["service"], event["id"]) if op in ("up", "down") else None
         if event.get("node") == self.node:
+            if key is not None:
+                self._heard_back(key)
             return
+        if key is not None and key in self.in_flight:
+            return  # older than this node's own change of it (see in_flight)
         source = f"node {event.get('node')}"
         if op == "config":
-            if int(event.get("version", 0)) != self.config_store.version:
+            if event.get("epoch", self.joined) != self.joined:
+                # the state was (re)created, or Redis restarted and took a change: whether
+                # this node's config or Redis's stands is SEED's to say (see _join)
+                await self.resync()
+            elif int(event.get("version", 0)) != self.config_store.version:
                 await self.ops.sync_from_store()
         elif op == "up":
             reg = Registration(
@@ -302,16 +342,20 @@ class ClusterSync:
         self.resyncs += 1
 
     async def _join(self) -> None:
-        """First resync, or Redis lost its state (no epoch) or another node re-created it
-        (another epoch): (re)seed it if this node knows more, take in the config in force,
-        write back this node's own registrations, and keep what Redis forgot until it lapses."""
-        epoch, ours = await self.config_store.seed()
-        if ours:
+        """First resync, or Redis lost its state (no epoch) or began another epoch: (re)seed
+        it if this node knows more and nothing Redis took would be lost (see SEED), take in
+        the config in force, write back this node's own registrations, and keep what Redis
+        forgot until it lapses."""
+        store = self.config_store
+        known = (store.epoch, store.version, store.base, dict(store.overlay))
+        seeded = await store.seed()
+        if seeded.ours:
             log.info(
                 "cluster state (re)created in Redis from this node",
-                extra={"event": "cluster", "epoch": epoch, "version": self.config_store.version},
+                extra={"event": "cluster", "epoch": seeded.epoch, "version": store.version},
             )
         await self.ops.sync_from_store(force=True)
+        self._report_dropped(*known, seeded)
         now = self.gateway.loop.time()
         registered = self.registry.registered()
         for key in self.own:
@@ -322,9 +366,52 @@ class ClusterSync:
         mark = self.registry.changes
         reply = await self._snapshot()
         self.kept = set(self.registry.registered()) - set(_live(reply[3:]))
-        self.joined = epoch
+        self.joined = seeded.epoch
         await self._reconcile(reply, mark)
         self.resyncs += 1
+
+    def _report_dropped(
+        self,
+        epoch: str | None,
+        version: int,
+        base: dict[str, Any] | None,
+        overlay: dict[tuple[str, str], dict[str, Any] | None],
+        seeded: Seeded,
+    ) -> None:
+        """This node knew changes of a history Redis lost (a restart without persistence, an
+        old save) and Redis has taken changes of another one since: Redis's state stands
+        and this node's is dropped, not merged. Those changes were checked against a config
+        that is no longer the shared one; added to changes other admins made meanwhile on
+        another state (a route added here to a service deleted there), they would make a
+        config nobody checked, and a deletion there cannot be told from an entity this node
+        never had. So they are logged, by name, for an operator to make again."""
+        if seeded.ours or version == 0 or seeded.continues(epoch, version):
+            return
+        store = self.config_store
+        lost = [
+            f"{kind}/{name}"
+            for (kind, name), doc in overlay.items()
+            if store.overlay.get((kind, name), ...) != doc
+        ]
+        if base is not None and base != store.base:
+            lost.insert(0, "the POSTed config")
+        if not lost:
+            return
+        log.warning(
+            "the shared config is another history than this node's (Redis lost the changes "
+            "this node knew and has taken others since): this node now serves it; its own "
+            "config of version %d was dropped, apply again what is still wanted: %s",
+            version,
+            ", ".join(lost),
+            extra={
+                "event": "cluster",
+                "ok": False,
+                "dropped_epoch": epoch,
+                "dropped_version": version,
+                "epoch": seeded.epoch,
+                "dropped": lost,
+            },
+        )
 
     async def _reconcile(self, snapshot: Sequence[Any], mark: int) -> None:
         """Agree with a snapshot read after change number `mark`: what changed here since is

@@ -9,14 +9,28 @@ from typing import Any
 from apigate.store.redis import Script
 
 PREFIX = "apigate:cluster:"
-CHANNEL = PREFIX + "events"
 INSTANCES = PREFIX + "instances"
 EXPIRY = PREFIX + "expiry"
 OVERLAY = PREFIX + "config:overlay"
+ORDER = PREFIX + "config:order"  # overlay fields scored by creation sequence
+SEQUENCE = PREFIX + "config:sequence"  # the last creation sequence given
 BASE = PREFIX + "config:base"
 VERSION = PREFIX + "config:version"
 EPOCH = PREFIX + "epoch"
+SEEDED = PREFIX + "config:seeded"  # the version the epoch began at
+PARENT = PREFIX + "config:parent"  # "epoch:version" of the state the epoch began from
+RUN = PREFIX + "config:run"  # run_id of the Redis process that last wrote the config
 GONE = PREFIX + "gone"  # tombstones: deregistered instances, until their TTL would have run out
+# every config script takes these keys, in this order
+CONFIG_KEYS = [BASE, OVERLAY, ORDER, SEQUENCE, VERSION, EPOCH, SEEDED, RUN, PARENT]
+
+
+def channel(db: int) -> str:
+    """The announcements of the cluster kept in Redis database `db`. Keys are per database
+    but pub/sub channels are server-wide: two clusters on `redis://h/0` and `redis://h/1`
+    would otherwise take each other's registrations and config changes."""
+    return f"{PREFIX}events:{db}"
+
 
 RESYNC_INTERVAL = 5.0  # seconds between full reads of the shared state
 RECONNECT_DELAY = 1.0  # after the channel was lost
@@ -91,61 +105,136 @@ return out
 """
 )
 
-# A config write, only over the state it was computed on: KEYS overlay, base, version, epoch.
-# ARGV: expected epoch, expected version, channel, node (JSON string), then "put", field,
-# document or "base", document. Answers {"ok", version}, {"conflict"} or {"no_epoch"}.
+# ------------------------------------------------------------------ config scripts
+# The config is one history per *epoch*: versions count its changes, so they compare only
+# within one epoch. A new epoch begins when the state is (re)created from a node (SEED) and
+# when the first change reaches a Redis process that did not write the state it holds (loaded
+# at a restart, a promoted replica): the state may be older than some node knows, and what is
+# written on top of it from then on is another history than the one those nodes followed.
+# (Which process wrote last is its run_id, kept in RUN. INFO is in ACL's @dangerous: for a
+# Redis user that may not run it, nothing tells a restarted Redis, and a change written over
+# an old save keeps its epoch, as before there was this check.) Every config script takes
+# CONFIG_KEYS: base, overlay, order, sequence, version, epoch, seeded, run, parent.
+_RUN_ID = """
+local function run_id()
+  local info = redis.pcall('INFO', 'server')
+  if type(info) ~= 'string' then return false end
+  return string.match(info, 'run_id:(%x+)') or false
+end
+"""
+
+# A config write, only over the state it was computed on. ARGV: expected epoch, expected
+# version, channel, node (JSON string), an epoch to begin if this Redis process has not
+# written the config yet, then "put", field, document or "base", document. An overlay entry
+# gets the next creation sequence when it is new or created again after its deletion (null):
+# what `ConfigStore.put` does, so that every node merges the overlay in the same order.
+# Answers {"ok", version, epoch}, {"conflict"} or {"no_epoch"}.
 CONFIG_WRITE = Script(
-    """
-local epoch = redis.call('GET', KEYS[4])
+    _RUN_ID
+    + """
+local epoch = redis.call('GET', KEYS[6])
 if not epoch then return {'no_epoch'} end
-if epoch ~= ARGV[1] or (redis.call('GET', KEYS[3]) or '0') ~= ARGV[2] then
+if epoch ~= ARGV[1] or (redis.call('GET', KEYS[5]) or '0') ~= ARGV[2] then
   return {'conflict'}
 end
-if ARGV[5] == 'put' then
-  redis.call('HSET', KEYS[1], ARGV[6], ARGV[7])
-else
-  redis.call('SET', KEYS[2], ARGV[6])
-  redis.call('DEL', KEYS[1])
+local run = run_id()
+if run and redis.call('GET', KEYS[8]) ~= run then
+  redis.call('SET', KEYS[9], epoch .. ':' .. ARGV[2])
+  epoch = ARGV[5]
+  redis.call('SET', KEYS[6], epoch)
+  redis.call('SET', KEYS[7], ARGV[2])
+  redis.call('SET', KEYS[8], run)
 end
-local version = redis.call('INCR', KEYS[3])
-redis.call('PUBLISH', ARGV[3],
-  '{"op":"config","node":' .. ARGV[4] .. ',"version":' .. version .. '}')
-return {'ok', version}
+if ARGV[6] == 'put' then
+  local old = redis.call('HGET', KEYS[2], ARGV[7])
+  if not old or (old == 'null' and ARGV[8] ~= 'null') then
+    redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), ARGV[7])
+  end
+  redis.call('HSET', KEYS[2], ARGV[7], ARGV[8])
+else
+  redis.call('SET', KEYS[1], ARGV[7])
+  redis.call('DEL', KEYS[2], KEYS[3])
+end
+local version = redis.call('INCR', KEYS[5])
+redis.call('PUBLISH', ARGV[3], '{"op":"config","node":' .. ARGV[4] .. ',"epoch":"' .. epoch
+  .. '","version":' .. version .. '}')
+return {'ok', version, epoch}
 """
 )
 
-# KEYS: base, overlay, version, epoch. Answers [base or false, version, epoch or false,
-# field, document, ...].
+# Answers [base or false, version, epoch or false, field, document, ...], the overlay in
+# creation order. (Fields without one were written by an apigate that kept none: they are
+# older than every field with one, so they come first, by name, the same on every node.)
 CONFIG_READ = Script(
     """
-local out = {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[3]) or '0',
-             redis.call('GET', KEYS[4])}
-for _, item in ipairs(redis.call('HGETALL', KEYS[2])) do out[#out + 1] = item end
+local out = {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[5]) or '0',
+             redis.call('GET', KEYS[6])}
+local ordered = redis.call('ZRANGE', KEYS[3], 0, -1)
+local seen = {}
+for _, field in ipairs(ordered) do seen[field] = true end
+local older = {}
+for _, field in ipairs(redis.call('HKEYS', KEYS[2])) do
+  if not seen[field] then older[#older + 1] = field end
+end
+table.sort(older)
+for _, fields in ipairs({older, ordered}) do
+  for _, field in ipairs(fields) do
+    local doc = redis.call('HGET', KEYS[2], field)
+    if doc then
+      out[#out + 1] = field
+      out[#out + 1] = doc
+    end
+  end
+end
 return out
 """
 )
 
-# (Re)create the cluster state from this node: KEYS epoch, base, overlay, version.
-# ARGV: new epoch, this node's version, its base or '', channel, node (JSON), field, doc, ...
-# Written when Redis has no state (fresh, restarted empty, flushed) or an older one than this
-# node has read (restored from an old save; seeded by a node that knew less): versions only
-# ever come from Redis, so a node ahead of it means Redis lost changes. The node that knows
-# the most recent config wins whatever the order the nodes come back in.
-# Answers {epoch in force, 1 if this call (re)created it}.
+
+# (Re)create the cluster state from this node. ARGV: new epoch, this node's version, the
+# epoch it was read in or '', its base or '', channel, node (JSON), field, doc, ... (the
+# overlay in creation order). Written when Redis has no state (fresh, restarted empty,
+# flushed), or when it holds an older state than this node read and nothing Redis
+# acknowledged would be lost:
+# - the same epoch at an older version: a save restored, with nothing written since (the
+#   first write would have begun another epoch);
+# - another epoch that holds only what the node that seeded it knew (no change taken since
+#   its seed) at an older version: a node that knew less came back first, so the most
+#   recent knowledge wins whatever the order the nodes come back in.
+# Never over another epoch's own changes: the node takes that state instead (its own
+# config of the history Redis lost is dropped, see ClusterSync._join).
+# Answers {epoch in force, 1 if this call (re)created it, version, version it began at,
+# "epoch:version" it began from}.
 SEED = Script(
-    """
-local epoch = redis.call('GET', KEYS[1])
-if epoch and tonumber(ARGV[2]) <= tonumber(redis.call('GET', KEYS[4]) or '0') then
-  return {epoch, 0}
+    _RUN_ID
+    + """
+local epoch = redis.call('GET', KEYS[6])
+if epoch then
+  local version = tonumber(redis.call('GET', KEYS[5]) or '0')
+  local seeded = tonumber(redis.call('GET', KEYS[7]) or '0')
+  local mine = tonumber(ARGV[2])
+  if not (mine > version and (epoch == ARGV[3] or version == seeded)) then
+    return {epoch, 0, version, seeded, redis.call('GET', KEYS[9]) or ''}
+  end
 end
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('SET', KEYS[4], ARGV[2])
-redis.call('DEL', KEYS[2], KEYS[3])
-if ARGV[3] ~= '' then redis.call('SET', KEYS[2], ARGV[3]) end
-for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
-redis.call('PUBLISH', ARGV[4],
-  '{"op":"config","node":' .. ARGV[5] .. ',"version":' .. ARGV[2] .. '}')
-return {ARGV[1], 1}
+redis.call('SET', KEYS[6], ARGV[1])
+redis.call('SET', KEYS[5], ARGV[2])
+redis.call('SET', KEYS[7], ARGV[2])
+redis.call('SET', KEYS[9], ARGV[3] .. ':' .. ARGV[2])
+local run = run_id()
+if run then redis.call('SET', KEYS[8], run) else redis.call('DEL', KEYS[8]) end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+if ARGV[4] ~= '' then redis.call('SET', KEYS[1], ARGV[4]) end
+local sequence = 0
+for i = 7, #ARGV, 2 do
+  sequence = sequence + 1
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+  redis.call('ZADD', KEYS[3], sequence, ARGV[i])
+end
+redis.call('SET', KEYS[4], sequence)
+redis.call('PUBLISH', ARGV[5], '{"op":"config","node":' .. ARGV[6] .. ',"epoch":"' .. ARGV[1]
+  .. '","version":' .. ARGV[2] .. '}')
+return {ARGV[1], 1, tonumber(ARGV[2]), tonumber(ARGV[2]), ARGV[3] .. ':' .. ARGV[2]}
 """
 )
 

@@ -116,6 +116,12 @@ class RedisStore:
         self._timeouts = 0
         self._retry_at = 0.0
 
+    @property
+    def db(self) -> int:
+        """The database number the URL names (`redis://h/1`, `?db=1`; 0 by default), as
+        redis-py reads it."""
+        return int(self.pool.connection_kwargs.get("db") or 0)
+
     # ------------------------------------------------------------------ health
     @property
     def is_down(self) -> bool:

@@ -12,20 +12,17 @@ import logging
 import os
 import secrets
 import socket
-from typing import Any
+from typing import Any, NamedTuple
 
 from apigate.redaction import redact_url
 from apigate.store.cluster_scripts import (
-    BASE,
-    CHANNEL,
+    CONFIG_KEYS,
     CONFIG_READ,
     CONFIG_TIMEOUT,
     CONFIG_WRITE,
-    EPOCH,
-    OVERLAY,
     SEED,
     SYNC_TIMEOUT,
-    VERSION,
+    channel,
     field,
     text,
 )
@@ -33,6 +30,30 @@ from apigate.store.config_store import ConfigStore, StoreConflict
 from apigate.store.redis import RedisStore, StoreUnavailable
 
 log = logging.getLogger("apigate.cluster")
+
+
+class Seeded(NamedTuple):
+    """What SEED found or made: the epoch in force, whether this node (re)created it, its
+    version, the version it began at, and the state it began from (epoch, or "" when the
+    node that seeded it knew none, and version)."""
+
+    epoch: str
+    ours: bool
+    version: int
+    began_at: int
+    parent: tuple[str, int] | None
+
+    def continues(self, epoch: str | None, version: int) -> bool:
+        """Whether this epoch's state holds everything of `epoch` up to `version`: it is
+        that epoch, or began from it at that version or later."""
+        if epoch == self.epoch:
+            return True
+        return (
+            epoch is not None
+            and self.parent is not None
+            and self.parent[0] == epoch
+            and self.parent[1] >= version
+        )
 
 
 def node_name() -> str:
@@ -54,6 +75,7 @@ class RedisConfigStore(ConfigStore):
         self.redis = RedisStore(url, timeout=SYNC_TIMEOUT, max_connections=8)
         self.node = node_name()
         self._node_json = json.dumps(self.node)
+        self.channel = channel(self.redis.db)
         self.epoch: str | None = None  # of the state last read; None: Redis has none
 
     async def open(self) -> None:
@@ -70,13 +92,13 @@ class RedisConfigStore(ConfigStore):
         await self.redis.close()
 
     async def refresh(self, force: bool = False) -> bool:
-        reply = await self.redis.run_script(CONFIG_READ, [BASE, OVERLAY, VERSION, EPOCH], [])
+        reply = await self.redis.run_script(CONFIG_READ, CONFIG_KEYS, [])
         version = int(reply[1])
         epoch = text(reply[2]) if reply[2] else None
         if not force and version == self.version and epoch == self.epoch:
             return False
         self.base = json.loads(reply[0]) if reply[0] else None
-        self.overlay = {}
+        self.overlay = {}  # in creation order, as every node merges it (see CONFIG_WRITE)
         for raw_field, raw_doc in zip(reply[3::2], reply[4::2], strict=True):
             kind, name = json.loads(raw_field)
             self.overlay[(kind, name)] = json.loads(raw_doc)
@@ -94,8 +116,15 @@ class RedisConfigStore(ConfigStore):
     async def _write(self, change: list[str | bytes | int]) -> None:
         reply = await self.redis.run_script(
             CONFIG_WRITE,
-            [OVERLAY, BASE, VERSION, EPOCH],
-            [self.epoch or "", str(self.version), CHANNEL, self._node_json, *change],
+            CONFIG_KEYS,
+            [
+                self.epoch or "",
+                str(self.version),
+                self.channel,
+                self._node_json,
+                secrets.token_hex(8),  # the epoch to begin if Redis restarted (see the script)
+                *change,
+            ],
             timeout=CONFIG_TIMEOUT,
         )
         outcome = text(reply[0])
@@ -103,26 +132,30 @@ class RedisConfigStore(ConfigStore):
             raise StoreConflict("the shared config changed since this node read it")
         if outcome == "no_epoch":
             # Redis lost its state and no node has restored it yet: restore it now rather than
-            # refuse the change until this node's resync does (SEED keeps the newest config any
-            # node read, so this is safe from any node); the change is then computed again
+            # refuse the change until this node's resync does (SEED never writes over a
+            # change Redis took, so this is safe from any node); the change is then computed
+            # again
             await self.seed()
             raise StoreConflict("the shared state was lost and has been restored")
-        self.version = int(reply[1])
+        self.version, self.epoch = int(reply[1]), text(reply[2])
 
-    async def seed(self) -> tuple[str, bool]:
-        """(Re)create the cluster state from this node's config, if Redis has none or an older
-        one than this node read (see SEED). Returns (epoch in force, ours)."""
+    async def seed(self) -> Seeded:
+        """(Re)create the cluster state from this node's config if Redis has none, or an older
+        one of this node's history, or only an older seed (see SEED)."""
         args: list[str | bytes | int] = [
             secrets.token_hex(8),
             str(self.version),
+            self.epoch or "",
             json.dumps(self.base) if self.base is not None else "",
-            CHANNEL,
+            self.channel,
             self._node_json,
         ]
-        for (kind, name), doc in self.overlay.items():
+        for (kind, name), doc in self.overlay.items():  # (in creation order)
             args += [field(kind, name), json.dumps(doc)]
-        reply = await self.redis.run_script(SEED, [EPOCH, BASE, OVERLAY, VERSION], args)
-        return text(reply[0]), bool(reply[1])
+        reply = await self.redis.run_script(SEED, CONFIG_KEYS, args)
+        parent_epoch, _, parent_version = text(reply[4]).rpartition(":")
+        parent = (parent_epoch, int(parent_version)) if parent_version.isdigit() else None
+        return Seeded(text(reply[0]), bool(reply[1]), int(reply[2]), int(reply[3]), parent)
 
     def describe(self) -> dict[str, Any]:
         return {
