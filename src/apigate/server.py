@@ -397,11 +397,10 @@ class Gateway:
         await self._stopped.wait()
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT drain and stop, SIGHUP reloads. Installed before start-up: the proxy
-        listener accepts before the admin listener and the other start hooks are up, and a
-        SIGHUP then (a deploy script's reload as soon as the port answers) used to find the
-        default action and kill the process. A signal that arrives before `signals_ready`
-        waits for it."""
+        """SIGTERM/SIGINT drain and stop, SIGHUP reloads. Installed before start-up: a signal
+        while the gateway starts (a deploy script's reload as soon as a port answers, and the
+        admin port answers before the proxy serves) used to find the default action and kill
+        the process. A signal that arrives before `signals_ready` waits for it."""
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self.loop.add_signal_handler(sig, self._on_signal, sig)
 
