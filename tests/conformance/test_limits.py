@@ -331,15 +331,22 @@ async def test_max_connections() -> None:
     )
     async with GatewayProcess(cfg) as gw:
         async with RawClient(gw.port) as a, RawClient(gw.port) as b:
+            for held in (a, b):  # each in the middle of a request: not idle
+                await held.send(b"GET /x HTTP/1.1\r\n")
             await asyncio.sleep(0.1)
             async with RawClient(gw.port) as c:
                 resp = await c.response()  # answered without a request, then closed
                 assert_error(resp, 503, "too_many_connections")
                 assert await c.closed()
             for held in (a, b):  # the two admitted connections still work
-                await held.send(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+                await held.send(b"Host: x\r\n\r\n")
                 assert (await held.response()).status == 404
+            # now both are idle keep-alive connections: a new client takes one's slot
+            async with RawClient(gw.port) as d:
+                await d.send(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert (await d.response()).status == 404
+            assert [await held.closed(0.5) for held in (a, b)].count(True) == 1
         await asyncio.sleep(0.2)
-        async with RawClient(gw.port) as d:  # slots are freed when connections close
-            await d.send(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert (await d.response()).status == 404
+        async with RawClient(gw.port) as e:  # slots are freed when connections close
+            await e.send(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await e.response()).status == 404

@@ -1147,6 +1147,7 @@ def test_dump_uses_units() -> None:
         "header_timeout": "10s",
         "body_timeout": "30s",
         "idle_timeout": "75s",
+        "send_timeout": "1m",
         "max_connections": 10000,
         "drain_timeout": "30s",
     }

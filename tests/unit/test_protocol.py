@@ -74,9 +74,13 @@ class FakeTransport:
         self.aborted = False
         self.eof_written = False
         self.pause_calls = 0
+        self.unsent = 0  # what the client has not read yet (a test sets it)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self.peer if name == "peername" else default
+
+    def get_write_buffer_size(self) -> int:
+        return self.unsent
 
     def write(self, data: bytes) -> None:
         assert not self.closed and not self.eof_written, "write after close"
@@ -493,6 +497,7 @@ def test_route_limits_raise_the_body_limit() -> None:
 
 def test_max_connections() -> None:
     h = Harness(max_connections=1)
+    h.feed(b"GET / HTTP/1.1\r\n")  # a request under way: not idle, not reclaimed
     second = ClientConnection(cast(Any, h.host))
     transport = FakeTransport()
     second.connection_made(cast(Any, transport))
@@ -503,6 +508,41 @@ def test_max_connections() -> None:
     assert transport.closed
     second.connection_lost(None)
     assert h.host.connections == {h.conn}
+
+
+def test_max_connections_reclaims_an_idle_connection() -> None:
+    """Idle keep-alive clients (or ones that never sent a byte) held every slot until their
+    idle timeout while new clients were refused; nginx reuses such connections too."""
+    h = Harness(max_connections=1)
+    h.feed(GET)
+    h.exchanges[0].answer()  # served, now idle
+    second = ClientConnection(cast(Any, h.host))
+    transport = FakeTransport()
+    second.connection_made(cast(Any, transport))
+    assert transport.written == b"" and not transport.closed
+    assert h.transport.closed and h.host.connections == {second}
+
+
+def test_a_client_that_reads_nothing_is_cut_after_send_timeout() -> None:
+    """nginx's send_timeout: it held its connection (a max_connections slot) and the unsent
+    response for ever; a close waited for a flush that never came."""
+    h = Harness(send_timeout=30.0)
+    h.feed(GET)
+    h.conn.pause_writing()  # the client's window is shut
+    h.loop.advance(29)
+    h.conn.resume_writing()  # it read some: the timeout starts again at the next stall
+    h.conn.pause_writing()
+    h.loop.advance(29)
+    assert not h.transport.aborted
+    h.loop.advance(2)
+    assert h.transport.aborted
+    h2 = Harness(send_timeout=30.0)
+    h2.feed(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    h2.transport.unsent = 5000  # what the client has not read when the connection closes
+    h2.exchanges[0].answer(keep_alive=False)
+    assert h2.transport.closed and not h2.transport.aborted
+    h2.loop.advance(31)
+    assert h2.transport.aborted
 
 
 # ------------------------------------------------------------------ pipelining

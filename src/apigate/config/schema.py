@@ -304,6 +304,9 @@ class LimitsConfig(StrictModel):
     header_timeout: PositiveDuration = 10.0
     body_timeout: PositiveDuration = 30.0
     idle_timeout: PositiveDuration = 75.0
+    # a client that reads nothing of what it is sent for this long is cut (nginx's
+    # send_timeout): else it holds its connection, the unsent response and the upstream's
+    send_timeout: PositiveDuration = 60.0
     max_connections: int = Field(default=10_000, ge=1)
     drain_timeout: NonNegativeDuration = 30.0  # graceful shutdown: wait this long for requests
 

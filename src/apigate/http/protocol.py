@@ -169,6 +169,7 @@ _QUESTION_MARK: Final = ord("?")
 _V11_LINE_END: Final = b" HTTP/1.1\r\n"  # how a request line of that version ends
 _PAUSE_BUFFER: Final = 64 * 1024  # buffered request body bytes before we stop reading the client
 _LOGGED_URL: Final = 1024  # how much of a refused head's request target its log line shows
+_RECLAIM_SCAN: Final = 1024  # connections looked at for an idle one at max_connections
 _LINGER_SECONDS: Final = 2.0  # how long a refused client's further input is read and discarded
 # slack over max_header_bytes for the framing that shares the trailer's reads ("0\r\n", CRLFs)
 _TRAILER_SLACK: Final = 1024
@@ -188,6 +189,7 @@ class EdgeLimits:
         self.header_timeout: float = config.header_timeout
         self.body_timeout: float = config.body_timeout
         self.idle_timeout: float = config.idle_timeout
+        self.send_timeout: float = config.send_timeout
         self.max_connections: int = config.max_connections
 
 
@@ -271,6 +273,7 @@ class ClientConnection(asyncio.Protocol):
         self._timer_at = 0.0
         self.requests_served = 0
         self._linger: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None  # while the client reads nothing
 
     # ------------------------------------------------------------------ connection events
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -285,7 +288,9 @@ class ClientConnection(asyncio.Protocol):
             self.client_ip in self.host.trusted_proxies
         )
         self.host.connections.add(self)
-        if len(self.host.connections) > self.limits.max_connections:
+        if len(self.host.connections) > self.limits.max_connections and not _reclaim_idle(
+            self.host.connections, self
+        ):
             err = GatewayError(503, "too many connections", "too_many_connections")
             rid = self.request_ids.next()  # every error body carries a request id
             self.transport.write(render_error(err, rid, keep_alive=False))
@@ -302,6 +307,9 @@ class ClientConnection(asyncio.Protocol):
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         if self.current is not None:
             self.current.client_lost()
         tunnel = self.tunnel
@@ -414,12 +422,16 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.writing_paused = True
+        self._arm_send_timeout()
         ex = self.tunnel or self.current
         if ex is not None:
             ex.client_write_paused()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         ex = self.tunnel or self.current
         if ex is not None:
             ex.client_write_resumed()
@@ -845,9 +857,23 @@ class ClientConnection(asyncio.Protocol):
         self.respond_error(err, self._req, refused=parsing)
 
     def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.close()
+            if t.get_write_buffer_size():  # it flushes first: as long as the client reads
+                self._arm_send_timeout()
         self.phase = Phase.CLOSED
+
+    def _arm_send_timeout(self) -> None:
+        """Cut the connection if the client reads nothing for `send_timeout` (nginx's): a
+        client that stops reading held its connection for ever (and with it a slot of
+        max_connections, the unsent response, a closing transport that never flushed)."""
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self.limits.send_timeout, self._send_timed_out)
+
+    def _send_timed_out(self) -> None:
+        self._send_timer = None
+        self.abort()  # connection_lost tells the exchange (the upstream is released)
 
     def close_lingering(self) -> None:
         """Close after a response while the client may still be sending (a refused head, an
@@ -981,6 +1007,21 @@ class ClientConnection(asyncio.Protocol):
             f"<ClientConnection {self.client_ip}:{self.client_port} {self.phase.name} "
             f"served={self.requests_served} queued={len(self._queue)}>"
         )
+
+
+def _reclaim_idle(connections: set[ClientConnection], new: ClientConnection) -> bool:
+    """Close one idle keep-alive connection to make room for a new one (nginx reuses such
+    connections too): at max_connections, idle clients held every slot until their idle
+    timeout (75 s) while new ones were refused. Scans a bounded part of the set (error path
+    only); False when it found none."""
+    for scanned, conn in enumerate(connections):
+        if scanned >= _RECLAIM_SCAN:
+            break
+        if conn.phase == Phase.IDLE and conn.current is None and conn is not new:
+            conn.close()
+            connections.discard(conn)
+            return True
+    return False
 
 
 def _tunnels(version: str, upgrade: bytes) -> bool:

@@ -547,14 +547,17 @@ class UpstreamConnection(asyncio.Protocol):
         if (
             now >= self._deadline
             and self._timeout
-            and not self._request_sent
-            and not self._write_blocked
-            and not self.got_bytes
+            and (
+                (not self._request_sent and not self._write_blocked and not self.got_bytes)
+                or self._reading_paused
+            )
         ):
-            # The request body is still coming from the client and the upstream keeps up with
-            # it: the wait is the client's (its body_timeout governs that), not the upstream's.
-            # The response timeout once ran from the request head, so an upload longer than
-            # `timeouts.response` got a 504 half-way.
+            # The wait is the client's, not the upstream's: the request body is still coming
+            # and the upstream keeps up with it (body_timeout governs the client: the response
+            # timeout once ran from the request head, so an upload longer than
+            # `timeouts.response` got a 504 half-way), or we stopped reading because the
+            # client does not read the response (send_timeout governs that: a slow reader was
+            # cut at `timeouts.response` and the healthy instance blamed, even ejected).
             self._deadline = now + self._timeout
         if now < self._deadline:
             self._timer_at = self._deadline

@@ -430,7 +430,7 @@ class ProxyExchange(UpstreamListener):
         self.instance = inst
         self.tried.append(inst)
         pool = service.pool_for(inst)
-        up = pool.acquire_idle()
+        up = pool.acquire_idle() if not self._stale_retried else None
         if up is not None:
             self._attach(up, reused=True)
         else:
@@ -560,6 +560,11 @@ class ProxyExchange(UpstreamListener):
         if self.retries:  # the tries together stay within timeouts.response
             timeout = max(0.001, min(timeout, self.t0 + overall - now))
         up.begin(self, req.method == "HEAD", timeout, upgrade=req.upgrade is not None, now=now)
+        if self.conn.writing_paused:
+            # the client reads nothing of what it was sent (a pipelined request behind a
+            # response it does not read): read no faster from the upstream, or the whole
+            # response went into the client's buffer (resume_writing lets it flow)
+            up.pause_reading()
         route = self.route
         assert route is not None
         if route.chain.upstream_request_hooks and not self._call_hooks(
@@ -748,7 +753,7 @@ class ProxyExchange(UpstreamListener):
             and self._reused
             and not up.got_bytes
             and self._body_done
-            and not self.request.has_body
+            and (not self.request.has_body or self._replay is not None)  # (kept: sent again)
             and self.request.method in IDEMPOTENT
         )
         # a pooled connection the upstream closed while idle says nothing about its health
@@ -758,11 +763,16 @@ class ProxyExchange(UpstreamListener):
         if not self._head_sent:
             if stale and not self._stale_retried:
                 # The classic keep-alive race: the upstream closed the pooled connection as we
-                # reused it. Nothing was processed; try once more on a fresh connection. This
-                # is not a policy retry (it spends neither attempts nor budget).
+                # reused it. Nothing was processed; try once more on a fresh connection (not
+                # another pooled one, which an upstream that closes after each response has
+                # closed too). This is not a policy retry (it spends neither attempts nor
+                # budget). A body is sent again from what was kept of it.
                 self._stale_retried = True
                 self.tried.pop()
                 self._forwarding = False
+                if self._replay is not None:
+                    self._body, self._replay = self._replay, []
+                    self._replay_size = 0
                 self._forward()
                 return
             if not isinstance(exc, InvalidResponse) and self._retry_after_failure("reset"):
