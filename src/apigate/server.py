@@ -89,6 +89,7 @@ class Gateway:
         self._signals_ready = False
         self._pending_signals: list[int] = []
         self._retiring: set[asyncio.Task[None]] = set()
+        self._drain_deadline = 0.0  # loop time the drain ends at (a second stop signal: now)
 
     @property
     def config(self) -> GatewayConfig:
@@ -375,8 +376,8 @@ class Gateway:
         for hook in self.on_stop:
             with contextlib.suppress(Exception):
                 await hook(self)
-        deadline = self.loop.time() + timeout
-        while self.loop.time() < deadline:
+        self._drain_deadline = self.loop.time() + timeout
+        while self.loop.time() < self._drain_deadline:
             busy = False
             for conn in list(self.connections):
                 if conn.current is None and conn.tunnel is None:
@@ -415,12 +416,21 @@ class Gateway:
         if not self._signals_ready:
             self._pending_signals.append(sig)
             return
+        name = signal.Signals(sig).name
+        if self.draining:
+            # A second stop signal (Ctrl-C twice) means now: in-flight requests are cut. A
+            # reload while stopping would start plugins the shutdown no longer closes.
+            if sig != signal.SIGHUP:
+                log.info("stopping now: in-flight requests are cut", extra={"signal": name})
+                self._drain_deadline = 0.0
+            else:
+                log.info("reload ignored: the gateway is stopping", extra={"signal": name})
+            return
         if sig == signal.SIGHUP:
             self._keep(self.loop.create_task(self._reload_on_signal()))
             return
         log.info(
-            "stopping: draining in-flight requests",
-            extra={"event": "shutdown", "signal": signal.Signals(sig).name},
+            "stopping: draining in-flight requests", extra={"event": "shutdown", "signal": name}
         )
         self._keep(self.loop.create_task(self.shutdown()))
 

@@ -73,6 +73,29 @@ async def test_shutdown_gives_up_after_drain_timeout() -> None:
         assert await busy.closed(1.0)
 
 
+async def test_a_second_stop_signal_stops_at_once_and_a_reload_meanwhile_is_ignored() -> None:
+    """Ctrl-C twice: the second one cut the drain short nowhere (it was ignored, and the
+    process waited for drain_timeout); a SIGHUP while stopping reloaded the config."""
+    async with (
+        Upstream() as up,
+        GatewayProcess(_config(up, "/", limits={"drain_timeout": "20s"})) as gw,
+        RawClient(gw.port) as busy,
+    ):
+        await busy.send(b"GET /slow?ms=10000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.sleep(0.2)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        gw.signal(signal.SIGINT)
+        await gw.wait_for_log("draining")
+        gw.signal(signal.SIGHUP)
+        await gw.wait_for_log("reload ignored")
+        gw.signal(signal.SIGINT)
+        assert await gw.wait(5) == 0
+        assert loop.time() - t0 < 3
+        assert await busy.closed(1.0)
+        assert "config reloaded" not in gw.logs()
+
+
 # ------------------------------------------------------------------ hot reload
 async def test_sighup_reload_serves_the_new_route() -> None:
     async with Upstream() as up, GatewayProcess(_config(up, "/old")) as gw:
