@@ -1,9 +1,17 @@
-"""Connection pools per service instance: own limits, retired when the instance leaves."""
+"""Connection pools per service instance: own limits, retired when the instance leaves; targets
+given by name resolved through the shared, cached resolver (tests/unit/test_resolver.py has the
+cache itself)."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import gc
+import ipaddress
+import socket
 from typing import Any
+
+import pytest
 
 from apigate.config.loader import parse_config
 from apigate.config.schema import ServiceConfig
@@ -249,3 +257,143 @@ async def test_a_raised_limit_lets_the_waiting_requests_in_first() -> None:
     waiting[2].cancel()
     await asyncio.gather(waiting[2], return_exceptions=True)
     assert not pool.waiters and pool.total == 3
+
+
+class NetworkLoop:
+    """The running loop with a fake network: names resolve through `names` (each lookup waits
+    for `gate`), connections open at once on fake transports, except to `refused` addresses.
+    Like a real loop, `create_connection` given a name looks it up (through `getaddrinfo`)
+    and tries each of its addresses in turn."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, **names: list[str]) -> None:
+        self._loop = loop
+        self.names = {name.replace("_", "."): ips for name, ips in names.items()}
+        self.lookups: list[str] = []
+        self.calls: list[tuple[str, str | None]] = []  # create_connection's (host, server_hostname)
+        self.attempts: list[str] = []  # the addresses connected to
+        self.refused: set[str] = set()
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loop, name)
+
+    async def getaddrinfo(self, host: str, port: int, **kwargs: Any) -> list[tuple[Any, ...]]:
+        self.lookups.append(host)
+        await self.gate.wait()
+        if host not in self.names:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in self.names[host]]
+
+    async def create_connection(self, factory: Any, host: str, port: int, **kwargs: Any) -> Any:
+        self.calls.append((host, kwargs.get("server_hostname")))
+        try:
+            addresses = [str(ipaddress.ip_address(host))]
+        except ValueError:
+            addresses = [info[4][0] for info in await self.getaddrinfo(host, port)]
+        for address in addresses:
+            self.attempts.append(address)
+            if address not in self.refused:
+                proto = factory()
+                transport = FakeTransport()
+                proto.connection_made(transport)
+                return transport, proto
+        raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+
+
+def named_pool(net: NetworkLoop, url: str, name: str = "svc") -> tuple[PoolManager, Pool]:
+    pools = PoolManager(net)  # type: ignore[arg-type]
+    svc = service(pools, name, url)
+    return pools, svc.pool_for(next(iter(svc.instances.values())))
+
+
+async def test_connects_to_a_named_target_share_one_lookup() -> None:
+    """A target given by name was looked up by create_connection for every new connection:
+    no cache, and a slow resolver stalled each connect (and filled libuv's 4 lookup threads)."""
+    net = NetworkLoop(asyncio.get_running_loop(), svc_test=["10.0.0.7"])
+    net.gate.clear()
+    _, pool = named_pool(net, "http://svc.test:8080")
+    connects = [asyncio.create_task(pool.connect(1.0)) for _ in range(10)]
+    await asyncio.sleep(0.01)
+    net.gate.set()
+    conns = await asyncio.gather(*connects)
+    conns += [await pool.connect(1.0) for _ in range(5)]
+    assert net.lookups == ["svc.test"]  # one lookup for 15 connections
+    assert net.attempts == ["10.0.0.7"] * 15 and pool.created == 15 == pool.total
+    assert all(isinstance(c, UpstreamConnection) for c in conns)
+
+
+async def test_ip_targets_connect_as_before_without_the_resolver() -> None:
+    net = NetworkLoop(asyncio.get_running_loop())
+    for url, host in (("http://10.0.0.1:80", "10.0.0.1"), ("https://[::1]:8443", "::1")):
+        _, pool = named_pool(net, url)
+        assert pool.resolver is None
+        await pool.connect(1.0)
+        assert net.calls[-1] == (host, host if url.startswith("https") else None)
+    assert net.lookups == []
+
+
+async def test_tls_checks_the_name_while_connecting_to_the_resolved_address() -> None:
+    net = NetworkLoop(asyncio.get_running_loop(), api_example_com=["10.0.0.7"])
+    _, pool = named_pool(net, "https://api.example.com:8443")
+    await pool.connect(1.0)
+    assert net.calls == [("10.0.0.7", "api.example.com")]  # SNI and certificate: the name
+    assert pool.host_header == b"api.example.com:8443"
+
+
+async def test_a_connect_timeout_during_a_slow_lookup_leaves_the_lookup_running() -> None:
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    net = NetworkLoop(loop, slow_test=["10.0.0.7"])
+    net.gate.clear()
+    _, pool = named_pool(net, "http://slow.test:80")
+    for _ in range(3):
+        with pytest.raises(TimeoutError):
+            await pool.connect(0.01)
+    assert pool.total == 0  # the slots came back
+    net.gate.set()
+    await asyncio.sleep(0.01)
+    await pool.connect(0.01)  # the answer the timed-out connects left behind: no new lookup
+    assert net.lookups == ["slow.test"]
+    gc.collect()
+    await asyncio.sleep(0)
+    assert errors == []  # no "Future exception was never retrieved"
+
+
+async def test_a_dead_name_is_looked_up_once_not_once_per_connect() -> None:
+    net = NetworkLoop(asyncio.get_running_loop())
+    _, pool = named_pool(net, "http://dead.test:80")
+    for _ in range(20):
+        with pytest.raises(OSError, match="Name or service not known"):
+            await pool.connect(1.0)
+    assert net.lookups == ["dead.test"] and pool.total == 0
+
+
+async def test_an_address_that_refuses_is_skipped_and_the_next_one_kept() -> None:
+    net = NetworkLoop(asyncio.get_running_loop(), svc_test=["10.0.0.1", "10.0.0.2"])
+    net.refused.add("10.0.0.1")
+    _, pool = named_pool(net, "http://svc.test:80")
+    await pool.connect(1.0)
+    await pool.connect(1.0)
+    assert net.attempts == ["10.0.0.1", "10.0.0.2", "10.0.0.2"]  # then straight to the one
+    net.refused.add("10.0.0.2")
+    with pytest.raises(ConnectionRefusedError):
+        await pool.connect(1.0)
+    assert pool.total == 2
+
+
+async def test_pools_share_the_cache_and_the_last_one_retired_drops_the_name() -> None:
+    net = NetworkLoop(asyncio.get_running_loop(), svc_test=["10.0.0.7"])
+    pools = PoolManager(net)  # type: ignore[arg-type]
+    one = service(pools, "one", "http://svc.test:80")
+    two = service(pools, "two", "http://svc.test:80")
+    await one.pool_for(one.instances["svc.test:80"]).connect(1.0)
+    await two.pool_for(two.instances["svc.test:80"]).connect(1.0)
+    assert net.lookups == ["svc.test"]
+    pools.retire("one")
+    assert list(pools.resolver.entries) == [("svc.test", 80)]  # service two still uses it
+    pools.retire("two")
+    assert pools.resolver.entries == {}
+    pools.close()
+    assert pools.resolver.closed

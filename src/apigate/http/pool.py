@@ -9,6 +9,10 @@ age out under light load; each parked connection closes itself after `idle_timeo
 With every slot busy (`max_connections`), up to `max_pending` requests wait for a connection to
 come back (FIFO, at most the connect timeout); beyond that the pool refuses at once (503), so
 there is never an unbounded queue.
+
+A target given by name is resolved through the process's `Resolver` (cached, one lookup per name
+at a time, never on the request path once resolved: see apigate.http.resolver) and connected to
+by address; TLS checks the name. A target given by address connects as it always did.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import asyncio
 import contextlib
 import ssl
 from collections import deque
+from collections.abc import Awaitable
 
+from apigate.http.resolver import Address, Resolver, is_ip_address
 from apigate.http.upstream import UpstreamConnection
 
 
@@ -39,6 +45,7 @@ class Pool:
         idle_timeout: float = 60.0,
         service: str = "",
         instance: str = "",
+        resolver: Resolver | None = None,
     ) -> None:
         self.loop = loop
         self.service = service  # whose pool this is (metrics labels)
@@ -68,6 +75,10 @@ class Pool:
         self._ssl: ssl.SSLContext | None = None
         if scheme == "https":
             self._ssl = ssl.create_default_context()
+        # None for an IP address (decided once, here): its connects skip the resolver entirely
+        self.resolver: Resolver | None = None
+        if not is_ip_address(host):
+            self.resolver = resolver if resolver is not None else Resolver(loop)
 
     def acquire_idle(self) -> UpstreamConnection | None:
         idle = self.idle
@@ -88,21 +99,59 @@ class Pool:
         else:
             self.total += 1
         try:
-            _, proto = await asyncio.wait_for(
-                self.loop.create_connection(
-                    lambda: UpstreamConnection(self),
-                    self.host,
-                    self.port,
-                    ssl=self._ssl,
-                    server_hostname=self.host if self._ssl else None,
-                ),
-                timeout,
-            )
+            if self.resolver is None:
+                _, proto = await asyncio.wait_for(
+                    self.loop.create_connection(
+                        lambda: UpstreamConnection(self),
+                        self.host,
+                        self.port,
+                        ssl=self._ssl,
+                        server_hostname=self.host if self._ssl else None,
+                    ),
+                    timeout,
+                )
+            else:
+                proto = await self._connect_by_name(self.resolver, timeout)
         except BaseException:
             self._free_slot()
             raise
         self.created += 1
         return proto
+
+    async def _connect_by_name(self, resolver: Resolver, timeout: float) -> UpstreamConnection:
+        """Resolve (from the cache, usually without waiting) and connect to the first address
+        that takes the connection, all within `timeout`; TLS checks the name, not the address."""
+        loop = self.loop
+        deadline = loop.time() + timeout
+        addresses = await resolver.resolve(self.host, self.port, timeout)
+        error: OSError | None = None
+        for address in addresses:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError(f"connect to {self.host}:{self.port} timed out")
+            try:
+                _, proto = await asyncio.wait_for(self._open(address), left)
+            except OSError as exc:  # refused, unreachable (a TimeoutError ends the loop above)
+                error = exc
+                continue
+            if address != addresses[0]:
+                resolver.prefer(self.host, self.port, address)
+            return proto
+        assert error is not None  # resolve() returns at least one address
+        raise error
+
+    def _open(
+        self, address: Address
+    ) -> Awaitable[tuple[asyncio.BaseTransport, UpstreamConnection]]:
+        family, ip = address
+        return self.loop.create_connection(
+            lambda: UpstreamConnection(self),
+            ip,
+            self.port,
+            family=family,
+            ssl=self._ssl,
+            server_hostname=self.host if self._ssl else None,
+        )
 
     async def _wait_for_slot(self, timeout: float) -> UpstreamConnection | None:
         if len(self.waiters) >= self.max_pending:
@@ -206,11 +255,13 @@ class PoolManager:
     """All pools of the process, shared across runtime snapshots so reloads keep connections.
 
     A pool belongs to one instance of one service; `retire` drops the pools of instances and
-    services that left, so that registration churn does not accumulate pools."""
+    services that left, so that registration churn does not accumulate pools. The pools share
+    one `Resolver` for targets given by name, and a retired name leaves its cache with them."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, resolver: Resolver | None = None) -> None:
         self.loop = loop
         self.pools: dict[PoolKey, Pool] = {}
+        self.resolver = resolver if resolver is not None else Resolver(loop)
 
     def get(
         self,
@@ -237,6 +288,7 @@ class PoolManager:
                 idle_timeout=idle_timeout,
                 service=service,
                 instance=instance_id,
+                resolver=self.resolver,
             )
             self.pools[key] = pool
         else:  # a reload may have changed the service's limits
@@ -253,13 +305,22 @@ class PoolManager:
             for key in self.pools
             if key[0] == service and (instance_id is None or key[1] == instance_id)
         ]
+        names = set()
         for key in keys:
-            self.pools.pop(key).close()
+            pool = self.pools.pop(key)
+            pool.close()
+            if pool.resolver is not None:
+                names.add((pool.host, pool.port))
+        if names:  # unless another pool still connects to the name
+            names.difference_update((p.host, p.port) for p in self.pools.values())
+            for host, port in names:
+                self.resolver.forget(host, port)
         return len(keys)
 
     def close(self) -> None:
         for pool in self.pools.values():
             pool.close()
+        self.resolver.close()
 
     def __repr__(self) -> str:
         return f"<PoolManager {len(self.pools)} pools>"
