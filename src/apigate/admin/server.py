@@ -27,6 +27,7 @@ async def attach_admin(gateway: Gateway) -> None:
     api = AdminApi(gateway)
     gateway.extensions["admin_api"] = api
     server: asyncio.Server | None = None
+    connections: set[AdminConnection] = set()  # open ones, bounded by http.MAX_CONNECTIONS
 
     async def on_start(gw: Gateway) -> None:
         nonlocal server
@@ -34,7 +35,7 @@ async def attach_admin(gateway: Gateway) -> None:
         if listener is None:
             return
         server = await gw.loop.create_server(
-            lambda: AdminConnection(api.handle),
+            lambda: AdminConnection(api.handle, connections),
             host=listener.host or None,
             port=listener.port,
             reuse_address=True,
