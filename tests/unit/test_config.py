@@ -1148,6 +1148,7 @@ def test_dump_uses_units() -> None:
         "body_timeout": "30s",
         "idle_timeout": "75s",
         "send_timeout": "1m",
+        "tunnel_idle_timeout": "5m",
         "max_connections": 10000,
         "drain_timeout": "30s",
     }

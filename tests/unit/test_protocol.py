@@ -703,6 +703,21 @@ def test_upgrade_switches_to_a_tunnel(h: Harness) -> None:
     assert ex.events == ["start", "tunnel_eof"]
 
 
+def test_an_idle_tunnel_is_closed_after_tunnel_idle_timeout() -> None:
+    """A WebSocket whose peer vanished without a FIN held both sockets for ever: no deadline
+    ran in a tunnel. Bytes either way (the upstream's come through tunnel_active) keep it."""
+    h = Harness(tunnel_idle_timeout=20.0)
+    h.feed(WS_UPGRADE)
+    for _ in range(3):
+        h.loop.advance(15)
+        h.feed(b"ping")  # from the client
+        h.loop.advance(15)
+        h.conn.tunnel_active()  # from the upstream (ProxyExchange.on_tunnel_data)
+    assert not h.transport.closed
+    h.loop.advance(26)  # one timer tick (header_timeout 5 s) past the deadline at most
+    assert h.transport.closed
+
+
 def test_upgrade_pipelined_behind_a_request_tunnels_its_own_bytes(h: Harness) -> None:
     """The tunnel belongs to the upgrade request, which waits behind the one before it: its
     early bytes, and what follows, must not reach the earlier request's exchange."""

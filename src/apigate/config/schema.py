@@ -307,6 +307,9 @@ class LimitsConfig(StrictModel):
     # a client that reads nothing of what it is sent for this long is cut (nginx's
     # send_timeout): else it holds its connection, the unsent response and the upstream's
     send_timeout: PositiveDuration = 60.0
+    # a WebSocket (any upgrade) tunnel with no byte either way for this long is closed (Envoy's
+    # stream idle timeout): a peer that vanished without a FIN held both sockets for ever
+    tunnel_idle_timeout: PositiveDuration = 300.0
     max_connections: int = Field(default=10_000, ge=1)
     drain_timeout: NonNegativeDuration = 30.0  # graceful shutdown: wait this long for requests
 

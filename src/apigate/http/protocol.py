@@ -190,6 +190,7 @@ class EdgeLimits:
         self.body_timeout: float = config.body_timeout
         self.idle_timeout: float = config.idle_timeout
         self.send_timeout: float = config.send_timeout
+        self.tunnel_idle_timeout: float = config.tunnel_idle_timeout
         self.max_connections: int = config.max_connections
 
 
@@ -323,6 +324,7 @@ class ClientConnection(asyncio.Protocol):
         if self._linger is not None:
             return  # refused and answered: discard what the client still sends
         if self.tunnel is not None:
+            self.tunnel_active()
             self.tunnel.tunnel_data(data)
             return
         self._feeding = len(data)
@@ -918,6 +920,8 @@ class ClientConnection(asyncio.Protocol):
                 self._deadline = self.clock() + self.limits.header_timeout
             elif self.phase == Phase.BODY:
                 self._deadline = self.clock() + self._body_timeout()
+            elif self.tunnel is not None:
+                self.tunnel_active()
             if not self.transport.is_closing():
                 self.transport.resume_reading()
 
@@ -960,9 +964,13 @@ class ClientConnection(asyncio.Protocol):
             return
         self.tunnel = ex
         self.phase = Phase.WAIT
-        self._deadline = 0.0
+        self.tunnel_active()
         if extra:
             ex.tunnel_data(extra)
+
+    def tunnel_active(self) -> None:
+        """Bytes went through the tunnel, either way: its idle deadline starts again."""
+        self._deadline = self.clock() + self.limits.tunnel_idle_timeout
 
     def end_tunnel_mode(self) -> None:
         """The upstream refused the upgrade: the connection cannot carry more requests."""
@@ -1001,6 +1009,8 @@ class ClientConnection(asyncio.Protocol):
             self._reject(GatewayError(408, "timed out reading the request head"))
         elif self.phase == Phase.BODY:
             self._reject(GatewayError(408, "timed out reading the request body"))
+        elif self.tunnel is not None:
+            self.close()  # no byte either way for tunnel_idle_timeout (the tunnel closes too)
 
     def __repr__(self) -> str:
         return (

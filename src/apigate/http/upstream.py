@@ -100,6 +100,10 @@ class UpstreamListener:
     def on_upgraded(self, extra: bytes) -> None:
         raise NotImplementedError
 
+    def on_tunnel_data(self, data: bytes) -> None:
+        """Bytes from the upstream once the connection is a tunnel."""
+        self.on_response_body(data)
+
     def flush_head(self) -> None:
         raise NotImplementedError
 
@@ -209,7 +213,7 @@ class UpstreamConnection(asyncio.Protocol):
         listener = self.listener
         if self.tunnel:
             if listener is not None:
-                listener.on_response_body(data)
+                listener.on_tunnel_data(data)
             return
         if listener is None:
             # Bytes on an idle connection: the upstream is confused; never reuse it.

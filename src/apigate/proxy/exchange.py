@@ -825,6 +825,10 @@ class ProxyExchange(UpstreamListener):
             self._paused_for_tunnel = False
             self.conn.resume_reading()
 
+    def on_tunnel_data(self, data: bytes) -> None:
+        self.conn.tunnel_active()  # (the idle timeout counts both directions)
+        self.on_response_body(data)
+
     def upstream_write_paused(self) -> None:
         self._paused_upstream_write = True
         self.conn.pause_reading()
