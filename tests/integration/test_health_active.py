@@ -15,6 +15,7 @@ from typing import Any
 
 from apigate.balancing.base import Instance
 from apigate.config.schema import ActiveHealthConfig, GatewayConfig
+from apigate.http.resolver import Resolver
 from apigate.registry.events import EVENTS
 from apigate.registry.health import ActiveHealthChecker, attach_health, health_checker, http_probe
 from apigate.server import Gateway
@@ -67,6 +68,27 @@ def instance(port: int) -> Instance:
 
 
 # --- one probe ------------------------------------------------------------------------------
+
+
+async def test_probe_of_a_named_instance_goes_through_the_pools_resolver() -> None:
+    """Probes looked every name up themselves, on libuv's four lookup threads (which a slow
+    resolver fills, stalling the data plane's connects too); they use the pools' cache now,
+    and the Host header and TLS name stay the instance's name."""
+    lookups: list[str] = []
+
+    async def lookup(host: str, port: int) -> list[Any]:
+        lookups.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    loop = asyncio.get_running_loop()
+    resolver = Resolver(loop, lookup=lookup)
+    async with Upstream() as up:
+        named = Instance("i", f"http://svc.invalid:{up.port}", "svc.invalid", up.port)
+        cfg = ActiveHealthConfig(path="/status/200", timeout=1.0)
+        for _ in range(3):
+            assert await http_probe(named, cfg, resolver) == (True, "HTTP 200")
+        assert lookups == ["svc.invalid"]  # once, then from the cache
+        assert up.received[0].header("host") == f"svc.invalid:{up.port}"
 
 
 async def test_probe_reports_the_reason() -> None:

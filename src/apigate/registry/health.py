@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import re
@@ -49,9 +50,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from apigate.http.resolver import is_ip_address
+
 if TYPE_CHECKING:
     from apigate.balancing.base import Instance
     from apigate.config.schema import ActiveHealthConfig
+    from apigate.http.resolver import Resolver
     from apigate.registry.service import Service
     from apigate.runtime import Runtime
     from apigate.server import Gateway
@@ -104,14 +108,24 @@ def _request(inst: Instance, path: str) -> bytes:
     ).encode("latin-1")
 
 
-async def http_probe(inst: Instance, config: ActiveHealthConfig) -> ProbeResult:
-    """GET `config.path` on `inst`; (True, "HTTP 200") when the status is a healthy one."""
+async def http_probe(
+    inst: Instance, config: ActiveHealthConfig, resolver: Resolver | None = None
+) -> ProbeResult:
+    """GET `config.path` on `inst`; (True, "HTTP 200") when the status is a healthy one.
+
+    An instance given by name is looked up through `resolver`, the pools' cache, when there
+    is one: a probe per instance and interval then costs no lookup, and a slow resolver no
+    thread of libuv's four (which the data plane's connects need)."""
     tls = _tls_context() if inst.scheme == "https" else None
     try:
         async with asyncio.timeout(config.timeout):
+            host, family = inst.host, 0
+            if resolver is not None and not is_ip_address(host):
+                family, host = (await resolver.resolve(host, inst.port, config.timeout))[0]
             reader, writer = await asyncio.open_connection(
-                inst.host,
+                host,
                 inst.port,
+                family=family,
                 ssl=tls,
                 server_hostname=inst.host if tls else None,
                 limit=MAX_STATUS_LINE,
@@ -350,6 +364,9 @@ async def attach_health(
     """
     if gateway in _CHECKERS:
         return
+    if probe is http_probe:  # (tests bring their own)
+        resolver = gateway.pools.resolver
+        probe = functools.partial(http_probe, resolver=resolver)
     checker = ActiveHealthChecker(
         lambda: gateway.services.services, probe=probe, rng=rng, poll_interval=poll_interval
     )
