@@ -543,6 +543,27 @@ def test_a_client_that_reads_nothing_is_cut_after_send_timeout() -> None:
     assert h2.transport.closed and not h2.transport.aborted
     h2.loop.advance(31)
     assert h2.transport.aborted
+    # closing while paused: the transport resumes writing below its low-water mark with
+    # bytes still unsent; the close still waits on the client, so the deadline stands
+    h3 = Harness(send_timeout=30.0)
+    h3.feed(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    h3.conn.pause_writing()
+    h3.transport.unsent = 70_000
+    h3.exchanges[0].answer(keep_alive=False)
+    h3.transport.unsent = 10_000
+    h3.conn.resume_writing()
+    h3.loop.advance(31)
+    assert h3.transport.aborted
+
+
+def test_a_refused_upgrade_llhttp_did_not_stop_at_leaves_no_flag_behind(h: Harness) -> None:
+    """An empty Upgrade in HTTP/1.0 was taken for a refused upgrade, but llhttp went on: the
+    flag stayed, and the next real upgrade's tunnel bytes were parsed as HTTP."""
+    h.feed(b"GET /a HTTP/1.0\r\nConnection: Upgrade, keep-alive\r\nUpgrade:\r\n\r\n")
+    h.exchanges[0].answer()
+    h.feed(WS_UPGRADE + b"frame-bytes")
+    ws = h.exchanges[1]
+    assert ws.request.upgrade == b"websocket" and ws.tunnel == b"frame-bytes"
 
 
 # ------------------------------------------------------------------ pipelining

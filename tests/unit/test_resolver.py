@@ -237,3 +237,20 @@ async def test_forget_and_close() -> None:
     assert resolver.entries == {}
     with pytest.raises(OSError, match="shutting down"):
         await resolver.resolve("a.test", 80, 1.0)
+
+
+async def test_names_past_the_bound_drop_the_expired_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name only the health checks probe has no pool to forget it on retirement: churn of
+    registrations with a new name each grew the cache for ever. Past MAX_NAMES, a new name
+    drops the expired ones."""
+    monkeypatch.setattr("apigate.http.resolver.MAX_NAMES", 10)
+    names = {f"pod{i}_test": ["10.0.0.1"] for i in range(30)}
+    dns = FakeDns(**names)
+    resolver = Resolver(asyncio.get_running_loop(), ttl=0.05, lookup=dns)
+    for i in range(9):
+        await resolver.resolve(f"pod{i}.test", 80, 1.0)
+    await asyncio.sleep(0.06)  # those expire
+    for i in range(9, 30):
+        await resolver.resolve(f"pod{i}.test", 80, 1.0)
+        await asyncio.sleep(0.006)
+    assert len(resolver.entries) <= 11, len(resolver.entries)

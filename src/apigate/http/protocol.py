@@ -431,7 +431,12 @@ class ClientConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        if self._send_timer is not None:
+        t = self.transport
+        if self._send_timer is not None and not (
+            self.phase == Phase.CLOSED and t is not None and t.get_write_buffer_size()
+        ):
+            # (closing with bytes left, the transport calls this below its low-water mark:
+            # the close still waits on the client, so its deadline stands)
             self._send_timer.cancel()
             self._send_timer = None
         ex = self.tunnel or self.current
@@ -447,6 +452,9 @@ class ClientConnection(asyncio.Protocol):
             # pipelined request after a 413 reached the upstream, its answer never sent.
             raise _Stop
         self.phase = Phase.HEAD
+        # (set by a refused upgrade llhttp did not stop at after all, as with an empty
+        # Upgrade value: a later real upgrade's tunnel bytes were parsed as HTTP)
+        self._upgrade_ignored = False
         now = self.began_at = self.clock()  # (the exchange starts its clock from this)
         self._deadline = now + self.limits.header_timeout
         self._head_bytes = -self._feeding  # data_received adds this read back: counts as 0

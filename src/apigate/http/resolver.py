@@ -53,6 +53,10 @@ log = logging.getLogger("apigate.upstream.dns")
 
 TTL: Final = 30.0  # seconds an answer is used before a background refresh
 NEGATIVE_TTL: Final = 3.0  # seconds a failure is answered from the cache
+# Past this many names, expired ones are dropped when a new one comes: pools forget their names
+# when retired, but a name only probed by the health checks (an instance never picked) has no
+# pool, and registration churn with a new name per pod would grow the cache for ever.
+MAX_NAMES: Final = 1024
 
 Address = tuple[int, str]  # (address family, IP address as text), as create_connection takes it
 AddrInfo = tuple[Any, ...]  # (family, type, proto, canonname, sockaddr), as getaddrinfo gives
@@ -129,6 +133,8 @@ class Resolver:
         if self.closed:
             raise OSError(f"cannot resolve {host}: the gateway is shutting down")
         if entry is None:
+            if len(self.entries) >= MAX_NAMES:
+                self._drop_expired()
             entry = self.entries[(host, port)] = _Entry(host, port)
         pending = entry.pending
         if pending is None:
@@ -150,6 +156,11 @@ class Resolver:
         entry = self.entries.get((host, port))
         if entry is not None and address in entry.addresses:
             entry.addresses = [address, *(a for a in entry.addresses if a != address)]
+
+    def _drop_expired(self) -> None:
+        now = self.loop.time()
+        for key in [k for k, e in self.entries.items() if e.expires <= now and e.pending is None]:
+            del self.entries[key]
 
     def forget(self, host: str, port: int) -> None:
         """No pool connects to (host, port) any more. A lookup in flight finishes into the
