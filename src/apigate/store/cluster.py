@@ -200,6 +200,9 @@ class ClusterSync:
             # after all, its announcement finds the count at 0 and leaves it there)
             self._heard_back(key)
             return
+        except BaseException:  # cancelled (an admin request cut short): the same, then on
+            self._heard_back(key)
+            raise
         self._settled(key, op)
 
     def _heard_back(self, key: Key) -> None:
