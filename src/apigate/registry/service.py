@@ -116,16 +116,9 @@ class Service:
     def _apply_target(self, iid: str, target: TargetConfig) -> None:
         """A static target as the file now says it. Its id is its host:port, so the same id
         may come back with another scheme (a new instance: the old connections go) or
-        another base path (the same instance, health and connections kept, its URL updated)."""
-        current = self.instances.get(iid)
-        if current is not None and current.scheme == target.scheme:
-            current.url = target.url
-            current.weight = target.weight
-            current.base_path = target.base_path
-            return
-        if current is not None:
-            self.pools.retire(self.name, iid)
-        inst = self.instances[iid] = Instance(
+        another base path (the same instance, health and connections kept, its URL updated).
+        (apply_config updates the balancer once, after every target.)"""
+        self._put_instance(
             iid,
             target.url,
             target.host,
@@ -133,8 +126,8 @@ class Service:
             weight=target.weight,
             origin="static",
             scheme=target.scheme,
+            base_path=target.base_path,
         )
-        inst.base_path = target.base_path
 
     @staticmethod
     def static_id(target: TargetConfig) -> str:
@@ -159,6 +152,35 @@ class Service:
         says what this call said, its `url` and `base_path` included (a re-registration that
         only moves the base path must not leave the old URL shown, or written back to a
         cluster's store)."""
+        inst = self._put_instance(
+            iid,
+            url,
+            host,
+            port,
+            weight=weight,
+            origin=origin,
+            scheme=scheme,
+            metadata=metadata,
+            base_path=base_path,
+        )
+        self.balancer.set_instances(self.instances.values())
+        return inst
+
+    def _put_instance(
+        self,
+        iid: str,
+        url: str,
+        host: str,
+        port: int,
+        *,
+        weight: int,
+        origin: Origin,
+        scheme: str,
+        metadata: dict[str, object] | None = None,
+        base_path: str = "",
+    ) -> Instance:
+        """add_instance without the balancer's update: the one rule for static targets and
+        registrations (same address: updated in place; new address: a new instance)."""
         inst = self.instances.get(iid)
         if inst is None or (inst.host, inst.port, inst.scheme) != (host, port, scheme):
             if inst is not None:  # same id, new address: the old address's pool goes
@@ -181,7 +203,6 @@ class Service:
             inst.draining = False
             inst.metadata = dict(metadata or {})
         inst.base_path = base_path
-        self.balancer.set_instances(self.instances.values())
         return inst
 
     def remove_instance(self, iid: str) -> Instance | None:
