@@ -684,25 +684,36 @@ async def test_ok(setup: Setup) -> None:
 # ------------------------------------------------------------------------------ Redis store
 
 
+async def _two_gateways_on_one_redis(
+    stack: contextlib.AsyncExitStack, **extra: Any
+) -> tuple[RedisServer, Upstream, GatewayProcess, GatewayProcess]:
+    """A real Redis and two gateways whose route `r` caches in it (`extra`: `plugins` to put
+    before the cache, `consumers`)."""
+    redis = await stack.enter_async_context(RedisServer())
+    up = await stack.enter_async_context(Upstream("up"))
+    plugins = {**extra.pop("plugins", {}), "cache": {"store": redis.url, "redis_timeout": "1s"}}
+    config = base_config(
+        listeners={"proxy": {"address": "127.0.0.1:0"}, "admin": {"address": "127.0.0.1:0"}},
+        services={"up": {"targets": [up.url], "health": {"passive": None}}},
+        routes=[
+            {
+                "name": "r",
+                "match": {"paths": ["/r"]},
+                "service": "up",
+                "strip_prefix": True,
+                "plugins": plugins,
+            }
+        ],
+        **extra,
+    )
+    one = await stack.enter_async_context(GatewayProcess(config))
+    two = await stack.enter_async_context(GatewayProcess(config))
+    return redis, up, one, two
+
+
 async def test_redis_store_is_shared_by_two_gateways_and_purged() -> None:
     async with contextlib.AsyncExitStack() as stack:
-        redis = await stack.enter_async_context(RedisServer())
-        up = await stack.enter_async_context(Upstream("up"))
-        config = base_config(
-            listeners={"proxy": {"address": "127.0.0.1:0"}, "admin": {"address": "127.0.0.1:0"}},
-            services={"up": {"targets": [up.url], "health": {"passive": None}}},
-            routes=[
-                {
-                    "name": "r",
-                    "match": {"paths": ["/r"]},
-                    "service": "up",
-                    "strip_prefix": True,
-                    "plugins": {"cache": {"store": redis.url, "redis_timeout": "1s"}},
-                }
-            ],
-        )
-        one = await stack.enter_async_context(GatewayProcess(config))
-        two = await stack.enter_async_context(GatewayProcess(config))
+        _, up, one, two = await _two_gateways_on_one_redis(stack)
         host = {"Host": "api.example.com"}  # as behind a load balancer: the key has the host
         path = _target("r", "redis", "Cache-Control: max-age=60", "Age: 3", ms="300")
         herd = await asyncio.gather(
@@ -747,30 +758,14 @@ async def test_redis_store_invalidates_every_consumers_entries_across_gateways()
     """RFC 9111 §4.4 through Redis: alice's PUT through one gateway removes what bob stored
     through another (each Vary variant), and the target index is one expiring sorted set."""
     async with contextlib.AsyncExitStack() as stack:
-        redis = await stack.enter_async_context(RedisServer())
-        up = await stack.enter_async_context(Upstream("up"))
-        config = base_config(
-            listeners={"proxy": {"address": "127.0.0.1:0"}, "admin": {"address": "127.0.0.1:0"}},
-            services={"up": {"targets": [up.url], "health": {"passive": None}}},
+        redis, up, one, two = await _two_gateways_on_one_redis(
+            stack,
+            plugins={"key_auth": {}},
             consumers=[
                 {"name": "alice", "api_keys": ["alice-key"]},
                 {"name": "bob", "api_keys": ["bob-key"]},
             ],
-            routes=[
-                {
-                    "name": "r",
-                    "match": {"paths": ["/r"]},
-                    "service": "up",
-                    "strip_prefix": True,
-                    "plugins": {
-                        "key_auth": {},
-                        "cache": {"store": redis.url, "redis_timeout": "1s"},
-                    },
-                }
-            ],
         )
-        one = await stack.enter_async_context(GatewayProcess(config))
-        two = await stack.enter_async_context(GatewayProcess(config))
         client = RedisStore(redis.url, timeout=1.0)
         stack.push_async_callback(client.close)
         path = _target("r", "consumers", "Cache-Control: max-age=60", "Vary: Accept-Language")
