@@ -87,6 +87,12 @@ def render_response(
     return b"".join(parts)
 
 
+def body_size(response: bytes) -> int:
+    """The body's size in a rendered response: what the logs and metrics count as sent
+    (nginx's $body_bytes_sent), for answers the gateway writes itself."""
+    return len(response) - response.index(b"\r\n\r\n") - 4
+
+
 def render_error(
     err: GatewayError, request_id: str | None, *, keep_alive: bool, head_only: bool = False
 ) -> bytes:

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Final, Protocol, cast
 
 import httptools
 
-from apigate.http.errors import GatewayError, render_error
+from apigate.http.errors import GatewayError, body_size, render_error
 from apigate.http.headers import (
     FORWARDING,
     HOP_BY_HOP,
@@ -827,7 +827,7 @@ class ClientConnection(asyncio.Protocol):
                 request.request_id = rid
         data = render_error(err, rid, keep_alive=False)
         self.write(data)
-        body = len(data) - data.index(b"\r\n\r\n") - 4  # (bytes sent: the body's, as nginx's)
+        body = body_size(data)
         if refused is not None:
             refused.refused(err, body)
         elif request is not None:

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Final
 
-from apigate.http.errors import GatewayError, render_error, render_response
+from apigate.http.errors import GatewayError, body_size, render_error, render_response
 from apigate.http.pool import PoolFull
 from apigate.http.upstream import (
     InvalidResponse,
@@ -911,7 +911,7 @@ class ProxyExchange(UpstreamListener):
         out = render_error(
             err, req.request_id, keep_alive=keep_alive, head_only=req.method == "HEAD"
         )
-        self.bytes_sent = len(out) - out.index(b"\r\n\r\n") - 4  # the body, as for a proxied one
+        self.bytes_sent = body_size(out)  # the body, as for a proxied one
         self.conn.write(out)
         self._complete(keep_alive)
 
