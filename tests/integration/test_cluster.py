@@ -6,13 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from apigate.store.cluster_scripts import INSTANCES, OVERLAY, RESYNC_INTERVAL
+from apigate.store.cluster_scripts import (
+    EXPIRY,
+    GONE,
+    INSTANCES,
+    OVERLAY,
+    REGISTER,
+    RESYNC_INTERVAL,
+    field,
+)
 from apigate.store.redis import RedisStore
 from tests.support.gateway import GatewayProcess, base_config
 from tests.support.http import Reply, request
@@ -113,6 +122,31 @@ async def test_a_registration_serves_on_every_node_heartbeats_renew_and_delete_r
         assert (await request(one.port, "GET", "/")).status == 503
         events = (await request(one.admin_port, "GET", "/events")).json()["events"]
         assert any("deregistered (through node" in e["message"] for e in events)
+
+
+async def test_a_delete_reaches_a_registration_this_node_has_not_heard_of_yet() -> None:
+    """Announcements take a few ms: a DELETE made on another node in that window answered 404
+    and the instance stayed registered (served everywhere until its TTL ran out). Here node two
+    never hears the registration (written straight into Redis, announced on no channel), so
+    only Redis can tell it the instance exists."""
+    async with RedisServer() as redis, Upstream("a") as a, _nodes(redis, 2) as (one, two):
+        client = RedisStore(redis.url, timeout=1.0)
+        try:
+            doc = json.dumps({"url": a.url, "weight": 1, "metadata": {}})
+            args = [field("hello", "unheard"), doc, "30", "nowhere", "{}", "fresh"]
+            await client.run_script(REGISTER, [INSTANCES, EXPIRY, GONE], args)
+            assert "unheard" not in await _instances(two)
+            deleted = await request(two.admin_port, "DELETE", "/services/hello/instances/unheard")
+            assert deleted.status == 200, deleted.body
+            assert await client.call("HEXISTS", INSTANCES, field("hello", "unheard")) == 0
+            # and no later resync brings it back on either node
+            await asyncio.sleep(RESYNC_INTERVAL + 0.5)
+            for node in (one, two):
+                assert "unheard" not in await _instances(node)
+            missing = await request(two.admin_port, "DELETE", "/services/hello/instances/never")
+            assert missing.status == 404
+        finally:
+            await client.close()
 
 
 async def test_a_lapsed_ttl_removes_the_instance_everywhere_and_from_redis() -> None:

@@ -62,6 +62,8 @@ class Mirror(Protocol):
 
     async def instance_down(self, service: str, instance_id: str, ttl_left: float) -> None: ...
 
+    async def instance_down_unheard(self, service: str, instance_id: str) -> bool: ...
+
 
 class Registry:
     def __init__(self, gateway: Gateway) -> None:
@@ -176,12 +178,16 @@ class Registry:
         return inst, created
 
     async def deregister(self, service_name: str, instance_id: str) -> bool:
-        """`DELETE .../instances/{id}`: here, and on every node through the mirror."""
+        """`DELETE .../instances/{id}`: here, and on every node through the mirror. False when
+        there is no such registered instance (here, nor in the cluster's shared state)."""
         service = self.gateway.services.services.get(service_name)
         inst = service.instances.get(instance_id) if service is not None else None
         expires_at = inst.expires_at if inst is not None else None
         if not self.drop(service_name, instance_id, "deregistered"):
-            return False
+            if self.mirror is None or inst is not None:  # (inst: a static target, not ours)
+                return False
+            # registered through another node moments ago, its announcement not heard yet
+            return await self.mirror.instance_down_unheard(service_name, instance_id)
         if self.mirror is not None:
             ttl_left = expires_at - self.gateway.loop.time() if expires_at is not None else 0.0
             await self.mirror.instance_down(service_name, instance_id, ttl_left)

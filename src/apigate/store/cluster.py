@@ -151,6 +151,17 @@ class ClusterSync:
         self.tombstones[key] = ttl_left
         await self._share(key, "down", self._down(key, ttl_left))
 
+    async def instance_down_unheard(self, service: str, instance_id: str) -> bool:
+        """A deregistration of an instance this node has not heard of: registered through
+        another node a few ms ago (announcements are not instant), or never. Redis knows;
+        removed and announced when it had it. (Its remaining TTL is unknown here: the
+        tombstone lasts the minimum, a resync interval.)"""
+        if not self.redis.available():
+            return False
+        key = (service, instance_id)
+        gone = await self._share(key, "down", self._down(key))
+        return bool(gone)
+
     def _up(
         self,
         key: Key,
@@ -184,26 +195,28 @@ class ClusterSync:
             repr(max(tombstone, RESYNC_INTERVAL)),
         ]
 
-    async def _share(self, key: Key, op: str, call: Call) -> None:
+    async def _share(self, key: Key, op: str, call: Call) -> Any:
         """Write one registry change; if Redis cannot take it now, the next resync will.
+        The script's answer, None when Redis did not give one.
 
         The change counts as unshared until Redis has answered: a resync whose read crosses
         the write then neither drops the instance nor forgets to write it."""
         self.unshared[key] = op
         if not self.redis.available():
-            return
+            return None
         self.in_flight[key] = self.in_flight.get(key, 0) + 1
         try:
-            await self._run(call, REGISTRY_TIMEOUT)
+            answer = await self._run(call, REGISTRY_TIMEOUT)
         except StoreUnavailable:
             # maybe not written: hold back nobody's announcements for it (if it was written
             # after all, its announcement finds the count at 0 and leaves it there)
             self._heard_back(key)
-            return
+            return None
         except BaseException:  # cancelled (an admin request cut short): the same, then on
             self._heard_back(key)
             raise
         self._settled(key, op)
+        return answer
 
     def _heard_back(self, key: Key) -> None:
         count = self.in_flight.get(key, 0) - 1
