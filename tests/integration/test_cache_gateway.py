@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+import jwt
 import pytest
 import pytest_asyncio
 
@@ -157,6 +158,13 @@ def _config(up: Upstream, doomed: Upstream, held: HeldBodyUpstream) -> dict[str,
                 "jwt",
                 {"ttl": "30s"},
                 plugins={"jwt": {"secret": JWT_SECRET, "algorithms": ["HS256"]}},
+            ),
+            route(  # users of an identity provider: their tokens name no consumer
+                "idp",
+                {"ttl": "30s"},
+                plugins={
+                    "jwt": {"secret": JWT_SECRET, "algorithms": ["HS256"], "cookie": "session"}
+                },
             ),
         ],
         plugins={"cors": {"origins": [ORIGIN]}},
@@ -338,6 +346,24 @@ async def test_consumers_do_not_share_entries(setup: Setup, route: str) -> None:
     assert replies[2].json()["n"] == replies[0].json()["n"] != replies[1].json()["n"]
     assert replies[3].json()["n"] == replies[1].json()["n"]
     assert setup.count(route) == 2
+
+
+async def test_users_of_tokens_that_name_no_consumer_do_not_share_entries(setup: Setup) -> None:
+    """The reviewer's case: a JWT in a cookie (so no §3.5 Authorization rule) whose subject
+    names no configured consumer. User B was answered user A's cached response."""
+
+    def session(sub: str, iss: str = "idp") -> dict[str, str]:
+        claims = {"sub": sub, "iss": iss, "exp": int(time.time()) + 600}
+        return {"cookie": "session=" + jwt.encode(claims, JWT_SECRET, algorithm="HS256")}
+
+    path = _target("idp", "idp", "Cache-Control: max-age=60")
+    users = [session("user-a"), session("user-b"), session("user-a", iss="other-idp")]
+    replies = [await setup.get(path, h) for h in (*users, *users)]
+    assert [r.status for r in replies] == [200] * 6
+    assert [r.headers["x-cache"] for r in replies] == ["MISS"] * 3 + ["HIT"] * 3
+    served = [r.json()["n"] for r in replies]
+    assert len(set(served[:3])) == 3 and served[3:] == served[:3]
+    assert setup.count("idp") == 3
 
 
 async def test_x_cache_bypass(setup: Setup) -> None:

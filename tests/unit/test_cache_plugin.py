@@ -387,6 +387,37 @@ def test_consumers_get_their_own_entries_by_default() -> None:
     assert plugin.on_request(Ctx()) is None  # nor is it an anonymous request's entry
 
 
+def as_token_user(claims: dict[str, Any]) -> Ctx:
+    """A request the jwt plugin verified (token in a cookie) whose claims name no consumer."""
+    ctx = Ctx(headers=[("cookie", "session=t")])
+    ctx.vars["jwt_claims"] = claims
+    return ctx
+
+
+def test_token_users_without_a_consumer_get_their_own_entries() -> None:
+    """An outside identity provider's users: the issuer and subject are who asks. A token
+    without a subject shares nothing with another token; no consumer name passes for one."""
+    plugin, _ = cache(ttl="30s")
+    a = {"iss": "idp", "sub": "a"}
+    first = as_token_user(a)
+    plugin.on_request(first)
+    upstream(plugin, first, headers=[], chunks=[b"a's"])
+    assert hit(plugin.on_request(as_token_user({**a, "exp": 1}))).body == b"a's"
+    others = [
+        as_token_user({"iss": "idp", "sub": "b"}),
+        as_token_user({"iss": "other", "sub": "a"}),
+        as_token_user({"iss": "idp"}),
+        as_consumer('jwt ["idp", "a"]'),
+        Ctx(),
+    ]
+    for ctx in others:
+        assert missed(plugin, ctx), ctx.vars
+    subjectless = as_token_user({"iss": "idp", "client": 1})
+    plugin.on_request(subjectless)
+    upstream(plugin, subjectless, headers=[], chunks=[b"client 1's"])
+    assert missed(plugin, as_token_user({"iss": "idp", "client": 2}))
+
+
 def test_key_include_consumer_false_shares_entries_across_consumers() -> None:
     plugin, _ = cache(ttl="30s", key_include_consumer=False)
     alice = as_consumer("alice")

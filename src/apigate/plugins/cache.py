@@ -5,11 +5,13 @@
         plugins:
           cache: {ttl: 30s, max_bytes: 64MiB, max_entry_bytes: 1MiB, stale_if_error: 1m}
 
-Keys: route, GET (HEAD shares GET's entry), path?query, Host, the authenticated consumer's
-name (`key_include_consumer`, default true: credentials outside `Authorization`, such as an
-API key header, a query key or a JWT cookie, are invisible to the §3.5 rule below and, with
-`hide_credentials`, to the upstream's `Vary`, so without it one consumer's response would
-reach another), and the values of the request headers the response's `Vary` names.
+Keys: route, GET (HEAD shares GET's entry), path?query, Host, who is asking
+(`key_include_consumer`, default true: the authenticated consumer's name, or for a JWT that
+names no consumer, as an outside identity provider's users' do, its issuer and subject; see
+`identity.principal`. Credentials outside `Authorization`, such as an API key header, a query
+key or a JWT cookie, are invisible to the §3.5 rule below and, with `hide_credentials`, to the
+upstream's `Vary`, so without it one caller's response would reach another), and the values
+of the request headers the response's `Vary` names.
 `key_include_consumer: false` shares entries between consumers (for routes whose responses
 do not depend on who asks). Whatever the key, a response to a request with `Authorization`
 is stored only when it says `public`, `s-maxage` or `must-revalidate` (RFC 9111 §3.5): a
@@ -117,6 +119,7 @@ from apigate.plugins.cache_store import (
     RedisCacheStore,
     target_of,
 )
+from apigate.plugins.identity import principal
 
 __all__ = ["STATE_KEY", "CacheConfig", "CachePlugin", "live_plugins", "purge_all"]
 
@@ -301,11 +304,12 @@ class CachePlugin(Plugin):
 
     def _base_key(self, ctx: Any) -> str:
         """The key of the target's entry (or Vary marker): route, GET, path?query, Host (the
-        target key, `target_of`) and the consumer's name when the config puts it in the key."""
+        target key, `target_of`) and who asks (`identity.principal`: the consumer, or a JWT's
+        issuer and subject) when the config puts the consumer in the key."""
         req = ctx.request
-        consumer = getattr(ctx.consumer, "name", None) if self.cfg.key_include_consumer else None
+        who = principal(ctx) if self.cfg.key_include_consumer else ""
         target = req.path + "?" + req.query.decode("latin-1") if req.query else req.path
-        return KEY_SEP.join((ctx.route.name, "GET", target, req.host, consumer or ""))
+        return KEY_SEP.join((ctx.route.name, "GET", target, req.host, who))
 
     async def _lookup_async(
         self, ctx: Any, state: _State, store: RedisCacheStore

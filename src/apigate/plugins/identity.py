@@ -9,6 +9,7 @@ JWT, `ctx.vars["jwt_claims"]` (the verified claims). Rejections are JSON bodies
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -82,3 +83,23 @@ def forbidden(ctx: Any, message: str, code: str = "forbidden") -> Response:
 
 def is_authenticated(ctx: Any) -> bool:
     return ctx.consumer is not None or "jwt_claims" in ctx.vars
+
+
+def principal(ctx: Any) -> str:
+    """Who the request is, for keys that must keep apart what different callers get (the
+    cache's): "consumer" and its name, or for a verified JWT that names no consumer (the users
+    of an outside identity provider) "jwt" and its issuer and subject; "" when anonymous.
+
+    A token without a subject is told apart by all its claims: it may share nothing with
+    another token. The kinds are in the string so that no consumer name can pass for a
+    token's identity."""
+    consumer = ctx.consumer
+    if consumer is not None:
+        return "consumer " + str(consumer.name)
+    claims = ctx.vars.get("jwt_claims")
+    if claims is None:
+        return ""
+    subject = claims.get("sub")
+    if isinstance(subject, str):
+        return "jwt " + json.dumps([claims.get("iss"), subject])
+    return "jwt " + json.dumps(claims, sort_keys=True, default=str)
