@@ -614,8 +614,29 @@ def test_a_head_refused_half_read_is_told_to_the_host_as_far_as_it_was_read(h: H
     status, doc, _ = h.error()
     assert status == 400 and h.exchanges == []
     ((refused, logged_status, _),) = h.host.refusals
-    assert (refused.method, refused.path, logged_status) == ("POST", "/a/b?c=d", 400)
+    assert (refused.method, refused.path, logged_status) == ("POST", "/a/b", 400)
     assert refused.request_id == doc["request_id"]
+
+
+@pytest.mark.parametrize(
+    ("target", "logged"),
+    [
+        (b"/a/x?token=SECRET", "/a/x"),
+        (b"/a/x#token=SECRET", "/a/x"),
+        (b"http://user:SECRET@example.com/a?k=SECRET", "http://example.com/a"),
+        (b"http://user@example.com", "http://example.com"),
+        (b"/plain", "/plain"),
+    ],
+)
+def test_a_refused_heads_logged_target_has_no_query_fragment_or_user_info(
+    h: Harness, target: bytes, logged: str
+) -> None:
+    """As the log lines of served requests: the README promises query strings are not logged
+    (a token in a query reached the access log, and OTLP spans, when its head was refused)."""
+    h.feed(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nBad Name: 1\r\n\r\n")
+    assert h.error()[0] == 400
+    ((refused, _, _),) = h.host.refusals
+    assert refused.path == logged
 
 
 def test_bad_body_of_a_queued_request(h: Harness) -> None:

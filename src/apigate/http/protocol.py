@@ -843,7 +843,7 @@ class ClientConnection(asyncio.Protocol):
             # refused while its head was read: its log line shows what there was of it (the
             # method once the target began: llhttp keeps the previous message's until then)
             self._req.method = _seen_method(self.parser) if self._url else ""
-            self._req.path = self._url[:_LOGGED_URL].decode("latin-1")
+            self._req.path = _logged_target(self._url)
         if parsing is not None and parsing is not self.current and parsing in self._queue:
             self._queue.remove(parsing)  # a queued request whose body was malformed
         current = self.current
@@ -1120,6 +1120,25 @@ class _URLParts(Protocol):
     path: bytes | None
     query: bytes | None
     userinfo: bytes | None
+
+
+def _logged_target(url: bytes) -> str:
+    """What a refused head's log line shows of its request target: as a served request's, no
+    query or fragment (tokens travel there), nor the user info of an absolute form."""
+    end = len(url)
+    for mark in (b"?", b"#"):
+        at = url.find(mark, 0, end)
+        if at >= 0:
+            end = at
+    target = url[: min(end, _LOGGED_URL)]
+    scheme_end = target.find(b"://")
+    if scheme_end >= 0:
+        start = scheme_end + 3
+        slash = target.find(b"/", start)
+        user_end = target.rfind(b"@", start, slash if slash >= 0 else len(target))
+        if user_end >= 0:
+            target = target[:start] + target[user_end + 1 :]
+    return target.decode("latin-1")
 
 
 def _seen_method(parser: httptools.HttpRequestParser) -> str:
