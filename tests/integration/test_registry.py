@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
+import yaml
+
+from apigate.config.loader import load_config
+from apigate.extensions import attach_extensions
+from apigate.registry.registry import Registration, registry_of
+from apigate.server import Gateway
 from tests.support.gateway import GatewayProcess, base_config
 from tests.support.http import KeepAliveClient, request
 from tests.support.upstream import Upstream
@@ -285,3 +292,25 @@ async def test_credentials_never_leave_through_the_api_nor_come_back_redacted() 
         route = (await request(gw.admin_port, "GET", "/routes/hello")).json()
         again = await request(gw.admin_port, "PUT", "/routes/hello", json_body=route)
         assert again.status == 400 and "plugins.jwt.secret" in again.json()["message"]
+
+
+async def test_a_lapsed_instance_leaves_the_balancer_when_its_ttl_runs_out(tmp_path: Path) -> None:
+    """Not at the next sweep: one every 250 ms served an expired instance for up to that long
+    after its TTL. (In-process, so that the check runs on the gateway's own clock: the lapse
+    is due before the check's timer, which asyncio runs in order.)"""
+    path = tmp_path / "apigate.yaml"
+    path.write_text(yaml.safe_dump(_config()))
+    gw = Gateway(load_config(path), config_path=path)
+    await attach_extensions(gw)
+    await gw.start()
+    try:
+        registry = registry_of(gw)
+        loop = asyncio.get_running_loop()
+        for n, ttl in enumerate((0.3, 0.2, 0.35)):
+            reg = Registration("hello", f"i{n}", "http://127.0.0.1:9", ttl)
+            inst, _ = await registry.register(reg)
+            assert inst.expires_at is not None
+            await asyncio.sleep(inst.expires_at - loop.time() + 0.005)
+            assert f"i{n}" not in gw.services.services["hello"].instances, n
+    finally:
+        await gw.shutdown(0)

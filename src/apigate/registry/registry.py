@@ -2,8 +2,9 @@
 
 `PUT /services/{service}/instances/{id}` lands in `Registry.register`: the instance joins the
 service's balancer synchronously, before the API answers, so it can receive traffic at once.
-A heartbeat is the same call (idempotent); it renews `expires_at`. A sweeper removes instances
-whose TTL lapsed. Removal is draining: the balancer stops picking the instance immediately while
+A heartbeat is the same call (idempotent); it renews `expires_at`. An instance whose TTL
+lapsed is removed when it lapses (a timer at the earliest expiry, see `_watch_lapse`). Removal
+is draining: the balancer stops picking the instance immediately while
 requests already on its connections finish.
 
 A registration for a service the config does not declare creates it with default settings
@@ -17,7 +18,7 @@ theirs in through `apply`/`drop`, which change this node only.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import heapq
 import ipaddress
 import logging
 import socket
@@ -33,7 +34,6 @@ from apigate.registry.events import EVENTS
 if TYPE_CHECKING:
     from apigate.server import Gateway
 
-SWEEP_INTERVAL = 0.25
 MAX_TTL = 24 * 3600.0
 
 
@@ -68,7 +68,12 @@ class Mirror(Protocol):
 class Registry:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self._sweeper: asyncio.Task[None] | None = None
+        # (expires_at, service, id) of every registration and heartbeat, earliest first; an
+        # entry a later heartbeat or a deregistration outdated is skipped when its time comes
+        self._lapses: list[tuple[float, str, str]] = []
+        self._lapse_timer: asyncio.TimerHandle | None = None
+        self._lapse_due = 0.0  # when the timer fires
+        self._stopped = False
         self.own_addresses: set[tuple[str, int]] = set()
         self.mirror: Mirror | None = None
         # +1 per change of a registered instance, and the number of each (service, id)'s last
@@ -77,13 +82,14 @@ class Registry:
         self.changed: dict[tuple[str, str], int] = {}
 
     async def start(self) -> None:
-        self._sweeper = asyncio.create_task(self._sweep_forever())
+        self._stopped = False
+        self._arm_lapse_timer()
 
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        self._stopped = True
+        if self._lapse_timer is not None:
+            self._lapse_timer.cancel()
+            self._lapse_timer = None
 
     # ------------------------------------------------------------------ API
     async def register(self, reg: Registration) -> tuple[Instance, bool]:
@@ -165,6 +171,7 @@ class Registry:
         )
         created = existing is None or existing is not inst
         inst.expires_at = self.gateway.loop.time() + reg.ttl
+        self._watch_lapse(inst.expires_at, reg.service, reg.instance_id)
         if created:
             via = f" (through {source})" if source else ""
             EVENTS.record(
@@ -245,27 +252,39 @@ class Registry:
                 return True
         return False
 
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(SWEEP_INTERVAL)
-            try:
-                self.sweep()
-            except Exception:  # the sweeper must survive anything a bad instance does
-                logging.getLogger("apigate.registry").exception("TTL sweep failed")
+    def _watch_lapse(self, when: float, service_name: str, instance_id: str) -> None:
+        """Remove the instance at `when` unless a heartbeat renews it first. (A sweep every
+        250 ms used to serve a lapsed instance for up to that long; a timer per registration
+        would be one more per heartbeat: one timer, at the earliest expiry, instead.)"""
+        heapq.heappush(self._lapses, (when, service_name, instance_id))
+        if self._lapse_timer is None or when < self._lapse_due:
+            self._arm_lapse_timer()
 
-    def sweep(self) -> int:
-        now = self.gateway.loop.time()
-        lapsed = [
-            (svc.name, inst.id)
-            for svc in self.gateway.services.services.values()
-            for inst in svc.instances.values()
-            if inst.origin == "registered"
-            and inst.expires_at is not None
-            and inst.expires_at <= now
-        ]
-        for service_name, iid in lapsed:
-            self.drop(service_name, iid, "removed: TTL lapsed")
-        return len(lapsed)
+    def _arm_lapse_timer(self) -> None:
+        if self._lapse_timer is not None:
+            self._lapse_timer.cancel()
+            self._lapse_timer = None
+        if self._lapses and not self._stopped:
+            self._lapse_due = self._lapses[0][0]
+            self._lapse_timer = self.gateway.loop.call_at(self._lapse_due, self._remove_lapsed)
+
+    def _remove_lapsed(self) -> None:
+        self._lapse_timer = None
+        # (the timer's own time counts as reached: a clock that ticks in whole ms may read a
+        # hair earlier when it fires)
+        now = max(self.gateway.loop.time(), self._lapse_due)
+        lapses = self._lapses
+        while lapses and lapses[0][0] <= now:
+            _, service_name, iid = heapq.heappop(lapses)
+            service = self.gateway.services.services.get(service_name)
+            inst = service.instances.get(iid) if service is not None else None
+            if inst is None or inst.expires_at is None or inst.expires_at > now:
+                continue  # renewed, deregistered or gone with its service since
+            try:
+                self.drop(service_name, iid, "removed: TTL lapsed")
+            except Exception:  # the next lapses must still be removed
+                logging.getLogger("apigate.registry").exception("removing a lapsed instance")
+        self._arm_lapse_timer()
 
     def registered(self) -> dict[tuple[str, str], Instance]:
         """Every registered instance on this node, by (service, instance id)."""

@@ -35,7 +35,8 @@ announcement of another node as it comes: the registry's `apply`/`drop` and the 
 reconnect repairs whatever announcement was missed (pub/sub delivers at most once): instances
 another node deregistered while this one was not listening are dropped, renewals it missed are
 taken, lapsed entries are removed from Redis; what changed on this node while it read is left
-alone. Each node still runs its own TTL sweep, health checks and DNS discovery.
+alone. Each node still removes lapsed registrations itself and runs its own health checks and
+DNS discovery.
 
 Redis being down or slow never stops proxying (every call has a deadline):
 - a registration, heartbeat or deregistration still takes effect on the node that received it
