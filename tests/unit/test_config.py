@@ -641,6 +641,32 @@ def test_service_names_are_checked() -> None:
     assert "users.v2" in parse_config({"services": {"users.v2": {}}}).services
 
 
+def test_service_and_route_names_are_at_most_128_characters() -> None:
+    """As the OpenAPI document promises for names in admin paths (a 300-character service,
+    created by a registration, made `apigate status` a table 300 columns wide)."""
+    ok, long = "s" * 128, "s" * 129
+    assert ok in parse_config({"services": {ok: {}}}).services
+    assert errors_of({"services": {long: {}}}) == [
+        f"services.{long}: invalid service name: 129 characters, at most 128"
+    ]
+    route = {"name": long, "match": {"paths": ["/"]}, "service": "u"}
+    (error,) = errors_of({"services": {"u": {}}, "routes": [route]})
+    assert error.startswith("routes[0].name: invalid name") and "at most 128" in error
+
+
+def test_an_aggregate_part_may_not_be_named_like_the_error_list() -> None:
+    """Its value and the `_errors` list would share one key of the merged document."""
+    route = {
+        "name": "agg",
+        "match": {"paths": ["/agg"]},
+        "aggregate": {"_errors": {"service": "u", "path": "/x"}},
+    }
+    assert errors_of({"services": {"u": {}}, "routes": [route]}) == [
+        "routes[0].aggregate._errors: reserved: the merged answer lists failed parts under "
+        "_errors; name this part otherwise"
+    ]
+
+
 # --- consumers ------------------------------------------------------------------------------
 
 

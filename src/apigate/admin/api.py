@@ -24,6 +24,7 @@ from apigate.admin.config_ops import (
 )
 from apigate.admin.http import AdminError, AdminRequest, AdminResponse, json_response
 from apigate.config.errors import ConfigError
+from apigate.config.schema import MAX_NAME
 from apigate.config.units import parse_duration
 from apigate.redaction import REDACTED, redact_url
 from apigate.registry.events import EVENTS
@@ -42,8 +43,8 @@ _NAME = r"(?P<{}>[^/]+)"
 _SINGULAR = {"services": "service", "routes": "route", "consumers": "consumer"}
 
 # An instance id is a name (letters, digits, "_", ".", "-") of at most as many characters as
-# the OpenAPI document promises for every name in a path.
-MAX_INSTANCE_ID = 128
+# a service's or a route's.
+MAX_INSTANCE_ID = MAX_NAME
 _INSTANCE_ID = re.compile(r"[A-Za-z0-9_.\-]+")
 # Metadata is kept in memory on every node (and in Redis with a cluster) and returned by
 # every GET /services: a few labels, not a document store.

@@ -6,7 +6,13 @@ from functools import cache
 from typing import Any
 
 from apigate import __version__
-from apigate.config.schema import ConsumerConfig, GatewayConfig, RouteConfig, ServiceConfig
+from apigate.config.schema import (
+    MAX_NAME,
+    ConsumerConfig,
+    GatewayConfig,
+    RouteConfig,
+    ServiceConfig,
+)
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
@@ -26,9 +32,12 @@ _NAME_PATTERN = "^[A-Za-z0-9_.-]+$"
 
 
 def _name_param(name: str, pattern: str | None = _NAME_PATTERN) -> dict[str, Any]:
-    schema: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": 128}
+    """A name in a path: a service's, route's or instance's (`pattern`, at most MAX_NAME
+    characters), or with no pattern a consumer's (any non-empty string)."""
+    schema: dict[str, Any] = {"type": "string", "minLength": 1}
     if pattern is not None:
         schema["pattern"] = pattern
+        schema["maxLength"] = MAX_NAME
     return {"name": name, "in": "path", "required": True, "schema": schema}
 
 

@@ -72,6 +72,9 @@ __all__ = [
 ]
 
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+MAX_NAME = 128  # characters of a service, route or instance name (the admin API's OpenAPI)
+# the key under which an aggregate's answer lists its failed parts (apigate.proxy.aggregate)
+AGGREGATE_ERRORS = "_errors"
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _HOST_LABEL = r"[a-z0-9_](?:[a-z0-9_\-]*[a-z0-9_])?"
 _HOSTNAME = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?")
@@ -117,6 +120,8 @@ NonEmptyStr = Annotated[str, AfterValidator(_non_empty)]
 
 
 def _check_name(value: str) -> str:
+    if len(value) > MAX_NAME:
+        raise _fail("invalid_name", f"invalid name: {len(value)} characters, at most {MAX_NAME}")
     if not _NAME.fullmatch(value):
         raise _fail("invalid_name", f"invalid name {value!r}: use letters, digits, '_', '.', '-'")
     return value
@@ -749,6 +754,12 @@ class RouteConfig(StrictModel):
                 message = "not allowed with rewrite: the template already replaces the prefix"
                 problems.append((("strip_prefix",), message))
         for part_name, part in (self.aggregate or {}).items():
+            if part_name == AGGREGATE_ERRORS:
+                message = (
+                    f"reserved: the merged answer lists failed parts under {AGGREGATE_ERRORS}; "
+                    "name this part otherwise"
+                )
+                problems.append((("aggregate", part_name), message))
             problems += self._param_problems(
                 ("aggregate", part_name, "path"), part.path, sources=True
             )
@@ -825,7 +836,10 @@ class GatewayConfig(StrictModel):
 
     def _service_name_problems(self) -> Iterable[tuple[Loc, str]]:
         for name in self.services:
-            if not _NAME.fullmatch(name):
+            if len(name) > MAX_NAME:
+                problem = f"invalid service name: {len(name)} characters, at most {MAX_NAME}"
+                yield ("services", name), problem
+            elif not _NAME.fullmatch(name):
                 problem = f"invalid service name {name!r}: use letters, digits, '_', '.', '-'"
                 yield ("services", name), problem
 
