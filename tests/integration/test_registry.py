@@ -314,3 +314,18 @@ async def test_a_lapsed_instance_leaves_the_balancer_when_its_ttl_runs_out(tmp_p
             assert f"i{n}" not in gw.services.services["hello"].instances, n
     finally:
         await gw.shutdown(0)
+
+
+async def test_a_registration_that_moves_an_instance_is_200_and_says_it_moved() -> None:
+    """The id exists: 201 is for a new one (README). Its new URL takes the traffic."""
+    async with Upstream("a") as a, Upstream("b") as b, GatewayProcess(_config()) as gw:
+        assert await _register(gw, "x", a.url) == 201
+        assert await _register(gw, "x", b.url) == 200
+        reply = await request(gw.port, "GET", "/x")
+        assert reply.status == 200 and reply.json()["upstream"] == "b"
+        events = (await request(gw.admin_port, "GET", "/events")).json()["events"]
+        messages = [e["message"] for e in events if e.get("instance") == "x"]
+        assert messages == [
+            f"hello/x registered at {a.url}",
+            f"hello/x moved to {b.url} (was {a.url})",
+        ]

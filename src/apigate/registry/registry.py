@@ -169,20 +169,24 @@ class Registry:
             metadata=reg.metadata,
             base_path=target.base_path,
         )
-        created = existing is None or existing is not inst
         inst.expires_at = self.gateway.loop.time() + reg.ttl
         self._watch_lapse(inst.expires_at, reg.service, reg.instance_id)
-        if created:
-            via = f" (through {source})" if source else ""
-            EVENTS.record(
-                "registration",
-                f"{reg.service}/{reg.instance_id} registered at {reg.url}{via}",
-                service=reg.service,
-                instance=reg.instance_id,
-                url=reg.url,
-                ttl=reg.ttl,
-            )
-        return inst, created
+        if existing is None:
+            what = f"registered at {reg.url}"
+        elif existing is not inst:  # a new address: the old one drains
+            what = f"moved to {reg.url} (was {existing.url})"
+        else:
+            return inst, False  # a heartbeat
+        via = f" (through {source})" if source else ""
+        EVENTS.record(
+            "registration",
+            f"{reg.service}/{reg.instance_id} {what}{via}",
+            service=reg.service,
+            instance=reg.instance_id,
+            url=reg.url,
+            ttl=reg.ttl,
+        )
+        return inst, existing is None
 
     async def deregister(self, service_name: str, instance_id: str) -> bool:
         """`DELETE .../instances/{id}`: here, and on every node through the mirror. False when
