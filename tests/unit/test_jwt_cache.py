@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from apigate.plugins.chain import PluginChain
-from apigate.plugins.jwt_cache import CONFLICT, TokenCache, Verified
+from apigate.plugins.jwt_cache import CONFLICT, REPEATED, TokenCache, Verified
 from tests.unit.test_plugin_fakes import build, make_ctx, make_request, sent_header
 
 SECRET = "s" * 32
@@ -55,8 +55,8 @@ def test_a_custom_header_takes_the_token_with_or_without_the_scheme() -> None:
 
 def test_two_different_tokens_are_a_conflict_and_the_same_one_twice_is_not() -> None:
     cache, _ = token_cache(cookie=b"session", query=b"access_token")
-    twice = [("Authorization", "Bearer a"), ("Authorization", "Bearer a")]
-    assert cache.find(make_request(headers=twice)) == b"a"
+    twice = [("Authorization", "Bearer a"), ("Cookie", "session=a")]
+    assert cache.find(make_request(headers=twice, query=b"access_token=a")) == b"a"
     differ = [("Authorization", "Bearer a"), ("authorization", "Bearer b")]
     assert cache.find(make_request(headers=differ)) is CONFLICT
     cookie = [("Authorization", "Bearer a"), ("Cookie", 'x=1; session="b"')]
@@ -121,3 +121,36 @@ def test_the_chain_calls_the_compiled_hook_directly() -> None:
     plugin = build("jwt", {"secret": SECRET, "algorithms": ["HS256"]})
     assert PluginChain([plugin]).request_hooks == [plugin.tokens.on_request]
     assert plugin.cache is plugin.tokens.entries
+
+
+# ============================================================================ security review
+def test_several_authorization_lines_are_repeated_whatever_their_schemes() -> None:
+    cache, misses = token_cache()
+    for first in ("forged", "Bearer\tforged", "Basic YTpi", "Bearer good"):
+        request = make_request(headers=[("Authorization", first), ("authorization", "Bearer good")])
+        assert cache.find(request) is REPEATED
+    cache.add(b"good", verified())
+    ctx = make_ctx(headers=[("Authorization", "Bearer good"), ("Authorization", "Basic YTpi")])
+    assert cache.on_request(ctx) == "miss"
+    assert misses == [(ctx, REPEATED)] and "jwt_claims" not in ctx.vars
+    # two different Bearer tokens stay a conflict; a custom header may repeat one token
+    differ = [("Authorization", "Bearer a"), ("Authorization", "Bearer b")]
+    assert cache.find(make_request(headers=differ)) is CONFLICT
+    custom, _ = token_cache(header=b"x-token", bearer_only=False)
+    assert cache.find(make_request(headers=[("Authorization", "Bearer a")])) == b"a"
+    assert custom.find(make_request(headers=[("X-Token", "a"), ("x-token", "Bearer a")])) == b"a"
+
+
+def test_a_name_php_folds_to_the_token_parameter_or_cookie_is_a_conflict() -> None:
+    cache, _ = token_cache(cookie=b"session_id", query=b"access_token")
+    for query in (b"access.token=a", b"access_token=a&access%2Etoken=a", b"+access[token=a"):
+        assert cache.find(make_request(query=query)) is CONFLICT
+    cookie = [("Cookie", "session_id=a; session.id=a")]
+    assert cache.find(make_request(headers=cookie)) is CONFLICT
+    assert cache.find(make_request(headers=[("Cookie", "session id=a")])) is CONFLICT
+    # exact spellings, and names that fold to something else, are what they were
+    fine = make_request(
+        query=b"access_token=a&access_tokens=b&x.y=c", headers=[("Cookie", "a.b=1")]
+    )
+    assert cache.find(fine) == b"a"
+    assert cache.find(make_request(query=b"access.token")) is None  # no value: no token

@@ -179,3 +179,13 @@ def test_config_errors() -> None:
         build("cors", {"origins": ["app.example.com"]})
     with pytest.raises(ConfigError, match="origins: required"):
         build("cors", {})
+
+
+# ============================================================================ security review
+def test_credentials_cannot_allow_the_null_origin() -> None:
+    # any page can send `Origin: null` (a sandboxed iframe): with credentials that is `*`
+    for origins in (["null"], ["https://app.example.com", "NULL"]):
+        with pytest.raises(ConfigError, match="credentials: true cannot allow the origin 'null'"):
+            build("cors", {"origins": origins, "credentials": True})
+    assert cors(origins=["null"]).rules.allows("null")  # without credentials it is allowed
+    assert cors(credentials=True).rules.allows("https://app.example.com")

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from apigate.config.errors import ConfigError
+from apigate.plugins.client_address import ClientAddresses
 from apigate.plugins.ip_filter import IpFilterPlugin, parse_address
 from tests.unit.test_plugin_fakes import body, build, make_ctx, resolve
 
@@ -83,3 +84,17 @@ def test_config_errors() -> None:
         build("ip_filter", {"allow": ["10.0.0.0/33"]})
     with pytest.raises(ConfigError, match="did you mean 'trusted_proxies'"):
         build("ip_filter", {"allow": ["10.0.0.0/8"], "trusted_proxy": ["10.0.0.1"]})
+
+
+# ============================================================================ security review
+def test_the_client_rule_is_shared_and_cached() -> None:
+    # ip_filter and rate_limit's `ip` key apply one rule (apigate.plugins.client_address)
+    proxies = ClientAddresses(["10.0.0.0/8", "fd00::/8"])
+    assert proxies.client("192.0.2.1", b"198.51.100.1") == "192.0.2.1"  # an untrusted peer
+    assert proxies.client("10.0.0.1", None) == "10.0.0.1"  # a proxy's own request
+    assert proxies.client("::ffff:10.0.0.1", b"198.51.100.1:5555") == "198.51.100.1"
+    assert proxies.client("10.0.0.1", b"1.1.1.1, [2001:db8::1]:80, fd00::9") == "2001:db8::1"
+    assert proxies.client("10.0.0.1", b"10.0.0.3:80, 10.0.0.2") == "10.0.0.3"  # all trusted
+    assert proxies.client("10.0.0.1", b" , ") == ""
+    assert proxies.resolve(b"1.1.1.1, 198.51.100.1") is proxies.resolve(b"1.1.1.1, 198.51.100.1")
+    assert not ClientAddresses([]) and not ClientAddresses([]).trusts("10.0.0.1")

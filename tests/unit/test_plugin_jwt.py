@@ -830,3 +830,44 @@ async def test_jwks_keys_are_shared_by_later_snapshots(rsa_key: rsa.RSAPrivateKe
         assert second.on_request(make_ctx(headers=bearer(token))) is None
         await first.close()
         await second.close()
+
+
+# ============================================================================ security review
+def test_a_second_authorization_line_is_401_whatever_its_scheme(hs_plugin: JwtPlugin) -> None:
+    # Authorization is a singleton field (RFC 9110 §5.3): a line the plugin skipped as "not
+    # Bearer" used to reach the upstream next to the one it verified.
+    good = hs256(SECRET.encode(), sub="alice")
+    forged = hs256(b"w" * 32, sub="root")
+    for first in (forged, f"Bearer\t{forged}", f"Basic {forged}", f"Bearer {good}"):
+        ctx = make_ctx(headers=[("Authorization", first), *bearer(good)])
+        assert_invalid(resolve(hs_plugin.on_request(ctx)), "several Authorization headers")
+        assert "jwt_claims" not in ctx.vars
+    # the same, once the good token is in the verified-token cache
+    assert check(hs_plugin, good)[0] is None
+    ctx = make_ctx(headers=[*bearer(good), ("authorization", forged)])
+    assert_invalid(resolve(hs_plugin.on_request(ctx)), "several Authorization headers")
+
+
+def test_a_query_parameter_php_reads_as_the_token_parameter_is_a_second_token() -> None:
+    # PHP folds '.', ' ' and '[' in parameter names to '_': `access.token` is its access_token
+    plugin = build(
+        "jwt", {"secret": SECRET, "algorithms": ["HS256"], "query_param": "access_token"}
+    )
+    key = SECRET.encode()
+    good, forged = hs256(key, sub="alice"), hs256(b"w" * 32, sub="root")
+    for spelling in (
+        "access.token",
+        "access token",
+        "access+token",
+        "access[token",
+        "%20access.token",
+    ):
+        for query in (f"access_token={good}&{spelling}={forged}", f"{spelling}={good}"):
+            ctx = make_ctx(query=query.encode())
+            outcome = resolve(plugin.on_request(ctx))
+            assert_invalid(outcome, "several different tokens in one request")
+        ctx = make_ctx(headers=bearer(good), query=f"{spelling}={good}".encode())
+        assert_invalid(resolve(plugin.on_request(ctx)), "several different tokens in one request")
+    assert resolve(plugin.on_request(make_ctx(query=f"access_token={good}".encode()))) is None
+    unrelated = make_ctx(query=f"access_token={good}&access_tokens=1&access=2".encode())
+    assert resolve(plugin.on_request(unrelated)) is None

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apigate.config.errors import ConfigError
-from apigate.config.schema import ConsumerConfig
+from apigate.config.schema import ConsumerConfig, GatewayConfig
 from apigate.plugins.base import PluginEnv, Response
 from apigate.plugins.rate_limit import RateLimitPlugin
 from apigate.store.redis import StoreUnavailable
@@ -358,3 +358,54 @@ def test_config_errors() -> None:
     assert "burts: unknown key; did you mean 'burst'?" in error(
         {"requests": 1, "per": "1s", "burts": 3}
     )
+
+
+# ============================================================================ security review
+def trusting(*cidrs: str) -> PluginEnv:
+    """An env whose proxy listener trusts `cidrs` (listeners.proxy.trusted_proxies)."""
+    listeners = {"proxy": {"trusted_proxies": list(cidrs)}}
+    return PluginEnv(config=GatewayConfig.model_validate({"listeners": listeners}))
+
+
+def behind(peer: str, forwarded_for: str) -> Ctx:
+    return make_ctx(client_ip=peer, forwarded_for=forwarded_for.encode())
+
+
+def test_key_ip_is_the_client_a_trusted_proxy_names() -> None:
+    plugin, _ = limiter({"requests": 1, "per": "1m"}, trusting("10.0.0.0/8", "fd00::/8"))
+    for client in ("198.51.100.1", "198.51.100.2", "2001:db8::3"):
+        assert hit(plugin, behind("10.0.0.1", client)) is None  # a bucket each
+    # the right-most address no trusted proxy wrote; what the client put left of it is ignored
+    assert hit(plugin, behind("10.0.0.2", "203.0.113.50, 198.51.100.1, 10.0.0.9")) is not None
+    assert hit(plugin, behind("fd00::1", "[2001:db8::3]:443")) is not None
+    assert hit(plugin, behind("10.0.0.1", "203.0.113.51, 198.51.100.4")) is None
+    # a peer the listener does not trust is the client, whatever it forwards
+    assert hit(plugin, behind("192.0.2.1", "198.51.100.6")) is None
+    assert hit(plugin, behind("192.0.2.1", "198.51.100.7")) is not None
+    assert hit(plugin, make_ctx(client_ip="10.0.0.1")) is None  # the proxy's own request
+    assert hit(plugin, make_ctx(client_ip="10.0.0.1")) is not None
+
+
+def test_key_consumer_falls_back_to_the_client_a_trusted_proxy_names() -> None:
+    raw = {"requests": 1, "per": "1m", "key": "consumer"}
+    plugin, _ = limiter(raw, trusting("10.0.0.0/8"))
+    assert hit(plugin, behind("10.0.0.1", "198.51.100.1")) is None
+    assert hit(plugin, behind("10.0.0.1", "198.51.100.2")) is None
+    assert hit(plugin, behind("10.0.0.3", "198.51.100.1")) is not None
+
+
+def test_the_upstreams_ratelimit_headers_go_without_a_decision_to_report() -> None:
+    # Redis down with on_store_error: allow admits without a decision: the upstream's own
+    # RateLimit-* must not reach the client as if they were the gateway's
+    plugin, store = redis_limiter(StoreUnavailable("down"), on_store_error="allow")
+    store.up = False
+    ctx = make_ctx()
+    assert resolve(plugin.on_request(ctx)) is None
+    upstream = [(b"RateLimit-Remaining", b"999"), (b"X-A", b"1"), (b"ratelimit-reset", b"9")]
+    head = upstream_head([*upstream, (b"RateLimit", b'"default";r=999')])
+    plugin.on_response(ctx, head)
+    assert head.headers == [(b"X-A", b"1")]
+    quiet, _ = limiter({"requests": 1, "per": "1s", "headers": False})
+    head = upstream_head(upstream)
+    quiet.on_response(make_ctx(), head)
+    assert head.headers == upstream  # headers: false leaves the upstream's alone

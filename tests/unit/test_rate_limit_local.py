@@ -8,7 +8,8 @@ from typing import Any
 from apigate.config.schema import ConsumerConfig
 from apigate.plugins.base import Response
 from apigate.plugins.chain import PluginChain
-from apigate.plugins.rate_limit_local import LocalLimiter, key_function
+from apigate.plugins.client_address import ClientAddresses
+from apigate.plugins.rate_limit_local import LocalLimiter, is_rate_limit_field, key_function
 from tests.unit.test_plugin_fakes import build, make_ctx, make_route, upstream_head
 
 S = 1_000_000_000  # ns per second
@@ -109,3 +110,28 @@ def test_the_chain_calls_the_compiled_hooks_directly() -> None:
     chain = PluginChain([plugin])
     assert chain.request_hooks == [plugin.limiter.on_request]
     assert chain.response_hooks == [plugin.limiter.on_response]
+
+
+# ============================================================================ security review
+def test_key_functions_name_the_client_behind_trusted_proxies() -> None:
+    proxies = ClientAddresses(["10.0.0.0/8"])
+    lb = make_ctx(client_ip="10.0.0.1", forwarded_for=b"203.0.113.1, 198.51.100.9, 10.0.0.7")
+    lb.request.headers = [(b"X-Tenant", b"")]
+    assert key_function("ip", proxies)(lb) == "198.51.100.9"
+    assert key_function("consumer", proxies)(lb) == "ip:198.51.100.9"
+    assert key_function("header:X-Tenant", proxies)(lb) == "ip:198.51.100.9"
+    assert key_function("ip")(lb) == "10.0.0.1"  # no trusted proxies: the peer
+    direct = make_ctx(client_ip="192.0.2.1", forwarded_for=b"198.51.100.9")
+    assert key_function("ip", proxies)(direct) == "192.0.2.1"
+    limiter, tables = local_limiter(proxies=proxies)
+    assert limiter.on_request(lb) is None
+    assert list(tables[0]) == ["198.51.100.9"]
+
+
+def test_the_upstreams_headers_go_even_with_no_decision_to_report() -> None:
+    limiter, _ = local_limiter()
+    head = upstream_head([(b"RateLimit-Remaining", b"999"), (b"X-A", b"1"), (b"RateLimit", b"x")])
+    limiter.on_response(make_ctx(), head)  # on_request set no `rate_limit` for this exchange
+    assert head.headers == [(b"X-A", b"1")]
+    names = [b"ratelimit-policy", b"RATELIMIT", b"RateLimits", b"Retry-After", b"Referer"]
+    assert [n for n in names if is_rate_limit_field(n)] == [b"ratelimit-policy", b"RATELIMIT"]

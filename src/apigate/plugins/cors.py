@@ -15,7 +15,8 @@
 `origins` entries: an exact origin (`https://app.example.com`, port included when not the
 default), `*` for any origin except `null`, or a wildcard subdomain `https://*.example.com`
 (one or more labels before `.example.com`, same scheme and port). `credentials: true` cannot
-be combined with `*`: that would let every site on the web send credentialed requests.
+be combined with `*`, nor with `null` (which any site can send from a sandboxed iframe): that
+would let every site on the web send credentialed requests.
 """
 
 from __future__ import annotations
@@ -73,6 +74,14 @@ class CorsConfig(StrictPluginConfig):
     def _credentials_need_origins(self) -> CorsConfig:
         if self.credentials and "*" in self.origins:
             problem = "credentials: true needs explicit origins, not '*'"
+            raise located_error(type(self).__name__, [(("credentials",), problem)])
+        if self.credentials and "null" in self.origins:
+            # Browsers send `Origin: null` from sandboxed iframes, data: and file: pages: any
+            # site can, so allowing it with credentials is '*' with credentials.
+            problem = (
+                "credentials: true cannot allow the origin 'null': any site can send "
+                "Origin: null (from a sandboxed iframe), so it is as open as '*'"
+            )
             raise located_error(type(self).__name__, [(("credentials",), problem)])
         return self
 

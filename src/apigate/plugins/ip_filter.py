@@ -2,8 +2,10 @@
 
 The client is the TCP peer, unless the peer is one of this plugin's `trusted_proxies`: then it
 is the right-most address of X-Forwarded-For that is not itself a trusted proxy (entries to
-its left were written by the client and prove nothing). The resolved address is left in
-`ctx.vars["client_ip"]` for later plugins (rate limiting by `ip`).
+its left were written by the client and prove nothing; the rule is
+apigate.plugins.client_address's, which rate_limit applies with the listener's list). The
+resolved address is left in `ctx.vars["client_ip"]` for later plugins (rate limiting by `ip`
+takes it over its own answer, so both judge the same client).
 
 Note: the listener keeps a client's X-Forwarded-For only from peers in
 `listeners.proxy.trusted_proxies`, so a proxy trusted here must be trusted there too.
@@ -22,10 +24,11 @@ from pydantic import AfterValidator, model_validator
 
 from apigate.config.errors import located_error
 from apigate.plugins.base import Plugin, PluginConfig, PluginEnv, Response
+from apigate.plugins.client_address import ClientAddresses, Network, parse_address
 from apigate.plugins.identity import StrictPluginConfig, forbidden
 
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+__all__ = ["IpFilterConfig", "IpFilterPlugin", "parse_address"]
+
 _CACHE_MAX = 10_000
 
 
@@ -54,23 +57,6 @@ class IpFilterConfig(StrictPluginConfig):
         return self
 
 
-def parse_address(text: str) -> Address | None:
-    """An address from a peer name or an X-Forwarded-For entry ("[::1]:80", "1.2.3.4:5")."""
-    text = text.strip()
-    if text.startswith("["):
-        text = text[1:].partition("]")[0]
-    elif text.count(":") == 1:
-        text = text.partition(":")[0]  # IPv4 with a port
-    text = text.partition("%")[0]  # IPv6 zone id
-    try:
-        addr = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
-
-
 def _networks(cidrs: list[str]) -> list[Network]:
     return [ipaddress.ip_network(c, strict=False) for c in cidrs]
 
@@ -85,15 +71,14 @@ class IpFilterPlugin(Plugin):
         assert isinstance(config, IpFilterConfig)
         self.allow = _networks(config.allow) if config.allow is not None else None
         self.deny = _networks(config.deny)
-        self.trusted = _networks(config.trusted_proxies)
+        self.proxies = ClientAddresses(config.trusted_proxies)
         self._decisions: dict[str, bool] = {}
-        self._trusted_cache: dict[str, bool] = {}
 
     def on_request(self, ctx: Any) -> Response | None:
         req = ctx.request
         ip: str = req.client_ip
-        if self.trusted and req.forwarded_for is not None and self._is_trusted(ip):
-            ip = self.resolve(req.forwarded_for)
+        if req.forwarded_for is not None and self.proxies.trusts(ip):
+            ip = self.proxies.resolve(req.forwarded_for)
             ctx.vars["client_ip"] = ip
         allowed = self._decisions.get(ip)
         if allowed is None:
@@ -104,27 +89,6 @@ class IpFilterPlugin(Plugin):
         if not allowed:
             return forbidden(ctx, "client address not allowed", "ip_forbidden")
         return None
-
-    def _is_trusted(self, ip: str) -> bool:
-        hit = self._trusted_cache.get(ip)
-        if hit is None:
-            addr = parse_address(ip)
-            hit = addr is not None and any(addr in net for net in self.trusted)
-            if len(self._trusted_cache) < _CACHE_MAX:
-                self._trusted_cache[ip] = hit
-        return hit
-
-    def resolve(self, forwarded_for: bytes) -> str:
-        """The right-most X-Forwarded-For entry that is not a trusted proxy."""
-        entries = [e.strip() for e in forwarded_for.decode("latin-1").split(",") if e.strip()]
-        for entry in reversed(entries):
-            addr = parse_address(entry)
-            if addr is None:
-                return entry  # refused by decide(): we cannot tell who this is
-            text = str(addr)
-            if not self._is_trusted(text):
-                return text
-        return entries[0] if entries else ""
 
     def decide(self, ip: str) -> bool:
         addr = parse_address(ip)

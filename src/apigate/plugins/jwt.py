@@ -5,6 +5,9 @@ Theory of operation, per request:
 1. Find the token: `Authorization: Bearer <token>` (or the configured `header`), optionally a
    `cookie` and a `query_param`. Two *different* tokens in one request are a 401: an attacker
    must not get to choose which of them the gateway checks and which one the upstream reads.
+   So are several Authorization lines, whatever their schemes (a singleton field: the line
+   not checked would reach the upstream too), and a cookie or parameter name PHP reads as the
+   configured one (`access.token`, `access[token` for `access_token`).
 2. Look it up in the verified-token cache (token bytes -> claims, dropped at `exp`): a token seen
    before costs one dict lookup instead of a signature check (RS256 ~40 µs, ES256 ~90 µs).
    Steps 1, 2 and 4 for a cached token run compiled (apigate.plugins.jwt_cache); the rest here.
@@ -57,7 +60,7 @@ from apigate.plugins.identity import (
     StrictPluginConfig,
     unauthorized,
 )
-from apigate.plugins.jwt_cache import CONFLICT, TokenCache, Verified
+from apigate.plugins.jwt_cache import CONFLICT, REPEATED, TokenCache, Verified
 
 log = logging.getLogger("apigate.plugins.jwt")
 
@@ -574,6 +577,8 @@ class JwtPlugin(Plugin):
             return unauthorized(ctx, "missing bearer token", BEARER_CHALLENGE)
         if token is CONFLICT:
             return self._invalid(ctx, "several different tokens in one request")
+        if token is REPEATED:
+            return self._invalid(ctx, "several Authorization headers")
         self.cache.pop(token, None)  # past its exp or the 5-minute re-check: verify it again
         try:
             return self._verify(ctx, token)

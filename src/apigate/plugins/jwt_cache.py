@@ -16,14 +16,30 @@ from urllib.parse import unquote_to_bytes
 from apigate.http.request import Request
 
 CONFLICT: Final = b"\x00conflict"  # sentinel: two different tokens in one request
+REPEATED: Final = b"\x00repeated"  # sentinel: several Authorization field lines
 # A header name as WSGI, CGI and PHP see it (HTTP_X_ROLE for X-Role, x-role and X_Role alike),
 # in one pass: lower case, `_` as `-`.
 HEADER_FOLD: Final = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ_", b"abcdefghijklmnopqrstuvwxyz-")
+# A query parameter or cookie name as PHP registers it: `.`, ` ` and `[` become `_`, so
+# `access.token=` is its $_GET["access_token"] (leading spaces are dropped first).
+PARAM_FOLD: Final = bytes.maketrans(b". [", b"___")
 
 
 def fold_header_name(name: bytes) -> bytes:
     """The name of a header with case and `_`/`-` folded away (see HEADER_FOLD)."""
     return name.translate(HEADER_FOLD)
+
+
+def fold_param_name(name: bytes) -> bytes:
+    """The name of a query parameter or cookie as PHP reads it (see PARAM_FOLD)."""
+    return name.lstrip(b" ").translate(PARAM_FOLD)
+
+
+def is_other_spelling(name: bytes, wanted: bytes, folded: bytes) -> bool:
+    """True when `name` is not `wanted` but an upstream behind PHP would read it as `wanted`
+    (`folded` is fold_param_name(wanted)). Folding never lengthens a name, so a shorter one
+    is answered without folding it (no allocation for most names)."""
+    return len(name) >= len(folded) and name != wanted and fold_param_name(name) == folded
 
 
 class Verified:
@@ -68,6 +84,8 @@ class TokenCache:
         self.bearer_only = bearer_only
         self.cookie = cookie
         self.query = query
+        self.cookie_folded = fold_param_name(cookie) if cookie is not None else b""
+        self.query_folded = fold_param_name(query) if query is not None else b""
         # the claim headers' names, folded: a client-sent header that folds to one is dropped
         self.forward_headers = frozenset(fold_header_name(h) for h in forward_headers)
         # the plugin's answer for a token this cache cannot vouch for (or None: no token)
@@ -87,15 +105,17 @@ class TokenCache:
         return self.miss(ctx, token)
 
     def find(self, req: Request) -> bytes | None:
-        """The request's token, None, or CONFLICT when it carries two different ones: an
+        """The request's token, None, CONFLICT when it carries two different ones (an
         attacker must not get to choose which the gateway checks and which the upstream
-        reads."""
+        reads), or REPEATED for several Authorization lines."""
         found: bytes | None = None
         target = self.header
         size = len(target)
+        lines = 0
         for name, value in req.headers:
             # the length first: most headers differ in it, and it allocates nothing
             if len(name) == size and name.lower() == target:
+                lines += 1
                 if value.startswith(b"Bearer ") or value[:7].lower() == b"bearer ":
                     token = value[7:].strip()
                 elif self.bearer_only:
@@ -105,6 +125,10 @@ class TokenCache:
                 if found is not None and token != found:
                     return CONFLICT
                 found = token
+        if lines > 1 and self.bearer_only:
+            # Authorization is a singleton field (RFC 9110 §5.3, §11.6.2): a second line, of
+            # whatever scheme, would reach the upstream unverified next to the checked one
+            return REPEATED
         if self.cookie is None and self.query is None:
             return found
         for token in self.extra_tokens(req):
@@ -114,7 +138,9 @@ class TokenCache:
         return found
 
     def extra_tokens(self, req: Request) -> list[bytes]:
-        """Tokens in the configured cookie and query parameter."""
+        """Tokens in the configured cookie and query parameter; [CONFLICT] for a name PHP
+        would read as theirs spelled another way (`access.token`): the upstream could take
+        that one, which the gateway did not check, as the token."""
         tokens: list[bytes] = []
         cookie_name = self.cookie
         if cookie_name is not None:
@@ -122,14 +148,24 @@ class TokenCache:
                 if len(name) == 6 and name.lower() == b"cookie":
                     for pair in value.split(b";"):
                         key, eq, val = pair.partition(b"=")
-                        if eq and key.strip() == cookie_name:
+                        if not eq:
+                            continue
+                        key = key.strip()
+                        if key == cookie_name:
                             tokens.append(val.strip().strip(b'"'))
+                        elif is_other_spelling(key, cookie_name, self.cookie_folded):
+                            return [CONFLICT]
         param = self.query
         if param is not None and req.query:
             for pair in req.query.split(b"&"):
                 key, eq, val = pair.partition(b"=")
-                if eq and unquote_to_bytes(key) == param:
+                if not eq:
+                    continue
+                key = unquote_to_bytes(key.replace(b"+", b" "))
+                if key == param:
                     tokens.append(unquote_to_bytes(val.replace(b"+", b" ")))
+                elif is_other_spelling(key, param, self.query_folded):
+                    return [CONFLICT]
         return tokens
 
     def accept(self, ctx: Any, entry: Verified) -> None:

@@ -47,6 +47,7 @@ from apigate.config.errors import ConfigError
 from apigate.config.units import PositiveDuration, format_duration
 from apigate.http.headers import is_token
 from apigate.plugins.base import Plugin, PluginConfig, PluginEnv, Response
+from apigate.plugins.client_address import ClientAddresses
 from apigate.plugins.identity import StrictPluginConfig, reject
 from apigate.plugins.rate_limit_local import LocalLimiter
 from apigate.redaction import redact_url
@@ -146,6 +147,8 @@ class RateLimitPlugin(Plugin):
         assert isinstance(config, RateLimitConfig)
         self.cfg = config
         per = format_duration(config.per)
+        # the `ip` key's client behind the proxies the listener trusts (client_address)
+        trusted = env.config.listeners.proxy.trusted_proxies
         self.limiter = LocalLimiter(
             requests=config.requests,
             per=config.per,
@@ -154,6 +157,7 @@ class RateLimitPlugin(Plugin):
             headers=config.headers,
             message=f"rate limit exceeded: {config.requests} requests per {per}",
             bind=self._bind,
+            proxies=ClientAddresses(trusted) if trusted else None,
         )
         per_us = round(config.per * 1e6)
         self.interval_us = -(-per_us // config.requests)

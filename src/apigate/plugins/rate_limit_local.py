@@ -18,6 +18,7 @@ from typing import Any, Final
 
 from apigate.http.request import Request
 from apigate.plugins.base import Response
+from apigate.plugins.client_address import ClientAddresses
 from apigate.plugins.identity import reject
 
 _SWEEP_MIN: Final = 10_000  # keys before the first sweep of expired entries
@@ -32,23 +33,44 @@ RateHeaders = tuple[tuple[bytes, bytes], ...]
 KeyFunc = Callable[[Any], str]
 
 
-def client_ip(ctx: Any) -> str:
-    # ip_filter leaves the address it resolved through trusted proxies here; the typed locals
-    # make native dict and Request operations of what would be generic calls on Any
+def client_ip(ctx: Any, proxies: ClientAddresses | None = None) -> str:
+    """The client's address: the one ip_filter resolved (its own trusted_proxies) when it did,
+    else the TCP peer, or the client a proxy in `proxies` (the listener's trusted_proxies)
+    names for it (apigate.plugins.client_address)."""
+    # the typed locals make native dict and Request operations of what would be generic
+    # calls on Any
     scratch: dict[str, Any] = ctx.vars
     ip: str | None = scratch.get("client_ip")
     if ip:
         return ip
     req: Request = ctx.request
-    return req.client_ip
+    forwarded_for = req.forwarded_for
+    # None unless the listener trusts the peer (it drops anyone else's X-Forwarded-For): the
+    # common case is the peer, with no parsing
+    if forwarded_for is None or proxies is None:
+        return req.client_ip
+    return proxies.client(req.client_ip, forwarded_for)
 
 
-def _consumer(ctx: Any) -> str:
-    consumer = ctx.consumer
-    if consumer is None:
-        return "ip:" + client_ip(ctx)  # unauthenticated: limited per address
-    name: str = consumer.name
-    return name
+def _address(proxies: ClientAddresses | None) -> KeyFunc:
+    if proxies is None:
+        return client_ip
+
+    def key(ctx: Any) -> str:
+        return client_ip(ctx, proxies)
+
+    return key
+
+
+def _consumer(address: KeyFunc) -> KeyFunc:
+    def key(ctx: Any) -> str:
+        consumer = ctx.consumer
+        if consumer is None:
+            return "ip:" + address(ctx)  # unauthenticated: limited per address
+        name: str = consumer.name
+        return name
+
+    return key
 
 
 def _route(ctx: Any) -> str:
@@ -59,34 +81,41 @@ def _route(ctx: Any) -> str:
     return name
 
 
-def _header(lname: str) -> KeyFunc:
+def _header(lname: str, address: KeyFunc) -> KeyFunc:
     def key(ctx: Any) -> str:
         value: str | None = ctx.request.header(lname)
-        return "h:" + value if value else "ip:" + client_ip(ctx)
+        return "h:" + value if value else "ip:" + address(ctx)
 
     return key
 
 
-def key_function(spec: str | list[str]) -> KeyFunc:
+def key_function(spec: str | list[str], proxies: ClientAddresses | None = None) -> KeyFunc:
     """The bucket key of a request for a `key:` setting (ip, consumer, route, header:NAME, or
-    a list of them, joined)."""
+    a list of them, joined); `proxies` are those trusted to name the client (see client_ip)."""
     parts = [spec] if isinstance(spec, str) else spec
+    address = _address(proxies)
     funcs: list[KeyFunc] = []
     for part in parts:
         if part == "ip":
-            funcs.append(client_ip)
+            funcs.append(address)
         elif part == "consumer":
-            funcs.append(_consumer)
+            funcs.append(_consumer(address))
         elif part == "route":
             funcs.append(_route)
         else:
-            funcs.append(_header(part.partition(":")[2].lower()))
+            funcs.append(_header(part.partition(":")[2].lower(), address))
     if len(funcs) == 1:
         return funcs[0]
     return lambda ctx: "\x1f".join([f(ctx) for f in funcs])
 
 
 # ============================================================================ the limiter
+def is_rate_limit_field(name: bytes) -> bool:
+    """RateLimit-Limit, -Remaining, -Reset (this gateway's), -Policy, and the later drafts'
+    single `RateLimit` field: whatever a client could read as the gateway's limit."""
+    return name[:9].lower() == b"ratelimit" and (len(name) == 9 or name[9] == 45)  # "-"
+
+
 class LocalLimiter:
     """One limiter's settings, its table of TATs (bound on the first request, see `bind`) and
     its headers, precomputed where they are few."""
@@ -101,11 +130,14 @@ class LocalLimiter:
         headers: bool,
         message: str,
         bind: Callable[[Any], dict[str, int]],
+        proxies: ClientAddresses | None = None,
     ) -> None:
         per_ns = round(per * 1e9)
         self.interval: int = -(-per_ns // requests)  # ns, rounded up
         self.tolerance: int = burst * self.interval
-        self.key_of = key_function(key)
+        # the proxies trusted to name the client (listeners.proxy.trusted_proxies), or None
+        self.proxies = proxies
+        self.key_of = key_function(key, proxies)
         self.by_ip = key == "ip"  # the default key, called natively rather than through key_of
         self.headers = headers
         self.message = message
@@ -125,7 +157,7 @@ class LocalLimiter:
 
     def on_request(self, ctx: Any) -> Response | None:
         """The plugin's `on_request` hook (local store)."""
-        key = client_ip(ctx) if self.by_ip else self.key_of(ctx)
+        key = client_ip(ctx, self.proxies) if self.by_ip else self.key_of(ctx)
         table = self.table
         if table is None:
             table = self.table = self.bind(ctx)
@@ -146,18 +178,23 @@ class LocalLimiter:
     def on_response(self, ctx: Any, head: Any) -> None:
         """The plugin's `on_response` hook (both stores): this request's RateLimit-* headers,
         in place of any the upstream sent."""
-        scratch: dict[str, Any] = ctx.vars
-        behind: int | None = scratch.get("rate_limit")
-        if behind is None or not self.headers:
+        if not self.headers:
             return
         headers: list[tuple[bytes, bytes]] = head.headers
         for name, _ in headers:
             # the upstream's own RateLimit-* would contradict ours; `| 32` lower-cases the
-            # first byte, so only names starting with R/r pay for the prefix comparison
-            if name and name[0] | 32 == 114 and name[:10].lower() == b"ratelimit-":
-                headers = [h for h in headers if h[0][:10].lower() != b"ratelimit-"]
+            # first byte, so only names starting with R/r pay for the comparison
+            if name and name[0] | 32 == 114 and is_rate_limit_field(name):
+                headers = [h for h in headers if not is_rate_limit_field(h[0])]
                 head.headers = headers
                 break
+        scratch: dict[str, Any] = ctx.vars
+        behind: int | None = scratch.get("rate_limit")
+        if behind is None:
+            # No decision to report (a Redis store down with `on_store_error: allow`): the
+            # upstream's headers are gone all the same, or the client would take them for
+            # the gateway's limit.
+            return
         headers.extend(self.idle_headers if behind == self.interval else self.rate_headers(behind))
 
     def rate_headers(self, behind: int) -> RateHeaders:
