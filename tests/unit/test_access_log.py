@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from apigate.observability.access_log import AccessLogPlugin
 from apigate.observability.tracing import trace_id_of
+from apigate.resilience.circuit_breaker import State
 from tests.unit.test_plugin_fakes import Ctx, build, make_request
 
 NASTY = 'a"b\\c\x00\x01\x1f\x7f\n\r\t/é/ünï/€/😀/\u2028\u2029'
@@ -47,6 +48,7 @@ def make_log_ctx(
         "retries": 0,
         "cache_status": None,
         "error": None,
+        "breaker_decision": None,
     }
     for name, value in {**defaults, **fields}.items():
         setattr(ctx, name, value)
@@ -78,9 +80,9 @@ def reference_line(ctx: Any) -> str:
         doc["consumer"] = getattr(ctx.consumer, "name", str(ctx.consumer))
     if ctx.retries:
         doc["retries"] = ctx.retries
-    breaker = ctx.service.breaker if ctx.service is not None else None
-    if breaker is not None and breaker.state.value != "closed":
-        doc["breaker"] = breaker.state.value
+    decision = ctx.breaker_decision
+    if decision is not None and decision is not State.CLOSED:
+        doc["breaker"] = decision.value
     if ctx.cache_status:
         doc["cache"] = ctx.cache_status
     if ctx.error:
@@ -148,9 +150,12 @@ def test_unrouted_request_logs_nulls() -> None:
 
 
 def test_optional_fields() -> None:
-    breaker = SimpleNamespace(state=SimpleNamespace(value="half_open"))
-    ctx = make_log_ctx(retries=2, cache_status="HIT", error='upstream "x" reset\n')
-    ctx.service.breaker = breaker  # type: ignore[attr-defined]
+    ctx = make_log_ctx(
+        retries=2,
+        cache_status="HIT",
+        error='upstream "x" reset\n',
+        breaker_decision=State.HALF_OPEN,
+    )
     ctx.consumer = SimpleNamespace(name="alice\u00e9")
     line = logged(ctx)
     assert line == reference_line(ctx)
@@ -206,13 +211,11 @@ def test_lines_are_written_in_batches_in_order() -> None:
 
 def test_values_are_taken_when_the_request_is_logged() -> None:
     """A line says what was true when its request ended, not when the batch is written."""
-    breaker = SimpleNamespace(state=SimpleNamespace(value="open"))
-    ctx = make_log_ctx(path="/a")
-    ctx.service.breaker = breaker  # type: ignore[attr-defined]
+    ctx = make_log_ctx(path="/a", breaker_decision=State.OPEN)
     expected = reference_line(ctx)
     plugin, out = log_plugin()
     plugin.on_log(ctx)
-    breaker.state.value = "closed"
+    ctx.breaker_decision = State.CLOSED  # type: ignore[attr-defined]
     ctx.request.path = "/b"
     ctx.status = 500  # type: ignore[attr-defined]
     plugin.flush()

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import ssl
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 from apigate.http.resolver import Address, Resolver, is_ip_address
 from apigate.http.upstream import UpstreamConnection
@@ -98,11 +98,18 @@ class Pool:
                 return handed
         else:
             self.total += 1
+        made: list[UpstreamConnection] = []
+
+        def make() -> UpstreamConnection:
+            conn = UpstreamConnection(self)
+            made.append(conn)
+            return conn
+
         try:
             if self.resolver is None:
                 _, proto = await asyncio.wait_for(
                     self.loop.create_connection(
-                        lambda: UpstreamConnection(self),
+                        make,
                         self.host,
                         self.port,
                         ssl=self._ssl,
@@ -111,14 +118,29 @@ class Pool:
                     timeout,
                 )
             else:
-                proto = await self._connect_by_name(self.resolver, timeout)
+                proto = await self._connect_by_name(self.resolver, timeout, make)
         except BaseException:
-            self._free_slot()
+            self._give_up_slot(made)
             raise
         self.created += 1
         return proto
 
-    async def _connect_by_name(self, resolver: Resolver, timeout: float) -> UpstreamConnection:
+    def _give_up_slot(self, made: list[UpstreamConnection]) -> None:
+        """A connect failed, timed out or was cancelled (its client left). A connection the
+        loop made meanwhile owns the slot from `connection_made` on, and frees it through
+        `forget` when it closes (the loop closes it as the connect is cancelled): freeing it
+        here too uncounted a slot twice, and the pool let one more connection open than
+        `max_connections` from then on."""
+        for conn in made:
+            if conn.transport is not None:
+                if not conn.closed:
+                    conn.abort()
+                return
+        self._free_slot()
+
+    async def _connect_by_name(
+        self, resolver: Resolver, timeout: float, make: Callable[[], UpstreamConnection]
+    ) -> UpstreamConnection:
         """Resolve (from the cache, usually without waiting) and connect to the first address
         that takes the connection, all within `timeout`; TLS checks the name, not the address."""
         loop = self.loop
@@ -130,7 +152,7 @@ class Pool:
             if left <= 0:
                 raise TimeoutError(f"connect to {self.host}:{self.port} timed out")
             try:
-                _, proto = await asyncio.wait_for(self._open(address), left)
+                _, proto = await asyncio.wait_for(self._open(address, make), left)
             except OSError as exc:  # refused, unreachable (a TimeoutError ends the loop above)
                 error = exc
                 continue
@@ -141,11 +163,11 @@ class Pool:
         raise error
 
     def _open(
-        self, address: Address
+        self, address: Address, make: Callable[[], UpstreamConnection]
     ) -> Awaitable[tuple[asyncio.BaseTransport, UpstreamConnection]]:
         family, ip = address
         return self.loop.create_connection(
-            lambda: UpstreamConnection(self),
+            make,
             ip,
             self.port,
             family=family,

@@ -26,6 +26,7 @@ from typing import Any, Final
 from apigate.http.request import Request
 from apigate.observability.trace_context import trace_id_of
 from apigate.proxy.exchange import ProxyExchange
+from apigate.resilience.circuit_breaker import State
 
 # Final: a compiled module reads it from a C static, not from its globals dict per call
 _quote: Final = encode_basestring_ascii
@@ -92,19 +93,25 @@ class AccessLogLines:
         self._line_start = ""
 
     def on_log(self, ctx: Any) -> None:
-        """Keep the exchange's values, copied now (a breaker's state, for one, changes later);
-        the line is made by `line` when it is written. `ctx` is Any (tests log stand-ins);
-        the gateway's own exchanges are read as what they are: compiled, a typed read is a
-        load where an untyped one is a lookup by name (a dozen per request)."""
+        """Keep the exchange's values, copied now; the line is made by `line` when it is
+        written. `ctx` is Any (tests log stand-ins); the gateway's own exchanges are read as
+        what they are: compiled, a typed read is a load where an untyped one is a lookup by
+        name (a dozen per request).
+
+        The breaker field is what the breaker decided for this request when the exchange asked
+        it (refused, or let through as a probe), not the breaker's state when the request
+        ended: the request whose failure opened the breaker had reached the upstream, and was
+        logged "open"; the probe whose success closed it, as nothing."""
         if isinstance(ctx, ProxyExchange):
             route = ctx.route
             service = ctx.service
             inst = ctx.instance
+            decision = ctx.breaker_decision
             self._keep(
                 ctx.request,
                 trace_id_of(ctx),
                 None if route is None else route.name,
-                service,
+                None if service is None else service.name,
                 None if inst is None else inst.id,
                 ctx.consumer,
                 ctx.status,
@@ -112,17 +119,21 @@ class AccessLogLines:
                 ctx.upstream_ms,
                 ctx.total_ms,
                 ctx.retries,
+                # (closed, the common case, is not logged: no enum `.value` read for it)
+                None if decision is None or decision is State.CLOSED else decision.value,
                 ctx.cache_status,
                 ctx.error,
             )
         else:  # (other names: compiled, a name keeps the type of its first binding)
             any_route = ctx.route
+            any_service = ctx.service
             any_inst = ctx.instance
+            any_decision = ctx.breaker_decision
             self._keep(
                 ctx.request,
                 trace_id_of(ctx),
                 None if any_route is None else any_route.name,
-                ctx.service,
+                None if any_service is None else any_service.name,
                 None if any_inst is None else any_inst.id,
                 ctx.consumer,
                 ctx.status,
@@ -130,6 +141,9 @@ class AccessLogLines:
                 ctx.upstream_ms,
                 ctx.total_ms,
                 ctx.retries,
+                None
+                if any_decision is None or any_decision is State.CLOSED
+                else any_decision.value,
                 ctx.cache_status,
                 ctx.error,
             )
@@ -139,7 +153,7 @@ class AccessLogLines:
         req: Request,
         trace_id: str,
         route: str | None,
-        service: Any,
+        service: str | None,
         instance: str | None,
         consumer: Any,
         status: int,
@@ -147,13 +161,13 @@ class AccessLogLines:
         upstream_ms: float | None,
         total_ms: float | None,
         retries: int,
+        breaker: str | None,
         cache: str | None,
         error: str | None,
     ) -> None:
         if consumer is not None:
             name = getattr(consumer, "name", _NO_NAME)
             consumer = str(consumer) if name is _NO_NAME else name
-        breaker = service.breaker if service is not None else None
         pending = self.pending
         pending.append(
             (
@@ -165,7 +179,7 @@ class AccessLogLines:
                 req.method,
                 req.path,
                 route,
-                None if service is None else service.name,
+                service,
                 instance,
                 status,
                 sent,
@@ -173,7 +187,7 @@ class AccessLogLines:
                 total_ms,
                 consumer,
                 retries,
-                None if breaker is None else breaker.state.value,
+                breaker,
                 cache,
                 error,
             )

@@ -19,7 +19,9 @@ Resilience: a service's circuit breaker is asked before an instance is picked (o
 Retry-After, nothing sent upstream). A failed attempt is retried on another instance when the
 service's retry policy names the failure, the request is safe to repeat (idempotent method,
 `Idempotency-Key`, or opted in), no byte of the response reached the client, the body can be
-replayed (≤ 64 KiB, kept while it was sent), and the retry budget allows it.
+replayed (≤ 64 KiB, kept while it was sent), and the retry budget allows it. The breaker and
+passive health hear of every attempt's outcome: a transport error, a timeout or a 5xx is a
+failure, before the response or in the middle of its body alike; a client that leaves is none.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from apigate.observability.trace_context import trace_lines
 from apigate.plugins.base import Response
 from apigate.proxy.body_rewrite import RequestBodyRewrite, ResponseBodyRewrite
 from apigate.proxy.heads import interim_head, request_head, response_head
+from apigate.resilience.circuit_breaker import State
 from apigate.routing.matcher import NoMatch
 
 if TYPE_CHECKING:
@@ -113,6 +116,11 @@ class ProxyExchange(UpstreamListener):
     _t_upstream = 0.0
     _reused = False
     _pending_error: GatewayError | None = None
+    # What the service's circuit breaker decided for this request, as the access log tells it:
+    # CLOSED let it through, HALF_OPEN let it through as a probe, OPEN refused it (a half-open
+    # breaker with every probe slot taken refuses too); None: no breaker was asked. The state
+    # right after allow(), stored as it is: a closed breaker's request pays one field store.
+    breaker_decision: State | None = None
     _breaker_armed = False  # the breaker let this request through and awaits its outcome
     _breaker_since = 0  # breaker.transitions right after allow(): which period the outcome is for
     _service_failed = False  # an attempt failed (5xx, error), even if a stale answer hid it
@@ -131,6 +139,8 @@ class ProxyExchange(UpstreamListener):
     # when the client leaves first, as a proxied request's upstream is cut
     on_client_lost: Callable[[], None] | None = None
     _retry_timer: asyncio.TimerHandle | None = None
+    # getting a connection from the pool: waiting in its queue, or connecting
+    _connecting: asyncio.Task[None] | None = None
     _replay_size = 0
     _stale_retried = False
 
@@ -225,6 +235,11 @@ class ProxyExchange(UpstreamListener):
         if self._retry_timer is not None:
             self._retry_timer.cancel()
             self._retry_timer = None
+        if self._connecting is not None:
+            # its place in the pool's queue (or the slot it connects in) goes to the next
+            # request: a queued client that left kept it, and others got 503 for nobody
+            self._connecting.cancel()
+            self._connecting = None
         if self._finished:
             return
         stop, self.on_client_lost = self.on_client_lost, None
@@ -398,6 +413,7 @@ class ProxyExchange(UpstreamListener):
             breaker = service.breaker
             if breaker is not None and not self._breaker_armed:
                 if not breaker.allow():
+                    self.breaker_decision = State.OPEN  # refused
                     retry_after = str(breaker.retry_after()).encode()
                     self.fail(
                         GatewayError(
@@ -410,6 +426,7 @@ class ProxyExchange(UpstreamListener):
                     return
                 self._breaker_armed = True
                 self._breaker_since = breaker.transitions
+                self.breaker_decision = breaker.state  # CLOSED, or HALF_OPEN: a probe
             if service.retry.attempts:
                 service.retry.budget.requests += 1  # inline: it runs on every request
                 if self._replay_ok and self.request.has_body and self._can_repeat(service):
@@ -434,7 +451,7 @@ class ProxyExchange(UpstreamListener):
         if up is not None:
             self._attach(up, reused=True)
         else:
-            self._task = self.loop.create_task(self._connect(service, inst))
+            self._connecting = self.loop.create_task(self._connect(service, inst))
 
     async def _connect(self, service: Service, inst: Instance) -> None:
         pool = service.pool_for(inst)
@@ -554,11 +571,15 @@ class ProxyExchange(UpstreamListener):
         self._reused = reused
         self.service.balancer.on_start(self.instance)
         now = self._t_upstream = monotonic()  # one reading for all of this
-        policy = self.service.retry
         overall = self.service.response_timeout
-        timeout = policy.per_try_timeout or overall
-        if self.retries:  # the tries together stay within timeouts.response
-            timeout = max(0.001, min(timeout, self.t0 + overall - now))
+        per_try = self.service.retry.per_try_timeout
+        if per_try or self.retries:
+            # Every try, the first one included, ends by the overall deadline (counted from the
+            # request's start, as _retry_after_failure counts it): a per_try_timeout longer than
+            # timeouts.response once let the first try run past it (Envoy caps it the same way).
+            timeout = max(0.001, min(per_try or overall, self.t0 + overall - now))
+        else:  # the one try has all of timeouts.response, from the end of the request
+            timeout = overall
         up.begin(self, req.method == "HEAD", timeout, upgrade=req.upgrade is not None, now=now)
         if self.conn.writing_paused:
             # the client reads nothing of what it was sent (a pipelined request behind a
@@ -787,6 +808,9 @@ class ProxyExchange(UpstreamListener):
             reason = f"upstream {self._where()} closed the connection mid-response"
             self.fail(GatewayError(502, reason, "upstream_reset"))
         else:
+            # a response cut short is the service's failure, as a 5xx is (Envoy counts resets
+            # too); passive health heard it from _release_instance above
+            self._service_failed = True
             self.error = "upstream closed mid-response"
             self.flush_head()
             self.conn.abort()  # the client must see a truncated response, not a clean end
@@ -809,6 +833,7 @@ class ProxyExchange(UpstreamListener):
             reason = f"upstream {self._where()} did not finish its response in time"
             self.fail(GatewayError(504, reason, "upstream_timeout"))
         else:
+            self._service_failed = True  # (as for a reset mid-response: see on_upstream_lost)
             self.error = "upstream timed out mid-response"
             self.conn.abort()
             self._complete(keep_alive=False)
