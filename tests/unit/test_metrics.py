@@ -15,6 +15,7 @@ from apigate.observability.metrics import (
     GatewayMetrics,
     quantile_ms,
 )
+from apigate.plugins.rate_limit_local import REJECTED as RATE_LIMITED
 
 
 class FakeRoute:
@@ -221,3 +222,137 @@ def test_bucket_index_is_bisect_left(ms: float) -> None:
     from apigate.observability.series import _bucket
 
     assert _bucket(ms) == bisect_left(BUCKETS_MS, ms)
+
+
+# ---------------------------------------------------------------------- review: built-in counters
+@dataclass
+class FakeExchange(FakeCtx):
+    """What else the exchange holds when it is over: the cache's word, retries, plugins' vars."""
+
+    cache_status: str | None = None
+    retries: int = 0
+    vars: dict[str, Any] = field(default_factory=dict)
+
+
+def families(metrics: GatewayMetrics) -> list[str]:
+    from prometheus_client import generate_latest
+
+    text = generate_latest(metrics.registry).decode()
+    return [f.name for f in text_string_to_metric_families(text)]
+
+
+def test_cache_words_and_retries_are_counted_per_route() -> None:
+    m = GatewayMetrics()
+    catalog = FakeRoute("catalog", "items")
+    for word, times in (("HIT", 3), ("MISS", 2), ("STALE", 1), ("BYPASS", 4), (None, 1)):
+        for _ in range(times):
+            m.observe(FakeExchange(catalog, upstream_ms=None, cache_status=word))
+    m.observe(FakeExchange(API, retries=2))
+    m.observe(FakeExchange(API, status=503, retries=1))
+    m.observe(FakeExchange(API))
+    got = scrape(m)
+    where = labels(route="catalog", service="items")
+    assert got["apigate_cache_hits_total"] == {where: 3}
+    assert got["apigate_cache_misses_total"] == {where: 2}
+    assert got["apigate_cache_stale_total"] == {where: 1}
+    assert got["apigate_retries_total"] == {labels(route="api", service="users"): 3}
+
+
+def test_rate_limit_rejections_are_the_limiters_own_429s() -> None:
+    """A 429 the rate limiter answered (it marks the request it refuses). An upstream's 429,
+    or another plugin's, is not one."""
+    m = GatewayMetrics()
+    route = FakeRoute("search", "idx")
+    for _ in range(3):
+        m.observe(FakeExchange(route, status=429, upstream_ms=None, vars={RATE_LIMITED: True}))
+    m.observe(FakeExchange(route, vars={"rate_limit": 10}))
+    m.observe(FakeExchange(route, status=429, upstream_ms=2.0, vars={"rate_limit": 10}))
+    m.observe(FakeExchange(API, status=429, upstream_ms=2.0))
+    m.observe(FakeExchange(FakeRoute("quota", "s"), status=429, upstream_ms=None))  # a plugin's
+    m.observe(FakeExchange(None, status=404, upstream_ms=None))
+    assert scrape(m)["apigate_ratelimit_rejected_total"] == {
+        labels(route="search", service="idx"): 3
+    }
+
+
+def test_a_plugins_counter_of_a_built_in_name_joins_its_family() -> None:
+    """`inc()` stays the plugins' API; a name the gateway counts itself is one family, whose
+    samples add both up (two families of one name are invalid exposition)."""
+    m = GatewayMetrics()
+    catalog = FakeRoute("catalog", "items")
+    m.observe(FakeExchange(catalog, cache_status="HIT"))
+    m.inc("cache_hits", route="catalog", service="items", value=2)
+    m.inc("cache_hits", route="other", service="items")
+    m.inc("retries", route="api", service="users")
+    m.observe(FakeExchange(API, retries=1))
+    names = families(m)
+    assert len(names) == len(set(names))
+    got = scrape(m)
+    assert got["apigate_cache_hits_total"] == {
+        labels(route="catalog", service="items"): 3,
+        labels(route="other", service="items"): 1,
+    }
+    assert got["apigate_retries_total"] == {labels(route="api", service="users"): 2}
+
+
+def test_built_in_counters_survive_a_reload() -> None:
+    old, new = FakeRoute("api", "users"), FakeRoute("api", "users")
+    gateway = SimpleNamespace(
+        runtime=SimpleNamespace(routes={"api": new}),
+        connections=set(),
+        reloads_ok=0,
+        reloads_failed=0,
+        pools=SimpleNamespace(pools={}),
+        services=SimpleNamespace(services={}),
+        extensions={},
+    )
+    m = GatewayMetrics(gateway)  # type: ignore[arg-type]
+    for route in (old, new):
+        m.observe(FakeExchange(route, cache_status="HIT", retries=1))
+        m.observe(FakeExchange(route, status=429, upstream_ms=None, vars={RATE_LIMITED: True}))
+    m.fold()
+    m.observe(FakeExchange(new, cache_status="MISS"))
+    got = scrape(m)
+    where = labels(route="api", service="users")
+    assert got["apigate_cache_hits_total"][where] == 2
+    assert got["apigate_cache_misses_total"][where] == 1
+    assert got["apigate_retries_total"][where] == 2
+    assert got["apigate_ratelimit_rejected_total"][where] == 2
+
+
+def test_breaker_transitions_are_exposed_per_service() -> None:
+    from apigate.config.schema import CircuitBreakerConfig
+    from apigate.resilience.circuit_breaker import CircuitBreaker
+
+    now = [0.0]
+    config = CircuitBreakerConfig(consecutive_failures=1, open_for=1.0, half_open_requests=1)
+    breaker = CircuitBreaker("metrics-unit-cb", config, clock=lambda: now[0])
+    breaker.record(False)
+    now[0] = 2.0
+    assert breaker.allow()
+    breaker.record(True)
+    got = scrape(GatewayMetrics())
+    where = labels(route="", service="metrics-unit-cb")
+    assert got["apigate_breaker_opened_total"][where] == 1
+    assert got["apigate_breaker_half_opened_total"][where] == 1
+    assert got["apigate_breaker_closed_total"][where] == 1
+
+
+def test_an_aggregates_part_calls_are_upstream_latencies_of_their_services() -> None:
+    """The route's calls to each part's service, as for a proxied request: the time to the
+    part's response head, under the aggregate route and the part's service."""
+    m = GatewayMetrics()
+    agg = FakeRoute("agg", None)
+    parts = [("users", 3.0), ("orders", 30.0)]
+    m.observe(FakeExchange(agg, upstream_ms=None, total_ms=31.0, vars={"part_upstream_ms": parts}))
+    m.observe(FakeExchange(agg, upstream_ms=None, vars={"part_upstream_ms": [("users", 4.0)]}))
+    got = scrape(m)
+    count = got["apigate_upstream_duration_seconds_count"]
+    assert count[labels(route="agg", service="users")] == 2
+    assert count[labels(route="agg", service="orders")] == 1
+    assert got["apigate_upstream_duration_seconds_sum"][
+        labels(route="agg", service="orders")
+    ] == pytest.approx(0.03)
+    assert count[labels(route="agg", service="")] == 0  # the route itself calls nobody
+    # the client's requests are the route's, once each
+    assert got["apigate_request_duration_seconds_count"] == {labels(route="agg", service=""): 2}

@@ -114,7 +114,7 @@ async def test_a_failed_refresh_keeps_the_last_answer_and_retries_after_the_nega
     await resolver.resolve("svc.test", 80, 1.0)
     dns.answers["svc.test"] = OSError(socket.EAI_AGAIN, "Temporary failure in name resolution")
     await asyncio.sleep(0.06)
-    with caplog.at_level(logging.INFO, logger="apigate.events"):
+    with caplog.at_level(logging.INFO, logger="apigate.upstream.dns"):
         for _ in range(3):
             assert await resolver.resolve("svc.test", 80, 1.0) == [(socket.AF_INET, "10.0.0.7")]
             await settle()
@@ -139,7 +139,7 @@ async def test_a_failed_refresh_keeps_the_last_answer_and_retries_after_the_nega
 async def test_a_failure_is_cached_for_the_negative_ttl(caplog: pytest.LogCaptureFixture) -> None:
     dns = FakeDns(dead_test=nxdomain())
     resolver = Resolver(asyncio.get_running_loop(), negative_ttl=0.3, lookup=dns)
-    with caplog.at_level(logging.WARNING, logger="apigate.events"):
+    with caplog.at_level(logging.WARNING, logger="apigate.upstream.dns"):
         for _ in range(20):
             with pytest.raises(socket.gaierror, match=r"dead\.test: Name or service"):
                 await resolver.resolve("dead.test", 80, 1.0)

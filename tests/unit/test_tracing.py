@@ -302,3 +302,36 @@ async def test_an_old_snapshots_plugin_does_not_reset_the_new_ones_ratio() -> No
     finally:
         await new.close()
     assert outgoing_traceparent(request())[0].endswith(b"-01")
+
+
+# ---------------------------------------------------------------------- review: flag bits
+# W3C Trace Context §3.2.2.5: only the sampled bit (01) is defined; vendors MUST set the other
+# bits to zero when they propagate. A later version's flags are read as version 00's.
+@pytest.mark.parametrize(
+    ("flags", "kept"),
+    [(b"09", b"01"), (b"ff", b"01"), (b"fe", b"00"), (b"02", b"00"), (b"80", b"00")],
+)
+def test_unknown_flag_bits_are_not_forwarded(flags: bytes, kept: bytes) -> None:
+    for version in (b"00", b"02", b"cc"):
+        incoming = version + VALID[2:-2] + flags
+        value, trace_id = outgoing_traceparent(request((b"traceparent", incoming)))
+        assert trace_id == TRACE, incoming  # still continued
+        assert FORMAT.match(value) and value.endswith(b"-" + kept), (incoming, value)
+        with_more = outgoing_traceparent(request((b"traceparent", incoming + b"-later")))[0]
+        if version != b"00":  # (a later version may carry more fields)
+            assert with_more.endswith(b"-" + kept), (incoming, with_more)
+
+
+def test_unknown_flag_bits_are_dropped_everywhere_the_trace_is_reused() -> None:
+    """trace_id_of (a plugin logged first), an aggregate's parts and the exporter's view."""
+    incoming = VALID[:-2] + b"0b"  # sampled, plus two reserved bits
+    assert parse_traceparent(incoming) == (TRACE, PARENT, "01")
+    logged_first = ctx((b"traceparent", incoming))
+    assert trace_id_of(logged_first) == TRACE
+    line = trace_headers(logged_first)
+    assert line.startswith(b"traceparent: 00-" + TRACE.encode()) and line.endswith(b"-01\r\n")
+    part = tracing.ChildTrace(ctx((b"traceparent", incoming))).traceparent()
+    assert part.endswith(b"-01")
+    assert span_context(logged_first)[3] == "01"
+    unsampled = ctx((b"traceparent", VALID[:-2] + b"fe"))
+    assert tracing.ChildTrace(unsampled).traceparent().endswith(b"-00")

@@ -3,15 +3,27 @@
 Every record is one JSON object per line with time, level, logger and message, plus the
 `extra={...}` fields the caller passed (event, service, instance, ...). Values that look like
 secrets are never passed in; `redact()` exists for the few places that echo user input.
+
+Lines the gateway does not word itself still pass through here: a library's (the OTLP
+exporter's urllib3 says "Max retries exceeded with url: /v1/traces?api_key=..."), an
+exception's text. So the message, the exception text and every string field have URL
+credentials taken out (`apigate.redaction.redact_url`: a password in the user info, a secret
+query parameter), and so do query parameters of a URL path without a scheme. This is the
+formatter of the gateway's own log lines only: the access log writes its lines itself (see
+apigate.observability.access_log), so the per-request path pays nothing for it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
+from urllib.parse import unquote_plus
+
+from apigate.redaction import REDACTED, SECRET_QUERY_PARAMS, redact_url
 
 _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 _SECRET_KEYS = ("authorization", "token", "secret", "password", "api_key", "apikey")
@@ -24,6 +36,29 @@ def redact(fields: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# A query parameter after "?" or "&" anywhere in a line: a URL path's without a scheme
+# ("url: /v1/traces?api_key=..."), which `redact_url` leaves alone as it looks for "://".
+# Its value runs to the next "&", blank or "#", quotes and brackets included (rather too
+# much redacted than a secret's tail shown).
+_QUERY_PARAM_IN_TEXT = re.compile(r"(?<=[?&])([^&=\s?#]+)=([^&\s#]*)")
+
+
+def redact_text(text: str) -> str:
+    """`text` with the credentials of the URLs in it replaced by "[redacted]": a password in
+    a URL's user info, the value of a secret query parameter (`?password=`, `&api_key=`...)
+    of a URL or of a bare path."""
+    text = redact_url(text)
+    if "=" in text:
+        text = _QUERY_PARAM_IN_TEXT.sub(_redact_param, text)
+    return text
+
+
+def _redact_param(m: re.Match[str]) -> str:
+    if m.group(2) and unquote_plus(m.group(1)).strip().lower() in SECRET_QUERY_PARAMS:
+        return f"{m.group(1)}={REDACTED}"
+    return m.group(0)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
@@ -31,13 +66,28 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": redact_text(record.getMessage()),
         }
-        extra = {k: v for k, v in vars(record).items() if k not in _STANDARD}
+        extra = {
+            k: redact_text(v) if isinstance(v, str) else v
+            for k, v in vars(record).items()
+            if k not in _STANDARD
+        }
         doc.update(redact(extra))
         if record.exc_info:
-            doc["exception"] = self.formatException(record.exc_info)
+            doc["exception"] = redact_text(self.formatException(record.exc_info))
         return json.dumps(doc, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """`time level logger: message` lines (`--plain-logs`), credentials redacted as in
+    the JSON lines."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
 
 
 def parse_log_levels(spec: str) -> tuple[str, dict[str, str]]:
@@ -63,7 +113,7 @@ def setup_logging(
     if json_format:
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -10,9 +10,16 @@ on the 2-core test machine: `Counter.labels(...).inc()` 1.8 µs and `Histogram.l
 counters, plus gauges read from the gateway (open connections, pools, instance health and
 in-flight, reloads), into metric families when Prometheus scrapes `GET /metrics`.
 
+The built-in by-name counters (KNOWN_COUNTERS) are counted without any call from the plugins:
+cache hits, misses and stale answers, retries and rate-limit rejections are read from the
+finished exchange into its route's series (see apigate.observability.series), breaker
+transitions from the breakers' own table (apigate.resilience.circuit_breaker). `inc()` is the
+API of other plugins (`inc("jobs_queued", route=...)`); a plugin's `inc` of a built-in name
+adds to that family's samples, so each name is one family.
+
 Label cardinality is bounded: route and service names come from the config, methods outside
 the standard set count as OTHER, status is a class (2 for 2xx), and the by-name counters of
-other plugins (`inc("ratelimit_rejected", route=...)`) are capped. No paths or client IPs.
+other plugins are capped. No paths or client IPs.
 
 For the dashboard, a 1 s timer keeps a ring of per-second snapshots of each route's totals;
 `GET /stats` derives requests/s, 5xx share and p50/p99 over the last minute from them.
@@ -46,6 +53,7 @@ from apigate.observability.series import (
     SeriesRecorder,
 )
 from apigate.periodic import Periodic
+from apigate.resilience.circuit_breaker import transition_counts
 
 if TYPE_CHECKING:
     from apigate.admin.http import AdminRequest, AdminResponse
@@ -61,15 +69,23 @@ RING_SECONDS = 61  # per-second snapshots kept for /stats (one minute of deltas)
 # (time, {route name: (requests, 5xx, total_ms buckets)}): one per second in the /stats ring
 Snapshot = tuple[float, dict[str, tuple[int, int, tuple[int, ...]]]]
 
-# Help text of the by-name counters the built-in plugins bump; others get a generic one.
+# Help text of the by-name counters the gateway counts itself (always exposed, as
+# `apigate_<name>_total{route, service}`); other names `inc()` bumps get a generic one.
 KNOWN_COUNTERS = {
     "ratelimit_rejected": "Requests rejected by a rate limit.",
     "cache_hits": "Responses served from the cache.",
     "cache_misses": "Cacheable requests the cache could not answer.",
+    "cache_stale": "Stale cached responses served in place of an upstream error.",
     "breaker_opened": "Circuit breaker transitions to open.",
     "breaker_half_opened": "Circuit breaker transitions to half-open.",
     "breaker_closed": "Circuit breaker transitions to closed.",
     "retries": "Upstream attempts beyond the first.",
+}
+# the breaker state a transition enters -> its counter's name
+_BREAKER_COUNTERS = {
+    "open": "breaker_opened",
+    "half_open": "breaker_half_opened",
+    "closed": "breaker_closed",
 }
 
 
@@ -100,7 +116,10 @@ class GatewayMetrics:
         self.recorder.observe(ctx)
 
     def inc(self, name: str, route: str = "", service: str = "", value: float = 1.0) -> None:
-        """Bump the counter `apigate_<name>_total{route, service}` (plugins call this)."""
+        """Bump the counter `apigate_<name>_total{route, service}`: the API of third-party
+        plugins (`env.shared["metrics"]`). The built-in plugins do not call it (their counts
+        are read from the finished exchange); a name of KNOWN_COUNTERS adds to the gateway's
+        own count in the same family."""
         key = (name, route, service)
         try:
             self.counters[key] += value
@@ -120,10 +139,15 @@ class GatewayMetrics:
         """The series keyed by (route name, service name), old snapshots' routes merged in."""
         out: dict[tuple[str, str], RouteSeries] = {}
         merged: set[tuple[str, str]] = set()
-        for key, s in [
-            *self.retired.items(),
-            *((_names(r), s) for r, s in list(self.series.items())),
-        ]:
+        entries = [*self.retired.items(), *((_names(r), s) for r, s in list(self.series.items()))]
+        # an aggregate route's calls: their own (route, part service) series, upstream only
+        entries += [
+            ((key[0], service), part)
+            for key, s in entries
+            if s.parts
+            for service, part in list(s.parts.items())
+        ]
+        for key, s in entries:
             have = out.get(key)
             if have is None:
                 out[key] = s
@@ -280,8 +304,9 @@ class _Collector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
-        yield from self._traffic(m)
-        yield from self._named(m)
+        series = m.by_name()
+        yield from self._traffic(series)
+        yield from self._named(m, series)
         info = GaugeMetricFamily("apigate_info", "apigate version.", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
@@ -289,7 +314,7 @@ class _Collector(Collector):
             yield from _gateway_gauges(m.gateway)
 
     @staticmethod
-    def _traffic(m: GatewayMetrics) -> Iterator[Metric]:
+    def _traffic(series: dict[tuple[str, str], RouteSeries]) -> Iterator[Metric]:
         requests = CounterMetricFamily(
             "apigate_requests",
             "Requests by route, service, method and status class.",
@@ -315,30 +340,60 @@ class _Collector(Collector):
             "Request body bytes (declared Content-Length) received.",
             labels=["route", "service"],
         )
-        for (route, service), s in m.by_name().items():
+        for (route, service), s in series.items():
             labels = [route, service]
             for method, row in list(s.methods.items()):
                 for cls, n in enumerate(row):
                     if n:
                         requests.add_metric([route, service, method, f"{cls}xx"], n)
-            total.add_metric(labels, _cumulative(s.total), s.total_sum / 1000)
             upstream.add_metric(labels, _cumulative(s.upstream), s.upstream_sum / 1000)
+            if not s.count:  # an aggregate's calls to a part service: no requests of its own
+                continue
+            total.add_metric(labels, _cumulative(s.total), s.total_sum / 1000)
             bytes_out.add_metric(labels, s.bytes_out)
             bytes_in.add_metric(labels, s.bytes_in)
         yield from (requests, total, upstream, bytes_out, bytes_in)
 
     @staticmethod
-    def _named(m: GatewayMetrics) -> Iterator[Metric]:
-        families: dict[str, CounterMetricFamily] = {}
-        for (name, route, service), value in sorted(m.counters.items()):
-            family = families.get(name)
-            if family is None:
-                doc = KNOWN_COUNTERS.get(name, f"Count of {name.replace('_', ' ')}.")
-                family = families[name] = CounterMetricFamily(
-                    f"apigate_{name}", doc, labels=["route", "service"]
-                )
-            family.add_metric([route, service], value)
-        yield from families.values()
+    def _named(m: GatewayMetrics, series: dict[tuple[str, str], RouteSeries]) -> Iterator[Metric]:
+        """The by-name counters: the gateway's own (always, one family each) with what plugins
+        added to the same names through `inc`, then the plugins' other names."""
+        values = _builtin_counts(series)
+        for (name, route, service), value in list(m.counters.items()):
+            by_labels = values.setdefault(name, {})
+            by_labels[(route, service)] = by_labels.get((route, service), 0.0) + value
+        for name, by_labels in sorted(values.items()):
+            doc = KNOWN_COUNTERS.get(name, f"Count of {name.replace('_', ' ')}.")
+            family = CounterMetricFamily(f"apigate_{name}", doc, labels=["route", "service"])
+            for (route, service), value in sorted(by_labels.items()):
+                family.add_metric([route, service], value)
+            yield family
+
+
+def _builtin_counts(
+    series: dict[tuple[str, str], RouteSeries],
+) -> dict[str, dict[tuple[str, str], float]]:
+    """{counter name: {(route, service): value}} of the counters the gateway keeps itself.
+    A route's three cache counters go together once it has any (a hit ratio needs both
+    sides); breakers' by service (route ""), the three together likewise."""
+    values: dict[str, dict[tuple[str, str], float]] = {name: {} for name in KNOWN_COUNTERS}
+    for key, s in series.items():
+        if s.cache_hits or s.cache_misses or s.cache_stale:
+            values["cache_hits"][key] = s.cache_hits
+            values["cache_misses"][key] = s.cache_misses
+            values["cache_stale"][key] = s.cache_stale
+        if s.retries:
+            values["retries"][key] = s.retries
+        if s.ratelimit_rejected:
+            values["ratelimit_rejected"][key] = s.ratelimit_rejected
+    for (breaker, state), n in transition_counts().items():
+        name = _BREAKER_COUNTERS.get(state)
+        if name is None:
+            continue
+        for other in _BREAKER_COUNTERS.values():
+            values[other].setdefault(("", breaker), 0)
+        values[name][("", breaker)] = n
+    return values
 
 
 def _cumulative(buckets: list[int]) -> list[tuple[str, float]]:
@@ -456,7 +511,8 @@ async def attach_metrics(gateway: Gateway) -> None:
     """Create the process's metrics, serve `GET /metrics` and `GET /stats` on the admin API.
 
     Must run after `attach_admin` (it adds routes to `gateway.extensions["admin_api"]`).
-    Plugins reach the object as `env.shared["metrics"]` (e.g. to call `inc`).
+    Plugins reach the object as `env.shared["metrics"]` (e.g. to call `inc`; the built-in
+    plugins call nothing: what they did is read from the finished exchange).
     """
     if "metrics" in gateway.extensions:
         return

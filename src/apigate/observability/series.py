@@ -3,12 +3,18 @@ on every request, kept apart so that it is compiled with the data plane (apigate
 
 `SeriesRecorder.observe(ctx)` is the gateway's per-request observer: dictionary and list
 arithmetic on one `RouteSeries` per route; no `prometheus_client` call happens per request.
+
+Besides the traffic itself, it counts what the finished exchange already holds, so that no
+plugin has to call into the metrics: the cache's word (`ctx.cache_status`), retries
+(`ctx.retries`), a rate limiter's 429 and, for an aggregate route, its part calls' latencies.
+A plain proxied request pays two attribute reads and two comparisons for them.
 """
 
 from __future__ import annotations
 
 from typing import Any, Final
 
+from apigate.plugins.rate_limit_local import REJECTED as RATE_LIMITED
 from apigate.proxy.exchange import ProxyExchange
 
 # Upper bounds (ms) of the latency buckets; one more bucket holds everything above (+Inf).
@@ -34,6 +40,9 @@ BUCKETS_MS: Final[tuple[float, ...]] = (
 NB: Final = len(BUCKETS_MS) + 1
 CLASSES: Final = 10  # status // 100 (0: no status, e.g. the client left before an answer)
 METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT"})
+# `ctx.vars` key of an aggregate's part calls that got a response head: [(service name, ms from
+# sending the request to the head)], appended by apigate.proxy.aggregate
+PART_LATENCIES: Final = "part_upstream_ms"
 
 
 class RouteSeries:
@@ -45,7 +54,13 @@ class RouteSeries:
     __slots__ = (
         "bytes_in",
         "bytes_out",
+        "cache_hits",
+        "cache_misses",
+        "cache_stale",
         "methods",
+        "parts",
+        "ratelimit_rejected",
+        "retries",
         "total",
         "total_sum",
         "upstream",
@@ -60,6 +75,13 @@ class RouteSeries:
         self.upstream_sum = 0.0
         self.bytes_in = 0
         self.bytes_out = 0
+        self.cache_hits = 0  # ctx.cache_status HIT: answered from the cache
+        self.cache_misses = 0  # MISS: looked up, not found fresh, asked upstream
+        self.cache_stale = 0  # STALE: a stale entry in place of an upstream error
+        self.retries = 0  # upstream attempts beyond the first
+        self.ratelimit_rejected = 0  # 429s of the route's rate limiter
+        # an aggregate route's calls, by part service: only `upstream` and `upstream_sum` used
+        self.parts: dict[str, RouteSeries] | None = None
 
     @property
     def count(self) -> int:
@@ -81,6 +103,24 @@ class RouteSeries:
         self.upstream_sum += other.upstream_sum
         self.bytes_in += other.bytes_in
         self.bytes_out += other.bytes_out
+        self.cache_hits += other.cache_hits
+        self.cache_misses += other.cache_misses
+        self.cache_stale += other.cache_stale
+        self.retries += other.retries
+        self.ratelimit_rejected += other.ratelimit_rejected
+        if other.parts:
+            mine_parts = self.parts
+            if mine_parts is None:
+                mine_parts = self.parts = {}
+            for service, theirs in other.parts.items():
+                part = mine_parts.get(service)
+                if part is None:
+                    part = mine_parts[service] = RouteSeries()
+                part.merge(theirs)
+
+    def count_upstream(self, ms: float) -> None:
+        self.upstream[_bucket(ms)] += 1
+        self.upstream_sum += ms
 
 
 def _bucket(ms: float) -> int:
@@ -91,6 +131,40 @@ def _bucket(ms: float) -> int:
     while i < n and BUCKETS_MS[i] < ms:
         i += 1
     return i
+
+
+def _count_cache(s: RouteSeries, word: str) -> None:
+    if word == "HIT":
+        s.cache_hits += 1
+    elif word == "MISS":
+        s.cache_misses += 1
+    elif word == "STALE":
+        s.cache_stale += 1
+    # BYPASS: the request was not one the cache could answer (a POST, `no-store`)
+
+
+def _count_parts(s: RouteSeries, parts: list[tuple[str, float]]) -> None:
+    """An aggregate's part calls: each its service's upstream latency under the route."""
+    by_service = s.parts
+    if by_service is None:
+        by_service = s.parts = {}
+    for service, ms in parts:
+        part = by_service.get(service)
+        if part is None:
+            part = by_service[service] = RouteSeries()
+        part.count_upstream(ms)
+
+
+def _count_unproxied(s: RouteSeries, ctx: Any, status: int) -> None:
+    """A request that got no upstream response head of its own (`upstream_ms` None): a
+    plugin's answer (401, 429, a cache hit), an error, or an aggregate's."""
+    if status == 429 and ctx.vars.get(RATE_LIMITED):  # (set by the limiter's refusal)
+        s.ratelimit_rejected += 1
+    route = ctx.route
+    if route is not None and route.service is None:  # an aggregate route: its parts' calls
+        parts = ctx.vars.get(PART_LATENCIES)
+        if parts:
+            _count_parts(s, parts)
 
 
 def _count_new(methods: dict[str, list[int]], method: str, status: int) -> None:
@@ -117,26 +191,42 @@ class SeriesRecorder:
         a load where an untyped one is a lookup by name (~10 of them per request)."""
         if isinstance(ctx, ProxyExchange):
             req = ctx.request
-            self.count(
+            status = ctx.status
+            upstream_ms = ctx.upstream_ms
+            s = self.count(
                 ctx.route,
                 req.method,
-                ctx.status,
+                status,
                 ctx.total_ms or 0.0,
-                ctx.upstream_ms,
+                upstream_ms,
                 ctx.bytes_sent,
                 req.content_length,
             )
-        else:  # (another name: compiled, `req` keeps the type of its first binding)
+            cache_status = ctx.cache_status
+            retries = ctx.retries
+        else:  # (other names: compiled, a local keeps the type of its first binding)
             fake: Any = ctx.request
-            self.count(
+            status = ctx.status
+            upstream_ms = ctx.upstream_ms
+            s = self.count(
                 ctx.route,
                 fake.method,
-                ctx.status,
+                status,
                 ctx.total_ms,
-                ctx.upstream_ms,
+                upstream_ms,
                 ctx.bytes_sent,
                 fake.content_length,
             )
+            if not hasattr(ctx, "vars"):  # a fake with nothing more to tell than the traffic
+                return
+            cache_status = getattr(ctx, "cache_status", None)
+            retries = getattr(ctx, "retries", 0)
+        if cache_status is not None:
+            _count_cache(s, cache_status)
+        if retries:
+            s.retries += retries
+        if upstream_ms is None:
+            _count_unproxied(s, ctx, status)
 
     def count(
         self,
@@ -147,7 +237,7 @@ class SeriesRecorder:
         upstream_ms: float | None,
         sent: int,
         received: int | None,
-    ) -> None:
+    ) -> RouteSeries:
         s = self.series.get(route)
         if s is None:
             s = self.series[route] = RouteSeries()
@@ -164,3 +254,4 @@ class SeriesRecorder:
         s.bytes_out += sent
         if received:
             s.bytes_in += received
+        return s

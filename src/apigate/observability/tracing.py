@@ -8,8 +8,10 @@ Propagation is on the hot path and costs one span id per request:
 `T` is kept when the client's `traceparent` is valid (strict: version 00, lower-case hex, right
 lengths, not all zeros; two `traceparent` fields are invalid too), otherwise the gateway starts
 a new trace and drops the client's `tracestate`, which belongs to the trace it no longer
-continues. `S` is the id of the gateway's *upstream (client) span*: the upstream's own span
-becomes its child. The gateway's server span gets its id only when it is exported.
+continues. Of the client's flags only the sampled bit (01) goes on: the others are reserved,
+and W3C Trace Context asks whoever propagates a trace to send them as zero. `S` is the id of
+the gateway's *upstream (client) span*: the upstream's own span becomes its child. The
+gateway's server span gets its id only when it is exported.
 
 Costs: ids are random lower-case hex digits sliced from one `os.urandom` draw of 4 KiB
 (hexlified once), so an id costs a bytes slice and the system call is shared by a few hundred

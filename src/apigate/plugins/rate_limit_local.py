@@ -22,6 +22,8 @@ from apigate.plugins.client_address import ClientAddresses
 from apigate.plugins.identity import reject
 
 _SWEEP_MIN: Final = 10_000  # keys before the first sweep of expired entries
+# `ctx.vars` key of a request this limiter refused (what /metrics counts as a rejection)
+REJECTED: Final = "rate_limited"
 _MAX_KEYS: Final = 1_000_000  # hard cap on the table (then the oldest half is forgotten)
 _REMAINING: Final = b"RateLimit-Remaining"
 _RESET: Final = b"RateLimit-Reset"
@@ -211,6 +213,8 @@ class LocalLimiter:
 
     def reject(self, ctx: Any, behind: int) -> Response:
         """The 429 for a request `behind` ns behind its bucket."""
+        scratch: dict[str, Any] = ctx.vars
+        scratch[REJECTED] = True
         retry = max(1, math.ceil((behind - self.tolerance) / 1e9))
         headers = [(b"Retry-After", b"%d" % retry)]
         if self.headers:

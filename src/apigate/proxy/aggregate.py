@@ -35,6 +35,12 @@ Only the request id, the forwarding headers (as a proxied request gets them) and
 context go to the parts, never the client's credentials. Each part is a child span of the
 request's trace: its own span id in `traceparent`, recorded in `vars["part_spans"]` for the
 tracing exporter, which exports a client span per part.
+Each call that got a response head adds, when it ends, its latency (from sending the request
+to the head, as a proxied request's `upstream_ms`) and its service's name to
+`vars["part_upstream_ms"]` (`apigate.observability.series.PART_LATENCIES`):
+the metrics count it in `apigate_upstream_duration_seconds{route, service}` under the
+aggregate route and the part's service, as Envoy and KrakenD make each backend call's latency
+observable.
 The HTTP client is injectable (`fetch=`), so unit tests need no sockets.
 """
 
@@ -49,10 +55,12 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
 
+from apigate.config.schema import AGGREGATE_ERRORS
 from apigate.http.errors import GatewayError
 from apigate.http.headers import VIA_VALUE, forwarding_lines
 from apigate.http.pool import PoolFull
 from apigate.http.upstream import UpstreamListener
+from apigate.observability.series import PART_LATENCIES
 from apigate.observability.trace_context import ChildTrace, PartSpan
 from apigate.plugins.base import Response
 from apigate.plugins.transform import ValueTemplate, refuse_json_constant
@@ -79,6 +87,8 @@ __all__ = [
 log = logging.getLogger("apigate.proxy.aggregate")
 
 MAX_PART_BODY: Final = 10 << 20
+# where the merged answer lists its failed parts
+_ERRORS_MEMBER: Final = b'"%s":' % AGGREGATE_ERRORS.encode()
 
 
 # Plain classes rather than dataclasses: mypyc compiles this module (apigate.buildinfo), and
@@ -269,7 +279,7 @@ class Aggregator:
                 raw = outcome if outcome is not None else b"null"
             members.append(part.member + raw)
         if errors:
-            members.append(b'"_errors":' + json.dumps(errors, separators=(",", ":")).encode())
+            members.append(_ERRORS_MEMBER + json.dumps(errors, separators=(",", ":")).encode())
         return b"{" + b",".join(members) + b"}"
 
     def __repr__(self) -> str:
@@ -299,6 +309,8 @@ class _Run:
         lines += [b"tracestate: %s\r\n" % state for state in self.trace.states]
         self.header_lines = b"".join(lines)
         self.spans: list[PartSpan] | None = None  # ctx.vars["part_spans"], once there is one
+        # ctx.vars[PART_LATENCIES], once a part has a response head: (service, ms) per call
+        self.latencies: list[tuple[str, float]] | None = None
         self.calls: list[_PartCall] = []
         self.outcomes: list[bytes | BaseException | None] = [None] * len(aggregator.parts)
         self.pending = len(aggregator.parts)
@@ -387,6 +399,13 @@ class _Run:
         self._end()
         for call in calls:
             call.cancel()
+
+    def answered_after(self, service: str, ms: float) -> None:
+        """A part's call to `service` had its response head `ms` after it was sent."""
+        latencies = self.latencies
+        if latencies is None:
+            latencies = self.latencies = self.ctx.vars.setdefault(PART_LATENCIES, [])
+        latencies.append((service, ms))
 
 
 # json.loads minus its three Python-level frames: the C scanner json.loads ends up in, with
@@ -477,6 +496,7 @@ class _PartCall(UpstreamListener):
         self.reused = False
         self.fresh_retry = True
         self.sent_at = 0.0
+        self.head_at = 0.0  # when the response head came (0.0: not yet), for the metrics
         self.head: ResponseHead | None = None
         self.chunks: list[bytes] = []
         self.size = 0
@@ -594,6 +614,8 @@ class _PartCall(UpstreamListener):
                     failed,
                 )
             )
+            if self.head_at:  # it was answered: the latency of the service's answer
+                run.answered_after(service.name, (self.head_at - self.sent_at) * 1000.0)
         finally:
             self.run.settle(self, outcome)
 
@@ -626,6 +648,7 @@ class _PartCall(UpstreamListener):
 
     # ------------------------------------------------------------------ injected client
     async def _fetch(self, fetch: Fetch, request: PartRequest) -> None:
+        self.sent_at = time.monotonic()
         try:
             response = await fetch(request)
         except PoolFull:
@@ -644,6 +667,7 @@ class _PartCall(UpstreamListener):
             self._fail(exc, healthy=None)
             return
         self.task = None
+        self.head_at = time.monotonic()  # (the whole response: an injected client has no head)
         try:
             self._response(response.status, response.body)
         except Exception as bug:
@@ -731,6 +755,7 @@ class _PartCall(UpstreamListener):
         self.conn = conn
         self.reused = reused
         self.head = None
+        self.head_at = 0.0
         self.chunks = []
         self.size = 0
         now = self.sent_at = time.monotonic()
@@ -758,6 +783,7 @@ class _PartCall(UpstreamListener):
     # UpstreamListener: what the connection reports
     def on_response_head(self, head: ResponseHead) -> None:
         self.head = head
+        self.head_at = time.monotonic()
 
     def on_response_body(self, chunk: bytes) -> None:
         self.size += len(chunk)

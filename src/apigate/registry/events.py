@@ -1,7 +1,17 @@
-"""Recent control-plane events (registrations, health transitions, reloads) for the admin API.
+"""Recent control-plane events (registrations, health transitions, breaker changes, DNS
+answers) for the admin API.
 
-Each event is logged as structured JSON and kept in a bounded ring so that `GET /events` and the
-dashboard can show what happened lately without a log pipeline.
+Each event is kept in a bounded ring so that `GET /events` and the dashboard can show what
+happened lately without a log pipeline, and logged as structured JSON through the logger of
+the component it is about, so that per-component levels (`--log-level
+warning,apigate.registry=debug`) reach it:
+
+    registration, service   apigate.registry
+    health                  apigate.registry.health (as the active checker's own lines)
+    breaker                 apigate.resilience
+    dns                     apigate.dns (DNS discovery of a service's instances)
+    upstream_dns            apigate.upstream.dns (names in a service's targets)
+    anything else           apigate.events
 """
 
 from __future__ import annotations
@@ -13,6 +23,19 @@ from typing import Any
 
 log = logging.getLogger("apigate.events")
 
+# event kind -> the logger of its component (README, "Observability", lists these names)
+EVENT_LOGGERS: dict[str, logging.Logger] = {
+    kind: logging.getLogger(name)
+    for kind, name in {
+        "registration": "apigate.registry",
+        "service": "apigate.registry",
+        "health": "apigate.registry.health",
+        "breaker": "apigate.resilience",
+        "dns": "apigate.dns",
+        "upstream_dns": "apigate.upstream.dns",
+    }.items()
+}
+
 
 class EventLog:
     def __init__(self, size: int = 500) -> None:
@@ -23,7 +46,8 @@ class EventLog:
         self._seq += 1
         event = {"seq": self._seq, "time": time.time(), "kind": kind, "message": message, **fields}
         self._events.append(event)
-        log.log(level, message, extra={"event": kind, **fields})
+        logger = EVENT_LOGGERS.get(kind, log)
+        logger.log(level, message, extra={"event": kind, **fields})
 
     def recent(self, since: int = 0, limit: int = 100) -> list[dict[str, Any]]:
         out = [e for e in self._events if e["seq"] > since]

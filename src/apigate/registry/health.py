@@ -70,7 +70,7 @@ __all__ = [
     "parse_status_line",
 ]
 
-log = logging.getLogger("apigate.health")
+log = logging.getLogger("apigate.registry.health")  # under the registry: see events.py
 
 POLL_INTERVAL = 0.5  # seconds between scans of the service table for new/removed instances
 JITTER = 0.1  # every later probe waits interval * [1 - JITTER, 1 + JITTER)

@@ -14,6 +14,12 @@ probe slot back. A caller that keeps `transitions` from its `allow()` and passes
 is never mistaken for a probe of a later half-open round. The clock is injectable so tests
 need no sleeping. On the hot path a closed breaker costs one comparison in `allow()` and one
 bucket update in `record()`.
+
+Every transition is an event (`apigate.registry.events`, logged on "apigate.resilience") and
+is counted by breaker name and new state in a process-wide table, `transition_counts()`, that
+`/metrics` exposes as `apigate_breaker_opened_total` and its siblings. The table is keyed by
+name rather than kept on the breaker: a service whose `circuit_breaker` settings change gets a
+new breaker, and its counters must go on from where they were.
 """
 
 from __future__ import annotations
@@ -28,6 +34,15 @@ from apigate.config.schema import CircuitBreakerConfig
 from apigate.registry.events import EVENTS
 
 _BUCKETS: Final = 10
+
+# (breaker name, state entered) -> transitions so far, in this process. Transitions are rare:
+# a dict update each costs nothing next to the event logged with it.
+_TRANSITIONS: Final[dict[tuple[str, str], int]] = {}
+
+
+def transition_counts() -> dict[tuple[str, str], int]:
+    """How many times each breaker entered each state ("open", "half_open", "closed")."""
+    return dict(_TRANSITIONS)
 
 
 class State(enum.Enum):
@@ -141,6 +156,8 @@ class CircuitBreaker:
     def _set(self, state: State, reason: str) -> None:
         previous, self.state = self.state, state
         self.transitions += 1
+        key = (self.name, state.value)
+        _TRANSITIONS[key] = _TRANSITIONS.get(key, 0) + 1
         if state is State.CLOSED:
             self.consecutive_failures = 0
             for bucket in self._ring:
