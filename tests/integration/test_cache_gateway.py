@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -158,6 +160,16 @@ def _config(up: Upstream, doomed: Upstream, held: HeldBodyUpstream) -> dict[str,
                 "jwt",
                 {"ttl": "30s"},
                 plugins={"jwt": {"secret": JWT_SECRET, "algorithms": ["HS256"]}},
+            ),
+            route(  # the tenant and the user go upstream in the path and the query
+                "tenant",
+                {"ttl": "30s"},
+                plugins={
+                    "request_transform": {
+                        "path": "/respond/{header.X-Tenant}",
+                        "query": {"set": {"user": "{header.X-User}"}},
+                    }
+                },
             ),
             route(  # users of an identity provider: their tokens name no consumer
                 "idp",
@@ -487,6 +499,33 @@ async def test_a_body_cut_off_mid_way_is_never_stored(setup: Setup) -> None:
     assert setup.count("cut-herd") == 5
 
 
+def _reset(client: RawClient) -> None:
+    """Leave with a TCP reset (RST), as an impatient client's process does when killed."""
+    assert client.writer is not None
+    sock = client.writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.writer.transport.abort()
+
+
+async def test_when_the_leaders_client_leaves_one_waiter_leads_the_others(setup: Setup) -> None:
+    """One impatient client must not undo coalescing: its waiters do not all go upstream."""
+    path = _target("c", "leader-gone", "Cache-Control: max-age=60", ms="800")
+    leader = RawClient(setup.gw.port)
+    await leader.connect()
+    host = f"127.0.0.1:{setup.gw.port}"  # the followers' Host: the same key
+    await leader.send(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    await asyncio.sleep(0.1)  # it leads: its request is upstream
+    followers = [asyncio.create_task(setup.get(path)) for _ in range(6)]
+    await asyncio.sleep(0.3)  # they wait for it
+    _reset(leader)
+    await leader.close()
+    replies = await asyncio.gather(*followers)
+    assert [r.status for r in replies] == [200] * 6
+    assert sorted(r.headers["x-cache"] for r in replies) == ["HIT"] * 5 + ["MISS"]
+    assert len({r.body for r in replies}) == 1
+    assert setup.count("leader-gone") == 2  # the leader's (cut) and its successor's
+
+
 # ------------------------------------------------------------------------------ stale-if-error
 
 
@@ -570,6 +609,24 @@ async def test_purge_by_route_and_prefix(setup: Setup) -> None:
     assert (await setup.get(other)).headers["x-cache"] == "HIT"  # another route: untouched
     missing = await request(admin, "DELETE", "/cache?route=nope")
     assert missing.status == 404
+
+
+# ------------------------------------------------------------------------------ request_transform
+
+
+async def test_the_key_is_the_request_request_transform_sends(setup: Setup) -> None:
+    """RFC 9111 §2 (and Kong's order): request_transform runs before the cache, which keys
+    the request as it goes upstream. One tenant's data never reaches another."""
+    path = "/tenant/x?t=tenant&h=" + quote("Cache-Control: max-age=60")
+    acme = {"X-Tenant": "acme", "X-User": "alice"}
+    first = await setup.get(path, acme)
+    other = await setup.get(path, {"X-Tenant": "globex", "X-User": "bob"})
+    assert (first.headers["x-cache"], other.headers["x-cache"]) == ("MISS", "MISS")
+    assert first.json()["path"] == "/respond/acme" and "user=alice" in first.json()["query"]
+    assert other.json()["path"] == "/respond/globex" and "user=bob" in other.json()["query"]
+    again = await setup.get(path, acme)
+    assert again.headers["x-cache"] == "HIT" and again.body == first.body
+    assert setup.count("tenant") == 2
 
 
 # ------------------------------------------------------------------------------ CORS

@@ -15,6 +15,7 @@ from apigate.http.upstream import ResponseHead
 from apigate.plugins.base import Response
 from apigate.plugins.cache import CachePlugin, live_plugins, purge_all
 from apigate.plugins.cache_store import MemoryStore, RedisCacheStore, target_of
+from apigate.plugins.chain import PluginChain
 from tests.unit.test_cache_store import FakeRedis
 from tests.unit.test_plugin_fakes import build, make_env, make_request
 
@@ -31,6 +32,7 @@ class Ctx:
         self.consumer: Any = None
         self.vars: dict[str, Any] = {}
         self.params: dict[str, str] = {}
+        self.upstream_path = path  # what the route (and request_transform) send upstream
         self.cache_status: str | None = None
         self.error: str | None = None
         self.status = 0
@@ -340,6 +342,58 @@ def test_vary_keeps_one_entry_per_header_value() -> None:
     assert plugin.on_request(Ctx()) is None  # no Accept-Language is a third variant
 
 
+def test_a_variant_stored_under_another_vary_is_not_served() -> None:
+    """RFC 9111 §4.1: a stored response matches only on the fields its own Vary names. The
+    origin moved from `Vary: X-Lang` to `Vary: X-Other` (the marker now names X-Other): the
+    X-Lang=en response must not answer a request whose X-Other happens to be "en"."""
+    plugin, clock = cache()
+    en = Ctx(headers=[("X-Lang", "en")])
+    plugin.on_request(en)
+    upstream(plugin, en, headers=[(b"Cache-Control", b"max-age=60"), (b"Vary", b"X-Lang")])
+    clock.now += 1
+    other = Ctx(headers=[("X-Lang", "de"), ("X-Other", "q")])
+    assert plugin.on_request(other) is None
+    upstream(plugin, other, headers=[(b"Cache-Control", b"max-age=60"), (b"Vary", b"X-Other")])
+    assert hit(plugin.on_request(Ctx(headers=[("X-Other", "q")]))).status == 200
+    assert missed(plugin, Ctx(headers=[("X-Lang", "fr"), ("X-Other", "en")]))
+
+
+async def test_a_variant_stored_under_another_vary_is_not_served_from_redis() -> None:
+    plugin, clock = cache()
+    plugin.store = RedisCacheStore(FakeRedis())  # type: ignore[arg-type]
+
+    async def lookup(ctx: Ctx) -> Response | None:
+        outcome = plugin.on_request(ctx)
+        return await outcome if inspect.isawaitable(outcome) else outcome
+
+    for headers, vary in [([("X-Lang", "en")], b"X-Lang"), ([("X-Other", "q")], b"X-Other")]:
+        ctx = Ctx(headers=headers)
+        assert await lookup(ctx) is None
+        upstream(plugin, ctx, headers=[(b"Cache-Control", b"max-age=60"), (b"Vary", vary)])
+        await plugin.close()  # waits for the background SET
+        clock.now += 1
+    assert hit(await lookup(Ctx(headers=[("X-Other", "q")]))).status == 200
+    stray = Ctx(headers=[("X-Lang", "fr"), ("X-Other", "en")])
+    assert await lookup(stray) is None and stray.cache_status == "MISS"
+
+
+@pytest.mark.parametrize(
+    ("stored_with", "asked_with"),
+    [([], [("X-Lang", "")]), ([("X-Lang", "")], [])],
+    ids=["absent-then-empty", "empty-then-absent"],
+)
+def test_an_absent_vary_field_does_not_match_an_empty_one(
+    stored_with: list[tuple[str, str]], asked_with: list[tuple[str, str]]
+) -> None:
+    """RFC 9111 §4.1: a field absent from the original request matches only its absence."""
+    plugin, _ = cache()
+    first = Ctx(headers=stored_with)
+    plugin.on_request(first)
+    upstream(plugin, first, headers=[(b"Cache-Control", b"max-age=60"), (b"Vary", b"X-Lang")])
+    assert hit(plugin.on_request(Ctx(headers=stored_with))).status == 200
+    assert missed(plugin, Ctx(headers=asked_with))
+
+
 # ------------------------------------------------------------------------------ Authorization
 
 
@@ -459,6 +513,26 @@ def test_conditional_hit_answers_304() -> None:
     assert response.status == 304 and response.body == b""
     assert header(response, b"etag") == b'"v1"' and header(response, b"x-other") is None
     assert hit(plugin.on_request(Ctx(headers=[("If-None-Match", '"v0"')]))).status == 200
+
+
+@pytest.mark.parametrize("status", [404, 410, 301])
+@pytest.mark.parametrize(
+    "condition",
+    [("If-None-Match", '"v1"'), ("If-Modified-Since", "Tue, 14 Nov 2023 22:13:20 GMT")],
+    ids=["inm", "ims"],
+)
+def test_preconditions_are_ignored_for_a_hit_that_is_not_2xx(
+    status: int, condition: tuple[str, str]
+) -> None:
+    """RFC 9110 §13.2.1: preconditions apply only when the response would be 2xx (or 412); a
+    cached 404 with a matching ETag is still the 404, never a 304."""
+    plugin, _ = cache()
+    ctx = Ctx()
+    plugin.on_request(ctx)
+    validators = [(b"ETag", b'"v1"'), (b"Last-Modified", b"Tue, 14 Nov 2023 22:00:00 GMT")]
+    upstream(plugin, ctx, status=status, headers=[(b"Cache-Control", b"max-age=60"), *validators])
+    response = hit(plugin.on_request(Ctx(headers=[condition])))
+    assert response.status == status and response.body == b'{"n":1}'
 
 
 # ------------------------------------------------------------------------------ stale-if-error
@@ -695,10 +769,192 @@ async def test_a_released_key_gets_a_new_leader_while_the_old_body_streams() -> 
     assert repr(plugin).endswith("0 in flight>")
 
 
+def waiter(plugin: CachePlugin, ctx: Ctx) -> asyncio.Future[Any]:
+    """`ctx`'s lookup coalesced behind a leader, running (as the exchange's task would)."""
+    outcome = plugin.on_request(ctx)
+    assert inspect.isawaitable(outcome), outcome
+    return asyncio.ensure_future(outcome)
+
+
+def client_leaves(plugin: CachePlugin, ctx: Ctx) -> None:
+    """What the exchange does when a request's client goes away: `on_client_lost` (if a
+    plugin set one), then the end of the exchange with the error set."""
+    stop = getattr(ctx, "on_client_lost", None)
+    if stop is not None:
+        stop()
+    ctx.error = "client closed the connection"
+    plugin.on_response_end(ctx)
+    plugin.on_log(ctx)
+
+
+@pytest.mark.parametrize("when", ["before-the-head", "mid-body"])
+async def test_when_the_leaders_client_leaves_one_waiter_leads_and_the_others_wait(
+    when: str,
+) -> None:
+    """One impatient client must not undo coalescing (nginx's proxy_cache_lock hands the
+    lock on): one waiter goes upstream as the new leader, the others wait for its entry."""
+    plugin, _ = cache()
+    leader = Ctx()
+    assert plugin.on_request(leader) is None
+    followers = [Ctx() for _ in range(4)]
+    waiting = [waiter(plugin, f) for f in followers]
+    await asyncio.sleep(0)
+    if when == "mid-body":
+        answer_head(plugin, leader)
+        plugin.on_response_chunk(leader, b"part")
+    client_leaves(plugin, leader)
+    await settled(waiting[0])
+    done = [task for task in waiting if task.done()]
+    assert len(done) == 1, "every waiter went upstream"
+    assert done[0] is waiting[0] and done[0].result() is None  # the oldest waiter leads
+    upstream(plugin, followers[0], chunks=[b"the new leader's"])
+    answers = await asyncio.gather(*waiting[1:])
+    assert all(hit(a).body == b"the new leader's" for a in answers)
+    assert [f.cache_status for f in followers] == ["MISS", "HIT", "HIT", "HIT"]
+    assert repr(plugin).endswith("0 in flight>")
+
+
+async def test_the_new_leaders_client_may_leave_too() -> None:
+    plugin, _ = cache()
+    leader, second, third = Ctx(), Ctx(), Ctx()
+    plugin.on_request(leader)
+    waiting = [waiter(plugin, f) for f in (second, third)]
+    await asyncio.sleep(0)
+    client_leaves(plugin, leader)
+    assert await waiting[0] is None and not waiting[1].done()
+    client_leaves(plugin, second)
+    assert await waiting[1] is None  # the last waiter leads in its turn
+    upstream(plugin, third, chunks=[b"third's"])
+    assert hit(plugin.on_request(Ctx())).body == b"third's"
+
+
+async def test_a_waiter_that_left_or_asks_head_does_not_take_the_lead() -> None:
+    plugin, _ = cache()
+    leader, gone, head, get = Ctx(), Ctx(), Ctx("HEAD"), Ctx()
+    plugin.on_request(leader)
+    waiting = [waiter(plugin, f) for f in (gone, head, get)]
+    await asyncio.sleep(0)
+    client_leaves(plugin, gone)  # left while it waited (its exchange is over)
+    client_leaves(plugin, leader)
+    assert await waiting[2] is None  # the GET leads: a HEAD has no body to store
+    assert not waiting[1].done()
+    upstream(plugin, get, chunks=[b"get's"])
+    assert hit(await waiting[1]).body == b"get's" and head.cache_status == "HIT"
+
+
+async def test_a_waiter_that_stopped_waiting_is_not_handed_the_flight() -> None:
+    plugin, _ = cache(coalesce_timeout="50ms")
+    leader, impatient, patient = Ctx(), Ctx(), Ctx()
+    plugin.on_request(leader)
+    assert await waiter(plugin, impatient) is None  # timed out: it went upstream alone
+    waiting = waiter(plugin, patient)
+    await asyncio.sleep(0)
+    client_leaves(plugin, leader)
+    assert await waiting is None and patient.vars["cache"].flight is not None
+    assert impatient.vars["cache"].flight is None
+    upstream(plugin, patient, chunks=[b"patient's"])
+    assert hit(plugin.on_request(Ctx())).body == b"patient's"
+
+
+async def test_with_no_waiter_able_to_lead_every_waiter_is_released() -> None:
+    plugin, _ = cache()
+    leader, head = Ctx(), Ctx("HEAD")
+    plugin.on_request(leader)
+    waiting = waiter(plugin, head)
+    await asyncio.sleep(0)
+    client_leaves(plugin, leader)
+    assert await waiting is None
+    assert repr(plugin).endswith("0 in flight>")
+
+
+async def test_a_leader_that_fails_still_releases_every_waiter() -> None:
+    """Only a leader whose client left hands over: an upstream failure releases them all
+    (each may meet its own stale entry or error at once, not one timeout after another)."""
+    plugin, _ = cache()
+    leader = Ctx()
+    plugin.on_request(leader)
+    waiting = [waiter(plugin, Ctx()) for _ in range(3)]
+    await asyncio.sleep(0)
+    upstream(plugin, leader, chunks=[b"partial"], error="upstream closed mid-response")
+    assert await asyncio.gather(*waiting) == [None, None, None]
+
+
 def test_head_does_not_lead() -> None:
     plugin, _ = cache()
     plugin.on_request(Ctx("HEAD"))
     assert plugin.on_request(Ctx()) is None  # a GET arriving next leads its own request
+
+
+# ------------------------------------------------------------------------------ request_transform
+
+
+def through_chain(chain: PluginChain, ctx: Ctx) -> Any:
+    """The request hooks in chain order, as the exchange runs them, until one answers."""
+    for hook in chain.request_hooks:
+        outcome = hook(ctx)
+        if outcome is not None:
+            return outcome
+    return None
+
+
+def test_request_transform_runs_before_the_cache_and_response_transform_after() -> None:
+    """As in Kong (request-transformer 801, proxy-cache 100): the cache sees the request as it
+    goes upstream; the response side is unchanged: the cache stores the head as
+    response_transform left it."""
+    chain = PluginChain(
+        [build("response_transform", {}), cache()[0], build("request_transform", {})]
+    )
+    names = [p.name for p in chain.plugins]
+    assert names == ["request_transform", "cache", "response_transform"]
+
+
+@pytest.mark.parametrize(
+    ("transform", "vary"),
+    [
+        pytest.param({"path": "/data/{header.X-Tenant}"}, None, id="path"),
+        pytest.param({"query": {"set": {"tenant": "{header.X-Tenant}"}}}, None, id="query"),
+        pytest.param(
+            {"headers": {"set": {"X-Tenant-Id": "{header.X-Tenant}"}}}, b"X-Tenant-Id", id="header"
+        ),
+    ],
+)
+def test_the_key_is_the_request_request_transform_sends(
+    transform: dict[str, Any], vary: bytes | None
+) -> None:
+    """RFC 9111 §2: the key is the request that produced the response. A tenant's data must
+    not reach another tenant because the gateway, not the client, put the tenant in it."""
+    plugin, _ = cache()
+    chain = PluginChain([plugin, build("request_transform", transform)])
+    headers = [(b"Cache-Control", b"max-age=60")] + ([(b"Vary", vary)] if vary else [])
+
+    def tenant(name: str) -> Ctx:
+        return Ctx(path="/tenant/x", headers=[("X-Tenant", name)])
+
+    acme = tenant("acme")
+    assert through_chain(chain, acme) is None
+    upstream(plugin, acme, headers=headers, chunks=[b"acme's"])
+    assert hit(through_chain(chain, tenant("acme"))).body == b"acme's"
+    globex = tenant("globex")
+    assert through_chain(chain, globex) is None and globex.cache_status == "MISS"
+    plugin.on_log(globex)
+
+
+def test_the_key_holds_the_upstream_path_and_purge_the_client_one() -> None:
+    """Two client paths routed to one upstream path stay apart (a route may add what the
+    client path said elsewhere); an upstream path changed by a rewrite is in the key; purge
+    and invalidation keep to the path the client asked for."""
+    plugin, _ = cache()
+    first = Ctx(path="/api/users")
+    first.upstream_path = "/users"
+    plugin.on_request(first)
+    upstream(plugin, first, chunks=[b"users"])
+    again = Ctx(path="/api/users")
+    again.upstream_path = "/users"
+    assert hit(plugin.on_request(again)).body == b"users"
+    elsewhere = Ctx(path="/api/users")
+    elsewhere.upstream_path = "/v2/users"
+    assert missed(plugin, elsewhere)
+    assert asyncio.run(plugin.purge(route="r", prefix="/api/")) == 1
 
 
 # ------------------------------------------------------------------------------ invalidation

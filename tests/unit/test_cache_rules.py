@@ -343,8 +343,20 @@ def test_etag_weak_comparison() -> None:
 
 def test_not_modified() -> None:
     modified = http_date(NOW - 100)
-    assert not_modified('"v1"', None, '"v1"', None)
-    assert not not_modified('"v2"', http_date(NOW), '"v1"', modified)  # INM wins over IMS
-    assert not_modified(None, http_date(NOW), None, modified)
-    assert not not_modified(None, http_date(NOW - 200), None, modified)
-    assert not not_modified(None, None, '"v1"', modified)
+    assert not_modified(200, '"v1"', None, '"v1"', None)
+    assert not not_modified(200, '"v2"', http_date(NOW), '"v1"', modified)  # INM wins over IMS
+    assert not_modified(200, None, http_date(NOW), None, modified)
+    assert not not_modified(200, None, http_date(NOW - 200), None, modified)
+    assert not not_modified(200, None, None, '"v1"', modified)
+
+
+@pytest.mark.parametrize("status", [204, 203])
+def test_not_modified_for_any_2xx(status: int) -> None:
+    assert not_modified(status, '"v1"', None, '"v1"', None)
+
+
+@pytest.mark.parametrize("status", [300, 301, 308, 404, 405, 410, 414, 501])
+def test_preconditions_apply_to_2xx_responses_only(status: int) -> None:
+    """RFC 9110 §13.2.1: a precondition is ignored when the response would not be 2xx."""
+    assert not not_modified(status, '"v1"', None, '"v1"', None)
+    assert not not_modified(status, None, http_date(NOW), None, http_date(NOW - 100))

@@ -5,7 +5,8 @@
         plugins:
           cache: {ttl: 30s, max_bytes: 64MiB, max_entry_bytes: 1MiB, stale_if_error: 1m}
 
-Keys: route, GET (HEAD shares GET's entry), path?query, Host, who is asking
+Keys: route, GET (HEAD shares GET's entry), path?query, Host, the path sent upstream when it
+is not the client's (a route rewrite, `strip_prefix`, `request_transform`), who is asking
 (`key_include_consumer`, default true: the authenticated consumer's name, or for a JWT that
 names no consumer, as an outside identity provider's users' do, its issuer and subject; see
 `identity.principal`. Credentials outside `Authorization`, such as an API key header, a query
@@ -16,9 +17,17 @@ of the request headers the response's `Vary` names.
 do not depend on who asks). Whatever the key, a response to a request with `Authorization`
 is stored only when it says `public`, `s-maxage` or `must-revalidate` (RFC 9111 §3.5): a
 consumer may stand for many users (an application's key, its users' tokens).
+The key describes the request as it goes upstream (RFC 9111 §2: the request that produced
+the response): `request_transform` (priority 801) runs before this plugin, as Kong's
+request-transformer runs before its proxy-cache, so the query, the path and the Vary'd
+request headers are the ones it sent (a tenant it put in the path from a header is another
+entry), and the §3.5 rule above sees the Authorization it sent. A hit costs its edits then.
 The rules themselves are the pure functions of `cache_rules.py`; the stores are in
-`cache_store.py`. Every response of the route carries `X-Cache: HIT | MISS | BYPASS` (or
-`STALE`, see below) and `ctx.cache_status` holds the same word for the access log.
+`cache_store.py`. Every response the route proxies or answers from the cache carries
+`X-Cache: HIT | MISS | BYPASS` (or `STALE`, see below); an error the gateway makes itself
+(a connect error's 502, a timeout's 504, a plugin's 401 or 429) carries none unless a stale
+entry replaces it, as Kong's X-Cache-Status, but `ctx.cache_status` holds the word for the
+access log whenever this plugin ran.
 
 What is stored is the response as the client received it: the head after every `on_response`
 hook (a lower-priority `response_transform` included, read when the body ends) and the body
@@ -38,7 +47,7 @@ for it; a plugin that makes a response depend on a request header must add that 
   `ctx.error is None` there must mean the client received the complete body. If the response
   was cut off (upstream reset or timeout mid-body, client gone), the exchange sets `ctx.error`
   first or does not call it at all. Nothing is stored without `on_response_end` and
-  `ctx.error is None`; `on_log` releases coalesced waiters in every case.
+  `ctx.error is None`; `on_log` releases (or hands over) coalesced waiters in every case.
 - **replace_response**: after all `on_response` hooks, if `ctx.vars.get("replace_response")`
   is a `Response`, the exchange discards the upstream response (closing or draining the
   upstream connection) and sends that `Response` instead, as it does for `ctx.respond`.
@@ -49,6 +58,9 @@ for it; a plugin that makes a response depend on a request header must add that 
   open breaker), it calls `ctx.vars.get("stale_response")` if present: a zero-argument callable
   returning a `Response` (sets `ctx.cache_status = "STALE"` itself) or None when the stale
   window has passed since; a `Response` is sent instead of the error.
+- **on_client_lost**: a leader sets `ctx.on_client_lost`, which the exchange calls when the
+  client goes away before the response is over (before `on_response_end`): its flight is
+  then handed over (see Coalescing).
 - Both stale answers go out without the exchange's decoration, so the plugin applies the
   response hooks of the plugins above it itself (`chain.respond_hooks` for its own request
   hook), as the exchange does for a HIT: CORS headers are on a STALE answer too.
@@ -62,6 +74,13 @@ go upstream themselves: as soon as that is known (as nginx's proxy_cache_lock an
 hit-for-miss do), i.e. when the head says the response will not be stored, when the body
 passes `max_entry_bytes`, or else when the response ends. A HEAD never leads (its response
 has no body to store).
+
+One impatient client does not undo that: when the leader's client leaves (the exchange cuts
+its upstream request), the oldest waiter that can lead (a GET whose client is still there)
+becomes the leader and goes upstream, and the others wait on it, within their
+`coalesce_timeout` (nginx's proxy_cache_lock hands its lock on the same way). A leader whose
+upstream failed or was cut releases every waiter, as above: each goes on to its own answer
+(a stale entry, an error) at once, not after one timeout per waiter.
 
 ## Invalidation
 
@@ -156,16 +175,18 @@ class CacheConfig(PluginConfig):
 
 
 class _Flight:
-    """A leader's request in progress; waiters create the future only when they exist."""
+    """A leader's request in progress; waiters create the future and the list of who waits
+    only when they exist."""
 
-    __slots__ = ("future", "key")
+    __slots__ = ("future", "key", "waiting")
 
     def __init__(self, key: str) -> None:
         self.key = key
         self.future: asyncio.Future[CacheEntry | None] | None = None
+        self.waiting: list[Any] | None = None  # the waiters' exchanges, oldest first
 
     def __repr__(self) -> str:
-        waiting = "waited on" if self.future is not None else "alone"
+        waiting = f"waited on by {len(self.waiting)}" if self.waiting else "alone"
         return f"<Flight {self.key!r} {waiting}>"
 
 
@@ -176,9 +197,11 @@ class _State:
         "auth",
         "base",
         "chunks",
+        "ended",
         "flight",
         "head",
         "key",
+        "left",
         "policy",
         "size",
         "stale",
@@ -198,6 +221,12 @@ class _State:
         self.head: Any = None
         self.chunks: list[bytes] | None = None  # collecting the body when not None
         self.size = 0
+        self.left = False  # its client left while it led a flight (`client_left`)
+        self.ended = False  # its exchange is over (`on_log` ran): it can lead no flight
+
+    def client_left(self) -> None:
+        """The exchange's `on_client_lost`: the leader's flight goes to one of its waiters."""
+        self.left = True
 
 
 def _joined(headers: list[tuple[bytes, bytes]], lname: bytes) -> str | None:
@@ -227,14 +256,39 @@ def _request_fields(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str
     return cache_control, pragma, authorization
 
 
+# A Vary'd field the request does not carry: RFC 9111 §4.1 has an absent field match only
+# its absence, never an empty value. llhttp refuses NUL in a field value, so no request
+# carries this one.
+_ABSENT = "\x00"
+
+
 def _request_values(req: Any, name: str) -> str:
     if name == "host":
         return str(req.host)
-    return ", ".join(v.strip() for v in req.header_values(name))
+    values = req.header_values(name)
+    if not values:
+        return _ABSENT
+    return ", ".join(v.strip() for v in values)
 
 
 def variant_key(base: str, names: tuple[str, ...], req: Any) -> str:
     return base + VARIANT_SEP + KEY_SEP.join(_request_values(req, n) for n in names)
+
+
+def _can_lead(ctx: Any) -> bool:
+    """May this waiting request take a flight over: a GET (its response is stored) whose
+    exchange is not over?"""
+    state: _State | None = ctx.vars.get(STATE_KEY)
+    return state is not None and state.policy.store and not state.ended
+
+
+def _same_vary(variant: CacheEntry | None, marker: CacheEntry) -> CacheEntry | None:
+    """`variant` when its own Vary names the fields the marker names, else None. The key
+    holds the values of the marker's fields only: a response stored before the origin
+    changed its Vary matched those values on other fields (RFC 9111 §4.1)."""
+    if variant is None or variant.vary == marker.vary:
+        return variant
+    return None
 
 
 class CachePlugin(Plugin):
@@ -293,7 +347,7 @@ class CachePlugin(Plugin):
         entry = store.get(base, now)
         if entry is not None and entry.is_marker:
             key = variant_key(base, entry.vary, req)
-            entry = store.get(key, now)
+            entry = _same_vary(store.get(key, now), entry)
         if entry is not None and policy.lookup and (entry.auth_ok or not auth):
             age = entry.age(now)
             if is_fresh(entry.lifetime, age, policy):  # a hit: no state to keep at all
@@ -304,12 +358,17 @@ class CachePlugin(Plugin):
 
     def _base_key(self, ctx: Any) -> str:
         """The key of the target's entry (or Vary marker): route, GET, path?query, Host (the
-        target key, `target_of`) and who asks (`identity.principal`: the consumer, or a JWT's
-        issuer and subject) when the config puts the consumer in the key."""
+        target key, `target_of`), the path sent upstream when it is not the client's (a
+        rewrite, `strip_prefix`, `request_transform`), and who asks (`identity.principal`:
+        the consumer, or a JWT's issuer and subject) when the config puts the consumer in
+        the key. The query is the one sent upstream (`request_transform` runs before)."""
         req = ctx.request
         who = principal(ctx) if self.cfg.key_include_consumer else ""
         target = req.path + "?" + req.query.decode("latin-1") if req.query else req.path
-        return KEY_SEP.join((ctx.route.name, "GET", target, req.host, who))
+        sent = ctx.upstream_path
+        if sent == req.path:  # (no rewrite: the very same str, compared by identity)
+            sent = ""
+        return KEY_SEP.join((ctx.route.name, "GET", target, req.host, sent, who))
 
     async def _lookup_async(
         self, ctx: Any, state: _State, store: RedisCacheStore
@@ -318,7 +377,7 @@ class CachePlugin(Plugin):
         entry = await store.get(state.base, now)
         if entry is not None and entry.is_marker:
             state.key = variant_key(state.base, entry.vary, ctx.request)
-            entry = await store.get(state.key, now)
+            entry = _same_vary(await store.get(state.key, now), entry)
         outcome = self._after_lookup(ctx, state, entry, now)
         if outcome is None or isinstance(outcome, Response):
             return outcome
@@ -349,16 +408,21 @@ class CachePlugin(Plugin):
             return self._wait(ctx, state, flight) if policy.lookup else None
         if policy.store:
             state.flight = self._flights[state.key] = _Flight(state.key)
+            ctx.on_client_lost = state.client_left  # (see `_hand_over`)
         return None
 
     async def _wait(self, ctx: Any, state: _State, flight: _Flight) -> Response | None:
-        future = flight.future
-        if future is None:
-            future = flight.future = asyncio.get_running_loop().create_future()
+        """Wait for `flight`'s entry (None: go upstream, leading it if it was handed over)."""
+        waiting = flight.waiting
+        if waiting is None:
+            waiting = flight.waiting = []
+        waiting.append(ctx)
         try:
             async with asyncio.timeout(self.cfg.coalesce_timeout):
-                entry = await asyncio.shield(future)
+                entry = await self._outcome(state, flight)
         except TimeoutError:
+            if ctx in waiting:
+                waiting.remove(ctx)
             return None
         if entry is None or not (entry.auth_ok or not state.auth):
             return None
@@ -370,10 +434,25 @@ class CachePlugin(Plugin):
             return None
         return self._hit(ctx, entry, age)
 
+    async def _outcome(self, state: _State, flight: _Flight) -> CacheEntry | None:
+        """The entry `flight` stored, or None when it stored nothing or was handed over to
+        this request (then `state.flight` is it). A flight handed over to another waiter is
+        waited on again: its new leader's outcome is the one to wait for."""
+        while True:
+            future = flight.future
+            if future is None:
+                future = flight.future = asyncio.get_running_loop().create_future()
+            entry = await asyncio.shield(future)
+            if entry is not None or state.flight is flight or state.ended:
+                return entry
+            if self._flights.get(flight.key) is not flight:
+                return None  # over, with nothing stored
+
     def _hit(self, ctx: Any, entry: CacheEntry, age: float) -> Response:
         ctx.cache_status = "HIT"
         req = ctx.request
         if (entry.etag is not None or entry.last_modified is not None) and not_modified(
+            entry.status,
             req.header("if-none-match"),
             req.header("if-modified-since"),
             entry.etag,
@@ -489,6 +568,7 @@ class CachePlugin(Plugin):
         state: _State | None = ctx.vars.get(STATE_KEY)
         if state is not None:
             state.chunks = None
+            state.ended = True
             if state.flight is not None:
                 self._release(state, None)
 
@@ -496,10 +576,37 @@ class CachePlugin(Plugin):
         flight, state.flight = state.flight, None
         if flight is None:
             return
+        if entry is None and state.left and self._hand_over(flight):
+            return
         if self._flights.get(flight.key) is flight:
             del self._flights[flight.key]
         if flight.future is not None and not flight.future.done():
             flight.future.set_result(entry)
+
+    def _hand_over(self, flight: _Flight) -> bool:
+        """Make the oldest waiter that can lead `flight` its leader (it goes upstream, the
+        others keep waiting, for its outcome now); False when no waiter can (a HEAD has no
+        body to store, a waiter whose client left will send nothing).
+
+        For a leader whose client left (the exchange aborted its upstream request): one
+        impatient client must not send every waiter upstream at once. nginx's
+        proxy_cache_lock hands its lock on the same way. An upstream that failed is not
+        handed over: each waiter goes on to its own answer (a stale entry, an error) at once
+        rather than after one timeout per waiter."""
+        future = flight.future
+        if not flight.waiting or future is None or future.done():
+            return False
+        successor = next((c for c in flight.waiting if _can_lead(c)), None)
+        if successor is None:
+            return False
+        flight.waiting.remove(successor)
+        state: _State = successor.vars[STATE_KEY]
+        state.flight = flight
+        state.started = self.clock()  # its request goes upstream now (RFC 9111 §4.2.3)
+        successor.on_client_lost = state.client_left
+        flight.future = None  # the others wait on a new one
+        future.set_result(None)
+        return True
 
     def _store(self, ctx: Any, state: _State) -> CacheEntry | None:
         """Build the entry (and a Vary marker) from the final head and the collected body."""

@@ -29,6 +29,8 @@ decline to store or to serve):
 - `Age` = the upstream's Age corrected by apparent age (§4.2.3) plus the time in our store;
 - stale-if-error (RFC 5861): a stale entry may replace a 5xx / connect failure for a window,
   never when the response said `must-revalidate`, `proxy-revalidate` or `s-maxage` (§5.2.2.2);
+- a hit answers `If-None-Match` / `If-Modified-Since` with 304 only when it is a 2xx
+  (RFC 9110 §13.2.1: preconditions are ignored for any other status);
 - stricter than the RFC: a response with `Set-Cookie` is not stored (nginx and Varnish default:
   one user's session must never reach another).
 """
@@ -355,12 +357,17 @@ def etag_matches(if_none_match: str, etag: str) -> bool:
 
 
 def not_modified(
+    status: int,
     if_none_match: str | None,
     if_modified_since: str | None,
     etag: str | None,
     last_modified: str | None,
 ) -> bool:
-    """Should a hit be answered 304? If-None-Match wins over If-Modified-Since (§13.2.2)."""
+    """Should a hit of this status be answered 304? Only a 2xx one: RFC 9110 §13.2.1 has
+    preconditions ignored when the response would be anything else (a cached 404 stays a
+    404). If-None-Match wins over If-Modified-Since (§13.2.2)."""
+    if not 200 <= status < 300:
+        return False
     if if_none_match is not None:
         return etag is not None and etag_matches(if_none_match, etag)
     if if_modified_since is None or last_modified is None:

@@ -3,8 +3,12 @@
 Keys are strings built by `cache.py`:
 
     route \\x1f GET \\x1f path?query \\x1f host                (the "target" key)
-    target \\x1f consumer                                   (the "base" key)
+    target \\x1f upstream path \\x1f consumer                  (the "base" key)
     base \\x1e value-of-vary-header-1 \\x1f value-2 ...      (one variant)
+
+(The upstream path is empty when it is the client's; a Vary'd field the request lacks has
+the value NUL, which no field value holds; each variant keeps the Vary names it was stored
+with, which a lookup compares with its marker's.)
 
 When a response carries `Vary`, the base key holds a small *marker* entry (status 0) naming
 the Vary'd headers, and each variant is stored under its own key; a lookup reads the base key

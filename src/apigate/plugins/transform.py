@@ -1,4 +1,4 @@
-"""Request and response transformation (`request_transform`, `response_transform`, priority 700).
+"""Request and response transformation (`request_transform`, `response_transform`).
 
     plugins:
       request_transform:
@@ -11,6 +11,11 @@
       response_transform:
         headers: {remove: [Server], set: {X-Request: "{request_id}"}}
         json: {remove: [internal.debug], rename: {id: user_id}}
+
+Priorities: `request_transform` 801, before the cache (800), so that the cache keys the request
+as it goes upstream (Kong's request-transformer runs before its proxy-cache too); a cache hit
+costs its edits then. `response_transform` 700, after the cache's `on_response`: the cache
+stores the head as it left it (read when the body ends) and a hit does not run it again.
 
 Order of operations: remove, rename, set, add ("add" only when absent, "set" always).
 Header renames overwrite a header already present under the new name.
@@ -571,7 +576,11 @@ class _BodyTransform(Plugin):
 
 class RequestTransformPlugin(_BodyTransform):
     name = "request_transform"
-    priority = 700
+    # Before the cache (800), as Kong's request-transformer (801) before its proxy-cache:
+    # the cache keys the request as it goes upstream (RFC 9111 §2), not as the client sent
+    # it (a tenant put in the path from a header is another resource). After auth and rate
+    # limits, whose consumer and claims its templates read.
+    priority = 801
     Config = RequestTransformConfig
     buffer_request_body: bool = False
 
