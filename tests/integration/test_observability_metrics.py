@@ -6,6 +6,7 @@ The gateway runs in-process (`running_gateway`) with every extension attached, a
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -182,3 +183,31 @@ async def test_stats_for_the_dashboard(tmp_path: Path) -> None:
         assert api["error_rate"] == 0.1
         assert api["rps"] > 0 and 0 < api["p50_ms"] <= api["p99_ms"]
         assert api["series"] and api["series"][-1]["requests"] == 10
+
+
+async def test_request_bytes_are_the_body_bytes_read(tmp_path: Path) -> None:
+    """Not the declared Content-Length: a chunked upload (no length) counted 0, a body the
+    client cut after 3 of 100 declared bytes counted 100, a 413 refused unread counted all.
+    (The cut one also held its exchange, and the instance's in-flight count, until the body
+    timeout: counted nowhere meanwhile.)"""
+    async with Upstream() as up:
+        config = gateway_config(up.url, limits={"max_body_bytes": 1000})
+        async with running_gateway(config, tmp_path) as gw:
+            chunked = b"POST /api/echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+            body = b"4\r\n0123\r\n6\r\n456789\r\n0\r\n\r\n"
+            assert (await raw_request(gw.proxy_port, chunked + body)).startswith(b"HTTP/1.1 200 ")
+            too_big = b"POST /api/echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2000\r\n\r\n"
+            assert (await raw_request(gw.proxy_port, too_big)).startswith(b"HTTP/1.1 413 ")
+            cut = b"POST /api/echo HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nabc"
+            _, writer = await asyncio.open_connection("127.0.0.1", gw.proxy_port)
+            writer.write(cut)
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.transport.abort()  # (a FIN: the client sends nothing more)
+            await asyncio.sleep(0.2)
+            got = samples((await admin(gw, "GET", "/metrics"))[2].decode())
+            assert got["apigate_request_bytes_total"][key(route="api", service="up")] == 10 + 3
+            posts = got["apigate_requests_total"]
+            assert posts[key(route="api", service="up", method="POST", status_class="4xx")] == 2
+            instance = key(service="up", instance=f"127.0.0.1:{up.port}")
+            assert got["apigate_instance_in_flight"] == {instance: 0}

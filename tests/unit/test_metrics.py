@@ -29,7 +29,7 @@ class FakeRoute:
 @dataclass
 class FakeRequest:
     method: str = "GET"
-    content_length: int | None = None
+    body_received: int = 0
 
 
 @dataclass

@@ -723,6 +723,18 @@ def test_half_closed_client_is_closed_once_answered(h: Harness) -> None:
     assert h.transport.closed
 
 
+def test_a_client_that_half_closes_in_the_middle_of_its_body_is_let_go(h: Harness) -> None:
+    """Its body can never be whole: the exchange (and its upstream request, and the
+    instance's in-flight count) waited for the body timeout, logged and counted nowhere
+    meanwhile. It ends at once as a client that left (nginx: "client prematurely closed
+    connection"), with the body bytes it did send."""
+    h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+    (ex,) = h.exchanges
+    assert h.conn.eof_received() is None
+    assert ex.events[-1] == "client_lost" and ex.request.body_received == 3
+    assert h.transport.closed
+
+
 def test_write_backpressure_is_passed_to_the_exchange(h: Harness) -> None:
     h.feed(GET)
     h.conn.pause_writing()

@@ -419,6 +419,14 @@ class ClientConnection(asyncio.Protocol):
         if (self.current is None and not self._queue) or self._linger is not None:
             self.close()
             return None
+        parsing = self._parsing
+        if parsing is not None and parsing is self.current:
+            # ... but one in the middle of its body sends no more of it: the request (and the
+            # upstream request it streams to) can never be whole. It is a client that left,
+            # now (nginx: "client prematurely closed connection"), not at the body timeout.
+            parsing.client_lost()
+            self.close()
+            return None
         self._client_eof = True  # ... but sends nothing more: close once it is answered
         return True
 
@@ -718,6 +726,7 @@ class ClientConnection(asyncio.Protocol):
         if ex is not None:
             if ex is self.current:
                 self._deadline = self.clock() + self._body_timeout()
+            ex.request.body_received = self._body_bytes
             ex.feed_body(body)
 
     def on_message_complete(self) -> None:

@@ -13,6 +13,7 @@ class Request(HeaderList):
     __slots__ = (
         "_start",
         "began_at",
+        "body_received",
         "chunked",
         "client_ip",
         "client_port",
@@ -45,6 +46,7 @@ class Request(HeaderList):
         self.keep_alive = True
         self.content_length: int | None = None
         self.chunked = False
+        self.body_received = 0  # body bytes read from the client so far (the metrics' bytes in)
         self.expect_continue = False
         self.upgrade: bytes | None = None  # the Upgrade header value when the client asks for one
         self.request_id = ""

@@ -200,7 +200,7 @@ class SeriesRecorder:
                 ctx.total_ms or 0.0,
                 upstream_ms,
                 ctx.bytes_sent,
-                req.content_length,
+                req.body_received,
             )
             cache_status = ctx.cache_status
             retries = ctx.retries
@@ -215,7 +215,7 @@ class SeriesRecorder:
                 ctx.total_ms,
                 upstream_ms,
                 ctx.bytes_sent,
-                fake.content_length,
+                fake.body_received,
             )
             if not hasattr(ctx, "vars"):  # a fake with nothing more to tell than the traffic
                 return
