@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from types import SimpleNamespace
+import time
 from typing import Any
 
 import pytest
 
-from apigate.config.schema import GatewayConfig
+from apigate.config.schema import GatewayConfig, LimitsConfig
+from apigate.http.headers import RequestIds, TrustedProxies
 from apigate.http.pool import Pool, PoolFull, PoolManager
+from apigate.http.protocol import ClientConnection
+from apigate.http.request import Request
 from apigate.http.upstream import UpstreamConnection
 from apigate.observability.access_log_lines import AccessLogLines
 from apigate.plugins.base import PluginEnv
@@ -21,7 +24,7 @@ from apigate.proxy.exchange import ProxyExchange
 from apigate.registry.service import Service
 from apigate.resilience.circuit_breaker import State
 from apigate.runtime import Runtime, ServiceTable, compile_runtime
-from tests.unit.test_plugin_fakes import make_request
+from tests.unit.test_protocol import FakeTransport as ClientTransport
 
 OK_HEAD_AND_5_BYTES = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello"
 ANSWER_500 = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
@@ -64,48 +67,53 @@ class FakeTransport:
         return default
 
 
-class FakeClient:
-    """The client connection, as far as the exchange uses it."""
+class Client:
+    """One client connection (the real one: compiled, the exchange takes nothing else) over a
+    transport that records what the gateway writes to it."""
 
-    def __init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.began_at = 0.0
-        self.host = SimpleNamespace(draining=False)
-        self.writing_paused = False
-        self.out = bytearray()
-        self.aborted = False
-        self.finished = False
+    def __init__(self, host: Host) -> None:
+        self.transport = ClientTransport()
+        self.conn = ClientConnection(host)  # type: ignore[arg-type]
+        self.conn.connection_made(self.transport)  # type: ignore[arg-type]
 
-    def write(self, data: bytes) -> None:
-        self.out += data
+    @property
+    def out(self) -> bytes:
+        return bytes(self.transport.written)
 
-    def writelines(self, parts: list[bytes]) -> None:
-        self.out += b"".join(parts)
-
-    def abort(self) -> None:
-        self.aborted = True
-
-    def close(self) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def finish_exchange(self, ex: Any, keep_alive: bool) -> None:
-        self.finished = True
-
-    def after_read(self, callback: Any) -> bool:
-        return False
-
-    def tunnel_active(self) -> None:
-        pass
+    @property
+    def aborted(self) -> bool:
+        return self.transport.aborted
 
     @property
     def status(self) -> int:
-        return int(self.out.split(b" ", 2)[1]) if self.out else 0
+        out = self.out
+        return int(out.split(b" ", 2)[1]) if out else 0
+
+
+class Host:
+    """The listener's side of the connections (apigate.http.protocol.ConnectionHost): their
+    requests become ProxyExchanges on `runtime`."""
+
+    def __init__(self, runtime: Runtime, observers: list[Any]) -> None:
+        self.runtime = runtime
+        self.observers = observers
+        self.loop = asyncio.get_running_loop()
+        self.clock = time.monotonic
+        self.limits = LimitsConfig()
+        self.request_ids = RequestIds()
+        self.trusted_proxies = TrustedProxies(())
+        self.scheme = "http"
+        self.connections: set[ClientConnection] = set()
+        self.draining = False
+        self.exchanges: list[ProxyExchange] = []
+
+    def new_exchange(self, conn: ClientConnection, request: Request) -> ProxyExchange:
+        ex = ProxyExchange(conn, request, self.runtime, self.observers)
+        self.exchanges.append(ex)
+        return ex
+
+    def refused(self, conn: Any, request: Request, err: Any, sent: int) -> None:
+        raise AssertionError(f"refused: {err}")
 
 
 class Gateway:
@@ -126,6 +134,7 @@ class Gateway:
             config, ServiceTable(PoolManager(loop)), PluginEnv(config=config, loop=loop)
         )
         self.log = AccessLogLines(full=lambda: None)
+        self.host = Host(self.runtime, [self.log.on_log])
 
     def service(self, name: str) -> Service:
         return self.runtime.services[name]
@@ -145,13 +154,10 @@ class Gateway:
         pool.release(conn)
         return conn, transport
 
-    def send(self, path: str) -> tuple[ProxyExchange, FakeClient]:
-        client = FakeClient()
-        req = make_request("GET", path)
-        req.host = "gw.test"
-        ex = ProxyExchange(client, req, self.runtime, [self.log.on_log])  # type: ignore[arg-type]
-        ex.start()
-        return ex, client
+    def send(self, path: str) -> tuple[ProxyExchange, Client]:
+        client = Client(self.host)
+        client.conn.data_received(b"GET %s HTTP/1.1\r\nHost: gw.test\r\n\r\n" % path.encode())
+        return self.host.exchanges[-1], client
 
     def logged(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.log.format(self.log.take()).splitlines()]
