@@ -329,3 +329,23 @@ async def test_a_registration_that_moves_an_instance_is_200_and_says_it_moved() 
             f"hello/x registered at {a.url}",
             f"hello/x moved to {b.url} (was {a.url})",
         ]
+
+
+async def test_the_admin_api_creates_names_of_at_most_128_characters() -> None:
+    """As its OpenAPI document says; names that exist already (the file's, state saved before
+    the bound) stay usable: the bound once refused the gateway's own saved state at start."""
+    known = "k" * 200
+    cfg = _config(services={"hello": {}, known: {}})
+    async with Upstream("a") as a, GatewayProcess(cfg) as gw:
+        body = {"url": a.url, "ttl": "10s"}
+        for path, json_body in (
+            ("/services/" + "s" * 129 + "/instances/i", body),
+            ("/services/" + "s" * 129, {}),
+            ("/routes/" + "r" * 129, {"match": {"paths": ["/r"]}, "service": "hello"}),
+        ):
+            reply = await request(gw.admin_port, "PUT", path, json_body=json_body)
+            assert reply.status == 400 and reply.json()["error"] == "invalid_name", path
+        ok = await request(gw.admin_port, "PUT", "/services/" + "s" * 128, json_body={})
+        assert ok.status == 201
+        registered = f"/services/{known}/instances/i"
+        assert (await request(gw.admin_port, "PUT", registered, json_body=body)).status == 201

@@ -215,6 +215,8 @@ class AdminApi:
         return json_response(doc)
 
     async def register(self, req: AdminRequest) -> AdminResponse:
+        if req.params["service"] not in self.gateway.config.services:  # it would create it
+            check_new_name("service", req.params["service"])
         reg = parse_registration(req.params["service"], req.params["instance"], req.json())
         try:
             inst, created = await registry_of(self.gateway).register(reg)
@@ -264,6 +266,8 @@ class AdminApi:
                 raise AdminError(400, "invalid_body", "body must be a JSON object")
             if kind != "services" and body.get("name", name) != name:
                 raise AdminError(400, "invalid_body", "name in the body differs from the URL")
+            if kind != "consumers" and not self._exists(kind, name):
+                check_new_name(_SINGULAR[kind], name)
             refuse_redacted(body)
             try:
                 entity, created = await ConfigOps.of(self.gateway).put_entity(kind, name, body)
@@ -272,6 +276,12 @@ class AdminApi:
             return json_response(redact_secrets(entity), 201 if created else 200)
 
         return handler
+
+    def _exists(self, kind: str, name: str) -> bool:
+        config = self.gateway.config
+        if kind == "services":
+            return name in config.services
+        return any(route.name == name for route in config.routes)
 
     def delete_entity(self, kind: str) -> Callable[[AdminRequest], Awaitable[AdminResponse]]:
         async def handler(req: AdminRequest) -> AdminResponse:
@@ -341,6 +351,16 @@ class AdminApi:
             "services": len(config.services),
         }
         return json_response(result, headers={"ETag": ops.etag()})
+
+
+def check_new_name(what: str, name: str) -> None:
+    """A service, route or instance the admin API would create has a name of at most MAX_NAME
+    characters, as its OpenAPI document says (a registration created a 300-character service:
+    `apigate status` printed a table that wide). Names that exist already (from the file, or
+    saved before there was a bound) stay addressable."""
+    if len(name) > MAX_NAME:
+        message = f"{what} name: {len(name)} characters, at most {MAX_NAME}"
+        raise AdminError(400, "invalid_name", message)
 
 
 def parse_registration(service: str, instance_id: str, body: Any) -> Registration:

@@ -72,7 +72,9 @@ __all__ = [
 ]
 
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
-MAX_NAME = 128  # characters of a service, route or instance name (the admin API's OpenAPI)
+# characters of a name the admin API creates in a path (a service, route or instance: its
+# OpenAPI says so); the file, and state saved before there was a bound, may hold longer ones
+MAX_NAME = 128
 # the key under which an aggregate's answer lists its failed parts (apigate.proxy.aggregate)
 AGGREGATE_ERRORS = "_errors"
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -120,8 +122,6 @@ NonEmptyStr = Annotated[str, AfterValidator(_non_empty)]
 
 
 def _check_name(value: str) -> str:
-    if len(value) > MAX_NAME:
-        raise _fail("invalid_name", f"invalid name: {len(value)} characters, at most {MAX_NAME}")
     if not _NAME.fullmatch(value):
         raise _fail("invalid_name", f"invalid name {value!r}: use letters, digits, '_', '.', '-'")
     return value
@@ -836,10 +836,7 @@ class GatewayConfig(StrictModel):
 
     def _service_name_problems(self) -> Iterable[tuple[Loc, str]]:
         for name in self.services:
-            if len(name) > MAX_NAME:
-                problem = f"invalid service name: {len(name)} characters, at most {MAX_NAME}"
-                yield ("services", name), problem
-            elif not _NAME.fullmatch(name):
+            if not _NAME.fullmatch(name):
                 problem = f"invalid service name {name!r}: use letters, digits, '_', '.', '-'"
                 yield ("services", name), problem
 
