@@ -349,3 +349,25 @@ async def test_the_admin_api_creates_names_of_at_most_128_characters() -> None:
         assert ok.status == 201
         registered = f"/services/{known}/instances/i"
         assert (await request(gw.admin_port, "PUT", registered, json_body=body)).status == 201
+
+
+async def test_heartbeats_do_not_grow_the_lapse_queue(tmp_path: Path) -> None:
+    """One entry per registration and heartbeat stayed queued until its own expiry: a cluster
+    resync renews every instance every 5 s, so with long TTLs the queue grew without bound
+    (17,280 entries an instance at the 24 h maximum). Renewed instances still lapse."""
+    path = tmp_path / "apigate.yaml"
+    path.write_text(yaml.safe_dump(_config()))
+    gw = Gateway(load_config(path), config_path=path)
+    await attach_extensions(gw)
+    await gw.start()
+    try:
+        registry = registry_of(gw)
+        for _ in range(200):
+            for n in range(3):
+                await registry.register(Registration("hello", f"i{n}", "http://127.0.0.1:9", 0.3))
+        assert len(registry._lapses) == 3
+        await asyncio.sleep(0.35)
+        assert not gw.services.services["hello"].instances
+        assert not registry._lapses
+    finally:
+        await gw.shutdown(0)

@@ -68,9 +68,12 @@ class Mirror(Protocol):
 class Registry:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        # (expires_at, service, id) of every registration and heartbeat, earliest first; an
-        # entry a later heartbeat or a deregistration outdated is skipped when its time comes
+        # (expires_at, service, id) to look at, earliest first: one per registered instance,
+        # at the expiry it had when it was queued (`_queued`); a heartbeat since moves it on
+        # when its time comes rather than adding one (a cluster resync renews every instance
+        # every 5 s: one entry per renewal grew without bound)
         self._lapses: list[tuple[float, str, str]] = []
+        self._queued: dict[tuple[str, str], float] = {}
         self._lapse_timer: asyncio.TimerHandle | None = None
         self._lapse_due = 0.0  # when the timer fires
         self._stopped = False
@@ -260,6 +263,11 @@ class Registry:
         """Remove the instance at `when` unless a heartbeat renews it first. (A sweep every
         250 ms used to serve a lapsed instance for up to that long; a timer per registration
         would be one more per heartbeat: one timer, at the earliest expiry, instead.)"""
+        key = (service_name, instance_id)
+        queued = self._queued.get(key)
+        if queued is not None and queued <= when:
+            return  # looked at sooner already, and moved on to `when` then
+        self._queued[key] = when  # (an entry at a later time is left to be skipped)
         heapq.heappush(self._lapses, (when, service_name, instance_id))
         if self._lapse_timer is None or when < self._lapse_due:
             self._arm_lapse_timer()
@@ -278,16 +286,27 @@ class Registry:
         # hair earlier when it fires)
         now = max(self.gateway.loop.time(), self._lapse_due)
         lapses = self._lapses
+        renewed: list[tuple[float, str, str]] = []
         while lapses and lapses[0][0] <= now:
-            _, service_name, iid = heapq.heappop(lapses)
+            when, service_name, iid = heapq.heappop(lapses)
+            key = (service_name, iid)
+            if self._queued.get(key) != when:
+                continue  # an earlier entry of the instance took over from this one
+            del self._queued[key]
             service = self.gateway.services.services.get(service_name)
             inst = service.instances.get(iid) if service is not None else None
-            if inst is None or inst.expires_at is None or inst.expires_at > now:
-                continue  # renewed, deregistered or gone with its service since
+            if inst is None or inst.origin != "registered" or inst.expires_at is None:
+                continue  # deregistered, or gone with its service, since
+            if inst.expires_at > now:
+                renewed.append((inst.expires_at, service_name, iid))  # a heartbeat since
+                continue
             try:
                 self.drop(service_name, iid, "removed: TTL lapsed")
             except Exception:  # the next lapses must still be removed
                 logging.getLogger("apigate.registry").exception("removing a lapsed instance")
+        for when, service_name, iid in renewed:
+            self._queued[(service_name, iid)] = when
+            heapq.heappush(lapses, (when, service_name, iid))
         self._arm_lapse_timer()
 
     def registered(self) -> dict[tuple[str, str], Instance]:
