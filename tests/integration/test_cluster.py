@@ -20,6 +20,7 @@ from apigate.store.cluster_scripts import (
     OVERLAY,
     REGISTER,
     RESYNC_INTERVAL,
+    channel,
     field,
 )
 from apigate.store.redis import RedisStore
@@ -146,6 +147,34 @@ async def test_a_delete_reaches_a_registration_this_node_has_not_heard_of_yet() 
             missing = await request(two.admin_port, "DELETE", "/services/hello/instances/never")
             assert missing.status == 404
         finally:
+            await client.close()
+
+
+async def test_a_delete_of_an_instance_nobody_registered_leaves_no_trace() -> None:
+    """A DELETE of an id neither this node nor Redis knows answers 404, and must not write a
+    tombstone or announce a deregistration: a node that holds the instance outside Redis
+    (kept after Redis lost its state) would drop it behind that 404."""
+    async with RedisServer() as redis, _nodes(redis, 2) as (one, two):
+        client = RedisStore(redis.url, timeout=1.0)
+        pubsub = client.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(channel(client.db))
+            missing = await request(two.admin_port, "DELETE", "/services/hello/instances/ghost")
+            assert missing.status == 404, missing.body
+            assert await client.call("ZSCORE", GONE, field("hello", "ghost")) is None
+            assert await client.call("HEXISTS", INSTANCES, field("hello", "ghost")) == 0
+            heard = []
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 0.5
+            while loop.time() < deadline:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
+                if message is not None and message.get("type") == "message":
+                    heard.append(json.loads(message["data"]))
+            assert not [e for e in heard if e.get("id") == "ghost"], heard
+            events = (await request(one.admin_port, "GET", "/events")).json()["events"]
+            assert not [e for e in events if e.get("instance") == "ghost"], events
+        finally:
+            await pubsub.aclose()
             await client.close()
 
 

@@ -155,12 +155,24 @@ class ClusterSync:
     async def instance_down_unheard(self, service: str, instance_id: str) -> bool:
         """A deregistration of an instance this node has not heard of: registered through
         another node a few ms ago (announcements are not instant), or never. Redis knows;
-        removed and announced when it had it. (Its remaining TTL is unknown here: the
-        tombstone lasts the minimum, a resync interval.)"""
+        removed, tombstoned and announced only when it had it: an id nobody registered
+        leaves no trace, and a node holding the instance outside Redis (kept after Redis lost
+        its state) keeps it, as the 404 says. (Its remaining TTL is unknown here: the
+        tombstone lasts the minimum, a resync interval.) Without an answer from Redis it is
+        not left to a resync to write behind the 404: `unshared` gets back what it held."""
         if not self.redis.available():
             return False
         key = (service, instance_id)
-        gone = await self._share(key, "down", self._down(key))
+        before = self.unshared.get(key)
+        gone = None
+        try:
+            gone = await self._share(key, "down", self._down(key, mode="unheard"))
+        finally:
+            if gone is None and self.unshared.get(key) == "down":  # (not a newer change)
+                if before is None:
+                    del self.unshared[key]
+                else:
+                    self.unshared[key] = before
         return bool(gone)
 
     def _up(
@@ -185,15 +197,17 @@ class ClusterSync:
             mode,
         ]
 
-    def _down(self, key: Key, tombstone: float = 0.0) -> Call:
+    def _down(self, key: Key, tombstone: float = 0.0, mode: str = "known") -> Call:
         """The script call that removes and announces a deregistration; its tombstone keeps a
-        node that comes back from writing the instance back while it would still be alive."""
+        node that comes back from writing the instance back while it would still be alive.
+        `mode` "unheard": only if Redis has the instance (see DEREGISTER)."""
         announcement = {"op": "down", "node": self.node, "service": key[0], "id": key[1]}
         return DEREGISTER, [
             field(*key),
             self.channel,
             json.dumps(announcement),
             repr(max(tombstone, RESYNC_INTERVAL)),
+            mode,
         ]
 
     async def _share(self, key: Key, op: str, call: Call) -> Any:

@@ -65,14 +65,18 @@ return 1
 """
 )
 
-# KEYS: instances, expiry, gone. ARGV: field, channel, announcement, tombstone seconds.
+# KEYS: instances, expiry, gone. ARGV: field, channel, announcement, tombstone seconds,
+# "known" (an instance the deregistering node holds: always tombstoned and announced) or
+# "unheard" (one it has not heard of: only when Redis has it, else nothing is written or
+# announced). Answers the HDEL count: 1 if Redis had the entry.
 DEREGISTER = Script(
     """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local gone = redis.call('HDEL', KEYS[1], ARGV[1])
+if gone == 0 and ARGV[5] == 'unheard' then return 0 end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[1])
-local gone = redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return gone
 """
