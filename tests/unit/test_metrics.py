@@ -320,22 +320,55 @@ def test_built_in_counters_survive_a_reload() -> None:
     assert got["apigate_ratelimit_rejected_total"][where] == 2
 
 
+def _gateway_with(services: dict[str, Any]) -> Any:
+    return SimpleNamespace(
+        runtime=SimpleNamespace(routes={}),
+        connections=set(),
+        reloads_ok=0,
+        reloads_failed=0,
+        pools=SimpleNamespace(pools={}),
+        services=SimpleNamespace(services=services),
+        extensions={},
+    )
+
+
 def test_breaker_transitions_are_exposed_per_service() -> None:
     from apigate.config.schema import CircuitBreakerConfig
     from apigate.resilience.circuit_breaker import CircuitBreaker
 
     now = [0.0]
     config = CircuitBreakerConfig(consecutive_failures=1, open_for=1.0, half_open_requests=1)
-    breaker = CircuitBreaker("metrics-unit-cb", config, clock=lambda: now[0])
+    counts: dict[str, int] = {}
+    breaker = CircuitBreaker("metrics-unit-cb", config, clock=lambda: now[0], counts=counts)
     breaker.record(False)
     now[0] = 2.0
     assert breaker.allow()
     breaker.record(True)
-    got = scrape(GatewayMetrics())
+    svc = SimpleNamespace(breaker=breaker, breaker_counts=counts, instances={})
+    got = scrape(GatewayMetrics(_gateway_with({"metrics-unit-cb": svc})))
     where = labels(route="", service="metrics-unit-cb")
     assert got["apigate_breaker_opened_total"][where] == 1
     assert got["apigate_breaker_half_opened_total"][where] == 1
     assert got["apigate_breaker_closed_total"][where] == 1
+
+
+def test_breaker_transitions_of_one_gateway_are_not_in_anothers_metrics() -> None:
+    from apigate.config.schema import CircuitBreakerConfig
+    from apigate.resilience.circuit_breaker import CircuitBreaker
+
+    config = CircuitBreakerConfig(consecutive_failures=1)
+    gateways, metrics = [], []
+    for _ in range(2):
+        counts: dict[str, int] = {}
+        breaker = CircuitBreaker("api", config, counts=counts)
+        svc = SimpleNamespace(breaker=breaker, breaker_counts=counts, instances={})
+        gateways.append(svc)
+        metrics.append(GatewayMetrics(_gateway_with({"api": svc})))
+    gateways[0].breaker.record(False)  # only gateway A's breaker opens
+    where = labels(route="", service="api")
+    assert scrape(metrics[0])["apigate_breaker_opened_total"][where] == 1
+    assert scrape(metrics[1]).get("apigate_breaker_opened_total", {}).get(where, 0) == 0
+    assert "apigate_breaker_opened_total" not in scrape(GatewayMetrics())
 
 
 def test_an_aggregates_part_calls_are_upstream_latencies_of_their_services() -> None:

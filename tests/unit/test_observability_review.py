@@ -12,7 +12,7 @@ import pytest
 from apigate.config.schema import CircuitBreakerConfig
 from apigate.observability.logs import JsonFormatter, setup_logging
 from apigate.registry.events import EVENTS
-from apigate.resilience.circuit_breaker import CircuitBreaker, transition_counts
+from apigate.resilience.circuit_breaker import CircuitBreaker
 
 
 class Records(logging.Handler):
@@ -151,13 +151,11 @@ def test_ordinary_lines_are_left_as_they_are() -> None:
 def test_breaker_transitions_are_counted_per_service() -> None:
     now = [0.0]
     config = CircuitBreakerConfig(consecutive_failures=2, open_for=1.0, half_open_requests=1)
-    breaker = CircuitBreaker("review-svc", config, clock=lambda: now[0])
-    before = transition_counts()
+    counts: dict[str, int] = {}
+    breaker = CircuitBreaker("review-svc", config, clock=lambda: now[0], counts=counts)
 
     def count(state: str) -> int:
-        return transition_counts().get(("review-svc", state), 0) - before.get(
-            ("review-svc", state), 0
-        )
+        return counts.get(state, 0)
 
     breaker.record(False)
     breaker.record(False)  # closed -> open
@@ -168,9 +166,43 @@ def test_breaker_transitions_are_counted_per_service() -> None:
     assert breaker.allow()  # open -> half_open
     breaker.record(True)  # half_open -> closed
     assert (count("open"), count("half_open"), count("closed")) == (2, 2, 1)
-    # a replacement breaker (the service's config changed) adds to the same counts
-    CircuitBreaker("review-svc", config, clock=lambda: now[0])._open("test")
+    # a replacement breaker (the service's config changed) given the same counts adds to them
+    CircuitBreaker("review-svc", config, clock=lambda: now[0], counts=counts)._open("test")
     assert count("open") == 3
+
+
+async def test_breaker_counts_belong_to_the_service_not_the_process() -> None:
+    """Two gateways in one process, each with a service "api": only one breaker trips, the
+    other's counts stay at 0; a breaker rebuilt on a settings change goes on counting."""
+    import asyncio
+
+    from apigate.config.schema import ServiceConfig
+    from apigate.http.pool import PoolManager
+    from apigate.registry.service import Service
+
+    def config(failures: int) -> ServiceConfig:
+        return ServiceConfig.model_validate(
+            {
+                "targets": [{"url": "http://127.0.0.1:9"}],
+                "circuit_breaker": {"consecutive_failures": failures},
+            }
+        )
+
+    loop = asyncio.get_running_loop()
+    a = Service("api", config(2), PoolManager(loop))
+    b = Service("api", config(2), PoolManager(loop))
+    assert a.breaker is not None and b.breaker is not None
+    for _ in range(2):
+        assert a.breaker.allow()
+        a.breaker.record(False)
+    assert a.breaker_counts == {"open": 1}
+    assert b.breaker_counts.get("open", 0) == 0
+    old = a.breaker
+    a.apply_config(config(3))  # new circuit_breaker settings: a new breaker
+    assert a.breaker is not None and a.breaker is not old
+    a.breaker._open("test")
+    assert a.breaker_counts == {"open": 2}
+    assert b.breaker_counts.get("open", 0) == 0
 
 
 # ---------------------------------------------------------------------- aggregate latencies

@@ -13,7 +13,8 @@ in-flight, reloads), into metric families when Prometheus scrapes `GET /metrics`
 The built-in by-name counters (KNOWN_COUNTERS) are counted without any call from the plugins:
 cache hits, misses and stale answers, retries and rate-limit rejections are read from the
 finished exchange into its route's series (see apigate.observability.series), breaker
-transitions from the breakers' own table (apigate.resilience.circuit_breaker). `inc()` is the
+transitions from the counts each of the gateway's services keeps for its breakers
+(`Service.breaker_counts`, apigate.registry.service). `inc()` is the
 API of other plugins (`inc("jobs_queued", route=...)`); a plugin's `inc` of a built-in name
 adds to that family's samples, so each name is one family.
 
@@ -53,7 +54,6 @@ from apigate.observability.series import (
     SeriesRecorder,
 )
 from apigate.periodic import Periodic
-from apigate.resilience.circuit_breaker import transition_counts
 
 if TYPE_CHECKING:
     from apigate.admin.http import AdminRequest, AdminResponse
@@ -337,7 +337,7 @@ class _Collector(Collector):
         )
         bytes_in = CounterMetricFamily(
             "apigate_request_bytes",
-            "Request body bytes (declared Content-Length) received.",
+            "Request body bytes read from clients.",
             labels=["route", "service"],
         )
         for (route, service), s in series.items():
@@ -358,7 +358,7 @@ class _Collector(Collector):
     def _named(m: GatewayMetrics, series: dict[tuple[str, str], RouteSeries]) -> Iterator[Metric]:
         """The by-name counters: the gateway's own (always, one family each) with what plugins
         added to the same names through `inc`, then the plugins' other names."""
-        values = _builtin_counts(series)
+        values = _builtin_counts(series, m.gateway)
         for (name, route, service), value in list(m.counters.items()):
             by_labels = values.setdefault(name, {})
             by_labels[(route, service)] = by_labels.get((route, service), 0.0) + value
@@ -371,7 +371,7 @@ class _Collector(Collector):
 
 
 def _builtin_counts(
-    series: dict[tuple[str, str], RouteSeries],
+    series: dict[tuple[str, str], RouteSeries], gw: Gateway | None
 ) -> dict[str, dict[tuple[str, str], float]]:
     """{counter name: {(route, service): value}} of the counters the gateway keeps itself.
     A route's three cache counters go together once it has any (a hit ratio needs both
@@ -386,13 +386,16 @@ def _builtin_counts(
             values["retries"][key] = s.retries
         if s.ratelimit_rejected:
             values["ratelimit_rejected"][key] = s.ratelimit_rejected
-    for (breaker, state), n in transition_counts().items():
-        name = _BREAKER_COUNTERS.get(state)
-        if name is None:
-            continue
-        for other in _BREAKER_COUNTERS.values():
-            values[other].setdefault(("", breaker), 0)
-        values[name][("", breaker)] = n
+    services = list(gw.services.services.items()) if gw is not None else []
+    for service, svc in services:
+        counts: dict[str, int] = getattr(svc, "breaker_counts", None) or {}
+        for state, n in list(counts.items()):
+            name = _BREAKER_COUNTERS.get(state)
+            if name is None:
+                continue
+            for other in _BREAKER_COUNTERS.values():
+                values[other].setdefault(("", service), 0)
+            values[name][("", service)] = n
     return values
 
 

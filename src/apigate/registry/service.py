@@ -73,6 +73,9 @@ class Service:
         self.balancer: Balancer = make_balancer(config.balancer, [])
         self.hash_key: HashKey | None = None
         self.breaker: CircuitBreaker | None = None
+        # breaker state entered -> transitions, for /metrics: kept here, not on the breaker, so
+        # that a breaker rebuilt on new settings goes on counting where the last one stopped
+        self.breaker_counts: dict[str, int] = {}
         self.retry: RetryPolicy = RetryPolicy(config.retries)
         self._pool_by_instance: dict[str, Pool] = {}
         # passive ejections in force -> the timer that ends each; keyed by the Instance object,
@@ -94,7 +97,9 @@ class Service:
         if config.circuit_breaker is None:
             self.breaker = None
         elif self.breaker is None or config.circuit_breaker != old_config.circuit_breaker:
-            self.breaker = CircuitBreaker(self.name, config.circuit_breaker)
+            self.breaker = CircuitBreaker(
+                self.name, config.circuit_breaker, counts=self.breaker_counts
+            )
         if config.retries != old_config.retries:
             self.retry = RetryPolicy(config.retries)
         self.hash_key = (

@@ -16,10 +16,11 @@ need no sleeping. On the hot path a closed breaker costs one comparison in `allo
 bucket update in `record()`.
 
 Every transition is an event (`apigate.registry.events`, logged on "apigate.resilience") and
-is counted by breaker name and new state in a process-wide table, `transition_counts()`, that
-`/metrics` exposes as `apigate_breaker_opened_total` and its siblings. The table is keyed by
-name rather than kept on the breaker: a service whose `circuit_breaker` settings change gets a
-new breaker, and its counters must go on from where they were.
+is counted by new state in `counts`, a dict the breaker is given by its owner, that `/metrics`
+exposes as `apigate_breaker_opened_total` and its siblings. The counts are the owner's (the
+gateway's `Service`), not the breaker's nor the process's: a service whose `circuit_breaker`
+settings change gets a new breaker, handed the same dict, and its counters go on from where
+they were; two gateways in one process count apart.
 """
 
 from __future__ import annotations
@@ -35,15 +36,6 @@ from apigate.registry.events import EVENTS
 
 _BUCKETS: Final = 10
 
-# (breaker name, state entered) -> transitions so far, in this process. Transitions are rare:
-# a dict update each costs nothing next to the event logged with it.
-_TRANSITIONS: Final[dict[tuple[str, str], int]] = {}
-
-
-def transition_counts() -> dict[tuple[str, str], int]:
-    """How many times each breaker entered each state ("open", "half_open", "closed")."""
-    return dict(_TRANSITIONS)
-
 
 class State(enum.Enum):
     CLOSED = "closed"
@@ -53,9 +45,17 @@ class State(enum.Enum):
 
 class CircuitBreaker:
     def __init__(
-        self, name: str, config: CircuitBreakerConfig, clock: Callable[[], float] = time.monotonic
+        self,
+        name: str,
+        config: CircuitBreakerConfig,
+        clock: Callable[[], float] = time.monotonic,
+        counts: dict[str, int] | None = None,
     ) -> None:
         self.name = name
+        # state entered ("open", "half_open", "closed") -> transitions so far; shared with the
+        # breakers that replace this one. Transitions are rare: a dict update each costs nothing
+        # next to the event logged with it.
+        self.counts: dict[str, int] = {} if counts is None else counts
         self.config = config
         self.clock = clock
         self.state = State.CLOSED
@@ -156,8 +156,7 @@ class CircuitBreaker:
     def _set(self, state: State, reason: str) -> None:
         previous, self.state = self.state, state
         self.transitions += 1
-        key = (self.name, state.value)
-        _TRANSITIONS[key] = _TRANSITIONS.get(key, 0) + 1
+        self.counts[state.value] = self.counts.get(state.value, 0) + 1
         if state is State.CLOSED:
             self.consecutive_failures = 0
             for bucket in self._ring:
