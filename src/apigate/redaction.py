@@ -17,6 +17,9 @@ _URL_QUERY = re.compile(r"(://[^?\s]*\?)(\S+)")
 # One query parameter; its value runs to the next "&" (or the end of the query), so a "#" or a
 # quote after a password is redacted with it rather than shown.
 _QUERY_PARAM = re.compile(r"([^&=]+)=([^&]*)")
+# A query parameter after "?" or "&" anywhere in a line of text, a URL path's without a scheme
+# included (`redact_url` looks for "://"); its value runs to the next "&", blank or "#".
+_QUERY_PARAM_IN_TEXT = re.compile(r"(?<=[?&])([^&=\s?#]+)=([^&\s#]*)")
 # Query parameters whose value is a credential: the ones redis-py reads as secrets (every
 # parameter it does not know becomes a connection keyword, so `?password=` and
 # `?ssl_password=` authenticate), and the usual names of credentials in URLs. (Not plain
@@ -51,11 +54,22 @@ def redact_url(text: str) -> str:
     return text
 
 
-def _redact_query(query: str) -> str:
-    def one(m: re.Match[str]) -> str:
-        name = m.group(1)
-        if unquote_plus(name).strip().lower() in SECRET_QUERY_PARAMS:
-            return f"{name}={REDACTED}"
-        return m.group(0)
+def redact_text(text: str) -> str:
+    """`redact_url`, and the secret query parameters of a URL path without a scheme in a line
+    of text (a library's log line: urllib3's "url: /v1/traces?api_key=...")."""
+    text = redact_url(text)
+    if "=" in text:
+        text = _QUERY_PARAM_IN_TEXT.sub(_redact_param, text)
+    return text
 
-    return _QUERY_PARAM.sub(one, query)
+
+def _redact_query(query: str) -> str:
+    return _QUERY_PARAM.sub(_redact_param, query)
+
+
+def _redact_param(m: re.Match[str]) -> str:
+    """A `name=value` match with the value redacted when the name is a credential's."""
+    name = m.group(1)
+    if m.group(2) and unquote_plus(name).strip().lower() in SECRET_QUERY_PARAMS:
+        return f"{name}={REDACTED}"
+    return m.group(0)

@@ -7,8 +7,8 @@ secrets are never passed in; `redact()` exists for the few places that echo user
 Lines the gateway does not word itself still pass through here: a library's (the OTLP
 exporter's urllib3 says "Max retries exceeded with url: /v1/traces?api_key=..."), an
 exception's text. So the message, the exception text and every string field have URL
-credentials taken out (`apigate.redaction.redact_url`: a password in the user info, a secret
-query parameter), and so do query parameters of a URL path without a scheme. This is the
+credentials taken out (`apigate.redaction.redact_text`: a password in the user info, a secret
+query parameter, of a URL path without a scheme too). This is the
 formatter of the gateway's own log lines only: the access log writes its lines itself (see
 apigate.observability.access_log), so the per-request path pays nothing for it.
 """
@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 import time
 from typing import Any
-from urllib.parse import unquote_plus
 
-from apigate.redaction import REDACTED, SECRET_QUERY_PARAMS, redact_url
+from apigate.redaction import redact_text
 
 _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 _SECRET_KEYS = ("authorization", "token", "secret", "password", "api_key", "apikey")
@@ -34,29 +32,6 @@ def redact(fields: dict[str, Any]) -> dict[str, Any]:
         k: ("[redacted]" if any(s in k.lower() for s in _SECRET_KEYS) else v)
         for k, v in fields.items()
     }
-
-
-# A query parameter after "?" or "&" anywhere in a line: a URL path's without a scheme
-# ("url: /v1/traces?api_key=..."), which `redact_url` leaves alone as it looks for "://".
-# Its value runs to the next "&", blank or "#", quotes and brackets included (rather too
-# much redacted than a secret's tail shown).
-_QUERY_PARAM_IN_TEXT = re.compile(r"(?<=[?&])([^&=\s?#]+)=([^&\s#]*)")
-
-
-def redact_text(text: str) -> str:
-    """`text` with the credentials of the URLs in it replaced by "[redacted]": a password in
-    a URL's user info, the value of a secret query parameter (`?password=`, `&api_key=`...)
-    of a URL or of a bare path."""
-    text = redact_url(text)
-    if "=" in text:
-        text = _QUERY_PARAM_IN_TEXT.sub(_redact_param, text)
-    return text
-
-
-def _redact_param(m: re.Match[str]) -> str:
-    if m.group(2) and unquote_plus(m.group(1)).strip().lower() in SECRET_QUERY_PARAMS:
-        return f"{m.group(1)}={REDACTED}"
-    return m.group(0)
 
 
 class JsonFormatter(logging.Formatter):
