@@ -40,6 +40,10 @@ class FakeCtx:
     upstream_ms: float | None = 0.5
     bytes_sent: int = 100
     request: FakeRequest = field(default_factory=FakeRequest)
+    # what else the exchange holds when it is over: the cache's word, retries, plugins' vars
+    cache_status: str | None = None
+    retries: int = 0
+    vars: dict[str, Any] = field(default_factory=dict)
 
     @property
     def service(self) -> Any:
@@ -47,6 +51,22 @@ class FakeCtx:
 
 
 API = FakeRoute("api", "users")
+
+
+def fake_gateway(
+    routes: dict[str, Any] | None = None, services: dict[str, Any] | None = None
+) -> Any:
+    """What the collector reads of a gateway: the current routes (`fold` keeps their series),
+    the services (breaker counts, instances), no connections, pools or reloads."""
+    return SimpleNamespace(
+        runtime=SimpleNamespace(routes=routes or {}),
+        connections=set(),
+        reloads_ok=0,
+        reloads_failed=0,
+        pools=SimpleNamespace(pools={}),
+        services=SimpleNamespace(services=services or {}),
+        extensions={},
+    )
 
 
 def scrape(metrics: GatewayMetrics) -> dict[str, Any]:
@@ -181,16 +201,7 @@ def test_fold_retires_routes_of_old_snapshots() -> None:
     """A reload makes new route objects: the old ones' counts survive under the same names
     and the old objects are no longer referenced."""
     old, new = FakeRoute("api", "users"), FakeRoute("api", "users")
-    gateway = SimpleNamespace(
-        runtime=SimpleNamespace(routes={"api": new}),
-        connections=set(),
-        reloads_ok=0,
-        reloads_failed=0,
-        pools=SimpleNamespace(pools={}),
-        services=SimpleNamespace(services={}),
-        extensions={},
-    )
-    m = GatewayMetrics(gateway)  # type: ignore[arg-type]
+    m = GatewayMetrics(fake_gateway(routes={"api": new}))
     m.observe(FakeCtx(old))
     m.observe(FakeCtx(new))
     m.fold()
@@ -225,15 +236,6 @@ def test_bucket_index_is_bisect_left(ms: float) -> None:
 
 
 # ---------------------------------------------------------------------- review: built-in counters
-@dataclass
-class FakeExchange(FakeCtx):
-    """What else the exchange holds when it is over: the cache's word, retries, plugins' vars."""
-
-    cache_status: str | None = None
-    retries: int = 0
-    vars: dict[str, Any] = field(default_factory=dict)
-
-
 def families(metrics: GatewayMetrics) -> list[str]:
     from prometheus_client import generate_latest
 
@@ -246,10 +248,10 @@ def test_cache_words_and_retries_are_counted_per_route() -> None:
     catalog = FakeRoute("catalog", "items")
     for word, times in (("HIT", 3), ("MISS", 2), ("STALE", 1), ("BYPASS", 4), (None, 1)):
         for _ in range(times):
-            m.observe(FakeExchange(catalog, upstream_ms=None, cache_status=word))
-    m.observe(FakeExchange(API, retries=2))
-    m.observe(FakeExchange(API, status=503, retries=1))
-    m.observe(FakeExchange(API))
+            m.observe(FakeCtx(catalog, upstream_ms=None, cache_status=word))
+    m.observe(FakeCtx(API, retries=2))
+    m.observe(FakeCtx(API, status=503, retries=1))
+    m.observe(FakeCtx(API))
     got = scrape(m)
     where = labels(route="catalog", service="items")
     assert got["apigate_cache_hits_total"] == {where: 3}
@@ -264,12 +266,12 @@ def test_rate_limit_rejections_are_the_limiters_own_429s() -> None:
     m = GatewayMetrics()
     route = FakeRoute("search", "idx")
     for _ in range(3):
-        m.observe(FakeExchange(route, status=429, upstream_ms=None, vars={RATE_LIMITED: True}))
-    m.observe(FakeExchange(route, vars={"rate_limit": 10}))
-    m.observe(FakeExchange(route, status=429, upstream_ms=2.0, vars={"rate_limit": 10}))
-    m.observe(FakeExchange(API, status=429, upstream_ms=2.0))
-    m.observe(FakeExchange(FakeRoute("quota", "s"), status=429, upstream_ms=None))  # a plugin's
-    m.observe(FakeExchange(None, status=404, upstream_ms=None))
+        m.observe(FakeCtx(route, status=429, upstream_ms=None, vars={RATE_LIMITED: True}))
+    m.observe(FakeCtx(route, vars={"rate_limit": 10}))
+    m.observe(FakeCtx(route, status=429, upstream_ms=2.0, vars={"rate_limit": 10}))
+    m.observe(FakeCtx(API, status=429, upstream_ms=2.0))
+    m.observe(FakeCtx(FakeRoute("quota", "s"), status=429, upstream_ms=None))  # a plugin's
+    m.observe(FakeCtx(None, status=404, upstream_ms=None))
     assert scrape(m)["apigate_ratelimit_rejected_total"] == {
         labels(route="search", service="idx"): 3
     }
@@ -280,11 +282,11 @@ def test_a_plugins_counter_of_a_built_in_name_joins_its_family() -> None:
     samples add both up (two families of one name are invalid exposition)."""
     m = GatewayMetrics()
     catalog = FakeRoute("catalog", "items")
-    m.observe(FakeExchange(catalog, cache_status="HIT"))
+    m.observe(FakeCtx(catalog, cache_status="HIT"))
     m.inc("cache_hits", route="catalog", service="items", value=2)
     m.inc("cache_hits", route="other", service="items")
     m.inc("retries", route="api", service="users")
-    m.observe(FakeExchange(API, retries=1))
+    m.observe(FakeCtx(API, retries=1))
     names = families(m)
     assert len(names) == len(set(names))
     got = scrape(m)
@@ -297,39 +299,18 @@ def test_a_plugins_counter_of_a_built_in_name_joins_its_family() -> None:
 
 def test_built_in_counters_survive_a_reload() -> None:
     old, new = FakeRoute("api", "users"), FakeRoute("api", "users")
-    gateway = SimpleNamespace(
-        runtime=SimpleNamespace(routes={"api": new}),
-        connections=set(),
-        reloads_ok=0,
-        reloads_failed=0,
-        pools=SimpleNamespace(pools={}),
-        services=SimpleNamespace(services={}),
-        extensions={},
-    )
-    m = GatewayMetrics(gateway)  # type: ignore[arg-type]
+    m = GatewayMetrics(fake_gateway(routes={"api": new}))
     for route in (old, new):
-        m.observe(FakeExchange(route, cache_status="HIT", retries=1))
-        m.observe(FakeExchange(route, status=429, upstream_ms=None, vars={RATE_LIMITED: True}))
+        m.observe(FakeCtx(route, cache_status="HIT", retries=1))
+        m.observe(FakeCtx(route, status=429, upstream_ms=None, vars={RATE_LIMITED: True}))
     m.fold()
-    m.observe(FakeExchange(new, cache_status="MISS"))
+    m.observe(FakeCtx(new, cache_status="MISS"))
     got = scrape(m)
     where = labels(route="api", service="users")
     assert got["apigate_cache_hits_total"][where] == 2
     assert got["apigate_cache_misses_total"][where] == 1
     assert got["apigate_retries_total"][where] == 2
     assert got["apigate_ratelimit_rejected_total"][where] == 2
-
-
-def _gateway_with(services: dict[str, Any]) -> Any:
-    return SimpleNamespace(
-        runtime=SimpleNamespace(routes={}),
-        connections=set(),
-        reloads_ok=0,
-        reloads_failed=0,
-        pools=SimpleNamespace(pools={}),
-        services=SimpleNamespace(services=services),
-        extensions={},
-    )
 
 
 def test_breaker_transitions_are_exposed_per_service() -> None:
@@ -345,7 +326,7 @@ def test_breaker_transitions_are_exposed_per_service() -> None:
     assert breaker.allow()
     breaker.record(True)
     svc = SimpleNamespace(breaker=breaker, breaker_counts=counts, instances={})
-    got = scrape(GatewayMetrics(_gateway_with({"metrics-unit-cb": svc})))
+    got = scrape(GatewayMetrics(fake_gateway(services={"metrics-unit-cb": svc})))
     where = labels(route="", service="metrics-unit-cb")
     assert got["apigate_breaker_opened_total"][where] == 1
     assert got["apigate_breaker_half_opened_total"][where] == 1
@@ -363,7 +344,7 @@ def test_breaker_transitions_of_one_gateway_are_not_in_anothers_metrics() -> Non
         breaker = CircuitBreaker("api", config, counts=counts)
         svc = SimpleNamespace(breaker=breaker, breaker_counts=counts, instances={})
         gateways.append(svc)
-        metrics.append(GatewayMetrics(_gateway_with({"api": svc})))
+        metrics.append(GatewayMetrics(fake_gateway(services={"api": svc})))
     gateways[0].breaker.record(False)  # only gateway A's breaker opens
     where = labels(route="", service="api")
     assert scrape(metrics[0])["apigate_breaker_opened_total"][where] == 1
@@ -377,8 +358,8 @@ def test_an_aggregates_part_calls_are_upstream_latencies_of_their_services() -> 
     m = GatewayMetrics()
     agg = FakeRoute("agg", None)
     parts = [("users", 3.0), ("orders", 30.0)]
-    m.observe(FakeExchange(agg, upstream_ms=None, total_ms=31.0, vars={"part_upstream_ms": parts}))
-    m.observe(FakeExchange(agg, upstream_ms=None, vars={"part_upstream_ms": [("users", 4.0)]}))
+    m.observe(FakeCtx(agg, upstream_ms=None, total_ms=31.0, vars={"part_upstream_ms": parts}))
+    m.observe(FakeCtx(agg, upstream_ms=None, vars={"part_upstream_ms": [("users", 4.0)]}))
     got = scrape(m)
     count = got["apigate_upstream_duration_seconds_count"]
     assert count[labels(route="agg", service="users")] == 2

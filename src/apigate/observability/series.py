@@ -217,10 +217,8 @@ class SeriesRecorder:
                 ctx.bytes_sent,
                 fake.body_received,
             )
-            if not hasattr(ctx, "vars"):  # a fake with nothing more to tell than the traffic
-                return
-            cache_status = getattr(ctx, "cache_status", None)
-            retries = getattr(ctx, "retries", 0)
+            cache_status = ctx.cache_status
+            retries = ctx.retries
         if cache_status is not None:
             _count_cache(s, cache_status)
         if retries:
