@@ -14,13 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from apigate.admin import http as admin_http
-from apigate.config.loader import load_config
-from apigate.extensions import attach_extensions
-from apigate.server import Gateway
-from tests.support.gateway import GatewayProcess, base_config, raw_request
+from tests.support.gateway import GatewayProcess, base_config, raw_request, running_gateway
 from tests.support.upstream import Upstream
 
 TOKEN = "s3cret-admin-token"
@@ -99,17 +95,11 @@ async def test_an_endless_admin_header_is_cut_with_431_while_the_proxy_serves() 
 
 @asynccontextmanager
 async def _running_gateway(config: dict[str, Any], tmp_path: Path) -> AsyncIterator[int]:
-    """A gateway in this event loop (as `apigate run` attaches it); yields the admin port."""
-    path = tmp_path / "apigate.yaml"
-    path.write_text(yaml.safe_dump(config))
-    gw = Gateway(load_config(path), config_path=path)
-    await attach_extensions(gw)
-    await gw.start()
-    try:
+    """A gateway in this event loop (its module constants patched by the test); yields the
+    admin port."""
+    async with running_gateway(config, tmp_path) as gw:
         assert gw.admin_server is not None
         yield int(gw.admin_server.sockets[0].getsockname()[1])
-    finally:
-        await gw.shutdown(0)
 
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]

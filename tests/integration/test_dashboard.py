@@ -19,9 +19,9 @@ from tests.integration.test_observability_metrics import (
     admin_port,
     gateway_config,
     proxy,
-    running_gateway,
 )
 from tests.support.browser import chromium_page
+from tests.support.gateway import running_gateway
 from tests.support.upstream import Upstream
 
 
@@ -35,7 +35,7 @@ def dashboard_config(upstream_url: str) -> dict[str, Any]:
 async def test_page_and_assets_are_public_data_is_not(tmp_path: Path) -> None:
     async with (
         Upstream() as up,
-        running_gateway(gateway_config(up.url), tmp_path, dashboard=True) as gw,
+        running_gateway(gateway_config(up.url), tmp_path) as gw,
     ):
         status, headers, body = await admin(gw, "GET", "/", token=None)
         assert status == 200 and headers["content-type"].startswith("text/html")
@@ -56,7 +56,7 @@ async def test_dashboard_in_a_real_browser(tmp_path: Path) -> None:
     async with (
         Upstream() as up,
         Upstream() as second,
-        running_gateway(dashboard_config(up.url), tmp_path, dashboard=True) as gw,
+        running_gateway(dashboard_config(up.url), tmp_path) as gw,
     ):
         status, _, _ = await admin(gw, "PUT", "/services/up/instances/reg-1", {"url": second.url})
         assert status == 201

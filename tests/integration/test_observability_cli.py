@@ -18,8 +18,8 @@ from tests.integration.test_observability_metrics import (
     admin,
     gateway_config,
     proxy,
-    running_gateway,
 )
+from tests.support.gateway import running_gateway
 from tests.support.upstream import Upstream
 
 

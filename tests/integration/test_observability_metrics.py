@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from apigate.config.loader import load_config
-from apigate.extensions import attach_extensions
 from apigate.observability.metrics import GatewayMetrics
 from apigate.server import Gateway
-from tests.support.gateway import raw_request
+from tests.support.gateway import raw_request, running_gateway
 from tests.support.upstream import Upstream
 
 TOKEN = "s3cret-admin-token"
@@ -40,22 +36,6 @@ def gateway_config(upstream_url: str, *, token: str = TOKEN, **extra: Any) -> di
     }
     cfg.update(extra)
     return cfg
-
-
-@asynccontextmanager
-async def running_gateway(
-    config: dict[str, Any], tmp_path: Path, *, dashboard: bool = False
-) -> AsyncIterator[Gateway]:
-    """A gateway in this event loop with metrics (and the dashboard) attached."""
-    path = tmp_path / "apigate.yaml"
-    path.write_text(yaml.safe_dump(config))
-    gw = Gateway(load_config(path), config_path=path)
-    await attach_extensions(gw)  # metrics and the dashboard included
-    await gw.start()
-    try:
-        yield gw
-    finally:
-        await gw.shutdown(0)
 
 
 def admin_port(gw: Gateway) -> int:

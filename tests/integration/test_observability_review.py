@@ -17,10 +17,9 @@ from tests.integration.test_observability_metrics import (
     gateway_config,
     key,
     proxy,
-    running_gateway,
     samples,
 )
-from tests.support.gateway import GatewayProcess, base_config, raw_request
+from tests.support.gateway import GatewayProcess, base_config, raw_request, running_gateway
 from tests.support.upstream import Upstream
 
 CACHEABLE = "/c/respond?h=Cache-Control:max-age=60"
@@ -129,7 +128,7 @@ async def test_stats_and_the_dashboard_still_answer(tmp_path: Path) -> None:
     async with (
         Upstream() as up,
         Upstream("other") as other,
-        running_gateway(review_config(up, other), tmp_path, dashboard=True) as gw,
+        running_gateway(review_config(up, other), tmp_path) as gw,
     ):
         assert await proxy(gw, "GET", CACHEABLE) == 200
         assert await proxy(gw, "GET", "/agg/1") == 200

@@ -17,10 +17,9 @@ from tests.integration.test_observability_metrics import (
     gateway_config,
     key,
     proxy,
-    running_gateway,
     samples,
 )
-from tests.support.gateway import GatewayProcess, raw_request
+from tests.support.gateway import GatewayProcess, raw_request, running_gateway
 from tests.support.upstream import Upstream
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"

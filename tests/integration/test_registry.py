@@ -7,13 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from apigate.config.loader import load_config
-from apigate.extensions import attach_extensions
 from apigate.registry.registry import Registration, registry_of
-from apigate.server import Gateway
-from tests.support.gateway import GatewayProcess, base_config
+from tests.support.gateway import GatewayProcess, base_config, running_gateway
 from tests.support.http import KeepAliveClient, request
 from tests.support.upstream import Upstream
 
@@ -298,12 +293,7 @@ async def test_a_lapsed_instance_leaves_the_balancer_when_its_ttl_runs_out(tmp_p
     """Not at the next sweep: one every 250 ms served an expired instance for up to that long
     after its TTL. (In-process, so that the check runs on the gateway's own clock: the lapse
     is due before the check's timer, which asyncio runs in order.)"""
-    path = tmp_path / "apigate.yaml"
-    path.write_text(yaml.safe_dump(_config()))
-    gw = Gateway(load_config(path), config_path=path)
-    await attach_extensions(gw)
-    await gw.start()
-    try:
+    async with running_gateway(_config(), tmp_path) as gw:
         registry = registry_of(gw)
         loop = asyncio.get_running_loop()
         for n, ttl in enumerate((0.3, 0.2, 0.35)):
@@ -312,8 +302,6 @@ async def test_a_lapsed_instance_leaves_the_balancer_when_its_ttl_runs_out(tmp_p
             assert inst.expires_at is not None
             await asyncio.sleep(inst.expires_at - loop.time() + 0.005)
             assert f"i{n}" not in gw.services.services["hello"].instances, n
-    finally:
-        await gw.shutdown(0)
 
 
 async def test_a_registration_that_moves_an_instance_is_200_and_says_it_moved() -> None:
@@ -355,12 +343,7 @@ async def test_heartbeats_do_not_grow_the_lapse_queue(tmp_path: Path) -> None:
     """One entry per registration and heartbeat stayed queued until its own expiry: a cluster
     resync renews every instance every 5 s, so with long TTLs the queue grew without bound
     (17,280 entries an instance at the 24 h maximum). Renewed instances still lapse."""
-    path = tmp_path / "apigate.yaml"
-    path.write_text(yaml.safe_dump(_config()))
-    gw = Gateway(load_config(path), config_path=path)
-    await attach_extensions(gw)
-    await gw.start()
-    try:
+    async with running_gateway(_config(), tmp_path) as gw:
         registry = registry_of(gw)
         for _ in range(200):
             for n in range(3):
@@ -369,5 +352,3 @@ async def test_heartbeats_do_not_grow_the_lapse_queue(tmp_path: Path) -> None:
         await asyncio.sleep(0.35)
         assert not gw.services.services["hello"].instances
         assert not registry._lapses
-    finally:
-        await gw.shutdown(0)

@@ -8,13 +8,34 @@ import re
 import signal
 import sys
 import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from apigate.config.loader import load_config
+from apigate.extensions import attach_extensions
+from apigate.server import Gateway
+
 _LISTENING = re.compile(r"apigate \d+ listening on (\S+):(\d+)")
 _ADMIN = re.compile(r"apigate admin listening on (\S+):(\d+)")
+
+
+@asynccontextmanager
+async def running_gateway(config: dict[str, Any], tmp_path: Path) -> AsyncIterator[Gateway]:
+    """A gateway in this event loop, as `apigate run` builds it (extensions attached: the
+    registry, metrics, the dashboard): for tests that read its state or its own clock."""
+    path = tmp_path / "apigate.yaml"
+    path.write_text(yaml.safe_dump(config))
+    gw = Gateway(load_config(path), config_path=path)
+    await attach_extensions(gw)
+    await gw.start()
+    try:
+        yield gw
+    finally:
+        await gw.shutdown(0)
 
 
 def base_config(**overrides: Any) -> dict[str, Any]:
