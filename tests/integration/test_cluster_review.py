@@ -1,7 +1,8 @@
 """Cluster review fixes against a real Redis: clusters on two databases of one server stay
 apart, every node merges admin-created routes in the same order, acknowledged changes survive
 a node that comes back knowing more of a history Redis lost, a new node accepts traffic only
-once it has the registrations, and a Redis password in the URL's query never shows."""
+once it has the registrations, a Redis password in the URL's query never shows, and a
+registry write cut short holds back no announcement."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import json
 import random
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+from apigate.registry.registry import Registration
+from apigate.store.cluster import ClusterSync
 from apigate.store.cluster_scripts import INSTANCES, OVERLAY, field
 from apigate.store.redis import RedisStore
 from apigate.store.redis_config_store import RedisConfigStore
@@ -439,3 +443,26 @@ async def test_a_password_in_the_store_url_query_never_shows_and_round_trips() -
             other = {**shown, "store": "redis://:[redacted]@10.0.0.1:6379/0"}
             refused = await request(node.admin_port, "POST", "/config", json_body=other)
             assert refused.status == 400 and refused.json()["error"] == "redacted_value"
+
+
+# ------------------------------------------------------------------ a write cut short
+async def test_a_registry_write_cancelled_midway_holds_back_no_announcement() -> None:
+    """A node counts its registry writes in flight and skips other nodes' announcements of
+    the key meanwhile (they were published before its own). A write cancelled while Redis
+    had not answered (an admin request cut short) kept its count: every later announcement
+    of that instance from another node was ignored until the next resubscribe."""
+    async with RedisServer() as redis, Relay(redis.port, delay=5.0) as slow:
+        store = RedisConfigStore(slow.url)
+        try:
+            ops = SimpleNamespace(store=store)
+            sync = ClusterSync(SimpleNamespace(), ops, SimpleNamespace())  # type: ignore[arg-type]
+            reg = Registration("hello", "i1", "http://127.0.0.1:1", ttl=60.0)
+            write = asyncio.create_task(sync.instance_up(reg))
+            await asyncio.sleep(0.1)  # sent; the relay holds Redis's answer for 5 s
+            assert sync.in_flight == {("hello", "i1"): 1}
+            write.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await write
+            assert sync.in_flight == {}
+        finally:
+            await store.close()
