@@ -224,8 +224,20 @@ async def test_traversal_above_root_stays_at_root(env: Env) -> None:
 
 
 async def test_encoded_slash_is_not_a_separator(env: Env) -> None:
-    _, got = await proxied(env, b"GET /public/..%2Fadmin HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert got.path == "/public/..%2Fadmin"
+    _, got = await proxied(env, b"GET /public/..%2Fother HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert got.path == "/public/..%2Fother"
+
+
+async def test_encoded_slash_that_reads_as_another_route_is_refused(env: Env) -> None:
+    """/admin is a route of its own: a back end decoding %2F (WSGI, ASGI) reads this one as
+    /admin, served without the admin route's plugins (see test_routing_review)."""
+    await assert_rejected(
+        env,
+        b"GET /public/..%2Fadmin HTTP/1.1\r\nHost: x\r\n\r\n",
+        400,
+        "ambiguous_path",
+        closed=False,
+    )
 
 
 @pytest.mark.parametrize(

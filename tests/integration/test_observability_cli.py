@@ -67,7 +67,7 @@ async def test_routes_prints_the_compiled_table_with_names_and_services(tmp_path
     assert header == ["ROUTE", "HOST", "METHODS", "PATH", "KIND", "HEADERS", "SERVICE"]
     assert sorted(rows) == [
         ["agg", "*", "*", "/agg", "prefix", "-", "(aggregate)"],
-        ["api", "*", "GET", "/api", "prefix", "-", "s"],
+        ["api", "*", "GET,HEAD", "/api", "prefix", "-", "s"],
     ]
 
 

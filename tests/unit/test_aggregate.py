@@ -291,6 +291,15 @@ async def test_a_value_making_a_dot_segment_is_a_400(value: str) -> None:
     assert "dot segment" in ctx.error.message
 
 
+@pytest.mark.parametrize("query", [b"id=", b"x=1"])
+async def test_a_value_leaving_an_empty_segment_is_a_400(query: bytes) -> None:
+    """An empty `id` sent `/users//orders`: an upstream merging slashes reads /users/orders.
+    (A missing one is a 400 of its own: missing input.)"""
+    config = constructed_route({"o": {"service": "users", "path": "/users/{query.id}/orders"}})
+    ctx = await run(config, FakeClient({}), Ctx(query=query))
+    assert ctx.error is not None and ctx.error.status == 400, ctx.error
+
+
 async def test_dots_in_a_query_value_or_inside_a_segment_are_kept() -> None:
     config = constructed_route({"o": {"service": "users", "path": "/u/{query.id}?next={query.n}"}})
     client = FakeClient({"/u/a..b?next=..": ok(1)})

@@ -366,7 +366,7 @@ def test_allowed_methods_gather_across_host_groups() -> None:
     )
     result = matcher.match("api.example.com", "POST", "/x", no_headers)
     assert isinstance(result, NoMatch)
-    assert result.allowed_methods == {"GET", "PUT"}
+    assert result.allowed_methods == {"GET", "HEAD", "PUT"}
 
 
 # --- table, repr, validation ------------------------------------------------------------------
@@ -394,7 +394,7 @@ def test_table_lists_routes_in_priority_order() -> None:
         "headers": "x-a=1",
     }
     assert table[2]["kind"] == "exact"
-    assert table[4]["methods"] == "GET,POST"
+    assert table[4]["methods"] == "GET,HEAD,POST"
     assert table[4]["path"] == "/api/{id}"
     assert table[5]["host"] == "*"
 
@@ -517,8 +517,11 @@ def model(
             key = _path_key(pattern, request)
             if key is None:
                 continue
-            if spec.methods is not None and method not in spec.methods:
-                allowed |= spec.methods
+            methods = spec.methods
+            if methods is not None and "GET" in methods:
+                methods = methods | {"HEAD"}  # a GET route serves HEAD
+            if methods is not None and method not in methods:
+                allowed |= methods
                 continue
             full = (rank, *key, -len(spec.headers or ()), spec.methods is None, index)
             if best is None or full < best:
@@ -532,7 +535,7 @@ def model(
     count=st.integers(1, 12),
     request_segments=st.lists(st.sampled_from(REQUEST_SEGMENTS), min_size=1, max_size=4),
     host=st.sampled_from(["x.example.com", "y.example.com", "a.x.example.com", "example.com"]),
-    method=st.sampled_from(["GET", "POST", "DELETE"]),
+    method=st.sampled_from(["GET", "HEAD", "POST", "DELETE"]),
     headers=st.sampled_from([{}, {"x-h": "1"}, {"x-h": "2", "x-i": "z"}, {"x-h": "1", "x-i": ""}]),
 )
 def test_agrees_with_a_brute_force_model(
@@ -607,3 +610,47 @@ def test_ten_thousand_routes_match_as_fast_as_ten() -> None:
     ten, ten_thousand = min(timings["small"]), min(timings["large"])
     print(f"\nmatch: {ten:.2f} µs with 10 routes, {ten_thousand:.2f} µs with 10,000 routes")
     assert ten_thousand < 5 * ten
+
+
+# ------------------------------------------------------------------ review: other readings
+def test_a_get_route_serves_head() -> None:
+    matcher = Matcher([route("open", "/"), route("admin", "/admin", methods=["GET"])])
+    found = matcher.match("", "HEAD", "/admin", headers_of({}))
+    assert isinstance(found, Match) and found.spec.name == "admin"
+    refused = Matcher([route("admin", "/admin", methods=["GET"])]).match(
+        "", "POST", "/admin", headers_of({})
+    )
+    assert isinstance(refused, NoMatch) and refused.allowed_methods == {"GET", "HEAD"}
+
+
+@pytest.mark.parametrize(
+    ("path", "ambiguous"),
+    [
+        ("/admin%2Fusers", True),  # the open route; read as /admin/users, the admin route
+        ("/admin;x", True),
+        ("/files/a%2Fb", False),  # the files route either way
+        ("/other%2Fthing", False),  # the open route either way
+    ],
+)
+def test_other_reading_selects_another_route(path: str, ambiguous: bool) -> None:
+    matcher = Matcher([route("open", "/"), route("admin", "/admin"), route("files", "/files")])
+    found = matcher.match("", "GET", path, headers_of({}))
+    assert matcher.other_reading("", "GET", path, headers_of({}), found) is ambiguous
+
+
+def test_an_other_reading_no_route_matches_is_no_way_around_one() -> None:
+    matcher = Matcher([route("files", "/files/{name}"), route("admin", "/admin")])
+    path = "/files/a%2Fb"  # /files/a/b matches nothing
+    found = matcher.match("", "GET", path, headers_of({}))
+    assert isinstance(found, Match) and found.params == {"name": "a/b"}
+    assert not matcher.other_reading("", "GET", path, headers_of({}), found)
+    missed = matcher.match("", "GET", "/x%2Fadmin", headers_of({}))
+    assert not matcher.other_reading("", "GET", "/x%2Fadmin", headers_of({}), missed)
+
+
+def test_header_names_are_those_routes_match_on() -> None:
+    matcher = Matcher(
+        [route("a", "/", headers={"X-Tenant": "internal"}), route("b", "/", headers={"x-v": "*"})]
+    )
+    assert matcher.header_names == {"x-tenant", "x-v"}
+    assert Matcher([route("a", "/")]).header_names == frozenset()

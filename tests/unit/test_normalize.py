@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from apigate.routing.normalize import normalize_path
+from apigate.routing.normalize import normalize_path, separator_reading
 
 
 @pytest.mark.parametrize(
@@ -129,3 +129,24 @@ def test_fast_path_is_cheaper_than_the_full_pass() -> None:
     full = per_call("/api/v1/users/%34%32/orders")
     print(f"\nnormalize_path: fast path {fast:.2f} µs, full pass {full:.2f} µs")
     assert fast < full
+
+
+@pytest.mark.parametrize(
+    ("path", "read"),
+    [
+        ("/admin%2Fusers", "/admin/users"),
+        ("/x/..%2Fadmin", "/admin"),
+        ("/a%5Cb", "/a/b"),
+        ("/admin;x", "/admin"),
+        ("/x/..;/admin", "/admin"),
+        ("/a;p=1/b;q/c", "/a/b/c"),
+        ("/a%2F%2Fb", "/a/b"),
+        # read as they are
+        ("/admin/users", None),
+        ("/a%20b", None),
+        ("/a%252Fb", None),  # %25 is "%": the back end decodes once, to "%2F"
+    ],
+)
+def test_separator_reading(path: str, read: str | None) -> None:
+    """How WSGI/ASGI servers (%2F, %5C) and Tomcat (`;` parameters) read a canonical path."""
+    assert separator_reading(path) == read

@@ -181,6 +181,20 @@ def test_path_value_making_a_dot_segment_is_a_400() -> None:
     assert err.value.status == 400
 
 
+@pytest.mark.parametrize("headers", [[], [("X-Tenant", "")]])
+def test_path_value_leaving_an_empty_segment_is_a_400(headers: list[tuple[str, str]]) -> None:
+    """`/tenants/{header.x-tenant}/orders` without the header went up as /tenants//orders,
+    which an upstream that merges slashes reads as /tenants/orders, another resource."""
+    plugin = request_plugin(path="/tenants/{header.x-tenant}/orders")
+    ctx = Ctx(headers=headers)
+    with pytest.raises(GatewayError) as err:
+        plugin.on_request(ctx)
+    assert err.value.status == 400 and "empty" in err.value.message
+    ok = Ctx(headers=[("X-Tenant", "t1")])
+    plugin.on_request(ok)
+    assert ok.upstream_path == "/tenants/t1/orders"
+
+
 @pytest.mark.parametrize("path", ["v2/x", "/a/../b", "/a?b=1", "/a/{foo.bar}", "/é"])
 def test_invalid_path_templates(path: str) -> None:
     with pytest.raises(ConfigError):

@@ -152,7 +152,8 @@ def valid_host(value: bytes) -> bool:
     keep-alive client pays it once.
     """
     match = _HOST_OK.fullmatch(value)
-    if match is None or not value:  # (the grammar allows an empty reg-name, an http URI not)
+    # (the grammar allows an empty reg-name, an http URI not; nor an empty label, as nginx)
+    if match is None or not value or b".." in value:
         return False
     ipv6 = match.group(1)
     if ipv6 is None:

@@ -685,11 +685,16 @@ class ClientConnection(asyncio.Protocol):
                     raise GatewayError(400, "userinfo in request target")
                 if not parsed.host:
                     raise GatewayError(400, "invalid request target")
+                if parsed.fragment is not None:  # as in origin-form, not dropped in silence
+                    raise GatewayError(400, "fragment in request target")
                 authority = parsed.host.decode("latin-1").lower()
                 if ":" in authority:  # an IPv6 literal: httptools gives it without brackets
                     authority = f"[{authority}]"
                 if parsed.port:
                     authority += f":{parsed.port}"
+                # the authority replaces Host: the same grammar ("[fe80::1%25eth0]" passed)
+                if not valid_host(authority.encode("latin-1")):
+                    raise GatewayError(400, "invalid host in request target")
                 req.host = authority
                 url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
             elif url == b"*" and req.method == "OPTIONS":
@@ -1128,6 +1133,7 @@ class _URLParts(Protocol):
     port: int | None
     path: bytes | None
     query: bytes | None
+    fragment: bytes | None
     userinfo: bytes | None
 
 

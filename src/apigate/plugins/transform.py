@@ -24,7 +24,9 @@ Templates: `{request_id}`, `{consumer}`, `{method}`, `{path}` (the path going up
 `{host}`, `{client_ip}`, `{param.NAME}` (route path parameter; a bare `{NAME}` means the same),
 `{header.NAME}`, `{query.NAME}`, `{claim.NAME}` (verified JWT claims), `{var.NAME}`
 (`ctx.vars`). A missing value renders as an empty string. In `path`, values are
-percent-encoded to stay inside one segment; in JSON a template always yields a string.
+percent-encoded to stay inside one segment, and one that would leave a segment empty
+(`/tenants//orders`) or make a dot segment answers 400; in JSON a template always yields a
+string.
 
 JSON edits use dotted paths (`a.b.c`; a numeric part indexes a list) and apply only when the
 body is JSON (`application/json` or `+json`, not content-encoded) and at most `max_body_bytes`
@@ -63,7 +65,7 @@ from apigate.http.errors import GatewayError
 from apigate.http.headers import FORWARDING, HOP_BY_HOP, is_token
 from apigate.plugins.base import Plugin, PluginConfig, PluginEnv
 from apigate.routing.normalize import normalize_path
-from apigate.routing.rewrite import encode_param, has_dot_segment
+from apigate.routing.rewrite import encode_param, has_bad_segment
 
 __all__ = [
     "HeaderOps",
@@ -353,7 +355,8 @@ class _HeaderEdits:
 
 def render_path(template: ValueTemplate, ctx: Any) -> str:
     """A path template rendered: values percent-encoded to stay in their segment, except
-    `{path}` (already canonical); raises GatewayError(400) when a value makes a dot segment."""
+    `{path}` (already canonical); raises GatewayError(400) when a value makes a dot segment,
+    or an empty one (a missing or empty value between two slashes)."""
     parts = [template.literals[0]]
     for (source, _), value, literal in zip(
         template.fields, template.values(ctx), template.literals[1:], strict=True
@@ -365,8 +368,10 @@ def render_path(template: ValueTemplate, ctx: Any) -> str:
             text = text[1:]  # "/v2/" + "/users" is "/v2/users", not "/v2//users"
         parts += (text, literal)
     path = "".join(parts)
-    if has_dot_segment(path):
-        raise GatewayError(400, "a value would make a dot segment in the rewritten path")
+    if has_bad_segment(path):
+        raise GatewayError(
+            400, "a value would make a dot segment or an empty one in the rewritten path"
+        )
     return path
 
 

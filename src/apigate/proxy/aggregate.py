@@ -64,7 +64,7 @@ from apigate.observability.series import PART_LATENCIES
 from apigate.observability.trace_context import ChildTrace, PartSpan
 from apigate.plugins.base import Response
 from apigate.plugins.transform import ValueTemplate, refuse_json_constant
-from apigate.routing.rewrite import encode_param, has_dot_segment
+from apigate.routing.rewrite import encode_param, has_bad_segment
 
 if TYPE_CHECKING:
     from apigate.config.schema import AggregatePartConfig, RouteConfig
@@ -205,10 +205,10 @@ class _Part:
         ):
             parts += (encode(value or ""), literal)
         target = "".join(parts)
-        if has_dot_segment(target.partition("?")[0]):
+        if has_bad_segment(target.partition("?")[0]):
             # ".." and "." are left as they are by the encoding, and `/users/{query.id}/orders`
             # with id=.. reached the upstream as /users/../orders, that is /orders
-            raise _BadInput("a value would make a dot segment in the part's path")
+            raise _BadInput("a value would make a dot segment or an empty one in the part's path")
         return target
 
     def __repr__(self) -> str:

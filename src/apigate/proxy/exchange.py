@@ -298,7 +298,21 @@ class ProxyExchange(UpstreamListener):
     # ================================================================== routing and plugins
     def _route(self) -> None:
         req = self.request
-        result = self.runtime.matcher.match(req.host, req.method, req.path, req.header)
+        matcher = self.runtime.matcher
+        if matcher.header_names:
+            _check_routing_headers(req, matcher.header_names)
+        path = req.path
+        result = matcher.match(req.host, req.method, path, req.header)
+        # (rare: "%" is an escape other than of an unreserved character, ";" a parameter)
+        if ("%" in path or ";" in path) and matcher.other_reading(
+            req.host, req.method, path, req.header, result
+        ):
+            raise GatewayError(
+                400,
+                "ambiguous path: read with %2F or %5C as a separator, or without its"
+                " ';' parameters, as many back ends read it, it selects another route",
+                "ambiguous_path",
+            )
         if isinstance(result, NoMatch):
             if result.allowed_methods:
                 allow = ", ".join(sorted(result.allowed_methods)).encode()
@@ -331,7 +345,7 @@ class ProxyExchange(UpstreamListener):
                 raise GatewayError(413, f"request body larger than {limit} bytes")
         try:
             self.upstream_path = route.upstream_path(req.path, result.prefix, result.params)
-        except ValueError:  # a captured value that would make a dot segment in the rewrite
+        except ValueError:  # a captured value that would make a dot or empty segment
             raise GatewayError(400, "path parameter not allowed in rewrite") from None
 
     def _run_request_hooks(self, index: int) -> None:
@@ -1048,3 +1062,29 @@ class ProxyExchange(UpstreamListener):
     def __repr__(self) -> str:
         route = self.route.name if self.route else "-"
         return f"<ProxyExchange {self.request.method} {self.request.path} route={route}>"
+
+
+def _check_routing_headers(req: Request, names: frozenset[str]) -> None:
+    """The request's fields named like a header some route matches on (`names`, lower case):
+    one sent twice is refused (the router reads the first value, a back end may read the
+    last, or both); one spelled with "_" for "-" is dropped (WSGI, CGI and PHP read
+    `X_Tenant` as `X-Tenant`, a field the router never saw), as the connection drops those of
+    the gateway's own fields."""
+    seen: set[str] = set()
+    underscored = False
+    for name, _ in req.headers:
+        lname = name.decode("latin-1").lower()
+        if lname in names:
+            if lname in seen:
+                raise GatewayError(
+                    400, f"header {name.decode('latin-1')} sent twice: routes match on it"
+                )
+            seen.add(lname)
+        elif "_" in lname and lname.replace("_", "-") in names:
+            underscored = True
+    if underscored:
+        req.headers[:] = [
+            (n, v)
+            for n, v in req.headers
+            if b"_" not in n or n.decode("latin-1").lower().replace("_", "-") not in names
+        ]

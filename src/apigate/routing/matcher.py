@@ -43,7 +43,7 @@ from operator import itemgetter
 from typing import Final
 from urllib.parse import quote, unquote
 
-from apigate.routing.normalize import normalize_path
+from apigate.routing.normalize import normalize_path, separator_reading
 
 __all__ = ["Match", "Matcher", "NoMatch", "RouteSpec", "RouteSpecError"]
 
@@ -166,7 +166,13 @@ class _Candidate:
         self.segments = pattern.segments
         self.exact = pattern.exact
         self.depth = len(pattern.segments)
-        self.methods = spec.methods
+        methods = spec.methods
+        if methods is not None and "GET" in methods:
+            # a GET route serves HEAD too (RFC 9110 §9.3.2; nginx's `limit_except GET`, every
+            # web framework): otherwise HEAD fell through to another route, and a back end
+            # that runs its GET view for HEAD answered it without this route's plugins
+            methods = methods | {"HEAD"}
+        self.methods = methods
         self.headers = spec.headers or None
         self.params = pattern.params
         # Without parameters the matched prefix is the pattern itself: no join per request.
@@ -427,6 +433,11 @@ class Matcher:
             for suffix, c in sorted(wildcard.items(), key=lambda item: (-len(item[0]), item[0]))
         }
         self._any = _Bucket(any_host)
+        # the header names some route matches on: the exchange refuses a request that sends
+        # one of them twice and drops their underscore spellings (_check_routing_headers)
+        self.header_names = frozenset(
+            name.lower() for spec in specs for name, _ in spec.headers or ()
+        )
         self._has_hosts = bool(self._exact or self._wildcard)
         # Host header value -> its buckets. Clients reuse a handful of Host values, and the
         # lookup below costs ~1.3 µs (port strip, suffix probes) against ~0.06 µs for the cache.
@@ -453,6 +464,22 @@ class Matcher:
         if found is not None:
             return found
         return NoMatch(frozenset(allowed)) if allowed else _NOT_FOUND
+
+    def other_reading(
+        self, host: str, method: str, path: str, header: HeaderLookup, found: Match | NoMatch
+    ) -> bool:
+        """Whether `path`, read as many back ends read it (``%2F`` or ``%5C`` a separator, no
+        ``;`` parameters: see ``separator_reading``), selects a route other than `found`.
+        Then the back end would serve that route's path without that route's plugins:
+        ``/admin%2Fusers`` matched the open ``/`` next to a protected ``/admin``, and Werkzeug
+        served ``/admin/users``. A reading no route matches is no way around one."""
+        if isinstance(found, NoMatch):
+            return False
+        other = separator_reading(path)
+        if other is None:
+            return False
+        alternative = self.match(host, method, other, header)
+        return isinstance(alternative, Match) and alternative.spec is not found.spec
 
     def _host_buckets(self, host: str) -> tuple[_Bucket, ...]:
         """Buckets for ``host``, most specific first: exact, then wildcards longest first."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["normalize_path"]
+__all__ = ["normalize_path", "separator_reading"]
 
 _UNRESERVED: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX: Final = "0123456789abcdefABCDEF"
@@ -59,6 +59,19 @@ def normalize_path(raw: str) -> str | None:
         if "/." not in raw and "//" not in raw:
             return raw
     return _remove_dot_segments(raw)
+
+
+def separator_reading(path: str) -> str | None:
+    """How many back ends read the canonical `path`, when that differs from it: WSGI and ASGI
+    servers decode ``%2F`` in PATH_INFO (and some ``%5C``) into a separator, Tomcat, Jetty and
+    Spring drop ``;`` parameters from each segment (``/admin;x``, ``/x/..;/admin``). The
+    router checks that this reading selects no other route (see ``Matcher.other_reading``)."""
+    other = path.replace("%2F", "/").replace("%5C", "/")
+    if ";" in other:
+        other = "/".join(segment.partition(";")[0] for segment in other.split("/"))
+    if other == path:
+        return None
+    return _remove_dot_segments(other)
 
 
 def _decode_escapes(raw: str) -> str | None:

@@ -108,17 +108,20 @@ def _with_params(literals: tuple[str, ...], names: tuple[str, ...], tail: str) -
         else:
             parts.append(tail + "/" + rest)
         path = "".join(parts)
-        if has_dot_segment(path):
-            raise ValueError(f"rewrite to {path!r} would add a dot segment")
+        if has_bad_segment(path):
+            raise ValueError(f"rewrite to {path!r} would add a dot segment or an empty one")
         return path
 
     return rewrite
 
 
-def has_dot_segment(path: str) -> bool:
-    """Whether `path` has a "." or ".." segment: one a value put into a template made, which
-    the upstream would resolve (RFC 3986 §5.2.4) to somewhere the template does not say."""
-    return "/." in path and any(segment in (".", "..") for segment in path.split("/"))
+def has_bad_segment(path: str) -> bool:
+    """Whether `path` has a ".", ".." or empty segment: one a value put into a template made
+    (an empty value makes `/tenants/{x}/orders` `/tenants//orders`), which the upstream would
+    resolve (RFC 3986 §5.2.4), or merge, to somewhere the template does not say."""
+    return "//" in path or (
+        "/." in path and any(segment in (".", "..") for segment in path.split("/"))
+    )
 
 
 def _parse(template: str) -> tuple[list[str], list[str]]:
