@@ -128,13 +128,17 @@ class Pool:
     def _give_up_slot(self, made: list[UpstreamConnection]) -> None:
         """A connect failed, timed out or was cancelled (its client left). A connection the
         loop made meanwhile owns the slot from `connection_made` on, and frees it through
-        `forget` when it closes (the loop closes it as the connect is cancelled): freeing it
-        here too uncounted a slot twice, and the pool let one more connection open than
-        `max_connections` from then on."""
+        `forget` when it is lost, once (freeing it here as well uncounted a slot twice, and
+        the pool let one more connection open than `max_connections` from then on).
+
+        It is lost here and now: uvloop, cancelled after `connection_made` and before the
+        connecting task resumed, closes the transport itself and never calls
+        `connection_lost`, so the slot stayed taken; clients resetting in bursts used up
+        `max_connections` for good. (asyncio's loop calls it later: a no-op then.)"""
         for conn in made:
             if conn.transport is not None:
-                if not conn.closed:
-                    conn.abort()
+                conn.abort()
+                conn.connection_lost(None)
                 return
         self._free_slot()
 

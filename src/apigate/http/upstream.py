@@ -191,6 +191,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:  # (the pool may have called it for a loop that never will: give_up)
+            return
         self.closed = True
         self.reusable = False
         if self._timer is not None:
