@@ -328,3 +328,26 @@ async def test_half_open_probe_that_reached_no_instance_does_not_close_the_break
                 assert probe.status == 503 and probe.json()["error"] == "no_healthy_instance"
             assert (await _breaker(gw))["state"] == "half_open"
             assert len(up.received) == 2
+
+
+async def test_a_websocket_probe_answered_101_settles_at_the_upgrade() -> None:
+    """An upgrade let through as the half-open probe counted only when its tunnel ended: a
+    live WebSocket held the probe slot, and every other request was refused `circuit_open`
+    while the upstream was healthy, as long as the tunnel lasted."""
+    breaker = {
+        "consecutive_failures": 1,
+        "min_requests": 1000,
+        "open_for": "300ms",
+        "half_open_requests": 1,
+    }
+    async with Upstream() as up, GatewayProcess(_config(up.url, breaker)) as gw:
+        assert (await _get(gw, "/status/500")).status == 500
+        await asyncio.sleep(0.4)
+        async with RawClient(gw.port) as ws:
+            await ws.send(
+                b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+            )
+            assert (await ws.response(method="GET")).status == 101
+            await ws.send(b"ping")  # the tunnel is open and busy
+            assert (await _get(gw, "/echo")).status == 200
+            assert (await _breaker(gw))["state"] == "closed"

@@ -854,6 +854,12 @@ class ProxyExchange(UpstreamListener):
 
     def on_upgraded(self, extra: bytes) -> None:
         self._tunnel_open = True
+        service = self.service
+        if self._breaker_armed and service is not None and service.breaker is not None:
+            # the 101 is the service's answer: a tunnel lasts as long as its peers want, and
+            # held a half-open probe slot (every other request refused) all that time
+            self._breaker_armed = False
+            service.breaker.record(True, since=self._breaker_since)
         if extra:
             self.on_response_body(extra)
         up = self.upstream
