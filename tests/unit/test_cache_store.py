@@ -198,11 +198,12 @@ def test_the_index_never_outlives_the_entries() -> None:
         }
 
     for i in range(100):  # 100 consumers of one target, each a minute apart
-        store.put(entry(key("r", "/a", f"c{i:03}"), at=NOW + 60 * i, lifetime=1))
+        # (living long enough to leave by eviction, not as expired ones the next put drops)
+        store.put(entry(key("r", "/a", f"c{i:03}"), at=NOW + 60 * i, lifetime=10_000))
         consistent()
     assert len(store._targets) == 1 and store.evictions == 97
     for k in list(store._entries):  # long expired: dropped by the next lookup
-        assert store.get(k, NOW + 10_000) is None
+        assert store.get(k, NOW + 100_000) is None
         consistent()
     assert not store._targets
     base = key("r", "/b", "alice")
@@ -488,3 +489,16 @@ async def test_redis_purge_counts_responses_not_vary_markers(redis: FakeRedis) -
     await store.put(entry(key("r", "/b")), NOW)
     assert await store.purge(prefix="/a") == 2
     assert await store.purge() == 1 and not redis.data
+
+
+def test_expired_entries_nobody_reads_again_do_not_stay() -> None:
+    """Unique keys with a short lifetime: expired entries piled up until LRU eviction."""
+    store = MemoryStore(max_bytes=10_000_000)
+    for i in range(100):
+        store.put(entry(key(target=f"/old/{i}"), lifetime=3, at=NOW))
+    for i in range(100):
+        store.put(entry(key(target=f"/new/{i}"), lifetime=3, at=NOW + 10))
+    assert len(store._entries) == 100
+    assert all("/new/" in k for k in store._entries)
+    assert store.bytes == sum(e.size for e in store._entries.values())
+    assert sum(len(v) if isinstance(v, set) else 1 for v in store._targets.values()) == 100
