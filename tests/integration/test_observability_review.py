@@ -165,7 +165,7 @@ def closed_port() -> int:
 async def register(gw: GatewayProcess, service: str, instance: str, url: str) -> int:
     body = json.dumps({"url": url, "ttl": "30s"}).encode()
     head = (
-        f"PUT /services/{service}/instances/{instance} HTTP/1.1\r\nHost: admin\r\n"
+        f"PUT /services/{service}/instances/{instance} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     answer = await raw_request(gw.admin_port, head.encode() + body)

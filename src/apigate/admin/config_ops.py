@@ -196,6 +196,7 @@ class ConfigOps:
         """Apply `config` (ConfigError: nothing changed), then store it. A store failure or
         conflict puts the previous config back (StoreWriteFailed, StoreConflict)."""
         previous = self.gateway.config
+        await self._refuse_own_listeners(config, previous)
         await self.gateway.apply_config(config)
         try:
             await write()
@@ -204,6 +205,24 @@ class ConfigOps:
             if isinstance(exc, Exception) and not isinstance(exc, StoreConflict):
                 raise StoreWriteFailed(str(exc) or type(exc).__name__) from exc
             raise
+
+    async def _refuse_own_listeners(self, config: GatewayConfig, previous: GatewayConfig) -> None:
+        """A target this change adds that is this gateway's own listener is refused, as a
+        registration of one is (`self_reference`): a service pointed at the admin listener
+        served the admin API through the proxy listener, to whoever reaches that. (The
+        file's own targets are the operator's: not looked at again.)"""
+        registry = self.gateway.extensions.get("registry")
+        if registry is None:
+            return
+        known = {(t.host, t.port) for s in previous.services.values() for t in s.targets}
+        for name, service in config.services.items():
+            for target in service.targets:
+                if (target.host, target.port) in known:
+                    continue
+                if await registry.points_at_gateway(target.host, target.port):
+                    raise ConfigError(
+                        [f"services.{name}.targets: {target.url} is this gateway's own listener"]
+                    )
 
     async def sync_from_store(self, force: bool = False) -> bool:
         """Another node changed the shared store: read it and apply what it now says.

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from apigate.admin.api import AdminApi
 from apigate.admin.config_ops import ConfigOps
+from apigate.admin.guard import guarded
 from apigate.admin.http import AdminConnection
 from apigate.store.config_store import open_config_store
 
@@ -26,6 +27,12 @@ async def attach_admin(gateway: Gateway) -> None:
         await gateway.apply_config(composed)
     api = AdminApi(gateway)
     gateway.extensions["admin_api"] = api
+
+    def token() -> str:  # (the one in force: a reload may change it)
+        admin = gateway.config.listeners.admin
+        return admin.token if admin is not None else ""
+
+    handle = guarded(api.handle, token)
     server: asyncio.Server | None = None
     connections: set[AdminConnection] = set()  # open ones, bounded by http.MAX_CONNECTIONS
 
@@ -35,7 +42,7 @@ async def attach_admin(gateway: Gateway) -> None:
         if listener is None:
             return
         server = await gw.loop.create_server(
-            lambda: AdminConnection(api.handle, connections),
+            lambda: AdminConnection(handle, connections),
             host=listener.host or None,
             port=listener.port,
             reuse_address=True,

@@ -102,7 +102,7 @@ class Registry:
         except ValidationError as exc:
             first = exc.errors()[0]
             raise RegistrationError(400, "invalid_url", f"url: {first['msg']}") from None
-        if await self._points_at_gateway(target.host, target.port):
+        if await self.points_at_gateway(target.host, target.port):
             raise RegistrationError(
                 400, "self_reference", "url points at this gateway's own listener"
             )
@@ -129,7 +129,7 @@ class Registry:
         except ValidationError:
             return False
         known = service.instances.get(reg.instance_id)
-        if (known is None or known.url != reg.url) and await self._points_at_gateway(
+        if (known is None or known.url != reg.url) and await self.points_at_gateway(
             target.host, target.port
         ):
             logging.getLogger("apigate.registry").warning(
@@ -237,7 +237,7 @@ class Registry:
         how = "declared again by a registration" if kept else "created by its first registration"
         EVENTS.record("service", f"service {name} {how}", service=name)
 
-    async def _points_at_gateway(self, host: str, port: int) -> bool:
+    async def points_at_gateway(self, host: str, port: int) -> bool:
         """Would a request to host:port come back to one of our listeners (a proxy loop)?
 
         The name is resolved (off the loop) and each address compared as an address, so
