@@ -72,6 +72,21 @@ def fetch_json(base: str, path: str, token: str, *, optional: bool = False) -> A
         raise AdminApiError(f"cannot reach the admin API at {base}: {reason}") from None
 
 
+def terminal_safe(value: object) -> str:
+    """`value` as text, with each character a terminal could act on written as a Python escape
+    (`\\u009b`): C0 and C1 controls (CSI, OSC 8 links), bidi overrides and other format
+    characters. Registered ids, URLs and names reach `status` as anyone sent them."""
+    text = str(value)
+    if text.isprintable():  # (the common case: one C-level scan)
+        return text
+    return "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
 def _num(value: Any, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -90,38 +105,55 @@ def _breaker(svc: dict[str, Any]) -> str:
 
 
 def render_status(base: str, health: Any, services: Any, routes: Any, stats: Any) -> str:
-    out = [
-        f"apigate {health.get('version', '?')} at {base} · up {health.get('uptime_s', 0):.0f} s"
-        + (f" · {stats['connections']} connections" if stats else "")
-    ]
-    svc_rows: list[list[str]] = []
+    """The terminal picture of a running gateway. Every cell and value the admin API gave
+    goes through `terminal_safe`, since anyone who can register an instance chose some."""
+    version = terminal_safe(health.get("version", "?"))
+    connections = f" · {terminal_safe(stats['connections'])} connections" if stats else ""
+    out = [f"apigate {version} at {base} · up {health.get('uptime_s', 0):.0f} s{connections}"]
+    svc_rows = [_safe_row(row) for row in _service_rows(services)]
+    columns = ["service", "instance", "url", "origin", "health", "weight", "in-flight", "breaker"]
+    out += ["", format_table(columns, svc_rows) if svc_rows else "no services"]
+    route_rows = [_safe_row(row) for row in _route_rows(routes, stats)]
+    columns = ["route", "match", "service", "req/s", "5xx", "p50 ms", "p99 ms"]
+    out += ["", format_table(columns, route_rows) if route_rows else "no routes"]
+    return "\n".join(out)
+
+
+def _safe_row(row: list[Any]) -> list[str]:
+    return [terminal_safe(cell) for cell in row]
+
+
+def _service_rows(services: Any) -> list[list[Any]]:
+    rows: list[list[Any]] = []
     for svc in services.get("services", []):
         instances = svc.get("instances") or []
         if not instances:
-            svc_rows.append([svc["name"], "(none)", "", "", "", "", "", _breaker(svc)])
+            rows.append([svc["name"], "(none)", "", "", "", "", "", _breaker(svc)])
         for inst in instances:
             ttl = inst.get("ttl_remaining_s")
-            svc_rows.append(
+            rows.append(
                 [
                     svc["name"],
                     inst["id"],
                     inst.get("url", ""),
                     inst.get("origin", ""),
                     _health(inst),
-                    str(inst.get("weight", "")),
-                    str(inst.get("in_flight", "")),
+                    inst.get("weight", ""),
+                    inst.get("in_flight", ""),
                     _breaker(svc) if ttl is None else f"{_breaker(svc)} (ttl {ttl:.0f}s)",
                 ]
             )
-    columns = ["service", "instance", "url", "origin", "health", "weight", "in-flight", "breaker"]
-    out += ["", format_table(columns, svc_rows) if svc_rows else "no services"]
+    return rows
+
+
+def _route_rows(routes: Any, stats: Any) -> list[list[Any]]:
     route_stats = (stats or {}).get("routes", {})
-    route_rows: list[list[str]] = []
+    rows: list[list[Any]] = []
     for route in routes.get("routes", []):
         match = route.get("match") or {}
         text = " ".join([",".join(match.get("methods") or []), *(match.get("paths") or [])])
         s = route_stats.get(route["name"]) or {}
-        route_rows.append(
+        rows.append(
             [
                 route["name"],
                 text.strip(),
@@ -132,9 +164,7 @@ def render_status(base: str, health: Any, services: Any, routes: Any, stats: Any
                 _num(s.get("p99_ms"), 2),
             ]
         )
-    columns = ["route", "match", "service", "req/s", "5xx", "p50 ms", "p99 ms"]
-    out += ["", format_table(columns, route_rows) if route_rows else "no routes"]
-    return "\n".join(out)
+    return rows
 
 
 def cmd_status(admin: str | None, token: str | None, out: TextIO = sys.stdout) -> int:

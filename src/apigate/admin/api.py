@@ -26,7 +26,7 @@ from apigate.admin.http import AdminError, AdminRequest, AdminResponse, json_res
 from apigate.config.errors import ConfigError
 from apigate.config.schema import MAX_NAME
 from apigate.config.units import parse_duration
-from apigate.redaction import REDACTED, redact_url
+from apigate.redaction import REDACTED, SECRET_QUERY_PARAMS, redact_url
 from apigate.registry.events import EVENTS
 from apigate.registry.registry import Registration, RegistrationError, registry_of
 
@@ -49,6 +49,11 @@ _INSTANCE_ID = re.compile(r"[A-Za-z0-9_.\-]+")
 # Metadata is kept in memory on every node (and in Redis with a cluster) and returned by
 # every GET /services: a few labels, not a document store.
 MAX_METADATA_BYTES = 16 * 1024
+# ...nor a deep tree: levels of objects and arrays, the metadata object itself the first.
+# Metadata ~980 levels deep fitted in the size and passed a compact json.dumps, then every
+# GET /services (dumped with indent=2, from a deeper stack) hit the recursion limit: a 500,
+# and `apigate status` and the dashboard down for the instance's TTL.
+MAX_METADATA_DEPTH = 32
 
 
 class AdminApi:
@@ -417,13 +422,27 @@ def _registration_weight(weight: Any) -> int:
 def _registration_metadata(metadata: Any) -> dict[str, Any]:
     if not isinstance(metadata, dict):  # ([] or null is no object either)
         _invalid("metadata must be an object")
-    try:
-        size = len(json.dumps(metadata, separators=(",", ":")).encode())
-    except RecursionError:  # json.loads took it, but nearer its recursion limit than this
-        _invalid("metadata: nested too deeply")
+    if _nesting_exceeds(metadata, MAX_METADATA_DEPTH):  # first: json.dumps recurses per level
+        _invalid(f"metadata: nested more than {MAX_METADATA_DEPTH} levels of objects and arrays")
+    size = len(json.dumps(metadata, separators=(",", ":")).encode())
     if size > MAX_METADATA_BYTES:
         _invalid(f"metadata: {size} bytes as JSON, at most {MAX_METADATA_BYTES}")
     return metadata
+
+
+def _nesting_exceeds(value: Any, limit: int) -> bool:
+    """Whether objects and arrays nest in `value` more than `limit` levels (`{}` is one).
+    A walk with a stack of its own, not recursion: the value may be hundreds of levels deep."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, dict | list):
+            continue
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _instance_doc(inst: Instance, now: float) -> dict[str, Any]:
@@ -450,17 +469,20 @@ _SECRET_KEYS = frozenset({"secret", "password", "token", "api_keys", "client_sec
 _SECRET_HEADERS = frozenset(
     {"authorization", "proxy-authorization", "cookie", "x-api-key", "api-key", "x-auth-token"}
 )
+# ...and the credential headers named by a custom pattern (X-Upstream-Token, X-Client-Secret).
+# Only dashed names: config keys are snake_case, so no setting (rate_limit's `key`) is taken.
+_SECRET_HEADER_SUFFIXES = ("-token", "-secret", "-key", "-password")
+# maps whose values are header or field names, not values sent (a transform's `rename`, jwt's
+# `forward_claims`): shown as they are, whatever their keys
+_NAME_MAPS = frozenset({"rename", "forward_claims"})
 
 
 def redact_secrets(value: Any) -> Any:
     """A copy of a config document with every credential replaced by "[redacted]":
-    values under secret-named keys or credential header names, and passwords inside URLs
-    (redis://:pw@host)."""
+    values under secret-named keys or credential header and query parameter names, and
+    passwords inside URLs (redis://:pw@host)."""
     if isinstance(value, dict):
-        return {
-            k: (REDACTED if v and _is_secret_key(k) else redact_secrets(v))
-            for k, v in value.items()
-        }
+        return {k: _redact_entry(k, v) for k, v in value.items()}
     if isinstance(value, list):
         return [redact_secrets(v) for v in value]
     if isinstance(value, str):
@@ -468,8 +490,35 @@ def redact_secrets(value: Any) -> Any:
     return value
 
 
+def _redact_entry(key: Any, value: Any) -> Any:
+    if value and _holds_credential(key, value):
+        return REDACTED
+    if key in _NAME_MAPS and isinstance(value, dict):  # {"apikey": "x-api-key"}: no secret
+        return {k: redact_secrets(v) for k, v in value.items()}
+    return redact_secrets(value)
+
+
+def _holds_credential(key: Any, value: Any) -> bool:
+    if key in _SECRET_KEYS:  # a setting: any shape (api_keys is a list)
+        return True
+    # A header's or a query parameter's value is a string; a map under such a name is keyed
+    # by a user's names (a service called "auth"): walked, not hidden whole.
+    return _is_secret_key(key) and not isinstance(value, dict)
+
+
 def _is_secret_key(key: Any) -> bool:
-    return key in _SECRET_KEYS or (isinstance(key, str) and key.lower() in _SECRET_HEADERS)
+    """Whether a key names a credential: a secret setting, a credential header, or a query
+    parameter the logs redact too (`api_key`, `access_token`, `apikey`: key_auth's header)."""
+    if key in _SECRET_KEYS:
+        return True
+    if not isinstance(key, str):
+        return False
+    name = key.lower()
+    return (
+        name in _SECRET_HEADERS
+        or name in SECRET_QUERY_PARAMS
+        or name.endswith(_SECRET_HEADER_SUFFIXES)  # (each suffix starts with a dash)
+    )
 
 
 def with_store_in_force(doc: dict[str, Any], store: str) -> dict[str, Any]:
