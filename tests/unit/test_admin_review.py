@@ -13,13 +13,11 @@ from pydantic import BaseModel
 
 from apigate.admin.api import AdminApi, parse_registration, redact_secrets, refuse_redacted
 from apigate.admin.http import AdminError, AdminRequest
-from apigate.admin.server import attach_admin
 from apigate.config.schema import GatewayConfig
 from apigate.ops import render_status
 from apigate.plugins.chain import BUILTIN, resolve
 from apigate.redaction import REDACTED
-from apigate.registry.registry import attach_registry
-from apigate.server import Gateway
+from tests.unit.test_review_fixes_admin import admin_api
 
 URL = "http://127.0.0.1:9002"
 DEPTH_BOUND = 32  # levels of objects and arrays a registration's metadata may nest
@@ -44,13 +42,8 @@ def _doc() -> dict[str, Any]:
 
 @pytest.fixture
 async def admin() -> AsyncIterator[AdminApi]:
-    gw = Gateway(GatewayConfig.model_validate(_doc()))
-    try:
-        await attach_admin(gw)
-        await attach_registry(gw)
-        yield AdminApi(gw)
-    finally:
-        gw.pools.close()
+    async for api in admin_api(_doc()):
+        yield api
 
 
 async def _call(api: AdminApi, method: str, path: str, body: bytes = b"") -> tuple[int, Any]:

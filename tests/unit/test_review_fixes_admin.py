@@ -241,15 +241,22 @@ def test_the_effective_store_is_the_file_s_whatever_a_posted_base_says() -> None
 # ---------------------------------------------------------------------- deleting a service
 
 
-@pytest.fixture
-async def admin() -> AsyncIterator[AdminApi]:
-    gw = Gateway(GatewayConfig.model_validate(_doc({"a": {}}, [_route("a", "a")])))
+async def admin_api(doc: dict[str, Any]) -> AsyncIterator[AdminApi]:
+    """An admin API over a gateway built from `doc` (not listening), with the registry:
+    the body of an `admin` fixture."""
+    gw = Gateway(GatewayConfig.model_validate(doc))
     try:
         await attach_admin(gw)
         await attach_registry(gw)
         yield AdminApi(gw)
     finally:
         gw.pools.close()
+
+
+@pytest.fixture
+async def admin() -> AsyncIterator[AdminApi]:
+    async for api in admin_api(_doc({"a": {}}, [_route("a", "a")])):
+        yield api
 
 
 async def _call(
