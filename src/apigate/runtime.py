@@ -49,6 +49,11 @@ class CompiledRoute:
             return strip(path, prefix)
         return path
 
+    def plugin_settings(self) -> frozenset[tuple[str, str]]:
+        """(name, settings) of each plugin the route runs: whether another route asks for
+        nothing this one does not (ProxyExchange._refuse_stricter_reading; rare, not cached)."""
+        return frozenset((p.name, repr(getattr(p, "config", None))) for p in self.chain.plugins)
+
     def __repr__(self) -> str:
         target = self.service.name if self.service else "aggregate"
         return f"<Route {self.name} -> {target} {self.chain!r}>"

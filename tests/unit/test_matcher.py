@@ -624,18 +624,21 @@ def test_a_get_route_serves_head() -> None:
 
 
 @pytest.mark.parametrize(
-    ("path", "ambiguous"),
+    ("path", "others"),
     [
-        ("/admin%2Fusers", True),  # the open route; read as /admin/users, the admin route
-        ("/admin;x", True),
-        ("/files/a%2Fb", False),  # the files route either way
-        ("/other%2Fthing", False),  # the open route either way
+        ("/admin%2Fusers", ["admin"]),  # the open route; read as /admin/users, the admin route
+        ("/admin;x", ["admin"]),
+        ("/admin;%2F..", ["admin"]),  # Tomcat: /admin; decoded first: / (the open route)
+        ("/files/a%2Fb", []),  # the files route either way
+        ("/other%2Fthing", []),  # the open route either way
     ],
 )
-def test_other_reading_selects_another_route(path: str, ambiguous: bool) -> None:
+def test_other_routes_a_path_reads_as(path: str, others: list[str]) -> None:
     matcher = Matcher([route("open", "/"), route("admin", "/admin"), route("files", "/files")])
     found = matcher.match("", "GET", path, headers_of({}))
-    assert matcher.other_reading("", "GET", path, headers_of({}), found) is ambiguous
+    assert isinstance(found, Match)
+    got = matcher.other_routes("", "GET", path, headers_of({}), found)
+    assert [m.spec.name for m in got] == others
 
 
 def test_an_other_reading_no_route_matches_is_no_way_around_one() -> None:
@@ -643,14 +646,24 @@ def test_an_other_reading_no_route_matches_is_no_way_around_one() -> None:
     path = "/files/a%2Fb"  # /files/a/b matches nothing
     found = matcher.match("", "GET", path, headers_of({}))
     assert isinstance(found, Match) and found.params == {"name": "a/b"}
-    assert not matcher.other_reading("", "GET", path, headers_of({}), found)
-    missed = matcher.match("", "GET", "/x%2Fadmin", headers_of({}))
-    assert not matcher.other_reading("", "GET", "/x%2Fadmin", headers_of({}), missed)
+    assert matcher.other_routes("", "GET", path, headers_of({}), found) == []
 
 
-def test_header_names_are_those_routes_match_on() -> None:
+def test_routing_fields_are_those_routes_match_on_with_their_underscore_spellings() -> None:
     matcher = Matcher(
         [route("a", "/", headers={"X-Tenant": "internal"}), route("b", "/", headers={"x-v": "*"})]
     )
-    assert matcher.header_names == {"x-tenant", "x-v"}
-    assert Matcher([route("a", "/")]).header_names == frozenset()
+    assert matcher.routing_fields == {b"x-tenant", b"x-v"}
+    assert matcher.routing_field_spellings == {b"x_tenant", b"x_v"}
+    assert Matcher([route("a", "/")]).routing_fields == frozenset()
+
+
+def test_a_route_naming_head_wins_it_over_a_get_route_of_the_same_pattern() -> None:
+    """GET routes serve HEAD; one that lists HEAD itself still gets it, whatever the order."""
+    for order in (1, -1):
+        specs = [route("get", "/x", methods=["GET"]), route("head", "/x", methods=["HEAD"])]
+        matcher = Matcher(specs[::order])
+        found = matcher.match("", "HEAD", "/x", headers_of({}))
+        assert isinstance(found, Match) and found.spec.name == "head"
+        got = matcher.match("", "GET", "/x", headers_of({}))
+        assert isinstance(got, Match) and got.spec.name == "get"

@@ -181,6 +181,25 @@ def test_path_value_making_a_dot_segment_is_a_400() -> None:
     assert err.value.status == 400
 
 
+@pytest.mark.parametrize(
+    ("template", "path", "sent"),
+    [
+        ("/v2{path}/index.html", "/docs/", "/v2/docs/index.html"),
+        ("/v2{path}/x", "/", "/v2/x"),
+        ("/v2/{path}", "/users/", "/v2/users/"),
+    ],
+)
+def test_the_routed_path_joins_a_literal_slash_without_doubling_it(
+    template: str, path: str, sent: str
+) -> None:
+    """A canonical path keeps its trailing slash: joined to a literal "/" it made "//",
+    a 400 once empty segments were refused (the diff review)."""
+    plugin = request_plugin(path=template)
+    ctx = Ctx("GET", path)
+    plugin.on_request(ctx)
+    assert ctx.upstream_path == sent
+
+
 @pytest.mark.parametrize("headers", [[], [("X-Tenant", "")]])
 def test_path_value_leaving_an_empty_segment_is_a_400(headers: list[tuple[str, str]]) -> None:
     """`/tenants/{header.x-tenant}/orders` without the header went up as /tenants//orders,

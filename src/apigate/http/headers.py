@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Final
 
 # RFC 9110 §7.6.1 plus the de-facto ones every proxy drops (Go's httputil list).
@@ -141,6 +141,22 @@ _HOST_OK: Final = re.compile(
     + _PORT
     + rb")?"
 )
+
+
+def underscore_spellings(names: Collection[bytes]) -> set[bytes]:
+    """Every spelling of `names` (lower case) with "_" for one or more of their "-": WSGI,
+    CGI, PHP and Rails read `X_Forwarded_For` as the same variable (HTTP_X_FORWARDED_FOR) as
+    `X-Forwarded-For`, so a client could pass for someone else, or past a route matching on
+    a field, through them."""
+    spellings: set[bytes] = set()
+    for name in names:
+        parts = name.split(b"-")
+        for mask in range(1, 1 << (len(parts) - 1)):
+            joined = parts[0]
+            for i, part in enumerate(parts[1:]):
+                joined += (b"_" if mask >> i & 1 else b"-") + part
+            spellings.add(joined)
+    return spellings
 
 
 def valid_host(value: bytes) -> bool:

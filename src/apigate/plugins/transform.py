@@ -364,8 +364,11 @@ def render_path(template: ValueTemplate, ctx: Any) -> str:
         text = value or ""
         if source != "path":
             text = encode_param(text) if text else text
-        elif parts[-1].endswith("/") and text.startswith("/"):
-            text = text[1:]  # "/v2/" + "/users" is "/v2/users", not "/v2//users"
+        else:  # the path keeps its own slashes: joined, not doubled
+            if parts[-1].endswith("/") and text.startswith("/"):
+                text = text[1:]  # "/v2/" + "/users" is "/v2/users", not "/v2//users"
+            if text.endswith("/") and literal.startswith("/"):
+                text = text[:-1]  # "/docs/" + "/index.html": "/docs/index.html"
         parts += (text, literal)
     path = "".join(parts)
     if has_bad_segment(path):

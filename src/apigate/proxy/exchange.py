@@ -46,7 +46,7 @@ from apigate.plugins.base import Response
 from apigate.proxy.body_rewrite import RequestBodyRewrite, ResponseBodyRewrite
 from apigate.proxy.heads import interim_head, request_head, response_head
 from apigate.resilience.circuit_breaker import State
-from apigate.routing.matcher import NoMatch
+from apigate.routing.matcher import Match, NoMatch
 
 if TYPE_CHECKING:
     from apigate.balancing.base import Instance
@@ -299,20 +299,14 @@ class ProxyExchange(UpstreamListener):
     def _route(self) -> None:
         req = self.request
         matcher = self.runtime.matcher
-        if matcher.header_names:
-            _check_routing_headers(req, matcher.header_names)
+        if matcher.routing_fields:
+            _check_routing_fields(req, matcher.routing_fields, matcher.routing_field_spellings)
         path = req.path
         result = matcher.match(req.host, req.method, path, req.header)
         # (rare: "%" is an escape other than of an unreserved character, ";" a parameter)
-        if ("%" in path or ";" in path) and matcher.other_reading(
-            req.host, req.method, path, req.header, result
-        ):
-            raise GatewayError(
-                400,
-                "ambiguous path: read with %2F or %5C as a separator, or without its"
-                " ';' parameters, as many back ends read it, it selects another route",
-                "ambiguous_path",
-            )
+        if ("%" in path or ";" in path) and isinstance(result, Match):
+            for other in matcher.other_routes(req.host, req.method, path, req.header, result):
+                _refuse_stricter_reading(result, other)
         if isinstance(result, NoMatch):
             if result.allowed_methods:
                 allow = ", ".join(sorted(result.allowed_methods)).encode()
@@ -1070,27 +1064,42 @@ class ProxyExchange(UpstreamListener):
         return f"<ProxyExchange {self.request.method} {self.request.path} route={route}>"
 
 
-def _check_routing_headers(req: Request, names: frozenset[str]) -> None:
-    """The request's fields named like a header some route matches on (`names`, lower case):
-    one sent twice is refused (the router reads the first value, a back end may read the
-    last, or both); one spelled with "_" for "-" is dropped (WSGI, CGI and PHP read
-    `X_Tenant` as `X-Tenant`, a field the router never saw), as the connection drops those of
-    the gateway's own fields."""
-    seen: set[str] = set()
+def _check_routing_fields(
+    req: Request, names: frozenset[bytes], spellings: frozenset[bytes]
+) -> None:
+    """The request's fields named like one some route matches on (`names`, lower case): one
+    sent twice with two values is refused (the router reads the first, a back end may read
+    the last, or both); one spelled with "_" for "-" (`spellings`) is dropped (WSGI, CGI and
+    PHP read `X_Tenant` as `X-Tenant`, a field the router never saw), as the connection
+    drops those of the gateway's own fields."""
+    first: dict[bytes, bytes] | None = None
     underscored = False
-    for name, _ in req.headers:
-        lname = name.decode("latin-1").lower()
+    for name, value in req.headers:
+        lname = name.lower()
         if lname in names:
-            if lname in seen:
+            if first is None:
+                first = {}
+            if first.setdefault(lname, value) != value:
                 raise GatewayError(
                     400, f"header {name.decode('latin-1')} sent twice: routes match on it"
                 )
-            seen.add(lname)
-        elif "_" in lname and lname.replace("_", "-") in names:
+        elif lname in spellings:
             underscored = True
     if underscored:
-        req.headers[:] = [
-            (n, v)
-            for n, v in req.headers
-            if b"_" not in n or n.decode("latin-1").lower().replace("_", "-") not in names
-        ]
+        req.headers[:] = [(n, v) for n, v in req.headers if n.lower() not in spellings]
+
+
+def _refuse_stricter_reading(found: Match, other: Match) -> None:
+    """`other` is the route a back end reads the path as (``Matcher.other_routes``): a 400
+    unless its plugins are all `found`'s, as the back end serves its path under `found`'s.
+    (``/projects/group%2Fproject/mrs`` on its ``{id}`` route, read as the catch-all's path,
+    goes on: the catch-all asks for nothing more.)"""
+    mine: CompiledRoute = found.spec.payload  # type: ignore[assignment]
+    theirs: CompiledRoute = other.spec.payload  # type: ignore[assignment]
+    if not theirs.plugin_settings() <= mine.plugin_settings():
+        raise GatewayError(
+            400,
+            "ambiguous path: read with %2F or %5C as a separator, or without its ';'"
+            " parameters, as many back ends read it, it is another route's, with other plugins",
+            "ambiguous_path",
+        )

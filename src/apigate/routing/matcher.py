@@ -43,7 +43,8 @@ from operator import itemgetter
 from typing import Final
 from urllib.parse import quote, unquote
 
-from apigate.routing.normalize import normalize_path, separator_reading
+from apigate.http.headers import underscore_spellings
+from apigate.routing.normalize import normalize_path, other_readings
 
 __all__ = ["Match", "Matcher", "NoMatch", "RouteSpec", "RouteSpecError"]
 
@@ -150,6 +151,7 @@ class _Candidate:
         "exact",
         "headers",
         "host",
+        "implicit_head",
         "literal_prefix",
         "methods",
         "params",
@@ -167,10 +169,13 @@ class _Candidate:
         self.exact = pattern.exact
         self.depth = len(pattern.segments)
         methods = spec.methods
-        if methods is not None and "GET" in methods:
-            # a GET route serves HEAD too (RFC 9110 §9.3.2; nginx's `limit_except GET`, every
-            # web framework): otherwise HEAD fell through to another route, and a back end
-            # that runs its GET view for HEAD answered it without this route's plugins
+        # a GET route serves HEAD too (RFC 9110 §9.3.2; nginx's `limit_except GET`, every web
+        # framework): otherwise HEAD fell through to another route, and a back end that runs
+        # its GET view for HEAD answered it without this route's plugins. (A route of the
+        # same pattern that names HEAD itself still gets it: see _first.)
+        self.implicit_head = False
+        if methods is not None and "GET" in methods and "HEAD" not in methods:
+            self.implicit_head = True
             methods = methods | {"HEAD"}
         self.methods = methods
         self.headers = spec.headers or None
@@ -356,14 +361,31 @@ def _first(
     header: HeaderLookup,
     allowed: set[str],
 ) -> Match | None:
-    for candidate in candidates:
+    for index, candidate in enumerate(candidates):
         if candidate.headers is not None and not candidate.headers_match(header):
             continue
         methods = candidate.methods
         if methods is not None and method not in methods:
             allowed.update(methods)
             continue
+        if candidate.implicit_head and method == "HEAD":
+            named = _naming_head(candidates[index + 1 :], header)
+            if named is not None:
+                return named.build(path, segments)
         return candidate.build(path, segments)
+    return None
+
+
+def _naming_head(candidates: tuple[_Candidate, ...], header: HeaderLookup) -> _Candidate | None:
+    """The first of `candidates` whose route lists HEAD itself: it wins HEAD over a GET
+    route of the same pattern that only serves HEAD as GET's (rule 5 would rank them by
+    header conditions and file order alone)."""
+    for candidate in candidates:
+        methods = candidate.methods
+        if methods is None or "HEAD" not in methods or candidate.implicit_head:
+            continue
+        if candidate.headers is None or candidate.headers_match(header):
+            return candidate
     return None
 
 
@@ -433,11 +455,13 @@ class Matcher:
             for suffix, c in sorted(wildcard.items(), key=lambda item: (-len(item[0]), item[0]))
         }
         self._any = _Bucket(any_host)
-        # the header names some route matches on: the exchange refuses a request that sends
-        # one of them twice and drops their underscore spellings (_check_routing_headers)
-        self.header_names = frozenset(
-            name.lower() for spec in specs for name, _ in spec.headers or ()
+        # the fields some route matches on, as lower-case bytes, and their underscore
+        # spellings: the exchange refuses a request that sends one twice with two values and
+        # drops the spellings (see exchange._check_routing_fields)
+        self.routing_fields = frozenset(
+            name.lower().encode("latin-1") for spec in specs for name, _ in spec.headers or ()
         )
+        self.routing_field_spellings = frozenset(underscore_spellings(self.routing_fields))
         self._has_hosts = bool(self._exact or self._wildcard)
         # Host header value -> its buckets. Clients reuse a handful of Host values, and the
         # lookup below costs ~1.3 µs (port strip, suffix probes) against ~0.06 µs for the cache.
@@ -465,21 +489,21 @@ class Matcher:
             return found
         return NoMatch(frozenset(allowed)) if allowed else _NOT_FOUND
 
-    def other_reading(
-        self, host: str, method: str, path: str, header: HeaderLookup, found: Match | NoMatch
-    ) -> bool:
-        """Whether `path`, read as many back ends read it (``%2F`` or ``%5C`` a separator, no
-        ``;`` parameters: see ``separator_reading``), selects a route other than `found`.
-        Then the back end would serve that route's path without that route's plugins:
-        ``/admin%2Fusers`` matched the open ``/`` next to a protected ``/admin``, and Werkzeug
-        served ``/admin/users``. A reading no route matches is no way around one."""
-        if isinstance(found, NoMatch):
-            return False
-        other = separator_reading(path)
-        if other is None:
-            return False
-        alternative = self.match(host, method, other, header)
-        return isinstance(alternative, Match) and alternative.spec is not found.spec
+    def other_routes(
+        self, host: str, method: str, path: str, header: HeaderLookup, found: Match
+    ) -> list[Match]:
+        """The other routes `path` selects when read as many back ends read it (``%2F`` or
+        ``%5C`` a separator, no ``;`` parameters: see ``other_readings``). The back end
+        would serve such a route's path under `found`'s plugins: ``/admin%2Fusers`` matched
+        the open ``/`` next to a protected ``/admin``, and Werkzeug served ``/admin/users``
+        (the exchange refuses that unless the other route's plugins are all `found`'s). A
+        reading no route matches is no way around one."""
+        others = []
+        for other in other_readings(path):
+            alternative = self.match(host, method, other, header)
+            if isinstance(alternative, Match) and alternative.spec is not found.spec:
+                others.append(alternative)
+        return others
 
     def _host_buckets(self, host: str) -> tuple[_Bucket, ...]:
         """Buckets for ``host``, most specific first: exact, then wildcards longest first."""

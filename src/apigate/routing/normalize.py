@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["normalize_path", "separator_reading"]
+__all__ = ["normalize_path", "other_readings"]
 
 _UNRESERVED: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX: Final = "0123456789abcdefABCDEF"
@@ -61,17 +61,34 @@ def normalize_path(raw: str) -> str | None:
     return _remove_dot_segments(raw)
 
 
-def separator_reading(path: str) -> str | None:
-    """How many back ends read the canonical `path`, when that differs from it: WSGI and ASGI
-    servers decode ``%2F`` in PATH_INFO (and some ``%5C``) into a separator, Tomcat, Jetty and
-    Spring drop ``;`` parameters from each segment (``/admin;x``, ``/x/..;/admin``). The
-    router checks that this reading selects no other route (see ``Matcher.other_reading``)."""
-    other = path.replace("%2F", "/").replace("%5C", "/")
-    if ";" in other:
-        other = "/".join(segment.partition(";")[0] for segment in other.split("/"))
-    if other == path:
-        return None
-    return _remove_dot_segments(other)
+def other_readings(path: str) -> list[str]:
+    """How many back ends read the canonical `path`, where that differs from it: WSGI and
+    ASGI servers decode ``%2F`` in PATH_INFO (and some ``%5C``) into a separator; Tomcat,
+    Jetty and Spring drop ``;`` parameters from each segment first (``/admin;x``,
+    ``/x/..;/admin``), so a ``%2F`` inside one vanishes with it (``/admin;%2F..`` is
+    ``/admin`` to Tomcat, ``/`` once decoded first). Each order is a reading of its own. The
+    router checks that none selects a stricter route (see ``Matcher.other_reading``)."""
+    readings: list[str] = []
+    if ";" in path:
+        _add_reading(readings, path, _without_parameters(path))
+    if "%2F" in path or "%5C" in path:
+        decoded = path.replace("%2F", "/").replace("%5C", "/")
+        _add_reading(readings, path, decoded)
+        if ";" in path:  # parameters dropped, then what is left decoded
+            _add_reading(
+                readings, path, _without_parameters(path).replace("%2F", "/").replace("%5C", "/")
+            )
+    return readings
+
+
+def _without_parameters(path: str) -> str:
+    return "/".join(segment.partition(";")[0] for segment in path.split("/"))
+
+
+def _add_reading(readings: list[str], path: str, other: str) -> None:
+    other = _remove_dot_segments(other)
+    if other != path and other not in readings:
+        readings.append(other)
 
 
 def _decode_escapes(raw: str) -> str | None:
