@@ -502,3 +502,35 @@ def test_expired_entries_nobody_reads_again_do_not_stay() -> None:
     assert all("/new/" in k for k in store._entries)
     assert store.bytes == sum(e.size for e in store._entries.values())
     assert sum(len(v) if isinstance(v, set) else 1 for v in store._targets.values()) == 100
+
+
+def test_expired_entries_behind_a_long_lived_one_do_not_stay() -> None:
+    """The review's mixed lifetimes: one max-age=3600 entry nobody reads again heads the LRU,
+    then 2,000 unique keys with max-age=3, one every 10 ms. A sweep of the LRU's head stopped
+    at the long-lived entry and kept 1,699 expired ones: only the ones still fresh may stay."""
+    store = MemoryStore(max_bytes=100_000_000)
+    store.put(entry(key(target="/long"), lifetime=3600, at=NOW))
+    last = NOW
+    for i in range(2000):
+        last = NOW + i / 100
+        store.put(entry(key(target=f"/short/{i}"), lifetime=3, at=last))
+    expired = [k for k, e in store._entries.items() if last >= e.retain_until]
+    assert len(expired) <= 8, f"{len(expired)} expired entries stayed"
+    assert key(target="/long") in store
+    assert len(store) <= 1 + 300 + 8
+    assert store.bytes == sum(e.size for e in store._entries.values())
+    assert store.indexed == len(store)
+
+
+def test_the_expiry_heap_stays_proportional_to_the_entries() -> None:
+    """Entries replaced or removed leave their heap items behind (skipped when they come
+    up): the heap is rebuilt before they outnumber the entries."""
+    store = MemoryStore(max_bytes=100_000_000)
+    for i in range(5000):  # one key replaced again and again, lifetimes far from over
+        store.put(entry(key(target="/same"), lifetime=3600, at=NOW + i))
+        assert len(store._expiry) <= 2 * len(store) + 16
+    for i in range(200):
+        store.put(entry(key(target=f"/{i}"), lifetime=3600))
+        store.delete(key(target=f"/{i}"))
+        assert len(store._expiry) <= 2 * len(store) + 16
+    assert len(store) == 1 and store.evictions == 0
