@@ -91,6 +91,26 @@ async def test_a_config_without_credentials_goes_round_trip() -> None:
         assert route["match"]["paths"] == ["/people"]
 
 
+async def test_key_named_headers_go_round_trip_and_api_keys_stay_redacted() -> None:
+    """Names ending in "-key" are not credentials (Idempotency-Key, X-Cache-Key, a match on
+    x-routing-key): GET then PUT of the route was refused 400 redacted_value. X-Api-Key and
+    X-Upstream-Token values are still redacted."""
+    plain = {"Idempotency-Key": "{request_id}", "X-Cache-Key": "{path}"}
+    keyed = _transform_route(plain, {"page": "1"})
+    keyed["match"]["headers"] = {"x-routing-key": "eu"}
+    secret = {"X-Api-Key": "key-123", "X-Upstream-Token": "tok-456"}
+    guarded = {**_transform_route(secret, {}), "name": "admin", "match": {"paths": ["/admin"]}}
+    async with GatewayProcess(_config(routes=[keyed, guarded])) as gw:
+        shown = (await request(gw.admin_port, "GET", "/routes/users")).json()
+        assert shown["match"]["headers"] == {"x-routing-key": "eu"}
+        assert shown["plugins"]["request_transform"]["headers"]["set"] == plain
+        put = await request(gw.admin_port, "PUT", "/routes/users", json_body=shown)
+        assert put.status == 200, put.body
+        guarded_shown = (await request(gw.admin_port, "GET", "/routes/admin")).json()
+        transform = guarded_shown["plugins"]["request_transform"]["headers"]
+        assert transform["set"] == transform["add"] == dict.fromkeys(secret, REDACTED)
+
+
 async def test_status_prints_hostile_registered_strings_escaped() -> None:
     """C1 controls in a URL are accepted at registration (ESC and CR are not): `apigate
     status` wrote them to the terminal as they were."""

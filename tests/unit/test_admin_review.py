@@ -142,6 +142,38 @@ def test_a_redacted_transform_credential_sent_back_is_refused() -> None:
     assert (caught.value.status, caught.value.code) == (400, "redacted_value")
 
 
+# names ending in "-key" whose values are not secrets: a request id, a path, a region
+KEY_NAMED_HEADERS = {"Idempotency-Key": "{request_id}", "X-Cache-Key": "{path}"}
+KEYED_ROUTE = {
+    "name": "users",
+    "match": {"paths": ["/users"], "headers": {"x-routing-key": "eu"}},
+    "service": "users",
+    "plugins": {"request_transform": {"headers": {"set": KEY_NAMED_HEADERS}}},
+}
+
+
+def test_headers_ending_in_key_are_shown_but_api_keys_stay_redacted() -> None:
+    assert redact_secrets(KEYED_ROUTE) == KEYED_ROUTE
+    credentials = {"X-Api-Key": "k-1", "X-Upstream-Token": "t-1", "api-key": "k-2"}
+    shown = redact_secrets(_transform(credentials, {"apikey": "k-3", "api_key": "k-4"}))
+    assert shown["request_transform"]["headers"]["set"] == dict.fromkeys(credentials, REDACTED)
+    assert shown["request_transform"]["query"]["set"] == {"apikey": REDACTED, "api_key": REDACTED}
+
+
+async def test_a_route_with_key_named_headers_goes_round_trip() -> None:
+    """Idempotency-Key set by a transform and an x-routing-key match were shown redacted, and
+    a PUT of the route as GET showed it was refused 400 redacted_value."""
+    doc = {**_doc(), "routes": [KEYED_ROUTE]}
+    async for api in admin_api(doc):
+        status, shown = await _call(api, "GET", "/routes/users")
+        assert status == 200, shown
+        status, stored = await _call(api, "PUT", "/routes/users", json.dumps(shown).encode())
+        assert status == 200, stored
+        for route in (shown, stored):
+            assert route["match"]["headers"] == {"x-routing-key": "eu"}
+            assert route["plugins"]["request_transform"]["headers"]["set"] == KEY_NAMED_HEADERS
+
+
 def _field_names(model: type[BaseModel], seen: set[type[BaseModel]]) -> set[str]:
     """Every field name (and alias) of `model` and of the models its fields hold."""
     if model in seen:

@@ -471,7 +471,10 @@ _SECRET_HEADERS = frozenset(
 )
 # ...and the credential headers named by a custom pattern (X-Upstream-Token, X-Client-Secret).
 # Only dashed names: config keys are snake_case, so no setting (rate_limit's `key`) is taken.
-_SECRET_HEADER_SUFFIXES = ("-token", "-secret", "-key", "-password")
+# Not "-key": Idempotency-Key, X-Cache-Key or a match on X-Routing-Key hold no secret, and a
+# redacted value makes a GET then PUT of the route a 400. The API keys are named above
+# (x-api-key, api-key) and in SECRET_QUERY_PARAMS (apikey, api_key).
+_SECRET_HEADER_SUFFIXES = ("-token", "-secret", "-password")
 # maps whose values are header or field names, not values sent (a transform's `rename`, jwt's
 # `forward_claims`): shown as they are, whatever their keys
 _NAME_MAPS = frozenset({"rename", "forward_claims"})
