@@ -67,7 +67,7 @@ def other_readings(path: str) -> list[str]:
     Jetty and Spring drop ``;`` parameters from each segment first (``/admin;x``,
     ``/x/..;/admin``), so a ``%2F`` inside one vanishes with it (``/admin;%2F..`` is
     ``/admin`` to Tomcat, ``/`` once decoded first). Each order is a reading of its own. The
-    router checks that none selects a stricter route (see ``Matcher.other_reading``)."""
+    router checks that none selects a stricter route (see ``Matcher.other_routes``)."""
     readings: list[str] = []
     if ";" in path:
         _add_reading(readings, path, _without_parameters(path))
