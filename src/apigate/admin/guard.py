@@ -22,10 +22,10 @@ Clients that are no browser (curl, `apigate status`, the registration client) se
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Awaitable, Callable
 
 from apigate.admin.http import AdminError, AdminRequest, AdminResponse
+from apigate.plugins.client_address import parse_address
 
 Handler = Callable[[AdminRequest], Awaitable[AdminResponse]]
 
@@ -80,14 +80,4 @@ def _media_type(content_type: str) -> str:
 def _local_host(host: str) -> bool:
     """Whether a Host value is an IP address or `localhost`, with or without a port."""
     name = host.strip().lower()
-    if name.startswith("["):  # [::1]:8001
-        name = name[1 : name.find("]")] if "]" in name else name
-    elif name.count(":") == 1:
-        name = name.partition(":")[0]
-    if name in ("localhost", "localhost."):
-        return True
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
+    return name.partition(":")[0] in ("localhost", "localhost.") or parse_address(name) is not None
