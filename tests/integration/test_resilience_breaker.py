@@ -24,6 +24,15 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
+# opened by one failure, half-open after 300 ms with a single probe
+ONE_PROBE: dict[str, Any] = {
+    "consecutive_failures": 1,
+    "min_requests": 1000,
+    "open_for": "300ms",
+    "half_open_requests": 1,
+}
+
+
 def _config(target: str, breaker: dict[str, Any], **service: Any) -> dict[str, Any]:
     return base_config(
         listeners={"proxy": {"address": "127.0.0.1:0"}, "admin": {"address": "127.0.0.1:0"}},
@@ -125,12 +134,7 @@ async def test_half_open_lets_probes_through_and_success_closes() -> None:
 
 
 async def test_failed_probe_reopens_for_another_open_for() -> None:
-    breaker = {
-        "consecutive_failures": 1,
-        "min_requests": 1000,
-        "open_for": "400ms",
-        "half_open_requests": 1,
-    }
+    breaker = {**ONE_PROBE, "open_for": "400ms"}
     async with Upstream() as up, GatewayProcess(_config(up.url, breaker)) as gw:
         assert (await _get(gw, "/status/502")).status == 502
         assert _is_circuit_open(await _get(gw, "/echo"))
@@ -191,12 +195,7 @@ async def test_a_probe_whose_client_went_away_does_not_close_the_breaker() -> No
     """The client of the only half-open probe disconnects before the upstream answered: that
     says nothing about the service, so the breaker must not count it as a success (and close);
     it stays half-open with the probe slot free for the next request."""
-    breaker = {
-        "consecutive_failures": 1,
-        "min_requests": 1000,
-        "open_for": "300ms",
-        "half_open_requests": 1,
-    }
+    breaker = ONE_PROBE
     async with Upstream() as up, GatewayProcess(_config(up.url, breaker)) as gw:
         assert (await _get(gw, "/status/500")).status == 500
         await asyncio.sleep(0.4)
@@ -220,12 +219,7 @@ async def test_a_request_from_before_the_opening_is_not_a_probe() -> None:
     """A slow request that started while the breaker was closed finishes while it is half-open
     with its one probe still in flight: its success is not the probe's, so the breaker stays
     half-open (and keeps refusing) until the probe itself answers."""
-    breaker = {
-        "consecutive_failures": 1,
-        "min_requests": 1000,
-        "open_for": "300ms",
-        "half_open_requests": 1,
-    }
+    breaker = ONE_PROBE
     async with Upstream() as up, GatewayProcess(_config(up.url, breaker)) as gw:
         early = asyncio.create_task(_get(gw, "/slow?ms=1200"))  # started while closed
         await asyncio.sleep(0.05)
@@ -334,12 +328,7 @@ async def test_a_websocket_probe_answered_101_settles_at_the_upgrade() -> None:
     """An upgrade let through as the half-open probe counted only when its tunnel ended: a
     live WebSocket held the probe slot, and every other request was refused `circuit_open`
     while the upstream was healthy, as long as the tunnel lasted."""
-    breaker = {
-        "consecutive_failures": 1,
-        "min_requests": 1000,
-        "open_for": "300ms",
-        "half_open_requests": 1,
-    }
+    breaker = ONE_PROBE
     async with Upstream() as up, GatewayProcess(_config(up.url, breaker)) as gw:
         assert (await _get(gw, "/status/500")).status == 500
         await asyncio.sleep(0.4)

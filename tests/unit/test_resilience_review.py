@@ -369,16 +369,20 @@ async def test_the_queue_is_still_bounded_after_a_client_left() -> None:
 
 
 # ---------------------------------------------------------------- 3. per-try vs overall timeout
+def _timed_service(response: str, per_try: str) -> dict[str, Any]:
+    """One instance that never answers (parked), retried on timeouts once."""
+    return {
+        "targets": ["http://10.0.0.1:80"],
+        "health": {"passive": None},
+        "timeouts": {"response": response},
+        "retries": {"attempts": 1, "on": ["timeout"], "per_try_timeout": per_try},
+    }
+
+
 async def test_the_first_try_is_cut_at_the_overall_timeout() -> None:
     """per_try_timeout (500 ms) longer than timeouts.response (50 ms): the first try ran on
     for its 500 ms, past the overall deadline."""
-    service = {
-        "targets": ["http://10.0.0.1:80"],
-        "health": {"passive": None},
-        "timeouts": {"response": "50ms"},
-        "retries": {"attempts": 1, "on": ["timeout"], "per_try_timeout": "500ms"},
-    }
-    gw = Gateway({"pt": service})
+    gw = Gateway({"pt": _timed_service(response="50ms", per_try="500ms")})
     gw.park("pt")
     ex, client = gw.send("/pt/x")  # the upstream never answers
     await asyncio.sleep(0.2)
@@ -387,13 +391,7 @@ async def test_the_first_try_is_cut_at_the_overall_timeout() -> None:
 
 
 async def test_a_per_try_timeout_shorter_than_the_overall_one_still_applies() -> None:
-    service = {
-        "targets": ["http://10.0.0.1:80"],
-        "health": {"passive": None},
-        "timeouts": {"response": "5s"},
-        "retries": {"attempts": 1, "on": ["timeout"], "per_try_timeout": "30ms"},
-    }
-    gw = Gateway({"pt": service})
+    gw = Gateway({"pt": _timed_service(response="5s", per_try="30ms")})
     gw.park("pt")
     _, client = gw.send("/pt/x")
     await asyncio.sleep(0.15)
