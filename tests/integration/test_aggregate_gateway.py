@@ -62,6 +62,7 @@ def _config(users: Upstream, orders: Upstream, prefs: Upstream) -> dict[str, Any
             "users": service(users),
             "orders": service(orders),
             "prefs": service(prefs),
+            "based": service(f"{users.url}/base"),  # a target with a base path
             "dead": service(f"http://127.0.0.1:{_closed_port()}"),
             "flaky": {
                 **service(orders),
@@ -147,6 +148,11 @@ def _config(users: Upstream, orders: Upstream, prefs: Upstream) -> dict[str, Any
                     "profile": {"service": "users", "path": "/users/42"},
                     "gone": {"service": "dead", "path": "/x"},
                 },
+            },
+            {
+                "name": "based",
+                "match": {"paths": ["/based/{user_id}"]},
+                "aggregate": {"profile": {"service": "based", "path": "/users/{user_id}"}},
             },
         ],
     )
@@ -241,6 +247,14 @@ async def test_template_values_are_encoded_where_they_stand(setup: Setup) -> Non
     assert ("/slow/users/4%202", "ms=300") in paths
     assert ("/slow/orders", "ms=300&user=4%202&limit=a%26b%3Dc") in paths
     assert ("/slow/prefs/a%2Fb%20c", "ms=300") in paths
+
+
+async def test_a_target_base_path_comes_before_the_part_path(setup: Setup) -> None:
+    """README: a target's path is put before every request path. A part went to `/users/7`
+    of `http://host/base` (a proxied request goes to `/base/...`)."""
+    reply = await setup.get("/based/7")
+    assert reply.status == 200, reply.body
+    assert ("/base/users/7", "") in {(r.path, r.query) for r in setup.users.received}
 
 
 async def test_missing_inputs(setup: Setup) -> None:

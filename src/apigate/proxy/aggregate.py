@@ -763,10 +763,13 @@ class _PartCall(UpstreamListener):
         # no response timer of the connection's own: the part's deadline bounds the call
         conn.begin(self, part.method == "HEAD", 0.0, now=now)
         run = self.run
+        request_line = self.request_line
+        if inst.base_path:  # a target's path goes before every path, as for a proxied request
+            request_line = part.method_bytes + (inst.base_path + self.target).encode("ascii")
         conn.write(
             b"".join(
                 [
-                    self.request_line,
+                    request_line,
                     b" HTTP/1.1\r\nHost: ",
                     conn.pool.host_header,
                     b"\r\ntraceparent: ",
