@@ -34,6 +34,7 @@ from apigate.http.request import Request
 from apigate.plugins.base import PluginEnv
 from apigate.proxy.exchange import ExchangeFactory, ProxyExchange
 from apigate.redaction import redact_url
+from apigate.registry.events import EVENTS
 from apigate.registry.health import health_checker
 from apigate.runtime import Runtime, ServiceTable, compile_runtime, prepare_runtime
 
@@ -317,24 +318,22 @@ class Gateway:
         except ConfigError as exc:
             self.reloads_failed += 1
             self.last_reload_error = str(exc)
-            log.error(
-                "reload rejected (from %s); the previous config keeps serving:\n%s",
-                source,
-                exc,
-                extra={"event": "reload", "ok": False, "source": source},
+            EVENTS.record(
+                "config",
+                f"reload rejected (from {source}); the previous config keeps serving:\n{exc}",
+                logging.ERROR,
+                ok=False,
+                source=source,
             )
             return str(exc)
         self.reloads_ok += 1
         self.last_reload_error = None
-        log.info(
-            "config reloaded (from %s)",
-            source,
-            extra={
-                "event": "reload",
-                "ok": True,
-                "source": source,
-                "generation": runtime.generation,
-            },
+        EVENTS.record(
+            "config",
+            f"config reloaded (from {source})",
+            ok=True,
+            source=source,
+            generation=runtime.generation,
         )
         return None
 

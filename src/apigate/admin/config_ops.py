@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from apigate.config.errors import ConfigError
 from apigate.config.loader import dump_config, parse_config
 from apigate.config.schema import GatewayConfig
+from apigate.registry.events import EVENTS
 from apigate.store.config_store import ConfigStore, StoreConflict, with_entity
 
 if TYPE_CHECKING:
@@ -102,6 +103,7 @@ class ConfigOps:
 
         config = await self._change(change)
         assert config is not None
+        self._changed(f"{_singular(kind)} {name} {'created' if created else 'replaced'}")
         return self.get_entity(dump_config(config), kind, name) or entity, created
 
     async def delete_entity(self, kind: str, name: str) -> bool:
@@ -116,7 +118,10 @@ class ConfigOps:
             config = parse_config(with_entity(doc, kind, name, None), source="<admin>")
             return config, lambda: self.store.put(kind, name, None)
 
-        return await self._change(change) is not None
+        if await self._change(change) is None:
+            return False
+        self._changed(f"{_singular(kind)} {name} deleted")
+        return True
 
     def _refuse_registered(self, name: str) -> None:
         """A service with registered instances is not deleted (409), as one a route uses is
@@ -165,7 +170,18 @@ class ConfigOps:
             return config, lambda: self.store.replace_base(dump_config(config))
 
         await self._change(change)
+        self._changed("config replaced")
         return config
+
+    def _changed(self, what: str) -> None:
+        """An admin change took (applied and stored): an event, as a reload of the file is,
+        so that `GET /events` and the dashboard show who changed the config and when."""
+        EVENTS.record(
+            "config",
+            f"{what} through the admin API",
+            source="the admin API",
+            generation=self.gateway.runtime.generation,
+        )
 
     async def _change(
         self, change: Callable[[dict[str, Any]], Change | None]
@@ -238,6 +254,10 @@ class ConfigOps:
             lambda: self.compose(self.file_config), source="the shared store"
         )
         return self.refused is None
+
+
+def _singular(kind: str) -> str:
+    return kind.removesuffix("s")  # services, routes, consumers
 
 
 def _uses(route: dict[str, Any], service: str) -> bool:

@@ -1,5 +1,5 @@
 """Recent control-plane events (registrations, health transitions, breaker changes, DNS
-answers) for the admin API.
+answers, config changes) for the admin API.
 
 Each event is kept in a bounded ring so that `GET /events` and the dashboard can show what
 happened lately without a log pipeline, and logged as structured JSON through the logger of
@@ -11,6 +11,8 @@ warning,apigate.registry=debug`) reach it:
     breaker                 apigate.resilience
     dns                     apigate.dns (DNS discovery of a service's instances)
     upstream_dns            apigate.upstream.dns (names in a service's targets)
+    config                  apigate.server (reloads of the file or the shared store, admin
+                            API changes)
     anything else           apigate.events
 """
 
@@ -33,6 +35,7 @@ EVENT_LOGGERS: dict[str, logging.Logger] = {
         "breaker": "apigate.resilience",
         "dns": "apigate.dns",
         "upstream_dns": "apigate.upstream.dns",
+        "config": "apigate.server",
     }.items()
 }
 
