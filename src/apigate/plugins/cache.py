@@ -113,7 +113,7 @@ from typing import Any
 
 from pydantic import ConfigDict, field_validator
 
-from apigate.config.errors import ConfigError
+from apigate.config.errors import located_error
 from apigate.config.units import NonNegativeDuration, PositiveDuration, PositiveSize
 from apigate.http.upstream import ResponseHead
 from apigate.plugins.base import Plugin, PluginConfig, PluginEnv, Response
@@ -316,12 +316,12 @@ class CachePlugin(Plugin):
             return store
         url = config.store if config.store != "redis" else env.config.store
         if not url.startswith(("redis://", "rediss://")):
-            raise ConfigError(
-                [
-                    "plugins.cache.store: 'redis' needs a top-level `store: redis://...` "
-                    "(or give the URL here: store: redis://host:6379/0)"
-                ]
+            # located relative to this config: build_plugin prefixes the plugin's own path
+            problem = (
+                "'redis' needs a top-level `store: redis://...` "
+                "(or give the URL here: store: redis://host:6379/0)"
             )
+            raise located_error(type(config).__name__, [(("store",), problem)])
         from apigate.store.redis import shared_redis
 
         return RedisCacheStore(shared_redis(env.shared, url), timeout=config.redis_timeout)

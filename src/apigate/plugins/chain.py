@@ -110,6 +110,13 @@ class PluginChain:
 
 
 def build_plugin(name: str, raw: Mapping[str, Any] | None, env: PluginEnv, where: str) -> Plugin:
+    """The plugin `name` built from `raw`; a config problem is a ConfigError whose lines start
+    with `where` (`plugins.cors`, `routes[2].plugins.jwt`).
+
+    A plugin that can only judge its config with the rest of the gateway's at hand (`store:
+    redis` needs a top-level Redis store) raises `located_error` from `__init__`, located
+    relative to its own config as its model validators do, so the path is attached here too:
+    the plugin cannot know whether it is the global one or a route's."""
     try:
         cls = resolve(name)
     except KeyError:  # neither a built-in name nor a module:Class path
@@ -126,9 +133,9 @@ def build_plugin(name: str, raw: Mapping[str, Any] | None, env: PluginEnv, where
         raise ConfigError([f"{where}: cannot load plugin {name!r}: {exc}"]) from None
     try:
         config = cls.Config.model_validate(dict(raw or {}))
+        return cls(config, env)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, where)) from None
-    return cls(config, env)
 
 
 def file_location(section: str, key: str | int) -> str:

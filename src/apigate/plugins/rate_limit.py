@@ -43,7 +43,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from apigate.config.errors import ConfigError
+from apigate.config.errors import located_error
 from apigate.config.units import PositiveDuration, format_duration
 from apigate.http.headers import is_token
 from apigate.plugins.base import Plugin, PluginConfig, PluginEnv, Response
@@ -120,7 +120,10 @@ class RateLimitConfig(StrictPluginConfig):
 
 
 def redis_url(cfg: RateLimitConfig, top_level: str) -> str | None:
-    """The Redis URL this limiter uses, or None for the in-process store."""
+    """The Redis URL this limiter uses, or None for the in-process store.
+
+    Raises a located error (relative to the plugin's config): `build_plugin` prefixes the
+    plugin's path in the file, which only it knows (global or a route's)."""
     top_is_redis = top_level.startswith(("redis://", "rediss://"))
     if cfg.store is None:
         return top_level if top_is_redis else None
@@ -128,10 +131,11 @@ def redis_url(cfg: RateLimitConfig, top_level: str) -> str | None:
         return None
     if cfg.store == "redis":
         if not top_is_redis:
-            raise ConfigError(
-                "rate_limit.store: 'redis' needs the top-level store to be "
-                "redis://host:port/db (or give the URL here)"
+            problem = (
+                "'redis' needs the top-level store to be redis://host:port/db "
+                "(or give the URL here)"
             )
+            raise located_error(type(cfg).__name__, [(("store",), problem)])
         return top_level
     return cfg.store
 
