@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -161,10 +163,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# 128 + SIGPIPE (13): the status a shell reports for a tool that signal ended (`yes | head`),
+# so `set -o pipefail` and PIPESTATUS tell "the reader left" from a real failure (1, 2).
+# The signal itself stays ignored (Python's default): `run` writes to sockets that close.
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    """Run a command; a reader that stopped early (`apigate status | head`) ends it quietly."""
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+            code: int = args.func(args)
+        finally:  # (also after --help) the last buffered lines meet a closed pipe here
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
     return code
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null: Python flushes it again at exit, and on the closed pipe
+    that would print "Exception ignored ... BrokenPipeError"."""
+    with contextlib.suppress(OSError, ValueError):  # a stdout with no file (a test's capture)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,31 @@ async def test_routes_prints_the_compiled_table_with_names_and_services(tmp_path
         ["agg", "*", "*", "/agg", "prefix", "-", "(aggregate)"],
         ["api", "*", "GET,HEAD", "/api", "prefix", "-", "s"],
     ]
+
+
+def test_a_reader_that_stops_early_gets_a_quiet_exit_141(tmp_path: Path) -> None:
+    """`apigate routes | head -1`: no BrokenPipeError traceback, and the status a shell gives a
+    tool killed by SIGPIPE (128 + 13), as for `yes | head -1`."""
+    path = tmp_path / "many.yaml"
+    # far more than a pipe holds (64 KiB), so the CLI is still writing when the reader goes
+    routes = [
+        {
+            "name": f"route-{i:05d}",
+            "match": {"paths": [f"/a-rather-long-path/{i:05d}"]},
+            "service": "s",
+        }
+        for i in range(3000)
+    ]
+    doc = {"version": 1, "services": {"s": {"targets": ["http://127.0.0.1:9"]}}, "routes": routes}
+    path.write_text(yaml.safe_dump(doc))
+    command = [sys.executable, "-m", "apigate", "routes", "-c", str(path)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith(b"ROUTE")
+        proc.stdout.close()  # what `head -1` does once it has its line
+        _, err = proc.communicate(timeout=30)
+    assert err.decode() == ""
+    assert proc.returncode == 141
 
 
 async def test_check_reports_each_target_and_fails_when_one_is_down(tmp_path: Path) -> None:
