@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from apigate import __version__
 from apigate.buildinfo import build_name
 from apigate.config.errors import ConfigError
-from apigate.config.loader import load_config
 
 
 def _install_loop_policy() -> None:
@@ -47,13 +46,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from apigate.store.config_store import served_config
+
     try:
-        config = load_config(args.config)
+        config, stored = served_config(args.config)
         _compile(config)
     except ConfigError as exc:
         print(f"{args.config}: invalid\n{exc}", file=sys.stderr)
         return 2
-    print(f"{args.config}: ok ({len(config.routes)} routes, {len(config.services)} services)")
+    except OSError as exc:  # the store file cannot be read: the config cannot be judged
+        print(f"{args.config}: {exc}", file=sys.stderr)
+        return 2
+    counts = f"{len(config.routes)} routes, {len(config.services)} services"
+    print(f"{args.config}: ok ({counts}{'; ' + stored if stored else ''})")
     return 0
 
 
@@ -73,11 +78,15 @@ def _compile(config: object) -> object:
 def cmd_routes(args: argparse.Namespace) -> int:
     from apigate.ops import format_table
     from apigate.runtime import Runtime
+    from apigate.store.config_store import served_config
 
     try:
-        runtime = _compile(load_config(args.config))
+        runtime = _compile(served_config(args.config)[0])
     except ConfigError as exc:
         print(f"{args.config}: invalid\n{exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the store file cannot be read: the config cannot be judged
+        print(f"{args.config}: {exc}", file=sys.stderr)
         return 2
     assert isinstance(runtime, Runtime)
     table = runtime.matcher.table()

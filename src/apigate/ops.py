@@ -285,22 +285,23 @@ def render_check(probes: list[Probe]) -> str:
 
 def cmd_check(config_path: str, out: TextIO = sys.stdout) -> int:
     """Exit 0: valid and every target answered; 1: a target is down; 2: invalid config."""
-    from apigate.config.loader import load_config
+    from apigate.store.config_store import served_config
 
-    async def run() -> tuple[GatewayConfig, list[Probe]]:
-        config = load_config(config_path)
+    async def run() -> tuple[GatewayConfig, str, list[Probe]]:
+        config, stored = served_config(config_path)
         _compile(config)
-        return config, await probe_all(config)
+        return config, stored, await probe_all(config)
 
     try:
-        config, probes = asyncio.run(run())
+        config, stored, probes = asyncio.run(run())
     except ConfigError as exc:
         print(f"{config_path}: invalid\n{exc}", file=sys.stderr)
         return 2
-    print(
-        f"{config_path}: config ok ({len(config.routes)} routes, {len(config.services)} services)",
-        file=out,
-    )
+    except OSError as exc:  # the store file cannot be read: the config cannot be judged
+        print(f"{config_path}: {exc}", file=sys.stderr)
+        return 2
+    counts = f"{len(config.routes)} routes, {len(config.services)} services"
+    print(f"{config_path}: config ok ({counts}{'; ' + stored if stored else ''})", file=out)
     if probes:
         print(render_check(probes), file=out)
     down = [p for p in probes if p.up is False]

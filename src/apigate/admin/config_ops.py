@@ -19,7 +19,12 @@ from apigate.config.errors import ConfigError
 from apigate.config.loader import dump_config, parse_config
 from apigate.config.schema import GatewayConfig
 from apigate.registry.events import EVENTS
-from apigate.store.config_store import ConfigStore, StoreConflict, with_entity
+from apigate.store.config_store import (
+    ConfigStore,
+    StoreConflict,
+    compose_stored,
+    with_entity,
+)
 
 if TYPE_CHECKING:
     from apigate.server import Gateway
@@ -70,9 +75,7 @@ class ConfigOps:
     def compose(self, file_config: GatewayConfig) -> GatewayConfig:
         """The file's config with the stored changes applied (start-up and SIGHUP)."""
         self.file_config = file_config
-        if self.store.base is None and not self.store.overlay:
-            return file_config
-        return parse_config(self.store.merge(dump_config(file_config)), source="<store>")
+        return compose_stored(file_config, self.store)
 
     @staticmethod
     def get_entity(doc: dict[str, Any], kind: str, name: str) -> dict[str, Any] | None:

@@ -17,7 +17,10 @@ import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from apigate.config.schema import GatewayConfig
 
 Kind = str  # "services" | "routes" | "consumers"
 _NAMED_LISTS = ("routes", "consumers")
@@ -82,6 +85,41 @@ class ConfigStore:
         return {"kind": "memory", "persisted": False, "overlay_entries": len(self.overlay)}
 
 
+def compose_stored(
+    file_config: GatewayConfig, store: ConfigStore, source: str = "<store>"
+) -> GatewayConfig:
+    """The file's config with the changes `store` keeps applied: what the gateway serves
+    (start-up, SIGHUP) and what `apigate validate` checks. ConfigError when they no longer
+    fit the file (a route the admin API added names a service the file dropped)."""
+    if store.base is None and not store.overlay:
+        return file_config
+    from apigate.config.loader import dump_config, parse_config
+
+    return parse_config(store.merge(dump_config(file_config)), source=source)
+
+
+def served_config(path: str | Path) -> tuple[GatewayConfig, str]:
+    """The config `apigate run -c path` would serve, read without starting or creating
+    anything (`apigate validate`, `routes`, `check`): the file plus the admin changes its
+    `sqlite:///` store keeps, which `run` refuses to start with when they no longer fit
+    the file. The note says which stored changes were applied, or that a shared store's
+    were not looked at ("" when there are none)."""
+    from apigate.config.loader import load_config
+    from apigate.redaction import redact_url
+
+    config = load_config(path)
+    if config.store.startswith(("redis://", "rediss://")):
+        return config, f"the admin changes kept in {redact_url(config.store)} are not checked"
+    if not config.store.startswith("sqlite:///"):
+        return config, ""
+    store = SqliteConfigStore(config.store[len("sqlite:///") :])
+    if not store.read_only():
+        return config, ""
+    count = len(store.overlay) + (store.base is not None)
+    where = f"the admin changes kept in {store.path}"
+    return compose_stored(config, store, f"{path} with {where}"), f"with {count} of {where}"
+
+
 def with_entity(
     doc: dict[str, Any], kind: str, name: str, entity: dict[str, Any] | None
 ) -> dict[str, Any]:
@@ -143,12 +181,31 @@ class SqliteConfigStore(ConfigStore):
         )
         db.commit()
         self._db = db
+        self._load(db)
+
+    def _load(self, db: sqlite3.Connection) -> None:
         row = db.execute("SELECT doc FROM base WHERE id = 1").fetchone()
         self.base = json.loads(row[0]) if row else None
         # in the order the entities were first created (see _put_sync): merge appends new
         # routes in that order
         for kind, name, doc in db.execute("SELECT kind, name, doc FROM overlay ORDER BY rowid"):
             self.overlay[(kind, name)] = json.loads(doc) if doc is not None else None
+
+    def read_only(self) -> bool:
+        """Load what the file keeps without creating or changing anything (`apigate
+        validate`: a check must not create the store or take its lock). False when there
+        is no store file yet (nothing kept); OSError when it cannot be read."""
+        if not self.path.exists():
+            return False
+        try:
+            db = sqlite3.connect(f"{self.path.as_uri()}?mode=ro", uri=True)
+            try:
+                self._load(db)
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            raise OSError(f"store {self.path}: {exc}") from None
+        return True
 
     async def close(self) -> None:
         if self._db is not None:
