@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,38 @@ async def test_registration_for_unknown_service_creates_it() -> None:
         assert (await request(gw.admin_port, "PUT", "/routes/fresh", json_body=route)).status == 201
         proxied = await request(gw.port, "GET", "/fresh/echo")
         assert proxied.status == 200 and proxied.json()["path"] == "/echo"
+
+
+async def test_the_file_declaring_a_service_a_registration_created_sets_its_settings(
+    tmp_path: Path,
+) -> None:
+    """Instances that come up before the config names their service create it with the
+    defaults; the file declaring it then must set it up. The registration's empty service
+    was kept as an admin change, which wins over the file: the file's balancer and
+    timeouts never applied (nor after a restart, with a sqlite store), silently."""
+    store = f"sqlite:///{tmp_path}/state.db"
+    declared = _config(store=store)
+    declared["services"]["late"] = {"balancer": "least_connections"}
+
+    async def balancer(gw: GatewayProcess) -> str:
+        doc = (await request(gw.admin_port, "GET", "/services/late")).json()
+        return str(doc["config"]["balancer"])
+
+    async with Upstream("a") as a:
+        async with GatewayProcess(_config(store=store)) as gw:
+            body = {"url": a.url}
+            reply = await request(
+                gw.admin_port, "PUT", "/services/late/instances/one", json_body=body
+            )
+            assert reply.status == 201
+            gw.write_config(declared)
+            gw.signal(signal.SIGHUP)
+            await gw.wait_for_log("config reloaded")
+            assert await balancer(gw) == "least_connections"
+        async with GatewayProcess(declared) as gw:  # a restart: the store read back
+            assert await balancer(gw) == "least_connections"
+        async with GatewayProcess(_config(store=store)) as gw:  # still declared, by default
+            assert await balancer(gw) == "round_robin"
 
 
 async def test_bad_registrations_are_refused_with_reasons() -> None:

@@ -20,6 +20,7 @@ from apigate.config.loader import dump_config, parse_config
 from apigate.config.schema import GatewayConfig
 from apigate.registry.events import EVENTS
 from apigate.store.config_store import (
+    IMPLICIT_SERVICE,
     ConfigStore,
     StoreConflict,
     compose_stored,
@@ -91,11 +92,16 @@ class ConfigOps:
     async def put_entity(
         self, kind: str, name: str, body: dict[str, Any], implicit: bool = False
     ) -> tuple[dict[str, Any], bool]:
-        """Create or replace one service/route/consumer. Returns (entity, created)."""
+        """Create or replace one service/route/consumer. Returns (entity, created).
+
+        `implicit`: a service a registration declares (with the defaults); stored as such,
+        so that a config declaring it later sets it up (see IMPLICIT_SERVICE)."""
         entity = dict(body)
         if kind != "services":
             entity["name"] = name
         stored = {k: v for k, v in entity.items() if k != "name"} if kind != "services" else entity
+        if implicit:
+            stored = dict(IMPLICIT_SERVICE)
         created = False
 
         def change(doc: dict[str, Any]) -> Change:
@@ -106,7 +112,8 @@ class ConfigOps:
 
         config = await self._change(change)
         assert config is not None
-        self._changed(f"{_singular(kind)} {name} {'created' if created else 'replaced'}")
+        if not implicit:  # (the registry tells of the services registrations declare)
+            self._changed(f"{_singular(kind)} {name} {'created' if created else 'replaced'}")
         return self.get_entity(dump_config(config), kind, name) or entity, created
 
     async def delete_entity(self, kind: str, name: str) -> bool:

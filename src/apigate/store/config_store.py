@@ -17,13 +17,20 @@ import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from apigate.config.schema import GatewayConfig
 
 Kind = str  # "services" | "routes" | "consumers"
 _NAMED_LISTS = ("routes", "consumers")
+
+
+# What a registration for an undeclared service keeps: the service exists (its instances'
+# heartbeats keep it so), with the defaults until a config declares it. Kept as `{}` it was
+# an admin change like any other, which wins over the file: the file's settings for the
+# service never applied, silently, not even after a restart.
+IMPLICIT_SERVICE: Final = {"declared_by": "registration"}
 
 
 class StoreConflict(Exception):
@@ -77,6 +84,10 @@ class ConfigStore:
         if "store" in file_doc:
             doc["store"] = file_doc["store"]
         for (kind, name), entity in self.overlay.items():
+            if entity == IMPLICIT_SERVICE:
+                if name in (doc.get("services") or {}):
+                    continue  # the file (or the POSTed config) declares it: its settings
+                entity = {}
             if kind == "services" or kind in _NAMED_LISTS:
                 doc = with_entity(doc, kind, name, entity)
         return doc
