@@ -344,7 +344,8 @@ class Gateway:
 
     def watch(self, interval: float = 1.0) -> None:
         """Reload whenever the config file, a file it includes, or the set of files an
-        `include:` glob matches changes (mtime, size, created, removed)."""
+        `include:` glob matches changes (mtime, size, created, removed), once they have
+        stopped changing for one `interval` (see files_settled)."""
         path = self.config_path
         if path is None:
             return
@@ -356,17 +357,17 @@ class Gateway:
             return self.config_sources
 
         async def loop() -> None:
-            last = sources().stamp()
+            last = seen = sources().stamp()
             while True:
                 await asyncio.sleep(interval)
                 read = sources()
                 now = read.stamp()
-                # (the main file is first; missing, it is being replaced: wait for it)
-                if now != last and now[0][2] >= 0:
+                settled, seen = files_settled(last, seen, now), now
+                if settled:
                     await self.reload()
-                    last = now
+                    last = seen = now
                     if sources() != read:  # it includes other files now: watch those
-                        last = sources().stamp()
+                        last = seen = sources().stamp()
 
         self._watch_task = self.loop.create_task(loop())
 
@@ -449,6 +450,18 @@ class Gateway:
 
     def __repr__(self) -> str:
         return f"<Gateway {len(self.connections)} connections {self.runtime!r}>"
+
+
+Stamp = tuple[tuple[str, float, int], ...]  # ConfigSources.stamp(): (file, mtime, size)
+
+
+def files_settled(applied: Stamp, previous: Stamp, now: Stamp) -> bool:
+    """Whether --watch reloads now: the files differ from those last applied and have not
+    changed since the previous look. A file written in parts (a copy, `cat > file`) was
+    applied half-written whenever the part so far was valid on its own: a route it had not
+    reached yet answered 404 until the next look. (The main file is first; missing, it is
+    being replaced: wait for it.)"""
+    return now != applied and now == previous and now[0][2] >= 0
 
 
 YOUNG_GC_THRESHOLD: Final = 50_000  # see settle_heap
