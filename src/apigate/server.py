@@ -67,7 +67,8 @@ class Gateway:
         self.reloads_failed = 0
         self.last_reload_error: str | None = None
         self.on_start: list[StartHook] = []
-        self.on_stop: list[StartHook] = []
+        self.on_stop: list[StartHook] = []  # as the drain starts
+        self.on_drained: list[StartHook] = []  # once it is over (the admin API closes here)
         self.on_runtime: list[Callable[[Runtime], None]] = []
         # called with every finished exchange (metrics); plain functions, no awaiting
         self.observers: list[Callable[[Any], None]] = []
@@ -398,6 +399,9 @@ class Gateway:
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
             conn.abort()
+        for hook in self.on_drained:
+            with contextlib.suppress(Exception):
+                await hook(self)
         await self._close_plugins(self.runtime, None)
         if self._settling is not None:
             self._settling.cancel()

@@ -57,6 +57,30 @@ async def test_shutdown_finishes_in_flight_requests_and_refuses_new_ones(sig: in
         assert await gw.wait(10) == 0
 
 
+async def test_the_admin_api_answers_while_the_proxy_drains() -> None:
+    """Load balancers and scrapers ask the admin listener during a drain: /readyz's
+    "draining" could never be seen (the listener closed as the drain began), and the
+    drain's own requests never reached /metrics."""
+    admin = {"proxy": {"address": "127.0.0.1:0"}, "admin": {"address": "127.0.0.1:0"}}
+    async with (
+        Upstream() as up,
+        GatewayProcess(_config(up, "/", listeners=admin)) as gw,
+        RawClient(gw.port) as busy,
+    ):
+        await busy.send(b"GET /slow?ms=1500 HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.sleep(0.2)
+        gw.signal(signal.SIGTERM)
+        await gw.wait_for_log("draining")
+        ready, _ = await request(gw.admin_port, b"GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert ready.status == 503 and ready.json()["draining"] is True
+        scraped, _ = await request(
+            gw.admin_port, b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        )
+        assert scraped.status == 200
+        assert (await busy.response()).status == 200
+        assert await gw.wait(5) == 0
+
+
 async def test_shutdown_gives_up_after_drain_timeout() -> None:
     async with (
         Upstream() as up,

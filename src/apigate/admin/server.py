@@ -50,10 +50,11 @@ async def attach_admin(gateway: Gateway) -> None:
         gw.admin_server = server
         print(f"apigate admin listening on {gw.admin_address}", flush=True)
 
-    async def on_stop(gw: Gateway) -> None:
+    async def on_drained(gw: Gateway) -> None:
+        # (not as the drain starts: /readyz says "draining" and /metrics is scraped meanwhile)
         if server is not None:
             server.close()
         await store.close()
 
     gateway.on_start.insert(0, on_start)
-    gateway.on_stop.append(on_stop)
+    gateway.on_drained.append(on_drained)

@@ -531,8 +531,8 @@ async def attach_metrics(gateway: Gateway) -> None:
     async def on_start(gw: Gateway) -> None:
         metrics.start(gw.loop)
 
-    async def on_stop(gw: Gateway) -> None:
-        metrics.stop()
+    async def on_drained(gw: Gateway) -> None:
+        metrics.stop()  # (the drain's requests are counted: /metrics is served meanwhile)
 
     gateway.on_start.append(on_start)
-    gateway.on_stop.append(on_stop)
+    gateway.on_drained.append(on_drained)
