@@ -1271,3 +1271,22 @@ def test_errors_never_show_a_password_in_a_url() -> None:
     assert "invalid store 'redis://:[redacted]@localhost:6379/notadb'" in shown
     assert "invalid target URL 'http://user:[redacted]@127.0.0.1:9000'" in shown
     assert "hunter" not in shown
+
+
+def test_a_document_sent_by_names_has_its_errors_named() -> None:
+    """`PUT /routes/extra` naming an unknown service was told `routes[16].service`: its
+    place in the merged list, which the sender never saw."""
+    doc = {
+        "version": 1,
+        "services": {"up": {"targets": ["http://127.0.0.1:9"]}},
+        "routes": [
+            {"name": "a", "match": {"paths": ["/a"]}, "service": "up"},
+            {"name": "extra", "match": {"paths": ["/x"]}, "service": "nowhere"},
+        ],
+    }
+    with pytest.raises(ConfigError) as named:
+        parse_config(doc, "<admin>", by_name=True)
+    assert named.value.errors[0].startswith("routes[1] (extra).service: unknown service")
+    with pytest.raises(ConfigError) as placed:  # a file's or a whole document's: its places
+        parse_config(doc)
+    assert placed.value.errors[0].startswith("routes[1].service: unknown service")

@@ -71,7 +71,7 @@ def test_validate_checks_the_stored_admin_changes_as_run_would(
     _stored_route_to_other(tmp_path)
     dropped = _file(tmp_path, {"up": TARGET})
     assert main(["validate", "-c", str(dropped)]) == 2
-    assert "routes[1].service: unknown service 'other'" in capsys.readouterr().err
+    assert "routes[1] (b).service: unknown service 'other'" in capsys.readouterr().err
     assert main(["check", "-c", str(dropped)]) == 2  # (before probing anything)
     assert "unknown service 'other'" in capsys.readouterr().err
     kept = _file(tmp_path, {"up": TARGET, "other": TARGET})

@@ -107,7 +107,9 @@ class ConfigOps:
         def change(doc: dict[str, Any]) -> Change:
             nonlocal created
             created = self.get_entity(doc, kind, name) is None
-            config = parse_config(with_entity(doc, kind, name, entity), source="<admin>")
+            config = parse_config(
+                with_entity(doc, kind, name, entity), source="<admin>", by_name=True
+            )
             return config, lambda: self.store.put(kind, name, stored)
 
         config = await self._change(change)
@@ -125,7 +127,9 @@ class ConfigOps:
                 if users:
                     raise ConfigConflict(f"service {name} is used by routes: {', '.join(users)}")
                 self._refuse_registered(name)
-            config = parse_config(with_entity(doc, kind, name, None), source="<admin>")
+            config = parse_config(
+                with_entity(doc, kind, name, None), source="<admin>", by_name=True
+            )
             return config, lambda: self.store.put(kind, name, None)
 
         if await self._change(change) is None:

@@ -456,17 +456,19 @@ def load_config(
     return config
 
 
-def parse_config(data: Any, source: str = "<config>") -> GatewayConfig:
+def parse_config(data: Any, source: str = "<config>", *, by_name: bool = False) -> GatewayConfig:
     """Validate an already-parsed config (say, JSON from the admin API); raises ConfigError.
 
     No `${ENV}` interpolation and no `include:` here: those belong to files on disk.
+    `by_name`: errors name routes and consumers by their names too (`routes[16] (extra)`),
+    for a document its sender knows by names only (one entity changed, stored changes).
     """
     if not isinstance(data, dict):
         raise ConfigError(_not_a_mapping(data), source)
     too_deep = _too_deep(data)  # (a file's tree was measured as it was read: _read_yaml)
     if too_deep is not None:
         raise ConfigError(_too_deep_message(too_deep), source)
-    return _validate(data, source, _Origins())
+    return _validate(data, source, _Origins(), by_name=by_name)
 
 
 def dump_config(config: GatewayConfig) -> dict[str, Any]:
@@ -477,16 +479,34 @@ def dump_config(config: GatewayConfig) -> dict[str, Any]:
     return config.model_dump(mode="json")
 
 
-def _validate(data: dict[str, Any], source: str, origins: _Origins) -> GatewayConfig:
+def _validate(
+    data: dict[str, Any], source: str, origins: _Origins, *, by_name: bool = False
+) -> GatewayConfig:
     try:
         return GatewayConfig.model_validate(data)
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
             shown_as, loc = origins.locate(error["loc"])
-            line = f"{format_loc(loc)}: {error_message(error)}" if loc else error_message(error)
+            where = _named_item(loc, data) if by_name else format_loc(loc)
+            line = f"{where}: {error_message(error)}" if loc else error_message(error)
             lines.append(f"{shown_as}: {line}" if shown_as else line)
         raise ConfigError(lines, source) from None
+
+
+def _named_item(loc: Loc, data: dict[str, Any]) -> str:
+    """`routes[16] (extra).service`: a route or consumer by its name too (see parse_config's
+    `by_name`). Its position in a merged list means nothing to whoever sent one route."""
+    where = format_loc(loc)
+    if len(loc) < 2 or loc[0] not in ("routes", "consumers") or not isinstance(loc[1], int):
+        return where
+    items = data.get(str(loc[0]))
+    item = items[loc[1]] if isinstance(items, list) and loc[1] < len(items) else None
+    name = item.get("name") if isinstance(item, dict) else None
+    if not isinstance(name, str) or not name:
+        return where
+    head = format_loc(loc[:2])
+    return f"{head} ({name}){where[len(head) :]}"
 
 
 def _too_deep(data: Any) -> tuple[str | int, ...] | None:

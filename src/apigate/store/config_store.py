@@ -106,7 +106,7 @@ def compose_stored(
         return file_config
     from apigate.config.loader import dump_config, parse_config
 
-    return parse_config(store.merge(dump_config(file_config)), source=source)
+    return parse_config(store.merge(dump_config(file_config)), source=source, by_name=True)
 
 
 def served_config(path: str | Path) -> tuple[GatewayConfig, str]:
