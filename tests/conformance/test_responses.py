@@ -4,6 +4,7 @@ truncated response once the head has gone out; its connection is never reused.""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -37,6 +38,8 @@ async def _get(env: Env, path: str, method: str = "GET") -> Any:
 
 
 OUT_OF_RANGE = (b"099", b"000", b"600", b"999")
+_FORGED = b"HTTP/1.1 200 OK\r\nSet-Cookie: session=attacker\r\nContent-Length: 4\r\n\r\nEVIL"
+_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
 @pytest.mark.parametrize(
@@ -62,6 +65,12 @@ OUT_OF_RANGE = (b"099", b"000", b"600", b"999")
         b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 1_000_000 + b"\r\nContent-Length: 2\r\n\r\nok",
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\nraw",
         b"garbage\r\n\r\n",
+        # an interim status with a body: a response of the upstream's making went to the
+        # client unframed, ahead of the real one (and so answered the client's next request)
+        b"HTTP/1.1 150 Odd\r\nContent-Length: %d\r\n\r\n%s" % (len(_FORGED), _FORGED) + _OK,
+        b"HTTP/1.1 199 Odd\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+        % (len(_FORGED), _FORGED)
+        + _OK,
     ],
     ids=[
         "cl-te",
@@ -79,6 +88,8 @@ OUT_OF_RANGE = (b"099", b"000", b"600", b"999")
         "head-1m",
         "unasked-101",
         "garbage",
+        "1xx-with-length",
+        "1xx-chunked",
     ],
 )
 async def test_unproxyable_response_is_502(env: Env, raw: bytes) -> None:
@@ -147,6 +158,33 @@ async def test_malformed_chunk_mid_body_truncates_the_client_response(env: Env) 
         await c.send(b"GET /bad-chunk HTTP/1.1\r\nHost: x\r\n\r\n")
         with pytest.raises(Truncated):
             await c.response()
+
+
+async def test_an_endless_trailer_section_is_cut_at_the_head_limit(env: Env) -> None:
+    """Trailer fields had no limit: one endless field grew with every read (quadratic CPU
+    in httptools, the event loop at 100%). Past the head's limit the response is cut."""
+    env.up.state.canned["/trailer-bomb"] = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"
+        b"X-T: " + b"a" * 4_000_000 + b"\r\n\r\n"
+    )
+    async with RawClient(env.port) as c:
+        await c.send(b"GET /trailer-bomb HTTP/1.1\r\nHost: x\r\n\r\n")
+        with pytest.raises(Truncated):
+            await c.response()
+    assert (await _get(env, "/echo")).status == 200
+
+
+async def test_a_body_cut_off_reaches_an_http10_client_as_a_reset(env: Env) -> None:
+    """A 1.0 client reads a length-less body to the close: a FIN after a cut body made it
+    look whole (to a cache in front too). The cut is a reset."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+    try:
+        writer.write(b"GET /eof-reset HTTP/1.0\r\n\r\n")
+        with pytest.raises(ConnectionResetError):
+            while await asyncio.wait_for(reader.read(65536), 5):
+                pass
+    finally:
+        writer.close()
 
 
 async def test_response_longer_than_its_content_length(env: Env) -> None:

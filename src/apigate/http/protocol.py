@@ -34,7 +34,10 @@ has the same base but ticks in whole milliseconds, and request latencies are oft
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
+import socket
+import struct
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Protocol, cast
@@ -906,8 +909,14 @@ class ClientConnection(asyncio.Protocol):
             t.resume_reading()
 
     def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
+        """Cut the connection with a reset (RST), not an end (FIN): a response cut short must
+        not look whole. One whose body ends with the connection (an HTTP/1.0 client's, with
+        no length) looked complete to the client, and to a cache in front, on a FIN."""
+        t = self.transport
+        if t is not None:
+            if not t.is_closing():
+                _reset_on_close(t)
+            t.abort()
         self.phase = Phase.CLOSED
 
     # ------------------------------------------------------------------ flow control
@@ -1024,6 +1033,16 @@ class ClientConnection(asyncio.Protocol):
             f"<ClientConnection {self.client_ip}:{self.client_port} {self.phase.name} "
             f"served={self.requests_served} queued={len(self._queue)}>"
         )
+
+
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+
+
+def _reset_on_close(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):  # (a socket already gone: it is closing anyway)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
 
 def _reclaim_idle(connections: set[ClientConnection], new: ClientConnection) -> bool:

@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 # An upstream is untrusted too: its head is bounded like a client's (nginx: "upstream sent too
 # big header"). httptools would otherwise accumulate an endless header line in memory.
-MAX_RESPONSE_HEAD: Final = 64 * 1024
+MAX_RESPONSE_HEAD: Final = 64 * 1024  # the head, and (its own count) a trailer section
+_BODY_IN_READ: Final = -1  # see UpstreamConnection._bound_trailer
 
 
 class InvalidResponse(Exception):
@@ -240,6 +241,8 @@ class UpstreamConnection(asyncio.Protocol):
                     self._head_bytes += len(data)
                     if self._head_bytes > MAX_RESPONSE_HEAD:
                         raise _head_too_large()
+                elif head.chunked:
+                    self._bound_trailer(len(data))
         # (each clause names its exception differently: compiled by mypyc, a name keeps the
         # type of its first binding)
         except InvalidResponse as invalid:
@@ -269,6 +272,20 @@ class UpstreamConnection(asyncio.Protocol):
                 self._finish(True)
             else:
                 listener.flush_head()  # a head whose body has not arrived yet goes out now
+
+    def _bound_trailer(self, size: int) -> None:
+        """A read of a chunked body with no body bytes in it counts against the head's limit
+        (`_head_bytes`, which on_body resets): after the last chunk, a trailer section. An
+        upstream streaming one endless trailer field grew it without bound, at a cost
+        quadratic in its length (httptools joins a field's pieces), every read renewing the
+        response timeout: the event loop went to 100% and other services' requests took
+        seconds."""
+        if self._head_bytes < 0:  # body bytes came in this read
+            self._head_bytes = 0
+            return
+        self._head_bytes += size
+        if self._head_bytes > MAX_RESPONSE_HEAD:
+            raise InvalidResponse(f"response trailer section larger than {MAX_RESPONSE_HEAD} bytes")
 
     def _feed_bounded(self, data: bytes) -> None:
         """Feed a read that may complete a head beyond MAX_RESPONSE_HEAD (a head that ends in
@@ -385,6 +402,12 @@ class UpstreamConnection(asyncio.Protocol):
                 # "000", "999"), which the client would get as an invalid status line.
                 raise InvalidResponse(f"status code {status} outside 100-599")
             if status != 101:
+                if head.content_length or head.chunked:
+                    # RFC 9110 §15.2: a 1xx ends with its head. llhttp reads a body for one
+                    # that frames one (a 150 with a Content-Length), which went to the client
+                    # unframed: a whole response of the upstream's making ahead of the real
+                    # one, answering the client's next request (another service's).
+                    raise InvalidResponse(f"interim response {status} with a body")
                 listener = self.listener
                 if status != 100 and listener is not None:
                     head.status = status
@@ -428,10 +451,12 @@ class UpstreamConnection(asyncio.Protocol):
             self._ended_in_read = True
 
     def on_body(self, body: bytes) -> None:
-        if self._ended_in_read:
-            # Bytes after a HEAD response, in the read its head came in: the framing is not
-            # what we think. They must reach no client, and the connection no next request.
+        if self._ended_in_read or self.head is None:
+            # Bytes after a HEAD response, in the read its head came in, or in an interim
+            # response: the framing is not what we think. They must reach no client, and the
+            # connection no next request.
             raise InvalidResponse("body bytes after a response that has none")
+        self._head_bytes = _BODY_IN_READ  # (a read with body bytes: no trailer, _bound_trailer)
         listener = self.listener
         if listener is not None:
             listener.on_response_body(body)
