@@ -15,7 +15,7 @@ from apigate.http.upstream import ResponseHead
 from apigate.plugins.base import Response
 from apigate.plugins.cache import CachePlugin, live_plugins, purge_all
 from apigate.plugins.cache_store import MemoryStore, RedisCacheStore, target_of
-from apigate.plugins.chain import PluginChain, build_chain
+from apigate.plugins.chain import PluginChain
 from tests.unit.test_cache_store import FakeRedis
 from tests.unit.test_plugin_fakes import build, make_env, make_request
 
@@ -1246,25 +1246,6 @@ def test_config_errors(raw: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as err:
         build("cache", raw)
     assert message in str(err.value.errors)
-
-
-@pytest.mark.parametrize(
-    ("global_plugins", "route_plugins", "path"),
-    [
-        ({"cache": {"store": "redis"}}, {}, "plugins"),
-        ({}, {"cache": {"store": "redis"}}, "routes[0].plugins"),
-    ],
-)
-def test_store_redis_without_a_redis_store_names_the_plugins_full_path(
-    global_plugins: dict[str, Any], route_plugins: dict[str, Any], path: str
-) -> None:
-    """The error carries the path in the file, global or route-level (CONFIG.md)."""
-    with pytest.raises(ConfigError) as refused:
-        build_chain(global_plugins, route_plugins, make_env(), 0, {})
-    assert refused.value.errors == [
-        f"{path}.cache.store: 'redis' needs a top-level `store: redis://...` "
-        "(or give the URL here: store: redis://host:6379/0)"
-    ]
 
 
 async def test_redis_store_flow() -> None:

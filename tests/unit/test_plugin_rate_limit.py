@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from apigate.config.errors import ConfigError
 from apigate.config.schema import ConsumerConfig, GatewayConfig
 from apigate.plugins.base import PluginEnv, Response
-from apigate.plugins.chain import build_chain
 from apigate.plugins.rate_limit import RateLimitPlugin
 from apigate.store.redis import StoreUnavailable
 from tests.unit.test_plugin_fakes import (
@@ -359,25 +358,6 @@ def test_config_errors() -> None:
     assert "burts: unknown key; did you mean 'burst'?" in error(
         {"requests": 1, "per": "1s", "burts": 3}
     )
-
-
-@pytest.mark.parametrize(
-    ("global_plugins", "route_plugins", "path"),
-    [
-        ({"rate_limit": {"requests": 1, "per": "1s", "store": "redis"}}, {}, "plugins"),
-        ({}, {"rate_limit": {"requests": 1, "per": "1s", "store": "redis"}}, "routes[0].plugins"),
-    ],
-)
-def test_store_redis_without_a_redis_store_names_the_plugins_full_path(
-    global_plugins: dict[str, Any], route_plugins: dict[str, Any], path: str
-) -> None:
-    """The error carries the path in the file, global or route-level (CONFIG.md)."""
-    with pytest.raises(ConfigError) as refused:
-        build_chain(global_plugins, route_plugins, make_env(), 0, {})
-    assert refused.value.errors == [
-        f"{path}.rate_limit.store: 'redis' needs the top-level store to be "
-        "redis://host:port/db (or give the URL here)"
-    ]
 
 
 # ============================================================================ security review
