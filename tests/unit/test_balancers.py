@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import Counter
 from collections.abc import Callable, Collection
@@ -10,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import apigate.balancing.consistent_hash as consistent_hash_module
 import apigate.balancing.round_robin as round_robin_module
 from apigate.balancing import (
     BALANCERS,
@@ -22,6 +24,9 @@ from apigate.balancing import (
     RoundRobinBalancer,
     make_balancer,
 )
+from apigate.config.schema import ServiceConfig
+from apigate.http.pool import PoolManager
+from apigate.registry.service import Service
 
 KINDS = sorted(BALANCERS)
 
@@ -259,6 +264,41 @@ def test_round_robin_live_mode_matches_schedule(monkeypatch: pytest.MonkeyPatch)
     assert set(picks(live, 100, exclude={live.instances[0]})) == {"b", "c", "d", "e"}
 
 
+def test_round_robin_live_mode_keeps_its_state_across_refreshes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Live mode (large weight sums) runs nginx's loop on per-instance current weights; a
+    refresh that changes nothing must not zero them, or an instance whose weight is small
+    next to the total is never reached when refreshes come often (heartbeats)."""
+    monkeypatch.setattr(round_robin_module, "SCHEDULE_WORK_LIMIT", 0)
+    weights = (1000, 1000, 1000, 7)
+    undisturbed = picks(RoundRobinBalancer(trio(*weights)), 6_012)
+    balancer = RoundRobinBalancer(trio(*weights))
+    refreshed: list[str] = []
+    for _ in range(6_012 // 12):
+        refreshed += picks(balancer, 12)
+        balancer.refresh()
+    assert refreshed == undisturbed
+    assert Counter(refreshed)["d"] == 14  # 7 per period of 3007 picks
+
+
+def test_round_robin_refresh_resets_only_the_state_of_what_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(round_robin_module, "SCHEDULE_WORK_LIMIT", 0)
+    instances = trio(5, 3, 2)
+    a, b, c = instances
+    balancer = RoundRobinBalancer(instances)
+    assert picks(balancer, 3) == ["a", "b", "c"]  # current weights now 5, -1, -4
+    kept = dict(zip(balancer.available, balancer._current, strict=True))
+    c.weight = 4  # c changed: it starts over; a and b go on where they were
+    newcomer = make("d", 2)
+    balancer.set_instances([a, b, c, newcomer])
+    now = dict(zip(balancer.available, balancer._current, strict=True))
+    assert (now[a], now[b]) == (kept[a], kept[b])
+    assert (now[c], now[newcomer]) == (0, 0)
+
+
 def test_round_robin_exclude_keeps_others_in_proportion() -> None:
     instances = trio(5, 1, 1)
     balancer = RoundRobinBalancer(instances)
@@ -313,6 +353,38 @@ def test_least_connections_balances_concurrent_requests() -> None:
     balancer.on_finish(instances[1], 0.01, True)
     balancer.on_finish(instances[1], 0.01, True)
     assert balancer.pick() is instances[1]
+
+
+def test_least_connections_idle_ties_follow_weights() -> None:
+    """Sequential traffic (every instance idle at each pick) splits in the weights' ratio,
+    as nginx's least_conn breaks ties by weighted round robin."""
+    instances = trio(1, 100, 3, 0)
+    balancer = LeastConnectionsBalancer(instances)
+    chosen = []
+    for _ in range(1_040):
+        instance = balancer.pick()
+        assert instance is not None
+        balancer.on_start(instance)
+        balancer.on_finish(instance, 0.01, True)
+        chosen.append(instance.id)
+    assert Counter(chosen) == {"a": 10, "b": 1_000, "c": 30}
+    assert "".join(chosen[:8]) != "abcabcab"  # interleaved by weight, not rotated
+
+
+def test_least_connections_busy_ties_follow_weights() -> None:
+    instances = trio(3, 1)
+    a, b = instances
+    a.in_flight, b.in_flight = 3, 1  # both at one request per unit of weight
+    balancer = LeastConnectionsBalancer(instances)
+    counts = Counter(picks(balancer, 400))  # (never started: the tie stays)
+    assert counts == {"a": 300, "b": 100}
+
+
+def test_least_connections_concurrent_load_follows_weights() -> None:
+    instances = trio(1, 3)
+    balancer = LeastConnectionsBalancer(instances)
+    picks(balancer, 40, start=True)  # none finishes
+    assert [i.in_flight for i in instances] == [10, 30]
 
 
 # --- random ----------------------------------------------------------------------------------
@@ -574,6 +646,52 @@ def test_consistent_hash_raising_a_weight_moves_keys_only_to_it() -> None:
     assert all(after[key] == instances[0].id for key in moved)
 
 
+def ring_points(balancer: ConsistentHashBalancer) -> Counter[str]:
+    return Counter(owner.id for owner in balancer._owners)
+
+
+RING_BOUND = 16_384  # MAX_RING_POINTS, as README states it
+
+
+def test_consistent_hash_ring_size_is_bounded() -> None:
+    heavy = [make(f"10.0.1.{n}:8080", 1000) for n in range(30)]  # 3,000,000 points unscaled
+    balancer = ConsistentHashBalancer(heavy)
+    assert RING_BOUND // 2 < len(balancer._hashes) <= RING_BOUND
+    assert consistent_hash_module.MAX_RING_POINTS == RING_BOUND
+    points = ring_points(balancer)
+    assert len(set(points.values())) == 1  # equal weights, equal points
+    counts = Counter(mapping(balancer).values())
+    for count in counts.values():
+        assert 0.5 / 30 < count / len(KEYS) < 1.5 / 30
+
+
+def test_consistent_hash_scaled_ring_keeps_weight_ratios() -> None:
+    instances = [make("heavy", 1000), make("light", 250), make("tiny", 1)]
+    balancer = ConsistentHashBalancer(instances)
+    assert len(balancer._hashes) <= RING_BOUND
+    points = ring_points(balancer)
+    assert points["heavy"] == 4 * points["light"]
+    assert points["tiny"] >= 1  # scaled below one point, still on the ring
+
+
+def test_consistent_hash_every_weighted_instance_keeps_a_point() -> None:
+    many = [make(f"i{n}", 1000 if n == 0 else 1) for n in range(RING_BOUND + 10)]
+    balancer = ConsistentHashBalancer(many)
+    assert len(balancer._hashes) == len(many)  # more instances than the bound: one point each
+    assert len(ring_points(balancer)) == len(many)
+
+
+def test_consistent_hash_scaled_ring_removal_moves_only_its_keys() -> None:
+    instances = [make(f"10.0.2.{n}:8080", 1000) for n in range(30)]
+    balancer = ConsistentHashBalancer(instances)
+    before = mapping(balancer)
+    leaving = instances[7]
+    balancer.set_instances([i for i in instances if i is not leaving])
+    after = mapping(balancer)
+    moved = {key for key in KEYS if before[key] != after[key]}
+    assert moved == {key for key in KEYS if before[key] == leaving.id}
+
+
 def test_consistent_hash_exclude_walks_clockwise() -> None:
     instances = five()
     balancer = ConsistentHashBalancer(instances)
@@ -590,3 +708,49 @@ def test_consistent_hash_without_key_round_robins() -> None:
     assert [balancer.pick(None).id for _ in range(6)] == list("abcabc")  # type: ignore[union-attr]
     weighted = ConsistentHashBalancer(trio(5, 1, 1))
     assert [weighted.pick().id for _ in range(7)] == list("aabacaa")  # type: ignore[union-attr]
+
+
+# --- the service in front of the balancer ----------------------------------------------------
+
+
+def hashed_service(*weights: int) -> Service:
+    targets = [{"url": f"http://10.0.3.{n}:80", "weight": w} for n, w in enumerate(weights)]
+    config = ServiceConfig.model_validate({"targets": targets, "balancer": "consistent_hash"})
+    return Service("hashed", config, PoolManager(asyncio.get_running_loop()))
+
+
+def register(service: Service, iid: str, weight: int = 1, url: str = "http://10.0.4.1:80") -> None:
+    service.add_instance(iid, url, "10.0.4.1", 80, weight=weight, base_path="")
+
+
+async def test_a_heartbeat_that_changes_nothing_leaves_the_balancer_alone() -> None:
+    """A heartbeat is a registration repeated: rebuilding the balancer for it (a whole hash
+    ring, for consistent_hash) on every beat of every instance blocked the event loop."""
+    service = hashed_service(5, 5)
+    register(service, "reg", weight=3)
+    balancer = service.balancer
+    assert isinstance(balancer, ConsistentHashBalancer)
+    ring, available = balancer._hashes, balancer.available
+    register(service, "reg", weight=3)
+    register(service, "reg", weight=3, url="http://10.0.4.1:80/v2")  # only the URL moved
+    assert service.balancer is balancer
+    assert balancer._hashes is ring and balancer.available is available
+
+
+@pytest.mark.parametrize("change", ["weight", "address", "draining", "new instance"])
+async def test_a_registration_that_changes_the_balancer_refreshes_it(change: str) -> None:
+    service = hashed_service(5, 5)
+    register(service, "reg", weight=3)
+    inst = service.instances["reg"]
+    available = service.balancer.available
+    if change == "weight":
+        register(service, "reg", weight=4)
+    elif change == "address":
+        service.add_instance("reg", "http://10.0.4.2:80", "10.0.4.2", 80, weight=3)
+    elif change == "draining":
+        inst.draining = True  # (as if its removal were under way)
+        register(service, "reg", weight=3)
+    else:
+        register(service, "other", weight=3)
+    assert service.balancer.available is not available
+    assert set(service.balancer.available) == set(service.instances.values())

@@ -331,9 +331,15 @@ async def test_an_active_down_instance_is_not_ejected_again_passively() -> None:
 # --- passive ejection cap (max_ejection_percent) --------------------------------------------
 
 
-def passive_service(n: int, active: dict[str, Any] | None = None, **passive: Any) -> Service:
-    """`n` static instances ("i0", "i1", ... by port order); two failures eject."""
-    targets = [f"http://127.0.0.1:{9001 + i}" for i in range(n)]
+def passive_service(
+    n: int, active: dict[str, Any] | None = None, weights: tuple[int, ...] = (), **passive: Any
+) -> Service:
+    """`n` static instances ("i0", "i1", ... by port order), of `weights` (default 1 each);
+    two failures eject."""
+    targets = [
+        {"url": f"http://127.0.0.1:{9001 + i}", "weight": weights[i] if weights else 1}
+        for i in range(n)
+    ]
     health: dict[str, Any] = {"passive": {"failures": 2, "eject_for": "30s", **passive}}
     if active is not None:
         health["active"] = {"interval": "10s", "healthy_after": 1, "unhealthy_after": 1, **active}
@@ -443,9 +449,52 @@ async def test_instances_held_out_by_active_checks_do_not_count_nor_are_capped()
     assert not a.healthy and a.held_out and not b.healthy  # 2 of 3 out, over 50%: not capped
     checker.record(states[b], True, "HTTP 200")
     assert b.healthy
-    fail(svc, b, 2)  # a held out by active checks: the passive slot (1 of 3) is still free
+    fail(svc, b, 2)  # a held out: b and c could serve, 50% of them (1) may be out: b goes
     assert not b.healthy
     fail(svc, c, 4)  # and now it is taken
+    assert c.healthy and svc.balancer.available == [c]
+
+
+async def test_a_weight_zero_instance_does_not_make_room_to_eject_the_serving_one() -> None:
+    svc = passive_service(2, weights=(1, 0))
+    serving = nth(svc, 0)
+    fail(svc, serving, 6)
+    assert serving.healthy and svc.balancer.pick() is serving
+
+
+async def test_an_instance_held_out_by_active_checks_does_not_make_room_either() -> None:
+    svc = passive_service(2, active={})
+    a, b = nth(svc, 0), nth(svc, 1)
+    checker_for(svc).record(ProbeState(svc, a), False, "HTTP 503")
+    assert a.held_out and not a.healthy
+    seq = last_seq()
+    fail(svc, b, 6)  # b answers 500s: its answers beat 503 no_healthy_instance
+    assert b.healthy and svc.balancer.pick() is b
+    [event] = cap_events(seq)
+    assert (event["ejected"], event["instances"]) == (0, 1)  # counted: those that could serve
+
+
+async def test_the_last_serving_instance_stays_whatever_the_cap_below_100_percent() -> None:
+    svc = passive_service(3, weights=(1, 0, 1), max_ejection_percent="99%")
+    a, c = nth(svc, 0), nth(svc, 2)
+    fail(svc, a, 2)  # 99% of the 2 that could serve is 1
+    assert not a.healthy
+    fail(svc, c, 6)
+    assert c.healthy and svc.balancer.available == [c]
+
+
+async def test_a_passively_ejected_instance_later_held_out_frees_its_slot() -> None:
+    """Once active checks hold it out it is theirs, and counts as neither ejected nor able to
+    serve: the others share the cap among themselves."""
+    svc = passive_service(3, active={})
+    a, b, c = nth(svc, 0), nth(svc, 1), nth(svc, 2)
+    fail(svc, a, 2)
+    assert not a.healthy
+    checker_for(svc).record(ProbeState(svc, a), False, "HTTP 503")
+    assert a.held_out
+    fail(svc, b, 2)  # b and c could serve: one of them may be out
+    assert not b.healthy
+    fail(svc, c, 6)
     assert c.healthy and svc.balancer.available == [c]
 
 

@@ -15,6 +15,12 @@ When precomputing one period would cost too much (sum of reduced weights x insta
 `SCHEDULE_WORK_LIMIT`, e.g. 100 instances with weights in the thousands), the balancer runs
 nginx's loop live instead: O(n) per pick, same sequence. Retries (`exclude` non-empty) also
 run the live loop, skipping the excluded: O(n), but the others keep their proportions.
+
+The live loop's running state (each instance's current weight) survives `refresh()` for every
+instance still there with the same weight; only newcomers and reweighed instances start at 0,
+as in nginx. Zeroing everyone on each refresh (any health or membership change; heartbeats
+used to refresh too) starved small weights: weight 7 among weights in the thousands needs
+hundreds of picks to win once, and got 0 of 200,000 picks when refreshed every 50.
 """
 
 from __future__ import annotations
@@ -36,6 +42,22 @@ def slash_list(values: Sequence[object], limit: int = 8) -> str:
     if len(values) > limit:
         text += f"/...(+{len(values) - limit})"
     return text
+
+
+def carried_current(
+    old: Sequence[Instance],
+    old_weights: Sequence[int],
+    old_current: Sequence[int],
+    new: Sequence[Instance],
+) -> list[int]:
+    """Current weights for `new`: an instance's own from `old` if its weight is unchanged, else
+    0. Control plane only (a dict per refresh)."""
+    kept = {
+        instance: current
+        for instance, weight, current in zip(old, old_weights, old_current, strict=True)
+        if instance.weight == weight
+    }
+    return [kept.get(instance, 0) for instance in new]
 
 
 def smooth_schedule(instances: Sequence[Instance], weights: Sequence[int]) -> list[Instance]:
@@ -69,16 +91,20 @@ class RoundRobinBalancer(Balancer):
         super().__init__(instances)
 
     def refresh(self) -> None:
+        previous = self.available
         super().refresh()
         available = self.available
         weights = [i.weight for i in available]
+        # The live loop runs on the weights as given, not divided by their gcd (the same
+        # sequence): its current weights then keep their meaning when the gcd changes.
+        self._current = carried_current(previous, self._weights, self._current, available)
+        self._weights = weights
         divisor = reduce(gcd, weights, 0)
-        self._weights = [w // divisor for w in weights] if divisor else weights
-        self._current = [0] * len(weights)
+        reduced = [w // divisor for w in weights] if divisor else weights
         if divisor == max(weights, default=0):  # all equal: a plain rotation
             self._schedule = list(available)
-        elif sum(self._weights) * len(weights) <= SCHEDULE_WORK_LIMIT:
-            self._schedule = smooth_schedule(available, self._weights)
+        elif sum(reduced) * len(weights) <= SCHEDULE_WORK_LIMIT:
+            self._schedule = smooth_schedule(available, reduced)
         else:
             self._schedule = []
         # Keep the position across refreshes so that frequent health changes don't favour

@@ -25,8 +25,9 @@ Active and passive together — both write `Instance.healthy`:
 - Passive (`Service.report`): consecutive request failures eject a healthy instance for
   `eject_for`; its timer readmits it. Active checks do not shorten an ejection: a passing probe
   on a passively ejected instance changes nothing, the timer decides. At most
-  `max_ejection_percent` of a service's instances are out by passive ejection at once (those
-  held out by active checks do not count, as with Envoy's outlier detection).
+  `max_ejection_percent` of the instances that could serve (weight > 0, not held out by active
+  checks) are out by passive ejection at once, and below 100% never the last of them; those
+  held out by active checks do not count as ejected, as with Envoy's outlier detection.
 - Active: an instance marked unhealthy by active checks stays out until `healthy_after` probes
   pass. Passive checks never eject it again (it is already out). If it had been ejected
   passively first, the passive timer may readmit it while active checks still fail; the checker

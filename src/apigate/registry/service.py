@@ -156,7 +156,13 @@ class Service:
         its health, in-flight count and pooled connections stay. Either way the instance then
         says what this call said, its `url` and `base_path` included (a re-registration that
         only moves the base path must not leave the old URL shown, or written back to a
-        cluster's store)."""
+        cluster's store).
+
+        The balancer is updated only when this changes what it picks from (a new instance or
+        address, a weight, availability): a heartbeat is this same call, every few seconds per
+        instance, and a consistent_hash ring rebuilt for each one blocked the event loop."""
+        before = self.instances.get(iid)
+        seen = (before.weight, before.available) if before is not None else None
         inst = self._put_instance(
             iid,
             url,
@@ -168,7 +174,8 @@ class Service:
             metadata=metadata,
             base_path=base_path,
         )
-        self.balancer.set_instances(self.instances.values())
+        if inst is not before or seen != (inst.weight, inst.available):
+            self.balancer.set_instances(self.instances.values())
         return inst
 
     def _put_instance(
@@ -222,7 +229,8 @@ class Service:
 
     def report(self, inst: Instance, ok: bool, status: int = 0) -> None:
         """Passive health: `failures` consecutive errors or 5xx eject `inst` for `eject_for`,
-        unless `max_ejection_percent` of the service is out by passive ejection already.
+        unless `max_ejection_percent` of the instances that could serve is out by passive
+        ejection already (see `_ejection_limit`).
 
         On the hot path: a success on a clean instance returns after one comparison; the cap is
         computed only when an ejection is due.
@@ -255,13 +263,28 @@ class Service:
 
         Only passive ejections use up `max_ejection_percent`, as Envoy counts only its outlier-
         ejected hosts: instances held out by active checks (`held_out`) are the checker's verdict,
-        which the cap never overrides, and do not count; neither do ejected instances removed
-        since (their timers are still pending, the service no longer has them)."""
-        return sum(1 for inst in self._ejected if self.instances.get(inst.id) is inst)
+        which the cap never overrides, and do not count, even those ejected passively first
+        (their timers are still pending); neither do ejected instances removed since."""
+        return sum(
+            1 for inst in self._ejected if self.instances.get(inst.id) is inst and not inst.held_out
+        )
+
+    def _could_serve(self) -> int:
+        """Instances that would take traffic but for passive ejection: the share the cap is of.
+
+        Weight-0 instances and those held out by active checks take none whatever passive
+        ejection does, so counting them let the cap eject the last instance serving (one
+        serving plus one of weight 0, at 50%: the serving one went, clients got 503)."""
+        return sum(1 for inst in self.instances.values() if inst.weight > 0 and not inst.held_out)
 
     def _ejection_limit(self, cap: float) -> int:
+        """How many may be out by passive ejection at once: `cap` of those that could serve,
+        rounded down, and below 100% never the last of them (a lone instance answering 500
+        serves its answers, not 503 no_healthy_instance)."""
+        could_serve = self._could_serve()
         # + 1e-9: 0.29 * 100 is 28.999999999999996 in floats and means 29 instances
-        return math.floor(cap * len(self.instances) + 1e-9)
+        limit = math.floor(cap * could_serve + 1e-9)
+        return limit if cap >= 1.0 else min(limit, could_serve - 1)
 
     def _note_capped(self, inst: Instance, passive: PassiveHealthConfig) -> None:
         """One event per refusal streak, not one per failed request: a streak starts when the
@@ -279,7 +302,7 @@ class Service:
             del self._cap_noted[gone]
         self._cap_noted[inst] = now
         cap = passive.max_ejection_percent
-        ejected, total = self._passively_ejected(), len(self.instances)
+        ejected, total = self._passively_ejected(), self._could_serve()
         EVENTS.record(
             "health",
             f"{self.name}/{inst.id} not ejected after {inst.failures} consecutive failures: "
