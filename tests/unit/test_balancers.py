@@ -754,3 +754,20 @@ async def test_a_registration_that_changes_the_balancer_refreshes_it(change: str
         register(service, "other", weight=3)
     assert service.balancer.available is not available
     assert set(service.balancer.available) == set(service.instances.values())
+
+
+async def test_a_removed_instance_is_listed_draining_while_its_requests_run() -> None:
+    """A deregistered (or lapsed) instance vanished from the admin API, the dashboard and
+    the in-flight gauge while requests to it still ran: `draining` was never seen true."""
+    service = hashed_service(5)
+    register(service, "reg")
+    leaving = service.instances["reg"]
+    leaving.in_flight = 2
+    service.remove_instance("reg")
+    listed = service.listed_instances()
+    assert leaving in listed and leaving.draining
+    register(service, "reg")  # back under the same id: listed once, the new one
+    assert [i for i in service.listed_instances() if i.id == "reg"] == [service.instances["reg"]]
+    service.remove_instance("reg")
+    leaving.in_flight = 0  # its requests ended: no longer listed
+    assert [i.id for i in service.listed_instances()] == ["10.0.3.0:80"]

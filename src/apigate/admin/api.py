@@ -198,7 +198,7 @@ class AdminApi:
         return {
             "name": svc.name,
             "balancer": svc.config.balancer,
-            "instances": [_instance_doc(i, now) for i in svc.instances.values()],
+            "instances": [_instance_doc(i, now) for i in svc.listed_instances()],
             "available": len(svc.balancer.available),
             "routes": [r.name for r in self.gateway.runtime.routes.values() if r.service is svc],
             "health": self.gateway.health_status(svc.name),

@@ -489,7 +489,7 @@ def _instance_gauges(gw: Gateway) -> Iterator[Metric]:
         labels=["service", "state"],
     )
     for name, svc in list(gw.services.services.items()):
-        for inst in list(svc.instances.values()):
+        for inst in svc.listed_instances():
             healthy.add_metric([name, inst.id], 1 if inst.healthy else 0)
             available.add_metric([name, inst.id], 1 if inst.available else 0)
             in_flight.add_metric([name, inst.id], inst.in_flight)

@@ -83,6 +83,9 @@ class Service:
         self._ejected: dict[Instance, asyncio.TimerHandle] = {}
         # instances the ejection cap kept in -> loop time of the event that said so
         self._cap_noted: dict[Instance, float] = {}
+        # removed (deregistered, TTL lapsed, dropped by a reload) with requests still in
+        # flight: shown as draining until those end (see listed_instances)
+        self._departed: dict[Instance, None] = {}
         self.apply_config(config)
 
     # ------------------------------------------------------------------ configuration
@@ -222,10 +225,28 @@ class Service:
         inst = self.instances.pop(iid, None)
         if inst is not None:
             inst.draining = True
+            if inst.in_flight > 0:
+                self._prune_departed()  # (bounded without anyone looking)
+                self._departed[inst] = None
             self._pool_by_instance.pop(iid, None)
             self.pools.retire(self.name, iid)
             self.balancer.set_instances(self.instances.values())
         return inst
+
+    def listed_instances(self) -> list[Instance]:
+        """The instances, then those removed while requests to them were in flight, until
+        these end (`draining`): the admin API, the dashboard and /metrics showed an instance
+        gone the moment it was removed, its requests still running and its in-flight gauge
+        dropped. One whose id came back (a re-registration) is not listed beside its
+        successor. (Pruned when someone looks or another leaves: the data plane does nothing
+        for it.)"""
+        self._prune_departed()
+        instances = self.instances
+        return [*instances.values(), *(i for i in self._departed if i.id not in instances)]
+
+    def _prune_departed(self) -> None:
+        for gone in [inst for inst in self._departed if inst.in_flight <= 0]:
+            del self._departed[gone]
 
     def report(self, inst: Instance, ok: bool, status: int = 0) -> None:
         """Passive health: `failures` consecutive errors or 5xx eject `inst` for `eject_for`,
