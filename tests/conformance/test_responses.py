@@ -71,6 +71,8 @@ _OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
         b"HTTP/1.1 199 Odd\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
         % (len(_FORGED), _FORGED)
         + _OK,
+        b"HTTP/2.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/0.9 200 OK\r\nContent-Length: 2\r\n\r\nok",
     ],
     ids=[
         "cl-te",
@@ -90,6 +92,8 @@ _OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
         "garbage",
         "1xx-with-length",
         "1xx-chunked",
+        "http-2.0",
+        "http-0.9",
     ],
 )
 async def test_unproxyable_response_is_502(env: Env, raw: bytes) -> None:

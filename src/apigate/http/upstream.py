@@ -421,7 +421,14 @@ class UpstreamConnection(asyncio.Protocol):
                 # a tunnel the client did not ask for would desynchronise its connection
                 raise InvalidResponse("101 Switching Protocols without an upgrade request")
         head.status = status
-        head.version = "1.1" if self._v11 else self.parser.get_http_version()
+        if self._v11:
+            head.version = "1.1"
+        else:
+            head.version = self.parser.get_http_version()
+            if head.version != "1.0" and head.version != "1.1":
+                # llhttp takes any one-digit version ("HTTP/2.0 200", "HTTP/0.9 200"), which
+                # went to the client as an HTTP/1.1 200: an HTTP/1.x connection speaks 1.x
+                raise InvalidResponse(f"HTTP/{head.version} response on an HTTP/1.1 connection")
         keep_alive = head.version == "1.1"
         values = self._connection_values
         if values and len(values) == 1 and values[0].lower() == b"keep-alive":
