@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from apigate.config import (
     parse_percent,
     parse_size,
 )
+from apigate.runtime import dry_compile
 
 FIXTURES = Path(__file__).parent / "fixtures" / "config"
 EXAMPLE = FIXTURES / "config_md_example.yaml"
@@ -1290,3 +1292,26 @@ def test_a_document_sent_by_names_has_its_errors_named() -> None:
     with pytest.raises(ConfigError) as placed:  # a file's or a whole document's: its places
         parse_config(doc)
     assert placed.value.errors[0].startswith("routes[1].service: unknown service")
+
+
+async def test_plugin_errors_of_a_document_sent_by_names_name_the_route_too() -> None:
+    """The third round (plugin configs, checked as the snapshot is compiled) still said
+    `routes[1].plugins...` for an admin change: review of the naming fix."""
+    limit = {"requests": 1, "per": "1s", "store": "redis"}  # no top-level Redis store
+    doc = {
+        "version": 1,
+        "services": {"up": {"targets": ["http://127.0.0.1:9"]}},
+        "routes": [
+            {"name": "a", "match": {"paths": ["/a"]}, "service": "up"},
+            {
+                "name": "extra",
+                "match": {"paths": ["/x"]},
+                "service": "up",
+                "plugins": {"rate_limit": limit},
+            },
+        ],
+    }
+    config = parse_config(doc, "<admin>", by_name=True)
+    with pytest.raises(ConfigError) as refused:
+        dry_compile(config, asyncio.get_running_loop())
+    assert refused.value.errors[0].startswith("routes[1] (extra).plugins.rate_limit.store: ")

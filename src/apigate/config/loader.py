@@ -411,9 +411,19 @@ def _item_name(item: Any) -> str | None:
 _LOADED_ORIGINS: dict[int, _Origins] = {}
 
 
+# Configs parsed `by_name` (see parse_config), by id, so that problems found when they are
+# compiled (plugin configs, the matcher) name their routes as the schema's errors did.
+_NAMED_CONFIGS: dict[int, None] = {}
+
+
 def config_location(config: GatewayConfig, section: str, key: str | int) -> str:
     """`routes[4]`, `plugins.cors` as the files say: `conf.d/api.yaml: routes[0]` for the
-    first route of an included file (`config` loaded by `load_config`)."""
+    first route of an included file (`config` loaded by `load_config`); `routes[4] (extra)`
+    for a config parsed `by_name`."""
+    if id(config) in _NAMED_CONFIGS and isinstance(key, int):
+        items = config.routes if section == "routes" else config.consumers
+        if section in ("routes", "consumers") and key < len(items):
+            return f"{section}[{key}] ({items[key].name})"
     origins = _LOADED_ORIGINS.get(id(config))
     shown_as, loc = origins.locate((section, key)) if origins else (None, (section, key))
     where = format_loc(loc)
@@ -468,7 +478,12 @@ def parse_config(data: Any, source: str = "<config>", *, by_name: bool = False) 
     too_deep = _too_deep(data)  # (a file's tree was measured as it was read: _read_yaml)
     if too_deep is not None:
         raise ConfigError(_too_deep_message(too_deep), source)
-    return _validate(data, source, _Origins(), by_name=by_name)
+    config = _validate(data, source, _Origins(), by_name=by_name)
+    if by_name:
+        key = id(config)
+        _NAMED_CONFIGS[key] = None
+        weakref.finalize(config, _NAMED_CONFIGS.pop, key, None)
+    return config
 
 
 def dump_config(config: GatewayConfig) -> dict[str, Any]:
