@@ -178,6 +178,20 @@ async def test_an_endless_trailer_section_is_cut_at_the_head_limit(env: Env) -> 
     assert (await _get(env, "/echo")).status == 200
 
 
+async def test_a_chunked_response_with_a_head_near_the_limit_is_not_cut(env: Env) -> None:
+    """The trailer bound counted the head's bytes and the read that completed it: a valid
+    response whose head was just under 64 KiB, a chunk header after it and the data in
+    a later read, was cut (diff review)."""
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Pad: "
+    head += b"p" * (65_500 - len(head) - 4) + b"\r\n\r\n"
+    env.up.state.canned_parts["/big-head"] = [
+        head + b"a;ext=" + b"y" * 60 + b"\r\n",
+        b"0123456789\r\n0\r\n\r\n",
+    ]
+    resp = await _get(env, "/big-head")
+    assert (resp.status, resp.body) == (200, b"0123456789")
+
+
 async def test_a_body_cut_off_reaches_an_http10_client_as_a_reset(env: Env) -> None:
     """A 1.0 client reads a length-less body to the close: a FIN after a cut body made it
     look whole (to a cache in front too). The cut is a reset."""

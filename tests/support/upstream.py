@@ -20,7 +20,8 @@ gateway forwarded) and behaves according to the request path:
     /stall             stop reading after the head: the body is never read, nothing answered
     /hop               a response carrying hop-by-hop headers the gateway must remove
     anything in `state.canned[path]`: written verbatim (then closed if the bytes say
-                       `Connection: close`), for response-side conformance cases
+                       `Connection: close`), for response-side conformance cases;
+                       `state.canned_parts[path]`: the same in parts, PART_PAUSE apart
     /respond?status=N&h=Name:Value&h=...&ms=M&cut=1
                        status N (200) with the given header fields, after M ms (0), and a JSON
                        body {upstream, n (requests this upstream had received), method, path,
@@ -94,6 +95,9 @@ class Received:
         return [v for n, v in self.headers if n.lower() == name.lower()]
 
 
+PART_PAUSE = 0.2  # seconds between the parts of a canned_parts response
+
+
 @dataclass
 class UpstreamState:
     received: list[Received] = field(default_factory=list)
@@ -101,6 +105,9 @@ class UpstreamState:
     open: set[asyncio.BaseTransport] = field(default_factory=set)
     name: str = "upstream"
     canned: dict[str, bytes] = field(default_factory=dict)  # path -> raw response bytes
+    # path -> raw response bytes written in parts, PART_PAUSE apart (each arrives in its own
+    # read at the gateway)
+    canned_parts: dict[str, list[bytes]] = field(default_factory=dict)
     bytes_received: int = 0  # every byte read on any connection, complete request or not
     override: str | None = None  # answer every request as if its target were this
 
@@ -207,7 +214,13 @@ class _Conn(asyncio.Protocol):
         canned = self.state.canned.get(path)
         if rec.method == "HEAD" and canned is None:
             t = _HeadOnly(t)  # type: ignore[assignment]
-        if canned is not None:
+        parts = self.state.canned_parts.get(path)
+        if parts is not None:
+            for n, part in enumerate(parts):
+                if n:
+                    await asyncio.sleep(PART_PAUSE)
+                t.write(part)
+        elif canned is not None:
             t.write(canned)  # verbatim, even for HEAD
             if b"\r\nconnection: close\r\n" in canned.partition(b"\r\n\r\n")[0].lower() + b"\r\n":
                 t.close()

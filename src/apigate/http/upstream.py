@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 # An upstream is untrusted too: its head is bounded like a client's (nginx: "upstream sent too
 # big header"). httptools would otherwise accumulate an endless header line in memory.
 MAX_RESPONSE_HEAD: Final = 64 * 1024  # the head, and (its own count) a trailer section
-_BODY_IN_READ: Final = -1  # see UpstreamConnection._bound_trailer
+_BODY_IN_READ: Final = -1  # a read that is no trailer: see UpstreamConnection._bound_trailer
 
 
 class InvalidResponse(Exception):
@@ -445,6 +445,9 @@ class UpstreamConnection(asyncio.Protocol):
             head.until_eof = True
             keep_alive = False
         head.keep_alive = keep_alive
+        # the head is measured: from here on the count is a trailer section's, and this read
+        # (the head's own bytes) is none (see _bound_trailer)
+        self._head_bytes = _BODY_IN_READ
         if status != 101:
             head.upgrade = None
         listener = self.listener
