@@ -772,6 +772,17 @@ def test_an_idle_tunnel_is_closed_after_tunnel_idle_timeout() -> None:
     assert h.transport.closed
 
 
+def test_a_stalled_tunnel_is_closed_after_tunnel_idle_timeout() -> None:
+    """The upstream stopped reading, so the tunnel paused reading the client (backpressure),
+    and a deadline that passed while reading was paused was dropped as "paused by us": no
+    byte moved either way and the tunnel stayed open for ever (streaming review)."""
+    h = Harness(tunnel_idle_timeout=20.0)
+    h.feed(WS_UPGRADE)
+    h.conn.pause_reading()  # (ProxyExchange.upstream_write_paused)
+    h.loop.advance(26)
+    assert h.transport.closed
+
+
 def test_upgrade_pipelined_behind_a_request_tunnels_its_own_bytes(h: Harness) -> None:
     """The tunnel belongs to the upgrade request, which waits behind the one before it: its
     early bytes, and what follows, must not reach the earlier request's exchange."""

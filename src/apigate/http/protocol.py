@@ -1011,7 +1011,10 @@ class ClientConnection(asyncio.Protocol):
             return
         now = self.clock()
         if self._deadline and now >= self._deadline:
-            if not self._reading_paused:
+            # (a tunnel's deadline is "no byte either way": reading paused because the
+            # upstream stopped reading is no excuse, it is how a peer that vanished with a
+            # full window looks, and it held both sockets for ever)
+            if not self._reading_paused or self.tunnel is not None:
                 self._on_timeout()
                 return
             self._deadline = 0.0  # paused by us: resume_reading sets a fresh deadline
