@@ -325,7 +325,7 @@ def test_breaker_transitions_are_exposed_per_service() -> None:
     now[0] = 2.0
     assert breaker.allow()
     breaker.record(True)
-    svc = SimpleNamespace(breaker=breaker, breaker_counts=counts, instances={})
+    svc = SimpleNamespace(breaker=breaker, breaker_counts=counts, listed_instances=list)
     got = scrape(GatewayMetrics(fake_gateway(services={"metrics-unit-cb": svc})))
     where = labels(route="", service="metrics-unit-cb")
     assert got["apigate_breaker_opened_total"][where] == 1
@@ -342,7 +342,7 @@ def test_breaker_transitions_of_one_gateway_are_not_in_anothers_metrics() -> Non
     for _ in range(2):
         counts: dict[str, int] = {}
         breaker = CircuitBreaker("api", config, counts=counts)
-        svc = SimpleNamespace(breaker=breaker, breaker_counts=counts, instances={})
+        svc = SimpleNamespace(breaker=breaker, breaker_counts=counts, listed_instances=list)
         gateways.append(svc)
         metrics.append(GatewayMetrics(fake_gateway(services={"api": svc})))
     gateways[0].breaker.record(False)  # only gateway A's breaker opens
