@@ -218,8 +218,11 @@ def test_upgrade_requests_with_bodies_pipelined_in_one_read() -> None:
     assert len(h.exchanges) == 1501 and h.conn.tunnel is None
     assert all(ex.body == b"ab" and ex.request.upgrade is None for ex in h.exchanges[:-1])
     assert h.exchanges[0].events == ["start", "body_done"]
-    for ex in h.exchanges[:-1]:
-        ex.answer()
+    for ex in h.exchanges:
+        if "start" not in ex.events:  # (after a burst, the next waits for a turn of the loop)
+            h.loop.turn()
+        if ex is not h.exchanges[-1]:
+            ex.answer()
     assert h.exchanges[-1].request.path == "/last"
     assert h.exchanges[-1].events == ["start"]
 

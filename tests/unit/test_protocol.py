@@ -48,6 +48,15 @@ class FakeLoop:
     def call_later(self, delay: float, callback: Callable[..., None], *args: Any) -> FakeHandle:
         return self.call_at(self.now + delay, callback, *args)
 
+    def call_soon(self, callback: Callable[..., None], *args: Any) -> FakeHandle:
+        return self.call_at(self.now, callback, *args)
+
+    def turn(self) -> None:
+        """One turn of the event loop: the callbacks due now, not those they schedule."""
+        for handle in [h for h in self.pending if h.when <= self.now]:
+            self.handles.remove(handle)
+            handle.callback(*handle.args)
+
     def advance(self, seconds: float) -> None:
         end = self.now + seconds
         while True:
@@ -770,6 +779,42 @@ def test_an_idle_tunnel_is_closed_after_tunnel_idle_timeout() -> None:
     assert not h.transport.closed
     h.loop.advance(26)  # one timer tick (header_timeout 5 s) past the deadline at most
     assert h.transport.closed
+
+
+class AnsweredAtOnce(FakeExchange):
+    """An exchange the gateway answers itself (a 404, a 401, a cache hit): within start()."""
+
+    def start(self) -> None:
+        super().start()
+        self.answer()
+
+
+def test_a_pipeline_answered_at_once_lets_other_connections_run(h: Harness) -> None:
+    """Pipelined requests the gateway answered itself ran one after another within one read:
+    one connection's pipeline held the event loop (another client waited 11 s)."""
+    h.host.exchange_class = AnsweredAtOnce
+    h.feed(GET * 40)
+    assert len(h.exchanges) == 40 and h.transport.paused
+    started = [sum(1 for ex in h.exchanges if ex.events)]
+    while started[-1] < 40:
+        h.loop.turn()  # (the other connections' callbacks run meanwhile)
+        started.append(sum(1 for ex in h.exchanges if ex.events))
+    assert started == [16, 32, 40]
+    assert h.transport.take().count(b"HTTP/1.1 200 OK") == 40 and not h.transport.paused
+
+
+def test_a_client_that_does_not_read_gets_no_more_answers_made(h: Harness) -> None:
+    """Answers to a pipeline piled up in memory while the client read none (300 MB in 20 s
+    on one connection): while its buffer is full no request starts, and reading pauses."""
+    h.host.exchange_class = AnsweredAtOnce
+    h.conn.pause_writing()  # (the transport: the client's buffer is over its high-water mark)
+    h.feed(GET * 3)
+    assert [ex.events for ex in h.exchanges] == [[], [], []] and h.transport.paused
+    h.loop.turn()
+    assert h.exchanges[0].events == []
+    h.conn.resume_writing()
+    h.loop.turn()
+    assert all(ex.events == ["start"] for ex in h.exchanges) and not h.transport.paused
 
 
 def test_a_stalled_tunnel_is_closed_after_tunnel_idle_timeout() -> None:

@@ -159,6 +159,8 @@ _QUESTION_MARK: Final = ord("?")
 _V11_LINE_END: Final = b" HTTP/1.1\r\n"  # how a request line of that version ends
 _PAUSE_BUFFER: Final = 64 * 1024  # buffered request body bytes before we stop reading the client
 _LOGGED_URL: Final = 1024  # how much of a refused head's request target its log line shows
+# pipelined requests begun one after another before the connection lets the others run
+_PIPELINE_BURST: Final = 16
 _RECLAIM_SCAN: Final = 1024  # connections looked at for an idle one at max_connections
 _LINGER_SECONDS: Final = 2.0  # how long a refused client's further input is read and discarded
 # slack over max_header_bytes for the framing that shares the trailer's reads ("0\r\n", CRLFs)
@@ -250,6 +252,9 @@ class ClientConnection(asyncio.Protocol):
         self.writing_paused = False
         self.tunnel: Exchange | None = None
         self._queue_paused = False
+        # requests begun since this connection last let the others run (see _may_begin)
+        self._burst = 0
+        self._queue_call: asyncio.Handle | None = None  # _resume_queue, scheduled
         self._route_body_timeout: float | None = None
         # a later pipelined request was malformed: answer the earlier ones, then this, then close
         self._pending_error: GatewayError | None = None
@@ -318,6 +323,7 @@ class ClientConnection(asyncio.Protocol):
             self.tunnel.tunnel_data(data)
             return
         self._feeding = len(data)
+        self._burst = 0
         if self.phase == Phase.IDLE:  # no message begun: the read starts with a request line
             eol = data.find(b"\n")
             self._read_starts_v11 = eol >= 10 and data.startswith(_V11_LINE_END, eol - 10)
@@ -440,6 +446,8 @@ class ClientConnection(asyncio.Protocol):
         ex = self.tunnel or self.current
         if ex is not None:
             ex.client_write_resumed()
+        elif self._queue:  # requests held back while the client did not read (_may_begin)
+            self._schedule_queue()
 
     # ------------------------------------------------------------------ parser callbacks
     def on_message_begin(self) -> None:
@@ -573,13 +581,24 @@ class ClientConnection(asyncio.Protocol):
         self._parsing = ex
         if req.has_body:
             # Stream the body: the exchange starts now if it is at the front of the queue.
-            if self.current is None:
+            if self.current is None and self._may_begin():
                 self._begin(ex)
             else:
                 self._enqueue(ex)
         # A bodiless request starts in on_message_complete, which llhttp calls right after.
 
+    def _may_begin(self) -> bool:
+        """Whether a request with nothing ahead of it may start now. Not while the client is
+        not reading our answers: pipelined requests the gateway answers itself (404, 405,
+        401, a cache hit) piled their answers up in memory (300 MB in 20 s on one
+        connection). Nor after _PIPELINE_BURST of them in a row: answered synchronously,
+        one after another in one read, one connection's pipeline held the event loop
+        (another client's request waited 11 s). Either way the request is queued, and
+        reading paused, until _resume_queue."""
+        return not self.writing_paused and self._burst < _PIPELINE_BURST
+
     def _begin(self, ex: Exchange) -> None:
+        self._burst += 1
         self.current = ex
         if ex is self._parsing:
             self.phase = Phase.BODY
@@ -594,6 +613,28 @@ class ClientConnection(asyncio.Protocol):
         if not self._queue_paused:
             self._queue_paused = True
             self.pause_reading()
+        if self.current is None:  # held back by _may_begin, not behind a request
+            self._schedule_queue()
+
+    def _begin_queued(self) -> None:
+        nxt = self._queue.popleft()
+        if not self._queue and self._queue_paused:
+            self._queue_paused = False
+            self.resume_reading()
+        self._begin(nxt)
+
+    def _schedule_queue(self) -> None:
+        """Go on with the queue on the event loop's next turn, after the other connections'
+        callbacks; or, while the client is not reading, once it does (resume_writing)."""
+        if self._queue_call is None and not self.writing_paused:
+            self._queue_call = self.loop.call_soon(self._resume_queue)
+
+    def _resume_queue(self) -> None:
+        self._queue_call = None
+        self._burst = 0
+        ready = self.current is None and self._queue and self.phase != Phase.CLOSED
+        if ready and self._may_begin():
+            self._begin_queued()
 
     def parser_headers_done(self, req: Request) -> None:
         """Validate the complete head and fill the derived fields; raises GatewayError."""
@@ -739,7 +780,7 @@ class ClientConnection(asyncio.Protocol):
                 self.phase = Phase.WAIT
                 self._deadline = 0.0
             ex.body_done()
-        elif self.current is None:
+        elif self.current is None and self._may_begin():
             self._begin(ex)
         else:
             self._enqueue(ex)
@@ -796,11 +837,10 @@ class ClientConnection(asyncio.Protocol):
                 self.close()
             return
         if self._queue:
-            nxt = self._queue.popleft()
-            if not self._queue and self._queue_paused:
-                self._queue_paused = False
-                self.resume_reading()
-            self._begin(nxt)
+            if self._may_begin():
+                self._begin_queued()
+            else:
+                self._schedule_queue()
             return
         if self._pending_error is not None:
             self.respond_error(self._pending_error, self._req, refused=self._pending_exchange)
