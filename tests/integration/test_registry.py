@@ -144,6 +144,34 @@ async def test_the_file_declaring_a_service_a_registration_created_sets_its_sett
             assert await balancer(gw) == "round_robin"
 
 
+async def test_a_reload_keeps_a_deleted_file_service_a_registration_created_again(
+    tmp_path: Path,
+) -> None:
+    """The file declares x; the admin deletes it, then a registration creates it again with
+    the defaults and no static target (live). A SIGHUP with the file unchanged must serve
+    the same: the registration's service was kept as an implicit declaration, which the
+    file's x replaced, bringing back its balancer and the target the admin had deleted.
+    A restart reads the same back."""
+    store = f"sqlite:///{tmp_path}/state.db"
+    async with Upstream("file") as static, Upstream("one") as one:
+        config = _config(store=store)
+        config["services"]["x"] = {"balancer": "least_connections", "targets": [static.url]}
+        async with GatewayProcess(config) as gw:
+            assert (await request(gw.admin_port, "DELETE", "/services/x")).status == 200
+            body = {"url": one.url}
+            reply = await request(gw.admin_port, "PUT", "/services/x/instances/one", json_body=body)
+            assert reply.status == 201
+            gw.signal(signal.SIGHUP)
+            await gw.wait_for_log("config reloaded")
+            doc = (await request(gw.admin_port, "GET", "/services/x")).json()
+            assert doc["config"]["balancer"] == "round_robin"
+            assert [i["id"] for i in doc["instances"]] == ["one"]
+        async with GatewayProcess(config) as gw:  # a restart: the store read back, the same
+            doc = (await request(gw.admin_port, "GET", "/services/x")).json()
+            assert doc["config"]["balancer"] == "round_robin"
+            assert doc["config"]["targets"] == []
+
+
 async def test_bad_registrations_are_refused_with_reasons() -> None:
     async with GatewayProcess(_config()) as gw:
         port = gw.admin_port

@@ -771,3 +771,23 @@ async def test_a_removed_instance_is_listed_draining_while_its_requests_run() ->
     service.remove_instance("reg")
     leaving.in_flight = 0  # its requests ended: no longer listed
     assert [i.id for i in service.listed_instances()] == ["10.0.3.0:80"]
+
+
+async def test_a_static_target_a_reload_drops_is_listed_draining_while_its_requests_run() -> None:
+    """A reload dropping a static target deleted it outright, unlike a deregistration: it
+    vanished from the admin API and /metrics while its requests ran, never shown draining."""
+    service = hashed_service(5, 5)
+    leaving = service.instances["10.0.3.1:80"]
+    leaving.in_flight = 3
+    pools = service.pools
+    pools.get("hashed", leaving.id, "http", leaving.host, leaving.port)
+    kept = ServiceConfig.model_validate(
+        {"targets": [{"url": "http://10.0.3.0:80", "weight": 5}], "balancer": "consistent_hash"}
+    )
+    service.apply_config(kept)
+    assert "10.0.3.1:80" not in service.instances
+    assert leaving in service.listed_instances() and leaving.draining
+    assert not any(key[1] == leaving.id for key in pools.pools)  # its pool retired, as before
+    assert leaving not in service.balancer.available
+    leaving.in_flight = 0  # its requests ended: no longer listed
+    assert [i.id for i in service.listed_instances()] == ["10.0.3.0:80"]

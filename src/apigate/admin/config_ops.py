@@ -95,12 +95,13 @@ class ConfigOps:
         """Create or replace one service/route/consumer. Returns (entity, created).
 
         `implicit`: a service a registration declares (with the defaults); stored as such,
-        so that a config declaring it later sets it up (see IMPLICIT_SERVICE)."""
+        so that a config declaring it later sets it up (see IMPLICIT_SERVICE), unless the
+        base already declares it (see _base_declares)."""
         entity = dict(body)
         if kind != "services":
             entity["name"] = name
         stored = {k: v for k, v in entity.items() if k != "name"} if kind != "services" else entity
-        if implicit:
+        if implicit and not self._base_declares(name):
             stored = dict(IMPLICIT_SERVICE)
         created = False
 
@@ -117,6 +118,16 @@ class ConfigOps:
         if not implicit:  # (the registry tells of the services registrations declare)
             self._changed(f"{_singular(kind)} {name} {'created' if created else 'replaced'}")
         return self.get_entity(dump_config(config), kind, name) or entity, created
+
+    def _base_declares(self, service: str) -> bool:
+        """Whether the base the store's overlay applies to (the POSTed config, else the
+        file's) declares `service`. A registration re-creating such a service (the admin
+        deleted it) is an admin change like any other (`{}`, the defaults, as live): kept
+        as the implicit marker, the base's declaration would replace it on the next
+        reload, bringing back the settings and static targets the admin deleted."""
+        if self.store.base is not None:
+            return service in (self.store.base.get("services") or {})
+        return service in self.file_config.services
 
     async def delete_entity(self, kind: str, name: str) -> bool:
         def change(doc: dict[str, Any]) -> Change | None:

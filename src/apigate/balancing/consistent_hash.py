@@ -4,7 +4,10 @@ Each available instance puts `POINTS_PER_WEIGHT * weight` points on a 32-bit rin
 goes to the owner of the first point clockwise from the key's hash. The ring is rebuilt in
 `refresh()` from the available instances only, and a point's position depends on nothing but
 its instance's id, so when an instance leaves (or turns unhealthy) only the keys it owned move,
-each to its clockwise neighbour; no other key moves. Raising a weight only adds points.
+each to its clockwise neighbour; no other key moves. Raising a weight only adds points (the
+instance's own) unless it takes the ring past the bound or a power of two above it (see
+`MAX_RING_POINTS` below): the ring is then halved, every instance keeping half its points
+(rounded down, one at least), and about half the keys move once.
 
 The ring holds at most `MAX_RING_POINTS` (16,384) points, as Envoy's ring hash bounds its own
 with `maximum_ring_size`: weights go up to 1000, and 30 instances of weight 1000 made a ring of

@@ -111,8 +111,7 @@ class Service:
         wanted: dict[str, TargetConfig] = {self.static_id(t): t for t in config.targets}
         for iid, inst in list(self.instances.items()):
             if inst.origin == "static" and iid not in wanted:
-                del self.instances[iid]
-                self.pools.retire(self.name, iid)
+                self._take_out(iid)  # draining, as a deregistration (the balancer below)
         for iid, target in wanted.items():
             self._apply_target(iid, target)
         self._pool_by_instance.clear()
@@ -222,6 +221,16 @@ class Service:
 
     def remove_instance(self, iid: str) -> Instance | None:
         """Stop sending new requests to `iid`; requests in flight finish on their connections."""
+        inst = self._take_out(iid)
+        if inst is not None:
+            self.balancer.set_instances(self.instances.values())
+        return inst
+
+    def _take_out(self, iid: str) -> Instance | None:
+        """remove_instance without the balancer's update: the one rule for a deregistration,
+        a TTL lapse and a static target a reload drops (which updates the balancer once,
+        after every target). The instance is marked draining and, while requests to it run,
+        still listed (see listed_instances); its pool is retired."""
         inst = self.instances.pop(iid, None)
         if inst is not None:
             inst.draining = True
@@ -230,7 +239,6 @@ class Service:
                 self._departed[inst] = None
             self._pool_by_instance.pop(iid, None)
             self.pools.retire(self.name, iid)
-            self.balancer.set_instances(self.instances.values())
         return inst
 
     def listed_instances(self) -> list[Instance]:

@@ -535,4 +535,7 @@ async def attach_cluster(gateway: Gateway) -> None:
         await sync.stop()
 
     gateway.on_start.append(on_start)
-    gateway.on_stop.insert(0, on_stop)  # before the admin hook closes the store's client
+    # first of the hooks run as the drain starts: no other node's change applies from then
+    # on. The store's client stays open until the admin hook closes it, once the drain is
+    # over (on_drained).
+    gateway.on_stop.insert(0, on_stop)

@@ -29,7 +29,8 @@ _NAMED_LISTS = ("routes", "consumers")
 # What a registration for an undeclared service keeps: the service exists (its instances'
 # heartbeats keep it so), with the defaults until a config declares it. Kept as `{}` it was
 # an admin change like any other, which wins over the file: the file's settings for the
-# service never applied, silently, not even after a restart.
+# service never applied, silently, not even after a restart. Only for a service the base
+# does not declare: one the admin deleted from it and a registration re-created stays `{}`.
 IMPLICIT_SERVICE: Final = {"declared_by": "registration"}
 
 
@@ -203,9 +204,15 @@ class SqliteConfigStore(ConfigStore):
             self.overlay[(kind, name)] = json.loads(doc) if doc is not None else None
 
     def read_only(self) -> bool:
-        """Load what the file keeps without creating or changing anything (`apigate
-        validate`: a check must not create the store or take its lock). False when there
-        is no store file yet (nothing kept); OSError when it cannot be read."""
+        """Load what the file keeps without changing it (`apigate validate`: a check must
+        not create the store, write to it or take its lock). False when there is no store
+        file yet (nothing kept); OSError when it cannot be read.
+
+        Not without a trace: the store is in WAL mode, and SQLite reading it, even
+        read-only (`mode=ro`), creates its `-wal` and `-shm` files beside it when they are
+        missing, and a read-only connection leaves them there. (`immutable=1` would not,
+        but it ignores the WAL, so changes not yet checkpointed into the database would go
+        unseen.)"""
         if not self.path.exists():
             return False
         try:
