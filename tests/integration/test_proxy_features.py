@@ -31,6 +31,7 @@ UP_PATHS = [
     "/reset",
     "/reset-mid",
     "/ws",
+    "/ws-half",
     "/status",
     "/drain",
     "/c",
@@ -349,6 +350,50 @@ async def test_websocket_upgrade_pipelined_behind_a_request(env: Env) -> None:
         assert await c.read_exact(5) == b"later"
     echo, ws = env.up.received
     assert b"early" not in echo.raw and ws.header("upgrade") == "websocket"
+
+
+async def test_a_tunnel_half_closed_by_the_upstream_still_carries_the_client_bytes(
+    env: Env,
+) -> None:
+    """TCP half-close both ways (nginx and HAProxy pass it on in a tunnel): the upstream's EOF
+    reaches the client as EOF, what the client sends after it still reaches the upstream, and
+    the client's own EOF then ends the tunnel. (The upstream's EOF once closed the whole
+    tunnel: the client's last bytes were lost.)"""
+    env.up.state.tunnel_bytes.clear()
+    env.up.state.tunnel_eof = False
+    async with RawClient(env.port) as c:
+        await c.send(
+            b"GET /ws-half HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        )
+        assert (await c.response()).status == 101
+        assert await c.read_exact(3) == b"bye"
+        assert await c.closed(), "the upstream's half-close reaches the client"
+        await c.send(b"last words")
+        assert c.writer is not None
+        c.writer.write_eof()
+        for _ in range(100):
+            if env.up.state.tunnel_eof:
+                break
+            await asyncio.sleep(0.02)
+    assert bytes(env.up.state.tunnel_bytes) == b"last words"
+    assert env.up.state.tunnel_eof, "the client's half-close reaches the upstream"
+
+
+async def test_a_tunnel_half_closed_by_the_client_still_carries_the_upstream_bytes(
+    env: Env,
+) -> None:
+    """The other order: the client's EOF reaches the upstream, whose answer to it still
+    reaches the client, and the upstream's close then ends the tunnel."""
+    async with RawClient(env.port) as c:
+        await c.send(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        )
+        assert (await c.response()).status == 101
+        await c.send(b"ping")
+        assert c.writer is not None
+        c.writer.write_eof()
+        assert await c.read_exact(4) == b"ping"
+        assert await c.closed()
 
 
 async def test_upgrade_refused_by_the_upstream_closes_the_connection(env: Env) -> None:

@@ -14,6 +14,9 @@ gateway forwarded) and behaves according to the request path:
     /reset-mid         send a head with Content-Length 100 and 10 bytes, then reset
                        (/reset-mid-json: the head says application/json)
     /ws                answer an Upgrade with 101 and echo bytes back
+    /ws-half           answer an Upgrade with 101 and b"bye", then half-close: what the client
+                       sends after that is kept in `state.tunnel_bytes` (`state.tunnel_eof` once
+                       the client half-closes too, which closes the connection)
     /drain             stream the request body into a hash without keeping it (`Received.body`
                        stays empty; `body_len`/`body_sha256` are set), answer the echo document
     /pattern?bytes=N   N bytes of `pattern_bytes` with Content-Length, honouring backpressure
@@ -110,6 +113,8 @@ class UpstreamState:
     canned_parts: dict[str, list[bytes]] = field(default_factory=dict)
     bytes_received: int = 0  # every byte read on any connection, complete request or not
     override: str | None = None  # answer every request as if its target were this
+    tunnel_bytes: bytearray = field(default_factory=bytearray)  # /ws-half: sent after our EOF
+    tunnel_eof: bool = False  # /ws-half: the client half-closed its side too
 
 
 class _Conn(asyncio.Protocol):
@@ -119,6 +124,7 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.raw = bytearray()
         self.tunnel = False
+        self.half_closed = False  # /ws-half: we sent EOF; keep what arrives
         self.streaming: hashlib._Hash | None = None  # /drain: body hashed, not kept
         self.streamed = 0
         self.can_write = asyncio.Event()
@@ -141,11 +147,19 @@ class _Conn(asyncio.Protocol):
         if self.transport is not None:
             self.state.open.discard(self.transport)
 
+    def eof_received(self) -> bool | None:
+        if self.half_closed:
+            self.state.tunnel_eof = True
+        return None  # close
+
     def data_received(self, data: bytes) -> None:
         self.state.bytes_received += len(data)
         if self.tunnel:
             assert self.transport is not None
-            self.transport.write(data)
+            if self.half_closed:
+                self.state.tunnel_bytes += data
+            else:
+                self.transport.write(data)
             return
         if self.streaming is None:
             self.raw += data
@@ -280,6 +294,13 @@ class _Conn(asyncio.Protocol):
             _reset(t)
         elif path.startswith("/reset"):
             _reset(t)
+        elif path.startswith("/ws-half"):
+            t.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\n\r\nbye"
+            )
+            self.tunnel = self.half_closed = True
+            t.write_eof()
         elif path.startswith("/ws"):
             t.write(
                 b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"

@@ -948,6 +948,15 @@ class ClientConnection(asyncio.Protocol):
             self._reading_paused = False
             t.resume_reading()
 
+    def write_eof(self) -> bool:
+        """Half-close towards the client (a tunnel whose upstream half-closed); False when the
+        transport cannot (TLS has no half-close) or is already closing."""
+        t = self.transport
+        if t is None or t.is_closing() or not t.can_write_eof():
+            return False
+        t.write_eof()
+        return True
+
     def abort(self) -> None:
         """Cut the connection with a reset (RST), not an end (FIN): a response cut short must
         not look whole. One whose body ends with the connection (an HTTP/1.0 client's, with

@@ -105,6 +105,11 @@ class UpstreamListener:
         """Bytes from the upstream once the connection is a tunnel."""
         self.on_response_body(data)
 
+    def on_tunnel_eof(self) -> bool:
+        """The upstream half-closed a tunnel: True keeps the connection open for what the
+        client still sends; False closes it (and the tunnel with it)."""
+        return False
+
     def flush_head(self) -> None:
         raise NotImplementedError
 
@@ -319,6 +324,9 @@ class UpstreamConnection(asyncio.Protocol):
             listener.on_upstream_lost(exc)
 
     def eof_received(self) -> bool | None:
+        listener = self.listener
+        if self.tunnel and listener is not None and listener.on_tunnel_eof():
+            return True  # a half-closed tunnel: the client may still be sending
         return None  # close our side too; connection_lost decides what the EOF meant
 
     def pause_writing(self) -> None:
@@ -612,3 +620,4 @@ class UpstreamConnection(asyncio.Protocol):
     def __repr__(self) -> str:
         state = "busy" if self.listener is not None else "idle"
         return f"<UpstreamConnection {self.pool.key} {state} requests={self.requests}>"
+

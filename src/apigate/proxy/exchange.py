@@ -143,6 +143,9 @@ class ProxyExchange(UpstreamListener):
     _connecting: asyncio.Task[None] | None = None
     _replay_size = 0
     _stale_retried = False
+    # a tunnel's half-closes, each side's EOF passed on to the other
+    _client_eof = False
+    _upstream_eof = False
 
     def __init__(
         self,
@@ -290,7 +293,11 @@ class ProxyExchange(UpstreamListener):
     def tunnel_eof(self) -> None:
         up = self.upstream
         if self._tunnel_open and up is not None:
-            up.write_eof()
+            self._client_eof = True
+            if self._upstream_eof:
+                up.close()  # both sides are done (what is buffered still goes first)
+            else:
+                up.write_eof()
         else:  # gone before the upgrade was answered: nothing to tunnel
             self.client_lost()
             self.conn.close()
@@ -867,6 +874,14 @@ class ProxyExchange(UpstreamListener):
     def on_tunnel_data(self, data: bytes) -> None:
         self.conn.tunnel_active()  # (the idle timeout counts both directions)
         self.on_response_body(data)
+
+    def on_tunnel_eof(self) -> bool:
+        # TCP half-close is passed on both ways, as nginx and HAProxy do: the upstream's EOF
+        # once closed the whole tunnel, and what the client still sent was lost
+        if self._client_eof or self._client_gone or not self.conn.write_eof():
+            return False  # (both sides done, or TLS: no half-close; the tunnel closes)
+        self._upstream_eof = True
+        return True
 
     def upstream_write_paused(self) -> None:
         self._paused_upstream_write = True
