@@ -105,6 +105,41 @@ async def test_unproxyable_response_is_502(env: Env, raw: bytes) -> None:
     assert good.connection != bad.connection, "the bad connection must not be reused"
 
 
+_UPGRADE = (
+    b"GET /up HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket, foo/2\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [b"Upgrade: h2c\r\n", b"Upgrade: websocket, h2c\r\n", b"Upgrade: \r\n", b""],
+    ids=["other", "one-other", "empty", "none"],
+)
+async def test_a_101_to_a_protocol_not_offered_is_502(env: Env, answer: bytes) -> None:
+    """RFC 9110 §7.8: a 101 names the protocols it switches to, each one the client offered.
+    A switch to another (or to none named) was tunnelled: the client, expecting WebSocket
+    frames, got bytes of another protocol on its connection."""
+    env.up.state.canned["/up"] = (
+        b"HTTP/1.1 101 Switching Protocols\r\n%sConnection: upgrade\r\n\r\nraw" % answer
+    )
+    async with RawClient(env.port) as c:
+        await c.send(_UPGRADE)
+        assert_error(await c.response(), 502, "upstream_invalid_response")
+
+
+@pytest.mark.parametrize("answer", [b"WebSocket", b"foo/2", b"websocket, foo/2"])
+async def test_a_101_to_an_offered_protocol_is_a_tunnel(env: Env, answer: bytes) -> None:
+    env.up.state.canned["/up"] = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: %s\r\nConnection: upgrade\r\n\r\nraw"
+        % answer
+    )
+    async with RawClient(env.port) as c:
+        await c.send(_UPGRADE)
+        resp = await c.response()
+        assert resp.status == 101 and resp.header("upgrade") == answer.decode()
+        assert await c.read_exact(3) == b"raw"
+
+
 async def test_interim_responses_are_forwarded_except_100(env: Env) -> None:
     """RFC 9110 §15.2: a proxy forwards 1xx responses. A 100 answers an Expect, which the
     gateway handles itself (and never forwards): an upstream's own 100 is dropped."""

@@ -173,7 +173,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._write_blocked = False  # the upstream is not reading what we write (pause_writing)
         self._reading_paused = False  # we paused the transport's reading (client backpressure)
         self.tunnel = False
-        self.upgrade = False
+        self.upgrade: bytes | None = None
         self._head_bytes = 0
         self._connection_values: list[bytes] = []
         # A response ended in the read being parsed; its end is reported once the read is
@@ -425,9 +425,14 @@ class UpstreamConnection(asyncio.Protocol):
                     listener.on_interim_head(head)
                 self.head = None  # interim response: wait for the final one
                 return
-            if not self.upgrade:
+            if self.upgrade is None:
                 # a tunnel the client did not ask for would desynchronise its connection
                 raise InvalidResponse("101 Switching Protocols without an upgrade request")
+            if not _switches_to_offered(self.upgrade, head.upgrade):
+                raise InvalidResponse(
+                    f"101 Switching Protocols to {head.upgrade!r}, not offered "
+                    f"(Upgrade: {self.upgrade[:80]!r})"
+                )
         head.status = status
         if self._v11:
             head.version = "1.1"
@@ -505,7 +510,7 @@ class UpstreamConnection(asyncio.Protocol):
         listener: UpstreamListener,
         head_only: bool,
         response_timeout: float,
-        upgrade: bool = False,
+        upgrade: bytes | None = None,
         now: float = 0.0,
     ) -> None:
         """Attach an exchange before its request head is written. `response_timeout` 0: no
@@ -513,7 +518,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.listener = listener
         self.head = None
         self.head_only = head_only
-        self.upgrade = upgrade  # the request asks for an upgrade: a 101 may come
+        self.upgrade = upgrade  # the request's Upgrade offer: a 101 may switch to one of it
         self._head_bytes = 0
         self.got_bytes = False
         self.request_sent = False
@@ -621,3 +626,20 @@ class UpstreamConnection(asyncio.Protocol):
         state = "busy" if self.listener is not None else "idle"
         return f"<UpstreamConnection {self.pool.key} {state} requests={self.requests}>"
 
+
+def _switches_to_offered(offered: bytes, answered: bytes | None) -> bool:
+    """RFC 9110 §7.8: a 101 names the protocols it switches to (at least one), and a server
+    "MUST NOT switch to a protocol that was not indicated by the client". Names compare
+    case-insensitively; an offer without a version admits any version of that protocol."""
+    if not answered:
+        return False
+    offers = {token.strip().lower() for token in offered.split(b",")}
+    named = False
+    for token in answered.split(b","):
+        protocol = token.strip().lower()
+        if not protocol:
+            continue
+        if protocol not in offers and protocol.split(b"/", 1)[0] not in offers:
+            return False
+        named = True
+    return named

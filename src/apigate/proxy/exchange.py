@@ -595,7 +595,7 @@ class ProxyExchange(UpstreamListener):
             timeout = max(0.001, min(per_try or overall, self.t0 + overall - now))
         else:  # the one try has all of timeouts.response, from the end of the request
             timeout = overall
-        up.begin(self, req.method == "HEAD", timeout, upgrade=req.upgrade is not None, now=now)
+        up.begin(self, req.method == "HEAD", timeout, upgrade=req.upgrade, now=now)
         if self.conn.writing_paused:
             # the client reads nothing of what it was sent (a pipelined request behind a
             # response it does not read): read no faster from the upstream, or the whole
