@@ -74,8 +74,11 @@ def _assert_plain(raw_head: bytes) -> None:
         # RFC 9110 §7.8: a server MUST ignore Upgrade in an HTTP/1.0 request
         b"GET /echo HTTP/1.0\r\nConnection: Upgrade, keep-alive\r\nUpgrade: websocket\r\n"
         b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        # an Upgrade naming no protocol asks for none (it went upstream as "Upgrade: ", and
+        # the pipelined request after it was never answered)
+        b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade:  \r\n\r\n",
     ],
-    ids=["h2c", "http10"],
+    ids=["h2c", "http10", "empty"],
 )
 async def test_refused_upgrade_goes_as_a_plain_request(env: Env, first: bytes) -> None:
     version = first.split(b"\r\n", 1)[0].rsplit(b" ", 1)[1]

@@ -1119,8 +1119,9 @@ def _tunnels(version: str, upgrade: bytes) -> bool:
     not be sent a 101). Not to h2c: past the 101 the client speaks HTTP/2 straight to the
     upstream, out of reach of routing, plugins and the forwarding headers ("h2c smuggling");
     Envoy and nginx do not pass it on either. Such a request goes as a plain HTTP/1.1 one.
+    Nor an Upgrade that names no protocol (RFC 9110 §7.8: at least one).
     """
-    return version == "1.1" and b"h2c" not in upgrade.lower()
+    return version == "1.1" and b"h2c" not in upgrade.lower() and bool(upgrade.strip(b" \t,"))
 
 
 def _request_parser(protocol: object) -> httptools.HttpRequestParser:
