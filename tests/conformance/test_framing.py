@@ -117,9 +117,16 @@ async def test_missing_host_in_http11(env: Env) -> None:
 
 
 async def test_missing_host_in_http10_is_allowed(env: Env) -> None:
+    """A 1.0 request without Host has no client host to pass on: X-Forwarded-Host and the
+    Forwarded host were sent empty (and the upstream's Host with preserve_host, which many
+    servers answer with a 400); the upstream's own authority is its Host then."""
     resp, got = await proxied(env, b"GET /echo HTTP/1.0\r\n\r\n")
-    assert got.header("x-forwarded-host") == ""
+    assert got.header("x-forwarded-host") is None
+    assert got.header("forwarded") == "for=127.0.0.1;proto=http"
     assert resp.version == "HTTP/1.1"
+    env.up.received.clear()
+    _, got = await proxied(env, b"GET /keep-host HTTP/1.0\r\n\r\n")
+    assert got.header_values("host") == [f"127.0.0.1:{env.up.port}"]
 
 
 async def test_duplicate_host(env: Env) -> None:

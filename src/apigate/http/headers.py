@@ -253,6 +253,13 @@ def forwarding_lines(client_ip: str, forwarded_for: bytes | None, scheme: str, h
     client_host = host.encode("latin-1")
     proto = scheme.encode()
     node = forwarded_for_node(client_ip).encode()
+    if not host:  # an HTTP/1.0 request without Host: no host to pass on (it went as "")
+        return b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nForwarded: for=%s;proto=%s\r\n" % (
+            xff,
+            proto,
+            node,
+            proto,
+        )
     return (
         b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n"
         b'Forwarded: for=%s;host="%s";proto=%s\r\n'

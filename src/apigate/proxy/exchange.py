@@ -607,7 +607,10 @@ class ProxyExchange(UpstreamListener):
             route.chain.upstream_request_hooks, req
         ):
             return
-        host = req.host.encode("latin-1") if route.preserve_host else up.pool.host_header
+        # (an HTTP/1.0 request may come without Host: the upstream's own authority then)
+        host = (
+            req.host.encode("latin-1") if route.preserve_host and req.host else up.pool.host_header
+        )
         chunked = req.chunked
         length = req.content_length
         head = request_head(
