@@ -198,15 +198,21 @@ class Gateway:
                     await plugin.close()
 
     # ------------------------------------------------------------------ reload
-    async def apply_config(self, config: GatewayConfig) -> Runtime:
+    async def apply_config(
+        self, config: GatewayConfig, before_swap: Callable[[], Awaitable[None]] | None = None
+    ) -> Runtime:
         """Compile and swap in a new snapshot; raises ConfigError and keeps the old one.
 
         One at a time (a SIGHUP while an admin change starts its plugins waits its turn): the
-        service table is planned against the config in force and committed at the swap."""
+        service table is planned against the config in force and committed at the swap.
+        `before_swap` runs once the snapshot is ready, just before it goes into force (an
+        admin change stores itself there); whatever it raises is raised, nothing changed."""
         async with self._applying:
-            return await self._apply_config(config)
+            return await self._apply_config(config, before_swap)
 
-    async def _apply_config(self, config: GatewayConfig) -> Runtime:
+    async def _apply_config(
+        self, config: GatewayConfig, before_swap: Callable[[], Awaitable[None]] | None
+    ) -> Runtime:
         if problems := self.restart_changes(config):
             raise ConfigError(problems)
         if config.listeners.proxy.tls is not None:
@@ -231,6 +237,13 @@ class Gateway:
             if isinstance(exc, ConfigError):
                 raise
             raise ConfigError([f"the new config could not be started: {exc}"]) from exc
+        if before_swap is not None:
+            try:
+                await before_swap()
+            except BaseException:
+                self.env.config = self.runtime.config
+                await self._close_plugins(runtime, self.runtime)
+                raise
         self.services.commit(plan)
         old, self.runtime = self.runtime, runtime
         self.limits = config.limits

@@ -5,6 +5,7 @@ registered instances, admin names, IPv6 route hosts, config error messages and t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import textwrap
 from collections.abc import AsyncIterator
@@ -495,3 +496,42 @@ def test_config_sources_are_filled_even_when_the_config_is_invalid(tmp_path: Pat
     with pytest.raises(ConfigError):
         load_config(tmp_path / "gw.yaml", sources=sources)
     assert [p.name for p in sources.files] == ["gw.yaml", "broken.yaml"]
+
+
+# ---------------------------------------------------------------------- store writes
+
+
+async def test_an_admin_change_is_in_force_only_once_the_store_has_kept_it(
+    admin: AdminApi,
+) -> None:
+    """A change was applied first and stored second: while a slow (or hung) shared store
+    took the write, the change served, and one the store then refused had served for that
+    long before it was undone. It takes effect when the store has kept it now."""
+    store = ConfigOps.of(admin.gateway).store
+    kept = store.put
+    gate = asyncio.Event()
+    fail = True
+
+    async def slow_put(*args: Any) -> None:
+        await gate.wait()
+        if fail:
+            raise ConnectionError("redis timed out")
+        await kept(*args)
+
+    store.put = slow_put  # type: ignore[method-assign]
+    route = {"match": {"paths": ["/new"]}, "service": "a"}
+    for outcome in ("refused", "kept"):
+        gate.clear()
+        call = asyncio.ensure_future(_call(admin, "PUT", "/routes/new", route))
+        await asyncio.sleep(0.05)
+        assert not call.done()
+        assert "new" not in admin.gateway.runtime.routes, "in force before it was stored"
+        gate.set()
+        status, doc = await call
+        if outcome == "refused":
+            assert (status, doc["error"]) == (503, "store_unavailable"), doc
+            assert "new" not in admin.gateway.runtime.routes
+            fail = False
+        else:
+            assert status == 201, doc
+            assert "new" in admin.gateway.runtime.routes

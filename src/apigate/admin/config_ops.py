@@ -234,18 +234,22 @@ class ConfigOps:
     async def _apply_then_store(
         self, config: GatewayConfig, write: Callable[[], Awaitable[None]]
     ) -> None:
-        """Apply `config` (ConfigError: nothing changed), then store it. A store failure or
-        conflict puts the previous config back (StoreWriteFailed, StoreConflict)."""
-        previous = self.gateway.config
-        await self._refuse_own_listeners(config, previous)
-        await self.gateway.apply_config(config)
-        try:
-            await write()
-        except BaseException as exc:
-            await self.gateway.apply_config(previous)
-            if isinstance(exc, Exception) and not isinstance(exc, StoreConflict):
+        """Compile `config` (ConfigError: nothing changed), store it, then swap it in. A store
+        failure or conflict leaves the config in force as it was (StoreWriteFailed,
+        StoreConflict). It was applied before the write once: while a slow or hung shared
+        store took the write (up to its timeout), the change served on this node, and one the
+        store then refused had been in force all that time."""
+        await self._refuse_own_listeners(config, self.gateway.config)
+
+        async def store() -> None:
+            try:
+                await write()
+            except StoreConflict:
+                raise
+            except Exception as exc:
                 raise StoreWriteFailed(str(exc) or type(exc).__name__) from exc
-            raise
+
+        await self.gateway.apply_config(config, before_swap=store)
 
     async def _refuse_own_listeners(self, config: GatewayConfig, previous: GatewayConfig) -> None:
         """A target this change adds that is this gateway's own listener is refused, as a
