@@ -483,9 +483,13 @@ class ClusterSync:
                 continue
             inst = registered.get(key)  # (gone or lapsed since: nothing to write)
             if inst is not None and inst.expires_at is not None and inst.expires_at > now:
-                # written late: a deregistration or re-registration made meanwhile wins
+                # written late: a deregistration made meanwhile wins, and so does a later
+                # registration through another node; a registration or heartbeat this node
+                # took during the outage replaces an older one (it was once refused when it
+                # differed, a moved instance's new address dropped on every node)
                 left = inst.expires_at - now
-                calls.append(self._up(key, inst.url, inst.weight, inst.metadata, left, "restore"))
+                mode = "late" if op == "up" else "restore"
+                calls.append(self._up(key, inst.url, inst.weight, inst.metadata, left, mode))
         await asyncio.gather(*(self._run(call) for call in calls))
         for key, op in pending:
             self._settled(key, op)

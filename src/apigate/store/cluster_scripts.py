@@ -39,20 +39,23 @@ REGISTRY_TIMEOUT = 0.5  # a registration waits this long, then counts as not yet
 SYNC_TIMEOUT = 2.0  # a resync's reads
 
 # ------------------------------------------------------------------ scripts
-# KEYS: instances, expiry, gone. ARGV: field, document, ttl seconds, channel, announcement,
-# "fresh" (a registration or heartbeat as it is taken: clears a tombstone) or "restore" (one
-# written late: after an outage, or back into a Redis that lost its state). A restore neither
-# overrides a deregistration made meanwhile (a tombstone) nor a different entry already there
-# (a newer registration through another node), and only ever extends an expiry.
+# KEYS: instances, expiry, gone. ARGV: field, document, ttl seconds, channel, announcement, and
+# "fresh" (a registration or heartbeat as it is taken: clears a tombstone), "late" (one this
+# node took while Redis could not: written once it can) or "restore" (this node's registration
+# written back into a Redis that lost its state). Neither a late write nor a restore overrides
+# a deregistration made meanwhile (a tombstone), and both only ever extend an expiry. A late
+# registration replaces a different entry when it expires later (with the same TTL: it was
+# made later; a heartbeat that moved the instance, say); a restore never does (the entry there
+# is a newer registration through another node).
 REGISTER = Script(
     """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-if ARGV[6] == 'restore' then
+if ARGV[6] ~= 'fresh' then
   local gone = redis.call('ZSCORE', KEYS[3], ARGV[1])
   if gone and tonumber(gone) > now then return 0 end
   local there = redis.call('HGET', KEYS[1], ARGV[1])
-  if there and there ~= ARGV[2] then return 0 end
+  if there and there ~= ARGV[2] and ARGV[6] == 'restore' then return 0 end
   local expires = redis.call('ZSCORE', KEYS[2], ARGV[1])
   if there and expires and tonumber(expires) >= now + tonumber(ARGV[3]) then return 0 end
 else
