@@ -241,6 +241,11 @@ def forwarded_for_node(ip: str) -> str:
     return f'"[{ip}]"' if ":" in ip else ip
 
 
+_FORWARDING_WITHOUT_HOST: Final = (
+    b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nForwarded: for=%s;proto=%s\r\n"
+)
+
+
 def forwarding_lines(client_ip: str, forwarded_for: bytes | None, scheme: str, host: str) -> bytes:
     """The X-Forwarded-For/-Proto/-Host and Forwarded lines of an upstream request head. A
     trusted peer's X-Forwarded-For (`forwarded_for`) is extended with the client address;
@@ -254,12 +259,7 @@ def forwarding_lines(client_ip: str, forwarded_for: bytes | None, scheme: str, h
     proto = scheme.encode()
     node = forwarded_for_node(client_ip).encode()
     if not host:  # an HTTP/1.0 request without Host: no host to pass on (it went as "")
-        return b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nForwarded: for=%s;proto=%s\r\n" % (
-            xff,
-            proto,
-            node,
-            proto,
-        )
+        return _FORWARDING_WITHOUT_HOST % (xff, proto, node, proto)
     return (
         b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n"
         b'Forwarded: for=%s;host="%s";proto=%s\r\n'
