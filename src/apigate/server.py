@@ -187,8 +187,16 @@ class Gateway:
         return checker.status(service) if checker is not None else {}
 
     async def _start_plugins(self, runtime: Runtime) -> None:
-        for plugin in runtime.plugins:
-            await plugin.start()
+        """Start the snapshot's plugins together: a start may wait on the network (a Redis
+        ping, a JWKS fetch), and one after another, with Redis hung, every Redis-kept rate
+        limit waited out its timeout in turn (an admin change took 7 s to be refused). All
+        have ended when this returns; the first failure is raised."""
+        outcomes = await asyncio.gather(
+            *(plugin.start() for plugin in runtime.plugins), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def _close_plugins(self, old: Runtime, new: Runtime | None) -> None:
         keep = set(map(id, new.plugins)) if new else set()

@@ -535,3 +535,32 @@ async def test_an_admin_change_is_in_force_only_once_the_store_has_kept_it(
         else:
             assert status == 201, doc
             assert "new" in admin.gateway.runtime.routes
+
+
+class SlowStart(Plugin):
+    """A plugin whose start waits on the network (a Redis ping, a JWKS fetch)."""
+
+    name = "slow_start"
+    started: list[float] = []
+
+    async def start(self) -> None:
+        await asyncio.sleep(0.2)
+        SlowStart.started.append(asyncio.get_running_loop().time())
+
+
+async def test_plugins_start_together_so_a_hung_store_costs_one_timeout(gateway: Gateway) -> None:
+    """Each plugin's start ran after the one before: with Redis hung, every Redis-kept rate
+    limit's warm-up ping waited out its timeout in turn, and an admin change took 7 s to be
+    refused (six limiters). They start concurrently now; the first failure still refuses."""
+    SlowStart.started.clear()
+    routes = [_route(n, "a", plugins={f"{__name__}:SlowStart": {}}) for n in "abcdef"]
+    doc = _doc({"a": {"targets": ["http://127.0.0.1:9001"]}}, routes)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await gateway.apply_config(GatewayConfig.model_validate(doc))
+    assert len(SlowStart.started) == 6
+    assert loop.time() - began < 0.6, "started one after another"
+    routes.append(_route("g", "a", plugins={f"{__name__}:FailingStart": {}}))
+    with pytest.raises(ConfigError, match="cannot reach the key server"):
+        await gateway.apply_config(GatewayConfig.model_validate(_doc(doc["services"], routes)))
+    assert "g" not in gateway.runtime.routes
