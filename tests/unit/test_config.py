@@ -406,6 +406,29 @@ def test_error_paths_quote_keys_that_are_not_plain_names() -> None:
     ]
 
 
+async def test_a_dotted_plugin_name_is_quoted_in_error_lines_on_routes_too() -> None:
+    config = parse_config(
+        {
+            "plugins": {"nowhere.global:Audit": {}},
+            "services": {"s": {"targets": ["http://127.0.0.1:9"]}},
+            "routes": [
+                {
+                    "name": "r",
+                    "match": {"paths": ["/"]},
+                    "service": "s",
+                    "plugins": {"nowhere.route:Audit": {}},
+                }
+            ],
+        }
+    )
+    with pytest.raises(ConfigError) as refused:
+        dry_compile(config, asyncio.get_running_loop())
+    assert [line.partition(": cannot")[0] for line in refused.value.errors] == [
+        "plugins['nowhere.global:Audit']",
+        "routes[0].plugins['nowhere.route:Audit']",
+    ]
+
+
 def test_config_error_str_lists_every_problem() -> None:
     error = ConfigError(["a: one", "b: two"], source="apigate.yaml")
     assert str(error) == "apigate.yaml:\n  a: one\n  b: two"

@@ -14,7 +14,7 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from apigate.config.errors import ConfigError, format_validation_error
+from apigate.config.errors import ConfigError, format_loc, format_validation_error
 from apigate.plugins.base import Plugin, PluginEnv
 
 # short name -> "module:Class"; imported lazily so an unused plugin costs nothing at start-up
@@ -139,8 +139,9 @@ def build_plugin(name: str, raw: Mapping[str, Any] | None, env: PluginEnv, where
 
 
 def file_location(section: str, key: str | int) -> str:
-    """`routes[2]`, `plugins.cors`: where an item is, in the file's own terms."""
-    return f"{section}[{key}]" if isinstance(key, int) else f"{section}.{key}"
+    """`routes[2]`, `plugins.cors`, `plugins['pkg.mod:Class']`: where an item is, in the
+    file's own terms."""
+    return format_loc((section, key))
 
 
 def build_chain(
@@ -173,7 +174,7 @@ def build_chain(
         where = locate("routes", route_index)
         for name, raw in route_plugins.items():
             try:
-                plugins.append(build_plugin(name, raw, env, f"{where}.plugins.{name}"))
+                plugins.append(build_plugin(name, raw, env, format_loc(("plugins", name), where)))
             except ConfigError as exc:
                 problems += exc.errors
     if problems:
