@@ -740,6 +740,36 @@ async def test_a_jwks_key_without_kid_verifies_tokens_that_carry_a_kid(
         await plugin.jwks.close()  # type: ignore[union-attr]
 
 
+async def test_a_new_kid_is_fetched_when_the_kidless_keys_do_not_verify_it(
+    rsa_key: rsa.RSAPrivateKey, attacker_key: rsa.RSAPrivateKey
+) -> None:
+    """A rotation in a JWKS that also publishes a kid-less key: the new kid fell back to that
+    key, failed, and was refused until jwks_max_age (an hour) instead of fetching the set."""
+    kidless = {k: v for k, v in public_jwk(rsa_key, "unused").items() if k != "kid"}
+    rotated = attacker_key  # (any second key: the one published with the new kid)
+    async with JwksServer({"keys": [kidless]}) as server:
+        plugin: JwtPlugin = build(
+            "jwt", {"jwks_url": server.url, "algorithms": ["RS256"], "jwks_min_refresh": "0s"}
+        )
+        await plugin.start()
+        server.doc = {"keys": [kidless, public_jwk(rotated, "k2")]}
+        token = jwt.encode({"sub": "a"}, rotated, "RS256", headers={"kid": "k2"})
+        outcome = plugin.on_request(make_ctx(headers=bearer(token)))
+        assert asyncio.iscoroutine(outcome)  # the kid-less key failed: fetch the set again
+        assert await outcome is None
+        assert len(server.hits) == 2
+        # the kid-less key still verifies what it signs, whatever kid, with no fetch
+        own = jwt.encode({"sub": "a"}, rsa_key, "RS256", headers={"kid": "k9"})
+        assert plugin.on_request(make_ctx(headers=bearer(own))) is None
+        assert len(server.hits) == 2
+        # a forged kid costs one fetch (jwks_min_refresh bounds them) and is refused
+        forged = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        bad = jwt.encode({"sub": "a"}, forged, "RS256", headers={"kid": "k3"})
+        assert_invalid(await settle(plugin.on_request(make_ctx(headers=bearer(bad)))))
+        assert len(server.hits) == 3
+        await plugin.jwks.close()  # type: ignore[union-attr]
+
+
 async def test_a_kid_in_the_jwks_is_not_tried_on_the_kidless_keys(
     rsa_key: rsa.RSAPrivateKey, attacker_key: rsa.RSAPrivateKey
 ) -> None:

@@ -613,7 +613,10 @@ class JwtPlugin(Plugin):
         if keys:
             if jwks.stale(now) and jwks.may_refetch(now):
                 jwks.refresh_soon()
-            return self._finish(ctx, token, alg, keys)
+            # a kid no key has, tried on the keys published without one: when they do not
+            # verify it either, it may be a key published since the fetch (a rotation)
+            new_kid = kid is not None and kid not in jwks.keys.by_kid and jwks.may_refetch(now)
+            return self._finish(ctx, token, alg, keys, refetch_kid=kid if new_kid else None)
         if jwks.may_refetch(now):
             return self._verify_after_refresh(ctx, token, alg, kid)
         return self._invalid(ctx, "unknown signing key")
@@ -627,16 +630,30 @@ class JwtPlugin(Plugin):
             keys = self.jwks.keys.candidates(kid, alg)
             if not keys:
                 return self._invalid(ctx, "unknown signing key")
-            return self._finish(ctx, token, alg, keys)
+            outcome: Response | None = self._finish(ctx, token, alg, keys)
+            return outcome
         except Exception:
             log.exception("JWT verification failed unexpectedly")
             return self._invalid(ctx, "invalid token")
 
-    def _finish(self, ctx: Any, token: bytes, alg: str, keys: list[VerifyKey]) -> Response | None:
+    def _finish(
+        self,
+        ctx: Any,
+        token: bytes,
+        alg: str,
+        keys: list[VerifyKey],
+        refetch_kid: str | None = None,
+    ) -> Any:
+        """None (accepted) or a 401; with `refetch_kid`, a bad signature fetches the JWKS
+        again and tries the keys published with that kid (an awaitable then)."""
         if not keys:
             return self._invalid(ctx, "unknown signing key")
         try:
             claims = self._decode(token, alg, keys)
+        except jwt.InvalidSignatureError as exc:
+            if refetch_kid is not None:
+                return self._verify_after_refresh(ctx, token, alg, refetch_kid)
+            return self._invalid(ctx, _describe(exc))
         except jwt.PyJWTError as exc:
             return self._invalid(ctx, _describe(exc))
         not_a_date = non_numeric_date(claims)
