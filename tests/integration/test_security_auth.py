@@ -5,6 +5,7 @@ One gateway serves every case (routes per plugin), so the file costs one process
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -300,6 +301,29 @@ async def test_request_size_and_ip_filter(setup: Setup) -> None:
     assert status == 413 and json.loads(body)["error"] == "payload_too_large"
     status, _, body = await setup.get("/blocked/echo")
     assert status == 403 and json.loads(body)["error"] == "ip_forbidden"
+
+
+async def test_request_size_cuts_a_chunked_body_that_grows_past_max_bytes(setup: Setup) -> None:
+    """As the README says: a chunked body is streamed, so its head and first chunk may be
+    upstream already; past max_bytes the client gets a 413 and the upstream never a whole
+    request."""
+    before, bytes_before = len(setup.up.received), setup.up.state.bytes_received
+    reader, writer = await asyncio.open_connection("127.0.0.1", setup.gw.port)
+    try:
+        writer.write(
+            b"POST /edge/echo HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3c\r\n" + b"a" * 60 + b"\r\n"
+        )
+        await asyncio.sleep(0.2)  # the first chunk goes upstream on its own
+        writer.write(b"3c\r\n" + b"b" * 60 + b"\r\n0\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)  # the gateway closes after it
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"] == "payload_too_large"
+    await asyncio.sleep(0.2)
+    assert len(setup.up.received) == before  # no complete request reached the upstream
+    assert setup.up.state.bytes_received > bytes_before  # (its beginning did: streamed)
 
 
 async def test_cors_policy_is_authoritative_over_the_upstreams(setup: Setup) -> None:
