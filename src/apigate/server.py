@@ -76,6 +76,9 @@ class Gateway:
         self.extensions: dict[str, Any] = {}
         # how a re-read file becomes the effective config (the admin store adds its changes)
         self.compose_config: Callable[[GatewayConfig], GatewayConfig] = lambda c: c
+        # what a reload of the file puts in force, as its event says (the admin API's
+        # ConfigOps: only the file's listeners and store once a POST /config replaced it)
+        self.file_role: Callable[[], str] = lambda: "the file"
         self.admin_server: asyncio.Server | None = None
         # ConnectionHost.new_exchange: a compiled callable (one call per request)
         self.new_exchange: Callable[[ClientConnection, Request], ProxyExchange] = ExchangeFactory(
@@ -327,7 +330,7 @@ class Gateway:
             finally:  # (read even when invalid: --watch then sees the fix in any of them)
                 self.config_sources = sources
 
-        return await self.apply_reload(make) is None
+        return await self.apply_reload(make, self.file_role()) is None
 
     async def apply_reload(
         self, make: Callable[[], GatewayConfig], source: str = "the file"

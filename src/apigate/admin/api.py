@@ -24,6 +24,7 @@ from apigate.admin.config_ops import (
 )
 from apigate.admin.http import AdminError, AdminRequest, AdminResponse, json_response
 from apigate.config.errors import ConfigError
+from apigate.config.loader import dump_config
 from apigate.config.schema import MAX_NAME
 from apigate.config.units import parse_duration
 from apigate.redaction import REDACTED, SECRET_QUERY_PARAMS, redact_url
@@ -341,6 +342,7 @@ class AdminApi:
         if not isinstance(doc, dict):
             raise AdminError(400, "invalid_body", "body must be a JSON object")
         doc = with_store_in_force(doc, self.gateway.config.store)
+        doc = with_listeners_in_force(doc, dump_config(ops.file_config)["listeners"])
         refuse_redacted(doc)
         dry_run = req.query.get("dry_run", "").lower() in ("1", "true", "yes")
         try:
@@ -533,6 +535,25 @@ def with_store_in_force(doc: dict[str, Any], store: str) -> dict[str, Any]:
     if isinstance(shown, str) and REDACTED in shown and shown == redact_url(store):
         return {**doc, "store": store}
     return doc
+
+
+def with_listeners_in_force(doc: dict[str, Any], in_force: dict[str, Any]) -> dict[str, Any]:
+    """`doc` with the file's `listeners` when it leaves them out, and with the credentials
+    `GET /config` redacted in them (the admin token) put back: a read, edit, `POST /config`
+    round trip goes through. Listeners always come from the file (`ConfigStore.merge`);
+    `ConfigOps.replace` refuses a document that would change them."""
+    sent = doc.get("listeners")
+    if sent is None:
+        return {**doc, "listeners": in_force}
+    return {**doc, "listeners": _restore_redacted(sent, in_force)}
+
+
+def _restore_redacted(sent: Any, in_force: Any) -> Any:
+    if sent == REDACTED and in_force is not None:
+        return in_force
+    if isinstance(sent, dict) and isinstance(in_force, dict):
+        return {k: _restore_redacted(v, in_force.get(k)) for k, v in sent.items()}
+    return sent
 
 
 def refuse_redacted(value: Any, where: str = "body") -> None:

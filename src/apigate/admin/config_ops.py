@@ -78,6 +78,13 @@ class ConfigOps:
         self.file_config = file_config
         return compose_stored(file_config, self.store)
 
+    def file_role(self) -> str:
+        """What a reload of the file puts in force, for its event: once a `POST /config`
+        replaced the base, only the file's `listeners` and `store` (ConfigStore.merge)."""
+        if self.store.base is None:
+            return "the file"
+        return "the file's listeners and store; the rest is the config POSTed through the admin API"
+
     @staticmethod
     def get_entity(doc: dict[str, Any], kind: str, name: str) -> dict[str, Any] | None:
         if kind == "services":
@@ -173,6 +180,17 @@ class ConfigOps:
         """Replace the whole config; `if_match`: only if it is still the one with that ETag
         (checked again each time another node's change forces a retry)."""
         config = parse_config(doc, source="<admin>")
+        if config.listeners != self.file_config.listeners:
+            # (merge() would put the file's back at the next reload or restart: refused now
+            # rather than in force until then)
+            raise ConfigError(
+                [
+                    "listeners: where and how this node listens comes from its file (edit "
+                    "it, then reload or restart); leave them out, or send them as GET "
+                    "/config shows them"
+                ],
+                "<admin>",
+            )
 
         def check(current: dict[str, Any]) -> None:
             if if_match is not None and if_match != "*" and if_match != self.etag(current):

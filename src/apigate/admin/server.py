@@ -22,6 +22,7 @@ async def attach_admin(gateway: Gateway) -> None:
     ops = ConfigOps(gateway, store)
     gateway.extensions["config_ops"] = ops
     gateway.compose_config = ops.compose
+    gateway.file_role = ops.file_role
     composed = ops.compose(gateway.config)
     if composed is not gateway.config:
         await gateway.apply_config(composed)

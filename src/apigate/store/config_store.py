@@ -34,6 +34,10 @@ _NAMED_LISTS = ("routes", "consumers")
 IMPLICIT_SERVICE: Final = {"declared_by": "registration"}
 
 
+# What a config composed from stored changes always takes from the file (ConfigStore.merge).
+FILE_ONLY: Final = ("store", "listeners")
+
+
 class StoreConflict(Exception):
     """A shared store changed since this process read it: read it again, then redo the change."""
 
@@ -76,14 +80,17 @@ class ConfigStore:
         An overlay route or consumer that replaces one of the base keeps its place in the
         list, and new ones follow in the order they were created: what the admin API did live
         (`with_entity`), so a reload or a restart does not reorder routes (the
-        file order breaks ties between equally specific routes). `store` is always the
-        file's: it names where this overlay lives, which only the file (at start-up) chooses.
+        file order breaks ties between equally specific routes). `store` and `listeners`
+        are always the file's: where this overlay lives and where this node listens are for
+        the file (and a restart) to choose, also after a `POST /config` (a cluster's nodes
+        share that base, each with its own addresses).
         """
         doc: dict[str, Any] = json.loads(
             json.dumps(self.base if self.base is not None else file_doc)
         )
-        if "store" in file_doc:
-            doc["store"] = file_doc["store"]
+        for key in FILE_ONLY:
+            if key in file_doc:
+                doc[key] = file_doc[key]
         for (kind, name), entity in self.overlay.items():
             if entity == IMPLICIT_SERVICE:
                 if name in (doc.get("services") or {}):
