@@ -781,6 +781,18 @@ def test_an_idle_tunnel_is_closed_after_tunnel_idle_timeout() -> None:
     assert h.transport.closed
 
 
+def test_a_tunnel_idle_timeout_shorter_than_the_header_timeout_is_kept() -> None:
+    """The deadline moved, but the timer stayed armed for the head's timeout: a 2 s
+    tunnel_idle_timeout closed a silent tunnel after the 30 s header_timeout (docs audit)."""
+    h = Harness(tunnel_idle_timeout=2.0, header_timeout=30.0)
+    h.feed(WS_UPGRADE)
+    h.feed(b"ping")
+    h.loop.advance(1.5)
+    assert not h.transport.closed
+    h.loop.advance(1.0)
+    assert h.transport.closed
+
+
 class AnsweredAtOnce(FakeExchange):
     """An exchange the gateway answers itself (a 404, a 401, a cache hit): within start()."""
 

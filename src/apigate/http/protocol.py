@@ -1037,8 +1037,9 @@ class ClientConnection(asyncio.Protocol):
             ex.tunnel_data(extra)
 
     def tunnel_active(self) -> None:
-        """Bytes went through the tunnel, either way: its idle deadline starts again."""
-        self._deadline = self.clock() + self.limits.tunnel_idle_timeout
+        """Bytes went through the tunnel, either way: its idle deadline starts again (and
+        the timer comes forward when it was armed later: for the head's timeout, say)."""
+        self._set_deadline(self.limits.tunnel_idle_timeout)
 
     def end_tunnel_mode(self) -> None:
         """The upstream refused the upgrade: the connection cannot carry more requests."""
