@@ -7,12 +7,16 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from apigate import __version__
 from apigate.buildinfo import build_name
-from apigate.config.errors import ConfigError
+
+# (apigate.config and the server are imported where used: with pydantic they take most of a
+# second, during which a SIGHUP used to kill `apigate run`, see _defer_sighup)
 
 
 def _install_loop_policy() -> None:
@@ -23,7 +27,23 @@ def _install_loop_policy() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def _defer_sighup() -> list[int]:
+    """Keep a SIGHUP that comes while `run` imports and starts: its default action ends the
+    process, and a deploy's reload sent as the process starts killed it (the docs audit: any
+    time in the first ~0.7 s). The gateway takes the list over once its own handlers are in
+    place (serve: a reload once it has started)."""
+    early: list[int] = []
+
+    def keep(signum: int, _frame: Any) -> None:
+        early.append(signum)
+
+    signal.signal(signal.SIGHUP, keep)
+    return early
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    early_signals = _defer_sighup()  # first: before the imports below
+    from apigate.config.errors import ConfigError
     from apigate.observability.logs import parse_log_levels, setup_logging
     from apigate.server import serve
 
@@ -35,7 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(level, levels, json_format=not args.plain_logs)
     _install_loop_policy()
     try:
-        asyncio.run(serve(args.config, watch=args.watch))
+        asyncio.run(serve(args.config, watch=args.watch, early_signals=early_signals))
     except ConfigError as exc:
         print(f"apigate: invalid config {args.config}:\n{exc}", file=sys.stderr)
         return 2
@@ -46,6 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from apigate.config.errors import ConfigError
     from apigate.store.config_store import served_config
 
     try:
@@ -76,6 +97,7 @@ def _compile(config: object) -> object:
 
 
 def cmd_routes(args: argparse.Namespace) -> int:
+    from apigate.config.errors import ConfigError
     from apigate.ops import format_table
     from apigate.runtime import Runtime
     from apigate.store.config_store import served_config

@@ -444,6 +444,11 @@ class Gateway:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self.loop.add_signal_handler(sig, self._on_signal, sig)
 
+    def defer_signals(self, signals: list[int]) -> None:
+        """Signals that came before the handlers: acted on as those that come at start-up."""
+        for sig in signals:
+            self._on_signal(sig)
+
     def signals_ready(self) -> None:
         """Start-up is over: act on the signals that came meanwhile, then on each at once."""
         self._signals_ready = True
@@ -528,8 +533,11 @@ async def serve(
     *,
     watch: bool = False,
     ready: Callable[[Gateway], Any] | None = None,
+    early_signals: list[int] | None = None,
 ) -> None:
-    """Run a gateway from a config file until SIGTERM/SIGINT."""
+    """Run a gateway from a config file until SIGTERM/SIGINT. `early_signals`: the ones the
+    caller kept before the gateway's own handlers existed (cli._defer_sighup), acted on once
+    it has started, as those that come while it starts."""
     sources = ConfigSources()
     config = load_config(config_path, sources=sources)
     gateway = Gateway(config, config_path=config_path)
@@ -537,6 +545,8 @@ async def serve(
     from apigate.extensions import attach_extensions
 
     gateway.install_signal_handlers()  # before anything listens (see there)
+    if early_signals:  # (read after: one that came meanwhile reached the handlers above)
+        gateway.defer_signals(early_signals)
     await attach_extensions(gateway)
     await gateway.start()
     if watch:

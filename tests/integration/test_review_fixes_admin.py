@@ -161,6 +161,58 @@ SIGHUP_DURING_START = textwrap.dedent(
 )
 
 
+SIGHUP_DURING_IMPORTS = textwrap.dedent(
+    """\
+    import os, signal, sys
+
+    class HangUpOnServerImport:  # the moment `apigate run` imports its server (~0.7 s)
+        def find_spec(self, name, path=None, target=None):
+            if name == "apigate.server":
+                sys.meta_path.remove(self)
+                os.kill(os.getpid(), signal.SIGHUP)
+            return None  # (the usual finders import it)
+
+    sys.meta_path.insert(0, HangUpOnServerImport())
+    from apigate.cli import main
+
+    sys.exit(main(["run", "-c", sys.argv[1], "--plain-logs"]))
+    """
+)
+
+
+async def test_a_sighup_while_run_imports_is_a_reload_once_started(tmp_path: Path) -> None:
+    """`kill -HUP` in the first ~0.7 s of `apigate run` found SIGHUP's default action and
+    ended the process (docs audit): the imports came before any handler."""
+    (tmp_path / "gw.yaml").write_text(
+        "listeners: {proxy: {address: 127.0.0.1:0}, admin: null}\nservices: {s: {}}\n"
+    )
+    (tmp_path / "run.py").write_text(SIGHUP_DURING_IMPORTS)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(tmp_path / "run.py"),
+        str(tmp_path / "gw.yaml"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=tmp_path,
+    )
+    assert proc.stdout is not None
+    seen: list[str] = []
+
+    async def until_reloaded() -> None:
+        assert proc.stdout is not None
+        while not any("config reloaded" in line for line in seen):
+            line = await proc.stdout.readline()
+            if not line:
+                return
+            seen.append(line.decode(errors="replace"))
+
+    await asyncio.wait_for(until_reloaded(), 20)
+    assert any("config reloaded" in line for line in seen), "".join(seen)[-2000:]
+    proc.send_signal(signal.SIGTERM)
+    await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0
+
+
 async def test_a_sighup_during_start_up_is_a_reload_once_started(tmp_path: Path) -> None:
     """The default action of SIGHUP is to terminate: before the handlers were installed at
     the end of start-up, a reload sent as soon as the port answered killed the gateway."""
