@@ -63,6 +63,12 @@ def conformance_config(upstream_url: str, **overrides: Any) -> dict[str, Any]:
                 "service": "up",
                 "preserve_host": True,
             },
+            {
+                "name": "stripped",
+                "match": {"paths": ["/stripped"]},
+                "service": "up",
+                "strip_prefix": True,
+            },
         ],
         **overrides,
     )

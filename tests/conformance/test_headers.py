@@ -119,6 +119,7 @@ async def test_forwarding_headers_from_an_untrusted_client_are_overwritten(env: 
         b"X-Forwarded-Proto: https\r\n"
         b"X-Forwarded-Host: evil.example\r\n"
         b"X-Forwarded-Port: 443\r\n"
+        b"X-Forwarded-Prefix: //evil.example\r\n"
         b"Forwarded: for=6.6.6.6;proto=https\r\n"
         b"X-Real-IP: 6.6.6.6\r\n"
         b"x-forwarded-for: 7.7.7.7\r\n"
@@ -129,7 +130,8 @@ async def test_forwarding_headers_from_an_untrusted_client_are_overwritten(env: 
     assert got.header_values("x-forwarded-proto") == ["http"]
     assert got.header_values("x-forwarded-host") == ["public.example"]
     assert got.header_values("forwarded") == ['for=127.0.0.1;host="public.example";proto=http']
-    assert got.header("x-forwarded-port") is None and got.header("x-real-ip") is None
+    assert got.header_values("x-forwarded-port") == [str(env.port)]  # the listener's
+    assert got.header("x-forwarded-prefix") is None and got.header("x-real-ip") is None
     assert b"6.6.6.6" not in got.raw and b"7.7.7.7" not in got.raw
     assert b"evil.example" not in got.raw
 
@@ -142,7 +144,15 @@ async def test_forwarding_headers_from_a_trusted_proxy_are_extended() -> None:
                 "admin": None,
             },
             services={"up": {"targets": [up.url]}},
-            routes=[{"name": "all", "match": {"paths": ["/"]}, "service": "up"}],
+            routes=[
+                {"name": "all", "match": {"paths": ["/"]}, "service": "up"},
+                {
+                    "name": "stripped",
+                    "match": {"paths": ["/stripped"]},
+                    "service": "up",
+                    "strip_prefix": True,
+                },
+            ],
         )
         async with GatewayProcess(cfg) as gw:
             data = (
@@ -152,10 +162,39 @@ async def test_forwarding_headers_from_a_trusted_proxy_are_extended() -> None:
             )
             resp, _ = await request(gw.port, data, close_wait=0.05)
             assert resp.status == 200
+            data = (  # a load balancer that ends TLS on 443 for www.example and strips /api
+                b"GET /stripped/orders HTTP/1.1\r\nHost: inner.example\r\n"
+                b"X-Forwarded-Proto: https\r\nX-Forwarded-Host: www.example\r\n"
+                b"X-Forwarded-Port: 443\r\nX-Forwarded-Prefix: /api/\r\n"
+                b"Forwarded: for=203.0.113.7;proto=https\r\n\r\n"
+            )
+            resp, _ = await request(gw.port, data, close_wait=0.05)
+            assert resp.status == 200
     got = up.received[0]
     assert got.header_values("x-forwarded-for") == ["203.0.113.7, 10.0.0.1, 127.0.0.1"]
-    # the trusted proxy's proto is kept; ours follows it
-    assert got.header_values("x-forwarded-proto")[0] == "https"
+    # the trusted proxy's proto stands instead of ours: one value, the client's side
+    assert got.header_values("x-forwarded-proto") == ["https"]
+    assert got.header_values("x-forwarded-host") == ["inner.example"]  # ours: none sent
+    assert got.header_values("x-forwarded-port") == [str(gw.port)]
+    got = up.received[1]
+    assert got.path == "/orders"
+    assert got.header_values("x-forwarded-proto") == ["https"]
+    assert got.header_values("x-forwarded-host") == ["www.example"]
+    assert got.header_values("x-forwarded-port") == ["443"]
+    assert got.header_values("x-forwarded-prefix") == ["/api/stripped"]  # theirs, then ours
+    assert got.header_values("forwarded") == [  # a list: theirs, then ours
+        "for=203.0.113.7;proto=https",
+        'for=127.0.0.1;host="inner.example";proto=http',
+    ]
+
+
+async def test_a_stripped_prefix_is_sent_as_x_forwarded_prefix(env: Env) -> None:
+    _, got = await proxied(env, b"GET /stripped/a/b?q=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (got.path, got.query) == ("/a/b", "q=1")
+    assert got.header_values("x-forwarded-prefix") == ["/stripped"]
+    env.up.received.clear()
+    _, got = await proxied(env, b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert got.header("x-forwarded-prefix") is None  # nothing stripped
 
 
 # ------------------------------------------------------------------ request id

@@ -38,6 +38,7 @@ FORWARDING: Final[frozenset[bytes]] = frozenset(
         b"x-forwarded-proto",
         b"x-forwarded-host",
         b"x-forwarded-port",
+        b"x-forwarded-prefix",
         b"forwarded",
         b"x-real-ip",
     }
@@ -241,30 +242,43 @@ def forwarded_for_node(ip: str) -> str:
     return f'"[{ip}]"' if ":" in ip else ip
 
 
-_FORWARDING_WITHOUT_HOST: Final = (
-    b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nForwarded: for=%s;proto=%s\r\n"
-)
+def forwarding_lines(
+    client_ip: str,
+    forwarded_for: bytes | None,
+    scheme: str,
+    host: str,
+    port: int = 0,
+    kept: frozenset[bytes] = frozenset(),
+) -> bytes:
+    """The X-Forwarded-For/-Proto/-Host/-Port and Forwarded lines of an upstream request head.
 
-
-def forwarding_lines(client_ip: str, forwarded_for: bytes | None, scheme: str, host: str) -> bytes:
-    """The X-Forwarded-For/-Proto/-Host and Forwarded lines of an upstream request head. A
-    trusted peer's X-Forwarded-For (`forwarded_for`) is extended with the client address;
-    anyone else's was dropped by the parser. The same for every request of a connection that
-    keeps its Host (and has no trusted X-Forwarded-For), so the connection keeps the last one
-    (ClientConnection.parser_headers_done); an aggregate's parts get them too.
+    A trusted peer's X-Forwarded-For (`forwarded_for`) is extended with the client address,
+    and its Forwarded elements are followed by ours (RFC 7239 lists); its X-Forwarded-Proto,
+    -Host and -Port, which the request carries on (`kept`, lower-case names), stand instead of
+    ours: one value each, the one that describes the client's side (Kong and Envoy do the
+    same; two values, `https, http`, read as plain HTTP by many frameworks). Anyone else's
+    were dropped by the parser. `port` is the listener's (0: a unix socket, no line). The
+    same for every request of a connection that keeps its Host (and has nothing of a trusted
+    peer's), so the connection keeps the last one (ClientConnection.parser_headers_done); an
+    aggregate's parts get them too.
     """
     ip = client_ip.encode()
     xff = ip if forwarded_for is None else forwarded_for + b", " + ip
-    client_host = host.encode("latin-1")
     proto = scheme.encode()
     node = forwarded_for_node(client_ip).encode()
+    lines = [b"X-Forwarded-For: %s\r\n" % xff]
+    if b"x-forwarded-proto" not in kept:
+        lines.append(b"X-Forwarded-Proto: %s\r\n" % proto)
     if not host:  # an HTTP/1.0 request without Host: no host to pass on (it went as "")
-        return _FORWARDING_WITHOUT_HOST % (xff, proto, node, proto)
-    return (
-        b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n"
-        b'Forwarded: for=%s;host="%s";proto=%s\r\n'
-        % (xff, proto, client_host, node, client_host, proto)
-    )
+        lines.append(b"Forwarded: for=%s;proto=%s\r\n" % (node, proto))
+    else:
+        client_host = host.encode("latin-1")
+        if b"x-forwarded-host" not in kept:
+            lines.append(b"X-Forwarded-Host: %s\r\n" % client_host)
+        lines.append(b'Forwarded: for=%s;host="%s";proto=%s\r\n' % (node, client_host, proto))
+    if port and b"x-forwarded-port" not in kept:
+        lines.append(b"X-Forwarded-Port: %d\r\n" % port)
+    return b"".join(lines)
 
 
 class HeaderList:

@@ -124,6 +124,7 @@ _H_XFF: Final = 8
 _H_DROP: Final = 9  # hop-by-hop or gateway-owned: never forwarded
 _H_TRACEPARENT: Final = 10
 _H_TRACESTATE: Final = 11
+_H_PREFIX: Final = 12
 # Every hop-by-hop name (headers.HOP_BY_HOP, the one list) and the forwarding headers the gateway
 # writes itself are dropped; the names the connection interprets override that below.
 _SPECIAL: Final[dict[bytes, int]] = {
@@ -136,6 +137,7 @@ _SPECIAL: Final[dict[bytes, int]] = {
     b"upgrade": _H_UPGRADE,
     b"x-request-id": _H_REQUEST_ID,
     b"x-forwarded-for": _H_XFF,
+    b"x-forwarded-prefix": _H_PREFIX,
     b"traceparent": _H_TRACEPARENT,
     b"tracestate": _H_TRACESTATE,
     # connection-specific (RFC 9113 §3.2.1), and h2c is never tunnelled (see _tunnels)
@@ -216,6 +218,7 @@ class ClientConnection(asyncio.Protocol):
         self.phase = Phase.IDLE
         self.client_ip = ""
         self.client_port = 0
+        self.local_port = 0  # the listener's, for X-Forwarded-Port (0: a unix socket)
         self.trusted_peer = False
         self.current: Exchange | None = None
         self._queue: deque[Exchange] = deque()
@@ -278,6 +281,9 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.client_ip, self.client_port = peer[0], peer[1]
+            local = transport.get_extra_info("sockname")
+            if isinstance(local, tuple):
+                self.local_port = local[1]
         elif peer:  # unix socket
             self.client_ip = "unix"
         self.trusted_peer = bool(self.host.trusted_proxies) and (
@@ -549,6 +555,9 @@ class ClientConnection(asyncio.Protocol):
                 req.forwarded_for = (
                     value if req.forwarded_for is None else req.forwarded_for + b", " + value
                 )
+        elif kind == _H_PREFIX:
+            if self.trusted_peer:  # (one value: the path a client sees, before our part)
+                req.forwarded_prefix = value
         elif self.trusted_peer and name.lower() in _FORWARDING_KEPT_IF_TRUSTED:
             self._forwarding_kept.append((name, value))
 
@@ -692,12 +701,27 @@ class ClientConnection(asyncio.Protocol):
         elif req.upgrade is not None:
             req.upgrade = None  # Upgrade without "Connection: upgrade" is not an upgrade
         req.keep_alive = keep_alive
-        if self._forwarding_kept:
-            req.headers.extend(self._forwarding_kept)
-        if req.forwarded_for is None:  # (a trusted peer's list changes per request)
+        kept = self._forwarding_kept
+        if kept:  # a trusted peer's: carried on, and stand instead of ours (forwarding_lines)
+            req.headers.extend(kept)
+            req.forwarding = forwarding_lines(
+                self.client_ip,
+                req.forwarded_for,
+                self.scheme,
+                req.host,
+                self.local_port,
+                frozenset(name.lower() for name, _ in kept),
+            )
+        elif req.forwarded_for is not None:  # (a trusted peer's list changes per request)
+            req.forwarding = forwarding_lines(
+                self.client_ip, req.forwarded_for, self.scheme, req.host, self.local_port
+            )
+        else:
             if req.host != self._forwarding_host:
                 self._forwarding_host = req.host
-                self._forwarding = forwarding_lines(self.client_ip, None, self.scheme, req.host)
+                self._forwarding = forwarding_lines(
+                    self.client_ip, None, self.scheme, req.host, self.local_port
+                )
             req.forwarding = self._forwarding
         if not req.request_id:
             req.request_id = self.request_ids.next()

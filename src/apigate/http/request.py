@@ -20,6 +20,7 @@ class Request(HeaderList):
         "content_length",
         "expect_continue",
         "forwarded_for",
+        "forwarded_prefix",
         "forwarding",
         "headers",
         "host",
@@ -51,6 +52,8 @@ class Request(HeaderList):
         self.upgrade: bytes | None = None  # the Upgrade header value when the client asks for one
         self.request_id = ""
         self.forwarded_for: bytes | None = None  # client-sent X-Forwarded-For (kept if trusted)
+        # a trusted peer's X-Forwarded-Prefix: the exchange's own prefix is added to it
+        self.forwarded_prefix: bytes | None = None
         # headers.forwarding_lines() for this request when the connection has them (else b"")
         self.forwarding = b""
         self.client_ip = ""

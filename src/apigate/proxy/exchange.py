@@ -622,7 +622,9 @@ class ProxyExchange(UpstreamListener):
             host,
             chunked=chunked,
             content_length=length,
-            extra=trace_lines(req, self.vars),
+            extra=trace_lines(req, self.vars)
+            if not (route.strip_prefix or req.forwarded_prefix)
+            else self._prefix_line() + trace_lines(req, self.vars),
         )
         body = self._body
         if body and self._replay is not None:
@@ -1072,6 +1074,18 @@ class ProxyExchange(UpstreamListener):
             self.fail(GatewayError(500, "a plugin failed", "plugin_error"))
             return False
         return True
+
+    def _prefix_line(self) -> bytes:
+        """X-Forwarded-Prefix: what the client's path has before the one the upstream gets,
+        the prefix this route strips after a trusted peer's own (Spring, ASP.NET Core and
+        Werkzeug's ProxyFix build their links with it; Kong sends it too)."""
+        route = self.route
+        mine = b""
+        if route is not None and route.strip_prefix:
+            mine = self.prefix.rstrip("/").encode()
+        theirs = self.request.forwarded_prefix
+        value = theirs.rstrip(b"/") + mine if theirs else mine
+        return b"X-Forwarded-Prefix: %s\r\n" % value if value else b""
 
     def _where(self) -> str:
         inst = self.instance
