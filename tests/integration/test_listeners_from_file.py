@@ -68,6 +68,8 @@ async def test_a_reload_moving_a_listener_is_refused_also_after_a_post() -> None
             assert "listeners.proxy.address" in gw.logs(), line
             assert (await request(gw.port, "GET", "/posted")).status == 200  # still in force
 
+            # the refused reload left the listeners in force: a POST with them still goes
+            assert await _post_with_route(gw, "posted-again") == 200
             gw.write_config(cfg)  # the file as it was: its routes are not the base any more
             gw.signal(signal.SIGHUP)
             line = await gw.wait_for_log("config reloaded")

@@ -342,7 +342,7 @@ class AdminApi:
         if not isinstance(doc, dict):
             raise AdminError(400, "invalid_body", "body must be a JSON object")
         doc = with_store_in_force(doc, self.gateway.config.store)
-        doc = with_listeners_in_force(doc, dump_config(ops.file_config)["listeners"])
+        doc = with_listeners_in_force(doc, dump_config(self.gateway.config)["listeners"])
         refuse_redacted(doc)
         dry_run = req.query.get("dry_run", "").lower() in ("1", "true", "yes")
         try:
@@ -538,7 +538,7 @@ def with_store_in_force(doc: dict[str, Any], store: str) -> dict[str, Any]:
 
 
 def with_listeners_in_force(doc: dict[str, Any], in_force: dict[str, Any]) -> dict[str, Any]:
-    """`doc` with the file's `listeners` when it leaves them out, and with the credentials
+    """`doc` with the `listeners` in force when it leaves them out, and with the credentials
     `GET /config` redacted in them (the admin token) put back: a read, edit, `POST /config`
     round trip goes through. Listeners always come from the file (`ConfigStore.merge`);
     `ConfigOps.replace` refuses a document that would change them."""

@@ -180,9 +180,10 @@ class ConfigOps:
         """Replace the whole config; `if_match`: only if it is still the one with that ETag
         (checked again each time another node's change forces a retry)."""
         config = parse_config(doc, source="<admin>")
-        if config.listeners != self.file_config.listeners:
+        if config.listeners != self.gateway.config.listeners:
             # (merge() would put the file's back at the next reload or restart: refused now
-            # rather than in force until then)
+            # rather than in force until then; compared with those in force, which the file
+            # gave, as a reload the file's new ones refused left them)
             raise ConfigError(
                 [
                     "listeners: where and how this node listens comes from its file (edit "
