@@ -62,7 +62,12 @@ def _config(upstream_url: str) -> dict[str, Any]:
     return base_config(
         services={"up": {"targets": [upstream_url]}},
         consumers=[
-            {"name": "alice", "groups": ["admins"], "api_keys": ["${ALICE_KEY}"]},
+            {
+                "name": "alice",
+                "groups": ["admins", "ops"],
+                "api_keys": ["${ALICE_KEY}"],
+                "custom_id": "A-1",
+            },
             {"name": "bob", "groups": ["users"]},
             {
                 "name": "carol",
@@ -267,6 +272,46 @@ async def test_key_auth(setup: Setup) -> None:
     assert status == 200
     assert len(setup.up.received) == count + 1
     assert setup.up.received[-1].header("x-api-key") is None  # hidden from the upstream
+
+
+SPOOFED_IDENTITY = (
+    "X-Consumer-Username: mallory",
+    "X-Consumer-Groups: root",
+    "X-Consumer-ID: 7",
+    "X_Consumer_Custom_ID: M-1",
+    "X-Credential-Identifier: stolen",
+    "X-Anonymous-Consumer: false",
+)
+IDENTITY_FIELDS = (
+    "x-consumer-username",
+    "x-consumer-custom-id",
+    "x-consumer-groups",
+    "x-consumer-id",
+    "x_consumer_custom_id",
+    "x-credential-identifier",
+    "x-anonymous-consumer",
+)
+
+
+async def test_the_upstream_learns_the_consumer_and_no_client_made_identity(
+    setup: Setup,
+) -> None:
+    """A client's X-Consumer-* reached the upstream as sent, and the gateway named no consumer:
+    an upstream migrated from Kong, which believes those fields, took mallory for alice
+    (Kong-migration audit)."""
+    status, _, _ = await setup.get("/keys/echo", f"X-API-Key: {API_KEY}", *SPOOFED_IDENTITY)
+    assert status == 200
+    got = setup.up.received[-1]
+    assert got.header_values("x-consumer-username") == ["alice"]
+    assert got.header_values("x-consumer-custom-id") == ["A-1"]
+    assert got.header_values("x-consumer-groups") == ["admins, ops"]
+    for name in IDENTITY_FIELDS[3:]:
+        assert got.header(name) is None, name
+    status, _, _ = await setup.get("/edge/echo", *SPOOFED_IDENTITY)  # a route without auth
+    assert status == 200
+    got = setup.up.received[-1]
+    for name in IDENTITY_FIELDS:
+        assert got.header(name) is None, name
 
 
 async def test_cors_preflight_never_reaches_the_upstream(setup: Setup) -> None:

@@ -222,6 +222,19 @@ def test_key_consumer_falls_back_to_the_address() -> None:
     assert hit(plugin, make_ctx(client_ip="10.0.0.1")) is not None
 
 
+def test_the_default_key_is_the_consumer_as_kongs_limit_by() -> None:
+    """Two consumers behind one address shared one bucket: the key defaulted to `ip`, where
+    Kong's limit_by defaults to the consumer (Kong-migration audit)."""
+    plugin, _ = limiter({"requests": 1, "per": "1m"})
+    alice, bob = make_ctx(client_ip="10.0.0.1"), make_ctx(client_ip="10.0.0.1")
+    alice.consumer, bob.consumer = ConsumerConfig(name="alice"), ConsumerConfig(name="bob")
+    assert hit(plugin, alice) is None
+    assert hit(plugin, alice) is not None
+    assert hit(plugin, bob) is None  # a bucket of its own, at the same address
+    assert hit(plugin, make_ctx(client_ip="10.0.0.1")) is None  # anonymous: the address's
+    assert hit(plugin, make_ctx(client_ip="10.0.0.1")) is not None
+
+
 def test_key_header_and_combinations() -> None:
     plugin, _ = limiter({"requests": 1, "per": "1m", "key": ["header:X-Tenant", "route"]})
     a = make_route("a", {"rate_limit": {}})
@@ -293,7 +306,7 @@ async def test_redis_admission_and_headers() -> None:
     ctx = make_ctx(route=make_route("api", {"rate_limit": {}}))
     assert await settle(plugin.on_request(ctx)) is None
     ((keys, args, timeout),) = store.calls
-    assert keys == ["apigate:rl:api:203.0.113.7"]
+    assert keys == ["apigate:rl:api:ip:203.0.113.7"]  # (the default key: consumer, else ip)
     assert args == [100_000, 400_000] and timeout == 0.05
     assert rate_headers(plugin, ctx)["RateLimit-Remaining"] == "2"
 

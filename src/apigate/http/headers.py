@@ -44,6 +44,20 @@ FORWARDING: Final[frozenset[bytes]] = frozenset(
     }
 )
 
+# Request headers that say who the caller is, as Kong's auth plugins send them upstream: the
+# gateway sets the consumer's (ProxyExchange, once an auth plugin identified one) and a client's
+# own are always dropped, trusted peer or not, so that an upstream can believe them.
+IDENTITY: Final[frozenset[bytes]] = frozenset(
+    {
+        b"x-consumer-id",
+        b"x-consumer-username",
+        b"x-consumer-custom-id",
+        b"x-consumer-groups",
+        b"x-credential-identifier",
+        b"x-anonymous-consumer",
+    }
+)
+
 VIA_VALUE: Final = b"1.1 apigate"
 
 # End-to-end field names seen on most requests and responses, as they are usually spelled.

@@ -48,6 +48,7 @@ from apigate.http.errors import GatewayError, body_size, render_error
 from apigate.http.headers import (
     FORWARDING,
     HOP_BY_HOP,
+    IDENTITY,
     by_spelling,
     connection_tokens,
     forwarding_lines,
@@ -128,7 +129,7 @@ _H_PREFIX: Final = 12
 # Every hop-by-hop name (headers.HOP_BY_HOP, the one list) and the forwarding headers the gateway
 # writes itself are dropped; the names the connection interprets override that below.
 _SPECIAL: Final[dict[bytes, int]] = {
-    **dict.fromkeys(HOP_BY_HOP | FORWARDING, _H_DROP),
+    **dict.fromkeys(HOP_BY_HOP | FORWARDING | IDENTITY, _H_DROP),
     b"host": _H_HOST,
     b"content-length": _H_CONTENT_LENGTH,
     b"transfer-encoding": _H_TRANSFER_ENCODING,

@@ -86,7 +86,7 @@ class RateLimitConfig(StrictPluginConfig):
     requests: int = Field(ge=1)
     per: PositiveDuration
     burst: int = Field(default=0, ge=0)
-    key: str | list[str] = "ip"
+    key: str | list[str] = "consumer"  # (as Kong's limit_by: the address when none is known)
     store: str | None = None  # None: the gateway's `store`; local | redis | redis://...
     store_timeout: PositiveDuration = 0.05
     on_store_error: Literal["allow", "deny"] = "allow"

@@ -44,7 +44,7 @@ from apigate.http.upstream import (
 from apigate.observability.trace_context import trace_lines
 from apigate.plugins.base import Response
 from apigate.proxy.body_rewrite import RequestBodyRewrite, ResponseBodyRewrite
-from apigate.proxy.heads import interim_head, request_head, response_head
+from apigate.proxy.heads import consumer_lines, interim_head, request_head, response_head
 from apigate.resilience.circuit_breaker import State
 from apigate.routing.matcher import Match, NoMatch
 
@@ -622,9 +622,7 @@ class ProxyExchange(UpstreamListener):
             host,
             chunked=chunked,
             content_length=length,
-            extra=trace_lines(req, self.vars)
-            if not (route.strip_prefix or req.forwarded_prefix)
-            else self._prefix_line() + trace_lines(req, self.vars),
+            extra=self._extra_lines(route, req),
         )
         body = self._body
         if body and self._replay is not None:
@@ -1074,6 +1072,16 @@ class ProxyExchange(UpstreamListener):
             self.fail(GatewayError(500, "a plugin failed", "plugin_error"))
             return False
         return True
+
+    def _extra_lines(self, route: CompiledRoute, req: Request) -> bytes:
+        """The upstream head's lines besides the forwarding ones: the trace context, and the
+        X-Forwarded-Prefix and consumer lines when there are any."""
+        lines = trace_lines(req, self.vars)
+        if route.strip_prefix or req.forwarded_prefix:
+            lines = self._prefix_line() + lines
+        if self.consumer is not None:  # an auth plugin identified one
+            lines = consumer_lines(self.consumer) + lines
+        return lines
 
     def _prefix_line(self) -> bytes:
         """X-Forwarded-Prefix: what the client's path has before the one the upstream gets,

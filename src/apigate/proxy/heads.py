@@ -3,12 +3,13 @@
 Both are built as one bytes object (one write per head). The forwarding headers follow the usual
 gateway convention (nginx, Kong, Envoy): the client's X-Forwarded-* are replaced unless the peer
 is a trusted proxy, in which case X-Forwarded-For is extended. RFC 7239 `Forwarded` is emitted
-alongside for upstreams that read the standard header.
+alongside for upstreams that read the standard header. An identified consumer is named as
+Kong's auth plugins name it (`consumer_lines`).
 """
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 from apigate.http.date import DATE
 from apigate.http.headers import VIA_VALUE, forwarding_lines
@@ -56,6 +57,30 @@ def request_head(
         parts.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % req.upgrade)
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+def consumer_lines(consumer: Any) -> bytes:
+    """The identity of the consumer an auth plugin found, for the upstream request head, in
+    Kong's names: X-Consumer-Username, X-Consumer-Custom-ID (when it has one), X-Consumer-Groups
+    (comma-separated, when it has some). A client's own were dropped (headers.IDENTITY). A
+    value no field may carry (a control character) is left out rather than sent."""
+    lines = b""
+    name = getattr(consumer, "name", None)
+    if isinstance(name, str) and _field_safe(name):
+        lines += b"X-Consumer-Username: " + name.encode() + b"\r\n"
+    custom_id = getattr(consumer, "custom_id", None)
+    if isinstance(custom_id, str) and custom_id and _field_safe(custom_id):
+        lines += b"X-Consumer-Custom-ID: " + custom_id.encode() + b"\r\n"
+    groups = getattr(consumer, "groups", None)
+    if groups:
+        joined = ", ".join(str(group) for group in groups)
+        if _field_safe(joined):
+            lines += b"X-Consumer-Groups: " + joined.encode() + b"\r\n"
+    return lines
+
+
+def _field_safe(value: str) -> bool:
+    return value.isascii() and value.isprintable()
 
 
 def response_head(
