@@ -235,6 +235,11 @@ class ProxyExchange(UpstreamListener):
 
     def client_lost(self) -> None:
         self._client_gone = True
+        task = self._task
+        if task is not None and not task.done():
+            # an async plugin hook (a policy call, a Redis check) or a route handler: its
+            # work is for a client that is gone (it held its upstream call for its timeout)
+            task.cancel()
         if self._retry_timer is not None:
             self._retry_timer.cancel()
             self._retry_timer = None
@@ -382,6 +387,14 @@ class ProxyExchange(UpstreamListener):
             return
         except Exception:
             log.exception("plugin hook failed on %s", self._describe())
+            self.fail(GatewayError(500, "a plugin failed", "plugin_error"))
+            return
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._client_gone or (task is not None and task.cancelling()):
+                raise  # cancelled by client_lost (or the loop): nobody to answer
+            # the hook's own (a shared task it awaited was cancelled): the request hung
+            log.error("plugin hook was cancelled on %s", self._describe())
             self.fail(GatewayError(500, "a plugin failed", "plugin_error"))
             return
         if self._client_gone:
@@ -906,13 +919,28 @@ class ProxyExchange(UpstreamListener):
             self.fail(GatewayError(500, "a plugin answered too late", "plugin_error"))
             return
         req = self.request
-        self.status = response.status
         keep_alive = req.keep_alive and self._body_done and not self.conn.host.draining
+        try:
+            data = self._render(response, keep_alive)
+        except Exception:  # a decorating hook failed, or a Response of the wrong types
+            log.exception("plugin response failed on %s", self._describe())
+            self.fail(GatewayError(500, "a plugin failed", "plugin_error"))
+            return
+        self.status = response.status
+        self.bytes_sent = 0 if req.method == "HEAD" else len(response.body)
+        self.conn.write(data)
+        self._complete(keep_alive)
+
+    def _render(self, response: Response, keep_alive: bool) -> bytes:
+        """A plugin's response as written, decorated by the response hooks of the plugins
+        before the one that made it (CORS, rate-limit headers on a 401/429/cache hit, as Kong
+        does). Raises what a hook or a malformed Response raises: nothing is written then."""
+        req = self.request
         response_headers = response.headers
         route = self.route
         if route is not None and self._respond_index >= 0:
             decorators = route.chain.respond_hooks[self._respond_index]
-            if decorators:  # CORS, rate-limit headers on a 401/429/cache hit, as Kong does
+            if decorators:
                 head = ResponseHead()
                 head.status = response.status
                 head.headers = list(response_headers)
@@ -920,18 +948,14 @@ class ProxyExchange(UpstreamListener):
                     hook(self, head)
                 response_headers = head.headers
         headers = [*response_headers, (b"X-Request-Id", req.request_id.encode())]
-        self.bytes_sent = 0 if req.method == "HEAD" else len(response.body)
-        self.conn.write(
-            render_response(
-                response.status,
-                response.body,
-                content_type=response.content_type,
-                headers=headers,
-                keep_alive=keep_alive,
-                head_only=req.method == "HEAD",
-            )
+        return render_response(
+            response.status,
+            response.body,
+            content_type=response.content_type,
+            headers=headers,
+            keep_alive=keep_alive,
+            head_only=req.method == "HEAD",
         )
-        self._complete(keep_alive)
 
     def fail(self, err: GatewayError) -> None:
         if self._client_gone or self._finished:
