@@ -429,6 +429,51 @@ async def test_a_dotted_plugin_name_is_quoted_in_error_lines_on_routes_too() -> 
     ]
 
 
+@pytest.mark.parametrize(
+    ("module", "says"),
+    [
+        (
+            "import os\nURL = os.environ['NO_SUCH_VARIABLE_SET']\n",
+            "KeyError: 'NO_SUCH_VARIABLE_SET'",
+        ),
+        ("def broken(:\n", "SyntaxError"),
+        (
+            "from apigate.plugins import Plugin\n"
+            "class Audit(Plugin):\n"
+            "    def __init__(self, config, env):\n"
+            "        raise ValueError('url must be https')\n",
+            "refused its config: ValueError: url must be https",
+        ),
+    ],
+)
+async def test_a_plugin_that_cannot_load_is_reported_with_its_path_and_cause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str, says: str
+) -> None:
+    """An import's KeyError read as "unknown plugin", and a SyntaxError or an __init__'s own
+    error escaped as a traceback (exit 1 from validate) with no path (plugin-author audit)."""
+    name = f"audit_{abs(hash(module)) % 10**8}"
+    (tmp_path / f"{name}.py").write_text(module)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = parse_config(
+        {
+            "services": {"s": {"targets": ["http://127.0.0.1:9"]}},
+            "routes": [
+                {
+                    "name": "r",
+                    "match": {"paths": ["/"]},
+                    "service": "s",
+                    "plugins": {f"{name}:Audit": {}},
+                }
+            ],
+        }
+    )
+    with pytest.raises(ConfigError) as refused:
+        dry_compile(config, asyncio.get_running_loop())
+    (line,) = refused.value.errors
+    assert line.startswith(f"routes[0].plugins['{name}:Audit']: "), line
+    assert says in line and "unknown plugin" not in line, line
+
+
 def test_config_error_str_lists_every_problem() -> None:
     error = ConfigError(["a: one", "b: two"], source="apigate.yaml")
     assert str(error) == "apigate.yaml:\n  a: one\n  b: two"

@@ -40,9 +40,16 @@ def register_builtin(name: str, target: str) -> None:
 
 
 def resolve(name: str) -> type[Plugin]:
+    """The plugin class `name` names; KeyError only when it is neither a built-in name nor a
+    module:Class path (an import's own KeyError, say an environment variable it reads, is
+    what it is: a plugin that cannot load)."""
     target = BUILTIN.get(name, name)
     if ":" not in target:
         raise KeyError(name)
+    return _load(target)
+
+
+def _load(target: str) -> type[Plugin]:
     module_name, _, attr = target.partition(":")
     module = importlib.import_module(module_name)
     cls = getattr(module, attr)
@@ -117,9 +124,7 @@ def build_plugin(name: str, raw: Mapping[str, Any] | None, env: PluginEnv, where
     redis` needs a top-level Redis store) raises `located_error` from `__init__`, located
     relative to its own config as its model validators do, so the path is attached here too:
     the plugin cannot know whether it is the global one or a route's."""
-    try:
-        cls = resolve(name)
-    except KeyError:  # neither a built-in name nor a module:Class path
+    if ":" not in BUILTIN.get(name, name):  # neither a built-in name nor a module:Class path
         close = difflib.get_close_matches(name, list(BUILTIN), n=1)
         suggestion = f"; did you mean {close[0]!r}?" if close else ""
         known = ", ".join(sorted(BUILTIN))
@@ -128,14 +133,28 @@ def build_plugin(name: str, raw: Mapping[str, Any] | None, env: PluginEnv, where
                 f"{where}: unknown plugin {name!r}{suggestion} "
                 f"(built-in: {known}; or a module:Class path)"
             ]
-        ) from None
-    except (ImportError, AttributeError, TypeError) as exc:  # a module:Class path that failed
-        raise ConfigError([f"{where}: cannot load plugin {name!r}: {exc}"]) from None
+        )
+    try:
+        cls = _load(BUILTIN.get(name, name))
+    except Exception as exc:  # its module failed to import (any error), or has no such class
+        raise ConfigError([f"{where}: cannot load plugin {name!r}: {_cause(exc)}"]) from None
     try:
         config = cls.Config.model_validate(dict(raw or {}))
         return cls(config, env)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, where)) from None
+    except ConfigError:
+        raise
+    except Exception as exc:  # its __init__ refused the settings its own way
+        raise ConfigError([f"{where}: plugin {name!r} refused its config: {_cause(exc)}"]) from None
+
+
+def _cause(exc: Exception) -> str:
+    """`exc` for an error line: a KeyError's message alone is just the key's repr."""
+    text = str(exc)
+    if isinstance(exc, (ImportError, AttributeError, TypeError)) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def file_location(section: str, key: str | int) -> str:
