@@ -7,6 +7,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from apigate.observability.metrics import (
@@ -148,8 +149,24 @@ def test_named_counters_for_plugins() -> None:
     assert got["apigate_ratelimit_rejected_total"] == {labels(route="api", service="users"): 2}
     assert got["apigate_cache_hits_total"] == {labels(route="api", service=""): 1}
     assert got["apigate_cache_misses_total"] == {labels(route="api", service=""): 3}
-    with pytest.raises(ValueError, match="metric name"):
+
+
+def test_a_plugins_bad_or_reserved_counter_name_is_refused_not_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`inc("tenant-refused")` raised inside a hook (the request got a 500), and
+    `inc("requests")` made a second apigate_requests family: Prometheus refuses the whole
+    scrape then (plugin-author audit)."""
+    m = GatewayMetrics()
+    m.inc("cache_hits", route="api")
+    for _ in range(3):
         m.inc("Bad-Name")
+        m.inc("requests", route="api")
+    text = generate_latest(m.registry).decode()
+    assert text.count("# TYPE apigate_requests ") <= 1  # (none here: no traffic yet)
+    assert m.counters == {("cache_hits", "api", ""): 1.0} and m.dropped_counters == 6
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) == 2  # once a name
 
 
 def test_named_counters_are_capped() -> None:

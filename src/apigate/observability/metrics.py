@@ -81,6 +81,30 @@ KNOWN_COUNTERS = {
     "breaker_closed": "Circuit breaker transitions to closed.",
     "retries": "Upstream attempts beyond the first.",
 }
+# The gateway's other families (without `apigate_`): a plugin's `inc` of one of these names made
+# a second family of the same name, and Prometheus refuses the whole scrape then.
+RESERVED_NAMES = frozenset(
+    {
+        "info",
+        "requests",
+        "request_duration_seconds",
+        "upstream_duration_seconds",
+        "response_bytes",
+        "request_bytes",
+        "connections_open",
+        "config_reloads",
+        "cluster_connected",
+        "cluster_unshared_changes",
+        "pool_connections",
+        "pool_reuse_ratio",
+        "pool_connections_created",
+        "pool_connections_reused",
+        "instance_healthy",
+        "instance_available",
+        "instance_in_flight",
+        "breaker_state",
+    }
+)
 # the breaker state a transition enters -> its counter's name
 _BREAKER_COUNTERS = {
     "open": "breaker_opened",
@@ -101,6 +125,7 @@ class GatewayMetrics:
         self.retired: dict[tuple[str, str], RouteSeries] = {}
         self.counters: dict[tuple[str, str, str], float] = {}
         self.dropped_counters = 0
+        self._refused_names: set[str] = set()  # names `inc` refused (each logged once)
         self.started = time.time()
         # (time, {route: (count, errors, total buckets)}) once a second, oldest first
         self.ring: deque[Snapshot] = deque(maxlen=RING_SECONDS)
@@ -127,8 +152,15 @@ class GatewayMetrics:
             self._new_counter(key, value)
 
     def _new_counter(self, key: tuple[str, str, str], value: float) -> None:
-        if not _COUNTER_NAME.match(key[0]):
-            raise ValueError(f"metric name {key[0]!r}: use lower-case letters, digits and '_'")
+        name = key[0]
+        if not _COUNTER_NAME.match(name) or name in RESERVED_NAMES:
+            # (logged once a name, never raised: a plugin's counter must not fail requests)
+            if name not in self._refused_names and len(self._refused_names) < 100:
+                self._refused_names.add(name)
+                why = "the gateway's own" if name in RESERVED_NAMES else "not [a-z][a-z0-9_]*"
+                log.warning("metric name %r refused (%s): not counted", name, why)
+            self.dropped_counters += 1
+            return
         if len(self.counters) >= MAX_NAMED_SERIES:
             self.dropped_counters += 1  # cardinality guard: never grow without bound
             return
