@@ -94,6 +94,8 @@ class Gateway:
         self._signals_ready = False
         self._pending_signals: list[int] = []
         self._retiring: set[asyncio.Task[None]] = set()
+        # replaced snapshots waiting out the drain timeout before their plugins close
+        self._retire_pending: list[tuple[Runtime, asyncio.TimerHandle]] = []
         self._settling: asyncio.TimerHandle | None = None  # one collection for retirements
         self._drain_deadline = 0.0  # loop time the drain ends at (a second stop signal: now)
 
@@ -201,12 +203,22 @@ class Gateway:
             if isinstance(outcome, BaseException):
                 raise outcome
 
-    async def _close_plugins(self, old: Runtime, new: Runtime | None) -> None:
+    async def _close_plugins(
+        self, old: Runtime, new: Runtime | None, closed: set[int] | None = None
+    ) -> None:
+        """Close `old`'s plugins that `new` does not keep (and none in `closed`, the ids of
+        those closed already, which it is added to). A plugin's failure to close is logged:
+        it may be a buffer of audit records lost (it used to be swallowed)."""
         keep = set(map(id, new.plugins)) if new else set()
         for plugin in old.plugins:
-            if id(plugin) not in keep:
-                with contextlib.suppress(Exception):
-                    await plugin.close()
+            if id(plugin) in keep or (closed is not None and id(plugin) in closed):
+                continue
+            if closed is not None:
+                closed.add(id(plugin))
+            try:
+                await plugin.close()
+            except Exception:
+                log.exception("plugin %r failed to close", plugin)
 
     # ------------------------------------------------------------------ reload
     async def apply_config(
@@ -262,12 +274,15 @@ class Gateway:
         for callback in self.on_runtime:
             callback(runtime)
         gc.freeze()  # the new snapshot out of the collector's way at once (see settle_heap)
-        # Plugins of the old snapshot may still serve in-flight requests: close them later.
-        self.loop.call_later(
-            self.limits.drain_timeout,
-            lambda: self._keep(self.loop.create_task(self._retire(old))),
-        )
+        # Plugins of the old snapshot may still serve in-flight requests: close them later
+        # (or at shutdown, if that comes first).
+        retiring = (old, self.loop.call_later(self.limits.drain_timeout, self._retire_later, old))
+        self._retire_pending.append(retiring)
         return runtime
+
+    def _retire_later(self, old: Runtime) -> None:
+        self._retire_pending = [item for item in self._retire_pending if item[0] is not old]
+        self._keep(self.loop.create_task(self._retire(old)))
 
     def restart_changes(self, config: GatewayConfig) -> list[str]:
         """What `config` would change that only a restart can: the sockets this process
@@ -426,7 +441,14 @@ class Gateway:
         for hook in self.on_drained:
             with contextlib.suppress(Exception):
                 await hook(self)
-        await self._close_plugins(self.runtime, None)
+        # the snapshots a reload replaced within the drain timeout were still to be retired:
+        # their plugins close now, or never would (a batching audit plugin lost its buffer)
+        closed: set[int] = set()
+        pending, self._retire_pending = self._retire_pending, []
+        for old, handle in pending:
+            handle.cancel()
+            await self._close_plugins(old, self.runtime, closed)
+        await self._close_plugins(self.runtime, None, closed)
         if self._settling is not None:
             self._settling.cancel()
         self.pools.close()
