@@ -37,7 +37,7 @@ class TenantConfig(PluginConfig):
 
 class TenantPlugin(Plugin):
     name = "tenant"
-    priority = 950  # after authentication (1000 and up), before rate limits (900)
+    priority = 960  # after authentication (1100 and up), before acl (950) and rate_limit (910)
     Config = TenantConfig
 
     def __init__(self, config: PluginConfig, env: PluginEnv) -> None:
