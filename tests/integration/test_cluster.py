@@ -28,6 +28,7 @@ from apigate.store.redis import RedisStore
 from tests.support.gateway import GatewayProcess, base_config
 from tests.support.http import Reply, request
 from tests.support.redis_server import RedisServer
+from tests.support.relay import Relay
 from tests.support.upstream import Upstream
 
 
@@ -186,52 +187,14 @@ async def test_a_registration_written_late_replaces_an_older_one_but_not_a_dereg
             await client.close()
 
 
-class _Relay:
-    """A TCP relay to Redis for one node, which `cut()` cuts off (its connections reset, new
-    ones refused) while the other nodes keep Redis, and `mend()` reconnects."""
-
-    def __init__(self, target: int) -> None:
-        self.target = target
-        self.port = 0
-        self.server: asyncio.Server | None = None
-        self.links: set[asyncio.StreamWriter] = set()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    async def mend(self) -> None:
-        self.server = await asyncio.start_server(self._link, "127.0.0.1", self.port)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    def cut(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for writer in self.links:
-            writer.transport.abort()
-        self.links.clear()
-
-    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
-        self.links |= {writer, up_writer}
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(ConnectionError, OSError):
-                while data := await src.read(65536):
-                    dst.write(data)
-            dst.transport.abort()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-
 async def test_a_heartbeat_taken_by_a_node_cut_off_from_redis_reaches_every_node_after() -> None:
     """The end to end of the test above: an instance registered through node one moves
     (heartbeats with a new address) through node two while two cannot reach Redis. Once two
     is back, every node has the new address, and keeps the instance for the new heartbeat's
     TTL (it expired everywhere on the old one, its new address dropped)."""
     async with RedisServer() as redis, Upstream("a") as a, Upstream("b") as b:
-        relay = _Relay(redis.port)
-        await relay.mend()
+        relay = Relay(redis.port)
+        await relay.start()
         config = _config(redis)
         config["store"] = relay.url
         async with (
@@ -242,12 +205,12 @@ async def test_a_heartbeat_taken_by_a_node_cut_off_from_redis_reaches_every_node
                 await _until(lambda n=node: _cluster(n), lambda c: c["connected"], what="up")
             assert (await _register(one, "z2", a.url, ttl="3s")).status == 201
             await _until(lambda: _instances(two), lambda found: "z2" in found, within=2.0)
-            relay.cut()
+            await relay.cut()
             await _until(lambda: _cluster(two), lambda c: not c["connected"], what="cut off")
             assert (await _register(two, "z2", b.url, ttl="5s")).status == 200
             loop = asyncio.get_running_loop()
             moved = loop.time()
-            await relay.mend()
+            await relay.start()
             for node in (one, two):
                 await _until(
                     lambda n=node: _instances(n),
@@ -258,7 +221,7 @@ async def test_a_heartbeat_taken_by_a_node_cut_off_from_redis_reaches_every_node
             await asyncio.sleep(max(0.0, moved + 3.5 - loop.time()))  # past the old TTL
             for node in (one, two):
                 assert await _answered_by(node) == "b"
-        relay.cut()
+        await relay.cut()
 
 
 async def test_a_delete_of_an_instance_nobody_registered_leaves_no_trace() -> None:
