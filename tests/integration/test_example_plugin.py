@@ -18,24 +18,19 @@ import yaml
 
 from apigate.examples import tenant_plugin
 from apigate.server import Gateway
-from tests.integration.test_observability_metrics import admin, key, samples
+from tests.integration.test_observability_metrics import admin, gateway_config, key, samples
 from tests.support.gateway import raw_request, running_gateway
 from tests.support.upstream import Upstream
 
 PLUGIN = "apigate.examples.tenant_plugin:TenantPlugin"
 OWN_PLUGIN = "mytenant:TenantPlugin"  # the same code as a user's module, outside the package
-TOKEN = "s3cret-admin-token"  # as test_observability_metrics's admin() sends it
 
 
 def config(upstream_url: str, allowed: list[str], plugin: str = PLUGIN) -> dict[str, Any]:
-    return {
-        "version": 1,
-        "listeners": {
-            "proxy": {"address": "127.0.0.1:0"},
-            "admin": {"address": "127.0.0.1:0", "token": TOKEN},
-        },
-        "services": {"orders": {"targets": [upstream_url]}},
-        "routes": [
+    return gateway_config(
+        upstream_url,
+        services={"orders": {"targets": [upstream_url]}},
+        routes=[
             {
                 "name": "orders",
                 "match": {"paths": ["/orders"]},
@@ -47,7 +42,7 @@ def config(upstream_url: str, allowed: list[str], plugin: str = PLUGIN) -> dict[
                 },
             }
         ],
-    }
+    )
 
 
 async def get(gw: Gateway, tenant: str | None) -> tuple[int, dict[str, str], bytes]:

@@ -161,6 +161,23 @@ SIGHUP_DURING_START = textwrap.dedent(
 )
 
 
+async def _run_script(tmp_path: Path, script: str) -> asyncio.subprocess.Process:
+    """Run `script` (a gateway started its own way) on a minimal config; stdout and stderr
+    together on the process's stdout."""
+    (tmp_path / "gw.yaml").write_text(
+        "listeners: {proxy: {address: 127.0.0.1:0}, admin: null}\nservices: {s: {}}\n"
+    )
+    (tmp_path / "run.py").write_text(script)
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(tmp_path / "run.py"),
+        str(tmp_path / "gw.yaml"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=tmp_path,
+    )
+
+
 SIGHUP_DURING_IMPORTS = textwrap.dedent(
     """\
     import os, signal, sys
@@ -183,18 +200,7 @@ SIGHUP_DURING_IMPORTS = textwrap.dedent(
 async def test_a_sighup_while_run_imports_is_a_reload_once_started(tmp_path: Path) -> None:
     """`kill -HUP` in the first ~0.7 s of `apigate run` found SIGHUP's default action and
     ended the process (docs audit): the imports came before any handler."""
-    (tmp_path / "gw.yaml").write_text(
-        "listeners: {proxy: {address: 127.0.0.1:0}, admin: null}\nservices: {s: {}}\n"
-    )
-    (tmp_path / "run.py").write_text(SIGHUP_DURING_IMPORTS)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(tmp_path / "run.py"),
-        str(tmp_path / "gw.yaml"),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        cwd=tmp_path,
-    )
+    proc = await _run_script(tmp_path, SIGHUP_DURING_IMPORTS)
     assert proc.stdout is not None
     seen: list[str] = []
 
@@ -216,18 +222,7 @@ async def test_a_sighup_while_run_imports_is_a_reload_once_started(tmp_path: Pat
 async def test_a_sighup_during_start_up_is_a_reload_once_started(tmp_path: Path) -> None:
     """The default action of SIGHUP is to terminate: before the handlers were installed at
     the end of start-up, a reload sent as soon as the port answered killed the gateway."""
-    (tmp_path / "gw.yaml").write_text(
-        "listeners: {proxy: {address: 127.0.0.1:0}, admin: null}\nservices: {s: {}}\n"
-    )
-    (tmp_path / "run.py").write_text(SIGHUP_DURING_START)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(tmp_path / "run.py"),
-        str(tmp_path / "gw.yaml"),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        cwd=tmp_path,
-    )
+    proc = await _run_script(tmp_path, SIGHUP_DURING_START)
     out, _ = await asyncio.wait_for(proc.communicate(), 20)
     text = out.decode(errors="replace")
     assert proc.returncode == 0, text[-2000:]
