@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from apigate.observability.metrics import GatewayMetrics
+from apigate.observability.metrics import KNOWN_COUNTERS, RESERVED_NAMES, GatewayMetrics
 from apigate.server import Gateway
 from tests.support.gateway import raw_request, running_gateway
 from tests.support.upstream import Upstream
@@ -116,6 +116,24 @@ async def test_metrics_count_known_traffic(tmp_path: Path) -> None:
         assert "apigate_connections_open" in got
         assert got["apigate_config_reloads_total"] == {key(result="ok"): 0, key(result="failed"): 0}
         assert list(got["apigate_info"].values()) == [1]
+
+
+async def test_every_family_of_the_gateways_is_a_name_plugins_may_not_take(
+    tmp_path: Path,
+) -> None:
+    """`inc()` refuses the names of the gateway's own families (RESERVED_NAMES, a list kept by
+    hand): a plugin's family of the same name breaks the whole scrape. Every family a scrape
+    shows is one of those, a by-name counter (KNOWN_COUNTERS) or the process's."""
+    services = {"up": {"targets": ["http://127.0.0.1:9"], "circuit_breaker": {}}}
+    async with running_gateway(
+        gateway_config("http://127.0.0.1:9", services=services), tmp_path
+    ) as gw:
+        await proxy(gw, "GET", "/api/x")  # a 502: traffic, a pool, an instance
+        _, _, text = await admin(gw, "GET", "/metrics")
+    names = {family.name for family in text_string_to_metric_families(text.decode())}
+    ours = {name.removeprefix("apigate_") for name in names if name.startswith("apigate_")}
+    assert "breaker_state" in ours and "requests" in ours
+    assert ours - set(KNOWN_COUNTERS) <= RESERVED_NAMES, ours - set(KNOWN_COUNTERS)
 
 
 async def test_metrics_need_the_admin_token(tmp_path: Path) -> None:

@@ -703,7 +703,8 @@ class ClientConnection(asyncio.Protocol):
             req.upgrade = None  # Upgrade without "Connection: upgrade" is not an upgrade
         req.keep_alive = keep_alive
         kept = self._forwarding_kept
-        if kept:  # a trusted peer's: carried on, and stand instead of ours (forwarding_lines)
+        if kept or req.forwarded_for is not None:  # a trusted peer's: they change per request
+            # its fields are carried on, and stand instead of ours (forwarding_lines)
             req.headers.extend(kept)
             req.forwarding = forwarding_lines(
                 self.client_ip,
@@ -712,10 +713,6 @@ class ClientConnection(asyncio.Protocol):
                 req.host,
                 self.local_port,
                 frozenset(name.lower() for name, _ in kept),
-            )
-        elif req.forwarded_for is not None:  # (a trusted peer's list changes per request)
-            req.forwarding = forwarding_lines(
-                self.client_ip, req.forwarded_for, self.scheme, req.host, self.local_port
             )
         else:
             if req.host != self._forwarding_host:

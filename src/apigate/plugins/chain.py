@@ -40,16 +40,11 @@ def register_builtin(name: str, target: str) -> None:
 
 
 def resolve(name: str) -> type[Plugin]:
-    """The plugin class `name` names; KeyError only when it is neither a built-in name nor a
-    module:Class path (an import's own KeyError, say an environment variable it reads, is
-    what it is: a plugin that cannot load)."""
+    """The plugin class `name` names (a built-in name or a module:Class path); KeyError when
+    it is neither, or whatever importing the module raises."""
     target = BUILTIN.get(name, name)
     if ":" not in target:
         raise KeyError(name)
-    return _load(target)
-
-
-def _load(target: str) -> type[Plugin]:
     module_name, _, attr = target.partition(":")
     module = importlib.import_module(module_name)
     cls = getattr(module, attr)
@@ -135,8 +130,9 @@ def build_plugin(name: str, raw: Mapping[str, Any] | None, env: PluginEnv, where
             ]
         )
     try:
-        cls = _load(BUILTIN.get(name, name))
-    except Exception as exc:  # its module failed to import (any error), or has no such class
+        cls = resolve(name)
+    except Exception as exc:  # its module failed to import (any error: an environment
+        # variable it reads is a KeyError), or has no such class
         raise ConfigError([f"{where}: cannot load plugin {name!r}: {_cause(exc)}"]) from None
     try:
         config = cls.Config.model_validate(dict(raw or {}))
