@@ -31,6 +31,8 @@ HOT_PATH_MODULES = (
     "apigate.observability.access_log_lines",
     "apigate.observability.series",
     "apigate.observability.trace_context",
+    "apigate.plugins.cache_hit",
+    "apigate.plugins.cache_store",
     "apigate.plugins.chain",
     "apigate.plugins.jwt_cache",
     "apigate.plugins.rate_limit_local",

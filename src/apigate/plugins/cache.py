@@ -117,6 +117,14 @@ from apigate.config.errors import located_error
 from apigate.config.units import NonNegativeDuration, PositiveDuration, PositiveSize
 from apigate.http.upstream import ResponseHead
 from apigate.plugins.base import Plugin, PluginConfig, PluginEnv, Response
+from apigate.plugins.cache_hit import (
+    STATE_KEY,
+    X_CACHE_HIT,
+    MemoryHits,
+    base_key,
+    same_vary,
+    variant_key,
+)
 from apigate.plugins.cache_rules import (
     UNSTORED_FIELDS,
     RequestPolicy,
@@ -132,18 +140,16 @@ from apigate.plugins.cache_rules import (
 )
 from apigate.plugins.cache_store import (
     KEY_SEP,
-    VARIANT_SEP,
     CacheEntry,
     MemoryStore,
     RedisCacheStore,
     target_of,
 )
-from apigate.plugins.identity import principal
 
 __all__ = ["STATE_KEY", "CacheConfig", "CachePlugin", "live_plugins", "purge_all"]
 
-STATE_KEY = "cache"  # ctx.vars key of the per-request `_State`
-_X_CACHE = {word: (b"X-Cache", word.encode()) for word in ("HIT", "MISS", "BYPASS", "STALE")}
+_X_CACHE = {word: (b"X-Cache", word.encode()) for word in ("MISS", "BYPASS", "STALE")}
+_X_CACHE["HIT"] = X_CACHE_HIT
 _NOT_MODIFIED_FIELDS = frozenset(
     {b"cache-control", b"content-location", b"etag", b"expires", b"vary"}
 )
@@ -256,39 +262,11 @@ def _request_fields(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str
     return cache_control, pragma, authorization
 
 
-# A Vary'd field the request does not carry: RFC 9111 §4.1 has an absent field match only
-# its absence, never an empty value. llhttp refuses NUL in a field value, so no request
-# carries this one.
-_ABSENT = "\x00"
-
-
-def _request_values(req: Any, name: str) -> str:
-    if name == "host":
-        return str(req.host)
-    values = req.header_values(name)
-    if not values:
-        return _ABSENT
-    return ", ".join(v.strip() for v in values)
-
-
-def variant_key(base: str, names: tuple[str, ...], req: Any) -> str:
-    return base + VARIANT_SEP + KEY_SEP.join(_request_values(req, n) for n in names)
-
-
 def _can_lead(ctx: Any) -> bool:
     """May this waiting request take a flight over: a GET (its response is stored) whose
     exchange is not over?"""
     state: _State | None = ctx.vars.get(STATE_KEY)
     return state is not None and state.policy.store and not state.ended
-
-
-def _same_vary(variant: CacheEntry | None, marker: CacheEntry) -> CacheEntry | None:
-    """`variant` when its own Vary names the fields the marker names, else None. The key
-    holds the values of the marker's fields only: a response stored before the origin
-    changed its Vary matched those values on other fields (RFC 9111 §4.1)."""
-    if variant is None or variant.vary == marker.vary:
-        return variant
-    return None
 
 
 class CachePlugin(Plugin):
@@ -305,6 +283,20 @@ class CachePlugin(Plugin):
         self._flights: dict[str, _Flight] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         _LIVE.add(self)
+        if isinstance(self.store, MemoryStore):
+            # A hit is answered compiled (cache_hit); the rest comes back to these methods,
+            # bound here before the instance attributes hide them (as the jwt plugin does).
+            hits = MemoryHits(
+                self,
+                self.store,
+                config.key_include_consumer,
+                self.on_request,
+                self.on_response_end,
+                self.on_log,
+            )
+            self.on_request = hits.on_request  # type: ignore[method-assign]
+            self.on_response_end = hits.on_response_end  # type: ignore[method-assign]
+            self.on_log = hits.on_log  # type: ignore[method-assign]
 
     @staticmethod
     def _make_store(config: CacheConfig, env: PluginEnv) -> MemoryStore | RedisCacheStore:
@@ -347,7 +339,7 @@ class CachePlugin(Plugin):
         entry = store.get(base, now)
         if entry is not None and entry.is_marker:
             key = variant_key(base, entry.vary, req)
-            entry = _same_vary(store.get(key, now), entry)
+            entry = same_vary(store.get(key, now), entry)
         if entry is not None and policy.lookup and (entry.auth_ok or not auth):
             age = entry.age(now)
             if is_fresh(entry.lifetime, age, policy):  # a hit: no state to keep at all
@@ -357,18 +349,7 @@ class CachePlugin(Plugin):
         return self._after_lookup(ctx, state, entry, now)
 
     def _base_key(self, ctx: Any) -> str:
-        """The key of the target's entry (or Vary marker): route, GET, path?query, Host (the
-        target key, `target_of`), the path sent upstream when it is not the client's (a
-        rewrite, `strip_prefix`, `request_transform`), and who asks (`identity.principal`:
-        the consumer, or a JWT's issuer and subject) when the config puts the consumer in
-        the key. The query is the one sent upstream (`request_transform` runs before)."""
-        req = ctx.request
-        who = principal(ctx) if self.cfg.key_include_consumer else ""
-        target = req.path + "?" + req.query.decode("latin-1") if req.query else req.path
-        sent = ctx.upstream_path
-        if sent == req.path:  # (no rewrite: the very same str, compared by identity)
-            sent = ""
-        return KEY_SEP.join((ctx.route.name, "GET", target, req.host, sent, who))
+        return base_key(ctx, ctx.request, self.cfg.key_include_consumer)
 
     async def _lookup_async(
         self, ctx: Any, state: _State, store: RedisCacheStore
@@ -377,7 +358,7 @@ class CachePlugin(Plugin):
         entry = await store.get(state.base, now)
         if entry is not None and entry.is_marker:
             state.key = variant_key(state.base, entry.vary, ctx.request)
-            entry = _same_vary(await store.get(state.key, now), entry)
+            entry = same_vary(await store.get(state.key, now), entry)
         outcome = self._after_lookup(ctx, state, entry, now)
         if outcome is None or isinstance(outcome, Response):
             return outcome

@@ -49,7 +49,7 @@ import json
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:  # imported when a Redis store is built: redis-py costs ~0.3 s at start-up
     from apigate.store.redis import RedisStore
@@ -68,8 +68,9 @@ __all__ = [
 
 log = logging.getLogger("apigate.plugins.cache")
 
-KEY_SEP = "\x1f"
-VARIANT_SEP = "\x1e"
+KEY_SEP: Final = "\x1f"  # between the fields of a key (see cache_hit.base_key)
+VARIANT_SEP: Final = "\x1e"  # between a base key and the values of its Vary'd fields
+
 _ENTRY_OVERHEAD = 256  # object headers, dict slot, list: measured ~240 bytes per entry
 # a memory store's target index, per entry: a dict slot or a set member and the target key
 # (a prefix of the key) with its object header: measured 84-111 bytes with a 35-byte key
