@@ -36,6 +36,7 @@ HOT_PATH_MODULES = (
     "apigate.plugins.chain",
     "apigate.plugins.jwt_cache",
     "apigate.plugins.rate_limit_local",
+    "apigate.plugins.response",
     "apigate.proxy.aggregate",
     "apigate.proxy.exchange",
     "apigate.proxy.heads",

@@ -74,7 +74,7 @@ def render_response(
     parts = [status_line(status), SERVER_HEADER, DATE.value]
     if headers is not None:
         for name, value in headers:
-            parts.append(name + b": " + value + b"\r\n")
+            parts.append(b"%s: %s\r\n" % (name, value))  # (compiled: one allocation)
     if body or status not in (204, 304):
         if content_type is not None:  # (None: a stored response that had none)
             parts += (b"Content-Type: ", content_type, b"\r\n")

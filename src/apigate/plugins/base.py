@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from apigate.config.schema import StrictModel
+from apigate.plugins.response import Response
+
+__all__ = ["Plugin", "PluginConfig", "PluginEnv", "Response"]
 
 if TYPE_CHECKING:
     from apigate.config.schema import ConsumerConfig, GatewayConfig
@@ -34,16 +37,6 @@ if TYPE_CHECKING:
 
 class PluginConfig(StrictModel):
     """Base for plugin configs: unknown keys are errors with a "did you mean", as everywhere."""
-
-
-@dataclass(slots=True)
-class Response:
-    """A response a plugin produces instead of proxying."""
-
-    status: int
-    body: bytes = b""
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    content_type: bytes | None = b"application/json"  # None: no Content-Type field
 
 
 @dataclass

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from apigate.http.request import Request
-from apigate.plugins.base import Response
 from apigate.plugins.cache_store import KEY_SEP, VARIANT_SEP, CacheEntry, MemoryStore
 from apigate.plugins.identity import principal
+from apigate.plugins.response import Response
 
 STATE_KEY: Final = "cache"  # ctx.vars key of the plugin's per-request state
 X_CACHE_HIT: Final = (b"X-Cache", b"HIT")

@@ -17,9 +17,9 @@ from itertools import islice
 from typing import Any, Final
 
 from apigate.http.request import Request
-from apigate.plugins.base import Response
 from apigate.plugins.client_address import ClientAddresses
 from apigate.plugins.identity import reject
+from apigate.plugins.response import Response
 
 _SWEEP_MIN: Final = 10_000  # keys before the first sweep of expired entries
 # `ctx.vars` key of a request this limiter refused (what /metrics counts as a rejection)

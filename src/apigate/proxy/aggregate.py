@@ -62,7 +62,7 @@ from apigate.http.pool import PoolFull
 from apigate.http.upstream import UpstreamListener
 from apigate.observability.series import PART_LATENCIES
 from apigate.observability.trace_context import ChildTrace, PartSpan
-from apigate.plugins.base import Response
+from apigate.plugins.response import Response
 from apigate.plugins.transform import ValueTemplate, refuse_json_constant
 from apigate.routing.rewrite import encode_param, has_bad_segment
 

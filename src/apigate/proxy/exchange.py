@@ -42,7 +42,7 @@ from apigate.http.upstream import (
     UpstreamListener,
 )
 from apigate.observability.trace_context import trace_lines
-from apigate.plugins.base import Response
+from apigate.plugins.response import Response
 from apigate.proxy.body_rewrite import RequestBodyRewrite, ResponseBodyRewrite
 from apigate.proxy.heads import consumer_lines, interim_head, request_head, response_head
 from apigate.resilience.circuit_breaker import State
