@@ -1,6 +1,7 @@
 """Passwords inside URLs (`redis://:pw@host`, `http://user:pw@host`,
 `redis://host/0?password=pw`) kept out of everything the gateway shows: logs, config errors,
-the admin API."""
+the admin API; and the names of the headers and query parameters that carry credentials (the
+admin API hides their configured values, `request_termination`'s echo their values as sent)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,27 @@ SECRET_QUERY_PARAMS = frozenset(
     }
 )
 
+# Header names whose values are credentials (Authorization, an API key), lower-case...
+SECRET_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "cookie", "x-api-key", "api-key", "x-auth-token"}
+)
+# ...and the credential headers named by a custom pattern (X-Upstream-Token, X-Client-Secret).
+# Only dashed names: config keys are snake_case, so no setting (rate_limit's `key`) is taken.
+# Not "-key": Idempotency-Key, X-Cache-Key or a match on X-Routing-Key hold no secret, and a
+# redacted value makes a GET then PUT of the route a 400 (admin API). The API keys are named
+# above (x-api-key, api-key) and in SECRET_QUERY_PARAMS (apikey, api_key).
+SECRET_HEADER_SUFFIXES = ("-token", "-secret", "-password")
+
+
+def is_credential_name(name: str) -> bool:
+    """Whether a header or query parameter of this name carries a credential (any case)."""
+    low = name.lower()
+    return (
+        low in SECRET_HEADERS
+        or low in SECRET_QUERY_PARAMS
+        or low.endswith(SECRET_HEADER_SUFFIXES)  # (each suffix starts with a dash)
+    )
+
 
 def redact_url(text: str) -> str:
     """`text` with the password of each URL in it replaced by "[redacted]" (the user stays),
@@ -50,7 +72,7 @@ def redact_url(text: str) -> str:
     if "@" in text:
         text = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}:{REDACTED}@", text)
     if "?" in text:
-        text = _URL_QUERY.sub(lambda m: m.group(1) + _redact_query(m.group(2)), text)
+        text = _URL_QUERY.sub(lambda m: m.group(1) + redact_query(m.group(2)), text)
     return text
 
 
@@ -63,13 +85,15 @@ def redact_text(text: str) -> str:
     return text
 
 
-def _redact_query(query: str) -> str:
-    return _QUERY_PARAM.sub(_redact_param, query)
+def redact_query(query: str, names: frozenset[str] = SECRET_QUERY_PARAMS) -> str:
+    """A query string (without "?") with the value of each parameter in `names` (lower-case;
+    compared decoded and without regard to case) replaced by "[redacted]"."""
+    return _QUERY_PARAM.sub(lambda m: _redact_param(m, names), query)
 
 
-def _redact_param(m: re.Match[str]) -> str:
+def _redact_param(m: re.Match[str], names: frozenset[str] = SECRET_QUERY_PARAMS) -> str:
     """A `name=value` match with the value redacted when the name is a credential's."""
     name = m.group(1)
-    if m.group(2) and unquote_plus(name).strip().lower() in SECRET_QUERY_PARAMS:
+    if m.group(2) and unquote_plus(name).strip().lower() in names:
         return f"{name}={REDACTED}"
     return m.group(0)

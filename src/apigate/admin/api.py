@@ -27,7 +27,7 @@ from apigate.config.errors import ConfigError
 from apigate.config.loader import dump_config
 from apigate.config.schema import MAX_NAME
 from apigate.config.units import parse_duration
-from apigate.redaction import REDACTED, SECRET_QUERY_PARAMS, redact_url
+from apigate.redaction import REDACTED, is_credential_name, redact_url
 from apigate.registry.events import EVENTS
 from apigate.registry.registry import Registration, RegistrationError, registry_of
 
@@ -466,17 +466,8 @@ def _instance_doc(inst: Instance, now: float) -> dict[str, Any]:
 
 # config keys whose values are credentials, wherever they appear (plugins, consumers, admin)
 _SECRET_KEYS = frozenset({"secret", "password", "token", "api_keys", "client_secret"})
-# header names whose configured values are credentials (a transform that sets the upstream's
-# Authorization), matched without regard to case as HTTP does
-_SECRET_HEADERS = frozenset(
-    {"authorization", "proxy-authorization", "cookie", "x-api-key", "api-key", "x-auth-token"}
-)
-# ...and the credential headers named by a custom pattern (X-Upstream-Token, X-Client-Secret).
-# Only dashed names: config keys are snake_case, so no setting (rate_limit's `key`) is taken.
-# Not "-key": Idempotency-Key, X-Cache-Key or a match on X-Routing-Key hold no secret, and a
-# redacted value makes a GET then PUT of the route a 400. The API keys are named above
-# (x-api-key, api-key) and in SECRET_QUERY_PARAMS (apikey, api_key).
-_SECRET_HEADER_SUFFIXES = ("-token", "-secret", "-password")
+# (header and query parameter names whose configured values are credentials, a transform that
+# sets the upstream's Authorization or X-Upstream-Token: apigate.redaction.is_credential_name)
 # maps whose values are header or field names, not values sent (a transform's `rename`, jwt's
 # `forward_claims`): shown as they are, whatever their keys
 _NAME_MAPS = frozenset({"rename", "forward_claims"})
@@ -518,12 +509,7 @@ def _is_secret_key(key: Any) -> bool:
         return True
     if not isinstance(key, str):
         return False
-    name = key.lower()
-    return (
-        name in _SECRET_HEADERS
-        or name in SECRET_QUERY_PARAMS
-        or name.endswith(_SECRET_HEADER_SUFFIXES)  # (each suffix starts with a dash)
-    )
+    return is_credential_name(key)
 
 
 def with_store_in_force(doc: dict[str, Any], store: str) -> dict[str, Any]:
