@@ -29,6 +29,7 @@ BUILTIN: Final[dict[str, str]] = {
     "ip_filter": "apigate.plugins.ip_filter:IpFilterPlugin",
     "cors": "apigate.plugins.cors:CorsPlugin",
     "request_size": "apigate.plugins.request_size:RequestSizePlugin",
+    "request_termination": "apigate.plugins.request_termination:RequestTerminationPlugin",
     "cache": "apigate.plugins.cache:CachePlugin",
     "request_transform": "apigate.plugins.transform:RequestTransformPlugin",
     "response_transform": "apigate.plugins.transform:ResponseTransformPlugin",
