@@ -38,12 +38,21 @@ async def test_request_pipelined_after_an_early_413_never_reaches_the_upstream(e
 
 
 class _AnswersAtOnce(FakeExchange):
-    """Answers (and so ends the connection) as soon as it starts, before its body is read:
-    what a 401/403/429 from a plugin or a 404 does."""
+    """Answers and closes as soon as it starts, before its body is read: what a 413 from a
+    plugin does (and any answer to a chunked body)."""
 
     def start(self) -> None:
         super().start()
-        self.answer(b"no")
+        self.answer(b"no", keep_alive=False)
+
+
+class _AnswersAtOnceKeepingAlive(FakeExchange):
+    """Answers as soon as it starts, before its body is read, and keeps the connection: what
+    a 401/403/429 from a plugin or a 404 does (the body is read and dropped)."""
+
+    def start(self) -> None:
+        super().start()
+        self.answer(b"no", keep_alive=True)
 
 
 def test_no_exchange_begins_after_an_answer_that_left_the_body_unread() -> None:
@@ -55,6 +64,19 @@ def test_no_exchange_begins_after_an_answer_that_left_the_body_unread() -> None:
     )
     assert [ex.request.path for ex in h.exchanges] == ["/a"]
     assert h.transport.eof_written
+
+
+def test_a_body_dropped_after_an_early_answer_is_never_read_as_requests() -> None:
+    body = b"GET /inside-the-body HTTP/1.1\r\nHost: x\r\n\r\n" * 2
+    h = Harness()
+    h.host.exchange_class = _AnswersAtOnceKeepingAlive
+    h.feed(
+        b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        + b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    assert [ex.request.path for ex in h.exchanges] == ["/a", "/b"]
+    assert h.exchanges[0].body == body  # read as its body (ProxyExchange drops it)
+    assert not h.transport.eof_written
 
 
 # ------------------------------------------------ upgrades that are not tunnelled

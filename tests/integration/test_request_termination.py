@@ -220,22 +220,54 @@ async def test_a_bodiless_terminated_request_keeps_its_connection(setup: Setup) 
         assert second.status == 200 and setup.up.received[-1].path == "/open/2"
 
 
-async def test_a_terminated_request_with_a_body_closes_its_connection(setup: Setup) -> None:
-    """The body is not read, so the connection cannot be reused, as for a 401 or 413 before the
-    body: `Connection: close`, and a clean close after the answer. Whatever follows (a body
-    that looks like a request, a pipelined request) is never taken for a request."""
+async def test_a_terminated_request_with_a_body_keeps_its_connection(setup: Setup) -> None:
+    """As nginx and Kong do: the body is read and dropped, and the connection goes on with the
+    request pipelined after it. What the body holds (shaped as a request here) is never taken
+    for a request."""
     smuggled = b"GET /open/smuggled HTTP/1.1\r\nHost: gw.test\r\n\r\n"
     data = (
         b"POST /retired HTTP/1.1\r\nHost: gw.test\r\nContent-Length: %d\r\n\r\n%s"
-        b"GET /open/second HTTP/1.1\r\nHost: gw.test\r\n\r\n" % (len(smuggled), smuggled)
+        b"GET /open/second HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n"
+        % (len(smuggled), smuggled)
     )
-    with setup.upstream_untouched():
-        raw = await raw_request(setup.gw.port, data, until_close=True)
-    assert raw.count(b"HTTP/1.1 ") == 1, raw  # one answer, then the connection ended
-    status, headers, payload = split(raw)
-    assert status == 410 and headers["connection"] == "close"
+    seen = len(setup.up.received)
+    raw = await raw_request(setup.gw.port, data, until_close=True)
+    first, second = raw.split(b"HTTP/1.1 ")[1:]  # two answers, then the connection ended
+    status, headers, payload = split(b"HTTP/1.1 " + first)
+    assert status == 410 and "connection" not in headers
     assert len(payload) == int(headers["content-length"])
-    # an upload waiting for 100 Continue gets the answer instead, and may send its body
+    assert second.startswith(b"200 ")
+    assert [r.path for r in setup.up.received[seen:]] == ["/open/second"]
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [("/debug", 401), ("/nowhere", 404)],  # a plugin's answer; the gateway's own error
+    ids=["key_auth-401", "no-route-404"],
+)
+async def test_other_early_answers_to_a_body_keep_the_connection_too(
+    setup: Setup, path: str, status: int
+) -> None:
+    body = b'{"a": 1}'
+    data = (
+        b"POST %s HTTP/1.1\r\nHost: gw.test\r\nContent-Length: %d\r\n\r\n%s"
+        b"GET /open/after-%d HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n"
+        % (path.encode(), len(body), body, status)
+    )
+    seen = len(setup.up.received)
+    raw = await raw_request(setup.gw.port, data, until_close=True)
+    first, second = raw.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"%d " % status) and b"\r\nConnection: close" not in first
+    assert second.startswith(b"200 ")
+    assert [r.path for r in setup.up.received[seen:]] == [f"/open/after-{status}"]
+
+
+async def test_an_upload_waiting_for_100_continue_gets_the_answer_and_a_close(
+    setup: Setup,
+) -> None:
+    """It may send no body after the answer (RFC 9110 §10.1.1): the connection closes (with
+    a lingering close, reading what it still sends), or its next request would be read as the
+    body."""
     reader, writer = await asyncio.open_connection("127.0.0.1", setup.gw.port)
     try:
         writer.write(

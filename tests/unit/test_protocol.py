@@ -701,8 +701,74 @@ def test_draining_closes_after_the_current_response(h: Harness) -> None:
 
 def test_answered_before_the_body_was_read_closes(h: Harness) -> None:
     h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
-    h.exchanges[0].answer()  # e.g. a 401 from a plugin
+    h.exchanges[0].answer(keep_alive=False)  # e.g. a 413 from a plugin
     assert h.transport.eof_written, "lingering close: the client may still be sending"
+
+
+def test_answered_before_the_body_was_read_drops_the_rest_and_goes_on(h: Harness) -> None:
+    """A 401 or a 429 to a POST kept alive (nginx's discard_request_body): the rest of the
+    body is read and dropped, and the next request is read after it, not out of it."""
+    rest = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"  # the body's end, shaped as a request
+    h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\nabc" % (3 + len(rest)))
+    first = h.exchanges[0]
+    assert h.conn.may_discard(cast(Any, first))
+    first.answer(keep_alive=True)
+    assert not h.transport.eof_written and not h.transport.closed
+    assert h.conn.phase == Phase.BODY
+    h.feed(rest, GET)
+    assert [ex.request.path for ex in h.exchanges] == ["/", "/a"]
+    assert first.events == ["start", "body_done"]
+    assert h.exchanges[1].events == ["start"]
+    h.exchanges[1].answer()
+    assert h.conn.phase == Phase.IDLE and not h.transport.closed
+
+
+def test_a_body_dropped_too_slowly_closes_without_a_second_answer(h: Harness) -> None:
+    h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+    h.exchanges[0].answer(keep_alive=True)
+    h.transport.take()
+    h.loop.advance(2.0)
+    h.feed(b"x" * 10)  # the body timeout (3 s) counts from the latest body bytes
+    h.loop.advance(2.0)
+    assert not h.transport.closed
+    h.loop.advance(1.5)
+    assert h.transport.closed and h.transport.take() == b"", "its answer was already sent"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\nabc" % (1024 * 1024 + 4),
+    ],
+    ids=["chunked", "over-1MiB"],
+)
+def test_which_unread_bodies_are_not_dropped(head: bytes) -> None:
+    h = Harness(max_body_bytes=4 * 1024 * 1024)
+    h.feed(head)
+    (ex,) = h.exchanges
+    assert not h.conn.may_discard(cast(Any, ex))
+
+
+def test_one_mebibyte_still_to_come_is_dropped(h: Harness) -> None:
+    h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1048579\r\n\r\nabc")
+    (ex,) = h.exchanges
+    assert h.conn.may_discard(cast(Any, ex))
+
+
+def test_the_body_of_a_refused_upgrade_is_dropped_too(h: Harness) -> None:
+    """An upgrade request with a body goes as a plain request, its body read by a parser of
+    its own (_parse_after_upgrade): dropping it keeps that framing too."""
+    h.feed(
+        b"POST /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
+        b"Content-Length: 10\r\n\r\nabc"
+    )
+    first = h.exchanges[0]
+    assert h.conn.may_discard(cast(Any, first))
+    first.answer(keep_alive=True)
+    h.feed(b"GET /x ", GET)  # the 7 body bytes left, then a request
+    assert [ex.request.path for ex in h.exchanges] == ["/ws", "/a"]
+    assert first.events == ["start", "body_done"]
 
 
 def test_connection_lost_tells_every_exchange(h: Harness) -> None:

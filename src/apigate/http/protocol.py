@@ -166,6 +166,9 @@ _LOGGED_URL: Final = 1024  # how much of a refused head's request target its log
 _PIPELINE_BURST: Final = 16
 _RECLAIM_SCAN: Final = 1024  # connections looked at for an idle one at max_connections
 _LINGER_SECONDS: Final = 2.0  # how long a refused client's further input is read and discarded
+# The most request body still to come that an answer given before reading it (a 401, a 429, a
+# 404) reads and drops to keep the connection open (see may_discard); a larger one closes it.
+_DISCARD_MAX: Final = 1024 * 1024
 # slack over max_header_bytes for the framing that shares the trailer's reads ("0\r\n", CRLFs)
 _TRAILER_SLACK: Final = 1024
 
@@ -224,6 +227,8 @@ class ClientConnection(asyncio.Protocol):
         self.current: Exchange | None = None
         self._queue: deque[Exchange] = deque()
         self._parsing: Exchange | None = None  # the exchange whose request is being read
+        # answered before its body was read, the body read and dropped (see may_discard)
+        self._discarding: Exchange | None = None
         self._req: Request | None = None
         self._url = b""
         # bytes of whole reads that ended inside a section httptools buffers (see _bound_unread)
@@ -783,7 +788,7 @@ class ClientConnection(asyncio.Protocol):
             # checks that against its route's limit when it starts (apply_route_limits).
             raise GatewayError(413, f"request body larger than {self._max_body} bytes")
         if ex is not None:
-            if ex is self.current:
+            if ex is self.current or ex is self._discarding:
                 self._deadline = self.clock() + self._body_timeout()
             ex.request.body_received = self._body_bytes
             ex.feed_body(body)
@@ -805,6 +810,9 @@ class ClientConnection(asyncio.Protocol):
                 self.phase = Phase.WAIT
                 self._deadline = 0.0
             ex.body_done()
+            if ex is self._discarding:  # its answer went out before: the connection goes on
+                self._discarding = None
+                self._after_response(True)
         elif self.current is None and self._may_begin():
             self._begin(ex)
         else:
@@ -852,9 +860,37 @@ class ClientConnection(asyncio.Protocol):
             return
         self.requests_served += 1
         self.current = None
-        if self._parsing is ex:  # answered before the request body was read: framing unknown
-            self.close_lingering()
+        if self._parsing is ex:  # answered before the request body was read
+            if keep_alive and not self.host.draining:
+                # the exchange asked may_discard: read the rest of the body and drop it (the
+                # exchange does), then go on as after any response, in on_message_complete
+                self._discarding = ex
+                self._deadline = self.clock() + self._body_timeout()
+            else:
+                self.close_lingering()
             return
+        self._after_response(keep_alive)
+
+    def may_discard(self, ex: Exchange) -> bool:
+        """May an answer that `ex` gives before its request body was read keep the connection
+        open? Yes when the rest of the body has a declared length of at most _DISCARD_MAX:
+        it is read and dropped, and the next request is read after it (nginx's
+        discard_request_body; Kong answers a 401 or a 429 to a POST so). A chunked body has no
+        length to bound that by: it closes (with a lingering close, see close_lingering). The
+        exchange also leaves out a client that waits for a 100 (Continue) it never got: it
+        may send no body at all, and its next request would be read as the body."""
+        req = ex.request
+        length = req.content_length
+        return (
+            ex is self._parsing
+            and length is not None
+            and not req.chunked
+            and length - req.body_received <= _DISCARD_MAX
+        )
+
+    def _after_response(self, keep_alive: bool) -> None:
+        """The connection after a response that was written whole: close, the next request
+        (queued, or a refused head's error), or idle."""
         if not keep_alive or self.host.draining:
             if self.phase == Phase.HEAD:  # the client is sending its next request
                 self.close_lingering()
@@ -1102,7 +1138,10 @@ class ClientConnection(asyncio.Protocol):
         elif self.phase == Phase.HEAD:  # only on_message_begin enters HEAD: a request began
             self._reject(GatewayError(408, "timed out reading the request head"))
         elif self.phase == Phase.BODY:
-            self._reject(GatewayError(408, "timed out reading the request body"))
+            if self._discarding is not None:  # its answer was sent: nothing more to say
+                self.close()
+            else:
+                self._reject(GatewayError(408, "timed out reading the request body"))
         elif self.tunnel is not None:
             self.close()  # no byte either way for tunnel_idle_timeout (the tunnel closes too)
 

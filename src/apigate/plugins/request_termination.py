@@ -16,10 +16,9 @@ received.
   query parameters. The request body is neither read nor shown.
 
 Runs after authentication, `acl` and `rate_limit` (see `priority`), so a terminated route
-still asks for credentials and counts requests, as Kong's does. The request's body is not
-read: as for any answer a plugin gives before the body (a 401, a 413), a request with a body
-gets `Connection: close` and its connection is closed once the answer is sent; one without
-keeps its connection.
+still asks for credentials and counts requests, as Kong's does. The request's body never
+goes upstream: as for any answer a plugin gives before the body (a 401, a 429), the
+connection reads it and drops it, and goes on (see ClientConnection.may_discard).
 """
 
 from __future__ import annotations

@@ -63,6 +63,9 @@ _REPLAY_LIMIT: Final = 64 * 1024  # a request body up to this size is kept so th
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 _CRLF: Final = b"\r\n"
+# Answers that close the connection when the request body was not read (nginx's list, in
+# ngx_http_special_response_handler): the others read the rest and drop it (_answer_keeps_alive)
+_CLOSE_UNREAD: Final = frozenset({400, 413, 414, 500, 501})
 # what `OPTIONS *` is told the gateway proxies (CONNECT is refused: 405)
 _SERVER_METHODS: Final = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 # (never written to: a route with params brings its own dict)
@@ -919,7 +922,7 @@ class ProxyExchange(UpstreamListener):
             self.fail(GatewayError(500, "a plugin answered too late", "plugin_error"))
             return
         req = self.request
-        keep_alive = req.keep_alive and self._body_done and not self.conn.host.draining
+        keep_alive = self._answer_keeps_alive(response.status)
         try:
             data = self._render(response, keep_alive)
         except Exception:  # a decorating hook failed, or a Response of the wrong types
@@ -930,6 +933,22 @@ class ProxyExchange(UpstreamListener):
         self.bytes_sent = 0 if req.method == "HEAD" else len(response.body)
         self.conn.write(data)
         self._complete(keep_alive)
+
+    def _answer_keeps_alive(self, status: int) -> bool:
+        """May an answer the gateway makes itself (a plugin's, an error) keep the connection?
+        Not when the client or a graceful shutdown says close. With the request body not all
+        read yet, as nginx: a 400, 413, 414, 500 or 501 closes; another status keeps it when
+        the connection can read the rest and drop it (`may_discard`), unless the client waits
+        for a 100 (Continue) it was never sent (RFC 9110 §10.1.1: it may send no body, and
+        its next request would be read as this one's)."""
+        req = self.request
+        if not req.keep_alive or self.conn.host.draining:
+            return False
+        if self._body_done:
+            return True
+        if status in _CLOSE_UNREAD or (req.expect_continue and not self._sent_continue):
+            return False
+        return self.conn.may_discard(self)
 
     def _render(self, response: Response, keep_alive: bool) -> bytes:
         """A plugin's response as written, decorated by the response hooks of the plugins
@@ -988,7 +1007,7 @@ class ProxyExchange(UpstreamListener):
         req = self.request
         self.status = err.status
         self.error = err.message
-        keep_alive = req.keep_alive and self._body_done and not self.conn.host.draining
+        keep_alive = self._answer_keeps_alive(err.status)
         out = render_error(
             err, req.request_id, keep_alive=keep_alive, head_only=req.method == "HEAD"
         )
