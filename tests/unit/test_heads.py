@@ -7,7 +7,7 @@ import pytest
 from apigate.http.date import DATE
 from apigate.http.request import Request
 from apigate.http.upstream import ResponseHead
-from apigate.proxy.heads import request_head, response_head
+from apigate.proxy.heads import interim_head, request_head, response_head
 
 
 def _request(**fields: object) -> Request:
@@ -102,8 +102,25 @@ def test_response_head_exact_bytes() -> None:
         b"Content-Type: text/plain\r\n"
         b"date: Mon, 01 Jan 2024\r\n"
         b"X-Request-Id: rid-1\r\n"
+        b"Via: 1.1 apigate\r\n"
         b"Content-Length: 5\r\n"
         b"\r\n"
+    )
+
+
+def test_response_head_via_comes_after_the_upstreams() -> None:
+    """RFC 9110 §7.6.3: each proxy adds itself to the list, so ours follows the Via lines of
+    the proxies behind it (two field lines are one list, in order)."""
+    head = _response(headers=[(b"Via", b"1.1 varnish")], content_length=0)
+    got = response_head(head, _request(), chunk_out=False, keep_alive=True)
+    vias = [line for line in got.split(b"\r\n") if line.lower().startswith(b"via:")]
+    assert vias == [b"Via: 1.1 varnish", b"Via: 1.1 apigate"]
+
+
+def test_interim_head_carries_via() -> None:
+    got = interim_head(_response(103, headers=[(b"Link", b"</a.css>; rel=preload")]))
+    assert got == (
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\nVia: 1.1 apigate\r\n\r\n"
     )
 
 

@@ -131,6 +131,7 @@ EXPECTED_HEAD = (
     b"Set-Cookie: a=1\r\n"
     b"Set-Cookie: b=2\r\n"
     b"X-Request-Id: rid\r\n"
+    b"Via: 1.1 apigate\r\n"
     b"Content-Length: 5\r\n"
     b"\r\n"
 )

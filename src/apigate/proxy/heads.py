@@ -99,7 +99,9 @@ def response_head(
             has_date = True
     if not has_date:
         parts.append(DATE.value)
-    parts.append(b"X-Request-Id: %s\r\n" % req.request_id.encode())
+    # RFC 9110 §7.6.3: a proxy sends Via in each message it forwards, responses too (after
+    # the upstream's own Via lines: one list, in order); as Kong's `Via: kong/...`
+    parts.append(b"X-Request-Id: %s\r\n%s" % (req.request_id.encode(), _VIA))
     status = head.status
     if status == 101:
         parts.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % (head.upgrade or b""))
@@ -126,5 +128,6 @@ def interim_head(head: ResponseHead) -> bytes:
     parts = [status_line(head.status, head.reason)]
     for name, value in head.headers:
         parts.append(b"%s: %s\r\n" % (name, value))
+    parts.append(_VIA)
     parts.append(b"\r\n")
     return b"".join(parts)
