@@ -151,6 +151,7 @@ def _route_spec(index: int, route: RouteConfig, compiled: CompiledRoute) -> Rout
         hosts=tuple(m.hosts) if m.hosts else None,
         headers=tuple(m.headers.items()) if m.headers else None,
         payload=compiled,
+        regex_priority=m.regex_priority,
     )
 
 

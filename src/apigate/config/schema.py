@@ -39,6 +39,7 @@ from apigate.config.units import (
 )
 from apigate.http.headers import is_token
 from apigate.redaction import redact_url
+from apigate.routing.regex_path import REGEX_MARK, compile_path_regex
 
 __all__ = [
     "ActiveHealthConfig",
@@ -605,7 +606,8 @@ class ConsumerConfig(StrictModel):
 
 
 class PathPattern(NamedTuple):
-    """A parsed `match.paths` entry: "=/health" is exact, "/users/{id}" captures `id`."""
+    """A parsed `match.paths` entry: "=/health" is exact, "/users/{id}" captures `id`, and
+    "~/users/(?<id>\\d+)$" is a regex (`path` keeps its "~") whose named groups it captures."""
 
     path: str
     exact: bool
@@ -614,6 +616,8 @@ class PathPattern(NamedTuple):
 
 def parse_path_pattern(pattern: str) -> PathPattern:
     """Validate and parse a match path; raises ValueError with the reason."""
+    if pattern.startswith(REGEX_MARK):
+        return PathPattern(pattern, False, tuple(compile_path_regex(pattern).groupindex))
     exact = pattern.startswith("=")
     path = pattern[1:] if exact else pattern
     if not path.startswith("/"):
@@ -697,6 +701,15 @@ class MatchConfig(StrictModel):
         default=None, min_length=1
     )
     headers: dict[str, str] | None = None
+    # orders this route's "~" regex paths among the other regex paths: higher first (Kong's key)
+    regex_priority: int = 0
+
+    @model_validator(mode="after")
+    def _check_regex_priority(self) -> Self:
+        if self.regex_priority and not any(p.startswith(REGEX_MARK) for p in self.paths):
+            message = "only orders regex paths ('~/...'), and this route has none"
+            raise located_error(type(self).__name__, [(("regex_priority",), message)])
+        return self
 
     @field_validator("headers")
     @classmethod
