@@ -9,26 +9,31 @@ from apigate.config.schema import ConsumerConfig
 from apigate.plugins.base import Response
 from apigate.plugins.chain import PluginChain
 from apigate.plugins.client_address import ClientAddresses
-from apigate.plugins.rate_limit_local import LocalLimiter, is_rate_limit_field, key_function
+from apigate.plugins.rate_limit_local import (
+    LocalLimiter,
+    Window,
+    is_rate_limit_field,
+    key_function,
+)
 from tests.unit.test_plugin_fakes import build, make_ctx, make_route, upstream_head
 
 S = 1_000_000_000  # ns per second
 
 
-def local_limiter(**overrides: Any) -> tuple[LocalLimiter, list[dict[str, int]]]:
+def local_limiter(
+    requests: int = 2, per: float = 1.0, burst: int = 0, **overrides: Any
+) -> tuple[LocalLimiter, list[dict[str, int]]]:
     tables: list[dict[str, int]] = []
 
     def bind(ctx: Any) -> dict[str, int]:
         tables.append({})
         return tables[-1]
 
+    window = Window(requests=requests, per=per, burst=burst, message="slow down")
     settings: dict[str, Any] = {
-        "requests": 2,
-        "per": 1.0,
-        "burst": 0,
+        "window": window,
         "key": "ip",
         "headers": True,
-        "message": "slow down",
         "bind": bind,
         **overrides,
     }
@@ -82,7 +87,8 @@ def test_headers_replace_the_upstreams_and_are_absent_when_off() -> None:
 
 def test_values_beyond_the_precomputed_headers_are_formatted() -> None:
     limiter, _ = local_limiter(requests=1, per=10_000.0, burst=2000)
-    assert len(limiter.remaining_cache) == 1024 and len(limiter.reset_cache) == 4096
+    window = limiter.window
+    assert len(window.remaining_cache) == 1024 and len(window.reset_cache) == 4096
     assert limiter.rate_headers(limiter.interval) == (
         (b"RateLimit-Limit", b"1"),
         (b"RateLimit-Remaining", b"2000"),

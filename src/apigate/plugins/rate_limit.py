@@ -49,7 +49,7 @@ from apigate.http.headers import is_token
 from apigate.plugins.base import Plugin, PluginConfig, PluginEnv, Response
 from apigate.plugins.client_address import ClientAddresses
 from apigate.plugins.identity import StrictPluginConfig, reject
-from apigate.plugins.rate_limit_local import LocalLimiter
+from apigate.plugins.rate_limit_local import LocalLimiter, Window
 from apigate.redaction import redact_url
 from apigate.store.redis import RedisStore, Script, StoreUnavailable, shared_redis
 
@@ -153,13 +153,16 @@ class RateLimitPlugin(Plugin):
         per = format_duration(config.per)
         # the `ip` key's client behind the proxies the listener trusts (client_address)
         trusted = env.config.listeners.proxy.trusted_proxies
-        self.limiter = LocalLimiter(
+        window = Window(
             requests=config.requests,
             per=config.per,
             burst=config.burst,
+            message=f"rate limit exceeded: {config.requests} requests per {per}",
+        )
+        self.limiter = LocalLimiter(
+            window=window,
             key=config.key,
             headers=config.headers,
-            message=f"rate limit exceeded: {config.requests} requests per {per}",
             bind=self._bind,
             proxies=ClientAddresses(trusted) if trusted else None,
         )

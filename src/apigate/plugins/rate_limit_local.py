@@ -118,41 +118,68 @@ def is_rate_limit_field(name: bytes) -> bool:
     return name[:9].lower() == b"ratelimit" and (len(name) == 9 or name[9] == 45)  # "-"
 
 
+class Window:
+    """One window's GCRA settings in ns, and its headers, precomputed where they are few."""
+
+    def __init__(self, *, requests: int, per: float, burst: int, message: str) -> None:
+        per_ns = round(per * 1e9)
+        self.interval: int = -(-per_ns // requests)  # ns, rounded up
+        self.tolerance: int = burst * self.interval
+        self.message = message  # the 429's, when this window refuses
+        self.limit_header = (b"RateLimit-Limit", b"%d" % requests)
+        self.remaining_cache = [(_REMAINING, b"%d" % n) for n in range(min(burst + 2, 1024))]
+        longest = -(-(self.tolerance + self.interval) // 1_000_000_000) + 1
+        self.reset_cache = [(_RESET, b"%d" % n) for n in range(min(longest, 4096))]
+
+    def remaining(self, behind: int) -> int:
+        """The requests admissible right now with the TAT `behind` ns ahead."""
+        return max(0, (self.tolerance - behind) // self.interval + 1)
+
+    def remaining_header(self, remaining: int) -> tuple[bytes, bytes]:
+        # Both values are small and bounded, so their headers are built once (formatting two
+        # ints as bytes per response cost ~0.5 µs, a third of the plugin's whole cost).
+        cache = self.remaining_cache
+        return cache[remaining] if remaining < len(cache) else (_REMAINING, b"%d" % remaining)
+
+    def reset_header(self, behind: int) -> tuple[bytes, bytes]:
+        """`RateLimit-Reset`: the seconds until the window's allowance is whole again."""
+        reset = -(-behind // 1_000_000_000)  # ceil, in ints
+        cache = self.reset_cache
+        return cache[reset] if reset < len(cache) else (_RESET, b"%d" % reset)
+
+    def retry_after(self, behind: int) -> int:
+        """The seconds until a request refused `behind` ns behind would be admitted."""
+        return max(1, math.ceil((behind - self.tolerance) / 1e9))
+
+
 class LocalLimiter:
-    """One limiter's settings, its table of TATs (bound on the first request, see `bind`) and
-    its headers, precomputed where they are few."""
+    """One window's limiter: its settings, its table of TATs (bound on the first request, see
+    `bind`) and its headers, precomputed where they are few."""
 
     def __init__(
         self,
         *,
-        requests: int,
-        per: float,
-        burst: int,
+        window: Window,
         key: str | list[str],
         headers: bool,
-        message: str,
         bind: Callable[[Any], dict[str, int]],
         proxies: ClientAddresses | None = None,
     ) -> None:
-        per_ns = round(per * 1e9)
-        self.interval: int = -(-per_ns // requests)  # ns, rounded up
-        self.tolerance: int = burst * self.interval
+        self.window = window
+        self.interval: int = window.interval
+        self.tolerance: int = window.tolerance
         # the proxies trusted to name the client (listeners.proxy.trusted_proxies), or None
         self.proxies = proxies
         self.key_of = key_function(key, proxies)
         self.by_ip = key == "ip"  # the default key, called natively rather than through key_of
         self.headers = headers
-        self.message = message
+        self.message = window.message
         # the table of this limiter's settings and scope, found on the first request (it is
         # shared with the same limiter of earlier snapshots: counters survive reloads)
         self.bind = bind
         self.table: dict[str, int] | None = None
         self.sweep_at = _SWEEP_MIN
         self.clock: Callable[[], int] = time.monotonic_ns  # replaceable in tests
-        self.limit_header = (b"RateLimit-Limit", b"%d" % requests)
-        self.remaining_cache = [(_REMAINING, b"%d" % n) for n in range(min(burst + 2, 1024))]
-        longest = -(-(self.tolerance + self.interval) // 1_000_000_000) + 1
-        self.reset_cache = [(_RESET, b"%d" % n) for n in range(min(longest, 4096))]
         # The headers of a request that found its bucket empty (behind == interval): every
         # request of a client slower than the limit, so they are built once, not per response.
         self.idle_headers = self.rate_headers(self.interval)
@@ -178,7 +205,7 @@ class LocalLimiter:
         return None
 
     def on_response(self, ctx: Any, head: Any) -> None:
-        """The plugin's `on_response` hook (both stores): this request's RateLimit-* headers,
+        """The plugin's `on_response` hook (both stores): this request's rate-limit headers,
         in place of any the upstream sent."""
         if not self.headers:
             return
@@ -200,23 +227,15 @@ class LocalLimiter:
         headers.extend(self.idle_headers if behind == self.interval else self.rate_headers(behind))
 
     def rate_headers(self, behind: int) -> RateHeaders:
-        remaining = max(0, (self.tolerance - behind) // self.interval + 1)
-        reset = -(-behind // 1_000_000_000)  # ceil, in ints
-        # Both values are small and bounded, so their headers are built once (formatting two
-        # ints as bytes per response cost ~0.5 µs, a third of the plugin's whole cost).
-        rem, res = self.remaining_cache, self.reset_cache
-        return (
-            self.limit_header,
-            rem[remaining] if remaining < len(rem) else (_REMAINING, b"%d" % remaining),
-            res[reset] if reset < len(res) else (_RESET, b"%d" % reset),
-        )
+        w = self.window
+        remaining = w.remaining(behind)
+        return (w.limit_header, w.remaining_header(remaining), w.reset_header(behind))
 
     def reject(self, ctx: Any, behind: int) -> Response:
         """The 429 for a request `behind` ns behind its bucket."""
         scratch: dict[str, Any] = ctx.vars
         scratch[REJECTED] = True
-        retry = max(1, math.ceil((behind - self.tolerance) / 1e9))
-        headers = [(b"Retry-After", b"%d" % retry)]
+        headers = [(b"Retry-After", b"%d" % self.window.retry_after(behind))]
         if self.headers:
             headers.extend(self.rate_headers(behind))
         return reject(ctx, 429, "rate_limited", self.message, headers)
