@@ -115,6 +115,7 @@ async def local_gateway() -> AsyncIterator[GatewayProcess]:
             limited("n", "/n", requests=5, per="1m", burst=4),
             limited("edge", "/edge", requests=10, per="1s", burst=2),
             limited("burst", "/burst", requests=10, per="10s", burst=2),
+            limited("windows", "/windows", windows=TWO_WINDOWS),
         ],
     )
     async with Upstream() as up:
@@ -156,6 +157,51 @@ async def test_window_edges_never_double_the_limit(local_gateway: GatewayProcess
     assert len(admitted) <= 3 + math.ceil(span / 0.1) + 1
     assert len(admitted) >= 3 + int(seconds / 0.1) - 3  # and the full rate is delivered
     assert max_in_window(admitted, 1.0) <= 10 + 2 + 1  # requests + burst (+1: client clocks)
+
+
+# ============================================================================ several windows
+# 1 per 500 ms, and 2 an hour (both at once: burst 1, then one every 30 minutes)
+TWO_WINDOWS = [{"requests": 2, "per": "1h", "burst": 1}, {"requests": 1, "per": "500ms"}]
+
+
+async def check_two_windows(port: int, path: str) -> None:
+    """Admitted only when both windows admit; the refusals consume nothing; the headers."""
+    client = Client(port)
+    first = await client.get(path)
+    assert first.status == 200
+    assert {k: v for k, v in first.headers.items() if "ratelimit" in k} == {
+        "ratelimit-limit": "1",  # the 500ms window: 0 left
+        "ratelimit-remaining": "0",
+        "ratelimit-reset": "1",
+        "x-ratelimit-limit-500ms": "1",
+        "x-ratelimit-remaining-500ms": "0",
+        "x-ratelimit-limit-hour": "2",
+        "x-ratelimit-remaining-hour": "1",
+    }
+    refused = [await client.get(path) for _ in range(5)]  # the 500ms window refuses
+    assert [a.status for a in refused] == [429] * 5
+    assert {a.headers["retry-after"] for a in refused} == {"1"}
+    assert {a.headers["ratelimit-limit"] for a in refused} == {"1"}
+    assert {a.headers["x-ratelimit-remaining-hour"] for a in refused} == {"1"}
+    await asyncio.sleep(0.55)
+    second = await client.get(path)  # the refusals left the hour's second request
+    assert second.status == 200
+    assert second.headers["x-ratelimit-remaining-hour"] == "0"
+    # both windows at 0: the hour's reset is the longer
+    assert second.headers["ratelimit-limit"] == "2"
+    assert 3598 <= int(second.headers["ratelimit-reset"]) <= 3600
+    await asyncio.sleep(0.55)
+    third = await client.get(path)  # the 500ms window admits again, the hour refuses
+    assert third.status == 429
+    assert 1790 <= int(third.headers["retry-after"]) <= 1800
+    assert third.headers["ratelimit-limit"] == "2"
+    assert third.headers["x-ratelimit-remaining-500ms"] == "1"
+    assert b"2 requests per 1h" in third.body
+    await client.close()
+
+
+async def test_two_windows_in_process(local_gateway: GatewayProcess) -> None:
+    await check_two_windows(local_gateway.port, "/windows/echo")
 
 
 # ============================================================================ Redis
@@ -325,3 +371,49 @@ async def until_logged(gw: GatewayProcess, text: str, count: int, timeout: float
         )
         await asyncio.sleep(0.05)
     assert sum(text in line for line in gw.stderr_lines) == count
+
+
+async def test_two_windows_in_redis(redis: RedisServer) -> None:
+    """Every window in one script call, with keys that share a hash tag (one slot)."""
+    config = base_config(
+        store=redis.url,
+        services={"up": {"targets": []}},
+        routes=[limited("win", "/win", windows=TWO_WINDOWS, store_timeout="1s")],
+    )
+    async with Upstream() as up:
+        config["services"]["up"]["targets"] = [up.url]
+        async with GatewayProcess(config) as gw:
+            await check_two_windows(gw.port, "/win/echo")
+    store = RedisStore(redis.url, timeout=1.0)
+    try:
+        # (the 500ms window's key, "apigate:rl:{win:win}:500ms", expired with its last TAT)
+        keys = await store.call("KEYS", "apigate:rl:*")
+        assert keys == [b"apigate:rl:{win:win}:1h"]
+        seconds, micros = await store.call("TIME")
+        now_us = int(seconds) * 1_000_000 + int(micros)
+        ahead_us = int(await store.call("GET", keys[0])) - now_us
+        # two admissions, 30 minutes each; the six refusals added nothing
+        assert 3_590_000_000 < ahead_us <= 3_600_000_000
+    finally:
+        await store.close()
+
+
+async def test_the_script_refuses_in_every_window_or_none(redis: RedisServer) -> None:
+    """GCRA_SCRIPT over two keys: one window's refusal leaves the other's TAT alone."""
+    store = RedisStore(redis.url, timeout=1.0)
+    try:
+        keys = ["{k}:1s", "{k}:1h"]
+        args = [1_000_000, 0, 1_800_000_000, 1_800_000_000]  # 1 a second; 2 an hour, at once
+        first = await store.run_script(GCRA_SCRIPT, keys, args)
+        assert first[0] == 1 and 990_000 <= first[1] <= 1_000_000
+        assert 1_799_990_000 <= first[2] <= 1_800_000_000
+        for _ in range(3):
+            refused = await store.run_script(GCRA_SCRIPT, keys, args)
+            assert refused[0] == 0 and refused[2] <= 1_800_000_000  # the hour: untouched
+        await asyncio.sleep(1.0)
+        again = await store.run_script(GCRA_SCRIPT, keys, args)
+        assert again[0] == 1 and again[2] > 3_590_000_000
+        hour_ttl = await store.call("PTTL", "{k}:1h")
+        assert 3_590_000 <= hour_ttl <= 3_600_001
+    finally:
+        await store.close()

@@ -29,11 +29,12 @@ def local_limiter(
         tables.append({})
         return tables[-1]
 
-    window = Window(requests=requests, per=per, burst=burst, message="slow down")
+    window = Window(requests=requests, per=per, burst=burst, label="W", message="slow down")
     settings: dict[str, Any] = {
         "window": window,
         "key": "ip",
         "headers": True,
+        "kong_headers": False,
         "bind": bind,
         **overrides,
     }
@@ -70,7 +71,8 @@ def test_headers_replace_the_upstreams_and_are_absent_when_off() -> None:
     limiter, _ = local_limiter()
     ctx = make_ctx()
     assert limiter.on_request(ctx) is None
-    head = upstream_head([(b"RateLimit-Limit", b"9"), (b"X-A", b"1"), (b"rATELIMIT-x", b"2")])
+    upstream = [(b"RateLimit-Limit", b"9"), (b"X-A", b"1"), (b"rATELIMIT-x", b"2")]
+    head = upstream_head([*upstream, (b"x-ratelimit-remaining-minute", b"7")])
     limiter.on_response(ctx, head)
     assert head.headers == [
         (b"X-A", b"1"),
@@ -89,11 +91,39 @@ def test_values_beyond_the_precomputed_headers_are_formatted() -> None:
     limiter, _ = local_limiter(requests=1, per=10_000.0, burst=2000)
     window = limiter.window
     assert len(window.remaining_cache) == 1024 and len(window.reset_cache) == 4096
+    assert len(window.x_remaining_cache) == 1024
     assert limiter.rate_headers(limiter.interval) == (
         (b"RateLimit-Limit", b"1"),
         (b"RateLimit-Remaining", b"2000"),
         (b"RateLimit-Reset", b"10000"),
     )
+    limiter.kong_headers = True
+    assert limiter.rate_headers(limiter.interval)[3:] == (
+        (b"X-RateLimit-Limit-W", b"1"),
+        (b"X-RateLimit-Remaining-W", b"2000"),
+    )
+
+
+def test_kong_headers_add_the_windows_pair() -> None:
+    """`windows:` with one entry: the single form's limiter, plus Kong's pair."""
+    limiter, _ = local_limiter(requests=2, per=10.0, burst=1, kong_headers=True)
+    ctx = make_ctx()
+    assert limiter.on_request(ctx) is None
+    head = upstream_head([(b"X-RateLimit-Limit-W", b"9")])
+    limiter.on_response(ctx, head)
+    assert head.headers == [
+        (b"RateLimit-Limit", b"2"),
+        (b"RateLimit-Remaining", b"1"),
+        (b"RateLimit-Reset", b"5"),
+        (b"X-RateLimit-Limit-W", b"2"),
+        (b"X-RateLimit-Remaining-W", b"1"),
+    ]
+    assert limiter.on_request(make_ctx()) is None
+    denied = limiter.on_request(make_ctx())
+    assert isinstance(denied, Response) and denied.headers[-2:] == [
+        (b"X-RateLimit-Limit-W", b"2"),
+        (b"X-RateLimit-Remaining-W", b"0"),
+    ]
 
 
 def test_key_functions() -> None:
@@ -141,3 +171,7 @@ def test_the_upstreams_headers_go_even_with_no_decision_to_report() -> None:
     assert head.headers == [(b"X-A", b"1")]
     names = [b"ratelimit-policy", b"RATELIMIT", b"RateLimits", b"Retry-After", b"Referer"]
     assert [n for n in names if is_rate_limit_field(n)] == [b"ratelimit-policy", b"RATELIMIT"]
+    # Kong's per-window family (which the gateway sends too); GitHub's unsuffixed names pass
+    kong = [b"X-RateLimit-Limit-Minute", b"x-ratelimit-remaining-30s", b"X-RateLimit-Limit"]
+    kong += [b"X-RateLimit-Remaining", b"X-RateLimit-Reset", b"X-Request-Id"]
+    assert [n for n in kong if is_rate_limit_field(n)] == kong[:2]
