@@ -236,6 +236,7 @@ def test_null_service_and_null_plugin_mean_empty() -> None:
         ("5s", 5.0),
         ("1m", 60.0),
         ("1h", 3600.0),
+        ("1d", 86400.0),
         ("1.5s", 1.5),
         ("0.5m", 30.0),
         (" 10s ", 10.0),
@@ -251,7 +252,7 @@ def test_parse_duration(text: str | float, seconds: float) -> None:
 
 @pytest.mark.parametrize("bad", ["5x", "-1s", "", "s", "5 m s", "1e3", "1h30m", "5S"])
 def test_parse_duration_rejects(bad: str) -> None:
-    with pytest.raises(ValueError, match=r"invalid duration .*use e\.g\. 250ms, 5s, 1m, 1h"):
+    with pytest.raises(ValueError, match=r"invalid duration .*use e\.g\. 250ms, 5s, 1m, 1h, 1d"):
         parse_duration(bad)
 
 
@@ -296,7 +297,16 @@ def test_parse_percent_rejects(bad: Any) -> None:
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(0.25, "250ms"), (5.0, "5s"), (60.0, "1m"), (7200.0, "2h"), (90.0, "90s"), (1.5, "1.5s")],
+    [
+        (0.25, "250ms"),
+        (5.0, "5s"),
+        (60.0, "1m"),
+        (7200.0, "2h"),
+        (86400.0, "1d"),
+        (90000.0, "25h"),
+        (90.0, "90s"),
+        (1.5, "1.5s"),
+    ],
 )
 def test_format_duration(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
@@ -338,7 +348,7 @@ def test_bad_units_in_the_file_have_clear_errors() -> None:
     assert errors == [
         "limits.max_body_bytes: invalid size '10 megs': use e.g. 512, 32KiB, 10MiB, 1GiB "
         "(or KB, MB, GB)",
-        "limits.header_timeout: invalid duration '5x': use e.g. 250ms, 5s, 1m, 1h",
+        "limits.header_timeout: invalid duration '5x': use e.g. 250ms, 5s, 1m, 1h, 1d",
         "services.a.circuit_breaker.failure_rate: invalid percentage '150%': use e.g. 20% or "
         "0.2, between 0% and 100%",
     ]

@@ -306,7 +306,7 @@ def test_config_errors() -> None:
         {"windows": [window, {"requests": 1, "per": "1m", "burts": 1}]}
     )
     assert f"{where}.windows[0].per: invalid duration" in error(
-        {"windows": [{"requests": 1, "per": "1d"}]}
+        {"windows": [{"requests": 1, "per": "1w"}]}
     )
     neither = error({})
     assert f"{where}.requests: required" in neither and f"{where}.per: required" in neither

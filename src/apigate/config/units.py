@@ -5,7 +5,7 @@ for their own settings, a formatter that turns a value back into the shortest ex
 (used by `dump_config`, falling back to a plain number when no unit spells it exactly), and an
 `Annotated` pydantic type that wires both into a model field:
 
-    Duration  "250ms", "5s", "1m", "1h", "1.5s", 5 (seconds)      -> float seconds
+    Duration  "250ms", "5s", "1m", "1h", "1d", "1.5s", 5 (seconds) -> float seconds
     Size      512, "32KiB", "10MiB", "1GiB", "64KB", "10MB", "1GB" -> int bytes
     Percent   "20%", 0.2                                          -> float in 0..1
 """
@@ -36,11 +36,17 @@ __all__ = [
 ]
 
 _NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
-_DURATION_RE = re.compile(rf"{_NUMBER}\s*(ms|s|m|h)?")
+_DURATION_RE = re.compile(rf"{_NUMBER}\s*(ms|s|m|h|d)?")
 _SIZE_RE = re.compile(rf"{_NUMBER}\s*(B|KiB|MiB|GiB|KB|MB|GB)?")
 _PERCENT_RE = re.compile(rf"{_NUMBER}\s*(%)?")
 
-_DURATION_UNITS = {"ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60), "h": Decimal(3600)}
+_DURATION_UNITS = {
+    "ms": Decimal("0.001"),
+    "s": Decimal(1),
+    "m": Decimal(60),
+    "h": Decimal(3600),
+    "d": Decimal(86400),  # (a rate limit per day, as Kong's `day`)
+}
 _SIZE_UNITS = {
     "B": 1,
     "KiB": 1 << 10,
@@ -51,7 +57,7 @@ _SIZE_UNITS = {
     "GB": 10**9,
 }
 
-_DURATION_HINT = "use e.g. 250ms, 5s, 1m, 1h"
+_DURATION_HINT = "use e.g. 250ms, 5s, 1m, 1h, 1d"
 _SIZE_HINT = "use e.g. 512, 32KiB, 10MiB, 1GiB (or KB, MB, GB)"
 _PERCENT_HINT = "use e.g. 20% or 0.2, between 0% and 100%"
 
@@ -69,7 +75,7 @@ def _split(pattern: re.Pattern[str], value: object) -> tuple[Decimal, str | None
 
 
 def parse_duration(value: str | float) -> float:
-    """Seconds from "250ms", "5s", "1m", "1h", "1.5s" or a bare number of seconds."""
+    """Seconds from "250ms", "5s", "1m", "1h", "1d", "1.5s" or a bare number of seconds."""
     split = _split(_DURATION_RE, value)
     if split is None:
         raise ValueError(f"invalid duration {value!r}: {_DURATION_HINT}")
@@ -109,7 +115,9 @@ def format_duration(seconds: float) -> str | float:
     if seconds == 0:
         return "0s"
     candidates = [
-        f"{int(seconds // f)}{u}" for u, f in (("h", 3600), ("m", 60)) if seconds % f == 0
+        f"{int(seconds // f)}{u}"
+        for u, f in (("d", 86400), ("h", 3600), ("m", 60))
+        if seconds % f == 0
     ]
     milliseconds = f"{round(seconds * 1000, 6):g}ms"
     if seconds < 1:
