@@ -25,7 +25,7 @@ from apigate.plugins.chain import PluginChain, build_chain
 from apigate.proxy.aggregate import Handler, build_aggregate_handler
 from apigate.registry.service import Service
 from apigate.routing.matcher import Matcher, RouteSpec, RouteSpecError
-from apigate.routing.rewrite import compile_template, strip
+from apigate.routing.rewrite import compile_template, has_bad_segment, strip
 
 _generations: Final = itertools.count(1)
 
@@ -43,11 +43,20 @@ class CompiledRoute:
     preserve_host: bool = False
 
     def upstream_path(self, path: str, prefix: str, params: dict[str, str]) -> str:
+        """The path sent upstream; ValueError when it would have a dot or empty segment."""
         if self.rewrite is not None:  # the template replaces the matched prefix
-            return self.rewrite(params, path[len(prefix) :])
-        if self.strip_prefix:
-            return strip(path, prefix)
-        return path
+            sent = self.rewrite(params, path[len(prefix) :])
+        elif self.strip_prefix:
+            sent = strip(path, prefix)
+        else:
+            return path
+        end = len(prefix)
+        if end < len(path) and path[end] != "/" and prefix[-1:] != "/" and has_bad_segment(sent):
+            # A regex path may end inside a segment (`~/svc/v\d+` on /svc/v1../x): the rest
+            # starts a segment of its own upstream, and `..` there climbed out of the base
+            # path. (A prefix path always ends on a segment boundary of a normalised path.)
+            raise ValueError(f"{path!r} would go upstream as {sent!r}")
+        return sent
 
     def plugin_settings(self) -> frozenset[tuple[str, str]]:
         """(name, settings) of each plugin the route runs: whether another route asks for

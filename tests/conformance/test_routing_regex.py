@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.conformance.conftest import proxied
+from tests.conformance.conftest import assert_rejected, proxied
 from tests.support.client import request
 from tests.support.env import Env, env_fixture, shared_env_fixture
 from tests.support.gateway import base_config
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 def _config(up: Upstream) -> dict[str, Any]:
     return base_config(
-        services={"up": {"targets": [up.url]}},
+        services={"up": {"targets": [up.url]}, "based": {"targets": [up.url + "/base"]}},
         routes=[
             {"name": "all", "match": {"paths": ["/"]}, "service": "up"},
             {  # deeper than the regex's literal start, yet the regex comes first
@@ -57,6 +57,18 @@ def _config(up: Upstream) -> dict[str, Any]:
                 "match": {"paths": [r"~/p/(?<n>\d+)$"], "regex_priority": 1},
                 "service": "up",
                 "rewrite": "/number/{n}",
+            },
+            {
+                "name": "fixed",
+                "match": {"paths": [r"~/rw"]},
+                "service": "up",
+                "rewrite": "/internal/public",
+            },
+            {
+                "name": "based",
+                "match": {"paths": [r"~/b\d"]},
+                "service": "based",
+                "strip_prefix": True,
             },
             {
                 "name": "dashboard",
@@ -105,3 +117,23 @@ async def test_an_aggregate_part_path_uses_a_named_group(env: Env) -> None:
     resp, _ = await request(env.port, b"GET /dash/42 HTTP/1.1\r\nHost: x\r\n\r\n", close_wait=0.05)
     assert resp.status == 200, resp.body
     assert [r.path for r in env.up.received] == ["/profile/42"]
+
+
+@pytest.mark.parametrize(
+    "target",
+    [b"/svc/v1../secret", b"/svc/v1%2e%2e/x", b"/svc/v1./x", b"/rw../admin", b"/b1../secret"],
+)
+async def test_a_regex_that_ends_inside_a_segment_makes_no_dot_segment_upstream(
+    env: Env, target: bytes
+) -> None:
+    """A regex match may end inside a segment: what follows it starts a segment of its own
+    upstream after strip_prefix or a rewrite, and `..` there climbed out of the service's
+    base path (`/b1../secret` reached the upstream as `/base/../secret`)."""
+    await assert_rejected(
+        env, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n", 400, closed=False
+    )
+
+
+async def test_a_regex_that_ends_inside_a_segment_may_still_strip(env: Env) -> None:
+    _, got = await proxied(env, b"GET /b1x/y HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert got.path == "/base/x/y"

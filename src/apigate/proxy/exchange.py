@@ -354,8 +354,8 @@ class ProxyExchange(UpstreamListener):
                 raise GatewayError(413, f"request body larger than {limit} bytes")
         try:
             self.upstream_path = route.upstream_path(req.path, result.prefix, result.params)
-        except ValueError:  # a captured value that would make a dot or empty segment
-            raise GatewayError(400, "path parameter not allowed in rewrite") from None
+        except ValueError:  # a captured value, or a regex's rest, would make a dot segment
+            raise GatewayError(400, "invalid path for this route's upstream") from None
 
     def _run_request_hooks(self, index: int) -> None:
         assert self.route is not None

@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 from apigate.routing.normalize import normalize_path
 
-__all__ = ["Template", "compile_template", "encode_param", "strip"]
+__all__ = ["Template", "compile_template", "encode_param", "has_bad_segment", "strip"]
 
 Template = Callable[[dict[str, str], str], str]
 """A compiled rewrite: ``(params, rest) -> upstream path``."""
