@@ -3,13 +3,17 @@ that everything else reaches the plugin's full `on_request` untouched, with the 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from apigate.plugins.base import Plugin, PluginConfig
 from apigate.plugins.cache import CachePlugin
 from apigate.plugins.cache_hit import MemoryHits
+from apigate.plugins.chain import PluginChain
 from tests.unit.test_cache_plugin import Ctx, cache, header, hit, upstream
+from tests.unit.test_plugin_fakes import make_env
 
 
 class Spy:
@@ -167,3 +171,29 @@ def test_the_redis_store_keeps_the_plugins_own_hooks() -> None:
     assert not isinstance(plugin.on_request.__self__, MemoryHits)
     assert plugin.on_request.__func__ is CachePlugin.on_request  # type: ignore[attr-defined]
     assert plugin.on_log.__func__ is CachePlugin.on_log  # type: ignore[attr-defined]
+
+
+class _Stamp(Plugin):
+    """A plugin above the cache whose response hook marks what it decorated."""
+
+    name = "stamp"
+    priority = 900
+
+    def on_response(self, ctx: Any, head: Any) -> None:
+        head.headers.append((b"X-Stamp", b"1"))
+
+
+def test_a_stale_answer_is_decorated_by_the_plugins_above() -> None:
+    """The stale answer goes out without the exchange's decoration, so the plugin finds its
+    own place in the chain to apply the hooks above it: by its hook, which is MemoryHits's
+    now (review: it found none, and sent the stored rate-limit headers instead of fresh)."""
+    plugin, clock = cache(stale_if_error="1m")
+    chain = PluginChain([plugin, _Stamp(PluginConfig(), make_env())])
+    stored(plugin)
+    clock.now += 70  # stale, within stale-if-error
+    failing = Ctx()
+    failing.route = SimpleNamespace(name="r", chain=chain)
+    assert plugin.on_request(failing) is None
+    response = hit(failing.vars["stale_response"]())
+    assert header(response, b"X-Stamp") == b"1"
+    assert header(response, b"X-Cache") == b"STALE"

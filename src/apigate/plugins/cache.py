@@ -283,6 +283,7 @@ class CachePlugin(Plugin):
         self._flights: dict[str, _Flight] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         _LIVE.add(self)
+        self._hits: MemoryHits | None = None  # the memory store's hooks, when they are ours
         if isinstance(self.store, MemoryStore):
             # A hit is answered compiled (cache_hit); the rest comes back to these methods,
             # bound here before the instance attributes hide them (as the jwt plugin does).
@@ -294,6 +295,7 @@ class CachePlugin(Plugin):
                 self.on_response_end,
                 self.on_log,
             )
+            self._hits = hits
             self.on_request = hits.on_request  # type: ignore[method-assign]
             self.on_response_end = hits.on_response_end  # type: ignore[method-assign]
             self.on_log = hits.on_log  # type: ignore[method-assign]
@@ -468,7 +470,8 @@ class CachePlugin(Plugin):
         if chain is None:
             return headers
         for index, hook in enumerate(chain.request_hooks):
-            if getattr(hook, "__self__", None) is self:
+            owner = getattr(hook, "__self__", None)
+            if owner is self or (owner is not None and owner is self._hits):
                 decorators = chain.respond_hooks[index]
                 break
         else:
