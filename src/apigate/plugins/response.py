@@ -10,8 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mypy_extensions import mypyc_attr
 
-@dataclass
+
+# A plugin may subclass it (a JSONResponse of its own): compiled, that needs saying so.
+@mypyc_attr(allow_interpreted_subclasses=True)
+@dataclass(slots=True)
 class Response:
     """A response a plugin produces instead of proxying."""
 
