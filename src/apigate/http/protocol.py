@@ -873,10 +873,11 @@ class ClientConnection(asyncio.Protocol):
 
     def may_discard(self, ex: Exchange) -> bool:
         """May an answer that `ex` gives before its request body was read keep the connection
-        open? Yes when the rest of the body has a declared length of at most _DISCARD_MAX:
-        it is read and dropped, and the next request is read after it (nginx's
-        discard_request_body; Kong answers a 401 or a 429 to a POST so). A chunked body has no
-        length to bound that by: it closes (with a lingering close, see close_lingering). The
+        open? Yes when the rest of the body has a declared length of at most _DISCARD_MAX,
+        the whole within the body limit in force: it is read and dropped, and the next
+        request is read after it (nginx's discard_request_body; Kong answers a 401 or a 429
+        to a POST so). A chunked body has no length to bound that by: it closes (with a
+        lingering close, see close_lingering). The
         exchange also leaves out a client that waits for a 100 (Continue) it never got: it
         may send no body at all, and its next request would be read as the body."""
         req = ex.request
@@ -885,6 +886,7 @@ class ClientConnection(asyncio.Protocol):
             ex is self._parsing
             and length is not None
             and not req.chunked
+            and length <= self._max_body  # (a 404 comes before the 413 that would say so)
             and length - req.body_received <= _DISCARD_MAX
         )
 
