@@ -262,6 +262,20 @@ async def test_other_early_answers_to_a_body_keep_the_connection_too(
     assert [r.path for r in setup.up.received[seen:]] == [f"/open/after-{status}"]
 
 
+@pytest.mark.parametrize("path", ["/retired", "/nowhere"])  # a plugin's answer; a 404
+async def test_an_http10_client_is_told_its_connection_stays(setup: Setup, path: str) -> None:
+    """RFC 9112 §9.3: an HTTP/1.0 connection persists only when the answer says keep-alive.
+    The gateway's own answers kept it open without saying so (review), as proxied ones do."""
+    data = (
+        b"GET %s HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+        b"GET /open/after HTTP/1.0\r\n\r\n" % path.encode()
+    )
+    raw = await raw_request(setup.gw.port, data, until_close=True)
+    first, second = raw.split(b"HTTP/1.1 ")[1:]
+    assert b"\r\nConnection: keep-alive\r\n" in first
+    assert second.startswith(b"200 ")
+
+
 async def test_an_upload_waiting_for_100_continue_gets_the_answer_and_a_close(
     setup: Setup,
 ) -> None:

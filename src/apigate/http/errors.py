@@ -68,9 +68,11 @@ def render_response(
     headers: list[tuple[bytes, bytes]] | None = None,
     keep_alive: bool = True,
     head_only: bool = False,
+    http10: bool = False,
 ) -> bytes:
     """A complete HTTP/1.1 response as one bytes object (one write). (`headers` is a list:
-    compiled, a list of tuples is walked natively, an Iterable through the iterator protocol.)"""
+    compiled, a list of tuples is walked natively, an Iterable through the iterator protocol.)
+    `http10`: the request was HTTP/1.0, whose keep-alive must be said (RFC 9112 §9.3)."""
     parts = [status_line(status), SERVER_HEADER, DATE.value]
     if headers is not None:
         for name, value in headers:
@@ -81,6 +83,8 @@ def render_response(
         parts.append(b"Content-Length: %d\r\n" % len(body))
     if not keep_alive:
         parts.append(b"Connection: close\r\n")
+    elif http10:
+        parts.append(b"Connection: keep-alive\r\n")
     parts.append(b"\r\n")
     if not head_only:
         parts.append(body)
@@ -94,12 +98,17 @@ def body_size(response: bytes) -> int:
 
 
 def render_error(
-    err: GatewayError, request_id: str | None, *, keep_alive: bool, head_only: bool = False
+    err: GatewayError,
+    request_id: str | None,
+    *,
+    keep_alive: bool,
+    head_only: bool = False,
+    http10: bool = False,
 ) -> bytes:
     body = json_body(err.code, err.message, request_id)
     headers = list(err.headers)
     if request_id:
         headers.append((b"X-Request-Id", request_id.encode()))
     return render_response(
-        err.status, body, headers=headers, keep_alive=keep_alive, head_only=head_only
+        err.status, body, headers=headers, keep_alive=keep_alive, head_only=head_only, http10=http10
     )

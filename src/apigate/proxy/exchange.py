@@ -974,6 +974,7 @@ class ProxyExchange(UpstreamListener):
             headers=headers,
             keep_alive=keep_alive,
             head_only=req.method == "HEAD",
+            http10=req.version == "1.0",
         )
 
     def fail(self, err: GatewayError) -> None:
@@ -1009,7 +1010,11 @@ class ProxyExchange(UpstreamListener):
         self.error = err.message
         keep_alive = self._answer_keeps_alive(err.status)
         out = render_error(
-            err, req.request_id, keep_alive=keep_alive, head_only=req.method == "HEAD"
+            err,
+            req.request_id,
+            keep_alive=keep_alive,
+            head_only=req.method == "HEAD",
+            http10=req.version == "1.0",
         )
         self.bytes_sent = body_size(out)  # the body, as for a proxied one
         self.conn.write(out)
