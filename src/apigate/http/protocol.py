@@ -877,9 +877,9 @@ class ClientConnection(asyncio.Protocol):
         the whole within the body limit in force: it is read and dropped, and the next
         request is read after it (nginx's discard_request_body; Kong answers a 401 or a 429
         to a POST so). A chunked body has no length to bound that by: it closes (with a
-        lingering close, see close_lingering). The
-        exchange also leaves out a client that waits for a 100 (Continue) it never got: it
-        may send no body at all, and its next request would be read as the body."""
+        lingering close, see close_lingering). The exchange also leaves out a client that
+        waits for a 100 (Continue) it never got: it may send no body at all, and its next
+        request would be read as the body."""
         req = ex.request
         length = req.content_length
         return (
