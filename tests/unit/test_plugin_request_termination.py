@@ -13,7 +13,7 @@ from apigate.config.errors import ConfigError
 from apigate.config.schema import GatewayConfig
 from apigate.plugins.base import PluginEnv
 from apigate.plugins.chain import PluginChain
-from apigate.plugins.request_termination import error_code, has_query_param
+from apigate.plugins.request_termination import error_code
 from tests.unit.test_plugin_fakes import body, build, make_ctx, make_route, resolve
 
 
@@ -214,11 +214,6 @@ def test_trigger_by_header_or_query_parameter(
 ) -> None:
     outcome = answer({"trigger": "X-Debug"}, "GET", "/", headers, query=query)
     assert (outcome is not None) is answered
-
-
-def test_has_query_param() -> None:
-    assert has_query_param(b"a&b=1", b"a") and has_query_param(b"a&b=1", b"b")
-    assert not has_query_param(b"ab=1", b"a")
 
 
 # ---------------------------------------------------------------------- place in the chain

@@ -28,7 +28,6 @@ import re
 from collections.abc import Iterable, Mapping
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import unquote_to_bytes
 
 from pydantic import field_validator, model_validator
 
@@ -36,6 +35,7 @@ from apigate.config.errors import located_error
 from apigate.http.headers import FORWARDING, HOP_BY_HOP, IDENTITY, is_token
 from apigate.plugins.base import Plugin, PluginConfig, PluginEnv, Response
 from apigate.plugins.identity import StrictPluginConfig, reject
+from apigate.plugins.transform import query_value
 from apigate.redaction import REDACTED, SECRET_QUERY_PARAMS, is_credential_name, redact_query
 
 DEFAULT_CONTENT_TYPE = "application/json; charset=utf-8"
@@ -146,15 +146,6 @@ def _strings(values: Any) -> Iterable[str]:
     return [v for v in values if isinstance(v, str)] if isinstance(values, list) else ()
 
 
-def has_query_param(query: bytes, name: bytes) -> bool:
-    """Whether `query` (raw, without "?") has a parameter `name` (decoded; any value or none)."""
-    for pair in query.split(b"&"):
-        key = pair.partition(b"=")[0]
-        if key == name or (b"%" in key and unquote_to_bytes(key) == name):
-            return True
-    return False
-
-
 class RequestTerminationPlugin(Plugin):
     name = "request_termination"
     # After authentication (jwt 1450, key_auth 1250, basic_auth 1100), acl (950) and
@@ -178,7 +169,7 @@ class RequestTerminationPlugin(Plugin):
         self._content_type = config.content_type.encode("ascii")
         trigger = config.trigger
         self._trigger = trigger.lower() if trigger is not None else None
-        self._trigger_param = trigger.encode() if trigger is not None else b""
+        self._trigger_param = trigger or ""
         # (read from the whole file once per snapshot, for the echo only)
         headers, params = credential_fields(env.config) if config.echo else ((), ())
         self._secret_headers = frozenset(headers)
@@ -200,7 +191,8 @@ class RequestTerminationPlugin(Plugin):
         assert self._trigger is not None
         if req.header(self._trigger) is not None:
             return True
-        return bool(req.query) and has_query_param(req.query, self._trigger_param)
+        # (a parameter given without a value, `?X-Debug`, is there: its value is "")
+        return bool(req.query) and query_value(req.query, self._trigger_param) is not None
 
     def _echo(self, ctx: Any) -> bytes:
         req = ctx.request
