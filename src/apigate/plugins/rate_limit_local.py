@@ -186,6 +186,17 @@ def own_headers(head: Any) -> list[tuple[bytes, bytes]]:
     return headers
 
 
+def _forget(table: dict[str, Any], stale: list[str]) -> int:
+    """Drop the `stale` keys of a limiter's table, and its oldest half past _MAX_KEYS; the
+    table size at which the next sweep comes."""
+    for key in stale:
+        del table[key]
+    if len(table) > _MAX_KEYS:
+        for key in list(islice(table, len(table) // 2)):
+            del table[key]
+    return max(2 * len(table), _SWEEP_MIN)
+
+
 class LocalLimiter:
     """One window's limiter: its settings, its table of TATs (bound on the first request, see
     `bind`) and its headers, precomputed where they are few."""
@@ -248,15 +259,7 @@ class LocalLimiter:
         in place of any the upstream sent."""
         if not self.headers:
             return
-        headers: list[tuple[bytes, bytes]] = head.headers
-        for name, _ in headers:
-            # the upstream's own rate-limit fields would contradict ours; `| 32` lower-cases
-            # the first byte, so only names starting with R/r or X/x pay for the comparison
-            # (own_headers, inlined: this hook runs on every proxied response)
-            if name and name[0] | 32 in (114, 120) and is_rate_limit_field(name):
-                headers = [h for h in headers if not is_rate_limit_field(h[0])]
-                head.headers = headers
-                break
+        headers = own_headers(head)
         scratch: dict[str, Any] = ctx.vars
         behind: int | None = scratch.get("rate_limit")
         if behind is None:
@@ -290,12 +293,7 @@ class LocalLimiter:
 
     def sweep(self, table: dict[str, int], now: int) -> None:
         """Forget the keys whose bucket is empty again (and the oldest half past _MAX_KEYS)."""
-        for key in [k for k, tat in table.items() if tat <= now]:
-            del table[key]
-        if len(table) > _MAX_KEYS:
-            for key in list(islice(table, len(table) // 2)):
-                del table[key]
-        self.sweep_at = max(2 * len(table), _SWEEP_MIN)
+        self.sweep_at = _forget(table, [k for k, tat in table.items() if tat <= now])
 
 
 class WindowsLimiter:
@@ -405,9 +403,4 @@ class WindowsLimiter:
     def sweep(self, table: dict[str, list[int]], now: int) -> None:
         """Forget the keys whose every window is empty again (and the oldest half past
         _MAX_KEYS)."""
-        for key in [k for k, tats in table.items() if max(tats) <= now]:
-            del table[key]
-        if len(table) > _MAX_KEYS:
-            for key in list(islice(table, len(table) // 2)):
-                del table[key]
-        self.sweep_at = max(2 * len(table), _SWEEP_MIN)
+        self.sweep_at = _forget(table, [k for k, tats in table.items() if max(tats) <= now])
