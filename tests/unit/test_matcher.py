@@ -27,6 +27,7 @@ def route(
     methods: Sequence[str] | None = None,
     hosts: Sequence[str] | None = None,
     headers: Mapping[str, str] | None = None,
+    priority: int = 0,
 ) -> RouteSpec:
     return RouteSpec(
         name=name,
@@ -34,6 +35,7 @@ def route(
         methods=frozenset(methods) if methods is not None else None,
         hosts=tuple(hosts) if hosts is not None else None,
         headers=tuple(headers.items()) if headers is not None else None,
+        regex_priority=priority,
     )
 
 

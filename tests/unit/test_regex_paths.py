@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,29 +15,12 @@ from hypothesis import strategies as st
 
 from apigate.cli import main as cli_main
 from apigate.config import ConfigError, parse_config, parse_path_pattern
-from apigate.routing.matcher import Match, Matcher, NoMatch, RouteSpec, RouteSpecError
+from apigate.routing.matcher import Match, Matcher, NoMatch, RouteSpecError
 from apigate.routing.regex_path import compile_path_regex, literal_prefix
 from apigate.routing.rewrite import compile_template, strip
+from tests.unit.test_matcher import matched, route
 
 USER = r"~/api/v\d+/users/(?<id>\d+)$"
-
-
-def route(
-    name: str,
-    *paths: str,
-    methods: Sequence[str] | None = None,
-    hosts: Sequence[str] | None = None,
-    headers: Mapping[str, str] | None = None,
-    priority: int = 0,
-) -> RouteSpec:
-    return RouteSpec(
-        name=name,
-        paths=paths,
-        methods=frozenset(methods) if methods is not None else None,
-        hosts=tuple(hosts) if hosts is not None else None,
-        headers=tuple(headers.items()) if headers is not None else None,
-        regex_priority=priority,
-    )
 
 
 def match(
@@ -49,11 +32,6 @@ def match(
     headers: Mapping[str, str] | None = None,
 ) -> Match | NoMatch:
     return matcher.match(host, method, path, (headers or {}).get)
-
-
-def matched(matcher: Matcher, path: str, **kwargs: Any) -> str | None:
-    result = match(matcher, path, **kwargs)
-    return result.spec.name if isinstance(result, Match) else None
 
 
 # --- matching ---------------------------------------------------------------------------------
