@@ -62,8 +62,8 @@ for it; a plugin that makes a response depend on a request header must add that 
   client goes away before the response is over (before `on_response_end`): its flight is
   then handed over (see Coalescing).
 - Both stale answers go out without the exchange's decoration, so the plugin applies the
-  response hooks of the plugins above it itself (`chain.respond_hooks` for its own request
-  hook), as the exchange does for a HIT: CORS headers are on a STALE answer too.
+  response hooks of the plugins above it itself (`chain.decorators_of(plugin)`), as the
+  exchange does for a HIT: CORS headers are on a STALE answer too.
 
 ## Coalescing
 
@@ -283,7 +283,6 @@ class CachePlugin(Plugin):
         self._flights: dict[str, _Flight] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         _LIVE.add(self)
-        self._hits: MemoryHits | None = None  # the memory store's hooks, when they are ours
         if isinstance(self.store, MemoryStore):
             # A hit is answered compiled (cache_hit); the rest comes back to these methods,
             # bound here before the instance attributes hide them (as the jwt plugin does).
@@ -295,7 +294,6 @@ class CachePlugin(Plugin):
                 self.on_response_end,
                 self.on_log,
             )
-            self._hits = hits
             self.on_request = hits.on_request  # type: ignore[method-assign]
             self.on_response_end = hits.on_response_end  # type: ignore[method-assign]
             self.on_log = hits.on_log  # type: ignore[method-assign]
@@ -469,13 +467,7 @@ class CachePlugin(Plugin):
         chain = getattr(getattr(ctx, "route", None), "chain", None)
         if chain is None:
             return headers
-        for index, hook in enumerate(chain.request_hooks):
-            owner = getattr(hook, "__self__", None)
-            if owner is self or (owner is not None and owner is self._hits):
-                decorators = chain.respond_hooks[index]
-                break
-        else:
-            return headers
+        decorators = chain.decorators_of(self)
         if not decorators:
             return headers
         head = ResponseHead()

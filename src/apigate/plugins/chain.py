@@ -64,6 +64,7 @@ class PluginChain:
         "plugins",
         "request_body_plugins",
         "request_hooks",
+        "request_owners",
         "respond_hooks",
         "response_body_plugins",
         "response_hooks",
@@ -93,6 +94,7 @@ class PluginChain:
         # the plugins that ran before it still decorate it (CORS, rate-limit headers), as in
         # Kong: respond_hooks[i] are those for a response returned by request hook i.
         owners = [p for p in self.plugins if hasattr(p, "on_request")]
+        self.request_owners = owners  # the plugin of each request hook
         self.respond_hooks: list[list[Callable[..., Any]]] = [
             [
                 p.on_response
@@ -101,6 +103,15 @@ class PluginChain:
             ]
             for owner in owners
         ]
+
+    def decorators_of(self, plugin: Plugin) -> list[Callable[..., Any]]:
+        """The response hooks that decorate a response `plugin` made in its on_request (see
+        respond_hooks), found by the plugin: its hook may be another object's method (the
+        built-ins bind their compiled halves' methods), so the hook's owner cannot tell."""
+        for index, owner in enumerate(self.request_owners):
+            if owner is plugin:
+                return self.respond_hooks[index]
+        return []
 
     def _hooks(self, name: str) -> list[Callable[..., Any]]:
         return [getattr(p, name) for p in self.plugins if hasattr(p, name)]
