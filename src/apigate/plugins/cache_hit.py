@@ -55,6 +55,33 @@ def same_vary(variant: CacheEntry | None, marker: CacheEntry) -> CacheEntry | No
     return None
 
 
+def request_fields(
+    headers: list[tuple[bytes, bytes]],
+) -> tuple[str | None, str | None, bool, bool]:
+    """Cache-Control, Pragma, whether Authorization is present and whether a precondition
+    (If-None-Match, If-Modified-Since) is, in one pass over the headers (a `Request.header`
+    scan per field cost as much again for each, on every request of the route)."""
+    cache_control = pragma = None
+    authorization = precondition = False
+    for name, value in headers:
+        size = len(name)
+        if size == 13:
+            lname = name.lower()
+            if lname == b"cache-control":
+                text = value.decode("latin-1")
+                cache_control = text if cache_control is None else cache_control + ", " + text
+            elif lname == b"authorization":
+                authorization = True
+            elif lname == b"if-none-match":
+                precondition = True
+        elif size == 6:
+            if name.lower() == b"pragma":
+                pragma = value.decode("latin-1")
+        elif size == 17 and name.lower() == b"if-modified-since":
+            precondition = True
+    return cache_control, pragma, authorization, precondition
+
+
 def base_key(ctx: Any, req: Request, include_consumer: bool) -> str:
     """The key of the target's entry (or Vary marker): route, GET, path?query, Host (the
     target key, `cache_store.target_of`), the path sent upstream when it is not the client's
@@ -96,19 +123,9 @@ class MemoryHits:
         method = req.method
         if method != "GET" and method != "HEAD":
             return self.full(ctx)
-        auth = False
-        for name, _ in req.headers:
-            size = len(name)
-            if size == 13:
-                lname = name.lower()
-                if lname == b"authorization":
-                    auth = True
-                elif lname == b"cache-control" or lname == b"if-none-match":
-                    return self.full(ctx)
-            elif size == 6 or size == 17:
-                lname = name.lower()
-                if lname == b"pragma" or lname == b"if-modified-since":
-                    return self.full(ctx)
+        cache_control, pragma, auth, precondition = request_fields(req.headers)
+        if cache_control is not None or pragma is not None or precondition:
+            return self.full(ctx)
         base = base_key(ctx, req, self.include_consumer)
         now: float = self.owner.clock()
         store = self.store
