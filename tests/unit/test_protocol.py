@@ -1055,6 +1055,45 @@ def test_field_tables_by_spelling_agree_with_the_lower_case_ones() -> None:
         assert as_sent[b"User-Agent"] == as_sent[b"content-type"] == 0
 
 
+def test_the_length_filter_passes_every_special_response_name() -> None:
+    """The upstream parser looks a name up only when its length is a special name's: each
+    special name, in any case, must pass; names of other lengths are end-to-end fields."""
+    from apigate.http import upstream
+    from apigate.http.headers import may_be, name_lengths
+
+    lengths = upstream._RESPONSE_SPECIAL_LENGTHS
+    for name in upstream._RESPONSE_SPECIAL_AS_SENT:
+        if upstream._RESPONSE_SPECIAL_AS_SENT[name]:
+            assert may_be(lengths, name), name
+    for name in (b"Date", b"Server", b"Cache-Control", b"ETag", b"", b"x" * 300):
+        assert not may_be(lengths, name), name
+    assert name_lengths([b"ab", b"abcd"]) == b"\x00\x00\x01\x00\x01"
+
+
+@pytest.mark.parametrize("value", [b"0", b"13", b"007", b"18446744073709551616" * 2])
+def test_parse_length_reads_digits_as_int_does(value: bytes) -> None:
+    from apigate.http.headers import parse_length
+
+    assert parse_length(value) == int(value)
+
+
+@pytest.mark.parametrize("value", [b"", b"1a", b"-1", b"+1", b"1 2", b"\xd9\xa1"])
+def test_parse_length_leaves_anything_but_digits_to_int(value: bytes) -> None:
+    """llhttp accepts only digits; should anything else reach it, int() decides as before
+    (it raises on all of these but accepts what it always accepted)."""
+    from apigate.http.headers import parse_length
+
+    try:
+        expected: int | type[ValueError] = int(value)
+    except ValueError:
+        expected = ValueError
+    if expected is ValueError:
+        with pytest.raises(ValueError):
+            parse_length(value)
+    else:
+        assert parse_length(value) == expected
+
+
 def test_request_start_is_the_wall_clock_time_of_its_first_byte() -> None:
     """Request.start is derived from the loop's monotonic clock reading the connection took
     at the first byte (the loop's clock is time.monotonic-based)."""

@@ -52,6 +52,7 @@ from apigate.http.headers import (
     by_spelling,
     connection_tokens,
     forwarding_lines,
+    parse_length,
     underscore_spellings,
     valid_host,
     valid_request_id,
@@ -533,7 +534,7 @@ class ClientConnection(asyncio.Protocol):
                 self._host = value.decode("latin-1").lower()
             req.host = self._host  # sent upstream by the exchange
         elif kind == _H_CONTENT_LENGTH:
-            req.content_length = int(value)  # llhttp validated digits and duplicates
+            req.content_length = parse_length(value)  # llhttp validated digits, duplicates
         elif kind == _H_TRANSFER_ENCODING:
             self._te_values.append(value)
         elif kind == _H_CONNECTION:

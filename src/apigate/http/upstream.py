@@ -27,7 +27,15 @@ from typing import TYPE_CHECKING, Final, cast
 import httptools
 from mypy_extensions import mypyc_attr
 
-from apigate.http.headers import HOP_BY_HOP, HeaderList, by_spelling, connection_tokens
+from apigate.http.headers import (
+    HOP_BY_HOP,
+    HeaderList,
+    by_spelling,
+    connection_tokens,
+    may_be,
+    name_lengths,
+    parse_length,
+)
 
 if TYPE_CHECKING:
     from apigate.http.pool import Pool
@@ -138,6 +146,7 @@ _RESPONSE_SPECIAL: Final[dict[bytes, int]] = {
     b"x-request-id": _R_DROP,
 }
 _RESPONSE_SPECIAL_AS_SENT: Final = by_spelling(_RESPONSE_SPECIAL)  # 0: an end-to-end field
+_RESPONSE_SPECIAL_LENGTHS: Final = name_lengths(_RESPONSE_SPECIAL)
 
 
 def _head_too_large() -> InvalidResponse:
@@ -375,13 +384,16 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if value and (value[-1] == 32 or value[-1] == 9):
             value = value.rstrip(b" \t")  # llhttp keeps trailing OWS; not part of the value
+        if not may_be(_RESPONSE_SPECIAL_LENGTHS, name):
+            head.headers.append((name, value))
+            return
         kind = _RESPONSE_SPECIAL_AS_SENT.get(name)
         if kind is None:
             kind = _RESPONSE_SPECIAL.get(name.lower(), 0)
         if kind == 0:
             head.headers.append((name, value))
         elif kind == _R_CONTENT_LENGTH:
-            head.content_length = int(value)
+            head.content_length = parse_length(value)
         elif kind == _R_TRANSFER_ENCODING:
             # Only "chunked" can be proxied: we decode it and re-frame the body. Any other
             # coding ("gzip, chunked") would reach the client decoded of its chunking but still
