@@ -116,15 +116,18 @@ def cmd_routes(args: argparse.Namespace) -> int:
         compiled = runtime.routes.get(str(entry["name"]))
         # (the table's own rows hold no service: the matcher knows routes only)
         entry["service"] = compiled.service.name if compiled and compiled.service else None
+        # the plugins a request on the route meets, global ones included, in the order they run
+        entry["plugins"] = [p.name for p in compiled.chain.plugins] if compiled else []
     if args.json:
         print(json.dumps(table, indent=2, default=str))
         return 0
-    columns = ["route", "host", "methods", "path", "kind", "headers", "service"]
+    columns = ["route", "host", "methods", "path", "kind", "headers", "service", "plugins"]
     rows = []
     for entry in table:
         keys = ("name", "host", "methods", "path", "kind", "headers")
         service = str(entry["service"] or "(aggregate)")
-        rows.append([str(entry[key] or "-") for key in keys] + [service])
+        plugins = ",".join(entry["plugins"]) or "-"  # type: ignore[arg-type]
+        rows.append([str(entry[key] or "-") for key in keys] + [service, plugins])
     print(format_table(columns, rows))
     return 0
 

@@ -58,17 +58,22 @@ async def test_routes_prints_the_compiled_table_with_names_and_services(tmp_path
                 "name": "agg",
                 "match": {"paths": ["/agg"]},
                 "aggregate": {"a": {"service": "s", "path": "/a"}},
+                "plugins": {"key_auth": {}, "request_termination": {"status_code": 410}},
             },
         ],
+        "consumers": [{"name": "c", "api_keys": ["k" * 32]}],
+        "plugins": {"cors": {"origins": ["*"]}},
     }
     path.write_text(yaml.safe_dump(doc))
     code, out, err = await run_cli("routes", "-c", str(path))
     assert code == 0, err
     header, *rows = [line.split() for line in out.splitlines()]
-    assert header == ["ROUTE", "HOST", "METHODS", "PATH", "KIND", "HEADERS", "SERVICE"]
+    assert header == ["ROUTE", "HOST", "METHODS", "PATH", "KIND", "HEADERS", "SERVICE", "PLUGINS"]
+    # the plugins in the order they run (priority), global ones included
+    chain = "cors,key_auth,request_termination"
     assert sorted(rows) == [
-        ["agg", "*", "*", "/agg", "prefix", "-", "(aggregate)"],
-        ["api", "*", "GET,HEAD", "/api", "prefix", "-", "s"],
+        ["agg", "*", "*", "/agg", "prefix", "-", "(aggregate)", chain],
+        ["api", "*", "GET,HEAD", "/api", "prefix", "-", "s", "cors"],
     ]
 
 

@@ -347,10 +347,10 @@ def test_apigate_routes_prints_regex_routes(
     )
     assert cli_main(["routes", "-c", str(path)]) == 0
     header, *rows = [line.split() for line in capsys.readouterr().out.splitlines()]
-    assert header == ["ROUTE", "HOST", "METHODS", "PATH", "KIND", "HEADERS", "SERVICE"]
+    assert header == ["ROUTE", "HOST", "METHODS", "PATH", "KIND", "HEADERS", "SERVICE", "PLUGINS"]
     assert rows == [
-        ["user", "*", "*", USER, "regex,priority=3", "-", "s"],
-        ["root", "*", "*", "/", "prefix", "-", "s"],
+        ["user", "*", "*", USER, "regex,priority=3", "-", "s", "-"],
+        ["root", "*", "*", "/", "prefix", "-", "s", "-"],
     ]
 
 

@@ -398,6 +398,7 @@ def test_validate_and_routes_take_an_ipv6_host(
             "kind": "prefix",
             "headers": "",
             "service": "s",
+            "plugins": [],
         }
     ]
     path.write_text(path.read_text().replace('"::1"', '"[::1]:80"'))
