@@ -38,17 +38,22 @@ import ssl
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Self, TypeGuard
 from urllib.parse import urlsplit
 
 import jwt
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from pydantic import Field, field_validator, model_validator
 
 from apigate.config.errors import located_error
+from apigate.config.jws_keys import (
+    HMAC_ALGORITHMS,
+    RSA_ALGORITHMS,
+    Problems,
+    key_algorithms,
+    load_public_key,
+    secret_problems,
+    unsupported,
+)
 from apigate.config.schema import is_loopback_host
 from apigate.config.units import NonNegativeDuration, PositiveDuration
 from apigate.http.headers import is_token
@@ -64,18 +69,7 @@ from apigate.plugins.jwt_cache import CONFLICT, REPEATED, TokenCache, Verified
 
 log = logging.getLogger("apigate.plugins.jwt")
 
-HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
-RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
-EC_ALGORITHMS = {
-    "secp256r1": "ES256",
-    "secp384r1": "ES384",
-    "secp521r1": "ES512",
-    "secp256k1": "ES256K",
-}
 JWK_CURVES = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "secp256k1": "ES256K"}
-SUPPORTED = HMAC_ALGORITHMS | RSA_ALGORITHMS | frozenset(EC_ALGORITHMS.values()) | {"EdDSA"}
-# RFC 7518 §3.2: an HMAC key at least as long as the hash output.
-HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 MAX_TOKEN_BYTES = 8192
 MAX_CACHE_SECONDS = 300.0  # a token without `exp` (or a removed JWKS key) is re-checked this often
 MAX_JWKS_BYTES = 1 << 20
@@ -122,9 +116,8 @@ class JwtConfig(StrictPluginConfig):
     @classmethod
     def _check_algorithms(cls, value: list[str]) -> list[str]:
         for alg in value:
-            if alg not in SUPPORTED:
-                known = ", ".join(sorted(SUPPORTED))
-                raise ValueError(f"unsupported algorithm {alg!r}: use {known}")
+            if (problem := unsupported(alg)) is not None:
+                raise ValueError(problem)
         return value
 
     @field_validator("header")
@@ -162,9 +155,9 @@ class JwtConfig(StrictPluginConfig):
         if len(sources) != 1:
             problem = "set exactly one of secret, public_key_file, jwks_url"
             raise located_error(type(self).__name__, [((), problem)])
-        problems: list[tuple[tuple[str | int, ...], str]] = []
+        problems: Problems = []
         if self.secret is not None:
-            problems += _secret_problems(self.secret, self.algorithms)
+            problems += secret_problems(self.secret.encode(), self.algorithms)
         elif self.public_key_file is not None:
             try:
                 _, usable = load_public_key(self.public_key_file)
@@ -182,56 +175,12 @@ class JwtConfig(StrictPluginConfig):
         return self
 
 
-def _secret_problems(secret: str, algorithms: list[str]) -> list[tuple[tuple[str | int, ...], str]]:
-    problems: list[tuple[tuple[str | int, ...], str]] = []
-    for alg in algorithms:
-        if alg not in HMAC_ALGORITHMS:
-            problems.append((("algorithms",), f"{alg} needs a public key, not a secret"))
-            continue
-        size, need = len(secret.encode()), HMAC_MIN_BYTES[alg]
-        if size < need:
-            problem = f"{size} bytes is too short for {alg}: RFC 7518 asks for at least {need}"
-            problems.append((("secret",), problem))
-    return problems
-
-
 # ============================================================================ keys
 @dataclass(frozen=True, slots=True)
 class VerifyKey:
     key: Any  # bytes for HS*, a cryptography public key object otherwise
     algorithms: frozenset[str]
     kid: str | None = None
-
-
-def key_algorithms(key: Any) -> frozenset[str]:
-    """The JWS algorithms a public key object can verify (its family, and its curve)."""
-    if isinstance(key, rsa.RSAPublicKey):
-        return RSA_ALGORITHMS if key.key_size >= 2048 else frozenset()
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        alg = EC_ALGORITHMS.get(key.curve.name)
-        return frozenset({alg}) if alg else frozenset()
-    if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
-        return frozenset({"EdDSA"})
-    return frozenset()
-
-
-def load_public_key(path: str) -> tuple[Any, frozenset[str]]:
-    """A public key (or a certificate's key) from a PEM file, with the algorithms it allows."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        if b"-----BEGIN CERTIFICATE-----" in data:
-            key: Any = x509.load_pem_x509_certificate(data).public_key()
-        else:
-            key = load_pem_public_key(data)
-    except ValueError:
-        raise ValueError(f"{path} is not a PEM public key or certificate") from None
-    usable = key_algorithms(key)
-    if not usable:
-        raise ValueError(f"{path}: unsupported or weak key (RSA needs at least 2048 bits)")
-    return key, usable
 
 
 def parse_jwks(doc: Any, allowed: frozenset[str]) -> list[VerifyKey]:
