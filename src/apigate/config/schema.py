@@ -8,6 +8,8 @@ error reads `routes[1].service: unknown service 'helo'; did you mean 'hello'? ..
 
 from __future__ import annotations
 
+import base64
+import binascii
 import difflib
 import ipaddress
 import re
@@ -30,6 +32,13 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from apigate.config.errors import Loc, explain_unknown_keys, located_error
+from apigate.config.jws_keys import (
+    HMAC_ALGORITHMS,
+    load_public_key,
+    parse_public_key,
+    secret_problems,
+    unsupported,
+)
 from apigate.config.units import (
     NonNegativeDuration,
     Percent,
@@ -51,6 +60,7 @@ __all__ = [
     "DiscoveryConfig",
     "GatewayConfig",
     "HealthConfig",
+    "JwtCredentialConfig",
     "LimitsConfig",
     "ListenerConfig",
     "ListenersConfig",
@@ -594,11 +604,85 @@ def _unique_keys(keys: list[str]) -> list[str]:
     return keys
 
 
+_KEY_SOURCES: Final = ("secret", "public_key", "public_key_file")
+
+
+class JwtCredentialConfig(StrictModel):
+    """A consumer's JWT credential (Kong's `jwt_secrets`): a token whose key claim (the jwt
+    plugin's `key_claim_name`, `iss` by default) is `key` must be signed with `algorithm`, and
+    only with it, by this credential's secret or public key; the request is then its
+    consumer's. Checked here like the plugin's own key (apigate.config.jws_keys)."""
+
+    key: NonEmptyStr
+    algorithm: str = "HS256"  # Kong's default
+    secret: str | None = None
+    secret_is_base64: bool = False  # Kong's plugin setting, here where the secret is written
+    public_key: str | None = None  # PEM text (Kong's rsa_public_key)
+    public_key_file: str | None = None
+
+    @field_validator("algorithm")
+    @classmethod
+    def _check_algorithm(cls, value: str) -> str:
+        if (problem := unsupported(value)) is not None:
+            raise _fail("invalid_algorithm", problem)
+        return value
+
+    @model_validator(mode="after")
+    def _check_key(self) -> Self:
+        sources = [name for name in _KEY_SOURCES if getattr(self, name) is not None]
+        if len(sources) != 1:
+            problem = "set exactly one of secret, public_key, public_key_file"
+            raise located_error(type(self).__name__, [((), problem)])
+        if self.secret_is_base64 and self.secret is None:
+            problem = "only with a secret: it says how the secret is written"
+            raise located_error(type(self).__name__, [(("secret_is_base64",), problem)])
+        try:
+            self.verifier()
+        except ValueError as exc:
+            raise located_error(type(self).__name__, [((sources[0],), str(exc))]) from None
+        return self
+
+    def verifier(self) -> Any:
+        """What verifies this credential's tokens: the secret's bytes (HS*) or the public key
+        object. Raises ValueError for a key `algorithm` cannot use (a public key for HS256, a
+        secret for RS256: the pinning), a short secret or an unusable PEM."""
+        alg = self.algorithm
+        if alg in HMAC_ALGORITHMS:
+            if self.secret is None:
+                raise ValueError(f"{alg} needs a secret, not a public key")
+            secret = self._secret_bytes()
+            for _, problem in secret_problems(secret, [alg]):
+                raise ValueError(problem)
+            return secret
+        if self.secret is not None:
+            raise ValueError(f"{alg} needs a public key, not a secret")
+        if self.public_key is not None:
+            key, usable = parse_public_key(self.public_key.encode(), "this key")
+        else:
+            assert self.public_key_file is not None
+            key, usable = load_public_key(self.public_key_file)
+        if alg not in usable:
+            raise ValueError(f"{alg} cannot be used with this key")
+        return key
+
+    def _secret_bytes(self) -> bytes:
+        assert self.secret is not None
+        if not self.secret_is_base64:
+            return self.secret.encode()
+        # as Kong decodes it: either alphabet (+/ or -_), padding optional
+        text = self.secret.strip().replace("-", "+").replace("_", "/")
+        try:
+            return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("not base64 (secret_is_base64 is set)") from None
+
+
 class ConsumerConfig(StrictModel):
     name: NonEmptyStr
     api_keys: Annotated[list[NonEmptyStr], AfterValidator(_unique_keys)] = []
     groups: list[NonEmptyStr] = []
     basic_auth: BasicAuthConfig | None = None
+    jwt_credentials: list[JwtCredentialConfig] = []
     custom_id: str | None = None
 
 
@@ -840,7 +924,7 @@ class GatewayConfig(StrictModel):
             *self._service_name_problems(),
             *self._duplicate_problems("routes", [route.name for route in self.routes], "route"),
             *self._duplicate_problems("consumers", [c.name for c in self.consumers], "consumer"),
-            *self._api_key_problems(),
+            *self._credential_problems(),
             *self._unknown_service_problems(),
         ]
         if problems:
@@ -862,14 +946,24 @@ class GatewayConfig(StrictModel):
             else:
                 first[name] = index
 
-    def _api_key_problems(self) -> Iterable[tuple[Loc, str]]:
-        owners: dict[str, str] = {}
+    def _credential_problems(self) -> Iterable[tuple[Loc, str]]:
+        """An API key, or a JWT credential's key, names one consumer: held by two, the
+        request would be whichever's was found first. (An API key is never shown; a JWT
+        credential's key is the token's `iss`, no secret.)"""
+        api_keys: dict[str, str] = {}
+        jwt_keys: dict[str, str] = {}
         for index, consumer in enumerate(self.consumers):
             for key_index, key in enumerate(consumer.api_keys):
-                owner = owners.setdefault(key, consumer.name)
+                owner = api_keys.setdefault(key, consumer.name)
                 if owner != consumer.name:
                     message = f"API key already used by consumer {owner!r}"
                     yield ("consumers", index, "api_keys", key_index), message
+            for cred_index, cred in enumerate(consumer.jwt_credentials):
+                holder = jwt_keys.get(cred.key)
+                if holder is not None:  # (also a consumer's own: one key, one credential)
+                    message = f"JWT key {cred.key!r} already used by consumer {holder!r}"
+                    yield ("consumers", index, "jwt_credentials", cred_index, "key"), message
+                jwt_keys.setdefault(cred.key, consumer.name)
 
     def _unknown_service_problems(self) -> Iterable[tuple[Loc, str]]:
         for index, route in enumerate(self.routes):
