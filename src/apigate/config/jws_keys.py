@@ -12,6 +12,7 @@ family's algorithms (so an HS256 token never meets a public key).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,15 @@ SUPPORTED = HMAC_ALGORITHMS | RSA_ALGORITHMS | frozenset(EC_ALGORITHMS.values())
 HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 
 Problems = list[tuple[tuple[str | int, ...], str]]
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyKey:
+    """A key a token may be verified with, and the algorithms it may verify (the pinning)."""
+
+    key: Any  # bytes for HS*, a cryptography public key object otherwise
+    algorithms: frozenset[str]
+    kid: str | None = None
 
 
 def unsupported(alg: str) -> str | None:

@@ -18,9 +18,13 @@ Theory of operation, per request:
    ignored. Tokens over 8 KiB, or not three base64url segments, are rejected before parsing.
    `exp` and `nbf`, when present, must be JSON numbers (RFC 7519 NumericDate): PyJWT would
    accept a string of digits, which the cache could not honour.
-4. Publish: `ctx.vars["jwt_claims"]`, `ctx.consumer` when the `consumer_claim` names a consumer,
-   and `forward_claims` as upstream headers (client-sent copies of those headers removed, with
-   `_` and `-` alike in their names: WSGI, CGI and PHP read X_Role as X-Role).
+   With `key_claim_name` (Kong's model) the keys are the consumers' `jwt_credentials`: the
+   token's key claim picks one, and only its key and its one algorithm may verify the token
+   (apigate.plugins.jwt_credentials); naming none is a 401.
+4. Publish: `ctx.vars["jwt_claims"]`, `ctx.consumer` (the credential's consumer, or the one the
+   `consumer_claim` names), and `forward_claims` as upstream headers (client-sent copies of
+   those headers removed, with `_` and `-` alike in their names: WSGI, CGI and PHP read X_Role
+   as X-Role).
 
 JWKS keys are fetched at start, refetched when a token names a `kid` that no key has and the set
 has no kid-less key to try instead (at most once per `jwks_min_refresh`), and refreshed in the
@@ -37,7 +41,6 @@ import re
 import ssl
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any, Self, TypeGuard
 from urllib.parse import urlsplit
 
@@ -48,7 +51,9 @@ from apigate.config.errors import located_error
 from apigate.config.jws_keys import (
     HMAC_ALGORITHMS,
     RSA_ALGORITHMS,
+    SUPPORTED,
     Problems,
+    VerifyKey,
     key_algorithms,
     load_public_key,
     secret_problems,
@@ -66,6 +71,7 @@ from apigate.plugins.identity import (
     unauthorized,
 )
 from apigate.plugins.jwt_cache import CONFLICT, REPEATED, TokenCache, Verified
+from apigate.plugins.jwt_credentials import Credential, CredentialIndex, unverified_claims
 
 log = logging.getLogger("apigate.plugins.jwt")
 
@@ -77,6 +83,7 @@ MAX_JWKS_BYTES = 1 << 20
 # alphabet, so without this check a token with junk in its signature would still verify.
 _COMPACT_JWS = re.compile(rb"[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+")
 _PRINTABLE = re.compile(r"[\x20-\x7e]*")
+_KEY_SOURCES = ("secret", "public_key_file", "jwks_url", "key_claim_name")
 _RESERVED_HEADERS = frozenset(
     {
         "host",
@@ -97,7 +104,8 @@ class JwtConfig(StrictPluginConfig):
     secret: str | None = None
     public_key_file: str | None = None
     jwks_url: str | None = None
-    algorithms: list[str] = Field(min_length=1)
+    key_claim_name: str | None = None  # Kong's model: the consumers' jwt_credentials
+    algorithms: list[str] | None = Field(default=None, min_length=1)
     issuer: str | list[str] | None = None
     audience: str | list[str] | None = None
     leeway: NonNegativeDuration = 0.0
@@ -114,10 +122,17 @@ class JwtConfig(StrictPluginConfig):
 
     @field_validator("algorithms")
     @classmethod
-    def _check_algorithms(cls, value: list[str]) -> list[str]:
-        for alg in value:
+    def _check_algorithms(cls, value: list[str] | None) -> list[str] | None:
+        for alg in value or ():
             if (problem := unsupported(alg)) is not None:
                 raise ValueError(problem)
+        return value
+
+    @field_validator("key_claim_name")
+    @classmethod
+    def _check_key_claim(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty: name the claim that names the credential")
         return value
 
     @field_validator("header")
@@ -151,38 +166,48 @@ class JwtConfig(StrictPluginConfig):
 
     @model_validator(mode="after")
     def _check_keys(self) -> Self:
-        sources = [n for n in ("secret", "public_key_file", "jwks_url") if getattr(self, n)]
+        sources = [n for n in _KEY_SOURCES if getattr(self, n)]
         if len(sources) != 1:
-            problem = "set exactly one of secret, public_key_file, jwks_url"
+            problem = (
+                "set exactly one of secret, public_key_file, jwks_url (the plugin's key) "
+                "or key_claim_name (the consumers' jwt_credentials; `iss` as in Kong)"
+            )
             raise located_error(type(self).__name__, [((), problem)])
+        if self.key_claim_name is not None:
+            problems = self._credential_problems()
+        elif self.algorithms is None:
+            problems = [(("algorithms",), "required")]
+        else:
+            problems = self._key_problems(self.algorithms)
+        if problems:
+            raise located_error(type(self).__name__, problems)
+        return self
+
+    def _credential_problems(self) -> Problems:
+        if "consumer_claim" in self.model_fields_set:
+            return [(("consumer_claim",), "not with key_claim_name: the credential names it")]
+        return []
+
+    def _key_problems(self, algorithms: list[str]) -> Problems:
         problems: Problems = []
         if self.secret is not None:
-            problems += secret_problems(self.secret.encode(), self.algorithms)
+            problems += secret_problems(self.secret.encode(), algorithms)
         elif self.public_key_file is not None:
             try:
                 _, usable = load_public_key(self.public_key_file)
             except ValueError as exc:
                 problems.append((("public_key_file",), str(exc)))
             else:
-                for alg in self.algorithms:
+                for alg in algorithms:
                     if alg not in usable:
                         problem = f"{alg} cannot be used with the key in public_key_file"
                         problems.append((("algorithms",), problem))
-        elif set(self.algorithms) & HMAC_ALGORITHMS:
+        elif set(algorithms) & HMAC_ALGORITHMS:
             problems.append((("algorithms",), "HMAC algorithms cannot use a JWKS URL"))
-        if problems:
-            raise located_error(type(self).__name__, problems)
-        return self
+        return problems
 
 
 # ============================================================================ keys
-@dataclass(frozen=True, slots=True)
-class VerifyKey:
-    key: Any  # bytes for HS*, a cryptography public key object otherwise
-    algorithms: frozenset[str]
-    kid: str | None = None
-
-
 def parse_jwks(doc: Any, allowed: frozenset[str]) -> list[VerifyKey]:
     """The usable signing keys of a JWKS document; others (oct, enc, unknown) are skipped."""
     keys: list[VerifyKey] = []
@@ -459,10 +484,14 @@ class JwtPlugin(Plugin):
         assert isinstance(config, JwtConfig)
         self.cfg = config
         self.consumers = ConsumerIndex(env.config.consumers)
-        self.algorithms = frozenset(config.algorithms)
+        # with key_claim_name and no `algorithms`, each credential's own algorithm is the pin
+        self.algorithms = frozenset(config.algorithms) if config.algorithms else SUPPORTED
         self.static_keys: KeySet | None = None
         self.jwks: JwksSource | None = None
-        if config.secret is not None:
+        self.credentials: CredentialIndex | None = None
+        if config.key_claim_name is not None:
+            self.credentials = CredentialIndex(env.config.consumers, config.key_claim_name)
+        elif config.secret is not None:
             key = VerifyKey(config.secret.encode(), self.algorithms)
             self.static_keys = KeySet([key], use_kid=False)
         elif config.public_key_file is not None:
@@ -551,6 +580,8 @@ class JwtPlugin(Plugin):
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self.algorithms:
             return self._invalid(ctx, "algorithm not allowed")
+        if self.credentials is not None:
+            return self._verify_credential(ctx, token, header, alg, self.credentials)
         kid = header.get("kid")
         kid = kid if isinstance(kid, str) else None
         jwks = self.jwks
@@ -569,6 +600,26 @@ class JwtPlugin(Plugin):
         if jwks.may_refetch(now):
             return self._verify_after_refresh(ctx, token, alg, kid)
         return self._invalid(ctx, "unknown signing key")
+
+    def _verify_credential(
+        self,
+        ctx: Any,
+        token: bytes,
+        header: dict[str, Any],
+        alg: str,
+        credentials: CredentialIndex,
+    ) -> Any:
+        """Kong's model: the token's key claim picks a consumer's credential, whose key and
+        algorithm alone verify it (an HS256 token never meets an RS256 credential's key)."""
+        claims = unverified_claims(token)
+        if claims is None:
+            return self._invalid(ctx, "malformed token")
+        found = credentials.find(claims, header)
+        if isinstance(found, str):
+            return self._invalid(ctx, found)
+        if alg != found.algorithm:
+            return self._invalid(ctx, "algorithm not allowed")
+        return self._finish(ctx, token, alg, [found.key], credential=found)
 
     async def _verify_after_refresh(
         self, ctx: Any, token: bytes, alg: str, kid: str | None
@@ -592,9 +643,11 @@ class JwtPlugin(Plugin):
         alg: str,
         keys: list[VerifyKey],
         refetch_kid: str | None = None,
+        credential: Credential | None = None,
     ) -> Any:
         """None (accepted) or a 401; with `refetch_kid`, a bad signature fetches the JWKS
-        again and tries the keys published with that kid (an awaitable then)."""
+        again and tries the keys published with that kid (an awaitable then). `credential`:
+        the consumer's credential the keys are, whose consumer the request then is."""
         if not keys:
             return self._invalid(ctx, "unknown signing key")
         try:
@@ -608,7 +661,7 @@ class JwtPlugin(Plugin):
         not_a_date = non_numeric_date(claims)
         if not_a_date is not None:
             return self._invalid(ctx, f"token's {not_a_date!r} claim is not a number")
-        self.tokens.accept(ctx, self._remember(token, claims))
+        self.tokens.accept(ctx, self._remember(token, claims, credential))
         return None
 
     def _decode(self, token: bytes, alg: str, keys: list[VerifyKey]) -> dict[str, Any]:
@@ -627,7 +680,9 @@ class JwtPlugin(Plugin):
                 last = exc
         raise last
 
-    def _remember(self, token: bytes, claims: dict[str, Any]) -> Verified:
+    def _remember(
+        self, token: bytes, claims: dict[str, Any], credential: Credential | None
+    ) -> Verified:
         now = time.time()
         expires = now + MAX_CACHE_SECONDS
         exp = claims.get("exp")
@@ -635,11 +690,15 @@ class JwtPlugin(Plugin):
             # PyJWT compares int(exp) with the clock: a fraction of a second buys nothing
             expires = min(expires, int(exp) + self._leeway)
         forward = [(h, header_value(claims[c])) for c, h in self._forward if c in claims]
-        consumer = self.consumers.find(claims.get(self.cfg.consumer_claim))
+        consumer = (
+            credential.consumer
+            if credential is not None
+            else self.consumers.find(claims.get(self.cfg.consumer_claim))
+        )
         entry = Verified(claims, expires, consumer, forward)
         self.tokens.add(token, entry)
         return entry
 
     def __repr__(self) -> str:
-        source = self.jwks or self.static_keys
+        source = self.jwks or self.static_keys or self.credentials
         return f"<JwtPlugin {sorted(self.algorithms)} {source!r} cached={len(self.cache)}>"
