@@ -73,6 +73,19 @@ def check(plugin: JwtPlugin, token: str, **kwargs: Any) -> Any:
     return resolve(plugin.on_request(ctx)), ctx
 
 
+def count_decodes(plugin: JwtPlugin, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one at each signature check the plugin makes (the cache's misses)."""
+    calls: list[int] = []
+    real = plugin._decoder.decode
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plugin._decoder, "decode", counting)
+    return calls
+
+
 def assert_invalid(outcome: Any, message: str | None = None) -> None:
     assert outcome is not None and outcome.status == 401, outcome
     assert header(outcome, "WWW-Authenticate") == 'Bearer realm="apigate", error="invalid_token"'
@@ -535,14 +548,7 @@ def test_custom_header_with_or_without_bearer() -> None:
 def test_verified_tokens_are_cached_until_exp(
     hs_plugin: JwtPlugin, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls = []
-    real = hs_plugin._decoder.decode
-
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(hs_plugin._decoder, "decode", counting)
+    calls = count_decodes(hs_plugin, monkeypatch)
     token = hs256(SECRET.encode(), sub="alice", exp=time.time() + 3600)
     for _ in range(5):
         assert check(hs_plugin, token)[0] is None

@@ -24,7 +24,15 @@ from apigate.plugins.jwt import JwtPlugin
 from apigate.plugins.jwt_credentials import CredentialIndex, unverified_claims
 from apigate.server import Gateway
 from tests.unit.test_plugin_fakes import body, build, make_ctx, make_env, resolve
-from tests.unit.test_plugin_jwt import assemble, assert_invalid, bearer, check, hs256, pem
+from tests.unit.test_plugin_jwt import (
+    assemble,
+    assert_invalid,
+    bearer,
+    check,
+    count_decodes,
+    hs256,
+    pem,
+)
 from tests.unit.test_review_fixes_admin import _call as call_admin
 from tests.unit.test_review_fixes_admin import admin_api
 
@@ -292,14 +300,7 @@ def test_a_verified_credential_token_is_answered_from_the_cache(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     p: JwtPlugin = plugin()
-    calls = []
-    real = p._decoder.decode
-
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(p._decoder, "decode", counting)
+    calls = count_decodes(p, monkeypatch)
     token = alice_token(exp=time.time() + 3600)
     for _ in range(3):
         outcome, ctx = check(p, token)
