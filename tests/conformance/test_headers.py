@@ -136,6 +136,30 @@ async def test_forwarding_headers_from_an_untrusted_client_are_overwritten(env: 
     assert b"evil.example" not in got.raw
 
 
+@pytest.mark.parametrize(
+    ("host", "name"),
+    [
+        (b"example.com:8443", "example.com"),
+        (b"example.com", "example.com"),
+        (b"[::1]:8080", "[::1]"),
+        (b"[::1]", "[::1]"),
+        (b"10.0.0.1:80", "10.0.0.1"),
+        (b"t:", "t"),  # (an empty port is allowed by the grammar)
+    ],
+)
+async def test_x_forwarded_host_is_the_host_without_its_port(
+    env: Env, host: bytes, name: str
+) -> None:
+    """As Kong sends it (nginx's `$host`): the name the client asked for, without the port,
+    which goes as X-Forwarded-Port (the listener's, Kong's `$server_port`). A framework that
+    joins X-Forwarded-Host and -Port built `https://example.com:8443:8443/...`. Forwarded's
+    `host=` is the Host field as received (RFC 7239 §5.3), port and all."""
+    _, got = await proxied(env, b"GET /echo HTTP/1.1\r\nHost: %s\r\n\r\n" % host)
+    assert got.header_values("x-forwarded-host") == [name]
+    assert got.header_values("x-forwarded-port") == [str(env.port)]
+    assert got.header_values("forwarded") == [f'for=127.0.0.1;host="{host.decode()}";proto=http']
+
+
 async def test_forwarding_headers_from_a_trusted_proxy_are_extended() -> None:
     async with Upstream() as up:
         cfg = base_config(
@@ -156,7 +180,7 @@ async def test_forwarding_headers_from_a_trusted_proxy_are_extended() -> None:
         )
         async with GatewayProcess(cfg) as gw:
             data = (
-                b"GET /echo HTTP/1.1\r\nHost: inner.example\r\n"
+                b"GET /echo HTTP/1.1\r\nHost: inner.example:8080\r\n"
                 b"X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-For: 10.0.0.1\r\n"
                 b"X-Forwarded-Proto: https\r\n\r\n"
             )
@@ -164,8 +188,8 @@ async def test_forwarding_headers_from_a_trusted_proxy_are_extended() -> None:
             assert resp.status == 200
             data = (  # a load balancer that ends TLS on 443 for www.example and strips /api
                 b"GET /stripped/orders HTTP/1.1\r\nHost: inner.example\r\n"
-                b"X-Forwarded-Proto: https\r\nX-Forwarded-Host: www.example\r\n"
-                b"X-Forwarded-Port: 443\r\nX-Forwarded-Prefix: /api/\r\n"
+                b"X-Forwarded-Proto: https\r\nX-Forwarded-Host: www.example:8443\r\n"
+                b"X-Forwarded-Port: 8443\r\nX-Forwarded-Prefix: /api/\r\n"
                 b"Forwarded: for=203.0.113.7;proto=https\r\n\r\n"
             )
             resp, _ = await request(gw.port, data, close_wait=0.05)
@@ -179,8 +203,9 @@ async def test_forwarding_headers_from_a_trusted_proxy_are_extended() -> None:
     got = up.received[1]
     assert got.path == "/orders"
     assert got.header_values("x-forwarded-proto") == ["https"]
-    assert got.header_values("x-forwarded-host") == ["www.example"]
-    assert got.header_values("x-forwarded-port") == ["443"]
+    # theirs as they sent them (Kong's too): what a trusted proxy says of its client's side
+    assert got.header_values("x-forwarded-host") == ["www.example:8443"]
+    assert got.header_values("x-forwarded-port") == ["8443"]
     assert got.header_values("x-forwarded-prefix") == ["/api/stripped"]  # theirs, then ours
     assert got.header_values("forwarded") == [  # a list: theirs, then ours
         "for=203.0.113.7;proto=https",

@@ -227,6 +227,16 @@ def valid_host(value: bytes) -> bool:
     return True
 
 
+def host_name(host: str) -> str:
+    """A Host value's uri-host, without its port: `example.com` of `example.com:8443`,
+    `[::1]` of `[::1]:8080` (the brackets stay: an IPv6 literal's colons are no port).
+    What routes match on, and what X-Forwarded-Host says (nginx's `$host`, which Kong sends)."""
+    colon = host.rfind(":")
+    if colon == -1 or host.endswith("]"):
+        return host
+    return host[:colon]
+
+
 class RequestIds:
     """Unique, cheap request ids: a random per-process prefix plus a counter.
 
@@ -302,7 +312,11 @@ def forwarding_lines(
     -Host and -Port, which the request carries on (`kept`, lower-case names), stand instead of
     ours: one value each, the one that describes the client's side (Kong and Envoy do the
     same; two values, `https, http`, read as plain HTTP by many frameworks). Anyone else's
-    were dropped by the parser. `port` is the listener's (0: a unix socket, no line). The
+    were dropped by the parser. Ours are Kong's: X-Forwarded-Host is the `host` without its
+    port (nginx's `$host`: with it, the two fields could name two ports, the Host's and the
+    listener's behind a port mapping, and readers of the pair differ on which wins),
+    X-Forwarded-Port the listener's `port` (`$server_port`; 0: a unix socket, no line), and
+    Forwarded's `host=` the Host as received (RFC 7239 §5.3). The
     same for every request of a connection that keeps its Host (and has nothing of a trusted
     peer's), so the connection keeps the last one (ClientConnection.parser_headers_done); an
     aggregate's parts get them too.
@@ -317,10 +331,11 @@ def forwarding_lines(
     if not host:  # an HTTP/1.0 request without Host: no host to pass on (it went as "")
         lines.append(b"Forwarded: for=%s;proto=%s\r\n" % (node, proto))
     else:
-        client_host = host.encode("latin-1")
         if b"x-forwarded-host" not in kept:
-            lines.append(b"X-Forwarded-Host: %s\r\n" % client_host)
-        lines.append(b'Forwarded: for=%s;host="%s";proto=%s\r\n' % (node, client_host, proto))
+            lines.append(b"X-Forwarded-Host: %s\r\n" % host_name(host).encode("latin-1"))
+        lines.append(
+            b'Forwarded: for=%s;host="%s";proto=%s\r\n' % (node, host.encode("latin-1"), proto)
+        )
     if port and b"x-forwarded-port" not in kept:
         lines.append(b"X-Forwarded-Port: %d\r\n" % port)
     return b"".join(lines)

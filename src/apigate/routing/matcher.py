@@ -63,7 +63,7 @@ from operator import itemgetter
 from typing import Final
 from urllib.parse import quote, unquote
 
-from apigate.http.headers import underscore_spellings
+from apigate.http.headers import host_name, underscore_spellings
 from apigate.routing.normalize import normalize_path, other_readings
 from apigate.routing.regex_path import REGEX_MARK, compile_path_regex, literal_prefix
 
@@ -625,9 +625,7 @@ class Matcher:
     def _host_buckets(self, host: str) -> tuple[_Bucket, ...]:
         """Buckets for ``host``, most specific first: exact, then wildcards longest first."""
         key = host
-        colon = host.rfind(":")
-        if colon != -1 and not host.endswith("]"):  # "[::1]" has colons but no port
-            host = host[:colon]
+        host = host_name(host)
         if host.endswith("."):
             host = host[:-1]
         if host.startswith("["):  # an IPv6 address, however spelled, as the routes key it
