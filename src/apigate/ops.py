@@ -197,11 +197,12 @@ def probe_path(service: ServiceConfig, target: TargetConfig) -> str:
     """What `check` asks a target for: the path the gateway's active health checks probe,
     which is the instance's own (`health.active.path` as written: a target's base path is
     where the service's API lives, not put before the health path, as in Kong); without
-    active checks, what a request for `/` would reach (`/base/` for a target with a base)."""
+    active checks, what a request for `/` would reach (`/base` for a target with a base,
+    as the exchange sends the root of a service)."""
     active = service.health.active
     if active is not None:
         return active.path
-    return target.base_path + "/"
+    return target.base_path or "/"
 
 
 async def probe_target(service: ServiceConfig, name: str, target: TargetConfig) -> Probe:

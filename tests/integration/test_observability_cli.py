@@ -109,6 +109,7 @@ async def test_check_reports_each_target_and_fails_when_one_is_down(tmp_path: Pa
             tmp_path,
             {
                 "plain": {"targets": [up.url]},
+                "based": {"targets": [up.url + "/base"]},  # the root of the service: /base
                 "checked": {
                     "targets": [up.url],
                     "health": {"active": {"path": "/status/503"}},
@@ -123,9 +124,10 @@ async def test_check_reports_each_target_and_fails_when_one_is_down(tmp_path: Pa
     rows = {line.split()[0]: line for line in text.splitlines()[2:] if line.strip()}
     assert "GET /" in rows["plain"] and " up " in rows["plain"] and "status 200" in rows["plain"]
     assert "GET /status/503" in rows["checked"] and "DOWN" in rows["checked"]
+    assert "GET /base " in rows["based"] and " up " in rows["based"]
     assert "DOWN" in rows["gone"] and "refused" in rows["gone"]
-    assert "2 of 3 targets down" in text
-    assert sorted(r.path for r in up.received) == ["/", "/status/503"]  # probed in parallel
+    assert "2 of 4 targets down" in text
+    assert sorted(r.path for r in up.received) == ["/", "/base", "/status/503"]  # in parallel
 
 
 async def test_check_passes_and_rejects_invalid_configs(tmp_path: Path) -> None:

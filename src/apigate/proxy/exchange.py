@@ -629,12 +629,18 @@ class ProxyExchange(UpstreamListener):
         )
         chunked = req.chunked
         length = req.content_length
+        path = self.upstream_path
+        base = self.instance.base_path
+        if base:
+            # The root of the service, nothing after the matched prefix (`/api` on a
+            # strip_prefix route `/api`, `/` on `/`), is the base path itself, as Kong sends
+            # it (path_handling v0 and v1): `/base`, not `/base/`. A slash the client put
+            # after the prefix stays (`/api/`: `/base/`). (Two comparisons, with a base only.)
+            path = base if path == "/" and len(req.path) == len(self.prefix) else base + path
         head = request_head(
             req,
             req.method.encode(),
-            self.instance.base_path + self.upstream_path
-            if self.instance.base_path
-            else self.upstream_path,
+            path,
             host,
             chunked=chunked,
             content_length=length,
