@@ -110,3 +110,47 @@ async def test_response_head_limit_holds_when_the_head_comes_in_one_read(env: En
     assert resp.status == 200 and resp.body == body
     bad, good = env.up.received
     assert good.connection != bad.connection, "the bad connection must not be reused"
+
+
+def _fields(count: int, line: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\n" + line * count + b"Content-Length: 2\r\n\r\nok"
+
+
+async def test_a_response_head_with_too_many_fields_is_a_502(env: Env) -> None:
+    """10,000 fields in 50 KB, within the byte limit, went to the client one by one (a tuple
+    each, in every plugin's scans). Envoy refuses more than 100 (max_headers_count, upstream
+    too); nginx's whole head must fit proxy_buffer_size. The limit is twice the client side's
+    default, as the byte limit is."""
+    env.up.state.canned["/many"] = _fields(10_000, b"a:b\r\n")
+    doc = assert_error(await _get(env, "/many"), 502, "upstream_invalid_response")
+    assert "more than 200 header fields" in doc["message"]
+    assert (await _get(env, "/echo")).status == 200
+    many, nxt = env.up.received
+    assert nxt.connection != many.connection, "the connection must not be reused"
+
+
+async def test_a_response_head_of_200_fields_is_forwarded(env: Env) -> None:
+    env.up.state.canned["/enough"] = _fields(200, b"X-F: 1\r\n")
+    resp = await _get(env, "/enough")
+    assert (resp.status, resp.body) == (200, b"ok")
+    assert resp.header_values("x-f") == ["1"] * 200
+
+
+async def test_an_interim_head_with_too_many_fields_is_a_502(env: Env) -> None:
+    early = b"HTTP/1.1 103 Early Hints\r\n" + b"Link: </a>\r\n" * 201 + b"\r\n"
+    env.up.state.canned["/hints"] = early + _fields(1, b"X-F: 1\r\n")
+    resp, _ = await request(env.port, b"GET /hints HTTP/1.1\r\nHost: x\r\n\r\n", close_wait=0.2)
+    assert_error(resp, 502, "upstream_invalid_response")
+
+
+async def test_a_one_mebibyte_field_arriving_in_reads_is_a_502(env: Env) -> None:
+    """nginx: "upstream sent too big header" (502). The head is measured across reads (it
+    comes in three writes, PART_PAUSE apart), not only when a read completes it."""
+    field = b"X-Pad: " + b"a" * (1 << 20) + b"\r\n"
+    end = b"Content-Length: 0\r\n\r\n"
+    env.up.state.canned_parts["/mib"] = [b"HTTP/1.1 200 OK\r\n", field, end]
+    doc = assert_error(await _get(env, "/mib"), 502, "upstream_invalid_response")
+    assert "larger than 65536" in doc["message"]
+    assert (await _get(env, "/echo")).status == 200
+    mib, nxt = env.up.received
+    assert nxt.connection != mib.connection, "the connection must not be reused"

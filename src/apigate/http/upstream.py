@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 # An upstream is untrusted too: its head is bounded like a client's (nginx: "upstream sent too
 # big header"). httptools would otherwise accumulate an endless header line in memory.
 MAX_RESPONSE_HEAD: Final = 64 * 1024  # the head, and (its own count) a trailer section
+# ... and its fields counted: 10,000 of them fit in 50 KB, each a tuple the client was sent and
+# every plugin scanned (Envoy's upstream max_headers_count is 100). Twice the client side's
+# default (limits.max_headers), as the bytes are; fixed, so set where no sane upstream comes.
+MAX_RESPONSE_FIELDS: Final = 200
 _BODY_IN_READ: Final = -1  # a read that is no trailer: see UpstreamConnection._bound_trailer
 
 
@@ -415,6 +419,12 @@ class UpstreamConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         head = self.head
         assert head is not None
+        if len(head.headers) > MAX_RESPONSE_FIELDS:
+            # (counted once per head, not per field: the fields the head keeps; those dropped
+            # as they come, hop-by-hop and framing, cost no more than the byte limit allows)
+            raise InvalidResponse(
+                f"response head with more than {MAX_RESPONSE_FIELDS} header fields"
+            )
         status = self.parser.get_status_code()
         if status < 200 or status > 599:  # (one test for the usual statuses)
             if status < 100 or status > 599:
