@@ -11,6 +11,7 @@ Services are the exception: they are long-lived objects shared by consecutive sn
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,12 @@ from apigate.config.loader import config_location
 from apigate.config.schema import GatewayConfig, RouteConfig, TLSConfig
 from apigate.http.pool import PoolManager
 from apigate.plugins.base import Plugin, PluginEnv
-from apigate.plugins.chain import PluginChain, build_chain
+from apigate.plugins.chain import (
+    ConsumerSwitch,
+    PluginChain,
+    build_chain,
+    build_consumer_plugins,
+)
 from apigate.proxy.aggregate import Handler, build_aggregate_handler
 from apigate.registry.service import Service
 from apigate.routing.matcher import Matcher, RouteSpec, RouteSpecError
@@ -58,6 +64,11 @@ class CompiledRoute:
             raise ValueError(f"{path!r} would go upstream as {sent!r}")
         return sent
 
+    def for_consumer(self, plugins: list[Plugin]) -> CompiledRoute:
+        """This route for a consumer with `plugins` of its own (chain.ConsumerSwitch makes it
+        on the consumer's first request here): the same route with their chain."""
+        return dataclasses.replace(self, chain=self.chain.with_plugins(plugins))
+
     def plugin_settings(self) -> frozenset[tuple[str, str]]:
         """(name, settings) of each plugin the route runs: whether another route asks for
         nothing this one does not (ProxyExchange._refuse_stricter_reading; rare, not cached)."""
@@ -79,6 +90,8 @@ class Runtime:
     log_hooks: list[Callable[[Any], None]] = field(default_factory=list)
     # route name -> the handler serving a route without a service (aggregation; see Handler)
     handlers: dict[str, Handler] = field(default_factory=dict)
+    # consumer name -> its own plugins (`consumers[].plugins`), for the consumers with some
+    consumer_plugins: dict[str, list[Plugin]] = field(default_factory=dict)
     generation: int = field(default_factory=lambda: next(_generations))
 
     def __repr__(self) -> str:
@@ -194,12 +207,19 @@ def prepare_runtime(
     except ConfigError as exc:
         errors.extend(exc.errors)
     global_plugins = {n: raw for n, raw in config.plugins.items() if ("global", n) in cache}
+    consumer_plugins = _build_consumer_plugins(config, env, locate, errors)
     for index, route in enumerate(config.routes):
         try:
             chain = build_chain(global_plugins, route.plugins, env, index, cache, locate=locate)
         except ConfigError as exc:
             errors.extend(exc.errors)
             continue
+        switch: ConsumerSwitch | None = None
+        if consumer_plugins and chain.identifies_consumers():
+            # decided here, once: a route that cannot identify a consumer, or a snapshot
+            # without consumers' plugins, keeps the chain it had without them
+            switch = ConsumerSwitch(consumer_plugins)
+            chain = PluginChain(chain.plugins, switch)
         try:
             rewrite = compile_template(route.rewrite) if route.rewrite else None
         except ValueError as exc:  # a template the schema let through ("/v2//x")
@@ -222,6 +242,8 @@ def prepare_runtime(
             body_timeout=limits.body_timeout if limits else None,
             preserve_host=bool(preserve),
         )
+        if switch is not None:
+            switch.route = compiled
         routes[route.name] = compiled
         specs.append(_route_spec(index, route, compiled))
     if errors:
@@ -233,6 +255,8 @@ def prepare_runtime(
     plugins = list(global_chain.plugins)
     for compiled in routes.values():
         plugins.extend(p for p in compiled.chain.plugins if p not in plugins)
+    for own in consumer_plugins.values():  # started and closed with the snapshot's
+        plugins.extend(own)
     runtime = Runtime(
         config=config,
         matcher=_compile_matcher(config, specs),
@@ -241,8 +265,31 @@ def prepare_runtime(
         plugins=plugins,
         log_hooks=global_chain.log_hooks,
         handlers=handlers,
+        consumer_plugins=consumer_plugins,
     )
     return runtime, plan
+
+
+def _build_consumer_plugins(
+    config: GatewayConfig,
+    env: PluginEnv,
+    locate: Callable[[str, str | int], str],
+    errors: list[str],
+) -> dict[str, list[Plugin]]:
+    """Each consumer's own plugins, by its name (those with none are left out); a refused
+    one's reasons go to `errors`."""
+    plugins: dict[str, list[Plugin]] = {}
+    for index, consumer in enumerate(config.consumers):
+        if not consumer.plugins:
+            continue
+        where = locate("consumers", index)
+        try:
+            plugins[consumer.name] = build_consumer_plugins(
+                consumer.name, consumer.plugins, env, where
+            )
+        except ConfigError as exc:
+            errors.extend(exc.errors)
+    return plugins
 
 
 def _compile_matcher(config: GatewayConfig, specs: list[RouteSpec]) -> Matcher:

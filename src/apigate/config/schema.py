@@ -684,6 +684,9 @@ class ConsumerConfig(StrictModel):
     basic_auth: BasicAuthConfig | None = None
     jwt_credentials: list[JwtCredentialConfig] = []
     custom_id: str | None = None
+    # this consumer's own plugins, in place of the route's or global ones of the same names
+    # for its requests (checked by the plugin classes when the snapshot is compiled)
+    plugins: PluginsConfig = {}
 
 
 # --- routes ---------------------------------------------------------------------------------

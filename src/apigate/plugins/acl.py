@@ -65,6 +65,7 @@ def claim_matches(value: Any, wanted: frozenset[str]) -> bool:
 class AclPlugin(Plugin):
     name = "acl"
     priority = 950
+    on_consumers = False  # it judges the consumer for the route (Kong refuses it on consumers)
     Config = AclConfig
 
     def __init__(self, config: PluginConfig, env: PluginEnv) -> None:

@@ -11,6 +11,13 @@ A plugin is a class with a `name`, a `priority`, a pydantic `Config` and any of 
   None only if the client got the whole body).
 - `on_log(ctx)` — after the response is finished (access logs, metrics).
 
+A consumer's `plugins:` (Kong's consumer-scoped plugins) are built once per snapshot with
+`env.consumer` set to its name, and run for that consumer's requests in place of the route's or
+global plugin of the same name. Only plugins that run once the consumer is known may be named
+there (`apigate.plugins.chain.AUTH_FLOOR`): a class that sets `ctx.consumer` says so with
+`identifies_consumers`, and one that judges the consumer for the route (`acl`) refuses to be a
+consumer's with `on_consumers = False`.
+
 Hooks are plain functions unless they must wait (Redis, JWKS fetch): the exchange only creates a
 task when a hook actually returns an awaitable, so synchronous plugins cost no scheduling.
 The chain takes each hook from the plugin *instance*, so `__init__` may also set one as an
@@ -48,6 +55,8 @@ class PluginEnv:
     store: Any = None  # apigate.store backend (memory / sqlite / redis) once it exists
     shared: dict[str, Any] = field(default_factory=dict)  # per-process objects kept across reloads
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("apigate.plugins"))
+    # the consumer whose `plugins:` this plugin is built for; None: a route's or a global one
+    consumer: str | None = None
 
     def consumers(self) -> list[ConsumerConfig]:
         return list(self.config.consumers)
@@ -57,6 +66,11 @@ class Plugin:
     name: ClassVar[str] = ""
     priority: ClassVar[int] = 500
     Config: ClassVar[type[PluginConfig]] = PluginConfig
+    # sets ctx.consumer (an authentication plugin): consumers' plugins are chosen after it
+    identifies_consumers: ClassVar[bool] = False
+    # may a consumer's `plugins:` name it (not an auth plugin, nor `acl`, which judges the
+    # consumer for the route: Kong refuses both on consumers)
+    on_consumers: ClassVar[bool] = True
 
     def __init__(self, config: PluginConfig, env: PluginEnv) -> None:
         self.config = config

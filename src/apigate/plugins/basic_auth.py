@@ -146,6 +146,7 @@ def parse_basic(value: bytes) -> tuple[bytes, bytes] | None:
 class BasicAuthPlugin(Plugin):
     name = "basic_auth"
     priority = 1100
+    identifies_consumers = True
     Config = BasicAuthConfig
 
     def __init__(self, config: PluginConfig, env: PluginEnv) -> None:

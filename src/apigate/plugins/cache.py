@@ -259,6 +259,14 @@ class CachePlugin(Plugin):
     def __init__(self, config: PluginConfig, env: PluginEnv) -> None:
         super().__init__(config, env)
         assert isinstance(config, CacheConfig)
+        if env.consumer is not None and not config.key_include_consumer:
+            # its entries are this consumer's answers (its own request_transform's, say): in
+            # a key without the consumer, the route's cache would serve them to everyone
+            problem = (
+                "a consumer's cache keeps its entries under its consumer: false would "
+                "share them with every consumer of the route"
+            )
+            raise located_error(type(config).__name__, [(("key_include_consumer",), problem)])
         self.cfg = config
         self.clock: Callable[[], float] = time.time  # tests move time by replacing this
         self.store: MemoryStore | RedisCacheStore = self._make_store(config, env)

@@ -3,10 +3,21 @@
 Plugins are named in the file by a short name (`jwt`, `rate_limit`, ...) that maps to a class
 here, or by a dotted path `package.module:Class` for in-process third-party plugins. A route's
 own entry for a name replaces the global one.
+
+A consumer's own entry replaces both for that consumer's requests (Kong's consumer-scoped
+plugins: consumer > route > global). The consumer is known only once the authentication
+plugins have run, so a consumer may only name plugins that run after all of them (priority
+below AUTH_FLOOR), and no auth plugin. A route whose chain can identify a consumer, in a
+snapshot where some consumer has plugins, gets one more request hook right there, a
+ConsumerSwitch: for a consumer with plugins it hands the exchange the route's variant for that
+consumer (a RouteSwitch), whose chain is the same up to that point, and the request goes on on
+it: request, response, body and log hooks alike. Every other route's chain is what it was
+without the feature: it costs them nothing per request.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 from collections.abc import Callable, Mapping
@@ -36,6 +47,11 @@ BUILTIN: Final[dict[str, str]] = {
 }
 
 
+# The lowest priority of the built-in authentication plugins (basic_auth's): every plugin below
+# it runs once the consumer is known, and only those may be a consumer's own.
+AUTH_FLOOR: Final = 1100
+
+
 def register_builtin(name: str, target: str) -> None:
     BUILTIN[name] = target
 
@@ -54,6 +70,50 @@ def resolve(name: str) -> type[Plugin]:
     return cls
 
 
+class RouteSwitch:
+    """What a ConsumerSwitch answers for a consumer with plugins: the route the rest of the
+    request runs on (made once per consumer and route, then returned as it is)."""
+
+    __slots__ = ("route",)
+
+    def __init__(self, route: Any) -> None:
+        self.route = route  # an apigate.runtime.CompiledRoute
+
+    def __repr__(self) -> str:
+        return f"<RouteSwitch {self.route!r}>"
+
+
+class ConsumerSwitch:
+    """The request hook a route's chain has right after the plugins that may identify the
+    consumer, when some consumer has plugins: `on_request` answers None (go on, on this
+    chain) unless the request's consumer has plugins of its own, and then the RouteSwitch to
+    the route's variant for it, which it makes on that consumer's first request on the route
+    (a snapshot with many routes and consumers builds only the variants in use)."""
+
+    __slots__ = ("made", "plugins", "route")
+
+    def __init__(self, plugins: dict[str, list[Plugin]]) -> None:
+        self.plugins = plugins  # consumer name -> its plugins (one set per snapshot, shared)
+        self.route: Any = None  # the CompiledRoute of the chain this is in (set once built)
+        self.made: dict[str, RouteSwitch] = {}
+
+    def on_request(self, ctx: Any) -> RouteSwitch | None:
+        consumer = ctx.consumer
+        if consumer is None:
+            return None
+        name: str = consumer.name
+        switch = self.made.get(name)
+        if switch is None:
+            own = self.plugins.get(name)
+            if own is None:
+                return None
+            switch = self.made[name] = RouteSwitch(self.route.for_consumer(own))
+        return switch
+
+    def __repr__(self) -> str:
+        return f"<ConsumerSwitch {sorted(self.plugins)}>"
+
+
 class PluginChain:
     """The hooks of one route, in priority order, as plain lists the exchange iterates."""
 
@@ -68,11 +128,13 @@ class PluginChain:
         "respond_hooks",
         "response_body_plugins",
         "response_hooks",
+        "switch",
         "upstream_request_hooks",
     )
 
-    def __init__(self, plugins: list[Plugin]) -> None:
+    def __init__(self, plugins: list[Plugin], switch: ConsumerSwitch | None = None) -> None:
         self.plugins = sorted(plugins, key=lambda p: -p.priority)
+        self.switch = switch
         self.request_hooks: list[Callable[..., Any]] = self._hooks("on_request")
         self.upstream_request_hooks: list[Callable[..., Any]] = self._hooks("on_upstream_request")
         self.response_hooks: list[Callable[..., Any]] = self._hooks("on_response")
@@ -94,7 +156,6 @@ class PluginChain:
         # the plugins that ran before it still decorate it (CORS, rate-limit headers), as in
         # Kong: respond_hooks[i] are those for a response returned by request hook i.
         owners = [p for p in self.plugins if hasattr(p, "on_request")]
-        self.request_owners = owners  # the plugin of each request hook
         self.respond_hooks: list[list[Callable[..., Any]]] = [
             [
                 p.on_response
@@ -103,6 +164,37 @@ class PluginChain:
             ]
             for owner in owners
         ]
+        # the plugin of each request hook (or the switch, for its own)
+        self.request_owners: list[object] = list(owners)
+        if switch is not None:
+            # after every hook that may identify the consumer, before the first one a
+            # consumer's plugin may replace: the hooks before it are the same in each variant
+            at = sum(1 for p in owners if p.priority >= AUTH_FLOOR)
+            self.request_hooks.insert(at, switch.on_request)
+            self.request_owners.insert(at, switch)
+            self.respond_hooks.insert(at, [])  # (it answers nothing)
+
+    def identifies_consumers(self) -> bool:
+        """Whether a plugin of this chain may set the request's consumer (one that does so
+        below AUTH_FLOOR sets it too late for consumers' plugins: see the README)."""
+        return any(p.identifies_consumers and p.priority >= AUTH_FLOOR for p in self.plugins)
+
+    def with_plugins(self, own: list[Plugin]) -> PluginChain:
+        """This chain for a consumer with plugins of its own: each takes the place of the
+        route's or global plugin of its kind (the same name in the file is the same class),
+        or joins the chain; the same switch keeps the request hooks' positions."""
+        mine = {type(p): p for p in own}
+        placed: set[type] = set()
+        plugins: list[Plugin] = []
+        for plugin in self.plugins:
+            kind = type(plugin)
+            if kind not in mine:
+                plugins.append(plugin)
+            elif kind not in placed:  # (a kind named twice, globally and as a dotted path)
+                placed.add(kind)
+                plugins.append(mine[kind])
+        plugins += [p for p in own if type(p) not in placed]
+        return PluginChain(plugins, self.switch)
 
     def decorators_of(self, plugin: Plugin) -> list[Callable[..., Any]]:
         """The response hooks that decorate a response `plugin` made in its on_request (see
@@ -131,6 +223,20 @@ def build_plugin(name: str, raw: Mapping[str, Any] | None, env: PluginEnv, where
     redis` needs a top-level Redis store) raises `located_error` from `__init__`, located
     relative to its own config as its model validators do, so the path is attached here too:
     the plugin cannot know whether it is the global one or a route's."""
+    cls = plugin_class(name, where)
+    try:
+        config = cls.Config.model_validate(dict(raw or {}))
+        return cls(config, env)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, where)) from None
+    except ConfigError:
+        raise
+    except Exception as exc:  # its __init__ refused the settings its own way
+        raise ConfigError([f"{where}: plugin {name!r} refused its config: {_cause(exc)}"]) from None
+
+
+def plugin_class(name: str, where: str) -> type[Plugin]:
+    """The class `name` names; a ConfigError at `where` when it names none or cannot load."""
     if ":" not in BUILTIN.get(name, name):  # neither a built-in name nor a module:Class path
         close = difflib.get_close_matches(name, list(BUILTIN), n=1)
         suggestion = f"; did you mean {close[0]!r}?" if close else ""
@@ -142,19 +248,10 @@ def build_plugin(name: str, raw: Mapping[str, Any] | None, env: PluginEnv, where
             ]
         )
     try:
-        cls = resolve(name)
+        return resolve(name)
     except Exception as exc:  # its module failed to import (any error: an environment
         # variable it reads is a KeyError), or has no such class
         raise ConfigError([f"{where}: cannot load plugin {name!r}: {_cause(exc)}"]) from None
-    try:
-        config = cls.Config.model_validate(dict(raw or {}))
-        return cls(config, env)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, where)) from None
-    except ConfigError:
-        raise
-    except Exception as exc:  # its __init__ refused the settings its own way
-        raise ConfigError([f"{where}: plugin {name!r} refused its config: {_cause(exc)}"]) from None
 
 
 def _cause(exc: Exception) -> str:
@@ -207,3 +304,62 @@ def build_chain(
     if problems:
         raise ConfigError(problems)
     return PluginChain(plugins)
+
+
+def build_consumer_plugins(
+    consumer: str,
+    raw_plugins: Mapping[str, Mapping[str, Any] | None],
+    env: PluginEnv,
+    where: str,
+) -> list[Plugin]:
+    """The plugins of `consumer`'s `plugins:` (at `where`: `consumers[3]`), built once per
+    snapshot and shared by every route, as global ones are, with `env.consumer` naming it (a
+    rate limit keys its counters by it). A plugin that runs before the consumer is known, an
+    authentication plugin, or one that refuses consumers (`acl`) is a config error naming the
+    consumer and the plugin, as is one named twice (a built-in name and its dotted path)."""
+    own_env = dataclasses.replace(env, consumer=consumer)
+    plugins: list[Plugin] = []
+    named: dict[type, str] = {}
+    problems: list[str] = []
+    for name, raw in raw_plugins.items():
+        at = format_loc(("plugins", name), where)
+        try:
+            cls = plugin_class(name, at)
+        except ConfigError as exc:
+            problems += exc.errors
+            continue
+        refusal = _consumer_refusal(cls)
+        if cls in named:
+            refusal = f"it is the plugin {named[cls]!r} names too"
+        if refusal:
+            problems.append(f"{at}: consumer {consumer!r} cannot have {name!r}: {refusal}")
+            continue
+        named[cls] = name
+        try:
+            plugins.append(build_plugin(name, raw, own_env, at))
+        except ConfigError as exc:
+            problems += exc.errors
+    if problems:
+        raise ConfigError(problems)
+    return plugins
+
+
+def _consumer_refusal(cls: type[Plugin]) -> str:
+    """Why a consumer's `plugins:` may not name `cls` ("" when it may)."""
+    if cls.identifies_consumers:
+        return (
+            "an authentication plugin identifies the consumer; it is not chosen by it (as in "
+            "Kong, which refuses authentication plugins on consumers)"
+        )
+    if not cls.on_consumers:
+        return (
+            "it judges the consumer for the route, and a consumer's own would replace the "
+            "route's rule (Kong refuses it on consumers too)"
+        )
+    if cls.priority >= AUTH_FLOOR:
+        return (
+            f"it runs at priority {cls.priority}, before the authentication plugins identify "
+            f"the consumer: a consumer's plugins are those that run after them (priority "
+            f"below {AUTH_FLOOR})"
+        )
+    return ""

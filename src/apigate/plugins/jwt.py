@@ -477,6 +477,7 @@ def header_value(value: Any) -> bytes:
 class JwtPlugin(Plugin):
     name = "jwt"
     priority = 1450
+    identifies_consumers = True
     Config = JwtConfig
 
     def __init__(self, config: PluginConfig, env: PluginEnv) -> None:

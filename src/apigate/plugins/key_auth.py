@@ -51,6 +51,7 @@ def digest(key: bytes) -> bytes:
 class KeyAuthPlugin(Plugin):
     name = "key_auth"
     priority = 1250
+    identifies_consumers = True
     Config = KeyAuthConfig
 
     def __init__(self, config: PluginConfig, env: PluginEnv) -> None:

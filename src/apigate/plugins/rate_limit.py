@@ -51,6 +51,7 @@ import contextlib
 import json
 from collections.abc import Callable
 from typing import Any, Literal
+from urllib.parse import quote
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
@@ -324,10 +325,18 @@ class RateLimitPlugin(Plugin):
     def _bind(self, ctx: Any) -> dict[str, Any]:
         """First request: find this limiter's table (shared with the same limiter of earlier
         snapshots) and the key prefix. A route's own `rate_limit` is scoped to the route; the
-        global one (a route without its own) is shared by every route."""
+        global one (a route without its own) is shared by every route; a consumer's own is
+        shared by every route the consumer reaches (as Kong's), and scoped to the consumer:
+        `@` and its name, quoted (no route name starts with `@` or holds `:` or `{`), so its
+        counters and Redis keys are never a route's or the global limit's."""
         route = ctx.route
-        own = route is not None and "rate_limit" in route.config.plugins
-        scope = route.name if own else "*"
+        consumer = self.env.consumer
+        if consumer is not None:
+            scope = "@" + quote(consumer, safe="")
+        elif route is not None and "rate_limit" in route.config.plugins:
+            scope = route.name
+        else:
+            scope = "*"
         # several windows: "{" starts the hash tag the key suffixes close (see __init__)
         self._prefix = (
             f"apigate:rl:{scope}:" if len(self.windows) == 1 else f"apigate:rl:{{{scope}:"

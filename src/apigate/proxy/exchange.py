@@ -42,6 +42,7 @@ from apigate.http.upstream import (
     UpstreamListener,
 )
 from apigate.observability.trace_context import trace_lines
+from apigate.plugins.chain import RouteSwitch
 from apigate.plugins.response import Response
 from apigate.proxy.body_rewrite import RequestBodyRewrite, ResponseBodyRewrite
 from apigate.proxy.heads import consumer_lines, interim_head, request_head, response_head
@@ -374,13 +375,50 @@ class ProxyExchange(UpstreamListener):
                 continue
             # a Response first: inspect.isawaitable goes through the ABC machinery (~1 µs
             # on every cache hit, 401, 429)
-            if not isinstance(outcome, Response) and inspect.isawaitable(outcome):
-                self._task = self.loop.create_task(self._await_hook(outcome, i))
-                return
+            if not isinstance(outcome, Response):
+                if isinstance(outcome, RouteSwitch):
+                    # the consumer has plugins of its own (chain.ConsumerSwitch, a hook only
+                    # routes that need it have): the rest runs on the route's variant for it
+                    self._use_route(outcome.route)
+                    self._run_request_hooks(i + 1)
+                    return
+                if inspect.isawaitable(outcome):
+                    self._task = self.loop.create_task(self._await_hook(outcome, i))
+                    return
             self._respond_index = i
             self.respond(outcome)
             return
         self._forward()
+
+    def _use_route(self, route: CompiledRoute) -> None:
+        """Go on with `route`, the matched route's variant for the request's consumer: its
+        chain is the same up to the switch, then has the consumer's plugins in place of the
+        route's or global ones of the same names, for every hook from here on (response, body
+        and log hooks read `self.route`). What _route took from the chain is taken again."""
+        base = self.route
+        self.route = route
+        chain = route.chain
+        self._chunk_hooks = chain.chunk_hooks if chain.chunk_hooks else None
+        if (
+            base is not None
+            and self.request.has_body
+            and chain.request_body_plugins != base.chain.request_body_plugins
+        ):
+            self._restart_request_rewrite(chain.request_body_plugins)
+
+    def _restart_request_rewrite(self, plugins: list[Any]) -> None:
+        """The request body rewrite of the consumer's variant (its own request_transform, say)
+        in place of the route's: what was buffered so far is still all here, as nothing went
+        upstream yet; over the new limit it streams as it is."""
+        rewrite = RequestBodyRewrite.start(self, plugins) if plugins else None
+        self._request_rewrite = rewrite
+        if rewrite is None:
+            return
+        if self._body_size > rewrite.limit:
+            rewrite.give_up(self)
+        elif self._paused_for_buffer:  # paused at the streaming limit: the new one is larger
+            self._paused_for_buffer = False
+            self.conn.resume_reading()
 
     async def _await_hook(self, awaitable: Any, index: int) -> None:
         try:
