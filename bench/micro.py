@@ -1,7 +1,9 @@
 """The gateway's own Python cost per proxied request, without sockets or the event loop's I/O.
 
-    python bench/micro.py [--requests 50000] [--profile] [--config plain|plugins|aggregate3]
-                          [--metrics]
+    python bench/micro.py [--requests 50000] [--profile] [--metrics] [--config NAME]
+
+NAME: plain (the default), plugins, consumer, consumer_plugins, other_consumer_plugins,
+aggregate3.
 
 A real `Gateway` (runtime, routing, plugins, pools) serves requests through the real
 `ClientConnection` and `UpstreamConnection` protocols, whose transports are in-memory fakes: the
@@ -14,7 +16,11 @@ are about; the syscalls (4 per request) and epoll are what `bench/run.py` adds o
 never trips and the JSON access log to a temporary file. `--config aggregate3` is the
 `aggregate3` scenario: one request, three part calls on three pooled upstream connections, the
 loop run between the steps (its few idle iterations per request are counted too). One request
-at a time: what 50 concurrent ones cost the garbage collector does not show here. `--metrics`
+at a time: what 50 concurrent ones cost the garbage collector does not show here.
+`--config consumer` is `plugins` where the token names a consumer; `consumer_plugins` the same
+where that consumer has a rate limit of its own (consumers' plugins), `other_consumer_plugins`
+where another consumer has it.
+`--metrics`
 adds the per-request Prometheus observer the real server always runs
 (`apigate.observability.metrics`).
 """
@@ -94,6 +100,31 @@ def _plugins(workdir: Path) -> Bench:
     )
 
 
+def _consumer(workdir: Path, own_plugins: str | None = None) -> Bench:
+    """`plugins` where the token's subject names a consumer (`bench`); with `own_plugins`, the
+    consumer of that name has a rate limit of its own with the route's settings, in place of
+    the route's for its requests (consumers' plugins)."""
+    bench = _plugins(workdir)
+    consumers: list[dict[str, Any]] = [{"name": "bench"}]
+    if own_plugins is not None:
+        if own_plugins != "bench":
+            consumers.append({"name": own_plugins})
+        rate_limit = bench.config["routes"][0]["plugins"]["rate_limit"]
+        consumers[-1]["plugins"] = {"rate_limit": rate_limit}
+    return Bench({**bench.config, "consumers": consumers}, bench.request)
+
+
+def _consumer_plugins(workdir: Path) -> Bench:
+    """`consumer` with its own rate limit: the switch to the route's variant for it."""
+    return _consumer(workdir, own_plugins="bench")
+
+
+def _other_consumer_plugins(workdir: Path) -> Bench:
+    """`consumer` where another consumer has plugins: what the switch costs the requests of a
+    consumer without plugins of its own on a route that has it."""
+    return _consumer(workdir, own_plugins="partner")
+
+
 def _aggregate3(workdir: Path) -> Bench:
     """bench/scenarios.py's `aggregate3`: one request fanned out to three upstream calls."""
     parts = {f"p{i}": {"service": "up", "path": "/json"} for i in range(3)}
@@ -107,7 +138,14 @@ def _aggregate3(workdir: Path) -> Bench:
     )
 
 
-CONFIGS = {"plain": _plain, "plugins": _plugins, "aggregate3": _aggregate3}
+CONFIGS = {
+    "plain": _plain,
+    "plugins": _plugins,
+    "consumer": _consumer,
+    "consumer_plugins": _consumer_plugins,
+    "other_consumer_plugins": _other_consumer_plugins,
+    "aggregate3": _aggregate3,
+}
 JSON_RESPONSE = (
     b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sun, 22 Nov 2026 12:00:00 GMT\r\n"
     b"Content-Type: application/json\r\nContent-Length: 11\r\n\r\n"
