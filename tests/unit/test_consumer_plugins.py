@@ -489,3 +489,26 @@ async def test_a_consumers_json_transform_rewrites_the_body_the_route_would_stre
         assert json.loads(sent.split(b"\r\n\r\n", 1)[1]) == expected, sent
         gw.upstream.data_received(OK)
         assert client.status == 200
+
+
+async def test_a_consumer_its_jwt_credential_names_gets_its_own_plugins() -> None:
+    """jwt in Kong's credential model (`key_claim_name`) identifies the consumer too: the
+    token's `iss` picks alice's credential, and the request runs alice's plugins."""
+    import jwt as pyjwt
+
+    secret = "s" * 32
+    alice = {
+        "name": "alice",
+        "jwt_credentials": [{"key": "alice-iss", "secret": secret}],
+        "plugins": {RECORDER: {"label": "alice"}},
+    }
+    CALLS.clear()
+    gw = Gateway(config([alice], {"jwt": {"key_claim_name": "iss"}, RECORDER: {"label": "route"}}))
+    token = pyjwt.encode({"iss": "alice-iss"}, secret, algorithm="HS256")
+    gw.upstream_transport.written.clear()
+    client = gw.send("/r", extra=b"Authorization: Bearer %s\r\n" % token.encode())
+    gw.upstream.data_received(OK)
+    assert client.status == 200
+    assert b"X-Recorder: alice\r\n" in gw.sent_upstream()
+    assert calls_of("alice") == CALLS
+    assert gw.exchange.consumer is not None and gw.exchange.consumer.name == "alice"
