@@ -6,8 +6,20 @@ import statistics
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
-CPU_TARGET = 1.3  # apigate's CPU per request must be <= 1.3x nginx's
-RPS_TARGET = 0.8  # apigate's throughput must be >= 0.8x nginx's
+
+@dataclass(frozen=True)
+class Target:
+    """What the issues ask of a scenario, as apigate/nginx ratios (None: nothing asked)."""
+
+    cpu_max: float | None  # CPU per request at most this times nginx's
+    rps_min: float | None  # requests/s at least this times nginx's
+
+
+# Issue #2: the plain route within 1.3x nginx's CPU and 0.8x its throughput. Issue #4: JWT
+# (cached) + local rate limit + access log within 1.6x nginx's plain-route CPU. The other
+# scenarios say what a feature costs; they have no target, so only their ratios are printed.
+RATIO_TARGETS = {"plain": Target(1.3, 0.8), "plugins": Target(1.6, None)}
+NO_TARGET = Target(None, None)
 NOISY = 0.10  # other processes using more than 10% of a core make a run suspect
 
 
@@ -84,8 +96,15 @@ class Comparison:
     path: str
     cpu_ratio: float  # apigate CPU µs/req / nginx CPU µs/req
     rps_ratio: float  # apigate req/s / nginx req/s
-    cpu_pass: bool
-    rps_pass: bool
+    target: Target
+
+    @property
+    def cpu_pass(self) -> bool:
+        return self.target.cpu_max is None or self.cpu_ratio <= self.target.cpu_max
+
+    @property
+    def rps_pass(self) -> bool:
+        return self.target.rps_min is None or self.rps_ratio >= self.target.rps_min
 
 
 def compare(rows: list[Measurement]) -> list[Comparison]:
@@ -97,9 +116,8 @@ def compare(rows: list[Measurement]) -> list[Comparison]:
             continue
         cpu = m.cpu_us_per_req / nginx.cpu_us_per_req if nginx.cpu_us_per_req else float("inf")
         rps = m.rps / nginx.rps if nginx.rps else 0.0
-        comparisons.append(
-            Comparison(m.scenario, m.path, cpu, rps, cpu <= CPU_TARGET, rps >= RPS_TARGET)
-        )
+        target = RATIO_TARGETS.get(m.scenario, NO_TARGET)
+        comparisons.append(Comparison(m.scenario, m.path, cpu, rps, target))
     return comparisons
 
 
@@ -135,8 +153,12 @@ def verdict(passed: bool) -> str:
 
 
 def comparison_row(c: Comparison, widths: tuple[int, ...]) -> str:
-    cpu = f"CPU/req {c.cpu_ratio:.2f}x (target <= {CPU_TARGET:.1f}x) {verdict(c.cpu_pass)}"
-    rps = f"req/s {c.rps_ratio:.2f}x (target >= {RPS_TARGET:.1f}x) {verdict(c.rps_pass)}"
+    cpu = f"CPU/req {c.cpu_ratio:.2f}x"
+    if c.target.cpu_max is not None:
+        cpu += f" (target <= {c.target.cpu_max:.1f}x) {verdict(c.cpu_pass)}"
+    rps = f"req/s {c.rps_ratio:.2f}x"
+    if c.target.rps_min is not None:
+        rps += f" (target >= {c.target.rps_min:.1f}x) {verdict(c.rps_pass)}"
     return f"{'':{widths[0] + widths[1] + 4}}apigate/nginx: {cpu};  {rps}"
 
 

@@ -44,8 +44,7 @@ from procs import (
     tree_seconds,
 )
 from results import (
-    CPU_TARGET,
-    RPS_TARGET,
+    RATIO_TARGETS,
     Comparison,
     Measurement,
     compare,
@@ -391,12 +390,17 @@ def write_json(
         "apigate_cmd": args.apigate_cmd, "pinned": tools.taskset is not None,
         "duration_s": args.duration, "warmup_s": WARMUP_SECONDS, "rounds": args.repeat,
         "connections": args.connections, "wrk_threads": 1, "clk_tck": CLK_TCK,
-        "targets": {"cpu_ratio_max": CPU_TARGET, "rps_ratio_min": RPS_TARGET},
+        "targets": {
+            scenario: {"cpu_ratio_max": t.cpu_max, "rps_ratio_min": t.rps_min}
+            for scenario, t in RATIO_TARGETS.items()
+        },
     }  # fmt: skip
     document = {
         "meta": meta,
         "summary": [asdict(m) for m in rows],
-        "comparisons": [asdict(c) for c in comparisons],
+        "comparisons": [
+            {**asdict(c), "cpu_pass": c.cpu_pass, "rps_pass": c.rps_pass} for c in comparisons
+        ],
         "runs": [asdict(m) for m in bench.results],
     }
     args.json.write_text(json.dumps(document, indent=2) + "\n")
