@@ -130,6 +130,22 @@ def test_client_controlled_strings_are_escaped() -> None:
     assert doc["client"] == NASTY
 
 
+@pytest.mark.parametrize(
+    "value",
+    ["0a1b2c3d4e5f17", "req-1", "é1", "\u0663", "\u216b", "\uff41\uff42", 'a"b', "a\\b", "", NASTY],
+)
+def test_ids_are_written_as_json_dumps_writes_them(value: str) -> None:
+    """Letters-and-digits ids are written without the escaping call; the look-alikes (other
+    scripts' letters and digits, which `isalnum` takes but json.dumps escapes) are not."""
+    ctx = make_log_ctx(request_id=value)
+    ctx.vars["trace_id"] = value  # as a plugin could set it
+    line = logged(ctx)
+    assert line == reference_line(ctx)
+    assert line.isascii()
+    doc = json.loads(line)
+    assert (doc["request_id"], doc["trace_id"]) == (value, value)
+
+
 @settings(max_examples=200, deadline=None)
 @given(path=st.text(), request_id=st.text(), method=st.text(min_size=1))
 def test_any_string_round_trips(path: str, request_id: str, method: str) -> None:

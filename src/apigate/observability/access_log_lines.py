@@ -54,6 +54,12 @@ def _json(value: Any) -> str:
     return _quote(value) if type(value) is str else json.dumps(value, separators=(",", ":"))
 
 
+def _plain(value: str) -> bool:
+    """Whether json.dumps writes `value` as itself in quotes: ASCII letters and digits only
+    (`isalnum` alone also takes other scripts' letters and digits, which json.dumps escapes)."""
+    return value.isalnum() and value.isascii()
+
+
 def duration(value: float) -> str:
     """`str(round(value, 3))`, the way a duration has always been logged, mostly without
     `round` and the float's repr (together ~0.6 µs; two per line, the dearest part of it).
@@ -221,12 +227,20 @@ class AccessLogLines:
         upstream_ms: float | None = entry[11]
         total_ms: float | None = entry[12]
         status: int = entry[9]
+        # Ids are letters and digits (the gateway's own request ids and every trace id always,
+        # a client's request id mostly), and such a value quoted is the value in quotes: no
+        # encode_basestring_ascii call for either. Anything else (a client's id with '-', a
+        # plugin's own value) is escaped as json.dumps does it.
+        request_id: str = entry[1]
+        trace_id: str = entry[2]
+        rid = f'"{request_id}"' if _plain(request_id) else _quote(request_id)
+        tid = f'"{trace_id}"' if _plain(trace_id) else _quote(trace_id)
         # The types are fixed (see ProxyExchange and Request): names and ids are str, status
         # and bytes int, durations finite floats or None, so each value is formatted directly.
         line = (
             f'{self._line_start}{_MILLIS[ms] if ms < 1000 else f".{ms}Z"}",'
-            f'"request_id":{_quote(entry[1])},'
-            f'"trace_id":{_quote(entry[2])},'
+            f'"request_id":{rid},'
+            f'"trace_id":{tid},'
             f'"client":{self.quote(entry[3])},'
             f'"method":{self.quote(entry[4])},'
             f'"path":{_quote(entry[5])},'
