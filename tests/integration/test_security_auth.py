@@ -305,7 +305,8 @@ async def test_the_upstream_learns_the_consumer_and_no_client_made_identity(
     assert got.header_values("x-consumer-username") == ["alice"]
     assert got.header_values("x-consumer-custom-id") == ["A-1"]
     assert got.header_values("x-consumer-groups") == ["admins, ops"]
-    for name in IDENTITY_FIELDS[3:]:
+    assert got.header_values("x-consumer-id") == ["alice"]  # the name: no other id here
+    for name in IDENTITY_FIELDS[4:]:  # an API key has no name; not anonymous
         assert got.header(name) is None, name
     status, _, _ = await setup.get("/edge/echo", *SPOOFED_IDENTITY)  # a route without auth
     assert status == 200

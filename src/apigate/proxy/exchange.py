@@ -96,6 +96,9 @@ class ProxyExchange(UpstreamListener):
     instance: Instance | None = None
     upstream: UpstreamConnection | None = None
     consumer: Any = None  # set by auth plugins
+    # set with it by the built-in ones: an apigate.plugins.identity.Identity, the consumer's
+    # upstream lines made when the plugin was built, and whether it is an `anonymous` one
+    credential: Any = None
     status = 0
     bytes_sent = 0
     upstream_ms: float | None = None
@@ -1171,8 +1174,14 @@ class ProxyExchange(UpstreamListener):
         lines = trace_lines(req, self.vars)
         if route.strip_prefix or req.forwarded_prefix:
             lines = self._prefix_line() + lines
-        if self.consumer is not None:  # an auth plugin identified one
-            lines = consumer_lines(self.consumer) + lines
+        consumer = self.consumer
+        if consumer is not None:  # an auth plugin identified one
+            credential = self.credential
+            if credential is not None and credential.consumer is consumer:
+                # made once per consumer and credential: no str work per request
+                lines = credential.lines + lines
+            else:  # a plugin of one's own set ctx.consumer alone
+                lines = consumer_lines(consumer) + lines
         return lines
 
     def _prefix_line(self) -> bytes:

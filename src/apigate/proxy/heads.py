@@ -61,25 +61,32 @@ def request_head(
 
 def consumer_lines(consumer: Any) -> bytes:
     """The identity of the consumer an auth plugin found, for the upstream request head, in
-    Kong's names: X-Consumer-Username, X-Consumer-Custom-ID (when it has one), X-Consumer-Groups
-    (comma-separated, when it has some). A client's own were dropped (headers.IDENTITY). A
-    value no field may carry (a control character) is left out rather than sent."""
+    Kong's names: X-Consumer-ID and X-Consumer-Username (both its `name`: apigate's consumers
+    have no separate id, and the name is what is unique in the file), X-Consumer-Custom-ID
+    (when it has one), X-Consumer-Groups (comma-separated, when it has some). A client's own
+    were dropped (headers.IDENTITY). A value no field may carry (a control character) is left
+    out rather than sent. The built-in auth plugins make these lines once per consumer, when
+    they are built (apigate.plugins.identity.Identity); this is also the fallback for a
+    plugin of one's own that only sets `ctx.consumer`."""
     lines = b""
     name = getattr(consumer, "name", None)
-    if isinstance(name, str) and _field_safe(name):
-        lines += b"X-Consumer-Username: " + name.encode() + b"\r\n"
+    if isinstance(name, str) and field_safe(name):
+        value = name.encode()
+        lines += b"X-Consumer-ID: " + value + b"\r\n"
+        lines += b"X-Consumer-Username: " + value + b"\r\n"
     custom_id = getattr(consumer, "custom_id", None)
-    if isinstance(custom_id, str) and custom_id and _field_safe(custom_id):
+    if isinstance(custom_id, str) and custom_id and field_safe(custom_id):
         lines += b"X-Consumer-Custom-ID: " + custom_id.encode() + b"\r\n"
     groups = getattr(consumer, "groups", None)
     if groups:
         joined = ", ".join(str(group) for group in groups)
-        if _field_safe(joined):
+        if field_safe(joined):
             lines += b"X-Consumer-Groups: " + joined.encode() + b"\r\n"
     return lines
 
 
-def _field_safe(value: str) -> bool:
+def field_safe(value: str) -> bool:
+    """Whether `value` may be a header field value as it is (printable ASCII)."""
     return value.isascii() and value.isprintable()
 
 
