@@ -15,6 +15,11 @@ An unknown username costs what a known one does: its password is checked, the sa
 a dummy hash of the scheme and cost of the slowest configured hash (random, made when the plugin
 is built), so the time of a 401 does not tell which usernames exist. (With hashes of different
 costs, users with a cheaper hash still answer faster than unknown ones: give them all one cost.)
+
+`anonymous` (Kong's): the consumer a request without valid credentials is let through as,
+unless an earlier auth plugin authenticated a real consumer (apigate.plugins.identity). Kong's
+basic-auth has no `run_on_preflight`, so neither has this one: a browser's preflight carries no
+credentials, and the `cors` plugin answers it before any auth plugin runs.
 """
 
 from __future__ import annotations
@@ -35,10 +40,18 @@ from typing import Any, Final
 from pydantic import Field
 
 from apigate.config.errors import ConfigError
-from apigate.config.schema import ConsumerConfig
+from apigate.config.schema import NonEmptyStr
 from apigate.config.units import NonNegativeDuration
 from apigate.plugins.base import Plugin, PluginConfig, PluginEnv, Response
-from apigate.plugins.identity import BASIC_CHALLENGE, StrictPluginConfig, unauthorized
+from apigate.plugins.identity import (
+    BASIC_CHALLENGE,
+    AnonymousAccess,
+    Identity,
+    StrictPluginConfig,
+    authenticate,
+    authenticated,
+    unauthorized,
+)
 
 _CACHE_MAX = 10_000
 _BCRYPT_HASH = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
@@ -55,6 +68,7 @@ class BasicAuthConfig(StrictPluginConfig):
     hide_credentials: bool = True
     cache_ttl: NonNegativeDuration = 60.0
     max_concurrent_checks: int = Field(default=8, ge=1)  # slow hashes in flight at once
+    anonymous: NonEmptyStr | None = None  # a consumer's name: who a request without one is
 
 
 def make_verifier(stored: str) -> tuple[Verifier, bool]:
@@ -153,7 +167,8 @@ class BasicAuthPlugin(Plugin):
         super().__init__(config, env)
         assert isinstance(config, BasicAuthConfig)
         self.cfg = config
-        self.users: dict[bytes, tuple[ConsumerConfig, Verifier, bool]] = {}
+        # username -> (who: the consumer, named upstream by this username, check, is_slow)
+        self.users: dict[bytes, tuple[Identity, Verifier, bool]] = {}
         errors = []
         hashes: list[str] = []
         for index, consumer in enumerate(env.config.consumers):
@@ -165,7 +180,8 @@ class BasicAuthPlugin(Plugin):
             except ValueError as exc:
                 errors.append(f"consumers[{index}].basic_auth.password: {exc}")
                 continue
-            self.users[creds.username.encode()] = (consumer, check, slow)
+            identity = Identity(consumer, credential_id=creds.username)
+            self.users[creds.username.encode()] = (identity, check, slow)
             hashes.append(creds.password)
         if errors:
             raise ConfigError(errors)
@@ -173,10 +189,24 @@ class BasicAuthPlugin(Plugin):
         slowest = max(hashes, key=hash_cost, default="sha256:")  # no users: a fast dummy
         self._dummy, self._dummy_slow = make_verifier(lookalike_hash(slowest))
         self._cache_key = os.urandom(32)
-        self._cache: dict[bytes, tuple[ConsumerConfig, float]] = {}
+        self._cache: dict[bytes, tuple[Identity, float]] = {}
         self._slots: asyncio.Semaphore | None = None
+        self._anonymous = (
+            AnonymousAccess(config.anonymous, env.config.consumers, type(config).__name__)
+            if config.anonymous is not None
+            else None
+        )
+        # the hook: with `anonymous`, a check first; without, the credentials' check alone
+        self.on_request: Callable[[Any], Any] = (
+            self._unless_authenticated if self._anonymous is not None else self._check
+        )
 
-    def on_request(self, ctx: Any) -> Any:
+    def _unless_authenticated(self, ctx: Any) -> Any:
+        if authenticated(ctx):
+            return None  # a logical OR: an earlier auth plugin found a real consumer
+        return self._check(ctx)
+
+    def _check(self, ctx: Any) -> Any:
         req = ctx.request
         values = [v for n, v in req.headers if len(n) == 13 and n.lower() == b"authorization"]
         if not values:
@@ -195,13 +225,13 @@ class BasicAuthPlugin(Plugin):
         entry = self.users.get(user)
         if entry is None:
             return self._refuse_unknown(ctx, password)
-        consumer, check, slow = entry
+        identity, check, slow = entry
         if slow:
-            return self._check_slowly(ctx, consumer, check, password, memo)
+            return self._check_slowly(ctx, identity, check, password, memo)
         if not check(password):
             return self._deny(ctx, "invalid credentials")
-        self._remember(memo, consumer)
-        self._accept(ctx, consumer)
+        self._remember(memo, identity)
+        self._accept(ctx, identity)
         return None
 
     def _refuse_unknown(self, ctx: Any, password: bytes) -> Any:
@@ -212,17 +242,17 @@ class BasicAuthPlugin(Plugin):
         self._dummy(password)
         return self._deny(ctx, "invalid credentials")
 
-    async def _refuse_slowly(self, ctx: Any, password: bytes) -> Response:
+    async def _refuse_slowly(self, ctx: Any, password: bytes) -> Response | None:
         await self._run_slow_check(self._dummy, password)
         return self._deny(ctx, "invalid credentials")
 
     async def _check_slowly(
-        self, ctx: Any, consumer: ConsumerConfig, check: Verifier, password: bytes, memo: bytes
+        self, ctx: Any, identity: Identity, check: Verifier, password: bytes, memo: bytes
     ) -> Response | None:
         if not await self._run_slow_check(check, password):
             return self._deny(ctx, "invalid credentials")
-        self._remember(memo, consumer)
-        self._accept(ctx, consumer)
+        self._remember(memo, identity)
+        self._accept(ctx, identity)
         return None
 
     async def _run_slow_check(self, check: Verifier, password: bytes) -> bool:
@@ -232,21 +262,29 @@ class BasicAuthPlugin(Plugin):
         async with self._slots:
             return await asyncio.get_running_loop().run_in_executor(None, check, password)
 
-    def _remember(self, memo: bytes, consumer: ConsumerConfig) -> None:
+    def _remember(self, memo: bytes, identity: Identity) -> None:
         if self.cfg.cache_ttl <= 0:
             return
         cache = self._cache
         if len(cache) >= _CACHE_MAX:
             cache.pop(next(iter(cache)))
-        cache[memo] = (consumer, time.monotonic() + self.cfg.cache_ttl)
+        cache[memo] = (identity, time.monotonic() + self.cfg.cache_ttl)
 
-    def _accept(self, ctx: Any, consumer: ConsumerConfig) -> None:
-        ctx.consumer = consumer
+    def _accept(self, ctx: Any, identity: Identity) -> None:
+        authenticate(ctx, identity)
         if self.cfg.hide_credentials:
             ctx.request.remove_header("authorization")
 
-    def _deny(self, ctx: Any, message: str) -> Response:
-        return unauthorized(ctx, message, BASIC_CHALLENGE)
+    def _deny(self, ctx: Any, message: str) -> Response | None:
+        """A 401, or with `anonymous` the anonymous consumer: wrong credentials too, as in Kong
+        (which also hides them from the upstream then)."""
+        anonymous = self._anonymous
+        if anonymous is None:
+            return unauthorized(ctx, message, BASIC_CHALLENGE)
+        if self.cfg.hide_credentials:
+            ctx.request.remove_header("authorization")
+        anonymous.admit(ctx)
+        return None
 
     def __repr__(self) -> str:
         return f"<BasicAuthPlugin {len(self.users)} users>"

@@ -1,10 +1,19 @@
-"""What the security plugins share: consumer lookup, 401/403 answers, a strict config base.
+"""What the security plugins share: consumer lookup, 401/403 answers, a strict config base,
+the upstream's identity lines, Kong's `anonymous` consumer and `run_on_preflight`.
 
-An authenticated request carries its identity in two places that later plugins read:
-`ctx.consumer` (the `ConsumerConfig` from the file's `consumers:`, when one matches) and, for
-JWT, `ctx.vars["jwt_claims"]` (the verified claims). Rejections are JSON bodies
-`{"error", "message", "request_id"}` built only on the error path; a 401 always carries a
-`WWW-Authenticate` challenge (RFC 9110 §11.6.1). Messages never echo a credential.
+An authenticated request carries its identity in places that later plugins read:
+`ctx.consumer` (the `ConsumerConfig` from the file's `consumers:`, when one matches),
+`ctx.credential` (an `Identity`: the lines that name the consumer and credential upstream,
+and whether it is an anonymous consumer) and, for JWT, `ctx.vars["jwt_claims"]` (the verified
+claims). Rejections are JSON bodies `{"error", "message", "request_id"}` built only on the
+error path; a 401 always carries a `WWW-Authenticate` challenge (RFC 9110 §11.6.1). Messages
+never echo a credential.
+
+Several auth plugins on one route are a logical AND unless they have `anonymous` (Kong's
+rule, from its handlers): a plugin with `anonymous` does nothing when an earlier one has
+already authenticated a real consumer (`authenticated`), and otherwise, when the request has
+no valid credential for it (none, or a wrong one), lets it through as the anonymous consumer
+(`AnonymousAccess`); a later plugin that finds a valid credential replaces that consumer.
 """
 
 from __future__ import annotations
@@ -15,14 +24,17 @@ from typing import Any
 
 from pydantic import ConfigDict
 
+from apigate.config.errors import located_error
 from apigate.config.schema import ConsumerConfig, StrictModel
 from apigate.http.errors import json_body
 from apigate.plugins.base import PluginConfig, Response
+from apigate.proxy.heads import consumer_lines, field_safe
 
 BEARER_CHALLENGE = b'Bearer realm="apigate"'
 BEARER_INVALID = b'Bearer realm="apigate", error="invalid_token"'
 BASIC_CHALLENGE = b'Basic realm="apigate", charset="UTF-8"'
 API_KEY_CHALLENGE = b'ApiKey realm="apigate"'
+ANONYMOUS_LINE = b"X-Anonymous-Consumer: true\r\n"  # Kong's value, `true`
 
 
 class StrictPluginConfig(PluginConfig, StrictModel):
@@ -56,6 +68,82 @@ class ConsumerIndex:
 
     def __repr__(self) -> str:
         return f"<ConsumerIndex {len(self.by_name)} consumers>"
+
+
+class Identity:
+    """Who a request is, as an auth plugin found it: the consumer, the lines that say so in
+    the upstream's request head (Kong's X-Consumer-ID, -Custom-ID, -Username, -Groups,
+    X-Credential-Identifier, X-Anonymous-Consumer), and whether it is a plugin's `anonymous`
+    consumer. Made once per consumer and credential when the plugin is built; a request only
+    stores it (`ctx.credential`) and the exchange writes `lines` as they are."""
+
+    __slots__ = ("anonymous", "consumer", "lines")
+
+    def __init__(
+        self, consumer: ConsumerConfig, credential_id: str | None = None, anonymous: bool = False
+    ) -> None:
+        self.consumer = consumer
+        self.anonymous = anonymous
+        lines = consumer_lines(consumer)
+        # the credential's name, never its secret: an API key has no name here (Kong sends
+        # its credential's id), so key_auth gives none
+        if credential_id and field_safe(credential_id):
+            lines += b"X-Credential-Identifier: " + credential_id.encode() + b"\r\n"
+        if anonymous:
+            lines += ANONYMOUS_LINE
+        self.lines = lines
+
+    def __repr__(self) -> str:
+        kind = " anonymous" if self.anonymous else ""
+        return f"<Identity{kind} {self.consumer.name!r}>"
+
+
+def authenticate(ctx: Any, identity: Identity) -> None:
+    """The request is `identity`'s (Kong's kong.client.authenticate)."""
+    ctx.consumer = identity.consumer
+    ctx.credential = identity
+
+
+def authenticated(ctx: Any) -> bool:
+    """Whether an earlier plugin has authenticated the request as a real consumer, or verified
+    a token that names none (Kong's `kong.client.get_credential()`): then a plugin with
+    `anonymous` has nothing to do. An anonymous consumer does not count."""
+    credential = getattr(ctx, "credential", None)
+    if credential is not None and credential.anonymous and credential.consumer is ctx.consumer:
+        return False
+    return is_authenticated(ctx)
+
+
+class AnonymousAccess:
+    """A plugin's `anonymous` setting: the consumer a request without a valid credential is
+    let through as, instead of a 401. It must be one of `consumers:` (checked when the plugin
+    is built, so a reload or an admin change that removes it is refused)."""
+
+    __slots__ = ("identity",)
+
+    def __init__(self, name: str, consumers: Iterable[ConsumerConfig], title: str) -> None:
+        found = next((c for c in consumers if c.name == name), None)
+        if found is None:
+            problem = f"no consumer named {name!r} in consumers: the anonymous consumer must exist"
+            raise located_error(title, [(("anonymous",), problem)])
+        self.identity = Identity(found, anonymous=True)
+
+    def admit(self, ctx: Any) -> None:
+        authenticate(ctx, self.identity)
+
+    def __repr__(self) -> str:
+        return f"<AnonymousAccess {self.identity.consumer.name!r}>"
+
+
+def is_preflight(req: Any) -> bool:
+    """A CORS preflight (Fetch: OPTIONS with Origin and Access-Control-Request-Method), which a
+    browser sends without credentials. Kong's `run_on_preflight: false` skips every OPTIONS;
+    here only a real preflight is, so a plain OPTIONS to an API is still authenticated."""
+    return (
+        req.method == "OPTIONS"
+        and req.header("origin") is not None
+        and req.header("access-control-request-method") is not None
+    )
 
 
 def request_id(ctx: Any) -> str:

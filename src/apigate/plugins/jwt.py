@@ -26,6 +26,12 @@ Theory of operation, per request:
    those headers removed, with `_` and `-` alike in their names: WSGI, CGI and PHP read X_Role
    as X-Role).
 
+Kong's options: `anonymous` (a consumer a request without a valid token is let through as;
+apigate.plugins.identity has the rule for several auth plugins), `run_on_preflight: false` (a
+CORS preflight goes through unauthenticated) and `maximum_expiration` (a token whose `exp` is
+further ahead is a 401; `exp` must be in `required_claims`, as Kong requires it in
+`claims_to_verify`). Without the first two the hook is the compiled cache lookup itself.
+
 JWKS keys are fetched at start, refetched when a token names a `kid` that no key has and the set
 has no kid-less key to try instead (at most once per `jwks_min_refresh`), and refreshed in the
 background after `jwks_max_age`. Every failure is a 401 with
@@ -59,15 +65,19 @@ from apigate.config.jws_keys import (
     secret_problems,
     unsupported,
 )
-from apigate.config.schema import is_loopback_host
+from apigate.config.schema import ConsumerConfig, NonEmptyStr, is_loopback_host
 from apigate.config.units import NonNegativeDuration, PositiveDuration
 from apigate.http.headers import is_token
 from apigate.plugins.base import Plugin, PluginConfig, PluginEnv, Response
 from apigate.plugins.identity import (
     BEARER_CHALLENGE,
     BEARER_INVALID,
+    AnonymousAccess,
     ConsumerIndex,
+    Identity,
     StrictPluginConfig,
+    authenticated,
+    is_preflight,
     unauthorized,
 )
 from apigate.plugins.jwt_cache import CONFLICT, REPEATED, TokenCache, Verified
@@ -79,6 +89,7 @@ JWK_CURVES = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "secp256k1":
 MAX_TOKEN_BYTES = 8192
 MAX_CACHE_SECONDS = 300.0  # a token without `exp` (or a removed JWKS key) is re-checked this often
 MAX_JWKS_BYTES = 1 << 20
+MAX_EXPIRATION_LIMIT = 31_536_000.0  # a year: Kong's bound for maximum_expiration
 # Three non-empty base64url segments. Python's base64 decoder skips characters outside the
 # alphabet, so without this check a token with junk in its signature would still verify.
 _COMPACT_JWS = re.compile(rb"[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+")
@@ -119,6 +130,9 @@ class JwtConfig(StrictPluginConfig):
     jwks_timeout: PositiveDuration = 5.0
     jwks_min_refresh: NonNegativeDuration = 30.0
     jwks_max_age: PositiveDuration = 3600.0
+    anonymous: NonEmptyStr | None = None  # a consumer's name: who a request without one is
+    run_on_preflight: bool = True  # false: a CORS preflight is let through unauthenticated
+    maximum_expiration: NonNegativeDuration = 0.0  # 0: no limit (Kong's default)
 
     @field_validator("algorithms")
     @classmethod
@@ -163,6 +177,23 @@ class JwtConfig(StrictPluginConfig):
         if parts.scheme == "http" and not is_loopback_host(parts.hostname):
             raise ValueError("plain http is only allowed for a loopback JWKS URL; use https")
         return value
+
+    @field_validator("maximum_expiration")
+    @classmethod
+    def _check_maximum_expiration(cls, value: float) -> float:
+        if value > MAX_EXPIRATION_LIMIT:
+            raise ValueError("at most a year (31536000 seconds, Kong's bound)")
+        return value
+
+    @model_validator(mode="after")
+    def _maximum_expiration_needs_exp(self) -> Self:
+        # As Kong: "to set maximum_expiration, you need to add 'exp' in claims_to_verify". A
+        # token without `exp` never expires, which no limit on `exp` can allow; refusing the
+        # config says so instead of requiring `exp` behind the operator's back.
+        if self.maximum_expiration and "exp" not in self.required_claims:
+            problem = "add 'exp' to required_claims to set maximum_expiration (as Kong requires)"
+            raise located_error(type(self).__name__, [(("maximum_expiration",), problem)])
+        return self
 
     @model_validator(mode="after")
     def _check_keys(self) -> Self:
@@ -485,6 +516,15 @@ class JwtPlugin(Plugin):
         assert isinstance(config, JwtConfig)
         self.cfg = config
         self.consumers = ConsumerIndex(env.config.consumers)
+        # who a consumer a token's claim names is upstream, made once per consumer
+        self._identities = {c.name: Identity(c) for c in env.config.consumers}
+        self._anonymous = (
+            AnonymousAccess(config.anonymous, env.config.consumers, type(config).__name__)
+            if config.anonymous is not None
+            else None
+        )
+        self._skip_preflight = not config.run_on_preflight
+        self._max_expiration = config.maximum_expiration
         # with key_claim_name and no `algorithms`, each credential's own algorithm is the pin
         self.algorithms = frozenset(config.algorithms) if config.algorithms else SUPPORTED
         self.static_keys: KeySet | None = None
@@ -529,7 +569,13 @@ class JwtPlugin(Plugin):
         self.cache = self.tokens.entries  # token bytes -> Verified
         # The hook is the compiled method itself: a cached token is answered with no
         # interpreted frame on the way (timed in place: ~0.9 µs interpreted, ~0.45 compiled).
-        self.on_request = self.tokens.on_request
+        # With `anonymous` or `run_on_preflight: false`, a check before it (interpreted):
+        # only routes that set them pay for it.
+        self.on_request = (
+            self._guarded
+            if self._anonymous is not None or self._skip_preflight
+            else self.tokens.on_request
+        )
         self._decoder = jwt.PyJWT(
             options={
                 "verify_aud": config.audience is not None,
@@ -549,11 +595,21 @@ class JwtPlugin(Plugin):
     async def close(self) -> None:
         """Nothing to undo: the JWKS source is shared with the next snapshot's instance."""
 
+    def _guarded(self, ctx: Any) -> Any:
+        """The hook with Kong's checks first: a preflight goes through when told so; with
+        `anonymous`, a request an earlier auth plugin authenticated as a real consumer is left
+        as it is (a logical OR)."""
+        if self._skip_preflight and is_preflight(ctx.request):
+            return None
+        if self._anonymous is not None and authenticated(ctx):
+            return None
+        return self.tokens.on_request(ctx)
+
     # ------------------------------------------------------------------ uncached tokens
     def _uncached(self, ctx: Any, token: bytes | None) -> Any:
         """What TokenCache.on_request (the hook) could not answer from the cache."""
         if token is None:
-            return unauthorized(ctx, "missing bearer token", BEARER_CHALLENGE)
+            return self._refuse(ctx, "missing bearer token", BEARER_CHALLENGE)
         if token is CONFLICT:
             return self._invalid(ctx, "several different tokens in one request")
         if token is REPEATED:
@@ -565,8 +621,19 @@ class JwtPlugin(Plugin):
             log.exception("JWT verification failed unexpectedly")
             return self._invalid(ctx, "invalid token")
 
-    def _invalid(self, ctx: Any, message: str) -> Response:
-        return unauthorized(ctx, message, BEARER_INVALID, code="invalid_token")
+    def _invalid(self, ctx: Any, message: str) -> Response | None:
+        return self._refuse(ctx, message, BEARER_INVALID, code="invalid_token")
+
+    def _refuse(
+        self, ctx: Any, message: str, challenge: bytes, code: str = "unauthorized"
+    ) -> Response | None:
+        """A 401, or with `anonymous` the anonymous consumer: for a missing token and for an
+        invalid one alike, as Kong does (a later auth plugin may still find a real one)."""
+        anonymous = self._anonymous
+        if anonymous is None:
+            return unauthorized(ctx, message, challenge, code=code)
+        anonymous.admit(ctx)
+        return None
 
     # ------------------------------------------------------------------ verification
     def _verify(self, ctx: Any, token: bytes) -> Any:
@@ -662,6 +729,9 @@ class JwtPlugin(Plugin):
         not_a_date = non_numeric_date(claims)
         if not_a_date is not None:
             return self._invalid(ctx, f"token's {not_a_date!r} claim is not a number")
+        limit = self._max_expiration
+        if limit and claims["exp"] - time.time() > limit:  # (`exp` is required with a limit)
+            return self._invalid(ctx, "token's exp exceeds the maximum allowed expiration")
         self.tokens.accept(ctx, self._remember(token, claims, credential))
         return None
 
@@ -691,12 +761,14 @@ class JwtPlugin(Plugin):
             # PyJWT compares int(exp) with the clock: a fraction of a second buys nothing
             expires = min(expires, int(exp) + self._leeway)
         forward = [(h, header_value(claims[c])) for c, h in self._forward if c in claims]
-        consumer = (
-            credential.consumer
-            if credential is not None
-            else self.consumers.find(claims.get(self.cfg.consumer_claim))
-        )
-        entry = Verified(claims, expires, consumer, forward)
+        consumer: ConsumerConfig | None
+        identity: Identity | None
+        if credential is not None:
+            consumer, identity = credential.consumer, credential.identity
+        else:
+            consumer = self.consumers.find(claims.get(self.cfg.consumer_claim))
+            identity = self._identities[consumer.name] if consumer is not None else None
+        entry = Verified(claims, expires, consumer, forward, identity)
         self.tokens.add(token, entry)
         return entry
 

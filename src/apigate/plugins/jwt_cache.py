@@ -43,9 +43,14 @@ def is_other_spelling(name: bytes, wanted: bytes, folded: bytes) -> bool:
 
 
 class Verified:
-    """A cache entry: what a verified token grants, until `expires` (epoch seconds)."""
+    """A cache entry: what a verified token grants, until `expires` (epoch seconds).
 
-    __slots__ = ("claims", "consumer", "expires", "forward")
+    `identity` is the consumer's apigate.plugins.identity.Identity (its upstream lines, made
+    when the plugin was built), None with `consumer`. A `maximum_expiration` needs no check on
+    a hit: a token is cached only once its `exp` was within the limit, and `exp - now` only
+    shrinks from then on."""
+
+    __slots__ = ("claims", "consumer", "expires", "forward", "identity")
 
     def __init__(
         self,
@@ -53,11 +58,13 @@ class Verified:
         expires: float,
         consumer: Any,
         forward: list[tuple[bytes, bytes]],
+        identity: Any = None,
     ) -> None:
         self.claims = claims
         self.expires = expires
         self.consumer = consumer
         self.forward = forward
+        self.identity = identity
 
     def __repr__(self) -> str:
         return f"<Verified until {self.expires:.0f} consumer={self.consumer!r}>"
@@ -174,6 +181,7 @@ class TokenCache:
         scratch["jwt_claims"] = entry.claims
         if entry.consumer is not None:
             ctx.consumer = entry.consumer
+            ctx.credential = entry.identity
         drop = self.forward_headers
         if drop:
             # the client's copies go, X_Role as well as x-role: an upstream behind WSGI, CGI or

@@ -22,17 +22,22 @@ from typing import Any
 
 from apigate.config.jws_keys import VerifyKey
 from apigate.config.schema import ConsumerConfig
+from apigate.plugins.identity import Identity
 
 
 class Credential:
-    """One credential: whose it is, and the key pinned to its algorithm."""
+    """One credential: whose it is, the key pinned to its algorithm, and who a request it
+    verifies is upstream (X-Credential-Identifier: its `key`, as Kong sends)."""
 
-    __slots__ = ("algorithm", "consumer", "key")
+    __slots__ = ("algorithm", "consumer", "identity", "key")
 
-    def __init__(self, consumer: ConsumerConfig, algorithm: str, verifier: Any) -> None:
+    def __init__(
+        self, consumer: ConsumerConfig, algorithm: str, verifier: Any, name: str = ""
+    ) -> None:
         self.consumer = consumer
         self.algorithm = algorithm
         self.key = VerifyKey(verifier, frozenset({algorithm}))
+        self.identity = Identity(consumer, credential_id=name or None)
 
     def __repr__(self) -> str:
         return f"<Credential {self.algorithm} of {self.consumer.name!r}>"
@@ -48,7 +53,9 @@ class CredentialIndex:
         self.by_key: dict[str, Credential] = {}
         for consumer in consumers:
             for cred in consumer.jwt_credentials:  # (keys are unique: the schema checks)
-                self.by_key[cred.key] = Credential(consumer, cred.algorithm, cred.verifier())
+                self.by_key[cred.key] = Credential(
+                    consumer, cred.algorithm, cred.verifier(), cred.key
+                )
 
     def find(self, claims: dict[str, Any], header: dict[str, Any]) -> Credential | str:
         """The credential an unverified token names, or why none (the 401's message).

@@ -4,29 +4,45 @@ The keys are held only as SHA-256 digests, made once when the plugin is built, s
 or a debugger shows no key. A presented key is hashed and looked up by digest: the lookup
 cannot leak a stored key through timing, since an attacker does not choose the digest's bytes;
 the final `hmac.compare_digest` is there so the comparison stays constant-time should the table
-ever change shape. With `hide_credentials` (the default) the key never reaches the upstream.
+ever change shape. With `hide_credentials` (the default) the key never reaches the upstream,
+a wrong one let through as the `anonymous` consumer included (as Kong hides it).
+
+`anonymous` and `run_on_preflight: false` (Kong's) put a check before the lookup; without them
+the hook is the lookup alone, as before they existed (apigate.plugins.identity).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from pydantic import field_validator, model_validator
 
 from apigate.config.errors import located_error
-from apigate.config.schema import ConsumerConfig
+from apigate.config.schema import NonEmptyStr
 from apigate.http.headers import is_token
 from apigate.plugins.base import Plugin, PluginConfig, PluginEnv, Response
-from apigate.plugins.identity import API_KEY_CHALLENGE, StrictPluginConfig, unauthorized
+from apigate.plugins.identity import (
+    API_KEY_CHALLENGE,
+    AnonymousAccess,
+    Identity,
+    StrictPluginConfig,
+    authenticate,
+    authenticated,
+    is_preflight,
+    unauthorized,
+)
 
 
 class KeyAuthConfig(StrictPluginConfig):
     header_names: list[str] = ["apikey"]
     query_param: str | None = None
     hide_credentials: bool = True
+    anonymous: NonEmptyStr | None = None  # a consumer's name: who a request without a key is
+    run_on_preflight: bool = True  # false: a CORS preflight is let through unauthenticated
 
     @field_validator("header_names")
     @classmethod
@@ -57,17 +73,39 @@ class KeyAuthPlugin(Plugin):
     def __init__(self, config: PluginConfig, env: PluginEnv) -> None:
         super().__init__(config, env)
         assert isinstance(config, KeyAuthConfig)
-        # digest -> (the same digest, consumer): the stored copy is what compare_digest checks
-        self.keys: dict[bytes, tuple[bytes, ConsumerConfig]] = {}
+        # digest -> (the same digest, who): the stored copy is what compare_digest checks
+        self.keys: dict[bytes, tuple[bytes, Identity]] = {}
         for consumer in env.config.consumers:
+            identity = Identity(consumer)  # one per consumer: its keys have no names
             for key in consumer.api_keys:
                 stored = digest(key.encode())
-                self.keys[stored] = (stored, consumer)
+                self.keys[stored] = (stored, identity)
         self._names = frozenset(name.encode() for name in config.header_names)
         self._param = config.query_param.encode() if config.query_param else None
         self._hide = config.hide_credentials
+        self._anonymous = (
+            AnonymousAccess(config.anonymous, env.config.consumers, type(config).__name__)
+            if config.anonymous is not None
+            else None
+        )
+        self._skip_preflight = not config.run_on_preflight
+        # The hook the chain calls: the guarded one only when an option needs the check, so a
+        # route without them pays nothing for it.
+        self.on_request: Callable[[Any], Response | None] = (
+            self._guarded if self._anonymous is not None or self._skip_preflight else self._lookup
+        )
 
-    def on_request(self, ctx: Any) -> Response | None:
+    def _guarded(self, ctx: Any) -> Response | None:
+        """Kong's order: a preflight goes through when told so; with `anonymous`, a request
+        an earlier auth plugin has authenticated as a real consumer is left as it is (the
+        plugins are a logical OR then)."""
+        if self._skip_preflight and is_preflight(ctx.request):
+            return None
+        if self._anonymous is not None and authenticated(ctx):
+            return None
+        return self._lookup(ctx)
+
+    def _lookup(self, ctx: Any) -> Response | None:
         req = ctx.request
         found: bytes | None = None
         conflict = False
@@ -83,16 +121,26 @@ class KeyAuthPlugin(Plugin):
                 conflict = conflict or (found is not None and key != found)
                 found = key
         if found is None or not found:
-            return unauthorized(ctx, "missing API key", API_KEY_CHALLENGE)
+            return self._refuse(ctx, "missing API key")
         if conflict:
-            return unauthorized(ctx, "several different API keys", API_KEY_CHALLENGE)
+            return self._refuse(ctx, "several different API keys")
         presented = digest(found)
         hit = self.keys.get(presented)
         if hit is None or not hmac.compare_digest(hit[0], presented):
-            return unauthorized(ctx, "invalid API key", API_KEY_CHALLENGE)
-        ctx.consumer = hit[1]
+            return self._refuse(ctx, "invalid API key")
+        authenticate(ctx, hit[1])
         if self._hide:
             self._hide_key(req)
+        return None
+
+    def _refuse(self, ctx: Any, message: str) -> Response | None:
+        """A 401, or with `anonymous` the anonymous consumer (a wrong key too, as in Kong)."""
+        anonymous = self._anonymous
+        if anonymous is None:
+            return unauthorized(ctx, message, API_KEY_CHALLENGE)
+        if self._hide:
+            self._hide_key(ctx.request)
+        anonymous.admit(ctx)
         return None
 
     @staticmethod
