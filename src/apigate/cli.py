@@ -46,16 +46,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     from apigate.config.errors import ConfigError
     from apigate.observability.logs import parse_log_levels, setup_logging
     from apigate.server import serve
+    from apigate.worker import WorkerRole
 
     try:
         level, levels = parse_log_levels(args.log_level)
     except ValueError as exc:
         print(f"apigate: --log-level: {exc}", file=sys.stderr)
         return 2
-    setup_logging(level, levels, json_format=not args.plain_logs)
+    role = WorkerRole.from_arg(args.worker_role) if args.worker_role else None
+    if role is not None:
+        role.die_with_supervisor()
+    setup_logging(
+        level, levels, json_format=not args.plain_logs, worker=role.index if role else None
+    )
+    if role is None and args.workers > 1:
+        from apigate.supervisor import run_supervisor
+
+        return run_supervisor(args.config, args.workers, _worker_options(args), early_signals)
     _install_loop_policy()
     try:
-        asyncio.run(serve(args.config, watch=args.watch, early_signals=early_signals))
+        asyncio.run(serve(args.config, watch=args.watch, early_signals=early_signals, worker=role))
     except ConfigError as exc:
         print(f"apigate: invalid config {args.config}:\n{exc}", file=sys.stderr)
         return 2
@@ -63,6 +73,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"apigate: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _worker_options(args: argparse.Namespace) -> list[str]:
+    """The options of `run` each worker is started with (the supervisor adds its role)."""
+    options = ["--log-level", args.log_level]
+    if args.watch:
+        options.append("--watch")  # (each worker watches the files and reloads itself)
+    if args.plain_logs:
+        options.append("--plain-logs")
+    return options
+
+
+def _workers(text: str) -> int:
+    from apigate.worker_rules import parse_workers
+
+    try:
+        return parse_workers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -169,6 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="a level, optionally per component: info,apigate.registry=debug,apigate.proxy=warning",
     )
     run.add_argument("--plain-logs", action="store_true", help="human-readable logs, not JSON")
+    run.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="worker processes on the proxy port (SO_REUSEPORT), or 'auto' (one per CPU); "
+        "more than 1 needs store: redis://",
+    )
+    # set by the supervisor of --workers N for each worker it starts (apigate.worker)
+    run.add_argument("--worker-role", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
     validate = sub.add_parser("validate", help="check a config file and exit")

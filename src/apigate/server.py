@@ -37,6 +37,7 @@ from apigate.redaction import redact_url
 from apigate.registry.events import EVENTS
 from apigate.registry.health import health_checker
 from apigate.runtime import Runtime, ServiceTable, compile_runtime, prepare_runtime
+from apigate.worker import WorkerRole
 
 log = logging.getLogger("apigate.server")
 
@@ -98,6 +99,8 @@ class Gateway:
         self._retire_pending: list[tuple[Runtime, asyncio.TimerHandle]] = []
         self._settling: asyncio.TimerHandle | None = None  # one collection for retirements
         self._drain_deadline = 0.0  # loop time the drain ends at (a second stop signal: now)
+        # one of `apigate run --workers N`'s processes (None: the only one, as by default)
+        self.worker: WorkerRole | None = None
 
     @property
     def config(self) -> GatewayConfig:
@@ -129,11 +132,15 @@ class Gateway:
         # 503 no_healthy_instance for every registered service (and /readyz said 200) until
         # it had the registrations. Until then a client's connect is refused, as for a node
         # that is not up, rather than answered wrongly.
+        # A worker binds the port its supervisor resolved and keeps reserved, next to the
+        # other workers' sockets (SO_REUSEPORT: the kernel spreads connections among them).
+        worker = self.worker
         self.proxy_server = await self.loop.create_server(
             lambda: ClientConnection(self),
             host=listener.host or None,
-            port=listener.port,
+            port=worker.proxy_port if worker is not None else listener.port,
             reuse_address=True,
+            reuse_port=worker is not None or None,
             backlog=4096,
             ssl=self.ssl_context,
             # a client that never finishes its handshake is cut off like a slow header
@@ -237,6 +244,8 @@ class Gateway:
         self, config: GatewayConfig, before_swap: Callable[[], Awaitable[None]] | None
     ) -> Runtime:
         if problems := self.restart_changes(config):
+            raise ConfigError(problems)
+        if self.worker is not None and (problems := self.worker.config_problems(config)):
             raise ConfigError(problems)
         if config.listeners.proxy.tls is not None:
             from apigate.http.tls import tls_change_problems
@@ -556,13 +565,18 @@ async def serve(
     watch: bool = False,
     ready: Callable[[Gateway], Any] | None = None,
     early_signals: list[int] | None = None,
+    worker: WorkerRole | None = None,
 ) -> None:
     """Run a gateway from a config file until SIGTERM/SIGINT. `early_signals`: the ones the
     caller kept before the gateway's own handlers existed (cli._defer_sighup), acted on once
-    it has started, as those that come while it starts."""
+    it has started, as those that come while it starts. `worker`: this process is one of
+    `--workers N` (the supervisor prints the node's "listening" lines, not the worker)."""
     sources = ConfigSources()
     config = load_config(config_path, sources=sources)
+    if worker is not None and (problems := worker.config_problems(config)):
+        raise ConfigError(problems)  # (the supervisor checked it: the file changed since)
     gateway = Gateway(config, config_path=config_path)
+    gateway.worker = worker
     gateway.config_sources = sources
     from apigate.extensions import attach_extensions
 
@@ -575,6 +589,9 @@ async def serve(
         gateway.watch()
     if ready is not None:
         ready(gateway)
-    print(f"apigate {os.getpid()} listening on {gateway.proxy_address}", flush=True)
+    if worker is None:
+        print(f"apigate {os.getpid()} listening on {gateway.proxy_address}", flush=True)
+    else:
+        worker.announce_ready()
     gateway.signals_ready()
     await gateway.wait_stopped()

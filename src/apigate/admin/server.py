@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 from typing import TYPE_CHECKING
 
 from apigate.admin.api import AdminApi
@@ -42,14 +44,29 @@ async def attach_admin(gateway: Gateway) -> None:
         listener = gw.config.listeners.admin
         if listener is None:
             return
+        worker = gw.worker
+        if worker is not None and not worker.serves_admin:
+            # one admin endpoint per node: this worker's API is for worker 0 to read (its
+            # metrics, to sum them), on a socket in the supervisor's 0700 run directory
+            path = worker.socket_path()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # a restarted worker's predecessor left it
+            server = await gw.loop.create_unix_server(
+                lambda: AdminConnection(handle, connections), path=path
+            )
+            return
         server = await gw.loop.create_server(
             lambda: AdminConnection(handle, connections),
             host=listener.host or None,
-            port=listener.port,
+            # (a worker: the port the supervisor resolved and keeps, so that a restarted
+            # worker 0 serves the admin API where its predecessor did)
+            port=worker.admin_port if worker is not None else listener.port,
             reuse_address=True,
+            reuse_port=worker is not None or None,
         )
         gw.admin_server = server
-        print(f"apigate admin listening on {gw.admin_address}", flush=True)
+        if worker is None:  # (the supervisor prints the node's line)
+            print(f"apigate admin listening on {gw.admin_address}", flush=True)
 
     async def on_drained(gw: Gateway) -> None:
         # (not as the drain starts: /readyz says "draining" and /metrics is scraped meanwhile)

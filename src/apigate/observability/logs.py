@@ -58,8 +58,9 @@ class TextFormatter(logging.Formatter):
     """`time level logger: message` lines (`--plain-logs`), credentials redacted as in
     the JSON lines."""
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    def __init__(self, worker: int | None = None) -> None:
+        where = f" [worker {worker}]" if worker is not None else ""
+        super().__init__(f"%(asctime)s %(levelname)s %(name)s{where}: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
         return redact_text(super().format(record))
@@ -80,15 +81,35 @@ def parse_log_levels(spec: str) -> tuple[str, dict[str, str]]:
     return default, levels
 
 
+class WorkerField(logging.Filter):
+    """Stamps every record with the worker that made it (`apigate run --workers N`): the
+    workers share stderr, and the operator must tell them apart."""
+
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.worker
+        return True
+
+
 def setup_logging(
-    level: str = "info", levels: dict[str, str] | None = None, json_format: bool = True
+    level: str = "info",
+    levels: dict[str, str] | None = None,
+    json_format: bool = True,
+    worker: int | None = None,
 ) -> None:
-    """JSON to stderr; `levels` sets per-component levels: {"apigate.registry": "debug"}."""
+    """JSON to stderr; `levels` sets per-component levels: {"apigate.registry": "debug"}.
+    `worker`: this process is that worker of `--workers N` (a `worker` field on every line,
+    `[worker N]` in plain logs)."""
     handler = logging.StreamHandler(sys.stderr)
     if json_format:
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(TextFormatter())
+        handler.setFormatter(TextFormatter(worker))
+    if worker is not None:
+        handler.addFilter(WorkerField(worker))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
