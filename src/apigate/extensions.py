@@ -1,10 +1,11 @@
 """Attach the control-plane subsystems to a gateway before it starts.
 
-Each subsystem (config store + admin API, metrics, dashboard, registry TTLs, the cluster sync of
-`store: redis://`, DNS discovery, active health checks) registers its start/stop hooks on the
-`Gateway` here, so `server.py` stays about listeners and snapshots. Order matters: the admin
-store first (it may change the effective config), then the registry and the cluster sync that
-shares it, then discovery and health, which watch the services the others create.
+Each subsystem (config store + admin API, metrics, the node view of `--workers N`, dashboard,
+registry TTLs, the cluster sync of `store: redis://`, DNS discovery, active health checks)
+registers its start/stop hooks on the `Gateway` here, so `server.py` stays about listeners and
+snapshots. Order matters: the admin store first (it may change the effective config), then the
+registry and the cluster sync that shares it, then discovery and health, which watch the
+services the others create.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ Attach = Callable[["Gateway"], Awaitable[None]]
 def _attachers() -> list[Attach]:
     from apigate.admin.dashboard import attach_dashboard
     from apigate.admin.server import attach_admin
+    from apigate.admin.workers import attach_workers
     from apigate.observability.metrics import attach_metrics
     from apigate.registry.dns import attach_dns
     from apigate.registry.health import attach_health
@@ -30,6 +32,7 @@ def _attachers() -> list[Attach]:
     return [
         attach_admin,
         attach_metrics,
+        attach_workers,
         attach_dashboard,
         attach_registry,
         attach_cluster,

@@ -103,6 +103,20 @@ class AdminApi:
             self.public_routes.append((method, re.compile(pattern + r"\Z"), handler))
         self._add(method, pattern, handler)
 
+    def replace_route(
+        self,
+        method: str,
+        pattern: str,
+        handler: Callable[[AdminRequest], Awaitable[AdminResponse]],
+    ) -> None:
+        """Answer an existing route with another handler (in its place: the first match
+        answers), e.g. the whole node's `/metrics` under `--workers N`."""
+        for index, (route_method, compiled, _old) in enumerate(self.routes):
+            if route_method == method and compiled.pattern == pattern + r"\Z":
+                self.routes[index] = (route_method, compiled, handler)
+                return
+        raise KeyError(f"{method} {pattern}: no such admin route")
+
     # ------------------------------------------------------------------ dispatch
     async def handle(self, req: AdminRequest) -> AdminResponse:
         method = "GET" if req.method == "HEAD" else req.method

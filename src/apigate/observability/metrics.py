@@ -232,10 +232,18 @@ class GatewayMetrics:
     def stop(self) -> None:
         self._ticker.stop()
 
-    def stats(self, window: int = 60, point_window: int = 5) -> dict[str, Any]:
+    def stats(
+        self,
+        window: int = 60,
+        point_window: int = 5,
+        *,
+        ring: list[Snapshot] | None = None,
+        connections: int | None = None,
+    ) -> dict[str, Any]:
         """Per route: totals, rate, 5xx share and p50/p99 over the last `window` seconds, and a
-        per-second series where each point covers the trailing `point_window` seconds."""
-        ring = list(self.ring)
+        per-second series where each point covers the trailing `point_window` seconds. `ring`
+        and `connections`: the whole node's under `--workers N` (default: this process's)."""
+        ring = list(self.ring) if ring is None else ring
         routes: dict[str, Any] = {}
         names = ring[-1][1] if ring else {}
         for name in names:
@@ -247,7 +255,9 @@ class GatewayMetrics:
             "window_s": window,
             "point_window_s": point_window,
             "uptime_s": round(time.time() - self.started, 1),
-            "connections": len(gw.connections) if gw is not None else 0,
+            "connections": (
+                connections if connections is not None else len(gw.connections) if gw else 0
+            ),
             "routes": routes,
         }
 
