@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import select
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -13,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apigate.observability.access_log import AccessLogPlugin
+from apigate.observability.access_log import AccessLogPlugin, pipe_piece_bytes, pipe_pieces
 from apigate.observability.tracing import trace_id_of
 from apigate.resilience.circuit_breaker import State
 from tests.unit.test_plugin_fakes import Ctx, build, make_request
@@ -247,3 +249,27 @@ def test_lines_before_start_are_dropped() -> None:
     plugin._out = out
     plugin.flush()
     assert out.getvalue() == ""
+
+
+def test_to_a_pipe_lines_go_in_whole_pieces_of_at_most_pipe_buf() -> None:
+    """Workers sharing a pipe (stdout under a supervisor): only writes of up to PIPE_BUF are
+    never interleaved with another process's, so a flush is cut at line ends into such."""
+    lines = [f'{{"n":{i},"pad":"{"x" * (i % 300)}"}}\n' for i in range(400)]
+    pieces = pipe_pieces("".join(lines), select.PIPE_BUF)
+    assert "".join(pieces) == "".join(lines)
+    assert len(pieces) > 1 and all(len(p.encode()) <= select.PIPE_BUF for p in pieces)
+    assert all(p.endswith("\n") for p in pieces)
+    assert pipe_pieces("y" * 5000 + "\n", 4096) == ["y" * 5000 + "\n"]  # a long line: whole
+
+    read_end, write_end = os.pipe()
+    with os.fdopen(write_end, "w") as out, os.fdopen(read_end) as back:
+        assert pipe_piece_bytes(out) == select.PIPE_BUF
+        assert pipe_piece_bytes(io.StringIO()) == 0
+        plugin: AccessLogPlugin = build("access_log", {})
+        plugin._out, plugin._piece_bytes = out, pipe_piece_bytes(out)
+        ctxs = [make_log_ctx(path=f"/{i}") for i in range(100)]
+        for ctx in ctxs:
+            plugin.on_log(ctx)
+        plugin.flush()
+        out.close()
+        assert back.read() == "".join(reference_line(ctx) for ctx in ctxs)
