@@ -158,11 +158,27 @@ async def test_a_killed_worker_is_restarted_and_the_port_keeps_answering() -> No
 
 
 async def _gone(pid: int) -> bool:
+    """Whether the supervisor has reaped its worker `pid`. (Not merely a zombie: a killed
+    process's leader is one while its other threads still hold its sockets open, and the
+    connections the kernel hands those meanwhile are reset.)"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
     return False
+
+
+def _exited(pid: int) -> bool:
+    """Whether `pid`, which nobody may reap (its parent is gone), has exited: a zombie too."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return "\nState:\tZ" in status
+
+
+async def _all_gone(pids: list[int]) -> bool:
+    return all(_exited(pid) for pid in pids)
 
 
 async def _workers_or_none(node: GatewayProcess) -> list[dict[str, Any]] | None:
@@ -185,7 +201,7 @@ async def test_sigterm_drains_in_flight_requests_and_exits_0() -> None:
             replies = await asyncio.gather(*slow)
             assert [r.status for r in replies] == [200] * 6  # finished, not cut
             assert await node.wait() == 0
-            assert all([await _gone(pid) for pid in pids])
+            assert await _all_gone(pids)
 
 
 async def _in_flight(upstream: Upstream) -> int:

@@ -167,6 +167,18 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {"200": _resp("stats"), **_errors(401)},
             }
         },
+        "/workers": {
+            "get": {
+                "summary": "with --workers N: each worker's pid, restarts and counts",
+                "responses": {"200": _resp("workers"), **_errors(401, 404)},
+            }
+        },
+        "/workers/self": {
+            "get": {
+                "summary": "with --workers N: the answering worker, with its raw metrics",
+                "responses": {"200": _resp("this worker"), **_errors(401, 404)},
+            }
+        },
         "/routes/{name}": _crud("routes", "#/components/schemas/RouteConfig", "name"),
         "/consumers": {
             "get": {
