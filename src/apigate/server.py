@@ -99,6 +99,7 @@ class Gateway:
         self._retire_pending: list[tuple[Runtime, asyncio.TimerHandle]] = []
         self._settling: asyncio.TimerHandle | None = None  # one collection for retirements
         self._drain_deadline = 0.0  # loop time the drain ends at (a second stop signal: now)
+        self._stop_now = False  # a second stop signal came: no drain, even if it came early
         # one of `apigate run --workers N`'s processes (None: the only one, as by default)
         self.worker: WorkerRole | None = None
 
@@ -434,7 +435,8 @@ class Gateway:
         for hook in self.on_stop:
             with contextlib.suppress(Exception):
                 await hook(self)
-        self._drain_deadline = self.loop.time() + timeout
+        # (a second signal during the stop hooks above has asked for no drain at all)
+        self._drain_deadline = 0.0 if self._stop_now else self.loop.time() + timeout
         while self.loop.time() < self._drain_deadline:
             busy = False
             for conn in list(self.connections):
@@ -497,6 +499,7 @@ class Gateway:
             # reload while stopping would start plugins the shutdown no longer closes.
             if sig != signal.SIGHUP:
                 log.info("stopping now: in-flight requests are cut", extra={"signal": name})
+                self._stop_now = True
                 self._drain_deadline = 0.0
             else:
                 log.info("reload ignored: the gateway is stopping", extra={"signal": name})
