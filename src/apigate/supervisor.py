@@ -22,8 +22,10 @@ A worker that served for STABLE_AFTER seconds before dying starts its backoff af
 Signals: SIGTERM/SIGINT go to every worker (each drains its in-flight requests as a lone
 gateway does; a second one cuts them), and the supervisor exits 0 once all have exited.
 SIGHUP goes to every worker (each reloads the file); a worker still starting gets it once it
-is ready. Workers never outlive the supervisor: each asks Linux for SIGTERM when its parent
-dies (PR_SET_PDEATHSIG, WorkerRole.die_with_supervisor).
+is ready. A worker that has not exited by the drain timeout plus STOP_GRACE after the stop is
+killed. Workers never outlive the supervisor: each holds the read end of a pipe (the
+lifeline) whose only write end the supervisor keeps open, so the supervisor's exit, by any
+means, is an end of file in every worker, which then stops (WorkerRole.die_with_supervisor).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from apigate.worker import WorkerRole
+from apigate.worker import STOP_GRACE, WorkerRole
 
 log = logging.getLogger("apigate.supervisor")
 
@@ -97,9 +99,16 @@ class Supervisor:
         count: int,
         proxy: socket.socket,
         admin: socket.socket | None,
+        drain_timeout: float,
     ) -> None:
         self.worker_argv = worker_argv  # `apigate run -c FILE [--watch ...]`, without the role
         self.count = count
+        self.drain_timeout = drain_timeout
+        # The lifeline: every worker gets the read end; the write end stays here, unwritten,
+        # and closes only when this process ends (os.pipe's ends are not inherited unless
+        # passed, so no worker holds a write end that would keep the others' open)
+        self.lifeline_read, self._lifeline_write = os.pipe()
+        self._kill_timer: asyncio.TimerHandle | None = None
         self.proxy = proxy
         self.admin = admin
         self.slots = [Slot(i) for i in range(count)]
@@ -130,6 +139,10 @@ class Supervisor:
             await asyncio.gather(*tasks)
             return self.exit_code
         finally:
+            if self._kill_timer is not None:
+                self._kill_timer.cancel()
+            os.close(self.lifeline_read)
+            os.close(self._lifeline_write)
             self.proxy.close()
             if self.admin is not None:
                 self.admin.close()
@@ -186,8 +199,9 @@ class Supervisor:
             proxy_port=self.proxy.getsockname()[1],
             admin_port=self.admin.getsockname()[1] if self.admin is not None else 0,
             run_dir=self.run_dir,
-            supervisor=os.getpid(),
             ready_fd=write_end,
+            lifeline_fd=self.lifeline_read,
+            drain_timeout=self.drain_timeout,
             restarts=slot.restarts,
         )
         slot.ready = False
@@ -197,7 +211,7 @@ class Supervisor:
                 "--worker-role",
                 role.to_arg(),
                 stdin=asyncio.subprocess.DEVNULL,
-                pass_fds=(write_end,),
+                pass_fds=(write_end, self.lifeline_read),
             )
         finally:
             os.close(write_end)  # the worker's copy alone: its exit reads as end of file
@@ -254,9 +268,25 @@ class Supervisor:
         self._stop(sig)  # (again: the workers cut their in-flight requests)
 
     def _stop(self, sig: int) -> None:
+        if self._kill_timer is None:  # the first stop: the workers have this long to drain
+            self._kill_timer = asyncio.get_running_loop().call_later(
+                self.drain_timeout + STOP_GRACE, self._kill_remaining
+            )
         self.stopping.set()
         for slot in self.slots:
             self._send(slot, sig)
+
+    def _kill_remaining(self) -> None:
+        """The drain timeout and STOP_GRACE have passed since the stop: whatever worker still
+        runs is stuck (a stop hook that never returns), and the node must still stop."""
+        for slot in self.slots:
+            if slot.proc is not None and slot.proc.returncode is None:
+                log.warning(
+                    "worker %d did not stop in time: killed",
+                    slot.index,
+                    extra={"event": "worker_killed", "worker": slot.index},
+                )
+                self._send(slot, signal.SIGKILL)
 
     @staticmethod
     def _send(slot: Slot, sig: int) -> None:
@@ -317,5 +347,5 @@ def run_supervisor(
         return 1
     argv = [sys.executable, "-m", "apigate", "run", "-c", config_path, *worker_options]
     admin = sockets[1] if len(sockets) > 1 else None
-    supervisor = Supervisor(argv, count, sockets[0], admin)
+    supervisor = Supervisor(argv, count, sockets[0], admin, config.limits.drain_timeout)
     return asyncio.run(supervisor.run(early_signals))

@@ -11,17 +11,19 @@ metrics (apigate.admin.workers).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import os
 import signal
+import threading
+import time
 from dataclasses import asdict, dataclass
 
 from apigate.config.schema import GatewayConfig
 from apigate.worker_rules import multi_worker_problems
 
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# Beyond the drain timeout, how long a worker whose supervisor is gone may take to stop
+# before it is ended without ceremony (its stop hooks: closing Redis clients, plugins)
+STOP_GRACE = 10.0
 
 
 @dataclass(frozen=True)
@@ -31,8 +33,9 @@ class WorkerRole:
     proxy_port: int  # bound with SO_REUSEPORT by every worker
     admin_port: int  # the node's admin listener (worker 0 only); 0: the config has none
     run_dir: str  # 0700: the other workers' private admin sockets
-    supervisor: int  # its pid: the worker ends when it does
     ready_fd: int  # a pipe's write end: one byte once the worker serves, then closed
+    lifeline_fd: int  # a pipe's read end whose write end only the supervisor holds
+    drain_timeout: float  # the config's limits.drain_timeout when the supervisor started
     restarts: int = 0  # how many times the supervisor restarted this worker's slot
 
     @property
@@ -60,17 +63,40 @@ class WorkerRole:
         return multi_worker_problems(config, self.count)
 
     def die_with_supervisor(self) -> None:
-        """Ask Linux for SIGTERM (a graceful drain) when the supervisor dies, even by SIGKILL;
-        then check it has not died already (the request only covers a death after it)."""
-        with contextlib.suppress(OSError, AttributeError):  # (not Linux: the check below)
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != self.supervisor:
-            raise SystemExit("apigate worker: the supervisor is gone")
+        """End this worker when the supervisor dies, however it dies (SIGKILL included).
+
+        Nothing is ever written to the lifeline: a read returns only when the supervisor's
+        end closes, which the kernel does when the supervisor exits. A thread blocked in that
+        read costs nothing until then; it then asks for the drain every stop gets (SIGTERM),
+        and if the worker has not exited by the drain timeout plus STOP_GRACE (still starting,
+        a stop hook waiting on an unreachable Redis), ends it. A signal the kernel sends on the
+        parent's death (PR_SET_PDEATHSIG) would do the first half only, and could be lost to a
+        worker still starting."""
+        threading.Thread(
+            target=watch_lifeline,
+            args=(self.lifeline_fd, self.drain_timeout + STOP_GRACE),
+            name="apigate-lifeline",
+            daemon=True,
+        ).start()
 
     def announce_ready(self) -> None:
         """Tell the supervisor this worker serves (it waits for every worker at start-up, and
         counts a worker that dies before this as one that cannot start)."""
-        with contextlib.suppress(OSError):
+        try:
             os.write(self.ready_fd, b"1")
             os.close(self.ready_fd)
+        except OSError:
+            pass  # the supervisor is gone: the lifeline ends this worker
+
+
+def watch_lifeline(fd: int, deadline: float) -> None:
+    """Wait for the end of file on `fd` (the supervisor has exited), then stop this process:
+    SIGTERM first (a drain), and `os._exit` if it still runs `deadline` seconds later."""
+    try:
+        while os.read(fd, 64):
+            pass  # (the supervisor never writes; a byte would be a bug, not a reason to stop)
+    except OSError:
+        pass  # a read error is as good as the end of file: no supervisor to answer to
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(deadline)
+    os._exit(1)

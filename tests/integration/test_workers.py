@@ -204,6 +204,17 @@ async def test_sigterm_drains_in_flight_requests_and_exits_0() -> None:
             assert await _all_gone(pids)
 
 
+async def test_the_workers_stop_when_the_supervisor_is_killed() -> None:
+    """No worker outlives its supervisor, however it ends: SIGKILL leaves it no chance to
+    signal them, so each notices its lifeline close."""
+    async with RedisServer() as redis, _node(_config(redis)) as node:
+        pids = [w["pid"] for w in await _workers(node)]
+        assert len(pids) == 2
+        node.signal(signal.SIGKILL)
+        assert await node.wait() == -signal.SIGKILL
+        await _until(lambda: _all_gone(pids), bool, within=10)
+
+
 async def _in_flight(upstream: Upstream) -> int:
     return len(upstream.received)
 

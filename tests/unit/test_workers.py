@@ -3,13 +3,22 @@ its log field, and how worker 0 merges the others' metrics and dashboard rings."
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from typing import Any
 
 import pytest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from apigate import supervisor as supervisor_module
 from apigate.admin.workers import NodeView
 from apigate.cli import build_parser
 from apigate.config.schema import GatewayConfig
@@ -21,6 +30,7 @@ from apigate.observability.metrics_merge import (
     merge_rings,
     parse_exposition,
 )
+from apigate.supervisor import Supervisor
 from apigate.worker import WorkerRole
 from apigate.worker_rules import multi_worker_problems, parse_workers, usable_cpus
 
@@ -92,10 +102,10 @@ def test_rate_limits_kept_in_redis_are_allowed() -> None:
 
 
 def test_a_worker_role_survives_its_command_line_and_checks_changes() -> None:
-    role = WorkerRole(1, 3, 8000, 8001, "/run/x", 42, 7, restarts=2)
+    role = WorkerRole(1, 3, 8000, 8001, "/run/x", 7, 8, 30.0, restarts=2)
     assert WorkerRole.from_arg(role.to_arg()) == role
     assert role.socket_path() == "/run/x/worker-1.sock" and role.peers() == [0, 2]
-    assert not role.serves_admin and WorkerRole(0, 3, 1, 2, "/r", 1, 3).serves_admin
+    assert not role.serves_admin and WorkerRole(0, 3, 1, 2, "/r", 3, 4, 30.0).serves_admin
     assert role.config_problems(_config()) == []
     assert role.config_problems(_config(plugins=LOCAL))  # a reload that adds one: refused
 
@@ -169,7 +179,7 @@ def _peer(pid: int, requests: float) -> dict[str, Any]:
 
 
 def test_the_node_total_never_goes_down_when_a_worker_restarts_or_is_silent() -> None:
-    role = WorkerRole(0, 2, 1, 2, "/nowhere", 1, 3)
+    role = WorkerRole(0, 2, 1, 2, "/nowhere", 3, 4, 30.0)
     view = NodeView(None, GatewayMetrics(None), role)  # type: ignore[arg-type]
 
     def total(peers: dict[int, dict[str, Any] | None]) -> float:
@@ -196,3 +206,73 @@ def test_rings_are_summed_by_distance_from_their_newest() -> None:
 def test_an_exposition_round_trips_through_the_parser() -> None:
     families = parse_exposition(_peer(1, 2)["metrics"])
     assert {f.name for f in families} >= {"apigate_requests", "apigate_instance_healthy"}
+
+
+# ---------------------------------------------------------------------- stopping
+# A process that watches a lifeline as a worker does; argv[2] says how it takes SIGTERM:
+# "drain" stops (a worker's drain), "stuck" ignores it (a stop hook that never returns).
+_WATCHER = """
+import signal, sys, threading, time
+from apigate.worker import watch_lifeline
+if sys.argv[2] == "stuck":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+else:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+threading.Thread(target=watch_lifeline, args=(int(sys.argv[1]), 0.3), daemon=True).start()
+print("watching", flush=True)
+time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize(("how", "status"), [("drain", 0), ("stuck", 1)])
+def test_a_worker_stops_when_its_supervisor_is_gone_and_is_ended_if_it_does_not(
+    how: str, status: int
+) -> None:
+    """The supervisor's end of the lifeline closes (as when it dies, by SIGKILL too): the
+    worker is asked to drain, and a worker that does not stop is ended after its deadline."""
+    read_end, write_end = os.pipe()
+    child = subprocess.Popen(
+        [sys.executable, "-c", _WATCHER, str(read_end), how],
+        pass_fds=(read_end,),
+        stdout=subprocess.PIPE,
+    )
+    os.close(read_end)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"watching\n"
+        time.sleep(0.5)
+        assert child.poll() is None  # a lifeline held open: nothing happens
+        os.close(write_end)
+        assert child.wait(timeout=5) == status
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdout.close()  # type: ignore[union-attr]
+        with contextlib.suppress(OSError):
+            os.close(write_end)
+
+
+async def test_a_worker_that_does_not_stop_in_time_is_killed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(supervisor_module, "STOP_GRACE", 0.2)
+    sup = Supervisor(["unused"], 1, socket.socket(), None, drain_timeout=0.1)
+    stuck = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('up', flush=True); time.sleep(30)",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert stuck.stdout is not None and await stuck.stdout.readline() == b"up\n"
+        sup.slots[0].proc = stuck
+        sup._stop(signal.SIGTERM)
+        assert await asyncio.wait_for(stuck.wait(), 5) == -signal.SIGKILL
+    finally:
+        if stuck.returncode is None:
+            stuck.kill()
+            await stuck.wait()
+        sup.proxy.close()
+        os.close(sup.lifeline_read)
+        os.close(sup._lifeline_write)
