@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import json
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -29,6 +29,7 @@ from tests.support.gateway import GatewayProcess, base_config
 from tests.support.http import Reply, request
 from tests.support.redis_server import RedisServer
 from tests.support.relay import Relay
+from tests.support.traffic import until
 from tests.support.upstream import Upstream
 
 
@@ -48,32 +49,13 @@ async def _nodes(redis: RedisServer, count: int) -> AsyncIterator[list[GatewayPr
             await stack.enter_async_context(GatewayProcess(_config(redis))) for _ in range(count)
         ]
         for node in nodes:
-            await _until(lambda n=node: _cluster(n), lambda c: c["connected"], what="connected")
+            await until(lambda n=node: _cluster(n), lambda c: c["connected"], what="connected")
         yield nodes
 
 
 async def _cluster(node: GatewayProcess) -> dict[str, Any]:
     doc: dict[str, Any] = (await request(node.admin_port, "GET", "/config")).json()["cluster"]
     return doc
-
-
-async def _until(
-    probe: Callable[[], Awaitable[Any]],
-    ok: Callable[[Any], bool],
-    *,
-    within: float = 5.0,
-    what: str = "",
-) -> Any:
-    """Poll `probe` until `ok` holds of its result; the result, or AssertionError with the last."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
-        result = await probe()
-        if ok(result):
-            return result
-        if loop.time() > deadline:
-            raise AssertionError(f"not {what} within {within}s: {result!r}")
-        await asyncio.sleep(0.02)
 
 
 async def _register(node: GatewayProcess, iid: str, url: str, ttl: str = "10s") -> Reply:
@@ -109,7 +91,7 @@ async def test_a_registration_serves_on_every_node_heartbeats_renew_and_delete_r
         assert (await _register(one, "a", a.url, ttl="2s")).status == 201
         loop = asyncio.get_running_loop()
         registered = loop.time()
-        await _until(lambda: _answered_by(two), lambda up: up == "a", what="served by node two")
+        await until(lambda: _answered_by(two), lambda up: up == "a", what="served by node two")
         assert loop.time() - registered < RESYNC_INTERVAL / 2  # announced, not found by a resync
         seen = (await _instances(two))["a"]
         assert seen["origin"] == "registered" and seen["metadata"] == {"zone": "z1"}
@@ -121,7 +103,7 @@ async def test_a_registration_serves_on_every_node_heartbeats_renew_and_delete_r
 
         deleted = await request(two.admin_port, "DELETE", "/services/hello/instances/a")
         assert deleted.status == 200
-        await _until(lambda: _instances(one), lambda found: "a" not in found, within=2.0)
+        await until(lambda: _instances(one), lambda found: "a" not in found, within=2.0)
         assert (await request(one.port, "GET", "/")).status == 503
         events = (await request(one.admin_port, "GET", "/events")).json()["events"]
         assert any("deregistered (through node" in e["message"] for e in events)
@@ -202,17 +184,17 @@ async def test_a_heartbeat_taken_by_a_node_cut_off_from_redis_reaches_every_node
             GatewayProcess(config) as two,
         ):
             for node in (one, two):
-                await _until(lambda n=node: _cluster(n), lambda c: c["connected"], what="up")
+                await until(lambda n=node: _cluster(n), lambda c: c["connected"], what="up")
             assert (await _register(one, "z2", a.url, ttl="3s")).status == 201
-            await _until(lambda: _instances(two), lambda found: "z2" in found, within=2.0)
+            await until(lambda: _instances(two), lambda found: "z2" in found, within=2.0)
             await relay.cut()
-            await _until(lambda: _cluster(two), lambda c: not c["connected"], what="cut off")
+            await until(lambda: _cluster(two), lambda c: not c["connected"], what="cut off")
             assert (await _register(two, "z2", b.url, ttl="5s")).status == 200
             loop = asyncio.get_running_loop()
             moved = loop.time()
             await relay.start()
             for node in (one, two):
-                await _until(
+                await until(
                     lambda n=node: _instances(n),
                     lambda found: found.get("z2", {}).get("url") == b.url,
                     within=4.0,
@@ -255,12 +237,12 @@ async def test_a_delete_of_an_instance_nobody_registered_leaves_no_trace() -> No
 async def test_a_lapsed_ttl_removes_the_instance_everywhere_and_from_redis() -> None:
     async with RedisServer() as redis, Upstream("a") as a, _nodes(redis, 2) as (one, two):
         assert (await _register(one, "a", a.url, ttl="1500ms")).status == 201
-        await _until(lambda: _instances(two), lambda found: "a" in found, within=2.0)
+        await until(lambda: _instances(two), lambda found: "a" in found, within=2.0)
         for node in (one, two):
-            await _until(lambda n=node: _instances(n), lambda found: not found, within=3.0)
+            await until(lambda n=node: _instances(n), lambda found: not found, within=3.0)
         client = RedisStore(redis.url, timeout=1.0)
         try:  # the next resync (every 5 s) removes the lapsed entry from Redis itself
-            await _until(lambda: client.call("HLEN", INSTANCES), lambda n: n == 0, within=7.0)
+            await until(lambda: client.call("HLEN", INSTANCES), lambda n: n == 0, within=7.0)
         finally:
             await client.close()
 
@@ -275,7 +257,7 @@ async def test_admin_changes_reach_every_node_and_a_node_started_later_has_them(
         assert (
             await request(one.admin_port, "PUT", "/routes/extra", json_body=route)
         ).status == 201
-        await _until(lambda: _answered_by(two, "/extra/x"), lambda up: up == "a", within=2.0)
+        await until(lambda: _answered_by(two, "/extra/x"), lambda up: up == "a", within=2.0)
         # another node's change is a reload of node two's config, and counted as one
         reloads = await _samples(two, "apigate_config_reloads")
         assert reloads["apigate_config_reloads_total,result=ok"] >= 1
@@ -293,16 +275,16 @@ async def test_admin_changes_reach_every_node_and_a_node_started_later_has_them(
         assert (
             await request(two.admin_port, "PUT", "/routes/fresh", json_body=fresh)
         ).status == 201
-        await _until(lambda: _answered_by(one, "/fresh"), lambda up: up == "a", within=2.0)
+        await until(lambda: _answered_by(one, "/fresh"), lambda up: up == "a", within=2.0)
 
         async with GatewayProcess(_config(redis)) as three:
-            await _until(lambda: _answered_by(three, "/extra/x"), lambda up: up == "a", within=2.0)
+            await until(lambda: _answered_by(three, "/extra/x"), lambda up: up == "a", within=2.0)
             assert "f1" in await _instances(three, "fresh")
             config = (await request(three.admin_port, "GET", "/config")).json()
             assert config["store"]["kind"] == "redis" and config["store"]["shared"] is True
             gone = await request(three.admin_port, "DELETE", "/routes/extra")
             assert gone.status == 200
-            await _until(
+            await until(
                 lambda: request(one.admin_port, "GET", "/routes/extra"),
                 lambda reply: reply.status == 404,
                 within=2.0,
@@ -320,10 +302,10 @@ async def test_a_redis_outage_keeps_serving_and_a_redis_that_lost_everything_is_
         route = {"match": {"paths": ["/kept"]}, "service": "hello"}
         assert (await request(one.admin_port, "PUT", "/routes/kept", json_body=route)).status == 201
         assert (await _register(one, "a", a.url, ttl="60s")).status == 201
-        await _until(lambda: _answered_by(two, "/kept"), lambda up: up == "a", within=2.0)
+        await until(lambda: _answered_by(two, "/kept"), lambda up: up == "a", within=2.0)
 
         await redis.kill()
-        await _until(lambda: _cluster(two), lambda c: not c["connected"], what="disconnected")
+        await until(lambda: _cluster(two), lambda c: not c["connected"], what="disconnected")
         assert (await _samples(two))["apigate_cluster_connected"] == 0
         # registrations still work where they are made; config changes are refused, undone
         assert (await _register(two, "b", b.url, ttl="60s")).status == 201
@@ -338,7 +320,7 @@ async def test_a_redis_outage_keeps_serving_and_a_redis_that_lost_everything_is_
         assert await _answered_by(one, "/kept") == "a"  # nothing dropped meanwhile
 
         await redis.start()  # on the same port, empty: nothing was saved
-        await _until(lambda: _instances(one), lambda found: set(found) == {"a", "b"}, within=6.0)
+        await until(lambda: _instances(one), lambda found: set(found) == {"a", "b"}, within=6.0)
         client = RedisStore(redis.url, timeout=1.0)
         try:
             assert await client.call("HLEN", INSTANCES) == 2
@@ -346,7 +328,7 @@ async def test_a_redis_outage_keeps_serving_and_a_redis_that_lost_everything_is_
             await client.close()
         assert set(await _instances(two)) == {"a", "b"}
         expected = {"apigate_cluster_connected": 1, "apigate_cluster_unshared_changes": 0}
-        await _until(lambda: _samples(two), lambda gauges: gauges == expected)
+        await until(lambda: _samples(two), lambda gauges: gauges == expected)
         for node in (one, two):
             assert await _answered_by(node, "/kept") in ("a", "b")
         # and the cluster works as before: a change on one node reaches the other
@@ -354,7 +336,7 @@ async def test_a_redis_outage_keeps_serving_and_a_redis_that_lost_everything_is_
         assert (
             await request(two.admin_port, "PUT", "/routes/after", json_body=route2)
         ).status == 201
-        await _until(
+        await until(
             lambda: request(one.admin_port, "GET", "/routes/after"),
             lambda reply: reply.status == 200,
             within=2.0,
@@ -382,7 +364,7 @@ async def test_simultaneous_admin_changes_on_two_nodes_all_take_and_every_node_a
             assert [r.status for r in replies] == [201, 201]
         expected = {"hello"} | {f"{n}{i}" for n in ("one", "two") for i in range(5)}
         for node in (one, two):
-            await _until(lambda n=node: _route_names(n), lambda names: names == expected)
+            await until(lambda n=node: _route_names(n), lambda names: names == expected)
 
 
 async def test_changes_that_contradict_each_other_cannot_both_take() -> None:
@@ -391,7 +373,7 @@ async def test_changes_that_contradict_each_other_cannot_both_take() -> None:
     shared config once stopped it)."""
     async with RedisServer() as redis, _nodes(redis, 2) as (one, two):
         assert (await request(one.admin_port, "PUT", "/services/s", json_body={})).status == 201
-        await _until(
+        await until(
             lambda: request(two.admin_port, "GET", "/services/s"), lambda r: r.status == 200
         )
         route = {"match": {"paths": ["/r"]}, "service": "s"}
@@ -402,7 +384,7 @@ async def test_changes_that_contradict_each_other_cannot_both_take() -> None:
         assert (deleted.status, added.status) in ((200, 400), (409, 201))
         async with GatewayProcess(_config(redis)) as three:
             for node in (one, two, three):
-                await _until(
+                await until(
                     lambda n=node: _route_names(n),
                     lambda names: ("r" in names) == (added.status == 201),
                 )
@@ -415,7 +397,7 @@ async def test_an_admin_change_right_after_redis_restarted_empty_is_taken() -> N
     async with RedisServer() as redis, _nodes(redis, 2) as (one, two):
         route = {"match": {"paths": ["/kept"]}, "service": "hello"}
         assert (await request(one.admin_port, "PUT", "/routes/kept", json_body=route)).status == 201
-        await _until(lambda: _route_names(two), lambda names: "kept" in names)
+        await until(lambda: _route_names(two), lambda names: "kept" in names)
         for node in (one, two):
             node.signal(signal.SIGSTOP)  # no resync, no announcement: only the change below
         try:
@@ -427,7 +409,7 @@ async def test_an_admin_change_right_after_redis_restarted_empty_is_taken() -> N
         added = await request(two.admin_port, "PUT", "/routes/added", json_body=route)
         assert added.status == 201, added.json()
         for node in (one, two):
-            await _until(lambda n=node: _route_names(n), lambda names: {"kept", "added"} <= names)
+            await until(lambda n=node: _route_names(n), lambda names: {"kept", "added"} <= names)
         client = RedisStore(redis.url, timeout=1.0)
         try:
             assert await client.call("HLEN", OVERLAY) == 2
@@ -444,11 +426,11 @@ async def test_a_node_that_knew_less_does_not_wipe_what_an_emptied_redis_forgot(
             one.signal(signal.SIGSTOP)  # node one comes back last
             try:
                 await redis.start()  # empty
-                await _until(lambda: _cluster(late), lambda c: c["connected"], what="late back")
+                await until(lambda: _cluster(late), lambda c: c["connected"], what="late back")
             finally:
                 one.signal(signal.SIGCONT)
             for node in (one, late):
-                await _until(lambda n=node: _route_names(n), lambda names: "kept" in names)
+                await until(lambda n=node: _route_names(n), lambda names: "kept" in names)
 
 
 async def test_a_deregistration_made_while_redis_was_down_stands_when_it_comes_back() -> None:
@@ -457,21 +439,21 @@ async def test_a_deregistration_made_while_redis_was_down_stands_when_it_comes_b
     write x back (a tombstone says it is gone)."""
     async with RedisServer() as redis, Upstream("a") as a, _nodes(redis, 2) as (one, two):
         assert (await _register(one, "x", a.url, ttl="60s")).status == 201
-        await _until(lambda: _instances(two), lambda found: "x" in found)
+        await until(lambda: _instances(two), lambda found: "x" in found)
         await redis.kill()
-        await _until(lambda: _cluster(two), lambda c: not c["connected"], what="two cut off")
+        await until(lambda: _cluster(two), lambda c: not c["connected"], what="two cut off")
         assert (await _register(one, "x", a.url, ttl="60s")).status == 200
         gone = await request(two.admin_port, "DELETE", "/services/hello/instances/x")
         assert gone.status == 200
         one.signal(signal.SIGSTOP)
         try:
             await redis.start()  # empty
-            await _until(lambda: _cluster(two), lambda c: c["connected"], what="two back")
+            await until(lambda: _cluster(two), lambda c: c["connected"], what="two back")
         finally:
             one.signal(signal.SIGCONT)
-        await _until(lambda: _cluster(one), lambda c: c["connected"], what="one back")
+        await until(lambda: _cluster(one), lambda c: c["connected"], what="one back")
         for node in (one, two):
-            await _until(lambda n=node: _instances(n), lambda found: "x" not in found)
+            await until(lambda n=node: _instances(n), lambda found: "x" not in found)
         await asyncio.sleep(1.0)  # and it stays gone
         assert "x" not in await _instances(one) and "x" not in await _instances(two)
 
@@ -493,15 +475,15 @@ async def test_a_redis_restored_from_an_old_save_gets_the_changes_it_lost() -> N
         assert (
             await request(two.admin_port, "PUT", "/routes/second", json_body=second)
         ).status == 201
-        await _until(lambda: _route_names(one), lambda names: "second" in names)
+        await until(lambda: _route_names(one), lambda names: "second" in names)
         await redis.kill()
         for node in (one, two):
-            await _until(lambda n=node: _cluster(n), lambda c: not c["connected"], what="cut")
+            await until(lambda n=node: _cluster(n), lambda c: not c["connected"], what="cut")
         await redis.start()  # with the save: "first" only, at the older version
         for node in (one, two):  # (connected again: it has taken in the state it found)
-            await _until(lambda n=node: _cluster(n), lambda c: c["connected"], what="back")
+            await until(lambda n=node: _cluster(n), lambda c: c["connected"], what="back")
         for node in (one, two):
-            await _until(lambda n=node: _route_names(n), lambda names: "second" in names)
+            await until(lambda n=node: _route_names(n), lambda names: "second" in names)
         late = {"match": {"paths": ["/late"]}, "service": "hello"}
         assert (await request(one.admin_port, "PUT", "/routes/late", json_body=late)).status == 201
-        await _until(lambda: _route_names(two), lambda names: {"first", "second", "late"} <= names)
+        await until(lambda: _route_names(two), lambda names: {"first", "second", "late"} <= names)

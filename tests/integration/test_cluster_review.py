@@ -27,12 +27,12 @@ from tests.integration.test_cluster import (
     _nodes,
     _register,
     _route_names,
-    _until,
 )
 from tests.support.gateway import GatewayProcess, base_config
 from tests.support.http import request
 from tests.support.redis_server import RedisServer
 from tests.support.relay import Relay
+from tests.support.traffic import until
 from tests.support.upstream import Upstream
 
 
@@ -47,7 +47,7 @@ def _node_config(store: str, **extra: Any) -> dict[str, Any]:
 
 
 async def _connected(node: GatewayProcess) -> None:
-    await _until(lambda: _cluster(node), lambda c: c["connected"], what="connected")
+    await until(lambda: _cluster(node), lambda c: c["connected"], what="connected")
 
 
 # ------------------------------------------------------------------ 1: databases stay apart
@@ -114,7 +114,7 @@ async def test_every_node_merges_admin_created_routes_in_their_creation_order() 
 
         expected = ["hello", "r0", "r1", "r3", "r4", "r5", "r6", "r7", "r2"]
         last = (await _cluster(two))["config_version"]  # (two made the last change)
-        await _until(lambda: view(one), lambda v: v[2] == last, what="node one caught up")
+        await until(lambda: view(one), lambda v: v[2] == last, what="node one caught up")
         written = await view(one)
         assert written[0] == expected
         async with GatewayProcess(_config(redis)) as late:
@@ -169,9 +169,9 @@ async def test_a_node_back_from_a_lost_history_does_not_wipe_changes_redis_took_
                     assert (
                         await request(a.admin_port, "PUT", f"/routes/old{i}", json_body=route)
                     ).status == 201
-                await _until(lambda: _route_names(b), lambda names: "old2" in names)
+                await until(lambda: _route_names(b), lambda names: "old2" in names)
                 await relay.cut()
-                await _until(lambda: _cluster(a), lambda c: not c["connected"], what="A cut")
+                await until(lambda: _cluster(a), lambda c: not c["connected"], what="A cut")
             await redis.kill()
             await redis.start()  # empty
             async with GatewayProcess(_node_config(redis.url)) as b:
@@ -183,7 +183,7 @@ async def test_a_node_back_from_a_lost_history_does_not_wipe_changes_redis_took_
                     ).status == 201
                 taken = await _cluster(b)
                 await relay.start()  # A is back
-                await _until(
+                await until(
                     lambda: _cluster(a),
                     lambda c: c["connected"] and c["epoch"] == taken["epoch"],
                     within=8.0,
@@ -191,7 +191,7 @@ async def test_a_node_back_from_a_lost_history_does_not_wipe_changes_redis_took_
                 )
                 wanted = {"hello", "new0", "new1"}
                 for node in (a, b):
-                    await _until(lambda n=node: _route_names(n), lambda names: names == wanted)
+                    await until(lambda n=node: _route_names(n), lambda names: names == wanted)
                 await asyncio.sleep(1.5)  # and it stays so
                 for node in (a, b):
                     assert await _route_names(node) == wanted
@@ -282,7 +282,7 @@ async def test_one_instance_registered_on_two_nodes_at_once_ends_the_same_everyw
                 assert {r.status for r in replies} <= {200, 201}
                 stored = json.loads(await client.call("HGET", INSTANCES, field("hello", iid)))
                 for node in (one, two):
-                    await _until(
+                    await until(
                         lambda n=node: _instances(n),
                         lambda found, i=iid, url=stored["url"]: found.get(i, {}).get("url") == url,
                         within=1.0,  # announcements, not the resync every 5 s

@@ -14,12 +14,13 @@ from apigate.registry.health import http_probe
 from apigate.server import Gateway
 from apigate.store.cluster_scripts import INSTANCES
 from apigate.store.redis import RedisStore
-from tests.integration.test_cluster import _cluster, _instances, _nodes, _register, _until
+from tests.integration.test_cluster import _cluster, _instances, _nodes, _register
 from tests.integration.test_tls import TLSClient, handshake_serial, tls_config
 from tests.support.certs import TestCA
 from tests.support.gateway import GatewayProcess
 from tests.support.http import request
 from tests.support.redis_server import RedisServer
+from tests.support.traffic import until
 from tests.support.upstream import Upstream
 
 
@@ -65,16 +66,16 @@ async def test_a_base_path_moved_by_re_registration_survives_an_emptied_redis() 
         moved = await _register(one, "a1", f"{a.url}/v2", ttl="60s")
         assert moved.status == 200 and moved.json()["url"] == f"{a.url}/v2"
         for node in (one, two):
-            await _until(
+            await until(
                 lambda n=node: _instances(n),
                 lambda found: found.get("a1", {}).get("url") == f"{a.url}/v2",
                 what="the new url shown",
             )
 
         await redis.kill()
-        await _until(lambda: _cluster(one), lambda c: not c["connected"], what="disconnected")
+        await until(lambda: _cluster(one), lambda c: not c["connected"], what="disconnected")
         await redis.start()  # on the same port, empty: node one writes its registration back
-        await _until(lambda: _shared_urls(redis), lambda urls: urls != [], within=8.0)
+        await until(lambda: _shared_urls(redis), lambda urls: urls != [], within=8.0)
         assert await _shared_urls(redis) == [f"{a.url}/v2"]
         for node in (one, two):
             assert (await _instances(node))["a1"]["url"] == f"{a.url}/v2"

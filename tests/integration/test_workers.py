@@ -9,7 +9,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.support.gateway import GatewayProcess, base_config
 from tests.support.http import request
 from tests.support.redis_server import RedisServer
+from tests.support.traffic import until
 from tests.support.upstream import Upstream
 
 
@@ -38,20 +39,6 @@ async def _node(
 ) -> AsyncIterator[GatewayProcess]:
     async with GatewayProcess(config, args=("--workers", str(workers), *args)) as node:
         yield node
-
-
-async def _until(
-    probe: Callable[[], Awaitable[Any]], ok: Callable[[Any], bool], within: float = 8.0
-) -> Any:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
-        result = await probe()
-        if ok(result):
-            return result
-        if loop.time() > deadline:
-            raise AssertionError(f"not within {within}s: {result!r}")
-        await asyncio.sleep(0.05)
 
 
 async def _workers(node: GatewayProcess) -> list[dict[str, Any]]:
@@ -88,7 +75,7 @@ async def test_workers_share_the_port_and_the_admin_api_answers_for_all_of_them(
     async with RedisServer() as redis, Upstream("a") as a, _node(_config(redis)) as node:
         await _register(node, a)  # through worker 0: reaches worker 1 through Redis
         # (the announcement takes milliseconds: wait until 10 in a row are served)
-        await _until(lambda: _served(node, 10), lambda s: s == [200] * 10)
+        await until(lambda: _served(node, 10), lambda s: s == [200] * 10)
         before = await _metric(node, "apigate_requests_total")
         statuses = await _served(node, 60)
         assert statuses == [200] * 60  # every worker serves the instance worker 0 registered
@@ -103,7 +90,7 @@ async def test_workers_share_the_port_and_the_admin_api_answers_for_all_of_them(
         assert await _metric(node, "apigate_workers_scraped") == 2
         stats = (await request(node.admin_port, "GET", "/stats")).json()
         assert stats["workers"] == {"count": 2, "answered": 2}
-        await _until(  # (the ring ticks once a second)
+        await until(  # (the ring ticks once a second)
             lambda: request(node.admin_port, "GET", "/stats"),
             lambda r: r.json()["routes"].get("hello", {}).get("total") == total,
         )
@@ -132,28 +119,28 @@ async def test_workers_share_the_port_and_the_admin_api_answers_for_all_of_them(
 async def test_a_killed_worker_is_restarted_and_the_port_keeps_answering() -> None:
     async with RedisServer() as redis, Upstream("a") as a, _node(_config(redis)) as node:
         await _register(node, a)
-        await _until(lambda: _served(node, 10), lambda s: s == [200] * 10)
+        await until(lambda: _served(node, 10), lambda s: s == [200] * 10)
         assert await _metric(node, "apigate_requests_total") >= 10  # read: worker 1's counts too
         counted = await _metric(node, "apigate_requests_total")
         old = {w["index"]: w["pid"] for w in await _workers(node)}
 
         os.kill(old[1], signal.SIGKILL)
-        await _until(lambda: _gone(old[1]), bool)
+        await until(lambda: _gone(old[1]), bool)
         assert await _served(node, 20) == [200] * 20  # worker 0 alone meanwhile
 
         def restarted(rows: list[dict[str, Any]]) -> bool:
             return rows[1].get("pid") not in (None, old[1]) and rows[1]["restarts"] == 1
 
-        await _until(lambda: _workers(node), restarted)
-        await _until(lambda: _served(node, 10), lambda s: s == [200] * 10)
+        await until(lambda: _workers(node), restarted)
+        await until(lambda: _served(node, 10), lambda s: s == [200] * 10)
         # the dead worker's requests stay counted: the node's counter never goes down
         assert await _metric(node, "apigate_requests_total") >= counted + 30
 
         # worker 0 (the admin listener's) too: a new one serves the admin API on the same port
         os.kill(old[0], signal.SIGKILL)
-        await _until(lambda: _gone(old[0]), bool)
+        await until(lambda: _gone(old[0]), bool)
         assert await _served(node, 10) == [200] * 10
-        rows = await _until(lambda: _workers_or_none(node), lambda rows: rows is not None)
+        rows = await until(lambda: _workers_or_none(node), lambda rows: rows is not None)
         assert rows[0]["pid"] != old[0] and rows[0]["restarts"] == 1
 
 
@@ -196,7 +183,7 @@ async def test_sigterm_drains_in_flight_requests_and_exits_0() -> None:
             slow = [
                 asyncio.create_task(request(node.port, "GET", "/slow?ms=700")) for _ in range(6)
             ]
-            await _until(lambda: _in_flight(a), lambda n: n >= 6)
+            await until(lambda: _in_flight(a), lambda n: n >= 6)
             node.signal(signal.SIGTERM)
             replies = await asyncio.gather(*slow)
             assert [r.status for r in replies] == [200] * 6  # finished, not cut
@@ -212,7 +199,7 @@ async def test_the_workers_stop_when_the_supervisor_is_killed() -> None:
         assert len(pids) == 2
         node.signal(signal.SIGKILL)
         assert await node.wait() == -signal.SIGKILL
-        await _until(lambda: _all_gone(pids), bool, within=10)
+        await until(lambda: _all_gone(pids), bool, within=10)
 
 
 async def _in_flight(upstream: Upstream) -> int:
@@ -230,7 +217,7 @@ async def test_sighup_reloads_every_worker_and_watch_does_too(tmp_path: Path) ->
                 {"name": "v2", "match": {"paths": ["/v2"]}, "service": "hello"},
             ]
             node.write_config(config)  # --watch: each worker sees the file change
-            await _until(
+            await until(
                 lambda: _metric(node, "apigate_config_reloads_total", result="ok"),
                 lambda n: n == reloads + 2,
             )
@@ -238,7 +225,7 @@ async def test_sighup_reloads_every_worker_and_watch_does_too(tmp_path: Path) ->
 
             reloads += 2
             node.signal(signal.SIGHUP)  # SIGHUP: the supervisor passes it to every worker
-            await _until(
+            await until(
                 lambda: _metric(node, "apigate_config_reloads_total", result="ok"),
                 lambda n: n == reloads + 2,
             )

@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -46,4 +47,23 @@ async def eventually(check: Callable[[], bool | Awaitable[bool]], timeout: float
             return loop.time() - start
         if loop.time() - start > timeout:
             pytest.fail(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.02)
+
+
+async def until(
+    probe: Callable[[], Awaitable[Any]],
+    ok: Callable[[Any], bool],
+    *,
+    within: float = 8.0,
+    what: str = "",
+) -> Any:
+    """Poll `probe` until `ok` holds of its result; the result, or AssertionError with the last."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        result = await probe()
+        if ok(result):
+            return result
+        if loop.time() > deadline:
+            raise AssertionError(f"not {what} within {within}s: {result!r}")
         await asyncio.sleep(0.02)
