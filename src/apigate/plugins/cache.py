@@ -183,14 +183,17 @@ class CacheConfig(PluginConfig):
 
 class _Flight:
     """A leader's request in progress; waiters create the future and the list of who waits
-    only when they exist."""
+    only when they exist. Once it is `over`, `outcome` is what it stored (an entry, or None):
+    a waiter's wait may begin after that (see `_outcome`)."""
 
-    __slots__ = ("future", "key", "waiting")
+    __slots__ = ("future", "key", "outcome", "over", "waiting")
 
     def __init__(self, key: str) -> None:
         self.key = key
         self.future: asyncio.Future[CacheEntry | None] | None = None
         self.waiting: list[Any] | None = None  # the waiters' exchanges, oldest first
+        self.over = False
+        self.outcome: CacheEntry | None = None
 
     def __repr__(self) -> str:
         waiting = f"waited on by {len(self.waiting)}" if self.waiting else "alone"
@@ -410,6 +413,11 @@ class CachePlugin(Plugin):
         this request (then `state.flight` is it). A flight handed over to another waiter is
         waited on again: its new leader's outcome is the one to wait for."""
         while True:
+            if flight.over:
+                # Over before this wait began: the exchange runs a hook's awaitable in a task,
+                # and the leader's whole response may have come in between. A future made now
+                # would never be resolved.
+                return flight.outcome
             future = flight.future
             if future is None:
                 future = flight.future = asyncio.get_running_loop().create_future()
@@ -546,6 +554,7 @@ class CachePlugin(Plugin):
             return
         if self._flights.get(flight.key) is flight:
             del self._flights[flight.key]
+        flight.over, flight.outcome = True, entry
         if flight.future is not None and not flight.future.done():
             flight.future.set_result(entry)
 
