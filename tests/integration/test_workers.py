@@ -297,3 +297,42 @@ async def test_the_access_log_of_every_worker_keeps_whole_lines(tmp_path: Path) 
         lines = log.read_text().splitlines()
         assert len(lines) == 300
         assert all(json.loads(line)["status"] == 200 for line in lines)
+
+
+async def test_a_cache_purge_reaches_every_worker() -> None:
+    """Each worker keeps its own memory cache: a purge through the admin API (worker 0's)
+    left the other workers answering from theirs."""
+    async with RedisServer() as redis, Upstream("a") as a:
+        config = _config(
+            redis,
+            services={"hello": {"targets": [a.url]}},
+            routes=[
+                {
+                    "name": "hello",
+                    "match": {"paths": ["/"]},
+                    "service": "hello",
+                    "plugins": {"cache": {"ttl": "1h"}},
+                }
+            ],
+        )
+        async with _node(config) as node:
+            # 40 connections: the kernel gives each worker some, and each caches on its miss
+            assert await _served(node, 40, "/page") == [200] * 40
+            assert len(a.received) == 2  # one miss per worker
+            purged = await request(node.admin_port, "DELETE", "/cache")
+            assert purged.status == 200, purged.body
+            assert purged.json()["purged"] == 2
+            assert purged.json()["workers"] == {"count": 2, "purged": 2}
+            assert await _served(node, 40, "/page") == [200] * 40
+            assert len(a.received) == 4  # a miss again in each worker: both were purged
+
+            # a worker that cannot confirm (stopped): not a 200 that claims the purge was done
+            pid = {w["index"]: w["pid"] for w in await _workers(node)}[1]
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                partial = await request(node.admin_port, "DELETE", "/cache")
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert partial.status == 503, partial.body
+            assert partial.json()["error"] == "purge_incomplete"
+            assert "workers [1]" in partial.json()["message"]

@@ -11,6 +11,8 @@ with a short deadline:
     GET /metrics        (worker 0) every worker's families merged (metrics_merge)
     GET /stats          (worker 0) the dashboard's numbers over the merged ring
     GET /workers        (worker 0) one line per worker: pid, restarts, requests, connections
+    DELETE /cache       (worker 0) its own purge, then every other worker's (each has its
+                        own memory cache store)
 
 A worker that does not answer within PEER_TIMEOUT is left out of that answer, and said so:
 `apigate_workers_scraped` (metrics), `workers.answered` (stats), `answered: false` (workers).
@@ -25,12 +27,13 @@ import json
 import logging
 import os
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
-from apigate.admin.http import AdminRequest, AdminResponse, json_response
+from apigate.admin.http import AdminError, AdminRequest, AdminResponse, json_response
 from apigate.observability.metrics_merge import (
     FixedCollector,
     Snapshot,
@@ -69,12 +72,20 @@ def describe_self(gateway: Gateway, metrics: GatewayMetrics) -> dict[str, Any]:
 
 async def read_peer(path: str, token: str, timeout: float = PEER_TIMEOUT) -> dict[str, Any]:
     """`GET /workers/self` of the worker whose private admin socket is `path`."""
+    return await ask_peer(path, token, "GET", "/workers/self", timeout)
+
+
+async def ask_peer(
+    path: str, token: str, method: str, target: str, timeout: float = PEER_TIMEOUT
+) -> dict[str, Any]:
+    """The JSON answer of the worker whose private admin socket is `path` to `method target`;
+    OSError unless it answered 200 within `timeout`."""
 
     async def fetch() -> bytes:
         reader, writer = await asyncio.open_unix_connection(path, limit=MAX_PEER_BYTES)
         try:
             auth = f"Authorization: Bearer {token}\r\n" if token else ""
-            head = f"GET /workers/self HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n"
+            head = f"{method} {target} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n"
             writer.write(head.encode() + b"\r\n")
             return await reader.read(MAX_PEER_BYTES)  # (one answer, then the worker closes)
         finally:
@@ -175,6 +186,43 @@ class NodeView:
         encode, content_type = choose_encoder(req.headers.get("accept", ""))
         return AdminResponse(200, encode(registry), content_type)
 
+    # ------------------------------------------------------------------ DELETE /cache
+    async def handle_purge(self, req: AdminRequest) -> AdminResponse:
+        """Purge every worker's cache: each keeps its own memory store, and a purge that
+        reached worker 0 alone left the others serving what the operator meant to remove.
+        Worker 0 purges its own first (it checks the route); a worker that does not confirm
+        makes the answer a 503 naming it (a purge is safe to repeat)."""
+        api = self.gateway.extensions["admin_api"]
+        own = await api.purge_cache(req)  # (AdminError: unknown route, store unreachable)
+        doc = json.loads(own.body)
+        query = urlencode({k: v for k, v in req.query.items() if k in ("route", "prefix") and v})
+        target = "/cache" + (f"?{query}" if query else "")
+        peers, secret = self.role.peers(), self._token()
+        outcomes = await asyncio.gather(
+            *(ask_peer(self.role.socket_path(i), secret, "DELETE", target) for i in peers),
+            return_exceptions=True,
+        )
+        missed = []
+        for index, outcome in zip(peers, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                missed.append(index)
+                log.warning(
+                    "worker %d did not confirm the cache purge",
+                    index,
+                    extra={"event": "purge_incomplete", "peer": index, "error": repr(outcome)},
+                )
+            else:
+                doc["purged"] += int(outcome["purged"])
+        doc["workers"] = {"count": self.role.count, "purged": self.role.count - len(missed)}
+        if missed:
+            raise AdminError(
+                503,
+                "purge_incomplete",
+                f"workers {missed} did not confirm the purge within {PEER_TIMEOUT}s: "
+                f"{doc['purged']} entries purged elsewhere; repeat the request",
+            )
+        return json_response(doc)
+
     # ------------------------------------------------------------------ /stats, /workers
     async def handle_stats(self, req: AdminRequest) -> AdminResponse:
         peers = await self.read_peers()
@@ -203,8 +251,8 @@ def _summary(doc: dict[str, Any]) -> dict[str, Any]:
 
 async def attach_workers(gateway: Gateway) -> None:
     """Serve `/workers/self` on every worker's admin API, and on worker 0 answer `/metrics`,
-    `/stats` and `/workers` for the whole node. Must run after `attach_metrics`. Nothing
-    happens in a gateway that is not one of `--workers N`."""
+    `/stats`, `/workers` and `DELETE /cache` for the whole node. Must run after
+    `attach_metrics`. Nothing happens in a gateway that is not one of `--workers N`."""
     role = gateway.worker
     api = gateway.extensions.get("admin_api")
     metrics = gateway.extensions.get("metrics")
@@ -220,4 +268,5 @@ async def attach_workers(gateway: Gateway) -> None:
         gateway.extensions["node_view"] = view
         api.replace_route("GET", "/metrics", view.handle_metrics)
         api.replace_route("GET", "/stats", view.handle_stats)
+        api.replace_route("DELETE", "/cache", view.handle_purge)
         api.add_route("GET", "/workers", view.handle_workers)
