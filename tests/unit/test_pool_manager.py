@@ -242,6 +242,21 @@ async def test_a_slot_freed_for_a_waiter_is_not_taken_by_a_request_arriving_mean
     assert pool.total == 1 and not pool.waiters
 
 
+async def test_a_connection_parked_before_the_connect_task_ran_is_used_not_waited_for() -> None:
+    """The exchange finds nothing idle and starts its connect in a task; the busy connection
+    is parked before that task runs (nobody waited yet, so it was not handed over). With
+    every slot counted busy, connect waited for a release that may never come (a 503 after
+    the connect timeout) while that connection sat idle."""
+    loop = asyncio.get_running_loop()
+    pool, conn = busy_pool(max_pending=1)
+    assert pool.acquire_idle() is None  # the exchange's look: nothing idle
+    connecting = loop.create_task(pool.connect(0.2))
+    conn.reusable = True
+    pool.release(conn)  # parked before the task's first step
+    assert await connecting is conn
+    assert pool.total == 1 and not pool.idle and not pool.waiters
+
+
 async def test_a_raised_limit_lets_the_waiting_requests_in_first() -> None:
     loop = asyncio.get_running_loop()
     pool, _ = busy_pool(max_pending=4)

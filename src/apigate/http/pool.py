@@ -93,6 +93,11 @@ class Pool:
         """A connection for one exchange: a new one, or (when every slot is busy) one handed
         over by `release` after waiting in the bounded queue."""
         if self.total >= self.max_connections:
+            # The exchange looked for an idle connection before it started this (in a task):
+            # one parked since, while nobody waited, is not handed over by anyone.
+            parked = self.acquire_idle()
+            if parked is not None:
+                return parked
             handed = await self._wait_for_slot(timeout)
             if handed is not None:
                 return handed
