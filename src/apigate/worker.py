@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -74,7 +75,7 @@ class WorkerRole:
         worker still starting."""
         threading.Thread(
             target=watch_lifeline,
-            args=(self.lifeline_fd, self.drain_timeout + STOP_GRACE),
+            args=(self.lifeline_fd, self.drain_timeout + STOP_GRACE, self.run_dir),
             name="apigate-lifeline",
             daemon=True,
         ).start()
@@ -89,14 +90,18 @@ class WorkerRole:
             pass  # the supervisor is gone: the lifeline ends this worker
 
 
-def watch_lifeline(fd: int, deadline: float) -> None:
+def watch_lifeline(fd: int, deadline: float, run_dir: str = "") -> None:
     """Wait for the end of file on `fd` (the supervisor has exited), then stop this process:
-    SIGTERM first (a drain), and `os._exit` if it still runs `deadline` seconds later."""
+    SIGTERM first (a drain), and `os._exit` if it still runs `deadline` seconds later. The
+    supervisor's run directory goes too: a supervisor that exits removes it itself, one that
+    was killed cannot, and every worker of the node is stopping now."""
     try:
         while os.read(fd, 64):
             pass  # (the supervisor never writes; a byte would be a bug, not a reason to stop)
     except OSError:
         pass  # a read error is as good as the end of file: no supervisor to answer to
+    if run_dir:
+        shutil.rmtree(run_dir, ignore_errors=True)
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(deadline)
     os._exit(1)

@@ -197,9 +197,23 @@ async def test_the_workers_stop_when_the_supervisor_is_killed() -> None:
     async with RedisServer() as redis, _node(_config(redis)) as node:
         pids = [w["pid"] for w in await _workers(node)]
         assert len(pids) == 2
+        run_dir = _role(pids[0])["run_dir"]
+        assert _present(run_dir)
         node.signal(signal.SIGKILL)
         assert await node.wait() == -signal.SIGKILL
         await until(lambda: _all_gone(pids), bool, within=10)
+        assert not _present(run_dir)  # (its killed supervisor could not remove it)
+
+
+def _present(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def _role(pid: int) -> dict[str, Any]:
+    """The `--worker-role` a worker was started with, from its command line."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    role: dict[str, Any] = json.loads(argv[argv.index(b"--worker-role") + 1])
+    return role
 
 
 async def _in_flight(upstream: Upstream) -> int:
