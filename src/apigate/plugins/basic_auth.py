@@ -49,8 +49,8 @@ from apigate.plugins.identity import (
     Identity,
     StrictPluginConfig,
     authenticate,
-    authenticated,
-    unauthorized,
+    refuse,
+    with_kong_checks,
 )
 
 _CACHE_MAX = 10_000
@@ -191,20 +191,11 @@ class BasicAuthPlugin(Plugin):
         self._cache_key = os.urandom(32)
         self._cache: dict[bytes, tuple[Identity, float]] = {}
         self._slots: asyncio.Semaphore | None = None
-        self._anonymous = (
-            AnonymousAccess(config.anonymous, env.config.consumers, type(config).__name__)
-            if config.anonymous is not None
-            else None
+        self._anonymous = AnonymousAccess.of(config, env.config.consumers)
+        # the hook: with `anonymous`, Kong's check first; without, the credentials' check alone
+        self.on_request: Callable[[Any], Any] = with_kong_checks(
+            self._check, self._anonymous, skip_preflight=False
         )
-        # the hook: with `anonymous`, a check first; without, the credentials' check alone
-        self.on_request: Callable[[Any], Any] = (
-            self._unless_authenticated if self._anonymous is not None else self._check
-        )
-
-    def _unless_authenticated(self, ctx: Any) -> Any:
-        if authenticated(ctx):
-            return None  # a logical OR: an earlier auth plugin found a real consumer
-        return self._check(ctx)
 
     def _check(self, ctx: Any) -> Any:
         req = ctx.request
@@ -276,15 +267,11 @@ class BasicAuthPlugin(Plugin):
             ctx.request.remove_header("authorization")
 
     def _deny(self, ctx: Any, message: str) -> Response | None:
-        """A 401, or with `anonymous` the anonymous consumer: wrong credentials too, as in Kong
-        (which also hides them from the upstream then)."""
-        anonymous = self._anonymous
-        if anonymous is None:
-            return unauthorized(ctx, message, BASIC_CHALLENGE)
-        if self.cfg.hide_credentials:
+        """A 401, or the anonymous consumer (wrong credentials hidden from the upstream too,
+        as Kong hides them)."""
+        if self._anonymous is not None and self.cfg.hide_credentials:
             ctx.request.remove_header("authorization")
-        anonymous.admit(ctx)
-        return None
+        return refuse(ctx, self._anonymous, message, BASIC_CHALLENGE)
 
     def __repr__(self) -> str:
         return f"<BasicAuthPlugin {len(self.users)} users>"

@@ -19,7 +19,7 @@ no valid credential for it (none, or a wrong one), lets it through as the anonym
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pydantic import ConfigDict
@@ -128,11 +128,55 @@ class AnonymousAccess:
             raise located_error(title, [(("anonymous",), problem)])
         self.identity = Identity(found, anonymous=True)
 
+    @classmethod
+    def of(cls, config: Any, consumers: Iterable[ConsumerConfig]) -> AnonymousAccess | None:
+        """A plugin config's `anonymous` setting (None when it has none)."""
+        name: str | None = config.anonymous
+        return None if name is None else cls(name, consumers, type(config).__name__)
+
     def admit(self, ctx: Any) -> None:
         authenticate(ctx, self.identity)
 
     def __repr__(self) -> str:
         return f"<AnonymousAccess {self.identity.consumer.name!r}>"
+
+
+def with_kong_checks(
+    check: Callable[[Any], Any], anonymous: AnonymousAccess | None, skip_preflight: bool
+) -> Callable[[Any], Any]:
+    """An auth plugin's request hook: its credential `check`, with Kong's checks before it
+    when an option asks for them: `run_on_preflight: false` lets a CORS preflight through,
+    and with `anonymous` a request an earlier auth plugin authenticated as a real consumer is
+    left as it is (the plugins are a logical OR then). Without either, `check` itself: a route
+    that sets neither pays nothing for them (for jwt, the compiled cache lookup stays the
+    hook)."""
+    if anonymous is None and not skip_preflight:
+        return check
+
+    def checked(ctx: Any) -> Any:
+        if skip_preflight and is_preflight(ctx.request):
+            return None
+        if anonymous is not None and authenticated(ctx):
+            return None
+        return check(ctx)
+
+    return checked
+
+
+def refuse(
+    ctx: Any,
+    anonymous: AnonymousAccess | None,
+    message: str,
+    challenge: bytes,
+    code: str = "unauthorized",
+) -> Response | None:
+    """A request without a valid credential: a 401, or with `anonymous` the anonymous
+    consumer, for a missing credential and a wrong one alike, as Kong does (a later auth
+    plugin may still find a real one)."""
+    if anonymous is None:
+        return unauthorized(ctx, message, challenge, code=code)
+    anonymous.admit(ctx)
+    return None
 
 
 def is_preflight(req: Any) -> bool:

@@ -76,9 +76,8 @@ from apigate.plugins.identity import (
     ConsumerIndex,
     Identity,
     StrictPluginConfig,
-    authenticated,
-    is_preflight,
-    unauthorized,
+    refuse,
+    with_kong_checks,
 )
 from apigate.plugins.jwt_cache import CONFLICT, REPEATED, TokenCache, Verified
 from apigate.plugins.jwt_credentials import Credential, CredentialIndex, unverified_claims
@@ -518,12 +517,7 @@ class JwtPlugin(Plugin):
         self.consumers = ConsumerIndex(env.config.consumers)
         # who a consumer a token's claim names is upstream, made once per consumer
         self._identities = {c.name: Identity(c) for c in env.config.consumers}
-        self._anonymous = (
-            AnonymousAccess(config.anonymous, env.config.consumers, type(config).__name__)
-            if config.anonymous is not None
-            else None
-        )
-        self._skip_preflight = not config.run_on_preflight
+        self._anonymous = AnonymousAccess.of(config, env.config.consumers)
         self._max_expiration = config.maximum_expiration
         # with key_claim_name and no `algorithms`, each credential's own algorithm is the pin
         self.algorithms = frozenset(config.algorithms) if config.algorithms else SUPPORTED
@@ -569,12 +563,10 @@ class JwtPlugin(Plugin):
         self.cache = self.tokens.entries  # token bytes -> Verified
         # The hook is the compiled method itself: a cached token is answered with no
         # interpreted frame on the way (timed in place: ~0.9 µs interpreted, ~0.45 compiled).
-        # With `anonymous` or `run_on_preflight: false`, a check before it (interpreted):
-        # only routes that set them pay for it.
-        self.on_request = (
-            self._guarded
-            if self._anonymous is not None or self._skip_preflight
-            else self.tokens.on_request
+        # With `anonymous` or `run_on_preflight: false`, Kong's checks before it
+        # (interpreted): only routes that set them pay for them.
+        self.on_request = with_kong_checks(
+            self.tokens.on_request, self._anonymous, not config.run_on_preflight
         )
         self._decoder = jwt.PyJWT(
             options={
@@ -594,16 +586,6 @@ class JwtPlugin(Plugin):
 
     async def close(self) -> None:
         """Nothing to undo: the JWKS source is shared with the next snapshot's instance."""
-
-    def _guarded(self, ctx: Any) -> Any:
-        """The hook with Kong's checks first: a preflight goes through when told so; with
-        `anonymous`, a request an earlier auth plugin authenticated as a real consumer is left
-        as it is (a logical OR)."""
-        if self._skip_preflight and is_preflight(ctx.request):
-            return None
-        if self._anonymous is not None and authenticated(ctx):
-            return None
-        return self.tokens.on_request(ctx)
 
     # ------------------------------------------------------------------ uncached tokens
     def _uncached(self, ctx: Any, token: bytes | None) -> Any:
@@ -627,13 +609,7 @@ class JwtPlugin(Plugin):
     def _refuse(
         self, ctx: Any, message: str, challenge: bytes, code: str = "unauthorized"
     ) -> Response | None:
-        """A 401, or with `anonymous` the anonymous consumer: for a missing token and for an
-        invalid one alike, as Kong does (a later auth plugin may still find a real one)."""
-        anonymous = self._anonymous
-        if anonymous is None:
-            return unauthorized(ctx, message, challenge, code=code)
-        anonymous.admit(ctx)
-        return None
+        return refuse(ctx, self._anonymous, message, challenge, code)
 
     # ------------------------------------------------------------------ verification
     def _verify(self, ctx: Any, token: bytes) -> Any:

@@ -31,9 +31,8 @@ from apigate.plugins.identity import (
     Identity,
     StrictPluginConfig,
     authenticate,
-    authenticated,
-    is_preflight,
-    unauthorized,
+    refuse,
+    with_kong_checks,
 )
 
 
@@ -83,27 +82,11 @@ class KeyAuthPlugin(Plugin):
         self._names = frozenset(name.encode() for name in config.header_names)
         self._param = config.query_param.encode() if config.query_param else None
         self._hide = config.hide_credentials
-        self._anonymous = (
-            AnonymousAccess(config.anonymous, env.config.consumers, type(config).__name__)
-            if config.anonymous is not None
-            else None
+        self._anonymous = AnonymousAccess.of(config, env.config.consumers)
+        # the hook the chain calls (Kong's checks first only when an option asks for them)
+        self.on_request: Callable[[Any], Response | None] = with_kong_checks(
+            self._lookup, self._anonymous, not config.run_on_preflight
         )
-        self._skip_preflight = not config.run_on_preflight
-        # The hook the chain calls: the guarded one only when an option needs the check, so a
-        # route without them pays nothing for it.
-        self.on_request: Callable[[Any], Response | None] = (
-            self._guarded if self._anonymous is not None or self._skip_preflight else self._lookup
-        )
-
-    def _guarded(self, ctx: Any) -> Response | None:
-        """Kong's order: a preflight goes through when told so; with `anonymous`, a request
-        an earlier auth plugin has authenticated as a real consumer is left as it is (the
-        plugins are a logical OR then)."""
-        if self._skip_preflight and is_preflight(ctx.request):
-            return None
-        if self._anonymous is not None and authenticated(ctx):
-            return None
-        return self._lookup(ctx)
 
     def _lookup(self, ctx: Any) -> Response | None:
         req = ctx.request
@@ -134,14 +117,11 @@ class KeyAuthPlugin(Plugin):
         return None
 
     def _refuse(self, ctx: Any, message: str) -> Response | None:
-        """A 401, or with `anonymous` the anonymous consumer (a wrong key too, as in Kong)."""
-        anonymous = self._anonymous
-        if anonymous is None:
-            return unauthorized(ctx, message, API_KEY_CHALLENGE)
-        if self._hide:
+        """A 401, or the anonymous consumer (a wrong key hidden from the upstream too, as in
+        Kong)."""
+        if self._anonymous is not None and self._hide:
             self._hide_key(ctx.request)
-        anonymous.admit(ctx)
-        return None
+        return refuse(ctx, self._anonymous, message, API_KEY_CHALLENGE)
 
     @staticmethod
     def _query_values(query: bytes, param: bytes) -> list[bytes]:
