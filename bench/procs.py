@@ -12,6 +12,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -161,19 +162,34 @@ class Processes:
             os.killpg(proc.pid, sig)
 
 
-# CPU accounting. A snapshot maps every PID to (ppid, own ticks, reaped children's ticks) so
-# that one snapshot gives a process tree's CPU time and also everybody else's.
-ProcTable = dict[int, tuple[int, int, int]]
+# CPU accounting. A snapshot maps every PID to its ProcStat so that one snapshot gives a process
+# tree's CPU time and also everybody else's.
+class ProcStat(NamedTuple):
+    """One process's /proc/PID/stat figures, CPU times in clock ticks."""
+
+    ppid: int
+    user: int  # utime: in the process's own code (Python, parsers, the event loop)
+    system: int  # stime: in the kernel on its behalf (syscalls, TCP on loopback, wake-ups)
+    reaped: int  # cutime+cstime: its waited-for children's whole lives
+    reaped_system: int  # cstime alone
+
+    @property
+    def own(self) -> int:
+        return self.user + self.system
 
 
-def read_stat(pid: int) -> tuple[int, int, int] | None:
-    """(ppid, utime+stime, cutime+cstime) of one process in clock ticks; None if it is gone."""
+ProcTable = dict[int, ProcStat]
+
+
+def read_stat(pid: int) -> ProcStat | None:
+    """One process's figures; None if it is gone."""
     try:
         data = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return None
     fields = data[data.rindex(b")") + 2 :].split()  # fields[0] is proc(5)'s field 3, state
-    return int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+    utime, stime, cutime, cstime = (int(f) for f in fields[11:15])
+    return ProcStat(int(fields[1]), utime, stime, cutime + cstime, cstime)
 
 
 def proc_table() -> ProcTable:
@@ -187,8 +203,8 @@ def proc_table() -> ProcTable:
 def tree(table: ProcTable, root: int) -> set[int]:
     """`root` and its live descendants."""
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
+    for pid, stat in table.items():
+        children.setdefault(stat.ppid, []).append(pid)
     found, todo = set(), [root]
     while todo:
         pid = todo.pop()
@@ -197,10 +213,13 @@ def tree(table: ProcTable, root: int) -> set[int]:
     return found
 
 
-def tree_seconds(table: ProcTable, root: int) -> float:
-    """CPU seconds used so far by `root` and its descendants, live or reaped (cutime)."""
-    pids = [pid for pid in tree(table, root) if pid in table]
-    return sum(table[pid][1] + table[pid][2] for pid in pids) / CLK_TCK
+def tree_seconds(table: ProcTable, root: int, system_only: bool = False) -> float:
+    """CPU seconds used so far by `root` and its descendants, live or reaped (cutime); with
+    `system_only`, the part spent in the kernel."""
+    stats = [table[pid] for pid in tree(table, root) if pid in table]
+    if system_only:
+        return sum(s.system + s.reaped_system for s in stats) / CLK_TCK
+    return sum(s.own + s.reaped for s in stats) / CLK_TCK
 
 
 def foreign_seconds(before: ProcTable, after: ProcTable, ours: int) -> float:
@@ -211,7 +230,8 @@ def foreign_seconds(before: ProcTable, after: ProcTable, ours: int) -> float:
     """
     mine = tree(before, ours) | tree(after, ours)
     ticks = 0
-    for pid, (_, now, _) in after.items():
+    for pid, stat in after.items():
         if pid not in mine:
-            ticks += max(0, now - before.get(pid, (0, 0, 0))[1])  # max: a PID may be reused
+            earlier = before.get(pid)
+            ticks += max(0, stat.own - (earlier.own if earlier else 0))  # max: a PID may be reused
     return ticks / CLK_TCK

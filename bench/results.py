@@ -36,6 +36,7 @@ class Measurement:
     p99_ms: float
     latency_ms: dict[str, float]
     cpu_us_per_req: float  # the measured process tree's utime+stime / requests
+    sys_us_per_req: float  # the stime part: the kernel's work for it (syscalls, loopback TCP)
     cpu_util: float  # its CPU seconds / wall seconds (1.0 = one core busy all the time)
     load_cpu_util: float  # wrk's + the upstream's CPU seconds / wall seconds
     other_cpu_util: float  # every other process's CPU seconds / wall seconds
@@ -56,8 +57,8 @@ class Measurement:
 
 
 MEDIAN_FIELDS = (
-    "seconds", "rps", "p50_ms", "p99_ms", "cpu_us_per_req", "cpu_util", "load_cpu_util",
-    "other_cpu_util", "upstream_cpu_us_per_req",
+    "seconds", "rps", "p50_ms", "p99_ms", "cpu_us_per_req", "sys_us_per_req", "cpu_util",
+    "load_cpu_util", "other_cpu_util", "upstream_cpu_us_per_req",
 )  # fmt: skip
 
 
@@ -122,10 +123,10 @@ def compare(rows: list[Measurement]) -> list[Comparison]:
 
 
 COLUMNS = (
-    "scenario", "path", "target", "req/s", "p50 ms", "p99 ms", "CPU µs/req", "CPU%", "load%",
-    "other%", "up-conns", "errors",
+    "scenario", "path", "target", "req/s", "p50 ms", "p99 ms", "CPU µs/req", "sys µs", "CPU%",
+    "load%", "other%", "up-conns", "errors",
 )  # fmt: skip
-WIDTHS = (10, 10, 8, 8, 7, 7, 10, 5, 5, 6, 8, 6)
+WIDTHS = (10, 10, 8, 8, 7, 7, 10, 6, 5, 5, 6, 8, 6)
 LEFT_ALIGNED = 3  # scenario, path and target
 
 
@@ -141,8 +142,9 @@ def measurement_row(m: Measurement, widths: tuple[int, ...]) -> str:
     return table_row(
         (
             m.scenario, m.path, m.target, f"{m.rps:,.0f}", f"{m.p50_ms:.2f}", f"{m.p99_ms:.2f}",
-            f"{m.cpu_us_per_req:.1f}", f"{m.cpu_util:.0%}", f"{m.load_cpu_util:.0%}",
-            f"{m.other_cpu_util:.0%}", conns, f"{m.errors} !!!" if m.errors else "0",
+            f"{m.cpu_us_per_req:.1f}", f"{m.sys_us_per_req:.1f}", f"{m.cpu_util:.0%}",
+            f"{m.load_cpu_util:.0%}", f"{m.other_cpu_util:.0%}", conns,
+            f"{m.errors} !!!" if m.errors else "0",
         ),
         widths,
     )  # fmt: skip
@@ -164,6 +166,7 @@ def comparison_row(c: Comparison, widths: tuple[int, ...]) -> str:
 
 LEGEND = (
     "CPU µs/req: utime+stime of the measured process (and children) / requests wrk completed.",
+    "sys µs: the stime part of it: the kernel's work (syscalls, loopback TCP, waking the peers).",
     "CPU%: that process's CPU time / wall time (100% = one core). load%: wrk + upstream.",
     "other%: every other process on the machine. up-conns: new upstream connections in the run.",
 )

@@ -195,10 +195,13 @@ def to_measurement(
     assert bench.upstream is not None
     wall, requests = after.wall - before.wall, max(result.requests, 1)
 
-    def used(pid: int) -> float:
-        return tree_seconds(after.procs, pid) - tree_seconds(before.procs, pid)
+    def used(pid: int, system_only: bool = False) -> float:
+        return tree_seconds(after.procs, pid, system_only) - tree_seconds(
+            before.procs, pid, system_only
+        )
 
     proxy, upstream = used(case.server.pid), used(bench.upstream.pid)
+    proxy_system = used(case.server.pid, system_only=True)
     if case.server is bench.upstream:  # measuring the upstream directly: it is the "proxy"
         upstream = 0.0
     conns, served = counters_delta(before.counters, after.counters)
@@ -214,6 +217,7 @@ def to_measurement(
         p99_ms=result.latency_ms.get("99", float("nan")),
         latency_ms=result.latency_ms,
         cpu_us_per_req=proxy * 1e6 / requests,
+        sys_us_per_req=proxy_system * 1e6 / requests,
         cpu_util=proxy / wall,
         load_cpu_util=(result.cpu_seconds + upstream) / wall,
         other_cpu_util=foreign_seconds(before.procs, after.procs, os.getpid()) / wall,

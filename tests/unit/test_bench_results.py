@@ -27,7 +27,8 @@ def results() -> ModuleType:
 def row(results: ModuleType, scenario: str, target: str, cpu: float, rps: float) -> Any:
     return results.Measurement(
         scenario=scenario, path="/", target=target, round=0, requests=1000, seconds=1.0,
-        rps=rps, p50_ms=1.0, p99_ms=2.0, latency_ms={}, cpu_us_per_req=cpu, cpu_util=1.0,
+        rps=rps, p50_ms=1.0, p99_ms=2.0, latency_ms={}, cpu_us_per_req=cpu, sys_us_per_req=cpu / 2,
+        cpu_util=1.0,
         load_cpu_util=0.5, other_cpu_util=0.0, upstream_cpu_us_per_req=5.0,
         upstream_conns_opened=0, upstream_requests=1000, socket_errors={}, non_2xx=0,
     )  # fmt: skip
