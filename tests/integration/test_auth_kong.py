@@ -163,3 +163,25 @@ async def test_kong_auth_behaviours_through_a_gateway() -> None:
         assert _identity(up.received[-1]) == {}  # no consumer, and no forged one
         assert (await _call(gw, "/cors/echo", method="OPTIONS"))[0] == 401
         assert (await _call(gw, "/cors/echo", preflight[0]))[0] == 401
+
+
+async def _admin(gw: GatewayProcess, method: str, path: str) -> tuple[int, Any]:
+    raw = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    answer = await raw_request(gw.admin_port, raw.encode(), until_close=True)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body)
+
+
+async def test_the_anonymous_consumer_cannot_be_deleted_while_a_plugin_names_it() -> None:
+    async with Upstream() as up:
+        cfg = _config(up)
+        cfg["listeners"]["admin"] = {"address": "127.0.0.1:0"}
+        async with GatewayProcess(cfg) as gw:
+            status, doc = await _admin(gw, "DELETE", "/consumers/guest")
+            assert (status, doc["error"]) == (400, "invalid_config"), doc
+            assert "anonymous: no consumer named 'guest'" in doc["message"]
+            status, doc = await _admin(gw, "GET", "/consumers")
+            assert "guest" in [c["name"] for c in doc["consumers"]]
+            # and it still serves the requests without a credential
+            assert (await _call(gw, "/either/echo"))[0] == 200
+            assert _identity(up.received[-1]) == GUEST_LINES
