@@ -154,6 +154,15 @@ def test_header_config_errors_name_the_key() -> None:
         request_plugin(headers={"set": {"X-A": "a\nb"}})
 
 
+@pytest.mark.parametrize("build_plugin", [request_plugin, response_plugin])
+def test_a_misspelt_json_key_suggests_the_key_the_file_uses(build_plugin: Any) -> None:
+    # the field is `json_` in Python (a pydantic name clash) and `json` in the file: the
+    # suggestion must be what the user can write, not the attribute name
+    with pytest.raises(ConfigError) as err:
+        build_plugin(jsn={"remove": ["a"]})
+    assert "did you mean 'json'?" in str(err.value.errors)
+
+
 # ------------------------------------------------------------------------------ path
 
 

@@ -114,7 +114,10 @@ class StrictModel(BaseModel):
         try:
             return handler(data)
         except ValidationError as exc:
-            explained = explain_unknown_keys(exc, cls.model_fields)
+            # the keys as the file spells them: a field's alias (`json` for `json_`), else
+            # its name, so that "did you mean" suggests something the user can write
+            keys = [field.alias or name for name, field in cls.model_fields.items()]
+            explained = explain_unknown_keys(exc, keys)
             if explained is None:
                 raise
             raise explained from None
