@@ -412,8 +412,37 @@ def test_plugins_can_report_errors_in_the_same_style() -> None:
 def test_error_paths_quote_keys_that_are_not_plain_names() -> None:
     errors = errors_of({"plugins": {"mycompany.plugins:Audit": "on"}})
     assert errors == [
-        "plugins['mycompany.plugins:Audit']: input should be a valid dictionary",
+        "plugins['mycompany.plugins:Audit']: must be a mapping of keys, not a string",
     ]
+
+
+@pytest.mark.parametrize(
+    ("service", "error"),
+    [
+        ({"timeouts": "5s"}, "services.s.timeouts: must be a mapping of keys, not a string"),
+        ({"retries": 2}, "services.s.retries: must be a mapping of keys, not a number"),
+        (
+            {"health": {"active": True}},
+            "services.s.health.active: must be a mapping of keys, not true",
+        ),
+        (
+            {"circuit_breaker": ["50%"]},
+            "services.s.circuit_breaker: must be a mapping of keys, not a list",
+        ),
+    ],
+)
+def test_a_scalar_where_a_section_belongs_is_explained_in_the_files_terms(
+    service: dict[str, Any], error: str
+) -> None:
+    # pydantic says "a valid dictionary or instance of TimeoutsConfig": a Python class name
+    # the user never wrote, for a mistake made in YAML
+    assert errors_of({"services": {"s": service}}) == [error]
+
+
+def test_a_value_in_place_of_a_section_is_not_echoed() -> None:
+    # it may be a secret written one level too high
+    (error,) = errors_of(minimal(consumers=[{"name": "c", "basic_auth": "carol:hunter2"}]))
+    assert error == "consumers[0].basic_auth: must be a mapping of keys, not a string"
 
 
 async def test_a_dotted_plugin_name_is_quoted_in_error_lines_on_routes_too() -> None:

@@ -34,6 +34,8 @@ _KNOWN_ERROR_TYPES = frozenset(get_args(core_schema.ErrorType))
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_\-]+")
 # pydantic prefixes the text of a plain ValueError / AssertionError raised in a validator.
 _NOISE_PREFIXES = ("Value error, ", "Assertion failed, ")
+# pydantic's error types for "not a mapping" (a model's section, or a plain dict field)
+_MAPPING_TYPES = frozenset({"model_type", "model_attributes_type", "dict_type"})
 
 
 class ConfigError(Exception):
@@ -70,12 +72,30 @@ def error_message(error: ErrorDetails) -> str:
         return "required"
     if kind == "extra_forbidden":
         return "unknown key"
+    if kind in _MAPPING_TYPES:
+        # pydantic says "a valid dictionary or instance of TimeoutsConfig": Python's words and
+        # a class the user never wrote, for `timeouts: 5s` written in YAML
+        return f"must be a mapping of keys, not {_described(error['input'])}"
     message = error["msg"]
     for noise in _NOISE_PREFIXES:
         message = message.removeprefix(noise)
     if kind in _KNOWN_ERROR_TYPES and message[:2].istitle():
         message = message[0].lower() + message[1:]  # "Input should be" -> "input should be"
     return message
+
+
+def _described(value: Any) -> str:
+    """What kind of YAML value this is, as its writer would name it ("a string", "true"); never
+    the value itself, which may be a secret written in the wrong place (`basic_auth: u:pw`)."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "a list"
+    return type(value).__name__
 
 
 def format_validation_error(exc: ValidationError, prefix: str = "") -> list[str]:
