@@ -80,6 +80,14 @@ def test_metadata_size_is_still_bounded() -> None:
         parse_registration("users", "big", body)
 
 
+def test_a_misspelt_registration_key_is_explained_as_in_the_file() -> None:
+    # a registration script's typo reads like a config file's: the key and a suggestion
+    with pytest.raises(AdminError) as caught:
+        parse_registration("users", "typo", {"url": URL, "wieght": 2})
+    assert (caught.value.status, caught.value.code) == (400, "invalid_body")
+    assert caught.value.message == "wieght: unknown key; did you mean 'weight'?"
+
+
 def _nested_body(depth: int) -> bytes:
     """A registration body whose metadata nests `depth` levels, written out rather than
     dumped: json.dumps itself recurses per level."""

@@ -12,7 +12,7 @@ import json
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 from urllib.parse import unquote
 
 from apigate import __version__
@@ -23,7 +23,7 @@ from apigate.admin.config_ops import (
     StoreWriteFailed,
 )
 from apigate.admin.http import AdminError, AdminRequest, AdminResponse, json_response
-from apigate.config.errors import ConfigError
+from apigate.config.errors import ConfigError, unknown_key_message
 from apigate.config.loader import dump_config
 from apigate.config.schema import MAX_NAME
 from apigate.config.units import parse_duration
@@ -384,6 +384,9 @@ def check_new_name(what: str, name: str) -> None:
         raise AdminError(400, "invalid_name", message)
 
 
+_REGISTRATION_KEYS: Final = ("url", "ttl", "weight", "metadata")
+
+
 def parse_registration(service: str, instance_id: str, body: Any) -> Registration:
     """The registration a `PUT /services/{service}/instances/{id}` body asks for; AdminError
     (400 invalid_body, naming the field) for anything off."""
@@ -399,9 +402,9 @@ def parse_registration(service: str, instance_id: str, body: Any) -> Registratio
         )
     if not isinstance(body, dict):
         _invalid("body must be a JSON object")
-    unknown = set(body) - {"url", "ttl", "weight", "metadata"}
-    if unknown:
-        _invalid(f"unknown keys: {', '.join(sorted(unknown))}")
+    unknown = sorted(set(body) - set(_REGISTRATION_KEYS))
+    if unknown:  # explained as the config file explains its keys (CONFIG.md)
+        _invalid("; ".join(f"{k}: {unknown_key_message(k, _REGISTRATION_KEYS)}" for k in unknown))
     return Registration(
         service,
         instance_id,
