@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import struct
 from collections.abc import Iterator
@@ -266,3 +267,23 @@ async def test_connect_timeout_is_504() -> None:
             resp, _ = await request(gw.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", close_wait=0.01)
             assert resp.status == 504 and resp.json()["error"] == "upstream_connect_timeout"
             assert 0.25 <= loop.time() - t0 < 2.0
+            assert str(port) not in resp.body.decode()  # the upstream's address: logs only
+
+
+async def test_a_connect_error_names_the_upstream_in_the_log_never_to_the_client() -> None:
+    """Clients learn nothing of the network behind the gateway (as Envoy and Kong answer);
+    the operator's access log says which address failed and why."""
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cfg = base_config(
+        services={"dead": {"targets": [f"http://127.0.0.1:{port}"]}},
+        routes=[{"name": "dead", "match": {"paths": ["/"]}, "service": "dead"}],
+        plugins={"access_log": {"path": "-"}},
+    )
+    async with GatewayProcess(cfg) as gw:
+        resp, _ = await request(gw.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", close_wait=0.01)
+        assert resp.status == 502 and resp.json()["error"] == "upstream_connect_error"
+        assert str(port) not in resp.body.decode() and "127.0.0.1" not in resp.body.decode()
+        logged = json.loads(await gw.wait_for_log('"status":502'))
+        assert logged["error"].startswith(f"connect to 127.0.0.1:{port} failed"), logged

@@ -45,10 +45,14 @@ class GatewayError(Exception):
         message: str,
         code: str | None = None,
         headers: Iterable[tuple[bytes, bytes]] = (),
+        detail: str | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(detail or message)
         self.status = status
-        self.message = message
+        self.message = message  # what the client reads
+        # what the logs read: `message`, or more that the client must not learn, such as the
+        # address of an upstream behind the gateway (Envoy and Kong keep those to themselves)
+        self.detail = detail or message
         self.code = code or DEFAULT_CODES.get(status, "error")
         self.headers = tuple(headers)
 

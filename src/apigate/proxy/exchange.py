@@ -276,7 +276,7 @@ class ProxyExchange(UpstreamListener):
         499 "client closed" it was logged as; a request refused before its head was all read
         gets an exchange for this alone."""
         self.status = err.status
-        self.error = err.message
+        self.error = err.detail
         self.bytes_sent = sent
         self.client_lost()
 
@@ -542,16 +542,21 @@ class ProxyExchange(UpstreamListener):
         except TimeoutError:
             service.report(inst, ok=False)
             self._pending_error = GatewayError(
-                504, f"connect to {inst.host}:{inst.port} timed out", "upstream_connect_timeout"
+                504,
+                "connecting to the upstream timed out",
+                "upstream_connect_timeout",
+                detail=f"connect to {inst.host}:{inst.port} timed out",
             )
             self._retry_connect()
             return
         except OSError as os_error:  # (a name per clause: see UpstreamConnection.data_received)
             service.report(inst, ok=False)
+            why = os_error.strerror or os_error
             self._pending_error = GatewayError(
                 502,
-                f"connect to {inst.host}:{inst.port} failed: {os_error.strerror or os_error}",
+                "could not connect to the upstream",
                 "upstream_connect_error",
+                detail=f"connect to {inst.host}:{inst.port} failed: {why}",
             )
             self._retry_connect()
             return
@@ -560,8 +565,9 @@ class ProxyExchange(UpstreamListener):
             self.fail(
                 GatewayError(
                     502,
-                    f"connect to {inst.host}:{inst.port} failed: {exc}",
+                    "could not connect to the upstream",
                     "upstream_connect_error",
+                    detail=f"connect to {inst.host}:{inst.port} failed: {exc}",
                 )
             )
             return
@@ -1039,7 +1045,7 @@ class ProxyExchange(UpstreamListener):
             # used to get a cut connection and no answer)
             self._response_rewrite = None
         elif self._head_sent:
-            self.error = err.message
+            self.error = err.detail
             self.conn.abort()
             self._complete(keep_alive=False)
             return
@@ -1048,13 +1054,13 @@ class ProxyExchange(UpstreamListener):
             if stale is not None:  # serve-stale-if-error (the cache plugin leaves this here)
                 replacement = stale()
                 if isinstance(replacement, Response):
-                    self.error = err.message
+                    self.error = err.detail
                     self._respond_index = -1
                     self.respond(replacement)
                     return
         req = self.request
         self.status = err.status
-        self.error = err.message
+        self.error = err.detail
         keep_alive = self._answer_keeps_alive(err.status)
         out = render_error(
             err,
