@@ -548,6 +548,15 @@ def test_bad_listener_address(address: str) -> None:
     assert error.startswith(f"listeners.proxy.address: invalid address {address!r}")
 
 
+def test_a_bare_port_number_is_explained_as_an_address() -> None:
+    # YAML reads `address: 8080` as a number; pydantic would only say "a valid string"
+    (error,) = errors_of({"listeners": {"proxy": {"address": 8080}}})
+    assert error == (
+        "listeners.proxy.address: invalid address 8080 (a number): use host:port in quotes, "
+        "e.g. ':8080' or '0.0.0.0:8080'"
+    )
+
+
 def test_tls_config() -> None:
     tls = {
         "certificate": "gw.pem",

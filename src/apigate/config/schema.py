@@ -240,6 +240,18 @@ class ListenerConfig(StrictModel):
 
     address: str
 
+    @field_validator("address", mode="before")
+    @classmethod
+    def _a_port_alone(cls, value: Any) -> Any:
+        # YAML reads `address: 8080` as a number, which pydantic would only call "not a string"
+        if isinstance(value, int) and not isinstance(value, bool):
+            raise _fail(
+                "invalid_address",
+                f"invalid address {value} (a number): use host:port in quotes, "
+                f"e.g. ':{value}' or '0.0.0.0:{value}'",
+            )
+        return value
+
     @field_validator("address")
     @classmethod
     def _check_address(cls, value: str) -> str:
