@@ -95,14 +95,14 @@ def _workers(text: str) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from apigate.config.errors import ConfigError
+    from apigate.config.errors import ConfigError, invalid_report
     from apigate.store.config_store import served_config
 
     try:
         config, stored = served_config(args.config)
         _compile(config)
     except ConfigError as exc:
-        print(f"{args.config}: invalid\n{exc}", file=sys.stderr)
+        print(invalid_report(args.config, exc), file=sys.stderr)
         return 2
     except OSError as exc:  # the store file cannot be read: the config cannot be judged
         print(f"{args.config}: {exc}", file=sys.stderr)
@@ -126,7 +126,7 @@ def _compile(config: object) -> object:
 
 
 def cmd_routes(args: argparse.Namespace) -> int:
-    from apigate.config.errors import ConfigError
+    from apigate.config.errors import ConfigError, invalid_report
     from apigate.ops import format_table
     from apigate.runtime import Runtime
     from apigate.store.config_store import served_config
@@ -134,7 +134,7 @@ def cmd_routes(args: argparse.Namespace) -> int:
     try:
         runtime = _compile(served_config(args.config)[0])
     except ConfigError as exc:
-        print(f"{args.config}: invalid\n{exc}", file=sys.stderr)
+        print(invalid_report(args.config, exc), file=sys.stderr)
         return 2
     except OSError as exc:  # the store file cannot be read: the config cannot be judged
         print(f"{args.config}: {exc}", file=sys.stderr)

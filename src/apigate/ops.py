@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
 from apigate import __version__
-from apigate.config.errors import ConfigError
+from apigate.config.errors import ConfigError, invalid_report
 
 if TYPE_CHECKING:
     from apigate.config.schema import GatewayConfig, ServiceConfig, TargetConfig
@@ -296,7 +296,7 @@ def cmd_check(config_path: str, out: TextIO = sys.stdout) -> int:
     try:
         config, stored, probes = asyncio.run(run())
     except ConfigError as exc:
-        print(f"{config_path}: invalid\n{exc}", file=sys.stderr)
+        print(invalid_report(config_path, exc), file=sys.stderr)
         return 2
     except OSError as exc:  # the store file cannot be read: the config cannot be judged
         print(f"{config_path}: {exc}", file=sys.stderr)

@@ -565,3 +565,37 @@ async def test_plugins_start_together_so_a_hung_store_costs_one_timeout(gateway:
     with pytest.raises(ConfigError, match="cannot reach the key server"):
         await gateway.apply_config(GatewayConfig.model_validate(_doc(doc["services"], routes)))
     assert "g" not in gateway.runtime.routes
+
+
+@pytest.mark.parametrize("command", ["validate", "routes", "check"])
+def test_an_invalid_file_is_named_once_whichever_check_refused_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    path = tmp_path / "gw.yaml"
+    service = '  s: {targets: ["http://127.0.0.1:1"]}\n'
+    route = "  - {name: r, match: {paths: [/]}, service: s%s}\n"
+    path.write_text("services:\n" + service + "routes:\n" + route % ", retries: 3")
+    code, _, err = _cli(capsys, command, "-c", str(path))  # the schema's refusal
+    assert code == 2
+    first, second = err.splitlines()
+    assert first == f"{path}: invalid" and second.startswith("  routes[0].retries: unknown key")
+    jwt = ", plugins: {jwt: {secret: short, algorithms: [HS256]}}"
+    path.write_text("services:\n" + service + "routes:\n" + route % jwt)
+    code, _, err = _cli(capsys, command, "-c", str(path))  # a plugin's, when it is built
+    assert code == 2
+    assert err.splitlines() == [
+        f"{path}: invalid",
+        "  routes[0].plugins.jwt.secret: 5 bytes is too short for HS256: RFC 7518 asks for at "
+        "least 32",
+    ]
+
+
+def test_an_invalid_report_names_a_source_other_than_the_file() -> None:
+    from apigate.config.errors import ConfigError, invalid_report
+
+    stored = ConfigError(["routes[0].service: unknown service 'gone'"], "sqlite:///gw.db")
+    assert invalid_report("gw.yaml", stored).splitlines() == [
+        "gw.yaml: invalid",
+        "  sqlite:///gw.db:",
+        "    routes[0].service: unknown service 'gone'",
+    ]

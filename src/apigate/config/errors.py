@@ -52,6 +52,20 @@ class ConfigError(Exception):
         return f"{self.source}:\n" + "\n".join(f"  {line}" for line in self.errors)
 
 
+def invalid_report(path: object, exc: ConfigError) -> str:
+    """What the CLI prints for an invalid config file: its name once, then one indented line
+    per problem, whichever check found them (the schema's errors carry the file as their
+    source, a plugin's or a TLS file's do not); a source other than the file (a stored
+    overlay) is named on a line of its own."""
+    lines = [f"{path}: invalid"]
+    indent = "  "
+    if exc.source is not None and exc.source != str(path):
+        lines.append(f"  {exc.source}:")
+        indent = "    "
+    lines += [f"{indent}{line}" for line in exc.errors]
+    return "\n".join(lines)
+
+
 def format_loc(loc: Sequence[str | int], prefix: str = "") -> str:
     """`("routes", 2, "plugins", "jwt")` -> `routes[2].plugins.jwt` (after `prefix`)."""
     path = prefix
