@@ -599,3 +599,18 @@ def test_an_invalid_report_names_a_source_other_than_the_file() -> None:
         "  sqlite:///gw.db:",
         "    routes[0].service: unknown service 'gone'",
     ]
+
+
+async def test_a_refused_change_is_explained_on_one_line_without_a_file_name(
+    admin: AdminApi,
+) -> None:
+    route = {"service": "a", "retriez": 1, "match": {"paths": ["/x"]}}
+    status, doc = await _call(admin, "PUT", "/routes/r1", route)
+    assert (status, doc["error"]) == (400, "invalid_config")
+    assert doc["message"].startswith("routes[1] (r1).retriez: unknown key")
+    status, doc = await _call(admin, "POST", "/config", {"services": {"a": {"targets": [1, 2]}}})
+    assert (status, doc["error"]) == (400, "invalid_config")
+    assert doc["message"] == (
+        "services.a.targets[0]: must be a mapping of keys, not a number; "
+        "services.a.targets[1]: must be a mapping of keys, not a number"
+    )

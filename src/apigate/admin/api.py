@@ -243,7 +243,7 @@ class AdminApi:
         except RegistrationError as exc:
             raise AdminError(exc.status, exc.code, exc.message) from None
         except ConfigError as exc:
-            raise AdminError(400, "invalid_config", str(exc)) from None
+            raise config_refused(exc) from None
         doc = _instance_doc(inst, self.gateway.loop.time())
         return json_response(doc, 201 if created else 200)
 
@@ -292,7 +292,7 @@ class AdminApi:
             try:
                 entity, created = await ConfigOps.of(self.gateway).put_entity(kind, name, body)
             except ConfigError as exc:
-                raise AdminError(400, "invalid_config", str(exc)) from None
+                raise config_refused(exc) from None
             return json_response(redact_secrets(entity), 201 if created else 200)
 
         return handler
@@ -311,7 +311,7 @@ class AdminApi:
             except ConfigConflict as exc:
                 raise AdminError(409, "conflict", str(exc)) from None
             except ConfigError as exc:
-                raise AdminError(400, "invalid_config", str(exc)) from None
+                raise config_refused(exc) from None
             if not ok:
                 raise AdminError(404, "not_found", f"no {_SINGULAR[kind]} {name}")
             return json_response({"deleted": name})
@@ -362,7 +362,7 @@ class AdminApi:
         try:
             config = await ops.replace(doc, dry_run=dry_run, if_match=req.headers.get("if-match"))
         except ConfigError as exc:
-            raise AdminError(400, "invalid_config", str(exc)) from None
+            raise config_refused(exc) from None
         except PreconditionFailed as exc:
             raise AdminError(412, "precondition_failed", str(exc)) from None
         result = {
@@ -372,6 +372,13 @@ class AdminApi:
             "services": len(config.services),
         }
         return json_response(result, headers={"ETag": ops.etag()})
+
+
+def config_refused(exc: ConfigError) -> AdminError:
+    """The 400 for a change the config would not take: its problems in one line (ConfigError's
+    own text names a file, here always `<admin>`, and puts each problem on a line of its own,
+    which a JSON message shows as `\\n`)."""
+    return AdminError(400, "invalid_config", "; ".join(exc.errors))
 
 
 def check_new_name(what: str, name: str) -> None:
