@@ -104,11 +104,13 @@ def openapi_document() -> dict[str, Any]:
             schemas.setdefault(name, sub)
         schemas[model.__name__] = doc
     paths: dict[str, Any] = {
-        "/healthz": {"get": {"summary": "liveness", "responses": {"200": _resp("alive")}}},
+        "/healthz": {
+            "get": {"summary": "liveness", "responses": {"200": _resp("alive"), **_errors(401)}}
+        },
         "/readyz": {
             "get": {
                 "summary": "readiness",
-                "responses": {"200": _resp("ready"), "503": _resp("not ready")},
+                "responses": {"200": _resp("ready"), "503": _resp("not ready"), **_errors(401)},
             }
         },
         "/events": {
@@ -159,7 +161,10 @@ def openapi_document() -> dict[str, Any]:
             }
         },
         "/metrics": {
-            "get": {"summary": "Prometheus metrics", "responses": {"200": _resp("metrics")}}
+            "get": {
+                "summary": "Prometheus metrics",
+                "responses": {"200": _resp("metrics"), **_errors(401)},
+            }
         },
         "/stats": {
             "get": {
