@@ -993,9 +993,12 @@ class ProxyExchange(UpstreamListener):
         read yet, as nginx: a 400, 413, 414, 500 or 501 closes; another status keeps it when
         the connection can read the rest and drop it (`may_discard`), unless the client waits
         for a 100 (Continue) it was never sent (RFC 9110 §10.1.1: it may send no body, and
-        its next request would be read as this one's)."""
+        its next request would be read as this one's). Nor for an upgrade request: what the
+        client sent after its head is held as the tunnel's first bytes (a tunnel this answer
+        never opens), so its next request would wait there unanswered for tunnel_idle_timeout;
+        a proxied answer other than 101 closes for the same reason (on_response_head)."""
         req = self.request
-        if not req.keep_alive or self.conn.host.draining:
+        if not req.keep_alive or self.conn.host.draining or req.upgrade is not None:
             return False
         if self._body_done:
             return True

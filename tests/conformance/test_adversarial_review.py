@@ -1,0 +1,48 @@
+"""Findings of the adversarial HTTP/1.1 data-plane hunt (raw bytes against a real gateway and
+a recording upstream that answers with canned bytes). Each case checks what the client gets and
+what reached the upstream; every read is bounded, so that a hang fails instead of blocking."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conformance.conftest import assert_error
+from tests.conformance.test_responses import _config  # (one route, "/", to the upstream)
+from tests.support.client import RawClient
+from tests.support.env import Env, env_fixture, shared_env_fixture
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+shared_env = shared_env_fixture(_config)
+env = env_fixture()
+
+_NEXT = b"GET /echo?next HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+# ------------------------------------------------ an upgrade answered by the gateway itself
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # a 101 to a protocol the client did not offer: 502 upstream_invalid_response
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n",
+        # a head cut short: 502 upstream_reset
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Len",
+    ],
+    ids=["101-not-offered", "cut-head"],
+)
+async def test_an_upgrade_request_the_gateway_answers_closes_the_connection(
+    env: Env, answer: bytes
+) -> None:
+    """The bytes after an upgrade request's head are held for the tunnel. When the gateway
+    answered it itself (an error, a plugin) the answer said keep-alive: the connection stayed
+    a tunnel that never opened, the client's next request went into its buffer, unanswered
+    until tunnel_idle_timeout (5 min). Now it closes, as a proxied non-101 answer does."""
+    env.up.state.canned["/ws"] = answer
+    upgrade = b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    async with RawClient(env.port, timeout=2.0) as c:
+        await c.send(upgrade + _NEXT)
+        resp = await c.response()
+        assert_error(resp, 502, None)
+        assert resp.header("connection") == "close"
+        assert await c.closed(2.0)
+    assert [r.path for r in env.up.received] == ["/ws"]  # the next request was not forwarded
