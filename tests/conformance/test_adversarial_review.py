@@ -46,3 +46,30 @@ async def test_an_upgrade_request_the_gateway_answers_closes_the_connection(
         assert resp.header("connection") == "close"
         assert await c.closed(2.0)
     assert [r.path for r in env.up.received] == ["/ws"]  # the next request was not forwarded
+
+
+# ------------------------------------------------ a refused HEAD request
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"HEAD /echo HTTP/1.1\r\nHost: x\r\nExpect: teapot\r\n\r\n", 417),
+        (b"HEAD /echo HTTP/1.1\r\n\r\n", 400),  # no Host
+        (b"HEAD /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+        (b"HEAD /echo HTTP/1.1\r\nHost: x\r\n" + b"X-F: 1\r\n" * 101 + b"\r\n", 431),
+    ],
+    ids=["expect", "no-host", "te-gzip", "too-many-fields"],
+)
+async def test_a_head_request_refused_by_the_connection_gets_no_body(
+    env: Env, head: bytes, status: int
+) -> None:
+    """RFC 9110 §9.3.2: a response to HEAD has no content. The errors the connection answers
+    itself (the request's head refused) sent their JSON body after a HEAD's head all the same,
+    bytes a client takes for the start of a next response. The exchange's errors did not."""
+    async with RawClient(env.port, timeout=2.0) as c:
+        await c.send(head)
+        resp = await c.response(method="HEAD")
+        assert resp.status == status
+        assert resp.header("content-type") == "application/json" and resp.header("x-request-id")
+        assert resp.header("connection") == "close"
+        assert await c.closed(2.0)  # (and nothing after the head: closed() checks that)
+    assert env.up.received == []

@@ -931,9 +931,12 @@ class ClientConnection(asyncio.Protocol):
             rid = self.request_ids.next()
             if request is not None:
                 request.request_id = rid
-        data = render_error(err, rid, keep_alive=False)
+        # (a response to HEAD has no content, RFC 9110 §9.3.2, an error's neither: the JSON
+        # body went out after a refused HEAD's head, bytes a client reads as a next response)
+        head_only = request is not None and request.method == "HEAD"
+        data = render_error(err, rid, keep_alive=False, head_only=head_only)
         self.write(data)
-        body = body_size(data)
+        body = 0 if head_only else body_size(data)
         if refused is not None:
             refused.refused(err, body)
         elif request is not None:
