@@ -73,3 +73,43 @@ async def test_a_head_request_refused_by_the_connection_gets_no_body(
         assert resp.header("connection") == "close"
         assert await c.closed(2.0)  # (and nothing after the head: closed() checks that)
     assert env.up.received == []
+
+
+# ------------------------------------------------ an upgrade request, then the client's half-close
+_UPGRADE = b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "after"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 200, b""),
+        (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade"
+            b"\r\n\r\nhello",
+            101,
+            b"hello",
+        ),
+    ],
+    ids=["refused", "switched"],
+)
+async def test_an_upgrade_request_then_a_half_close_is_still_answered(
+    env: Env, answer: bytes, status: int, after: bytes
+) -> None:
+    """A client that sends a whole request and then shuts down its sending side waits for the
+    answer (as for any request, which the gateway answers). With an Upgrade offer the request
+    was dropped instead: never sent upstream, the connection closed without a byte. Now it
+    goes upstream; an answer other than 101 reaches the client, and a 101 opens a tunnel whose
+    client side is already done (the half-close is passed on, as once the tunnel is open)."""
+    env.up.state.canned["/ws"] = answer
+    async with RawClient(env.port, timeout=2.0) as c:
+        await c.send(_UPGRADE)
+        assert c.writer is not None
+        c.writer.write_eof()
+        resp = await c.response()
+        assert resp.status == status
+        if status == 101:
+            assert await c.read_exact(len(after)) == after
+        else:
+            assert resp.body == b"ok" and resp.header("connection") == "close"
+        assert await c.closed(2.0)
+    assert [r.path for r in env.up.received] == ["/ws"]

@@ -310,8 +310,13 @@ class ProxyExchange(UpstreamListener):
                 up.close()  # both sides are done (what is buffered still goes first)
             else:
                 up.write_eof()
-        else:  # gone before the upgrade was answered: nothing to tunnel
-            self.client_lost()
+        elif not self._finished:
+            # Half-closed after a whole upgrade request, before its answer: the client waits
+            # for it, as for any request (the request was dropped, the connection closed
+            # without a byte). A 101 opens a tunnel whose client side is done (on_upgraded
+            # passes the half-close on); another answer closes the connection after it.
+            self._client_eof = True
+        else:
             self.conn.close()
 
     # ================================================================== routing and plugins
@@ -939,6 +944,8 @@ class ProxyExchange(UpstreamListener):
         if up is not None and self._tunnel_buf:
             up.writelines(self._tunnel_buf)
         self._tunnel_buf = None
+        if up is not None and self._client_eof:  # the client half-closed before the 101
+            up.write_eof()
         if self._paused_for_tunnel:
             self._paused_for_tunnel = False
             self.conn.resume_reading()
