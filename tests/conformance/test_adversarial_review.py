@@ -4,6 +4,8 @@ what reached the upstream; every read is bounded, so that a hang fails instead o
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from tests.conformance.conftest import assert_error
@@ -113,3 +115,32 @@ async def test_an_upgrade_request_then_a_half_close_is_still_answered(
             assert resp.body == b"ok" and resp.header("connection") == "close"
         assert await c.closed(2.0)
     assert [r.path for r in env.up.received] == ["/ws"]
+
+
+# ------------------------------------------------ closing with the client's bytes unread
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"GET /echo?1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /slow?ms=100 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /echo?1 HTTP/1.0\r\n\r\n",
+    ],
+    ids=["close", "close-slow", "http10"],
+)
+async def test_a_response_that_closes_reaches_a_client_that_sent_more(
+    env: Env, first: bytes
+) -> None:
+    """The client sends more after a request that ends the connection (pipelined requests
+    the gateway will not process): reading stops while they queue, so they are still unread
+    when the connection closes after the response, and the kernel answered them with a reset,
+    which destroyed the response before the client read it. The close lingers (FIN after the
+    response, what arrives meanwhile read and dropped), as for a refused request."""
+    more = b"GET /echo?more HTTP/1.1\r\nHost: x\r\n\r\n" * 6000  # ~220 KB
+    async with RawClient(env.port, timeout=2.0) as c:
+        assert c.writer is not None
+        c.writer.write(first + more)  # (not drained: the gateway stops reading)
+        await asyncio.sleep(0.3)  # a client still busy sending reads its answer late
+        resp = await c.response()
+        assert resp.status == 200 and resp.header("connection") == "close"
+        assert c.pending() == b""
+    assert len(env.up.received) == 1  # nothing after the closing request went upstream

@@ -895,7 +895,12 @@ class ClientConnection(asyncio.Protocol):
         """The connection after a response that was written whole: close, the next request
         (queued, or a refused head's error), or idle."""
         if not keep_alive or self.host.draining:
-            if self.phase == Phase.HEAD:  # the client is sending its next request
+            # The client may have sent more than we read: its next request arriving (HEAD),
+            # or pipelined ones queued, reading paused, the rest unread in the kernel. A plain
+            # close then made the kernel answer those bytes with a reset, which destroyed the
+            # response before the client read it: linger instead (nginx does when input is
+            # pending). A client with nothing more to send is closed at once.
+            if self.phase == Phase.HEAD or self._queue or self._reading_paused:
                 self.close_lingering()
             else:
                 self.close()
