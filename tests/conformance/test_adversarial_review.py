@@ -12,6 +12,8 @@ from tests.conformance.conftest import assert_error
 from tests.conformance.test_responses import _config  # (one route, "/", to the upstream)
 from tests.support.client import RawClient
 from tests.support.env import Env, env_fixture, shared_env_fixture
+from tests.support.gateway import GatewayProcess, base_config
+from tests.support.upstream import Upstream
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -144,3 +146,38 @@ async def test_a_response_that_closes_reaches_a_client_that_sent_more(
         assert resp.status == 200 and resp.header("connection") == "close"
         assert c.pending() == b""
     assert len(env.up.received) == 1  # nothing after the closing request went upstream
+
+
+# ------------------------------------------------ a client waiting for 100 (Continue)
+async def test_the_body_timeout_of_a_client_waiting_for_100_continue_starts_at_the_100() -> None:
+    """RFC 9110 §10.1.1: a client that sends `Expect: 100-continue` may wait for the 100
+    before it sends its body. The gateway sends it once it has an upstream connection; the
+    body timeout ran from the head all the same, so a client that waited while the gateway
+    did (here, for the service's one connection) got a 408 "timed out reading the request
+    body" for the gateway's own delay. It now counts from the 100."""
+    async with Upstream() as up:
+        cfg = base_config(
+            limits={"body_timeout": "150ms", "header_timeout": "150ms"},
+            services={
+                "up": {
+                    "targets": [up.url],
+                    "max_connections": 1,  # one connection: the second request waits for it
+                    "max_pending": 1,
+                    "timeouts": {"connect": "3s"},
+                }
+            },
+            routes=[{"name": "all", "match": {"paths": ["/"]}, "service": "up"}],
+        )
+        async with GatewayProcess(cfg) as gw, RawClient(gw.port, timeout=2.0) as busy:
+            await busy.send(b"GET /slow?ms=300 HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.sleep(0.05)  # (it holds the connection now)
+            async with RawClient(gw.port, timeout=2.0) as c:
+                await c.send(
+                    b"POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                    b"Content-Length: 3\r\n\r\n"
+                )
+                assert (await c.response(interim=True)).status == 100
+                await c.send(b"abc")
+                resp = await c.response()
+                assert resp.status == 200 and resp.json()["body_len"] == 3
+            assert (await busy.response()).status == 200

@@ -161,6 +161,7 @@ _FORWARDING_KEPT_IF_TRUSTED: Final = (
 _HASH: Final = ord("#")
 _QUESTION_MARK: Final = ord("?")
 _V11_LINE_END: Final = b" HTTP/1.1\r\n"  # how a request line of that version ends
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _PAUSE_BUFFER: Final = 64 * 1024  # buffered request body bytes before we stop reading the client
 _LOGGED_URL: Final = 1024  # how much of a refused head's request target its log line shows
 # pipelined requests begun one after another before the connection lets the others run
@@ -621,7 +622,12 @@ class ClientConnection(asyncio.Protocol):
         self.current = ex
         if ex is self._parsing:
             self.phase = Phase.BODY
-            self._deadline = self.clock() + self._body_timeout()
+            # A client that asked for a 100 (Continue) may send nothing until it has one (RFC
+            # 9110 §10.1.1): its body's deadline starts at the 100 (write_continue), not while
+            # the gateway routes, runs plugins and waits for an upstream connection (the
+            # client got a 408 "timed out reading the request body" for the gateway's wait).
+            waits = ex.request.expect_continue and not self._body_bytes
+            self._deadline = 0.0 if waits else self.clock() + self._body_timeout()
         elif self.phase != Phase.HEAD:  # (a next pipelined head may be arriving: keep timing it)
             self.phase = Phase.WAIT
             self._deadline = 0.0
@@ -854,6 +860,13 @@ class ClientConnection(asyncio.Protocol):
     def writelines(self, parts: list[bytes]) -> None:
         if self.transport is not None:
             self.transport.writelines(parts)
+
+    def write_continue(self, ex: Exchange) -> None:
+        """Send `ex`'s client the 100 (Continue) it waits for: from now on its silence is its
+        own, and the body's deadline runs (see _begin)."""
+        self.write(_CONTINUE)
+        if ex is self._parsing and ex is self.current and self.phase == Phase.BODY:
+            self._set_deadline(self._body_timeout())
 
     def finish_exchange(self, ex: Exchange, keep_alive: bool) -> None:
         """The current exchange wrote its whole response."""

@@ -61,7 +61,6 @@ log = logging.getLogger("apigate.proxy")
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _BUFFER_LIMIT: Final = 64 * 1024
 _REPLAY_LIMIT: Final = 64 * 1024  # a request body up to this size is kept so that it can be retried
-_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 _CRLF: Final = b"\r\n"
 # Answers that close the connection when the request body was not read (nginx's list, in
@@ -464,7 +463,7 @@ class ProxyExchange(UpstreamListener):
                 rewrite.waiting = True  # body_done() calls back once the body is complete
                 if self.request.expect_continue and not self._sent_continue:
                     self._sent_continue = True  # the client waits for this to send the body
-                    self.conn.write(_CONTINUE)
+                    self.conn.write_continue(self)
                 return
             try:
                 rewrite.apply(self)
@@ -724,7 +723,7 @@ class ProxyExchange(UpstreamListener):
             up.mark_sent(now)
         elif req.expect_continue and not self._sent_continue:
             self._sent_continue = True
-            self.conn.write(_CONTINUE)
+            self.conn.write_continue(self)
         if self._paused_for_buffer:
             self._paused_for_buffer = False
             self.conn.resume_reading()
