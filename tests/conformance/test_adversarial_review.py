@@ -5,6 +5,7 @@ what reached the upstream; every read is bounded, so that a hang fails instead o
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -181,3 +182,28 @@ async def test_the_body_timeout_of_a_client_waiting_for_100_continue_starts_at_t
                 resp = await c.response()
                 assert resp.status == 200 and resp.json()["body_len"] == 3
             assert (await busy.response()).status == 200
+
+
+async def test_a_body_timeout_shorter_than_the_header_timeout_is_kept() -> None:
+    """The connection's one timer is re-armed lazily, at least every header_timeout; a body
+    deadline was stored without bringing the timer forward, so a route's body_timeout of
+    150 ms (header_timeout 1.5 s) cut a stalled upload only at the next tick, ten times
+    later."""
+    async with Upstream() as up:
+        cfg = base_config(
+            limits={"header_timeout": "1500ms"},
+            services={"up": {"targets": [up.url]}},
+            routes=[
+                {
+                    "name": "all",
+                    "match": {"paths": ["/"]},
+                    "service": "up",
+                    "limits": {"body_timeout": "150ms"},
+                }
+            ],
+        )
+        async with GatewayProcess(cfg) as gw, RawClient(gw.port, timeout=2.0) as c:
+            await c.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+            t0 = time.monotonic()
+            assert_error(await c.response(), 408, "request_timeout")
+            assert time.monotonic() - t0 < 0.6

@@ -626,8 +626,12 @@ class ClientConnection(asyncio.Protocol):
             # 9110 §10.1.1): its body's deadline starts at the 100 (write_continue), not while
             # the gateway routes, runs plugins and waits for an upstream connection (the
             # client got a 408 "timed out reading the request body" for the gateway's wait).
-            waits = ex.request.expect_continue and not self._body_bytes
-            self._deadline = 0.0 if waits else self.clock() + self._body_timeout()
+            if ex.request.expect_continue and not self._body_bytes:
+                self._deadline = 0.0
+            else:
+                # (_set_deadline brings the timer forward when the body timeout is shorter
+                # than its tick, the header timeout: a route's 1 s was kept only at the tick)
+                self._set_deadline(self._body_timeout())
         elif self.phase != Phase.HEAD:  # (a next pipelined head may be arriving: keep timing it)
             self.phase = Phase.WAIT
             self._deadline = 0.0
@@ -845,7 +849,7 @@ class ClientConnection(asyncio.Protocol):
         if body_timeout is not None:
             self._route_body_timeout = body_timeout
             if self.phase == Phase.BODY:
-                self._deadline = self.clock() + body_timeout
+                self._set_deadline(body_timeout)
         return self._max_body
 
     def _body_timeout(self) -> float:
@@ -879,7 +883,7 @@ class ClientConnection(asyncio.Protocol):
                 # the exchange asked may_discard: read the rest of the body and drop it (the
                 # exchange does), then go on as after any response, in on_message_complete
                 self._discarding = ex
-                self._deadline = self.clock() + self._body_timeout()
+                self._set_deadline(self._body_timeout())
             else:
                 self.close_lingering()
             return
@@ -1069,7 +1073,7 @@ class ClientConnection(asyncio.Protocol):
             if self.phase == Phase.HEAD:
                 self._deadline = self.clock() + self.limits.header_timeout
             elif self.phase == Phase.BODY:
-                self._deadline = self.clock() + self._body_timeout()
+                self._set_deadline(self._body_timeout())
             elif self.tunnel is not None:
                 self.tunnel_active()
             if not self.transport.is_closing():
