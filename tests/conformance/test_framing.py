@@ -159,6 +159,11 @@ async def test_connect_is_refused(env: Env) -> None:
     await assert_rejected(env, data, 405, "method_not_allowed")
 
 
+async def test_trace_is_refused_so_nothing_the_gateway_adds_is_echoed(env: Env) -> None:
+    data = b"TRACE /echo HTTP/1.1\r\nHost: x\r\n\r\n"
+    await assert_rejected(env, data, 405, "method_not_allowed")
+
+
 @pytest.mark.parametrize("method", [b"get", b"FOO", b"G\x00T"])
 async def test_unknown_or_lower_case_method(env: Env, method: bytes) -> None:
     await assert_rejected(env, method + b" /echo HTTP/1.1\r\nHost: x\r\n\r\n", 400)

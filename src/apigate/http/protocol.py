@@ -677,8 +677,11 @@ class ClientConnection(asyncio.Protocol):
         req.method = "GET" if raw_method == b"GET" else raw_method.decode("ascii")
         if len(self._url) + self._header_bytes > self.limits.max_header_bytes:
             raise GatewayError(431, "request header section too large")
-        if req.method == "CONNECT":
-            raise GatewayError(405, "CONNECT is not supported", headers=())
+        if req.method == "CONNECT" or req.method == "TRACE":
+            # TRACE: the upstream would echo the request as it got it, with what the gateway
+            # added (a transform's credentials, the consumer headers) for the client to read
+            # (cross-site tracing); nginx refuses it likewise
+            raise GatewayError(405, f"{req.method} is not supported", headers=())
         if self._host_count > 1:
             raise GatewayError(400, "more than one Host header")
         if self._host_count == 0 and version == "1.1":
