@@ -1130,10 +1130,6 @@ class ClientConnection(asyncio.Protocol):
         the timer comes forward when it was armed later: for the head's timeout, say)."""
         self._set_deadline(self.limits.tunnel_idle_timeout)
 
-    def end_tunnel_mode(self) -> None:
-        """The upstream refused the upgrade: the connection cannot carry more requests."""
-        self.tunnel = None
-
     # ------------------------------------------------------------------ timeouts
     def _set_deadline(self, seconds: float) -> None:
         now = self.clock()
