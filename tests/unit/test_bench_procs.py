@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from tests.support.bench import bench_module
 
 
 @pytest.fixture(scope="module")
 def procs() -> ModuleType:
-    # bench/ is scripts run from their directory, not a package: load procs.py by path
-    spec = importlib.util.spec_from_file_location("bench_procs", BENCH / "procs.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # NamedTuple looks its module up while it is made
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("procs")
 
 
 def test_tree_seconds_counts_descendants_and_reaped_children_but_not_others(

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from tests.support.bench import bench_module
 
 
 @pytest.fixture(scope="module")
 def results() -> ModuleType:
-    # bench/ is scripts run from their directory, not a package: load results.py by path
-    spec = importlib.util.spec_from_file_location("bench_results", BENCH / "results.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while they are made
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("results")
 
 
 def row(results: ModuleType, scenario: str, target: str, cpu: float, rps: float) -> Any:
