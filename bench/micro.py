@@ -221,9 +221,11 @@ def _measure(gateway: Gateway, request: bytes, requests: int, profile: bool) -> 
     client = ClientConnection(gateway)
     client.connection_made(FakeTransport(("127.0.0.1", 50000)))  # type: ignore[arg-type]
 
-    def one() -> None:
+    def one() -> None:  # each read, then what the loop does at the end of its turn
         client.data_received(request)
+        gateway.writes.flush()
         upstream.data_received(RESPONSE)
+        gateway.writes.flush()
 
     for _ in range(2000):  # warm up caches (matcher host cache, pools)
         one()

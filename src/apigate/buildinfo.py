@@ -23,6 +23,7 @@ HOT_PATH_MODULES = (
     "apigate.http.date",
     "apigate.http.errors",
     "apigate.http.headers",
+    "apigate.http.output",
     "apigate.http.pool",
     "apigate.http.protocol",
     "apigate.http.request",

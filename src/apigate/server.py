@@ -28,6 +28,7 @@ from apigate.config.schema import GatewayConfig
 from apigate.http.date import DATE
 from apigate.http.errors import GatewayError
 from apigate.http.headers import RequestIds, TrustedProxies
+from apigate.http.output import WriteBatch
 from apigate.http.pool import PoolManager
 from apigate.http.protocol import ClientConnection
 from apigate.http.request import Request
@@ -58,7 +59,9 @@ class Gateway:
         self.scheme = "https" if config.listeners.proxy.tls else "http"
         self.connections: set[ClientConnection] = set()
         self.draining = False
-        self.pools = PoolManager(self.loop)
+        # one batch for both sides: a response and the next request upstream go out together
+        self.writes = WriteBatch(self.loop)
+        self.pools = PoolManager(self.loop, writes=self.writes)
         self.services = ServiceTable(self.pools)
         self.env = PluginEnv(config=config, loop=self.loop)
         self.runtime: Runtime = compile_runtime(config, self.services, self.env)

@@ -132,8 +132,9 @@ class Gateway:
         loop = asyncio.get_running_loop()
         cfg = parse_config(doc)
         self.env = PluginEnv(config=cfg, loop=loop)
-        self.runtime: Runtime = compile_runtime(cfg, ServiceTable(PoolManager(loop)), self.env)
-        self.host = Host(self.runtime, [])
+        pools = PoolManager(loop)
+        self.runtime: Runtime = compile_runtime(cfg, ServiceTable(pools), self.env)
+        self.host = Host(self.runtime, [], pools.writes)
         service = self.runtime.services["up"]
         pool = service.pool_for(next(iter(service.instances.values())))
         self.upstream = UpstreamConnection(pool)
@@ -149,6 +150,7 @@ class Gateway:
         client.conn.data_received(
             b"GET %s HTTP/1.1\r\nHost: gw.test\r\n%s%s\r\n" % (path.encode(), auth, extra)
         )
+        self.host.writes.flush()  # the end of the loop's turn: the request goes upstream
         return client
 
     def proxy(self, path: str, key: str | None = None, answer: bytes = OK) -> Client:
@@ -164,6 +166,7 @@ class Gateway:
         return self.host.exchanges[-1]
 
     def sent_upstream(self) -> bytes:
+        self.host.writes.flush()  # what the loop sends at the end of its turn
         return bytes(self.upstream_transport.written)
 
 

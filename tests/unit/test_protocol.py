@@ -13,6 +13,7 @@ import pytest
 from apigate.config.schema import LimitsConfig
 from apigate.http.errors import GatewayError
 from apigate.http.headers import RequestIds, TrustedProxies
+from apigate.http.output import WriteBatch
 from apigate.http.protocol import ClientConnection, Phase
 from apigate.http.request import Request
 
@@ -167,6 +168,7 @@ class FakeExchange:
     def answer(self, body: bytes = b"ok", keep_alive: bool = True) -> None:
         self.conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         self.conn.finish_exchange(self, keep_alive)
+        self.conn.host.writes.flush()  # the end of the loop's turn (apigate.http.output)
 
 
 class FakeHost:
@@ -179,6 +181,7 @@ class FakeHost:
         self.scheme = "http"
         self.connections: set[ClientConnection] = set()
         self.draining = False
+        self.writes = WriteBatch(cast(Any, loop))
         self.exchanges: list[FakeExchange] = []
         self.exchange_class = FakeExchange
         self.refusals: list[tuple[Request, int, int]] = []  # requests refused without exchange
@@ -215,8 +218,11 @@ class Harness:
         self.conn.connection_made(cast(Any, self.transport))
 
     def feed(self, *reads: bytes) -> None:
+        """Each read as the loop delivers it, then what it wrote is sent (the end of its
+        turn, apigate.http.output)."""
         for data in reads:
             self.conn.data_received(data)
+            self.host.writes.flush()
 
     @property
     def exchanges(self) -> list[FakeExchange]:

@@ -14,6 +14,7 @@ import pytest
 
 from apigate.config.schema import GatewayConfig, LimitsConfig
 from apigate.http.headers import RequestIds, TrustedProxies
+from apigate.http.output import WriteBatch
 from apigate.http.pool import Pool, PoolFull, PoolManager
 from apigate.http.protocol import ClientConnection
 from apigate.http.request import Request
@@ -72,12 +73,14 @@ class Client:
     transport that records what the gateway writes to it."""
 
     def __init__(self, host: Host) -> None:
+        self.host = host
         self.transport = ClientTransport()
         self.conn = ClientConnection(host)  # type: ignore[arg-type]
         self.conn.connection_made(self.transport)  # type: ignore[arg-type]
 
     @property
     def out(self) -> bytes:
+        self.host.writes.flush()  # what the loop sends at the end of its turn
         return bytes(self.transport.written)
 
     @property
@@ -94,7 +97,7 @@ class Host:
     """The listener's side of the connections (apigate.http.protocol.ConnectionHost): their
     requests become ProxyExchanges on `runtime`."""
 
-    def __init__(self, runtime: Runtime, observers: list[Any]) -> None:
+    def __init__(self, runtime: Runtime, observers: list[Any], writes: WriteBatch) -> None:
         self.runtime = runtime
         self.observers = observers
         self.loop = asyncio.get_running_loop()
@@ -105,6 +108,7 @@ class Host:
         self.scheme = "http"
         self.connections: set[ClientConnection] = set()
         self.draining = False
+        self.writes = writes  # the pools' too, as in the gateway
         self.exchanges: list[ProxyExchange] = []
 
     def new_exchange(self, conn: ClientConnection, request: Request) -> ProxyExchange:
@@ -130,11 +134,12 @@ class Gateway:
                 ],
             }
         )
+        pools = PoolManager(loop)
         self.runtime: Runtime = compile_runtime(
-            config, ServiceTable(PoolManager(loop)), PluginEnv(config=config, loop=loop)
+            config, ServiceTable(pools), PluginEnv(config=config, loop=loop)
         )
         self.log = AccessLogLines(full=lambda: None)
-        self.host = Host(self.runtime, [self.log.on_log])
+        self.host = Host(self.runtime, [self.log.on_log], pools.writes)
 
     def service(self, name: str) -> Service:
         return self.runtime.services[name]
@@ -157,6 +162,7 @@ class Gateway:
     def send(self, path: str) -> tuple[ProxyExchange, Client]:
         client = Client(self.host)
         client.conn.data_received(b"GET %s HTTP/1.1\r\nHost: gw.test\r\n\r\n" % path.encode())
+        self.host.writes.flush()  # the end of the loop's turn: the request goes upstream
         return self.host.exchanges[-1], client
 
     def logged(self) -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 
+from apigate.http.output import WriteBatch
 from apigate.http.resolver import Address, Resolver, is_ip_address
 from apigate.http.upstream import UpstreamConnection
 
@@ -46,8 +47,12 @@ class Pool:
         service: str = "",
         instance: str = "",
         resolver: Resolver | None = None,
+        writes: WriteBatch | None = None,
     ) -> None:
         self.loop = loop
+        # where the connections' writes wait for the end of the loop's batch of events: the
+        # client connections' (the server's), so that both sides go out together
+        self.writes = writes if writes is not None else WriteBatch(loop)
         self.service = service  # whose pool this is (metrics labels)
         self.instance = instance
         self.host = host
@@ -289,8 +294,14 @@ class PoolManager:
     services that left, so that registration churn does not accumulate pools. The pools share
     one `Resolver` for targets given by name, and a retired name leaves its cache with them."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, resolver: Resolver | None = None) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        resolver: Resolver | None = None,
+        writes: WriteBatch | None = None,
+    ) -> None:
         self.loop = loop
+        self.writes = writes if writes is not None else WriteBatch(loop)
         self.pools: dict[PoolKey, Pool] = {}
         self.resolver = resolver if resolver is not None else Resolver(loop)
 
@@ -320,6 +331,7 @@ class PoolManager:
                 service=service,
                 instance=instance_id,
                 resolver=self.resolver,
+                writes=self.writes,
             )
             self.pools[key] = pool
         else:  # a reload may have changed the service's limits

@@ -57,6 +57,7 @@ from apigate.http.headers import (
     valid_host,
     valid_request_id,
 )
+from apigate.http.output import WriteBatch, send
 from apigate.http.request import Request
 from apigate.routing.normalize import normalize_path
 
@@ -105,6 +106,7 @@ class ConnectionHost(Protocol):
     scheme: str
     connections: set[ClientConnection]
     draining: bool
+    writes: WriteBatch  # the loop's (apigate.http.output)
 
     def new_exchange(self, conn: ClientConnection, request: Request) -> Exchange: ...
     # `request`, which has no exchange, was refused with `err` (a body of `sent` bytes): log and
@@ -219,7 +221,9 @@ class ClientConnection(asyncio.Protocol):
         self.scheme = host.scheme
         self.request_ids = host.request_ids
         self._new_exchange = host.new_exchange
+        self._writes = host.writes
         self.transport: asyncio.Transport | None = None
+        self._out: list[bytes] = []  # written, not yet sent (apigate.http.output)
         self.parser = _request_parser(self)
         self.phase = Phase.IDLE
         self.client_ip = ""
@@ -310,6 +314,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.phase = Phase.CLOSED
+        self._out.clear()
         self.host.connections.discard(self)
         if self._timer is not None:
             self._timer.cancel()
@@ -861,12 +866,21 @@ class ClientConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ writing and ordering
     def write(self, data: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(data)
+        """Send `data` once the loop has handled its current events (apigate.http.output)."""
+        t = self.transport
+        if t is not None:
+            out = self._out
+            if not out:
+                self._writes.hold(t, out)
+            out.append(data)
 
     def writelines(self, parts: list[bytes]) -> None:
-        if self.transport is not None:
-            self.transport.writelines(parts)
+        t = self.transport
+        if t is not None:
+            out = self._out
+            if not out:
+                self._writes.hold(t, out)
+            out.extend(parts)
 
     def write_continue(self, ex: Exchange) -> None:
         """Send `ex`'s client the 100 (Continue) it waits for: from now on its silence is its
@@ -1003,6 +1017,7 @@ class ClientConnection(asyncio.Protocol):
     def close(self) -> None:
         t = self.transport
         if t is not None and not t.is_closing():
+            send(t, self._out)
             t.close()
             if t.get_write_buffer_size():  # it flushes first: as long as the client reads
                 self._arm_send_timeout()
@@ -1034,6 +1049,7 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         self.phase = Phase.CLOSED
+        send(t, self._out)
         t.write_eof()
         self._linger = self.loop.call_later(_LINGER_SECONDS, self.close)
         if self._reading_paused:
@@ -1046,6 +1062,7 @@ class ClientConnection(asyncio.Protocol):
         t = self.transport
         if t is None or t.is_closing() or not t.can_write_eof():
             return False
+        send(t, self._out)
         t.write_eof()
         return True
 
@@ -1054,6 +1071,7 @@ class ClientConnection(asyncio.Protocol):
         not look whole. One whose body ends with the connection (an HTTP/1.0 client's, with
         no length) looked complete to the client, and to a cache in front, on a FIN."""
         t = self.transport
+        self._out.clear()
         if t is not None:
             if not t.is_closing():
                 _reset_on_close(t)

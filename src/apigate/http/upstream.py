@@ -36,6 +36,7 @@ from apigate.http.headers import (
     name_lengths,
     parse_length,
 )
+from apigate.http.output import send
 
 if TYPE_CHECKING:
     from apigate.http.pool import Pool
@@ -173,7 +174,9 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.loop = pool.loop
+        self._writes = pool.writes
         self.transport: asyncio.Transport | None = None
+        self._out: list[bytes] = []  # written, not yet sent (apigate.http.output)
         self.parser = httptools.HttpResponseParser(self)
         self.listener: UpstreamListener | None = None
         self.head: ResponseHead | None = None
@@ -214,6 +217,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.closed = True
         self.reusable = False
+        self._out.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -560,17 +564,27 @@ class UpstreamConnection(asyncio.Protocol):
         self.listener = None
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(data)
+        """Send `data` once the loop has handled its current events (apigate.http.output)."""
+        t = self.transport
+        if t is not None:
+            out = self._out
+            if not out:
+                self._writes.hold(t, out)
+            out.append(data)
 
     def writelines(self, parts: list[bytes]) -> None:
-        if self.transport is not None:
-            self.transport.writelines(parts)
+        t = self.transport
+        if t is not None:
+            out = self._out
+            if not out:
+                self._writes.hold(t, out)
+            out.extend(parts)
 
     def write_eof(self) -> None:
         """Half-close (a tunnel whose client half-closed)."""
         t = self.transport
         if t is not None and not self.closed and t.can_write_eof():
+            send(t, self._out)
             t.write_eof()
         else:
             self.close()
@@ -589,11 +603,14 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.reusable = False
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        t = self.transport
+        if t is not None and not t.is_closing():
+            send(t, self._out)
+            t.close()
 
     def abort(self) -> None:
         self.reusable = False
+        self._out.clear()
         if self.transport is not None:
             self.transport.abort()
 

@@ -1,0 +1,226 @@
+"""Writes held until the end of the loop's turn (apigate.http.output), alone and through both
+connection kinds: nothing is sent early, reordered, sent twice, sent after a close or lost
+before one."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+import pytest
+
+from apigate.http.output import WriteBatch, send
+from apigate.http.pool import Pool
+from apigate.http.upstream import UpstreamConnection
+from tests.unit.test_protocol import GET, Harness
+
+
+class Loop:
+    """Records call_soon; `turn()` runs what was scheduled, as the loop's next turn would."""
+
+    def __init__(self) -> None:
+        self.soon: list[Any] = []
+
+    def call_soon(self, callback: Any, *args: Any) -> None:
+        self.soon.append((callback, args))
+
+    def turn(self) -> None:
+        soon, self.soon = self.soon, []
+        for callback, args in soon:
+            callback(*args)
+
+
+class Transport:
+    """Records each call: one entry per write or writelines, so batching shows."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[bytes]]] = []
+        self.closing = False
+        self.eof = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.closing and not self.eof, "write after close"
+        self.calls.append(("write", [data]))
+
+    def writelines(self, parts: list[bytes]) -> None:
+        assert not self.closing and not self.eof, "write after close"
+        self.calls.append(("writelines", list(parts)))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof = True
+
+    @property
+    def sent(self) -> bytes:
+        return b"".join(b"".join(parts) for _, parts in self.calls)
+
+
+def batch() -> tuple[Loop, WriteBatch]:
+    loop = Loop()
+    return loop, WriteBatch(cast(asyncio.AbstractEventLoop, loop))
+
+
+def test_writes_wait_for_the_end_of_the_turn_then_go_out_once_per_connection() -> None:
+    loop, writes = batch()
+    a, b = Transport(), Transport()
+    out_a: list[bytes] = []
+    out_b: list[bytes] = []
+    writes.hold(cast(Any, a), out_a)
+    out_a.append(b"one")
+    writes.hold(cast(Any, b), out_b)
+    out_b.append(b"only")
+    out_a += [b"two", b"three"]
+    assert a.calls == [] and b.calls == [], "nothing is sent before the turn ends"
+    assert len(loop.soon) == 1, "one callback for the whole batch"
+    loop.turn()
+    assert a.calls == [("writelines", [b"one", b"two", b"three"])]  # in order, one writev
+    assert b.calls == [("write", [b"only"])]
+    assert out_a == [] and out_b == []
+    loop.turn()
+    assert len(a.calls) == 1 and len(b.calls) == 1, "nothing is sent twice"
+
+
+def test_the_next_batch_schedules_its_own_flush() -> None:
+    loop, writes = batch()
+    t = Transport()
+    for round_ in (b"1", b"2"):
+        out: list[bytes] = []
+        writes.hold(cast(Any, t), out)
+        out.append(round_)
+        assert len(loop.soon) == 1
+        loop.turn()
+    assert t.sent == b"12"
+
+
+def test_a_transport_closing_by_the_end_of_the_turn_is_skipped() -> None:
+    loop, writes = batch()
+    t = Transport()
+    out = [b"late"]
+    writes.hold(cast(Any, t), out)
+    t.closing = True  # the peer reset the connection meanwhile
+    loop.turn()
+    assert t.calls == [] and out == []
+
+
+def test_send_empties_the_list_so_the_batch_does_not_send_it_again() -> None:
+    loop, writes = batch()
+    t = Transport()
+    out: list[bytes] = []
+    writes.hold(cast(Any, t), out)
+    out.append(b"x")
+    send(cast(Any, t), out)
+    loop.turn()
+    assert t.calls == [("write", [b"x"])]
+
+
+# ---------------------------------------------------------------- the client connection
+def test_a_client_connection_sends_what_it_holds_before_closing() -> None:
+    h = Harness()
+    h.conn.write(b"answer")
+    h.conn.close()
+    assert h.transport.closed and h.transport.take() == b"answer"
+    h.host.writes.flush()  # the turn ends: nothing is written after the close
+    assert h.transport.take() == b""
+
+
+def test_a_client_connection_sends_what_it_holds_before_half_closing() -> None:
+    h = Harness()
+    h.conn.writelines([b"a", b"b"])
+    assert h.conn.write_eof()
+    assert h.transport.eof_written and h.transport.take() == b"ab"
+    h.host.writes.flush()
+    assert h.transport.take() == b""
+
+
+def test_a_client_connection_drops_what_it_holds_when_it_aborts_or_is_lost() -> None:
+    h = Harness()
+    h.conn.write(b"cut short")
+    h.conn.abort()
+    h.host.writes.flush()
+    assert h.transport.take() == b""
+    h = Harness()
+    h.conn.write(b"nobody to read it")
+    h.conn.connection_lost(None)
+    h.host.writes.flush()
+    assert h.transport.take() == b""
+
+
+def test_a_refused_request_is_answered_before_the_lingering_close() -> None:
+    h = Harness()
+    h.conn.data_received(b"GET / HTTP/1.1\r\n\r\n")  # no Host
+    assert h.transport.eof_written, "the 400 half-closes the connection (lingering close)"
+    assert h.transport.take().startswith(b"HTTP/1.1 400 ")
+
+
+def test_responses_of_pipelined_requests_leave_in_one_write() -> None:
+    h = Harness()
+    h.conn.data_received(GET * 3)
+    for ex in list(h.exchanges):
+        ex.conn.write(b"r;")
+    writes: list[bytes] = []
+    h.transport.write = writes.append  # type: ignore[method-assign]
+    h.transport.writelines = lambda parts: writes.append(b"".join(parts))  # type: ignore[method-assign]
+    h.host.writes.flush()
+    assert len(writes) == 1 and writes[0].startswith(b"r;")
+
+
+# ---------------------------------------------------------------- the upstream connection
+@pytest.fixture
+def upstream() -> tuple[UpstreamConnection, Transport, WriteBatch]:
+    loop, writes = batch()
+    pool = Pool(cast(asyncio.AbstractEventLoop, loop), "10.0.0.1", 80, writes=writes)
+    conn = UpstreamConnection(pool)
+    t = Transport()
+    conn.connection_made(cast(Any, t))
+    return conn, t, writes
+
+
+def test_an_upstream_connection_holds_its_writes_in_the_pools_batch(
+    upstream: tuple[UpstreamConnection, Transport, WriteBatch],
+) -> None:
+    conn, t, writes = upstream
+    conn.write(b"GET / HTTP/1.1\r\n\r\n")
+    conn.writelines([b"5\r\n", b"hello", b"\r\n"])
+    assert t.calls == []
+    writes.flush()
+    assert t.calls == [("writelines", [b"GET / HTTP/1.1\r\n\r\n", b"5\r\n", b"hello", b"\r\n"])]
+
+
+def test_an_upstream_connection_sends_before_closing_and_drops_on_abort(
+    upstream: tuple[UpstreamConnection, Transport, WriteBatch],
+) -> None:
+    conn, t, writes = upstream
+    conn.write(b"last")
+    conn.close()
+    assert t.closing and t.sent == b"last"
+    writes.flush()
+    assert t.sent == b"last"
+    conn2 = UpstreamConnection(conn.pool)
+    t2 = Transport()
+    conn2.connection_made(cast(Any, t2))
+    conn2.write(b"never")
+    conn2.abort()
+    writes.flush()
+    assert t2.calls == []
+
+
+def test_an_upstream_connection_sends_before_half_closing(
+    upstream: tuple[UpstreamConnection, Transport, WriteBatch],
+) -> None:
+    conn, t, writes = upstream
+    conn.write(b"tunnel bytes")
+    conn.write_eof()
+    assert t.eof and t.sent == b"tunnel bytes"
+    writes.flush()
+    assert t.sent == b"tunnel bytes"
