@@ -41,6 +41,7 @@ from typing import Any
 import jwt
 
 from apigate.config.loader import parse_config
+from apigate.http.output import WriteBatch
 from apigate.http.protocol import ClientConnection
 from apigate.http.upstream import UpstreamConnection
 from apigate.observability.metrics import GatewayMetrics
@@ -210,10 +211,20 @@ async def run(requests: int, profile: bool, config_name: str, metrics: bool) -> 
                 await plugin.close()
 
 
+class _OwnTurns:
+    """The event loop as the write batch sees it, where `one()` ends each turn itself (its
+    flush calls): the callback the batch asks for is not scheduled. (On the real loop, never
+    run while `one()` loops, those callbacks piled up: ~4 µs a request.)"""
+
+    def call_soon(self, callback: Any, *args: Any) -> None:
+        pass
+
+
 def _measure(gateway: Gateway, request: bytes, requests: int, profile: bool) -> float:
     service = gateway.services.services["up"]
     inst = next(iter(service.instances.values()))
     pool = service.pool_for(inst)
+    gateway.writes = pool.writes = WriteBatch(_OwnTurns())  # type: ignore[arg-type]
     upstream = UpstreamConnection(pool)
     upstream.connection_made(FakeTransport(("127.0.0.1", 9)))  # type: ignore[arg-type]
     pool.total += 1
