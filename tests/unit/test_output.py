@@ -76,11 +76,9 @@ def test_writes_wait_for_the_end_of_the_turn_then_go_out_once_per_connection() -
     a, b = Transport(), Transport()
     out_a: list[bytes] = []
     out_b: list[bytes] = []
-    writes.hold(cast(Any, a), out_a)
-    out_a.append(b"one")
-    writes.hold(cast(Any, b), out_b)
-    out_b.append(b"only")
-    out_a += [b"two", b"three"]
+    writes.write(cast(Any, a), out_a, b"one")
+    writes.write(cast(Any, b), out_b, b"only")
+    writes.writelines(cast(Any, a), out_a, [b"two", b"three"])
     assert a.calls == [] and b.calls == [], "nothing is sent before the turn ends"
     assert len(loop.soon) == 1, "one callback for the whole batch"
     loop.turn()
@@ -96,8 +94,7 @@ def test_the_next_batch_schedules_its_own_flush() -> None:
     t = Transport()
     for round_ in (b"1", b"2"):
         out: list[bytes] = []
-        writes.hold(cast(Any, t), out)
-        out.append(round_)
+        writes.write(cast(Any, t), out, round_)
         assert len(loop.soon) == 1
         loop.turn()
     assert t.sent == b"12"
@@ -106,8 +103,8 @@ def test_the_next_batch_schedules_its_own_flush() -> None:
 def test_a_transport_closing_by_the_end_of_the_turn_is_skipped() -> None:
     loop, writes = batch()
     t = Transport()
-    out = [b"late"]
-    writes.hold(cast(Any, t), out)
+    out: list[bytes] = []
+    writes.write(cast(Any, t), out, b"late")
     t.closing = True  # the peer reset the connection meanwhile
     loop.turn()
     assert t.calls == [] and out == []
@@ -117,8 +114,7 @@ def test_send_empties_the_list_so_the_batch_does_not_send_it_again() -> None:
     loop, writes = batch()
     t = Transport()
     out: list[bytes] = []
-    writes.hold(cast(Any, t), out)
-    out.append(b"x")
+    writes.write(cast(Any, t), out, b"x")
     send(cast(Any, t), out)
     loop.turn()
     assert t.calls == [("write", [b"x"])]

@@ -30,9 +30,21 @@ class WriteBatch:
         self.loop = loop
         self._held: list[tuple[asyncio.WriteTransport, list[bytes]]] = []
 
-    def hold(self, transport: asyncio.WriteTransport, out: list[bytes]) -> None:
-        """Send what `out` (a connection's output list, empty until now) holds on
-        `transport` once the loop has handled the events it is on."""
+    def write(self, transport: asyncio.WriteTransport, out: list[bytes], data: bytes) -> None:
+        """Add `data` to `out`, a connection's output list, sent on `transport` once the loop
+        has handled the events it is on."""
+        if not out:
+            self._hold(transport, out)
+        out.append(data)
+
+    def writelines(
+        self, transport: asyncio.WriteTransport, out: list[bytes], parts: list[bytes]
+    ) -> None:
+        if not out:
+            self._hold(transport, out)
+        out.extend(parts)
+
+    def _hold(self, transport: asyncio.WriteTransport, out: list[bytes]) -> None:
         if not self._held:
             self.loop.call_soon(self.flush)
         self._held.append((transport, out))

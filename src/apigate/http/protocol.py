@@ -869,18 +869,12 @@ class ClientConnection(asyncio.Protocol):
         """Send `data` once the loop has handled its current events (apigate.http.output)."""
         t = self.transport
         if t is not None:
-            out = self._out
-            if not out:
-                self._writes.hold(t, out)
-            out.append(data)
+            self._writes.write(t, self._out, data)
 
     def writelines(self, parts: list[bytes]) -> None:
         t = self.transport
         if t is not None:
-            out = self._out
-            if not out:
-                self._writes.hold(t, out)
-            out.extend(parts)
+            self._writes.writelines(t, self._out, parts)
 
     def write_continue(self, ex: Exchange) -> None:
         """Send `ex`'s client the 100 (Continue) it waits for: from now on its silence is its

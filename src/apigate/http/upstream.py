@@ -567,18 +567,12 @@ class UpstreamConnection(asyncio.Protocol):
         """Send `data` once the loop has handled its current events (apigate.http.output)."""
         t = self.transport
         if t is not None:
-            out = self._out
-            if not out:
-                self._writes.hold(t, out)
-            out.append(data)
+            self._writes.write(t, self._out, data)
 
     def writelines(self, parts: list[bytes]) -> None:
         t = self.transport
         if t is not None:
-            out = self._out
-            if not out:
-                self._writes.hold(t, out)
-            out.extend(parts)
+            self._writes.writelines(t, self._out, parts)
 
     def write_eof(self) -> None:
         """Half-close (a tunnel whose client half-closed)."""
