@@ -193,30 +193,23 @@ def test_an_upstream_connection_holds_its_writes_in_the_pools_batch(
     assert t.calls == [("writelines", [b"GET / HTTP/1.1\r\n\r\n", b"5\r\n", b"hello", b"\r\n"])]
 
 
-def test_an_upstream_connection_sends_before_closing_and_drops_on_abort(
+@pytest.mark.parametrize("end", ["close", "write_eof"])
+def test_an_upstream_connection_sends_what_it_holds_before_it_closes_or_half_closes(
+    upstream: tuple[UpstreamConnection, Transport, WriteBatch], end: str
+) -> None:
+    conn, t, writes = upstream
+    conn.write(b"last bytes")
+    getattr(conn, end)()
+    assert (t.closing if end == "close" else t.eof) and t.sent == b"last bytes"
+    writes.flush()  # the turn ends: nothing is written after it
+    assert t.sent == b"last bytes"
+
+
+def test_an_upstream_connection_drops_what_it_holds_when_it_aborts(
     upstream: tuple[UpstreamConnection, Transport, WriteBatch],
 ) -> None:
     conn, t, writes = upstream
-    conn.write(b"last")
-    conn.close()
-    assert t.closing and t.sent == b"last"
+    conn.write(b"never")
+    conn.abort()
     writes.flush()
-    assert t.sent == b"last"
-    conn2 = UpstreamConnection(conn.pool)
-    t2 = Transport()
-    conn2.connection_made(cast(Any, t2))
-    conn2.write(b"never")
-    conn2.abort()
-    writes.flush()
-    assert t2.calls == []
-
-
-def test_an_upstream_connection_sends_before_half_closing(
-    upstream: tuple[UpstreamConnection, Transport, WriteBatch],
-) -> None:
-    conn, t, writes = upstream
-    conn.write(b"tunnel bytes")
-    conn.write_eof()
-    assert t.eof and t.sent == b"tunnel bytes"
-    writes.flush()
-    assert t.sent == b"tunnel bytes"
+    assert t.calls == []
