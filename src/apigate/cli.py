@@ -43,7 +43,7 @@ def _defer_sighup() -> list[int]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     early_signals = _defer_sighup()  # first: before the imports below
-    from apigate.config.errors import ConfigError
+    from apigate.config.errors import ConfigError, invalid_report
     from apigate.observability.logs import parse_log_levels, setup_logging
     from apigate.server import serve
     from apigate.worker import WorkerRole
@@ -67,7 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve(args.config, watch=args.watch, early_signals=early_signals, worker=role))
     except ConfigError as exc:
-        print(f"apigate: invalid config {args.config}:\n{exc}", file=sys.stderr)
+        print(invalid_report(args.config, exc), file=sys.stderr)  # (as validate says it)
         return 2
     except OSError as exc:
         print(f"apigate: cannot start: {exc}", file=sys.stderr)

@@ -321,14 +321,14 @@ def run_supervisor(
     """`apigate run --workers N` (N > 1): check, reserve the ports, supervise until stopped.
     Exit statuses as `apigate run`'s: 2 for a config refused, 1 for a port that cannot be
     had or a worker that cannot start (its own status when it gave one)."""
-    from apigate.config.errors import ConfigError
+    from apigate.config.errors import ConfigError, invalid_report
     from apigate.config.loader import load_config
     from apigate.worker_rules import multi_worker_problems
 
     try:
         config = load_config(config_path)
     except ConfigError as exc:
-        print(f"apigate: invalid config {config_path}:\n{exc}", file=sys.stderr)
+        print(invalid_report(config_path, exc), file=sys.stderr)
         return 2
     if problems := multi_worker_problems(config, count):
         lines = "\n".join(f"  - {problem}" for problem in problems)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from apigate.config.schema import GatewayConfig
@@ -118,3 +120,22 @@ async def test_check_and_the_active_checks_probe_the_same_path() -> None:
         checked = await probe_target(service, "s", service.targets[0])  # `apigate check`'s
         assert checked.request == "GET /status/503" and checked.up is False
         assert [r.path for r in up.received] == ["/status/503", "/status/503"]
+
+
+def test_run_names_an_invalid_file_once_as_validate_does(tmp_path: Path) -> None:
+    """`apigate run` (and its supervisor, with --workers 2) printed the file twice: in its own
+    words, then as the schema error's source."""
+    path = tmp_path / "gw.yaml"
+    path.write_text("routes:\n  - {name: r, match: {paths: [/]}}\n")
+    for workers in ("1", "2"):
+        done = subprocess.run(
+            [sys.executable, "-m", "apigate", "run", "-c", str(path), "--workers", workers],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.splitlines() == [
+            f"{path}: invalid",
+            "  routes[0].service: required: a route needs a service or an aggregate",
+        ]

@@ -254,7 +254,7 @@ async def test_a_worker_that_cannot_start_again_ends_the_supervisor() -> None:
             os.kill(pids[1], signal.SIGKILL)
             assert await node.wait(15) == 2  # the worker's status (an invalid config)
             assert "failed to start 3 times" in node.logs()
-            assert "invalid config" in node.logs()
+            assert ": invalid\n  routes[0]" in node.logs()
             assert await _gone(pids[0])
 
 
