@@ -70,11 +70,6 @@ def describe_self(gateway: Gateway, metrics: GatewayMetrics) -> dict[str, Any]:
     }
 
 
-async def read_peer(path: str, token: str, timeout: float = PEER_TIMEOUT) -> dict[str, Any]:
-    """`GET /workers/self` of the worker whose private admin socket is `path`."""
-    return await ask_peer(path, token, "GET", "/workers/self", timeout)
-
-
 async def ask_peer(
     path: str, token: str, method: str, target: str, timeout: float = PEER_TIMEOUT
 ) -> dict[str, Any]:
@@ -124,17 +119,28 @@ class NodeView:
 
     async def read_peers(self) -> dict[int, dict[str, Any] | None]:
         """Every other worker's `/workers/self`, or None for one that did not answer."""
+        return await self._ask_peers(
+            "GET", "/workers/self", "worker_unanswered", "did not answer: left out of this answer"
+        )
+
+    async def _ask_peers(
+        self, method: str, target: str, event: str, failed: str
+    ) -> dict[int, dict[str, Any] | None]:
+        """Every other worker's answer to `method target`, all at once, or None for one that
+        did not answer within PEER_TIMEOUT (logged as `event`: "worker N `failed`")."""
         peers, secret = self.role.peers(), self._token()
         outcomes = await asyncio.gather(
-            *(read_peer(self.role.socket_path(i), secret) for i in peers), return_exceptions=True
+            *(ask_peer(self.role.socket_path(i), secret, method, target) for i in peers),
+            return_exceptions=True,
         )
         out: dict[int, dict[str, Any] | None] = {}
         for index, outcome in zip(peers, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 log.warning(
-                    "worker %d did not answer: left out of this answer",
+                    "worker %d %s",
                     index,
-                    extra={"event": "worker_unanswered", "peer": index, "error": repr(outcome)},
+                    failed,
+                    extra={"event": event, "peer": index, "error": repr(outcome)},
                 )
                 out[index] = None
             else:
@@ -197,22 +203,11 @@ class NodeView:
         doc = json.loads(own.body)
         query = urlencode({k: v for k, v in req.query.items() if k in ("route", "prefix") and v})
         target = "/cache" + (f"?{query}" if query else "")
-        peers, secret = self.role.peers(), self._token()
-        outcomes = await asyncio.gather(
-            *(ask_peer(self.role.socket_path(i), secret, "DELETE", target) for i in peers),
-            return_exceptions=True,
+        answers = await self._ask_peers(
+            "DELETE", target, "purge_incomplete", "did not confirm the cache purge"
         )
-        missed = []
-        for index, outcome in zip(peers, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                missed.append(index)
-                log.warning(
-                    "worker %d did not confirm the cache purge",
-                    index,
-                    extra={"event": "purge_incomplete", "peer": index, "error": repr(outcome)},
-                )
-            else:
-                doc["purged"] += int(outcome["purged"])
+        missed = [index for index, answer in answers.items() if answer is None]
+        doc["purged"] += sum(int(answer["purged"]) for answer in answers.values() if answer)
         doc["workers"] = {"count": self.role.count, "purged": self.role.count - len(missed)}
         if missed:
             raise AdminError(
