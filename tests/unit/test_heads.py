@@ -108,6 +108,18 @@ def test_response_head_exact_bytes() -> None:
     )
 
 
+def test_both_heads_carry_the_request_id_as_it_is_when_each_is_made() -> None:
+    """The X-Request-Id line is made once for both heads, and again if the id changed in
+    between (a plugin may set its own)."""
+    req = _request()
+    up = request_head(req, b"GET", "/p", b"h", chunked=False, content_length=None)
+    down = response_head(_response(), req, chunk_out=False, keep_alive=True)
+    assert b"X-Request-Id: rid-1\r\n" in up and b"X-Request-Id: rid-1\r\n" in down
+    req.request_id = "rid-2"
+    down = response_head(_response(), req, chunk_out=False, keep_alive=True)
+    assert b"X-Request-Id: rid-2\r\n" in down and b"rid-1" not in down
+
+
 def test_response_head_via_comes_after_the_upstreams() -> None:
     """RFC 9110 §7.6.3: each proxy adds itself to the list, so ours follows the Via lines of
     the proxies behind it (two field lines are one list, in order)."""

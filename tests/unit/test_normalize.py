@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from apigate.routing.normalize import normalize_path, other_readings
+from apigate.routing.normalize import is_canonical, normalize_path, other_readings
 
 
 @pytest.mark.parametrize(
@@ -121,6 +121,37 @@ def test_result_is_canonical_and_stable(raw: str) -> None:
     segments = normalised.split("/")
     assert "." not in segments
     assert ".." not in segments
+
+
+@pytest.mark.parametrize(
+    "raw", [b"/", b"/hello_service/", b"/api/42/orders", b"/a-b_c~d", b"/a:b@c!$&'()*+,;=", b"/a.b"]
+)
+def test_is_canonical_takes_the_usual_paths(raw: bytes) -> None:
+    assert is_canonical(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"a", b"*", b"//", b"/a//b", b"/.", b"/a/./b", b"/a/..", b"/%41", b"/a b", b"/a\\b"]
+    + [b"/a" + bytes([c]) for c in (*range(32), 127, 128, 255)],
+)
+def test_is_canonical_leaves_the_rest_to_normalize_path(raw: bytes) -> None:
+    assert not is_canonical(raw)
+
+
+@given(st.binary(max_size=24).map(lambda b: b"/" + b) | st.binary(max_size=8))
+def test_is_canonical_only_where_normalize_path_keeps_the_path(raw: bytes) -> None:
+    """The connection skips normalize_path when is_canonical says so: it must never say so of
+    a path that normalize_path would change or refuse."""
+    if is_canonical(raw):
+        text = raw.decode("ascii")
+        assert normalize_path(text) == text
+
+
+@given(st.text(alphabet="/.%2eEfF0a~-_\\ ", max_size=24).map(lambda s: "/" + s))
+def test_is_canonical_agrees_with_normalize_path_on_path_characters(raw: str) -> None:
+    if is_canonical(raw.encode()):
+        assert normalize_path(raw) == raw
 
 
 def test_fast_path_is_cheaper_than_the_full_pass() -> None:

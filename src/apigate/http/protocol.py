@@ -49,7 +49,7 @@ from apigate.http.headers import (
     FORWARDING,
     HOP_BY_HOP,
     IDENTITY,
-    by_spelling,
+    FieldKinds,
     connection_tokens,
     forwarding_lines,
     parse_length,
@@ -59,7 +59,7 @@ from apigate.http.headers import (
 )
 from apigate.http.output import WriteBatch, send
 from apigate.http.request import Request
-from apigate.routing.normalize import normalize_path
+from apigate.routing.normalize import is_canonical, normalize_path
 
 if TYPE_CHECKING:
     from apigate.config.schema import LimitsConfig
@@ -131,7 +131,7 @@ _H_TRACESTATE: Final = 11
 _H_PREFIX: Final = 12
 # Every hop-by-hop name (headers.HOP_BY_HOP, the one list) and the forwarding headers the gateway
 # writes itself are dropped; the names the connection interprets override that below.
-_SPECIAL: Final[dict[bytes, int]] = {
+_SPECIAL_NAMES: Final[dict[bytes, int]] = {
     **dict.fromkeys(HOP_BY_HOP | FORWARDING | IDENTITY, _H_DROP),
     b"host": _H_HOST,
     b"content-length": _H_CONTENT_LENGTH,
@@ -151,8 +151,8 @@ _SPECIAL: Final[dict[bytes, int]] = {
 
 # (nginx ignores names with underscores altogether, `underscores_in_headers off`; only the
 # spellings of these go)
-_SPECIAL.update(dict.fromkeys(underscore_spellings(_SPECIAL), _H_DROP))
-_SPECIAL_AS_SENT: Final = by_spelling(_SPECIAL)  # 0: an end-to-end field
+_SPECIAL_NAMES.update(dict.fromkeys(underscore_spellings(_SPECIAL_NAMES), _H_DROP))
+_SPECIAL: Final = FieldKinds(_SPECIAL_NAMES)  # kind 0: an end-to-end field
 _FORWARDING_KEPT_IF_TRUSTED: Final = (
     b"x-forwarded-proto",
     b"x-forwarded-host",
@@ -247,6 +247,10 @@ class ClientConnection(asyncio.Protocol):
         # (measured: ~2,000 instructions, 3% of a proxied request).
         self._read_starts_v11 = False
         self._v11 = False
+        # the same for the method: a read that begins with "GET " (get_method() makes a new
+        # bytes object every call)
+        self._read_starts_get = False
+        self._get = False
         self._after_read: list[Callable[[], None]] = []
         self._header_count = 0
         self._host_count = 0
@@ -349,6 +353,7 @@ class ClientConnection(asyncio.Protocol):
             # offset, startswith is no mypyc primitive but a generic call that parses its
             # arguments as a tuple, ~800 instructions more than an 11-byte slice)
             self._read_starts_v11 = eol >= 10 and data[eol - 10 : eol + 1] == _V11_LINE_END
+            self._read_starts_get = data.startswith(b"GET ")
         try:
             upgrade_at = self._feed(data)
             if upgrade_at >= 0:
@@ -358,7 +363,7 @@ class ClientConnection(asyncio.Protocol):
                 self._parse_after_upgrade(data[upgrade_at:])
         finally:
             self._feeding = 0
-            self._read_starts_v11 = False
+            self._read_starts_v11 = self._read_starts_get = False
         if self._after_read:
             callbacks, self._after_read = self._after_read, []
             for callback in callbacks:
@@ -488,6 +493,7 @@ class ClientConnection(asyncio.Protocol):
         self._head_bytes = -self._feeding  # data_received adds this read back: counts as 0
         # (only the first message of a read starts where data_received looked)
         self._v11, self._read_starts_v11 = self._read_starts_v11, False
+        self._get, self._read_starts_get = self._read_starts_get, False
         req = Request()
         req.began_at = now
         req.client_ip = self.client_ip
@@ -501,12 +507,18 @@ class ClientConnection(asyncio.Protocol):
         self._body_bytes = 0
         self._max_body = self.limits.max_body_bytes
         self._route_body_timeout = None
-        self._te_values = []
-        self._connection_values = []
-        self._forwarding_kept = []
+        # (emptied, not replaced: nothing keeps them past the head, and most requests have
+        # none of these fields, so three new lists a request were three allocations for nothing)
+        if self._te_values:
+            self._te_values.clear()
+        if self._connection_values:
+            self._connection_values.clear()
+        if self._forwarding_kept:
+            self._forwarding_kept.clear()
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
+        # (compiled, b"" + url is a copy: a target in one piece, the usual one, is kept as is)
+        self._url = self._url + url if self._url else url
         if len(self._url) > self.limits.max_url_bytes:
             raise GatewayError(414, "request target too long")
 
@@ -524,9 +536,7 @@ class ClientConnection(asyncio.Protocol):
             # llhttp keeps trailing whitespace, which is not part of a field value (RFC 9110
             # §5.5): "Host: a.example " was refused as an invalid Host
             value = value.rstrip(b" \t")
-        kind = _SPECIAL_AS_SENT.get(name)
-        if kind is None:
-            kind = _SPECIAL.get(name.lower(), 0)
+        kind = _SPECIAL.kind(name)
         if kind == 0:
             req.headers.append((name, value))
             return
@@ -676,10 +686,13 @@ class ClientConnection(asyncio.Protocol):
         if version not in ("1.1", "1.0"):
             raise GatewayError(505, f"HTTP/{version} is not supported")
         req.version = version
-        raw_method = self.parser.get_method()
         # the constant, not a new str per request: its hash is cached for every dict the
         # method is looked up in later (routing, metrics)
-        req.method = "GET" if raw_method == b"GET" else raw_method.decode("ascii")
+        if self._get:
+            req.method = "GET"
+        else:
+            raw_method = self.parser.get_method()
+            req.method = "GET" if raw_method == b"GET" else raw_method.decode("ascii")
         if len(self._url) + self._header_bytes > self.limits.max_header_bytes:
             raise GatewayError(431, "request header section too large")
         if req.method == "CONNECT" or req.method == "TRACE":
@@ -788,6 +801,9 @@ class ClientConnection(asyncio.Protocol):
             raw_path, _, req.query = url.partition(b"?")
         else:
             raw_path = url
+        if is_canonical(raw_path):  # nearly every request
+            req.path = raw_path.decode("ascii")
+            return
         try:
             path_text = raw_path.decode("ascii")
         except UnicodeDecodeError:

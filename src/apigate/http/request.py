@@ -11,6 +11,8 @@ class Request(HeaderList):
     """One client request head. Header names keep the client's spelling; values stay bytes."""
 
     __slots__ = (
+        "_id_line",
+        "_id_line_for",
         "_start",
         "began_at",
         "body_received",
@@ -67,6 +69,8 @@ class Request(HeaderList):
         self.began_at = 0.0
         # set explicitly (tests, replayed requests): wins over began_at (0.0 is a time too)
         self._start: float | None = None
+        self._id_line = b""  # id_line(), and the request id it was made for
+        self._id_line_for: str | None = None
 
     @property
     def start(self) -> float:
@@ -82,6 +86,14 @@ class Request(HeaderList):
     @start.setter
     def start(self, wall_time: float) -> None:
         self._start = wall_time
+
+    def id_line(self) -> bytes:
+        """The `X-Request-Id` field line, which both heads carry: made once, and again only
+        if the id changed in between (a plugin may set its own)."""
+        if self._id_line_for is not self.request_id:
+            self._id_line = b"X-Request-Id: %s\r\n" % self.request_id.encode()
+            self._id_line_for = self.request_id
+        return self._id_line
 
     @property
     def has_body(self) -> bool:

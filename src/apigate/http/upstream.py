@@ -29,11 +29,9 @@ from mypy_extensions import mypyc_attr
 
 from apigate.http.headers import (
     HOP_BY_HOP,
+    FieldKinds,
     HeaderList,
-    by_spelling,
     connection_tokens,
-    may_be,
-    name_lengths,
     parse_length,
 )
 from apigate.http.output import send
@@ -140,7 +138,7 @@ _R_UPGRADE: Final = 4
 _R_DROP: Final = 5
 # Every hop-by-hop name (headers.HOP_BY_HOP, the one list) is dropped; the ones the connection
 # interprets override that below.
-_RESPONSE_SPECIAL: Final[dict[bytes, int]] = {
+_RESPONSE_SPECIAL_NAMES: Final[dict[bytes, int]] = {
     **dict.fromkeys(HOP_BY_HOP, _R_DROP),
     b"content-length": _R_CONTENT_LENGTH,
     b"transfer-encoding": _R_TRANSFER_ENCODING,
@@ -150,8 +148,7 @@ _RESPONSE_SPECIAL: Final[dict[bytes, int]] = {
     # echoes it back would otherwise give the client two
     b"x-request-id": _R_DROP,
 }
-_RESPONSE_SPECIAL_AS_SENT: Final = by_spelling(_RESPONSE_SPECIAL)  # 0: an end-to-end field
-_RESPONSE_SPECIAL_LENGTHS: Final = name_lengths(_RESPONSE_SPECIAL)
+_RESPONSE_SPECIAL: Final = FieldKinds(_RESPONSE_SPECIAL_NAMES)  # kind 0: an end-to-end field
 
 
 def _head_too_large() -> InvalidResponse:
@@ -377,7 +374,8 @@ class UpstreamConnection(asyncio.Protocol):
             # it as soon as the response's end is reported): the connection closes instead.
             raise InvalidResponse("bytes after the end of a response")
         self.head = ResponseHead()
-        self._connection_values = []
+        if self._connection_values:  # (emptied, not replaced: nothing keeps it)
+            self._connection_values.clear()
         # (only the first response of a read starts where data_received looked)
         self._v11, self._read_starts_v11 = self._read_starts_v11, False
 
@@ -392,12 +390,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if value and (value[-1] == 32 or value[-1] == 9):
             value = value.rstrip(b" \t")  # llhttp keeps trailing OWS; not part of the value
-        if not may_be(_RESPONSE_SPECIAL_LENGTHS, name):
-            head.headers.append((name, value))
-            return
-        kind = _RESPONSE_SPECIAL_AS_SENT.get(name)
-        if kind is None:
-            kind = _RESPONSE_SPECIAL.get(name.lower(), 0)
+        kind = _RESPONSE_SPECIAL.kind(name)
         if kind == 0:
             head.headers.append((name, value))
         elif kind == _R_CONTENT_LENGTH:
@@ -610,9 +603,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ timeouts
     def set_idle(self, idle_timeout: float) -> None:
-        """Parked in the pool: close if nobody needs it for `idle_timeout` seconds."""
+        """Parked in the pool: close if nobody needs it for `idle_timeout` seconds (from its
+        latest read, which is when its response ended: no clock reading of its own)."""
         self._timeout = 0.0
-        self._set_deadline(idle_timeout)
+        self._set_deadline(idle_timeout, self.read_at)
 
     def _set_deadline(self, seconds: float, now: float = 0.0) -> None:
         """Deadline `seconds` from `now` (monotonic time, read here when the caller has none)."""

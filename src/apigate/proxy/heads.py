@@ -45,7 +45,7 @@ def request_head(
     parts.append(
         req.forwarding or forwarding_lines(req.client_ip, req.forwarded_for, req.scheme, req.host)
     )
-    parts.append(b"X-Request-Id: %s\r\n" % req.request_id.encode())
+    parts.append(req.id_line())
     parts.append(_VIA)
     if extra:  # trace context and whatever else the exchange adds, as ready header lines
         parts.append(extra)
@@ -108,7 +108,8 @@ def response_head(
         parts.append(DATE.value)
     # RFC 9110 §7.6.3: a proxy sends Via in each message it forwards, responses too (after
     # the upstream's own Via lines: one list, in order); as Kong's `Via: kong/...`
-    parts.append(b"X-Request-Id: %s\r\n%s" % (req.request_id.encode(), _VIA))
+    parts.append(req.id_line())
+    parts.append(_VIA)
     status = head.status
     if status == 101:
         parts.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % (head.upgrade or b""))

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["normalize_path", "other_readings"]
+__all__ = ["is_canonical", "normalize_path", "other_readings"]
 
 _UNRESERVED: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX: Final = "0123456789abcdefABCDEF"
@@ -43,6 +43,26 @@ del _high, _low, _char
 # (C string handling, PHP's "/a%00.php") ends it there, so that the router and the upstream
 # read different paths. nginx refuses it with a 400 as well.
 del _ESCAPES["00"]
+
+
+def is_canonical(raw: bytes) -> bool:
+    """Whether `raw`, a request target's path as received, is a canonical path already: "/"
+    first, then printable ASCII other than space, "\\" and "%", with no "//" and no "/."
+    (what `normalize_path` returns as it is). Nearly every request's path is: the connection
+    checks it here, in one compiled pass over the bytes, before it decodes it. (On the str,
+    the same tests were seven calls, two of them generic: ~0.25 µs for "/hello".)"""
+    n = len(raw)
+    if n == 0 or raw[0] != 47:  # "/"
+        return False
+    previous = 47
+    for i in range(1, n):
+        c = raw[i]
+        if c <= 32 or c >= 127 or c == 92 or c == 37:  # control, space, non-ASCII, "\\", "%"
+            return False
+        if previous == 47 and (c == 47 or c == 46):  # "//", "/."
+            return False
+        previous = c
+    return True
 
 
 def normalize_path(raw: str) -> str | None:
