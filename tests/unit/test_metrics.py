@@ -243,7 +243,14 @@ def test_log_levels_per_component() -> None:
         parse_log_levels("info,apigate.proxy=loud")
 
 
-@pytest.mark.parametrize("ms", [0.0, 0.05, 0.1, 0.11, 1.0, 7.3, 250.0, BUCKETS_MS[-1], 1e9, -1.0])
+# every bound, just below and just above it, and values between and beyond them all
+_AROUND_BOUNDS = sorted(
+    {x for b in BUCKETS_MS for x in (float(b), b * 0.999, b * 1.001)}
+    | {0.0, 0.05, 0.11, 7.3, 1e9, -1.0}
+)
+
+
+@pytest.mark.parametrize("ms", _AROUND_BOUNDS)
 def test_bucket_index_is_bisect_left(ms: float) -> None:
     from bisect import bisect_left
 

@@ -21,6 +21,7 @@ PartSpan = tuple[str, str, str, float, float, bool]
 
 _MASK64: Final = (1 << 64) - 1
 _ZERO_SPAN: Final = b"0" * 16
+_ZERO_TRACE: Final = b"0" * 32
 _RANDOM_BYTES: Final = 4096  # drawn per os.urandom call: 128 trace ids or 256 span ids
 
 
@@ -33,6 +34,8 @@ class _State:
         self.pos = 0
         # new traces: sampled when the low 64 bits of the id are below this
         self.sampled_below = 1 << 64
+        # (every one: the usual case, decided without comparing 65-bit ints per request)
+        self.sample_all = True
         self.ratio_owner: object = None
 
 
@@ -77,10 +80,10 @@ def _new_trace() -> tuple[bytes, bytes]:
     """(32 hex digits, flags) of a new trace; flags say sampled unless `set_sample_ratio`
     left this trace id out (by its low 64 bits, as OpenTelemetry's TraceIdRatioBased)."""
     trace_id = _random_hex(32)
-    if trace_id == b"0" * 32:  # W3C: an invalid id (one chance in 2**128)
+    if trace_id == _ZERO_TRACE:  # W3C: an invalid id (one chance in 2**128)
         trace_id = b"0" * 31 + b"1"
-    below = _STATE.sampled_below
-    if below > _MASK64 or int(trace_id[16:], 16) < below:
+    state = _STATE
+    if state.sample_all or int(trace_id[16:], 16) < state.sampled_below:
         return trace_id, b"01"
     return trace_id, b"00"
 
@@ -104,6 +107,7 @@ def set_sample_ratio(ratio: float, owner: object = None) -> None:
     owner may set it back when it closes, so an old snapshot's plugin closing after a reload
     does not undo the new one's setting."""
     _STATE.sampled_below = int(max(0.0, min(1.0, ratio)) * (1 << 64))
+    _STATE.sample_all = _STATE.sampled_below > _MASK64
     _STATE.ratio_owner = owner
 
 
