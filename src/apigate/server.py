@@ -64,7 +64,14 @@ class Gateway:
         self.pools = PoolManager(self.loop, writes=self.writes)
         self.services = ServiceTable(self.pools)
         self.env = PluginEnv(config=config, loop=self.loop)
-        self.runtime: Runtime = compile_runtime(config, self.services, self.env)
+        # called with every finished exchange (metrics); plain functions, no awaiting
+        self.observers: list[Callable[[Any], None]] = []
+        # ConnectionHost.new_exchange: a compiled callable (one call per request), which holds
+        # the current runtime (see `runtime`)
+        self._exchanges = ExchangeFactory(
+            compile_runtime(config, self.services, self.env), self.observers
+        )
+        self.new_exchange: Callable[[ClientConnection, Request], ProxyExchange] = self._exchanges
         self.proxy_server: asyncio.Server | None = None
         self.ssl_context: ssl.SSLContext | None = None
         self.reloads_ok = 0
@@ -74,8 +81,6 @@ class Gateway:
         self.on_stop: list[StartHook] = []  # as the drain starts
         self.on_drained: list[StartHook] = []  # once it is over (the admin API closes here)
         self.on_runtime: list[Callable[[Runtime], None]] = []
-        # called with every finished exchange (metrics); plain functions, no awaiting
-        self.observers: list[Callable[[Any], None]] = []
         # control-plane subsystems by name ("registry", "config_ops", "tls", ...)
         self.extensions: dict[str, Any] = {}
         # how a re-read file becomes the effective config (the admin store adds its changes)
@@ -84,10 +89,6 @@ class Gateway:
         # ConfigOps: only the file's listeners and store once a POST /config replaced it)
         self.file_role: Callable[[], str] = lambda: "the file"
         self.admin_server: asyncio.Server | None = None
-        # ConnectionHost.new_exchange: a compiled callable (one call per request)
-        self.new_exchange: Callable[[ClientConnection, Request], ProxyExchange] = ExchangeFactory(
-            self
-        )
         self._stopped = asyncio.Event()
         self._applying = asyncio.Lock()  # apply_config: one at a time
         self._watch_task: asyncio.Task[None] | None = None
@@ -105,6 +106,15 @@ class Gateway:
         self._stop_now = False  # a second stop signal came: no drain, even if it came early
         # one of `apigate run --workers N`'s processes (None: the only one, as by default)
         self.worker: WorkerRole | None = None
+
+    @property
+    def runtime(self) -> Runtime:
+        """The snapshot new requests are served by (kept in the exchange factory)."""
+        return self._exchanges.runtime
+
+    @runtime.setter
+    def runtime(self, runtime: Runtime) -> None:
+        self._exchanges.runtime = runtime
 
     @property
     def config(self) -> GatewayConfig:
