@@ -553,7 +553,10 @@ def test_agrees_with_a_brute_force_model(
         request_segments = [s for s in request_segments if s] or [""]  # a normalised path
     path = "/" + "/".join(request_segments)
     expected = model(specs, host, method, path, headers)
-    result = Matcher(specs).match(host, method, path, headers_of(headers))
+    matcher = Matcher(specs)
+    result = matcher.match(host, method, path, headers_of(headers))
+    # the second time the answer may come from the match cache: the same answer
+    assert matcher.match(host, method, path, headers_of(headers)) == result
     if isinstance(expected, frozenset):
         assert result == NoMatch(expected)
     else:
@@ -572,11 +575,58 @@ def test_agrees_with_a_brute_force_model(
         assert result.prefix == (path if exact else "/" + "/".join(request_segments[:depth]))
 
 
+# --- the match cache --------------------------------------------------------------------------
+
+
+def test_matches_are_cached_by_method_and_path() -> None:
+    matcher = Matcher(
+        [route("orders", "/orders/{id}"), route("posts", "/orders", methods=["POST"])]
+    )
+    first = matcher.match("gw.local", "GET", "/orders/7", no_headers)
+    assert isinstance(first, Match) and first.params == {"id": "7"}
+    assert (
+        matcher.match("other.host", "GET", "/orders/7", no_headers) is first
+    )  # no route names hosts
+    assert matcher.match("gw.local", "GET", "/orders/8", no_headers).params == {"id": "8"}
+    assert matched(matcher, "/orders", method="POST") == "posts"
+    assert matched(matcher, "/orders", method="GET") is None  # a 405, not a cached POST match
+    assert matched(matcher, "/orders", method="POST") == "posts"
+
+
+def test_with_host_routes_the_cache_is_by_host_too() -> None:
+    matcher = Matcher([route("api", "/", hosts=["api.example.com"]), route("any", "/")])
+    for _ in range(2):
+        assert matched(matcher, "/x", host="api.example.com") == "api"
+        assert matched(matcher, "/x", host="www.example.com") == "any"
+
+
+def test_no_cache_where_a_route_matches_on_a_header_field() -> None:
+    matcher = Matcher([route("v2", "/", headers={"x-version": "2"}), route("v1", "/")])
+    for _ in range(2):
+        assert matched(matcher, "/x", headers={"x-version": "2"}) == "v2"
+        assert matched(matcher, "/x") == "v1"
+    assert matcher.match("gw.local", "GET", "/x", no_headers) is not matcher.match(
+        "gw.local", "GET", "/x", no_headers
+    )
+
+
+def test_the_match_cache_is_bounded_and_keeps_no_misses() -> None:
+    from apigate.routing.matcher import _MATCH_CACHE_SIZE
+
+    matcher = Matcher([route("users", "/users")])
+    for i in range(_MATCH_CACHE_SIZE + 10):
+        assert matched(matcher, f"/users/{i}") == "users"
+        assert matched(matcher, f"/nowhere/{i}") is None
+    cached = matcher._matches["GET"]
+    assert 0 < len(cached) <= _MATCH_CACHE_SIZE
+    assert all(isinstance(found, Match) for found in cached.values())
+
+
 # --- scale ------------------------------------------------------------------------------------
 
 
 def _microseconds_per_match(matcher: Matcher, path: str, iterations: int) -> float:
-    match = matcher.match
+    match = matcher._match  # the walk itself: a repeated path is answered from the cache
     start = time.perf_counter()
     for _ in range(iterations):
         match("gw.local", "GET", path, no_headers)
