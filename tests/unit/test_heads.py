@@ -186,3 +186,10 @@ def test_response_head_switching_protocols() -> None:
     assert got.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
     assert got.endswith(b"Connection: upgrade\r\nUpgrade: websocket\r\n\r\n")
     assert b"Content-Length" not in got and b"close" not in got
+
+
+@pytest.mark.parametrize("length", [0, 1, 13, 1023, 1024, 65536, 10**12])
+def test_content_length_lines_made_in_advance_or_not_are_the_same(length: int) -> None:
+    from apigate.http.headers import content_length_line
+
+    assert content_length_line(length) == b"Content-Length: %d\r\n" % length

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from typing import Final
 
 from apigate.http.date import DATE
+from apigate.http.headers import content_length_line
 from apigate.http.status import status_line
 
 # error code (machine readable) per status, used when a caller does not name one
@@ -84,7 +85,7 @@ def render_response(
     if body or status not in (204, 304):
         if content_type is not None:  # (None: a stored response that had none)
             parts += (b"Content-Type: ", content_type, b"\r\n")
-        parts.append(b"Content-Length: %d\r\n" % len(body))
+        parts.append(content_length_line(len(body)))
     if not keep_alive:
         parts.append(b"Connection: close\r\n")
     elif http10:

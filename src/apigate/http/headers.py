@@ -59,6 +59,8 @@ IDENTITY: Final[frozenset[bytes]] = frozenset(
 )
 
 VIA_VALUE: Final = b"1.1 apigate"
+# RFC 9110 §7.6.3: a proxy sends Via in each message it forwards (as Kong's `Via: kong/...`)
+VIA_LINE: Final = b"Via: " + VIA_VALUE + b"\r\n"
 
 
 class FieldKinds:
@@ -89,19 +91,33 @@ class FieldKinds:
             return 0
         first = name[0] | 0x20  # (lower-cased if a letter; no special name starts otherwise)
         for title, lname, kind in self._by_length[n]:
-            if lname[0] == first and (name == title or _same_name(name, lname)):
+            if lname[0] == first and (name == title or is_name(name, lname)):
                 return kind
         return 0
 
 
-def _same_name(name: bytes, lname: bytes) -> bool:
-    """Whether `name` is `lname` (lower case, as long) in any letter case."""
+def is_name(name: bytes, lname: bytes) -> bool:
+    """Whether the field name `name` is `lname` (lower case) in any letter case: compiled, a
+    loop over the bytes, where `name.lower() == lname` was a generic call and a new object."""
+    if len(name) != len(lname):
+        return False
     for i in range(len(lname)):
         c = name[i]
         expected = lname[i]
         if c != expected and not (97 <= expected <= 122 and c | 0x20 == expected):
             return False
     return True
+
+
+def content_length_line(length: int) -> bytes:
+    """The Content-Length field line: made in advance for the usual lengths of API messages
+    (compiled, formatting one cost ~0.05 µs a head; the table is ~50 KB)."""
+    if 0 <= length < len(_CONTENT_LENGTH_LINES):
+        return _CONTENT_LENGTH_LINES[length]
+    return b"Content-Length: %d\r\n" % length
+
+
+_CONTENT_LENGTH_LINES: Final = [b"Content-Length: %d\r\n" % n for n in range(1024)]
 
 
 def parse_length(value: bytes) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from apigate.http.headers import HeaderList
+from apigate.http.headers import VIA_LINE, HeaderList
 
 
 class Request(HeaderList):
@@ -69,7 +69,7 @@ class Request(HeaderList):
         self.began_at = 0.0
         # set explicitly (tests, replayed requests): wins over began_at (0.0 is a time too)
         self._start: float | None = None
-        self._id_line = b""  # id_line(), and the request id it was made for
+        self._id_line = b""  # id_and_via(), and the request id it was made for
         self._id_line_for: str | None = None
 
     @property
@@ -87,11 +87,12 @@ class Request(HeaderList):
     def start(self, wall_time: float) -> None:
         self._start = wall_time
 
-    def id_line(self) -> bytes:
-        """The `X-Request-Id` field line, which both heads carry: made once, and again only
-        if the id changed in between (a plugin may set its own)."""
+    def id_and_via(self) -> bytes:
+        """The `X-Request-Id` and `Via` field lines, which both heads carry one after the
+        other: made once, and again only if the id changed in between (a plugin may set its
+        own)."""
         if self._id_line_for is not self.request_id:
-            self._id_line = b"X-Request-Id: %s\r\n" % self.request_id.encode()
+            self._id_line = b"X-Request-Id: %s\r\n%s" % (self.request_id.encode(), VIA_LINE)
             self._id_line_for = self.request_id
         return self._id_line
 

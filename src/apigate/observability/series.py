@@ -257,15 +257,19 @@ class SeriesRecorder:
         s = self.series.get(route)
         if s is None:
             s = self.series[route] = RouteSeries()
+        # (each count as `a[i] = a[i] + 1`: compiled, `a[i] += 1` is a generic in-place add)
         row = s.methods.get(method)
         if row is not None and 0 <= status < 1000:
-            row[status // 100] += 1
+            i = status // 100
+            row[i] = row[i] + 1
         else:  # first of its kind: a non-standard method counts as OTHER
             _count_new(s.methods, method, status)
-        s.total[_bucket(total_ms)] += 1
+        i = _bucket(total_ms)
+        s.total[i] = s.total[i] + 1
         s.total_sum += total_ms
         if upstream_ms is not None:
-            s.upstream[_bucket(upstream_ms)] += 1
+            i = _bucket(upstream_ms)
+            s.upstream[i] = s.upstream[i] + 1
             s.upstream_sum += upstream_ms
         s.bytes_out += sent
         if received:

@@ -232,7 +232,7 @@ def trace_lines(request: Request, tv: dict[str, Any]) -> bytes:
         tv["traceparent"] = sent
         if continued:  # the exporter's parent link, safe from later edits of the headers
             tv["trace_parent"] = parent
-    line = b"traceparent: " + sent + b"\r\n"
+    line = b"traceparent: %s\r\n" % sent
     if states and continued:  # the vendors' state goes with the trace it belongs to
         return line + b"".join([b"tracestate: " + s + b"\r\n" for s in states])
     return line

@@ -57,7 +57,7 @@ from urllib.parse import quote
 
 from apigate.config.schema import AGGREGATE_ERRORS
 from apigate.http.errors import GatewayError
-from apigate.http.headers import VIA_VALUE, forwarding_lines
+from apigate.http.headers import VIA_LINE, forwarding_lines
 from apigate.http.pool import PoolFull
 from apigate.http.upstream import UpstreamListener
 from apigate.observability.series import PART_LATENCIES
@@ -304,7 +304,7 @@ class _Run:
             b"X-Request-Id: %s\r\n" % req.request_id.encode(),
             req.forwarding
             or forwarding_lines(req.client_ip, req.forwarded_for, req.scheme, req.host),
-            _VIA_LINE,
+            VIA_LINE,
         ]
         lines += [b"tracestate: %s\r\n" % state for state in self.trace.states]
         self.header_lines = b"".join(lines)
@@ -447,7 +447,6 @@ def _required_failure(part: _Part, exc: BaseException) -> GatewayError:
 
 
 _ACCEPT_JSON: Final = b"Accept: application/json\r\n"
-_VIA_LINE: Final = b"Via: " + VIA_VALUE + b"\r\n"
 
 
 def build_aggregate_handler(

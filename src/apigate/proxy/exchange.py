@@ -63,6 +63,7 @@ _BUFFER_LIMIT: Final = 64 * 1024
 _REPLAY_LIMIT: Final = 64 * 1024  # a request body up to this size is kept so that it can be retried
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 _CRLF: Final = b"\r\n"
+_GET: Final = b"GET"  # the usual method, not encoded per request
 # Answers that close the connection when the request body was not read (nginx's list, in
 # ngx_http_special_response_handler): the others read the rest and drop it (_answer_keeps_alive)
 _CLOSE_UNREAD: Final = frozenset({400, 413, 414, 500, 501})
@@ -692,7 +693,7 @@ class ProxyExchange(UpstreamListener):
             path = base if path == "/" and len(req.path) == len(self.prefix) else base + path
         head = request_head(
             req,
-            req.method.encode(),
+            _GET if req.method == "GET" else req.method.encode(),
             path,
             host,
             chunked=chunked,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 from apigate.http.date import DATE
-from apigate.http.headers import VIA_VALUE, forwarding_lines
+from apigate.http.headers import VIA_LINE, content_length_line, forwarding_lines, is_name
 from apigate.http.request import Request
 from apigate.http.status import status_line
 from apigate.http.upstream import ResponseHead
@@ -20,7 +20,6 @@ from apigate.http.upstream import ResponseHead
 _CHUNKED: Final = b"Transfer-Encoding: chunked\r\n"
 _CONN_CLOSE: Final = b"Connection: close\r\n"
 _CONN_KEEP_ALIVE: Final = b"Connection: keep-alive\r\n"
-_VIA: Final = b"Via: " + VIA_VALUE + b"\r\n"
 
 
 def request_head(
@@ -45,14 +44,13 @@ def request_head(
     parts.append(
         req.forwarding or forwarding_lines(req.client_ip, req.forwarded_for, req.scheme, req.host)
     )
-    parts.append(req.id_line())
-    parts.append(_VIA)
+    parts.append(req.id_and_via())
     if extra:  # trace context and whatever else the exchange adds, as ready header lines
         parts.append(extra)
     if chunked:
         parts.append(_CHUNKED)
     elif content_length is not None:
-        parts.append(b"Content-Length: %d\r\n" % content_length)
+        parts.append(content_length_line(content_length))
     if req.upgrade is not None:
         parts.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % req.upgrade)
     parts.append(b"\r\n")
@@ -102,14 +100,12 @@ def response_head(
     has_date = False
     for name, value in head.headers:
         parts.append(b"%s: %s\r\n" % (name, value))
-        if len(name) == 4 and name.lower() == b"date":
+        if len(name) == 4 and is_name(name, b"date"):
             has_date = True
     if not has_date:
         parts.append(DATE.value)
-    # RFC 9110 §7.6.3: a proxy sends Via in each message it forwards, responses too (after
-    # the upstream's own Via lines: one list, in order); as Kong's `Via: kong/...`
-    parts.append(req.id_line())
-    parts.append(_VIA)
+    # Via in responses too, after the upstream's own Via lines (one list, in order)
+    parts.append(req.id_and_via())
     status = head.status
     if status == 101:
         parts.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % (head.upgrade or b""))
@@ -121,7 +117,7 @@ def response_head(
             and status != 204
             and not (status == 304 and head.content_length == 0)
         ):
-            parts.append(b"Content-Length: %d\r\n" % head.content_length)
+            parts.append(content_length_line(head.content_length))
         if not keep_alive:
             parts.append(_CONN_CLOSE)
         elif req.version == "1.0":
@@ -136,6 +132,6 @@ def interim_head(head: ResponseHead) -> bytes:
     parts = [status_line(head.status, head.reason)]
     for name, value in head.headers:
         parts.append(b"%s: %s\r\n" % (name, value))
-    parts.append(_VIA)
+    parts.append(VIA_LINE)
     parts.append(b"\r\n")
     return b"".join(parts)
