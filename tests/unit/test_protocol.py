@@ -1140,3 +1140,27 @@ def test_request_start_is_the_wall_clock_time_of_its_first_byte() -> None:
     # reads gave two different times: a flaky access-log test).
     req.start = 0.0
     assert req.start == 0.0
+
+
+async def test_request_start_uses_the_offset_read_with_the_date_header() -> None:
+    """While the Date header ticks (a running gateway), the wall clock's offset read with it
+    gives the start: no clock call per request, the same time within the refresh."""
+    import asyncio
+    import time
+
+    from apigate.http.date import DATE
+
+    req = Request()
+    req.began_at = time.monotonic() - 2.5
+    DATE.start(asyncio.get_running_loop())
+    try:
+        assert DATE.ticking
+        assert req.start == req.began_at + DATE.wall_offset
+        assert abs(req.start - (time.time() - 2.5)) < 0.05
+        DATE.wall_offset += 100.0  # (a stepped wall clock, as the next refresh would read it)
+        assert abs(req.start - (time.time() + 97.5)) < 0.05
+    finally:
+        DATE.stop()
+        DATE.wall_offset -= 100.0
+    assert not DATE.ticking
+    assert abs(req.start - (time.time() - 2.5)) < 0.05  # not ticking: read the clocks

@@ -1,4 +1,6 @@
-"""The `Date` header, refreshed once a second rather than formatted per response (as uvicorn)."""
+"""The `Date` header, refreshed once a second rather than formatted per response (as uvicorn),
+and with it the wall clock's offset from the monotonic one, so that a request's wall-clock
+start (for its log line) costs no clock reading of its own."""
 
 from __future__ import annotations
 
@@ -11,21 +13,28 @@ from apigate.periodic import Periodic
 
 
 class DateHeader:
-    __slots__ = ("_ticker", "value")
+    __slots__ = ("_ticker", "ticking", "value", "wall_offset")
 
     def __init__(self) -> None:
         self.value = b""
+        self.wall_offset = 0.0  # time.time() - time.monotonic(), as of the latest refresh
+        self.ticking = False  # refreshed every second (only then is wall_offset current)
         self._ticker = Periodic(self._refresh)
         self._refresh()
 
     def _refresh(self) -> None:
-        self.value = b"Date: " + formatdate(time.time(), usegmt=True).encode() + b"\r\n"
+        now = time.time()
+        self.wall_offset = now - time.monotonic()
+        self.value = b"Date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._refresh()
         self._ticker.start(loop)
+        self.ticking = True
 
     def stop(self) -> None:
         self._ticker.stop()
+        self.ticking = False
 
 
 DATE: Final = DateHeader()

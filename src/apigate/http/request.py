@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from apigate.http.date import DATE
 from apigate.http.headers import VIA_LINE, HeaderList
 
 
@@ -76,11 +77,15 @@ class Request(HeaderList):
     def start(self) -> float:
         """Wall-clock time of the request's first byte, for logs. Derived when asked, from
         the monotonic clock, which the connection reads anyway: a `time.time()` per
-        request was a call on the hot path that only the access log needs."""
+        request was a call on the hot path that only the access log needs. In the gateway,
+        with the wall clock's offset read once a second with the Date header (no clock call
+        at all: two per logged request cost ~0.15 µs)."""
         if self._start is not None:
             return self._start
         if not self.began_at:
             return time.time()
+        if DATE.ticking:
+            return self.began_at + DATE.wall_offset
         return time.time() - (time.monotonic() - self.began_at)
 
     @start.setter

@@ -220,27 +220,29 @@ class AccessLogLines:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(start))
             self._line_start = '{"time":"' + stamp
             self._second = second
-        ms = int((start % 1) * 1000)
+        ms = int((start - second) * 1000)  # (= start % 1 here: exact, and no fmod call)
         route = entry[6]
         service = entry[7]
         instance = entry[8]
         upstream_ms: float | None = entry[11]
         total_ms: float | None = entry[12]
         status: int = entry[9]
+        sent: int = entry[10]  # (typed: an int's text is native, an Any's a generic str())
         # Ids are letters and digits (the gateway's own request ids and every trace id always,
         # a client's request id mostly), and such a value quoted is the value in quotes: no
         # encode_basestring_ascii call for either. Anything else (a client's id with '-', a
-        # plugin's own value) is escaped as json.dumps does it.
+        # plugin's own value) is escaped as json.dumps does it (its quotes taken off: the
+        # line has them).
         request_id: str = entry[1]
         trace_id: str = entry[2]
-        rid = f'"{request_id}"' if _plain(request_id) else _quote(request_id)
-        tid = f'"{trace_id}"' if _plain(trace_id) else _quote(trace_id)
+        rid = request_id if _plain(request_id) else _quote(request_id)[1:-1]
+        tid = trace_id if _plain(trace_id) else _quote(trace_id)[1:-1]
         # The types are fixed (see ProxyExchange and Request): names and ids are str, status
         # and bytes int, durations finite floats or None, so each value is formatted directly.
-        line = (
+        return (
             f'{self._line_start}{_MILLIS[ms] if ms < 1000 else f".{ms}Z"}",'
-            f'"request_id":{rid},'
-            f'"trace_id":{tid},'
+            f'"request_id":"{rid}",'
+            f'"trace_id":"{tid}",'
             f'"client":{self.quote(entry[3])},'
             f'"method":{self.quote(entry[4])},'
             f'"path":{_quote(entry[5])},'
@@ -248,27 +250,11 @@ class AccessLogLines:
             f'"service":{"null" if service is None else self.quote(service)},'
             f'"instance":{"null" if instance is None else self.quote(instance)},'
             f'"status":{_STATUS[status] if 0 <= status < 1000 else str(status)},'
-            f'"bytes":{entry[10]},'
+            f'"bytes":{sent},'
             f'"upstream_ms":{"null" if upstream_ms is None else duration(upstream_ms)},'
             f'"total_ms":{"null" if total_ms is None else duration(total_ms)}'
+            f"{_optional_fields(entry)}}}\n"
         )
-        # the optional fields, present only when they say something (most requests: none)
-        consumer = entry[13]
-        retries = entry[14]
-        breaker = entry[15]
-        cache = entry[16]
-        error = entry[17]
-        if consumer is not None:
-            line += f',"consumer":{_json(consumer)}'
-        if retries:
-            line += f',"retries":{_json(retries)}'
-        if breaker is not None and breaker != "closed":  # open: refused; half_open: a probe
-            line += f',"breaker":{_json(breaker)}'
-        if cache:
-            line += f',"cache":{_json(cache)}'
-        if error:
-            line += f',"error":{_json(error)}'
-        return line + "}\n"
 
     def quote(self, value: str) -> str:
         """`value` quoted and escaped as json.dumps does it, remembered for the next lines."""
@@ -279,3 +265,27 @@ class AccessLogLines:
                 self.quoted.clear()  # a churn of clients or instances: start again
             self.quoted[value] = quoted
         return quoted
+
+
+def _optional_fields(entry: Entry) -> str:
+    """The optional fields of a line, present only when they say something: most requests
+    have none, and then the line is one build with no concatenation after it."""
+    consumer = entry[13]
+    retries = entry[14]
+    breaker = entry[15]
+    cache = entry[16]
+    error = entry[17]
+    if consumer is None and not retries and breaker is None and not cache and not error:
+        return ""
+    fields = ""
+    if consumer is not None:
+        fields += f',"consumer":{_json(consumer)}'
+    if retries:
+        fields += f',"retries":{_json(retries)}'
+    if breaker is not None and breaker != "closed":  # open: refused; half_open: a probe
+        fields += f',"breaker":{_json(breaker)}'
+    if cache:
+        fields += f',"cache":{_json(cache)}'
+    if error:
+        fields += f',"error":{_json(error)}'
+    return fields
