@@ -225,6 +225,8 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._out: list[bytes] = []  # written, not yet sent (apigate.http.output)
         self.parser = _request_parser(self)
+        # its feed_data, bound once: called per read, a method looked up by name each time
+        self._feed_data: Callable[[bytes], None] = self.parser.feed_data
         self.phase = Phase.IDLE
         self.client_ip = ""
         self.client_port = 0
@@ -373,7 +375,7 @@ class ClientConnection(asyncio.Protocol):
         """Parse `data`; where in it an upgrade request's head ended, else -1. A malformed
         request or one over a limit is refused (_reject)."""
         try:
-            self.parser.feed_data(data)
+            self._feed_data(data)
         except httptools.HttpParserUpgrade as upg:
             offset: int = upg.args[0]
             return offset
@@ -1131,6 +1133,7 @@ class ClientConnection(asyncio.Protocol):
                 self._start_tunnel_buffer(rest)
                 return
             self.parser = parser
+            self._feed_data = parser.feed_data
             upgrade_at = self._feed(rest)
             if upgrade_at < 0:
                 return

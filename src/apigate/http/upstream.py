@@ -21,6 +21,7 @@ the next exchange.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from time import monotonic
 from typing import TYPE_CHECKING, Final, cast
 
@@ -175,6 +176,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._out: list[bytes] = []  # written, not yet sent (apigate.http.output)
         self.parser = httptools.HttpResponseParser(self)
+        self._use_parser_methods()
         self.listener: UpstreamListener | None = None
         self.head: ResponseHead | None = None
         self.closed = False
@@ -253,7 +255,7 @@ class UpstreamConnection(asyncio.Protocol):
             if big and (head is None or not head.status):
                 self._feed_bounded(data)  # (rare: a read that could complete too large a head)
             else:
-                self.parser.feed_data(data)
+                self._feed_data(data)
             if not self._ended_in_read:
                 head = self.head
                 if head is None or not head.status:  # the head is still incomplete
@@ -422,7 +424,7 @@ class UpstreamConnection(asyncio.Protocol):
             raise InvalidResponse(
                 f"response head with more than {MAX_RESPONSE_FIELDS} header fields"
             )
-        status = self.parser.get_status_code()
+        status = self._status_code()
         if status < 200 or status > 599:  # (one test for the usual statuses)
             if status < 100 or status > 599:
                 # RFC 9110 §15: a status code is 100-599. llhttp takes any 3 digits ("099",
@@ -490,7 +492,14 @@ class UpstreamConnection(asyncio.Protocol):
             # here, and the next one gets a fresh parser. The old one goes on parsing this
             # read: a "body" it finds there is not one (on_body).
             self.parser = httptools.HttpResponseParser(self)
+            self._use_parser_methods()
             self._ended_in_read = True
+
+    def _use_parser_methods(self) -> None:
+        """Bind the parser's per-response methods once: called on a parser (a Cython object)
+        from compiled code, a method is looked up by name at every call."""
+        self._feed_data: Callable[[bytes], None] = self.parser.feed_data
+        self._status_code: Callable[[], int] = self.parser.get_status_code
 
     def on_body(self, body: bytes) -> None:
         if self._ended_in_read or self.head is None:

@@ -218,7 +218,8 @@ def trace_lines(request: Request, tv: dict[str, Any]) -> bytes:
     the trace is continued. A retry of the same exchange reuses the span. When the trace is
     continued, `tv["trace_parent"]` keeps the client's field for the exporter."""
     parent, states = _incoming(request)
-    sent = tv.get("traceparent") if tv else None
+    # (typed: compiled, formatting a value of unknown type below was a generic % operation)
+    sent: bytes | None = tv.get("traceparent") if tv else None
     if sent is not None:
         continued = parent is not None and _valid(parent) is not None
     elif tv and "trace_id" in tv:  # trace_id_of() ran first (a plugin logged): same trace
@@ -232,7 +233,7 @@ def trace_lines(request: Request, tv: dict[str, Any]) -> bytes:
         tv["traceparent"] = sent
         if continued:  # the exporter's parent link, safe from later edits of the headers
             tv["trace_parent"] = parent
-    line = b"traceparent: %s\r\n" % sent
+    line = b"traceparent: %s\r\n" % (sent,)  # (a tuple: compiled, one build)
     if states and continued:  # the vendors' state goes with the trace it belongs to
         return line + b"".join([b"tracestate: " + s + b"\r\n" for s in states])
     return line

@@ -301,12 +301,12 @@ class _Run:
         req: Request = ctx.request
         lines = [
             _ACCEPT_JSON,
-            b"X-Request-Id: %s\r\n" % req.request_id.encode(),
+            b"X-Request-Id: %s\r\n" % (req.request_id.encode(),),
             req.forwarding
             or forwarding_lines(req.client_ip, req.forwarded_for, req.scheme, req.host),
             VIA_LINE,
         ]
-        lines += [b"tracestate: %s\r\n" % state for state in self.trace.states]
+        lines += [b"tracestate: %s\r\n" % (state,) for state in self.trace.states]
         self.header_lines = b"".join(lines)
         self.spans: list[PartSpan] | None = None  # ctx.vars["part_spans"], once there is one
         # ctx.vars[PART_LATENCIES], once a part has a response head: (service, ms) per call

@@ -1212,7 +1212,7 @@ class ProxyExchange(UpstreamListener):
             mine = self.prefix.rstrip("/").encode()
         theirs = self.request.forwarded_prefix
         value = theirs.rstrip(b"/") + mine if theirs else mine
-        return b"X-Forwarded-Prefix: %s\r\n" % value if value else b""
+        return b"X-Forwarded-Prefix: %s\r\n" % (value,) if value else b""
 
     def _where(self) -> str:
         inst = self.instance

@@ -52,7 +52,7 @@ def request_head(
     elif content_length is not None:
         parts.append(content_length_line(content_length))
     if req.upgrade is not None:
-        parts.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % req.upgrade)
+        parts.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % (req.upgrade,))
     parts.append(b"\r\n")
     return b"".join(parts)
 
