@@ -7,6 +7,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from apigate.plugins.chain import PluginChain
 from apigate.plugins.jwt_cache import CONFLICT, REPEATED, TokenCache, Verified
 from tests.unit.test_plugin_fakes import build, make_ctx, make_request, sent_header
@@ -154,3 +157,11 @@ def test_a_name_php_folds_to_the_token_parameter_or_cookie_is_a_conflict() -> No
     )
     assert cache.find(fine) == b"a"
     assert cache.find(make_request(query=b"access.token")) is None  # no value: no token
+
+
+@given(st.binary(max_size=12))
+def test_trimmed_is_strip(value: bytes) -> None:
+    from apigate.plugins.jwt_cache import _trimmed
+
+    assert _trimmed(value) == value.strip()
+    assert _trimmed(b" \t" + value + b"\r\n\x0b\x0c") == value.strip()

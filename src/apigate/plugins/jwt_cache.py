@@ -13,10 +13,12 @@ from collections.abc import Callable
 from typing import Any, Final
 from urllib.parse import unquote_to_bytes
 
+from apigate.http.headers import is_name
 from apigate.http.request import Request
 
 CONFLICT: Final = b"\x00conflict"  # sentinel: two different tokens in one request
 REPEATED: Final = b"\x00repeated"  # sentinel: several Authorization field lines
+_BLANKS: Final = frozenset(b" \t\n\r\x0b\x0c")  # what bytes.strip() takes off
 # A header name as WSGI, CGI and PHP see it (HTTP_X_ROLE for X-Role, x-role and X_Role alike),
 # in one pass: lower case, `_` as `-`.
 HEADER_FOLD: Final = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ_", b"abcdefghijklmnopqrstuvwxyz-")
@@ -121,14 +123,14 @@ class TokenCache:
         lines = 0
         for name, value in req.headers:
             # the length first: most headers differ in it, and it allocates nothing
-            if len(name) == size and name.lower() == target:
+            if len(name) == size and is_name(name, target):
                 lines += 1
                 if value.startswith(b"Bearer ") or value[:7].lower() == b"bearer ":
-                    token = value[7:].strip()
+                    token = _trimmed(value[7:])
                 elif self.bearer_only:
                     continue  # another scheme (Basic ...) is not ours
                 else:
-                    token = value.strip()
+                    token = _trimmed(value)
                 if found is not None and token != found:
                     return CONFLICT
                 found = token
@@ -201,3 +203,12 @@ class TokenCache:
 
     def __repr__(self) -> str:
         return f"<TokenCache {len(self.entries)} of {self.size} tokens>"
+
+
+def _trimmed(value: bytes) -> bytes:
+    """`value.strip()`, which compiled is a generic call, made only when there is blank space
+    at either end (rarely: the connection drops a field's trailing blanks, llhttp its leading
+    ones, so only the space after the scheme word can be left)."""
+    if value and (value[0] in _BLANKS or value[-1] in _BLANKS):
+        return value.strip()
+    return value

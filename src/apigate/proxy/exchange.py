@@ -1173,12 +1173,14 @@ class ProxyExchange(UpstreamListener):
         req = self.request
         return f"{req.method} {req.path} id={req.request_id}"
 
-    def _call_hooks(self, hooks: list[Callable[..., Any]], *args: Any) -> bool:
-        """Run response-side hooks; a failing one is logged and answered with 500 (or a cut,
-        if the response already started). Returns False when that happened."""
+    def _call_hooks(self, hooks: list[Callable[..., Any]], arg: Any) -> bool:
+        """Run response-side hooks with `arg` (the request, the response head or a chunk); a
+        failing one is logged and answered with 500 (or a cut, if the response already
+        started). Returns False when that happened. (One argument, not *args: compiled, a
+        starred call packs a tuple and makes a generic call per hook.)"""
         try:
             for hook in hooks:
-                hook(self, *args)
+                hook(self, arg)
         except Exception:
             log.exception("plugin hook failed on %s", self._describe())
             self._drop_upstream(ok=True)
