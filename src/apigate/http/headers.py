@@ -337,13 +337,13 @@ class HeaderList:
         """First value of a header by lower-case name (a linear scan)."""
         target = lname.encode("latin-1")
         for name, value in self.headers:
-            if len(name) == len(target) and name.lower() == target:
+            if is_name(name, target):
                 return value.decode("latin-1")
         return None
 
     def header_values(self, lname: str) -> list[str]:
         target = lname.encode("latin-1")
-        return [v.decode("latin-1") for n, v in self.headers if n.lower() == target]
+        return [v.decode("latin-1") for n, v in self.headers if is_name(n, target)]
 
     def set_header(self, name: str, value: str) -> None:
         self.remove_header(name)

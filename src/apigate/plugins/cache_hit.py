@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Final
 
+from apigate.http.headers import is_name
 from apigate.http.request import Request
 from apigate.plugins.cache_store import KEY_SEP, VARIANT_SEP, CacheEntry, MemoryStore
 from apigate.plugins.identity import principal
@@ -75,9 +76,9 @@ def request_fields(
             elif lname == b"if-none-match":
                 precondition = True
         elif size == 6:
-            if name.lower() == b"pragma":
+            if is_name(name, b"pragma"):
                 pragma = value.decode("latin-1")
-        elif size == 17 and name.lower() == b"if-modified-since":
+        elif size == 17 and is_name(name, b"if-modified-since"):
             precondition = True
     return cache_control, pragma, authorization, precondition
 

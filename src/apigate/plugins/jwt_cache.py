@@ -154,7 +154,7 @@ class TokenCache:
         cookie_name = self.cookie
         if cookie_name is not None:
             for name, value in req.headers:
-                if len(name) == 6 and name.lower() == b"cookie":
+                if is_name(name, b"cookie"):
                     for pair in value.split(b";"):
                         key, eq, val = pair.partition(b"=")
                         if not eq:
