@@ -13,7 +13,7 @@ import pytest
 from apigate.config.errors import ConfigError
 from apigate.config.schema import GatewayConfig
 from apigate.http.request import Request
-from apigate.observability import tracing
+from apigate.observability import trace_context, tracing
 from apigate.observability.tracing import (
     TRACE_HEADERS,
     new_span_id,
@@ -98,15 +98,45 @@ def test_forked_worker_draws_other_ids() -> None:
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child
-        os.write(write_fd, (new_span_id() + new_trace_id()).encode())
+        os.write(write_fd, (new_span_id() + new_trace_id()).encode() + trace_headers(ctx()))
         os._exit(0)
     os.close(write_fd)
-    child = os.read(read_fd, 100).decode()
+    child = os.read(read_fd, 200)
     os.close(read_fd)
     os.waitpid(pid, 0)
-    assert len(child) == 48
-    mine = new_span_id() + new_trace_id()
-    assert child[:16] != mine[:16] and child[16:] != mine[16:]
+    assert len(child) == 48 + 70
+    mine = (new_span_id() + new_trace_id()).encode() + trace_headers(ctx())
+    assert child[:16] != mine[:16] and child[16:48] != mine[16:48]
+    assert child[48:] != mine[48:]  # a new trace's ids come from a pool of their own
+
+
+def test_new_traces_are_well_formed_unique_and_recorded() -> None:
+    seen: set[bytes] = set()
+    for _ in range(1000):  # (several os.urandom draws: 128 traces each)
+        c = ctx((b"tracestate", b"congo=t61rcWkgMzE"))  # (no trace to continue: not sent)
+        line = trace_headers(c)
+        assert line.startswith(b"traceparent: ") and line.endswith(b"\r\n")
+        value = line[13:-2]
+        assert FORMAT.match(value) and value.endswith(b"-01")
+        assert parse_traceparent(value) is not None
+        trace_id, span_id = value[3:35], value[36:52]
+        assert trace_id not in seen and span_id not in seen
+        seen.update((trace_id, span_id))
+        assert trace_id_of(c) == trace_id.decode()
+        assert span_context(c) == (trace_id.decode(), span_id.decode(), "", "01")
+        assert trace_headers(c) == line  # a retry reuses the span
+
+
+def test_new_trace_skips_all_zero_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    """W3C: an all-zero trace id or span id is invalid. The pool is drawn at random, so the
+    gateway's own ids are made so here: each such pair is passed over."""
+    good_trace, good_span = "a" * 32, "b" * 16
+    groups = ["0" * 32, "c" * 32, TRACE, "0" * 16 + "d" * 16, good_trace, good_span + "e" * 16]
+    state = trace_context._STATE
+    monkeypatch.setattr(state, "pairs", "-".join(groups).encode() + b"-")
+    monkeypatch.setattr(state, "pair_pos", 0)
+    line = trace_headers(ctx())
+    assert line == f"traceparent: 00-{good_trace}-{good_span}-01\r\n".encode()
 
 
 def test_outgoing_continues_a_valid_trace_with_a_new_span() -> None:
@@ -144,7 +174,7 @@ def test_trace_headers_pass_tracestate_with_a_continued_trace() -> None:
     lines = trace_headers(c)
     assert lines.startswith(b"traceparent: 00-" + TRACE.encode())
     assert lines.endswith(b"\r\ntracestate: congo=t61rcWkgMzE\r\ntracestate: x=1\r\n")
-    assert c.vars["trace_id"] == TRACE
+    assert trace_id_of(c) == TRACE
     assert trace_headers(c) == lines  # a retry reuses the span
     assert span_context(c) == (TRACE, lines[49:65].decode(), PARENT, "01")
     c.request.traceparent = lines[13:68]  # a later plugin edited the field
@@ -178,6 +208,7 @@ def test_sample_ratio_marks_new_traces_unsampled() -> None:
     try:
         tracing.set_sample_ratio(0.0)
         assert outgoing_traceparent(request())[0].endswith(b"-00")
+        assert trace_headers(ctx()).endswith(b"-00\r\n")
         assert outgoing_traceparent(request((b"traceparent", VALID)))[0].endswith(b"-01")
     finally:
         tracing.set_sample_ratio(1.0)
