@@ -33,7 +33,7 @@ from apigate.http.pool import PoolManager
 from apigate.http.protocol import ClientConnection
 from apigate.http.request import Request
 from apigate.plugins.base import PluginEnv
-from apigate.proxy.exchange import ExchangeFactory, ProxyExchange
+from apigate.proxy.exchange import ExchangeFactory
 from apigate.redaction import redact_url
 from apigate.registry.events import EVENTS
 from apigate.registry.health import health_checker
@@ -58,7 +58,6 @@ class Gateway:
         self.trusted_proxies = TrustedProxies(config.listeners.proxy.trusted_proxies)
         self.scheme = "https" if config.listeners.proxy.tls else "http"
         self.connections: set[ClientConnection] = set()
-        self.draining = False
         # one batch for both sides: a response and the next request upstream go out together
         self.writes = WriteBatch(self.loop)
         self.pools = PoolManager(self.loop, writes=self.writes)
@@ -66,12 +65,11 @@ class Gateway:
         self.env = PluginEnv(config=config, loop=self.loop)
         # called with every finished exchange (metrics); plain functions, no awaiting
         self.observers: list[Callable[[Any], None]] = []
-        # ConnectionHost.new_exchange: a compiled callable (one call per request), which holds
-        # the current runtime (see `runtime`)
-        self._exchanges = ExchangeFactory(
+        # ConnectionHost.exchange_maker: compiled (one call per request), it holds the current
+        # runtime (see `runtime`) and whether the gateway is draining (see `draining`)
+        self.exchange_maker = ExchangeFactory(
             compile_runtime(config, self.services, self.env), self.observers
         )
-        self.new_exchange: Callable[[ClientConnection, Request], ProxyExchange] = self._exchanges
         self.proxy_server: asyncio.Server | None = None
         self.ssl_context: ssl.SSLContext | None = None
         self.reloads_ok = 0
@@ -110,11 +108,21 @@ class Gateway:
     @property
     def runtime(self) -> Runtime:
         """The snapshot new requests are served by (kept in the exchange factory)."""
-        return self._exchanges.runtime
+        return self.exchange_maker.runtime
 
     @runtime.setter
     def runtime(self, runtime: Runtime) -> None:
-        self._exchanges.runtime = runtime
+        self.exchange_maker.runtime = runtime
+
+    @property
+    def draining(self) -> bool:
+        """Stopping: the connections close after their current response (kept in the
+        exchange factory, where they read it)."""
+        return self.exchange_maker.draining
+
+    @draining.setter
+    def draining(self, draining: bool) -> None:
+        self.exchange_maker.draining = draining
 
     @property
     def config(self) -> GatewayConfig:
@@ -125,7 +133,7 @@ class Gateway:
     ) -> None:
         """ConnectionHost.refused: a request refused before it had an exchange (its head
         malformed, over a limit, too slow) is logged and counted through one made for it."""
-        self.new_exchange(conn, request).refused(err, sent)
+        self.exchange_maker.new_exchange(conn, request).refused(err, sent)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:

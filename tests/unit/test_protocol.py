@@ -16,7 +16,7 @@ from apigate.config.schema import LimitsConfig
 from apigate.http.errors import GatewayError
 from apigate.http.headers import RequestIds, TrustedProxies
 from apigate.http.output import WriteBatch
-from apigate.http.protocol import ClientConnection, Phase
+from apigate.http.protocol import ClientConnection, Exchange, ExchangeMaker, Phase
 from apigate.http.request import Request
 
 # ------------------------------------------------------------------ fakes
@@ -129,7 +129,7 @@ class FakeTransport:
         return out
 
 
-class FakeExchange:
+class FakeExchange(Exchange):
     """Records what the connection tells it; `answer()` plays a finished response."""
 
     def __init__(self, conn: ClientConnection, request: Request) -> None:
@@ -173,6 +173,18 @@ class FakeExchange:
         self.conn.host.writes.flush()  # the end of the loop's turn (apigate.http.output)
 
 
+class FakeMaker(ExchangeMaker):
+    """Makes the host's `exchange_class` and keeps each in `host.exchanges`."""
+
+    def __init__(self, host: FakeHost) -> None:
+        self.host = host
+
+    def new_exchange(self, conn: ClientConnection, request: Request) -> FakeExchange:
+        ex = self.host.exchange_class(conn, request)
+        self.host.exchanges.append(ex)
+        return ex
+
+
 class FakeHost:
     def __init__(self, loop: FakeLoop, limits: LimitsConfig, trusted: tuple[str, ...]) -> None:
         self.loop = loop
@@ -182,16 +194,11 @@ class FakeHost:
         self.trusted_proxies = TrustedProxies(trusted)
         self.scheme = "http"
         self.connections: set[ClientConnection] = set()
-        self.draining = False
+        self.exchange_maker = FakeMaker(self)
         self.writes = WriteBatch(cast(Any, loop))
         self.exchanges: list[FakeExchange] = []
         self.exchange_class = FakeExchange
         self.refusals: list[tuple[Request, int, int]] = []  # requests refused without exchange
-
-    def new_exchange(self, conn: ClientConnection, request: Request) -> FakeExchange:
-        ex = self.exchange_class(conn, request)
-        self.exchanges.append(ex)
-        return ex
 
     def refused(
         self, conn: ClientConnection, request: Request, err: GatewayError, sent: int
@@ -702,7 +709,7 @@ def test_keep_alive_then_close(h: Harness) -> None:
 
 def test_draining_closes_after_the_current_response(h: Harness) -> None:
     h.feed(GET)
-    h.host.draining = True
+    h.host.exchange_maker.draining = True
     h.exchanges[0].answer()
     assert h.transport.closed
 

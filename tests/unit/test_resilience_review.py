@@ -16,7 +16,7 @@ from apigate.config.schema import GatewayConfig, LimitsConfig
 from apigate.http.headers import RequestIds, TrustedProxies
 from apigate.http.output import WriteBatch
 from apigate.http.pool import Pool, PoolFull, PoolManager
-from apigate.http.protocol import ClientConnection
+from apigate.http.protocol import ClientConnection, ExchangeMaker
 from apigate.http.request import Request
 from apigate.http.upstream import UpstreamConnection
 from apigate.observability.access_log_lines import AccessLogLines
@@ -93,6 +93,16 @@ class Client:
         return int(out.split(b" ", 2)[1]) if out else 0
 
 
+class _Maker(ExchangeMaker):
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    def new_exchange(self, conn: ClientConnection, request: Request) -> ProxyExchange:
+        ex = ProxyExchange(conn, request, self.host.runtime, self.host.observers)
+        self.host.exchanges.append(ex)
+        return ex
+
+
 class Host:
     """The listener's side of the connections (apigate.http.protocol.ConnectionHost): their
     requests become ProxyExchanges on `runtime`."""
@@ -107,14 +117,9 @@ class Host:
         self.trusted_proxies = TrustedProxies(())
         self.scheme = "http"
         self.connections: set[ClientConnection] = set()
-        self.draining = False
+        self.exchange_maker = _Maker(self)
         self.writes = writes  # the pools' too, as in the gateway
         self.exchanges: list[ProxyExchange] = []
-
-    def new_exchange(self, conn: ClientConnection, request: Request) -> ProxyExchange:
-        ex = ProxyExchange(conn, request, self.runtime, self.observers)
-        self.exchanges.append(ex)
-        return ex
 
     def refused(self, conn: Any, request: Request, err: Any, sent: int) -> None:
         raise AssertionError(f"refused: {err}")

@@ -43,6 +43,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Protocol, cast
 
 import httptools
+from mypy_extensions import mypyc_attr
 
 from apigate.http.errors import GatewayError, body_size, render_error
 from apigate.http.headers import (
@@ -59,6 +60,7 @@ from apigate.http.headers import (
 )
 from apigate.http.output import WriteBatch, send
 from apigate.http.request import Request
+from apigate.http.upstream import UpstreamListener
 from apigate.routing.normalize import is_canonical, normalize_path
 
 if TYPE_CHECKING:
@@ -74,24 +76,59 @@ class Phase(enum.IntEnum):
     CLOSED = 4
 
 
-class Exchange(Protocol):
-    """What the connection needs from the per-request proxy logic."""
+@mypyc_attr(allow_interpreted_subclasses=True)
+class Exchange(UpstreamListener):
+    """What the connection needs from the per-request proxy logic: ProxyExchange (which also
+    listens to its upstream connection, hence the base: a compiled class has one) and, in
+    tests, fakes. A base class, not a Protocol: compiled, the connection's calls on it are
+    native calls, where calls and attribute reads on a Protocol-typed object are lookups by
+    name (~200 instructions each, five a request)."""
 
     request: Request
+    response_started: bool = False  # some of the response head/body was committed
 
-    @property
-    def response_started(self) -> bool: ...  # some of the response head/body was committed
-    def start(self) -> None: ...
-    def feed_body(self, chunk: bytes) -> None: ...
-    def body_done(self) -> None: ...
-    def client_lost(self) -> None: ...
-    # the connection answered `err` itself (a body of `sent` bytes) and closes: the request's
-    # outcome
-    def refused(self, err: GatewayError, sent: int) -> None: ...
-    def client_write_paused(self) -> None: ...
-    def client_write_resumed(self) -> None: ...
-    def tunnel_data(self, data: bytes) -> None: ...
-    def tunnel_eof(self) -> None: ...
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def feed_body(self, chunk: bytes) -> None:
+        raise NotImplementedError
+
+    def body_done(self) -> None:
+        raise NotImplementedError
+
+    def client_lost(self) -> None:
+        raise NotImplementedError
+
+    def refused(self, err: GatewayError, sent: int) -> None:
+        """The connection answered `err` itself (a body of `sent` bytes) and closes: the
+        request's outcome."""
+        raise NotImplementedError
+
+    def client_write_paused(self) -> None:
+        raise NotImplementedError
+
+    def client_write_resumed(self) -> None:
+        raise NotImplementedError
+
+    def tunnel_data(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def tunnel_eof(self) -> None:
+        raise NotImplementedError
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)
+class ExchangeMaker:
+    """What a connection asks of its listener once per request (apigate.proxy.exchange's
+    ExchangeFactory; fakes in tests): an exchange for each request it reads, and whether the
+    listener is draining (then the connection closes after its response). A base class: a
+    native call and a native read, compiled, where on the gateway (an interpreted object)
+    they were lookups by name, ~350 instructions a request."""
+
+    draining: bool = False
+
+    def new_exchange(self, conn: ClientConnection, request: Request) -> Exchange:
+        raise NotImplementedError
 
 
 class ConnectionHost(Protocol):
@@ -105,10 +142,11 @@ class ConnectionHost(Protocol):
     trusted_proxies: TrustedProxies
     scheme: str
     connections: set[ClientConnection]
-    draining: bool
     writes: WriteBatch  # the loop's (apigate.http.output)
 
-    def new_exchange(self, conn: ClientConnection, request: Request) -> Exchange: ...
+    @property
+    def exchange_maker(self) -> ExchangeMaker: ...
+
     # `request`, which has no exchange, was refused with `err` (a body of `sent` bytes): log and
     # count it
     def refused(
@@ -220,7 +258,7 @@ class ClientConnection(asyncio.Protocol):
         # what cannot change while the listener runs is taken once per connection.
         self.scheme = host.scheme
         self.request_ids = host.request_ids
-        self._new_exchange = host.new_exchange
+        self.exchange_maker = host.exchange_maker
         self._writes = host.writes
         self.transport: asyncio.Transport | None = None
         self._out: list[bytes] = []  # written, not yet sent (apigate.http.output)
@@ -614,7 +652,7 @@ class ClientConnection(asyncio.Protocol):
         # fired (408, queue dropped) while it merely waited behind a slow response.
         self.phase = Phase.WAIT
         self._deadline = 0.0
-        ex = self._new_exchange(self, req)
+        ex = self.exchange_maker.new_exchange(self, req)
         self._parsing = ex
         if req.has_body:
             # Stream the body: the exchange starts now if it is at the front of the queue.
@@ -908,7 +946,7 @@ class ClientConnection(asyncio.Protocol):
         self.requests_served += 1
         self.current = None
         if self._parsing is ex:  # answered before the request body was read
-            if keep_alive and not self.host.draining:
+            if keep_alive and not self.exchange_maker.draining:
                 # the exchange asked may_discard: read the rest of the body and drop it (the
                 # exchange does), then go on as after any response, in on_message_complete
                 self._discarding = ex
@@ -940,7 +978,7 @@ class ClientConnection(asyncio.Protocol):
     def _after_response(self, keep_alive: bool) -> None:
         """The connection after a response that was written whole: close, the next request
         (queued, or a refused head's error), or idle."""
-        if not keep_alive or self.host.draining:
+        if not keep_alive or self.exchange_maker.draining:
             # The client may have sent more than we read: its next request arriving (HEAD),
             # or pipelined ones queued, reading paused, the rest unread in the kernel. A plain
             # close then made the kernel answer those bytes with a reset, which destroyed the

@@ -35,12 +35,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 from apigate.http.errors import GatewayError, body_size, render_error, render_response
 from apigate.http.pool import PoolFull
-from apigate.http.upstream import (
-    InvalidResponse,
-    ResponseHead,
-    UpstreamConnection,
-    UpstreamListener,
-)
+from apigate.http.protocol import Exchange, ExchangeMaker
+from apigate.http.upstream import InvalidResponse, ResponseHead, UpstreamConnection
 from apigate.observability.trace_context import trace_lines
 from apigate.plugins.chain import RouteSwitch
 from apigate.plugins.response import Response
@@ -73,22 +69,24 @@ _SERVER_METHODS: Final = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 _NO_PARAMS: Final[dict[str, str]] = {}
 
 
-class ExchangeFactory:
-    """The gateway's `ConnectionHost.new_exchange`, compiled: called once per request, where an
-    interpreted method cost a Python frame. It holds the gateway's current runtime (the
-    gateway's `runtime` is this attribute: a reload sets it here) and its observers: reading
-    them off the gateway, an interpreted object, cost two lookups by name per request."""
+class ExchangeFactory(ExchangeMaker):
+    """The gateway's `ConnectionHost.exchange_maker`, compiled: called once per request, where
+    an interpreted method cost a Python frame. It holds the gateway's current runtime (the
+    gateway's `runtime` is this attribute: a reload sets it here), its observers (reading
+    them off the gateway, an interpreted object, cost two lookups by name per request) and
+    whether it is draining (the gateway's `draining`)."""
 
     def __init__(self, runtime: Runtime, observers: list[Callable[[Any], None]]) -> None:
         self.runtime = runtime
         self.observers = observers
 
-    def __call__(self, conn: ClientConnection, request: Request) -> ProxyExchange:
+    def new_exchange(self, conn: ClientConnection, request: Request) -> ProxyExchange:
         return ProxyExchange(conn, request, self.runtime, self.observers)
 
 
-class ProxyExchange(UpstreamListener):
-    """Implements both `http.protocol.Exchange` and `http.upstream.UpstreamListener`."""
+class ProxyExchange(Exchange):
+    """The client connection's `http.protocol.Exchange`, and its upstream connection's
+    `http.upstream.UpstreamListener` (the base's base)."""
 
     # Rarely changed state lives here as class-level defaults: an exchange only pays for the
     # attributes it actually sets (measured: ~1 µs less per request than setting 35 in __init__).
@@ -112,7 +110,6 @@ class ProxyExchange(UpstreamListener):
     _paused_for_buffer = False
     _paused_upstream_write = False
     _sent_continue = False
-    _head_sent = False
     _pending_head: bytes | None = None
     _chunk_out = False
     _keep_alive = False
@@ -176,11 +173,6 @@ class ProxyExchange(UpstreamListener):
         self.params: dict[str, str] = _NO_PARAMS  # the route's captured {params}, once routed
         self._body: list[bytes] = []
         self._body_done = not request.has_body
-
-    @property
-    def response_started(self) -> bool:
-        """A response head is committed: an error can no longer be sent, only a cut."""
-        return self._head_sent
 
     @property
     def buffered_body_bytes(self) -> int:
@@ -621,7 +613,7 @@ class ProxyExchange(UpstreamListener):
         Called before any byte of the response reached the client. Returns True when a retry
         was scheduled (the caller then does nothing more)."""
         service = self.service
-        if service is None or self._client_gone or self._finished or self._head_sent:
+        if service is None or self._client_gone or self._finished or self.response_started:
             return False
         policy = service.retry
         if self.retries >= policy.attempts or not policy.retryable(kind=kind, status=status):
@@ -769,7 +761,7 @@ class ProxyExchange(UpstreamListener):
         bodyless = req.method == "HEAD" or status in (204, 304) or status == 101
         self._chunk_out = not bodyless and (head.chunked or head.until_eof) and req.version == "1.1"
         keep_alive = req.keep_alive and (status == 101 or req.upgrade is None)
-        if self.conn.host.draining:
+        if self.conn.exchange_maker.draining:
             keep_alive = False  # we close after it: say so (Connection: close)
         if (head.until_eof or head.chunked) and not self._chunk_out and not bodyless:
             # An HTTP/1.0 client learns the end of the body from the close. (A chunked upstream
@@ -778,7 +770,7 @@ class ProxyExchange(UpstreamListener):
         if not self._body_done:
             keep_alive = False  # answered before the request body ended: framing is lost
         self._keep_alive = keep_alive
-        self._head_sent = True
+        self.response_started = True
         rewrite = self._response_rewrite
         if rewrite is not None and rewrite.active:
             rewrite.hold(head, keep_alive)  # the head waits for the rewritten body's length
@@ -794,7 +786,7 @@ class ProxyExchange(UpstreamListener):
     def on_interim_head(self, head: ResponseHead) -> None:
         # RFC 9110 §15.2: a proxy forwards 1xx responses (103 Early Hints, 102), but never to
         # an HTTP/1.0 client, nor once the final head is on its way (after a retry)
-        if self._client_gone or self._head_sent or self.request.version != "1.1":
+        if self._client_gone or self.response_started or self.request.version != "1.1":
             return
         self.conn.write(interim_head(head))
 
@@ -875,7 +867,7 @@ class ProxyExchange(UpstreamListener):
         self._release_instance(ok=stale)
         if self._client_gone:
             return
-        if not self._head_sent:
+        if not self.response_started:
             if stale and not self._stale_retried:
                 # The classic keep-alive race: the upstream closed the pooled connection as we
                 # reused it. Nothing was processed; try once more on a fresh connection (not
@@ -915,7 +907,7 @@ class ProxyExchange(UpstreamListener):
         self._release_instance(ok=False)
         if self._client_gone:
             return
-        if not self._head_sent:
+        if not self.response_started:
             if self._retry_after_failure("timeout"):
                 return
             self.fail(
@@ -978,7 +970,7 @@ class ProxyExchange(UpstreamListener):
         """Answer with a plugin's response instead of proxying."""
         if self._client_gone or self._finished:
             return
-        if self._head_sent or self.upstream is not None:
+        if self.response_started or self.upstream is not None:
             # too late: the request went upstream (a plugin answered after forwarding)
             log.error("a plugin answered %s after it was forwarded", self._describe())
             self.fail(GatewayError(500, "a plugin answered too late", "plugin_error"))
@@ -1007,7 +999,7 @@ class ProxyExchange(UpstreamListener):
         never opens), so its next request would wait there unanswered for tunnel_idle_timeout;
         a proxied answer other than 101 closes for the same reason (on_response_head)."""
         req = self.request
-        if not req.keep_alive or self.conn.host.draining or req.upgrade is not None:
+        if not req.keep_alive or self.conn.exchange_maker.draining or req.upgrade is not None:
             return False
         if self._body_done:
             return True
@@ -1056,7 +1048,7 @@ class ProxyExchange(UpstreamListener):
             # nothing has reached the client, which can still be told what went wrong (it
             # used to get a cut connection and no answer)
             self._response_rewrite = None
-        elif self._head_sent:
+        elif self.response_started:
             self.error = err.detail
             self.conn.abort()
             self._complete(keep_alive=False)
@@ -1108,7 +1100,7 @@ class ProxyExchange(UpstreamListener):
             breaker = self.service.breaker
             if self._service_failed:
                 breaker.record(False, since=self._breaker_since)
-            elif self._not_attempted or (self._client_gone and not self._head_sent):
+            elif self._not_attempted or (self._client_gone and not self.response_started):
                 # the client left before the service answered, or no instance was asked: no
                 # outcome to count, but a half-open probe slot to give back
                 breaker.release(since=self._breaker_since)
