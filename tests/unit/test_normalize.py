@@ -124,7 +124,7 @@ def test_result_is_canonical_and_stable(raw: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "raw", [b"/", b"/hello_service/", b"/api/42/orders", b"/a-b_c~d", b"/a:b@c!$&'()*+,;=", b"/a.b"]
+    "raw", [b"/", b"/hello_service/", b"/api/42/orders", b"/a-b_c~d", b"/a:b@c!$&'()*+,=", b"/a.b"]
 )
 def test_is_canonical_takes_the_usual_paths(raw: bytes) -> None:
     assert is_canonical(raw)
@@ -133,6 +133,7 @@ def test_is_canonical_takes_the_usual_paths(raw: bytes) -> None:
 @pytest.mark.parametrize(
     "raw",
     [b"", b"a", b"*", b"//", b"/a//b", b"/.", b"/a/./b", b"/a/..", b"/%41", b"/a b", b"/a\\b"]
+    + [b"/a;b", b"/a/..;/b"]  # (";": a reading without the parameter, see other_readings)
     + [b"/a" + bytes([c]) for c in (*range(32), 127, 128, 255)],
 )
 def test_is_canonical_leaves_the_rest_to_normalize_path(raw: bytes) -> None:
@@ -142,10 +143,12 @@ def test_is_canonical_leaves_the_rest_to_normalize_path(raw: bytes) -> None:
 @given(st.binary(max_size=24).map(lambda b: b"/" + b) | st.binary(max_size=8))
 def test_is_canonical_only_where_normalize_path_keeps_the_path(raw: bytes) -> None:
     """The connection skips normalize_path when is_canonical says so: it must never say so of
-    a path that normalize_path would change or refuse."""
+    a path that normalize_path would change or refuse, nor of one with another reading (the
+    exchange then looks for no route of one)."""
     if is_canonical(raw):
         text = raw.decode("ascii")
         assert normalize_path(text) == text
+        assert other_readings(text) == []
 
 
 @given(st.text(alphabet="/.%2eEfF0a~-_\\ ", max_size=24).map(lambda s: "/" + s))

@@ -842,7 +842,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             raw_path = url
         if is_canonical(raw_path):  # nearly every request
-            req.path = raw_path.decode("ascii")
+            req.path = req.one_reading = raw_path.decode("ascii")
             return
         try:
             path_text = raw_path.decode("ascii")

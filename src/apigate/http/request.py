@@ -29,6 +29,7 @@ class Request(HeaderList):
         "host",
         "keep_alive",
         "method",
+        "one_reading",
         "path",
         "query",
         "request_id",
@@ -42,6 +43,10 @@ class Request(HeaderList):
     def __init__(self) -> None:
         self.method = ""
         self.path = "/"  # normalised path, used for routing and forwarded upstream
+        # the path as the parser made it, when it has no other reading (no "%" escape, no ";"
+        # parameter: routing.normalize.other_readings): the exchange then looks for no route
+        # of another reading
+        self.one_reading: str | None = None
         self.query = b""  # raw query string without "?"
         self.version = "1.1"
         # end-to-end headers in client order, minus Host, hop-by-hop and X-Forwarded-*

@@ -69,6 +69,13 @@ _SERVER_METHODS: Final = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 _NO_PARAMS: Final[dict[str, str]] = {}
 
 
+def _no_header(lname: str) -> str | None:
+    return None
+
+
+_NO_HEADER: Final = _no_header  # the matcher's header lookup when no route matches on one
+
+
 class ExchangeFactory(ExchangeMaker):
     """The gateway's `ConnectionHost.exchange_maker`, compiled: called once per request, where
     an interpreted method cost a Python frame. It holds the gateway's current runtime (the
@@ -317,12 +324,19 @@ class ProxyExchange(Exchange):
     def _route(self) -> None:
         req = self.request
         matcher = self.runtime.matcher
+        path = req.path
         if matcher.routing_fields:
             _check_routing_fields(req, matcher.routing_fields, matcher.routing_field_spellings)
-        path = req.path
-        result = matcher.match(req.host, req.method, path, req.header)
-        # (rare: "%" is an escape other than of an unreserved character, ";" a parameter)
-        if ("%" in path or ";" in path) and isinstance(result, Match):
+            result = matcher.match(req.host, req.method, path, req.header)
+        else:  # no route matches on a header: the lookup is never called (no bound method)
+            result = matcher.match(req.host, req.method, path, _NO_HEADER)
+        # (rare: "%" is an escape other than of an unreserved character, ";" a parameter; the
+        # parser saw that the usual path has neither, unless a plugin has changed it since)
+        if (
+            path is not req.one_reading
+            and ("%" in path or ";" in path)
+            and isinstance(result, Match)
+        ):
             for other in matcher.other_routes(req.host, req.method, path, req.header, result):
                 _refuse_stricter_reading(result, other)
         if isinstance(result, NoMatch):

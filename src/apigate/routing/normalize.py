@@ -48,16 +48,18 @@ del _ESCAPES["00"]
 def is_canonical(raw: bytes) -> bool:
     """Whether `raw`, a request target's path as received, is a canonical path already: "/"
     first, then printable ASCII other than space, "\\" and "%", with no "//" and no "/."
-    (what `normalize_path` returns as it is). Nearly every request's path is: the connection
-    checks it here, in one compiled pass over the bytes, before it decodes it. (On the str,
-    the same tests were seven calls, two of them generic: ~0.25 µs for "/hello".)"""
+    (what `normalize_path` returns as it is), and one with no other reading either (no ";":
+    see `other_readings`). Nearly every request's path is: the connection checks it here, in
+    one compiled pass over the bytes, before it decodes it. (On the str, the same tests were
+    seven calls, two of them generic: ~0.25 µs for "/hello".)"""
     n = len(raw)
     if n == 0 or raw[0] != 47:  # "/"
         return False
     previous = 47
     for i in range(1, n):
         c = raw[i]
-        if c <= 32 or c >= 127 or c == 92 or c == 37:  # control, space, non-ASCII, "\\", "%"
+        # control, space, non-ASCII, "\\", "%", ";"
+        if c <= 32 or c >= 127 or c == 92 or c == 37 or c == 59:
             return False
         if previous == 47 and (c == 47 or c == 46):  # "//", "/."
             return False
