@@ -374,6 +374,22 @@ def test_each_request_has_its_own_version_however_the_reads_fall(h: Harness) -> 
     h2.exchanges[2].answer()
     h2.feed(b"GET /d HTTP/1.1\r\nHost: x\r\n\r\n")
     assert _versions(h2) == [("1.0", True)] * 3 + [("1.1", True)]
+    # a GET's line is checked after its target (on_url): split there, or within the target
+    h3 = Harness()
+    reads = [
+        (b"GET /a", b" HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"),
+        (b"GET /lo", b"ng HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"),
+        (b"GET /a", b" HTTP/1.1\r\nHost: x\r\n\r\n"),
+        (b"GET /a?q=HTTP/1.1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",),
+        (b"POST /p HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n",),
+        (b"DELETE /p HTTP/1.1\r\nHost: x\r\n\r\n",),
+    ]
+    for i, read in enumerate(reads):
+        h3.feed(*read)
+        h3.exchanges[i].answer()
+    assert _versions(h3) == [("1.0", True)] * 2 + [("1.1", True)] + [("1.0", True)] * 2 + [
+        ("1.1", True)
+    ]
 
 
 def test_an_unsupported_version_after_a_supported_one_is_refused(h: Harness) -> None:

@@ -288,9 +288,10 @@ class ClientConnection(asyncio.Protocol):
         self._read_starts_v11 = False
         self._v11 = False
         # the same for the method: a read that begins with "GET " (get_method() makes a new
-        # bytes object every call)
+        # bytes object every call); such a read's line is checked for " HTTP/1.1" in on_url
         self._read_starts_get = False
         self._get = False
+        self._read = b""  # the read being parsed
         self._after_read: list[Callable[[], None]] = []
         self._header_count = 0
         self._host_count = 0
@@ -388,12 +389,15 @@ class ClientConnection(asyncio.Protocol):
         self._feeding = len(data)
         self._burst = 0
         if self.phase == Phase.IDLE:  # no message begun: the read starts with a request line
-            eol = data.find(b"\n")
-            # (a slice compared, not data.startswith(_V11_LINE_END, eol - 10): with a start
-            # offset, startswith is no mypyc primitive but a generic call that parses its
-            # arguments as a tuple, ~800 instructions more than an 11-byte slice)
-            self._read_starts_v11 = eol >= 10 and data[eol - 10 : eol + 1] == _V11_LINE_END
+            self._read = data
             self._read_starts_get = data.startswith(b"GET ")
+            if not self._read_starts_get:  # (a GET's line: on_url, which knows its length)
+                # (bytes.find parses its arguments the old way, ~400 instructions)
+                eol = data.find(b"\n")
+                # (a slice compared, not data.startswith(_V11_LINE_END, eol - 10): with a
+                # start offset, startswith is no mypyc primitive but a generic call that
+                # parses its arguments as a tuple, ~800 instructions more than a slice)
+                self._read_starts_v11 = eol >= 10 and data[eol - 10 : eol + 1] == _V11_LINE_END
         try:
             upgrade_at = self._feed(data)
             if upgrade_at >= 0:
@@ -404,6 +408,7 @@ class ClientConnection(asyncio.Protocol):
         finally:
             self._feeding = 0
             self._read_starts_v11 = self._read_starts_get = False
+            self._read = b""
         if self._after_read:
             callbacks, self._after_read = self._after_read, []
             for callback in callbacks:
@@ -557,8 +562,13 @@ class ClientConnection(asyncio.Protocol):
             self._forwarding_kept.clear()
 
     def on_url(self, url: bytes) -> None:
-        # (compiled, b"" + url is a copy: a target in one piece, the usual one, is kept as is)
-        self._url = self._url + url if self._url else url
+        if self._url:  # (compiled, b"" + url is a copy: a target in one piece is kept as is)
+            self._url = self._url + url
+        else:
+            self._url = url
+            if self._get:  # this read begins with the line: is it "GET " url " HTTP/1.1\r\n"?
+                end = len(url) + 4
+                self._v11 = self._read[end : end + 11] == _V11_LINE_END
         if len(self._url) > self.limits.max_url_bytes:
             raise GatewayError(414, "request target too long")
 
