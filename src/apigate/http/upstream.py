@@ -33,6 +33,7 @@ from apigate.http.headers import (
     FieldKinds,
     HeaderList,
     connection_tokens,
+    is_name,
     parse_length,
 )
 from apigate.http.output import send
@@ -465,7 +466,9 @@ class UpstreamConnection(asyncio.Protocol):
                 raise InvalidResponse(f"HTTP/{head.version} response on an HTTP/1.1 connection")
         keep_alive = head.version == "1.1"
         values = self._connection_values
-        if values and len(values) == 1 and values[0].lower() == b"keep-alive":
+        # (is_name: a token compares as a field name does, and values[0].lower() was a
+        # generic call, ~350 instructions)
+        if values and len(values) == 1 and is_name(values[0], b"keep-alive"):
             keep_alive = True  # what most upstreams send on every response: skip the parsing
         elif values:
             tokens = connection_tokens(values)

@@ -32,29 +32,39 @@ def request_head(
     content_length: int | None,
     extra: bytes = b"",
 ) -> bytes:
-    """The head of the request sent upstream (HTTP/1.1, keep-alive)."""
+    """The head of the request sent upstream (HTTP/1.1, keep-alive). `extra`: the trace
+    context and whatever else the exchange adds, as ready header lines.
+
+    One build of its pieces (compiled: lengths added, one allocation, copies), where a list
+    of them joined cost an append each and a buffer request per piece in the join."""
     target = path.encode("ascii")
     if req.query:
         target += b"?" + req.query
-    parts = [
-        b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, target, host_header),
-    ]
-    for name, value in req.headers:
-        parts.append(b"%s: %s\r\n" % (name, value))
-    parts.append(
-        req.forwarding or forwarding_lines(req.client_ip, req.forwarded_for, req.scheme, req.host)
-    )
-    parts.append(req.id_and_via())
-    if extra:  # trace context and whatever else the exchange adds, as ready header lines
-        parts.append(extra)
     if chunked:
-        parts.append(_CHUNKED)
+        framing = _CHUNKED
     elif content_length is not None:
-        parts.append(content_length_line(content_length))
+        framing = content_length_line(content_length)
+    else:
+        framing = b""
     if req.upgrade is not None:
-        parts.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % (req.upgrade,))
-    parts.append(b"\r\n")
-    return b"".join(parts)
+        framing += b"Connection: upgrade\r\nUpgrade: %s\r\n" % (req.upgrade,)
+    return b"%s %s HTTP/1.1\r\nHost: %s\r\n%s%s%s%s%s\r\n" % (
+        method,
+        target,
+        host_header,
+        field_lines(req.headers),
+        req.forwarding or forwarding_lines(req.client_ip, req.forwarded_for, req.scheme, req.host),
+        req.id_and_via(),
+        extra,
+        framing,
+    )
+
+
+def field_lines(fields: list[tuple[bytes, bytes]]) -> bytes:
+    """`fields` as header field lines."""
+    if not fields:
+        return b""
+    return b"".join([b"%s: %s\r\n" % (name, value) for name, value in fields])
 
 
 def consumer_lines(consumer: Any) -> bytes:
@@ -95,43 +105,47 @@ def response_head(
     chunk_out: bool,
     keep_alive: bool,
 ) -> bytes:
-    """The head of the response sent to the client; framing decided by the caller."""
-    parts = [status_line(head.status, head.reason)]
-    has_date = False
+    """The head of the response sent to the client; framing decided by the caller. One build
+    of its pieces, as request_head's."""
+    date = DATE.value
+    lines = []
     for name, value in head.headers:
-        parts.append(b"%s: %s\r\n" % (name, value))
+        lines.append(b"%s: %s\r\n" % (name, value))
         if len(name) == 4 and is_name(name, b"date"):
-            has_date = True
-    if not has_date:
-        parts.append(DATE.value)
-    # Via in responses too, after the upstream's own Via lines (one list, in order)
-    parts.append(req.id_and_via())
+            date = b""  # the upstream's own
     status = head.status
     if status == 101:
-        parts.append(b"Connection: upgrade\r\nUpgrade: %s\r\n" % (head.upgrade or b""))
+        framing = b"Connection: upgrade\r\nUpgrade: %s\r\n" % (head.upgrade or b"",)
     else:
         if chunk_out:
-            parts.append(_CHUNKED)
+            framing = _CHUNKED
         elif (
             head.content_length is not None
             and status != 204
             and not (status == 304 and head.content_length == 0)
         ):
-            parts.append(content_length_line(head.content_length))
+            framing = content_length_line(head.content_length)
+        else:
+            framing = b""
         if not keep_alive:
-            parts.append(_CONN_CLOSE)
+            framing += _CONN_CLOSE
         elif req.version == "1.0":
-            parts.append(_CONN_KEEP_ALIVE)
-    parts.append(b"\r\n")
-    return b"".join(parts)
+            framing += _CONN_KEEP_ALIVE
+    # Via in responses too, after the upstream's own Via lines
+    return b"%s%s%s%s%s\r\n" % (
+        status_line(status, head.reason),
+        b"".join(lines),
+        date,
+        req.id_and_via(),
+        framing,
+    )
 
 
 def interim_head(head: ResponseHead) -> bytes:
     """A 1xx response forwarded to the client as the upstream sent it, less its hop-by-hop
     fields (no framing: a 1xx has no body)."""
-    parts = [status_line(head.status, head.reason)]
-    for name, value in head.headers:
-        parts.append(b"%s: %s\r\n" % (name, value))
-    parts.append(VIA_LINE)
-    parts.append(b"\r\n")
-    return b"".join(parts)
+    return b"%s%s%s\r\n" % (
+        status_line(head.status, head.reason),
+        field_lines(head.headers),
+        VIA_LINE,
+    )
