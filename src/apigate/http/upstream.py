@@ -391,7 +391,7 @@ class UpstreamConnection(asyncio.Protocol):
         head = self.head
         if head is None or head.status:  # status is set at headers-complete: this is a trailer
             return
-        if value and (value[-1] == 32 or value[-1] == 9):
+        if len(value) and (value[-1] == 32 or value[-1] == 9):  # (len(): see protocol's)
             value = value.rstrip(b" \t")  # llhttp keeps trailing OWS; not part of the value
         kind = _RESPONSE_SPECIAL.kind(name)
         if kind == 0:

@@ -38,7 +38,7 @@ def request_head(
     One build of its pieces (compiled: lengths added, one allocation, copies), where a list
     of them joined cost an append each and a buffer request per piece in the join."""
     target = path.encode("ascii")
-    if req.query:
+    if len(req.query):  # (len(): compiled, a bytes object's truth is a generic call)
         target += b"?" + req.query
     if chunked:
         framing = _CHUNKED
@@ -53,7 +53,9 @@ def request_head(
         target,
         host_header,
         field_lines(req.headers),
-        req.forwarding or forwarding_lines(req.client_ip, req.forwarded_for, req.scheme, req.host),
+        req.forwarding
+        if len(req.forwarding)
+        else forwarding_lines(req.client_ip, req.forwarded_for, req.scheme, req.host),
         req.id_and_via(),
         extra,
         framing,
