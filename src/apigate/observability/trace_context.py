@@ -28,7 +28,6 @@ _RANDOM_BYTES: Final = 4096  # drawn per os.urandom call: 128 trace ids or 256 s
 # last 16 digits go unused), so that the pair is one slice. 128 pairs per os.urandom call.
 _GROUP: Final = 33  # 32 hex digits and the "-"
 _PAIR: Final = 49  # <32 hex>-<16 hex>
-_LINE: Final = "traceparent_line"  # `vars` key: the traceparent line sent upstream, as sent
 
 
 class _State:
@@ -83,7 +82,7 @@ def _span() -> bytes:
 
 def _id_pair() -> bytes:
     """b"<trace id>-<span id>" of a new trace: 49 random lower-case hex digits and dash, one
-    slice (see _GROUP). Either id may be all zeros (W3C: invalid): see _new_trace_line."""
+    slice (see _GROUP). Either id may be all zeros (W3C: invalid): see new_trace_line."""
     state = _STATE
     start = state.pair_pos
     if start + _PAIR > len(state.pairs):
@@ -93,9 +92,10 @@ def _id_pair() -> bytes:
     return state.pairs[start : start + _PAIR]
 
 
-def _new_trace_line() -> bytes:
-    """The `traceparent` line of a new trace: the usual request's, which brings none. One
-    slice and one build: compiled, the ids drawn apart, joined, and the trace id decoded for
+def new_trace_line() -> bytes:
+    """The `traceparent` line of a new trace: the usual request's, which brings none (and
+    whose exchange has no `vars` yet: no plugin began a trace, see trace_id_of). One slice
+    and one build: compiled, the ids drawn apart, joined, and the trace id decoded for
     the log were ~2,000 instructions a request, 5% of the gateway's own."""
     pair = _id_pair()
     while pair.startswith(_ZERO_TRACE) or pair.endswith(_ZERO_SPAN):  # (one in 2**64)
@@ -240,53 +240,50 @@ def outgoing_traceparent(request: Request) -> tuple[bytes, str]:
 
 
 def trace_headers(ctx: Any) -> bytes:
-    """`trace_lines(ctx.request, ctx.vars)`: for an exchange-like `ctx` (tests, plugins)."""
-    return trace_lines(ctx.request, ctx.vars)
-
-
-def trace_lines(request: Request, tv: dict[str, Any]) -> bytes:
-    """The trace header lines for the upstream request head. The exchange's `vars` (`tv`)
-    record the trace: the `traceparent` line as sent (`_LINE`), and, when the trace continues
-    the client's, its field ("trace_parent", for the exporter, safe from later edits of the
-    headers); trace_id_of() reads the trace id from them. The head builder must skip the
-    client's own `traceparent` and `tracestate` fields (names in TRACE_HEADERS): they come back
-    from here, the state only when the trace is continued. A retry of the same exchange reuses
-    the span."""
-    # (typed: compiled, formatting a value of unknown type is a generic % operation)
-    line: bytes | None = tv.get(_LINE)
+    """The trace header lines of the upstream request head of an exchange-like `ctx` (tests,
+    plugins; the proxy's exchange makes its own as it builds the head, the same way): the
+    `traceparent` line it records in `ctx.trace_line` (made once: a retry is the same span),
+    and the client's `tracestate` with the client's own trace. The head builder must skip the
+    client's own `traceparent` and `tracestate` fields (names in TRACE_HEADERS)."""
+    line: bytes | None = getattr(ctx, "trace_line", None)
     if line is None:
-        if not request.traceparent and "trace_id" not in tv:
-            # the usual request: no trace from the client, and no plugin has logged one yet
-            line = _new_trace_line()
-            tv[_LINE] = line
-            return line
-        line = _first_line(request, tv)
-        tv[_LINE] = line
-    states = request.tracestate
-    if states and "trace_parent" in tv:  # the vendors' state goes with the trace it belongs to
-        return line + b"".join([b"tracestate: " + s + b"\r\n" for s in states])
-    return line
+        line = ctx.trace_line = first_trace_line(ctx.request, ctx.vars)
+    return line + tracestate_lines(ctx.request, ctx.vars)
 
 
-def _first_line(request: Request, tv: dict[str, Any]) -> bytes:
-    """The exchange's `traceparent` line when the client sent a `traceparent` or a plugin
-    asked for the trace id first (trace_id_of): a new span of that trace."""
+def first_trace_line(request: Request, tv: dict[str, Any]) -> bytes:
+    """The exchange's `traceparent` line, whose `vars` are `tv`: a new span of the trace the
+    client sent (valid: its field is kept in `tv["trace_parent"]` for the exporter, safe from
+    later edits of the headers) or of the one a plugin asked for first (trace_id_of); else of
+    a new trace."""
     parent, _states = _incoming(request)
     trace_id: str | None = tv.get("trace_id")
     if trace_id is not None:  # trace_id_of() ran first (a plugin logged): the same trace
         continued = _continued(parent, trace_id) is not None
         flags: bytes = tv.get("trace_flags", b"01")
         sent = b"-".join((b"00", trace_id.encode(), _span(), flags))
+    elif parent is None:
+        return new_trace_line()
     else:
         sent, _trace_id, continued = continue_trace(parent)
     if continued:
         tv["trace_parent"] = parent
+    # (typed: compiled, formatting a value of unknown type is a generic % operation)
     return b"traceparent: %s\r\n" % (sent,)
 
 
-def _sent(tv: dict[str, Any]) -> bytes | None:
-    """The `traceparent` value sent upstream, if the exchange sent one."""
-    line: bytes | None = tv.get(_LINE)
+def tracestate_lines(request: Request, tv: dict[str, Any] | None) -> bytes:
+    """The client's `tracestate` lines, sent on with the trace they belong to: when the
+    exchange (`vars` `tv`) continued the client's (first_trace_line)."""
+    states = request.tracestate
+    if states and tv is not None and "trace_parent" in tv:
+        return b"".join([b"tracestate: " + s + b"\r\n" for s in states])
+    return b""
+
+
+def _sent(ctx: Any) -> bytes | None:
+    """The `traceparent` value the exchange sent upstream, if it sent one."""
+    line: bytes | None = getattr(ctx, "trace_line", None)
     return None if line is None else line[13:68]
 
 
@@ -297,7 +294,7 @@ def trace_id_of(ctx: Any) -> str:
     trace_id: str | None = tv.get("trace_id")
     if trace_id is not None:
         return trace_id
-    sent = _sent(tv)
+    sent = _sent(ctx)
     if sent is not None:
         trace_id = sent[3:35].decode()
     else:
@@ -322,7 +319,7 @@ class ChildTrace:
     def __init__(self, ctx: Any) -> None:
         trace_id = trace_id_of(ctx)
         tv = ctx.vars
-        sent = _sent(tv)
+        sent = _sent(ctx)
         flags: bytes = sent[53:55] if sent is not None else tv.get("trace_flags", b"01")
         self._prefix = b"00-" + trace_id.encode() + b"-"
         self._suffix = b"-" + flags
@@ -338,7 +335,7 @@ def span_context(ctx: Any) -> tuple[str, str, str, str]:
     """(trace id, upstream span id or "", parent id or "", flags) of a finished exchange, for
     the exporter (cold path: re-reads the client's traceparent)."""
     trace_id = trace_id_of(ctx)
-    sent = _sent(ctx.vars)
+    sent = _sent(ctx)
     parent: bytes | None = ctx.vars.get("trace_parent")
     if parent is None:
         parent, _states = _incoming(ctx.request)

@@ -37,7 +37,11 @@ from apigate.http.errors import GatewayError, body_size, render_error, render_re
 from apigate.http.pool import PoolFull
 from apigate.http.protocol import Exchange, ExchangeMaker
 from apigate.http.upstream import InvalidResponse, ResponseHead, UpstreamConnection
-from apigate.observability.trace_context import trace_lines
+from apigate.observability.trace_context import (
+    first_trace_line,
+    new_trace_line,
+    tracestate_lines,
+)
 from apigate.plugins.chain import RouteSwitch
 from apigate.plugins.response import Response
 from apigate.proxy.body_rewrite import RequestBodyRewrite, ResponseBodyRewrite
@@ -155,6 +159,10 @@ class ProxyExchange(Exchange):
     # getting a connection from the pool: waiting in its queue, or connecting
     _connecting: asyncio.Task[None] | None = None
     _replay_size = 0
+    _vars: dict[str, Any] | None = None  # (see `vars`)
+    # the traceparent line sent upstream (made with the first attempt's head: a retry is the
+    # same span), which trace_context reads for the access log and the exporter
+    trace_line: bytes | None = None
     _stale_retried = False
     # a tunnel's half-closes, each side's EOF passed on to the other
     _client_eof = False
@@ -175,11 +183,19 @@ class ProxyExchange(Exchange):
         # the clock starts at the request's first byte (the connection read the time then)
         self.t0 = conn.began_at or monotonic()
         self.tried: list[Instance] = []
-        self.vars: dict[str, Any] = {}  # scratch space shared by plugins
         self.upstream_path = request.path
         self.params: dict[str, str] = _NO_PARAMS  # the route's captured {params}, once routed
         self._body: list[bytes] = []
         self._body_done = not request.has_body
+
+    @property
+    def vars(self) -> dict[str, Any]:
+        """Scratch space shared by plugins: made when first asked for (most requests have
+        none, and a dict made and freed was ~250 instructions a request)."""
+        found = self._vars
+        if found is None:
+            found = self._vars = {}
+        return found
 
     @property
     def buffered_body_bytes(self) -> int:
@@ -761,7 +777,7 @@ class ProxyExchange(Exchange):
         if route is not None and route.chain.response_hooks:
             if not self._call_hooks(route.chain.response_hooks, head):
                 return
-            replacement = self.vars.get("replace_response")
+            replacement = None if self._vars is None else self._vars.get("replace_response")
             if isinstance(replacement, Response):  # e.g. a stale cache entry for a 5xx
                 self._drop_upstream(ok=head.status < 500)
                 self._respond_index = -1
@@ -1197,7 +1213,14 @@ class ProxyExchange(Exchange):
     def _extra_lines(self, route: CompiledRoute, req: Request) -> bytes:
         """The upstream head's lines besides the forwarding ones: the trace context, and the
         X-Forwarded-Prefix and consumer lines when there are any."""
-        lines = trace_lines(req, self.vars)
+        line = self.trace_line
+        if line is None:
+            if self._vars is None and not req.traceparent:  # the usual request: a new trace
+                line = new_trace_line()
+            else:
+                line = first_trace_line(req, self.vars)
+            self.trace_line = line
+        lines = line + tracestate_lines(req, self._vars) if req.tracestate else line
         if route.strip_prefix or req.forwarded_prefix:
             lines = self._prefix_line() + lines
         consumer = self.consumer
