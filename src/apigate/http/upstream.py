@@ -21,8 +21,8 @@ the next exchange.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
-from time import monotonic
 from typing import TYPE_CHECKING, Final, cast
 
 import httptools
@@ -41,6 +41,10 @@ from apigate.http.output import send
 if TYPE_CHECKING:
     from apigate.http.pool import Pool
 
+
+# (a Final alias: compiled, a call reads a static, where the imported name was looked up in
+# the module's dict at every call, ~130 instructions)
+monotonic: Final = time.monotonic
 
 # An upstream is untrusted too: its head is bounded like a client's (nginx: "upstream sent too
 # big header"). httptools would otherwise accumulate an endless header line in memory.

@@ -29,8 +29,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import Callable
-from time import monotonic
 from typing import TYPE_CHECKING, Any, Final
 
 from apigate.http.errors import GatewayError, body_size, render_error, render_response
@@ -55,6 +55,10 @@ if TYPE_CHECKING:
     from apigate.http.request import Request
     from apigate.registry.service import Service
     from apigate.runtime import CompiledRoute, Runtime
+
+# (a Final alias: compiled, a call reads a static, where the imported name was looked up in
+# the module's dict at every call, ~130 instructions)
+monotonic: Final = time.monotonic
 
 log = logging.getLogger("apigate.proxy")
 
