@@ -112,7 +112,7 @@ def test_forked_worker_draws_other_ids() -> None:
 
 def test_new_traces_are_well_formed_unique_and_recorded() -> None:
     seen: set[bytes] = set()
-    for _ in range(1000):  # (several os.urandom draws: 128 traces each)
+    for _ in range(1000):  # (several draws: 128 traces each)
         c = ctx((b"tracestate", b"congo=t61rcWkgMzE"))  # (no trace to continue: not sent)
         line = trace_headers(c)
         assert line.startswith(b"traceparent: ") and line.endswith(b"\r\n")
