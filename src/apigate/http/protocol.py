@@ -58,7 +58,7 @@ from apigate.http.headers import (
     valid_host,
     valid_request_id,
 )
-from apigate.http.output import WriteBatch, send
+from apigate.http.output import Sender, WriteBatch
 from apigate.http.request import Request
 from apigate.http.upstream import UpstreamListener
 from apigate.routing.normalize import is_canonical, normalize_path
@@ -246,10 +246,12 @@ def edge_limits(config: LimitsConfig) -> EdgeLimits:
     return cached
 
 
-class ClientConnection(asyncio.Protocol):
-    """One client TCP connection: parses requests, enforces limits, runs exchanges in order."""
+class ClientConnection(Sender):
+    """One client TCP connection: parses requests, enforces limits, runs exchanges in order.
+    Its writes wait for the end of the loop's turn (Sender)."""
 
     def __init__(self, host: ConnectionHost) -> None:
+        super().__init__(host.writes)
         self.host = host
         self.loop = host.loop
         self.clock = host.clock
@@ -259,9 +261,6 @@ class ClientConnection(asyncio.Protocol):
         self.scheme = host.scheme
         self.request_ids = host.request_ids
         self.exchange_maker = host.exchange_maker
-        self._writes = host.writes
-        self.transport: asyncio.Transport | None = None
-        self._out: list[bytes] = []  # written, not yet sent (apigate.http.output)
         self.parser = _request_parser(self)
         # its feed_data, bound once: called per read, a method looked up by name each time
         self._feed_data: Callable[[bytes], None] = self.parser.feed_data
@@ -359,7 +358,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.phase = Phase.CLOSED
-        self._out.clear()
+        self.drop_held()
         self.host.connections.discard(self)
         if self._timer is not None:
             self._timer.cancel()
@@ -932,17 +931,6 @@ class ClientConnection(asyncio.Protocol):
         return t if t is not None else self.limits.body_timeout
 
     # ------------------------------------------------------------------ writing and ordering
-    def write(self, data: bytes) -> None:
-        """Send `data` once the loop has handled its current events (apigate.http.output)."""
-        t = self.transport
-        if t is not None:
-            self._writes.write(t, self._out, data)
-
-    def writelines(self, parts: list[bytes]) -> None:
-        t = self.transport
-        if t is not None:
-            self._writes.writelines(t, self._out, parts)
-
     def write_continue(self, ex: Exchange) -> None:
         """Send `ex`'s client the 100 (Continue) it waits for: from now on its silence is its
         own, and the body's deadline runs (see _begin)."""
@@ -1078,7 +1066,8 @@ class ClientConnection(asyncio.Protocol):
     def close(self) -> None:
         t = self.transport
         if t is not None and not t.is_closing():
-            send(t, self._out)
+            self.send_held()
+            self.sending = False
             t.close()
             if t.get_write_buffer_size():  # it flushes first: as long as the client reads
                 self._arm_send_timeout()
@@ -1110,7 +1099,8 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         self.phase = Phase.CLOSED
-        send(t, self._out)
+        self.send_held()
+        self.sending = False
         t.write_eof()
         self._linger = self.loop.call_later(_LINGER_SECONDS, self.close)
         if self._reading_paused:
@@ -1123,7 +1113,8 @@ class ClientConnection(asyncio.Protocol):
         t = self.transport
         if t is None or t.is_closing() or not t.can_write_eof():
             return False
-        send(t, self._out)
+        self.send_held()
+        self.sending = False
         t.write_eof()
         return True
 
@@ -1132,7 +1123,8 @@ class ClientConnection(asyncio.Protocol):
         not look whole. One whose body ends with the connection (an HTTP/1.0 client's, with
         no length) looked complete to the client, and to a cache in front, on a FIN."""
         t = self.transport
-        self._out.clear()
+        self.drop_held()
+        self.sending = False
         if t is not None:
             if not t.is_closing():
                 _reset_on_close(t)

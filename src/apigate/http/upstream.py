@@ -36,7 +36,7 @@ from apigate.http.headers import (
     is_name,
     parse_length,
 )
-from apigate.http.output import send
+from apigate.http.output import Sender
 
 if TYPE_CHECKING:
     from apigate.http.pool import Pool
@@ -171,15 +171,14 @@ def _without_named(
     return [(n, v) for n, v in headers if n.lower() not in named]
 
 
-class UpstreamConnection(asyncio.Protocol):
-    """A pooled keep-alive connection to one upstream instance."""
+class UpstreamConnection(Sender):
+    """A pooled keep-alive connection to one upstream instance. Its writes wait for the end
+    of the loop's turn (Sender)."""
 
     def __init__(self, pool: Pool) -> None:
+        super().__init__(pool.writes)
         self.pool = pool
         self.loop = pool.loop
-        self._writes = pool.writes
-        self.transport: asyncio.Transport | None = None
-        self._out: list[bytes] = []  # written, not yet sent (apigate.http.output)
         self.parser = httptools.HttpResponseParser(self)
         self._use_parser_methods()
         self.listener: UpstreamListener | None = None
@@ -221,7 +220,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.closed = True
         self.reusable = False
-        self._out.clear()
+        self.drop_held()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -572,22 +571,12 @@ class UpstreamConnection(asyncio.Protocol):
     def detach(self) -> None:
         self.listener = None
 
-    def write(self, data: bytes) -> None:
-        """Send `data` once the loop has handled its current events (apigate.http.output)."""
-        t = self.transport
-        if t is not None:
-            self._writes.write(t, self._out, data)
-
-    def writelines(self, parts: list[bytes]) -> None:
-        t = self.transport
-        if t is not None:
-            self._writes.writelines(t, self._out, parts)
-
     def write_eof(self) -> None:
         """Half-close (a tunnel whose client half-closed)."""
         t = self.transport
         if t is not None and not self.closed and t.can_write_eof():
-            send(t, self._out)
+            self.send_held()
+            self.sending = False
             t.write_eof()
         else:
             self.close()
@@ -608,12 +597,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.reusable = False
         t = self.transport
         if t is not None and not t.is_closing():
-            send(t, self._out)
+            self.send_held()
+            self.sending = False
             t.close()
 
     def abort(self) -> None:
         self.reusable = False
-        self._out.clear()
+        self.drop_held()
+        self.sending = False
         if self.transport is not None:
             self.transport.abort()
 
