@@ -239,3 +239,21 @@ def test_an_upstream_connection_drops_what_it_holds_when_it_aborts(
     conn.abort()
     writes.flush()
     assert t.calls == []
+
+
+# ---------------------------------------------------------------- through an exchange
+@pytest.mark.parametrize("size", [1, 4096, 4097, 200_000])
+async def test_a_response_head_and_its_first_body_bytes_reach_the_client_whole(size: int) -> None:
+    """A small first body read goes out copied after its head (one piece), a larger one as
+    two pieces of one writev: the client gets the same bytes either way."""
+    from tests.unit.test_resilience_review import Gateway
+
+    gw = Gateway({"svc": {"targets": ["http://10.0.0.1:80"]}})
+    conn, _ = gw.park("svc")
+    _ex, client = gw.send("/svc/x")
+    body = (bytes(range(256)) * (size // 256 + 1))[:size]
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + body)
+    head, _, got = client.out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert head.endswith(b"\r\nContent-Length: %d" % size)
+    assert got == body

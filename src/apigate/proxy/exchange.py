@@ -67,6 +67,9 @@ _BUFFER_LIMIT: Final = 64 * 1024
 _REPLAY_LIMIT: Final = 64 * 1024  # a request body up to this size is kept so that it can be retried
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 _CRLF: Final = b"\r\n"
+# A response's first body bytes up to this size are copied after its head: one piece to send
+# (the copy costs less than a list of the two and a writev of it); larger ones are not copied.
+_WITH_HEAD: Final = 4096
 _GET: Final = b"GET"  # the usual method, not encoded per request
 # Answers that close the connection when the request body was not read (nginx's list, in
 # ngx_http_special_response_handler): the others read the rest and drop it (_answer_keeps_alive)
@@ -852,6 +855,8 @@ class ProxyExchange(Exchange):
             self._pending_head = None
             if self._chunk_out:
                 self.conn.writelines([head, b"%x\r\n" % len(chunk), chunk, _CRLF])
+            elif len(chunk) <= _WITH_HEAD:
+                self.conn.write(head + chunk)
             else:
                 self.conn.writelines([head, chunk])
         elif self._chunk_out:
