@@ -243,7 +243,7 @@ class RequestIds:
 
     def next(self) -> str:
         self._n += 1
-        return self._prefix + str(self._n)
+        return f"{self._prefix}{self._n}"  # (compiled: one build, where + made a copy)
 
 
 def connection_tokens(values: Iterable[bytes]) -> set[bytes]:
