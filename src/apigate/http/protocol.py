@@ -938,8 +938,9 @@ class ClientConnection(Sender):
         if ex is self._parsing and ex is self.current and self.phase == Phase.BODY:
             self._set_deadline(self._body_timeout())
 
-    def finish_exchange(self, ex: Exchange, keep_alive: bool) -> None:
-        """The current exchange wrote its whole response."""
+    def finish_exchange(self, ex: Exchange, keep_alive: bool, now: float = 0.0) -> None:
+        """The current exchange wrote its whole response (`now`: the clock's reading then, if
+        the exchange has one: the idle timeout counts from it)."""
         if ex is not self.current:
             return
         self.requests_served += 1
@@ -953,7 +954,7 @@ class ClientConnection(Sender):
             else:
                 self.close_lingering()
             return
-        self._after_response(keep_alive)
+        self._after_response(keep_alive, now)
 
     def may_discard(self, ex: Exchange) -> bool:
         """May an answer that `ex` gives before its request body was read keep the connection
@@ -974,9 +975,9 @@ class ClientConnection(Sender):
             and length - req.body_received <= _DISCARD_MAX
         )
 
-    def _after_response(self, keep_alive: bool) -> None:
+    def _after_response(self, keep_alive: bool, now: float = 0.0) -> None:
         """The connection after a response that was written whole: close, the next request
-        (queued, or a refused head's error), or idle."""
+        (queued, or a refused head's error), or idle (from `now`, if given)."""
         if not keep_alive or self.exchange_maker.draining:
             # The client may have sent more than we read: its next request arriving (HEAD),
             # or pipelined ones queued, reading paused, the rest unread in the kernel. A plain
@@ -1003,7 +1004,7 @@ class ClientConnection(Sender):
         if self.phase == Phase.HEAD:
             return  # the next request's head is arriving: its header deadline stands
         self.phase = Phase.IDLE
-        self._set_deadline(self.limits.idle_timeout)
+        self._set_deadline(self.limits.idle_timeout, now)
 
     def respond_error(
         self, err: GatewayError, request: Request | None, *, refused: Exchange | None = None
@@ -1203,9 +1204,10 @@ class ClientConnection(Sender):
         self._set_deadline(self.limits.tunnel_idle_timeout)
 
     # ------------------------------------------------------------------ timeouts
-    def _set_deadline(self, seconds: float) -> None:
-        now = self.clock()
-        self._deadline = now + seconds
+    def _set_deadline(self, seconds: float, now: float = 0.0) -> None:
+        """The connection's deadline `seconds` from `now` (the clock read, if not given:
+        a call by name, which the exchange spares us at the end of its response)."""
+        self._deadline = (now or self.clock()) + seconds
         if self._timer is None or self._timer_at > self._deadline:
             self._arm(self._deadline)
 

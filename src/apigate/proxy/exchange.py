@@ -1134,7 +1134,8 @@ class ProxyExchange(Exchange):
         if self._finished:
             return
         self._finished = True
-        self.total_ms = ((now or monotonic()) - self.t0) * 1000.0
+        now = now or monotonic()
+        self.total_ms = (now - self.t0) * 1000.0
         if self._breaker_armed and self.service is not None and self.service.breaker is not None:
             breaker = self.service.breaker
             if self._service_failed:
@@ -1165,7 +1166,7 @@ class ProxyExchange(Exchange):
         if log_hooks:
             self._run_log_hooks(log_hooks)
         if not self._client_gone:
-            self.conn.finish_exchange(self, keep_alive)
+            self.conn.finish_exchange(self, keep_alive, now)
 
     def _run_log_hooks(self, hooks: list[Callable[[Any], None]]) -> None:
         for hook in hooks:
