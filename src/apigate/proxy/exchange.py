@@ -78,6 +78,7 @@ _CLOSE_UNREAD: Final = frozenset({400, 413, 414, 500, 501})
 _SERVER_METHODS: Final = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 # (never written to: a route with params brings its own dict)
 _NO_PARAMS: Final[dict[str, str]] = {}
+_NONE: Final[list[Any]] = []  # (never appended to: see ProxyExchange.__init__)
 
 
 def _no_header(lname: str) -> str | None:
@@ -189,10 +190,13 @@ class ProxyExchange(Exchange):
         self.loop = conn.loop
         # the clock starts at the request's first byte (the connection read the time then)
         self.t0 = conn.began_at or monotonic()
-        self.tried: list[Instance] = []
+        # (empty lists shared by every exchange, never appended to: an empty one is replaced
+        # by one of its own. Most requests have no body and are tried once: a list made empty
+        # and grown by an append was two allocations, ~200 instructions)
+        self.tried: list[Instance] = _NONE
         self.upstream_path = request.path
         self.params: dict[str, str] = _NO_PARAMS  # the route's captured {params}, once routed
-        self._body: list[bytes] = []
+        self._body: list[bytes] = _NONE
         self._body_done = not request.has_body
 
     @property
@@ -240,7 +244,10 @@ class ProxyExchange(Exchange):
             return
         if self._finished:
             return  # answered already (e.g. 401): the rest of the body is discarded
-        self._body.append(chunk)
+        if self._body:
+            self._body.append(chunk)
+        else:
+            self._body = [chunk]
         self._body_size += len(chunk)
         rewrite = self._request_rewrite
         limit = rewrite.limit if rewrite is not None and rewrite.active else _BUFFER_LIMIT
@@ -553,7 +560,10 @@ class ProxyExchange(Exchange):
                 )
             return
         self.instance = inst
-        self.tried.append(inst)
+        if self.tried:
+            self.tried.append(inst)
+        else:
+            self.tried = [inst]
         pool = service.pool_for(inst)
         up = pool.acquire_idle() if not self._stale_retried else None
         if up is not None:
@@ -745,7 +755,7 @@ class ProxyExchange(Exchange):
             if self._body_done and chunked:
                 parts.append(_LAST_CHUNK)
             up.writelines(parts)
-            self._body = []
+            self._body = _NONE
             self._body_size = 0
         elif self._body_done and chunked:
             up.writelines([head, _LAST_CHUNK])
