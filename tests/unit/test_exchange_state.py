@@ -7,28 +7,8 @@ from __future__ import annotations
 
 import asyncio
 
-from apigate.balancing.base import Instance
-from apigate.http.upstream import UpstreamConnection
 from apigate.proxy import exchange
-from tests.unit.test_resilience_review import (
-    ANSWER_200,
-    ANSWER_500,
-    Client,
-    FakeTransport,
-    Gateway,
-)
-
-
-def _park(gw: Gateway, inst: Instance) -> tuple[UpstreamConnection, FakeTransport]:
-    """An idle keep-alive connection in `inst`'s pool (Gateway.park's, for any instance)."""
-    pool = gw.service("svc").pool_for(inst)
-    conn = UpstreamConnection(pool)
-    transport = FakeTransport(conn)
-    conn.connection_made(transport)  # type: ignore[arg-type]
-    pool.total += 1
-    conn.reusable = True
-    pool.release(conn)
-    return conn, transport
+from tests.unit.test_resilience_review import ANSWER_200, ANSWER_500, Client, Gateway
 
 
 async def test_a_retried_request_with_a_body_leaves_the_shared_lists_empty() -> None:
@@ -41,7 +21,7 @@ async def test_a_retried_request_with_a_body_leaves_the_shared_lists_empty() -> 
             }
         }
     )
-    parked = [_park(gw, inst) for inst in gw.service("svc").instances.values()]
+    parked = [gw.park("svc", inst) for inst in gw.service("svc").instances.values()]
     client = Client(gw.host)
     client.conn.data_received(
         b"PUT /svc/x HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 9\r\n\r\nbo"

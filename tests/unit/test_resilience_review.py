@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from apigate.balancing.base import Instance
 from apigate.config.schema import GatewayConfig, LimitsConfig
 from apigate.http.headers import RequestIds, TrustedProxies
 from apigate.http.output import WriteBatch
@@ -149,13 +150,16 @@ class Gateway:
     def service(self, name: str) -> Service:
         return self.runtime.services[name]
 
-    def pool(self, name: str) -> Pool:
+    def pool(self, name: str, inst: Instance | None = None) -> Pool:
         svc = self.service(name)
-        return svc.pool_for(next(iter(svc.instances.values())))
+        return svc.pool_for(inst or next(iter(svc.instances.values())))
 
-    def park(self, name: str) -> tuple[UpstreamConnection, FakeTransport]:
-        """An idle keep-alive connection in the pool of the service's (first) instance."""
-        pool = self.pool(name)
+    def park(
+        self, name: str, inst: Instance | None = None
+    ) -> tuple[UpstreamConnection, FakeTransport]:
+        """An idle keep-alive connection in the pool of the service's instance `inst` (by
+        default its first)."""
+        pool = self.pool(name, inst)
         conn = UpstreamConnection(pool)
         transport = FakeTransport(conn)
         conn.connection_made(transport)  # type: ignore[arg-type]
