@@ -114,6 +114,14 @@ def plain(env: Env) -> Spec:
     return Spec(apigate_yaml(env, [route("plain", "/")]), nginx_location("/"))
 
 
+@scenario("logged")
+def logged(env: Env) -> Spec:
+    """The plain route with the JSON access log to a file (metrics and trace context are on in
+    every scenario): issue 6's yardstick, the plain target with the observability on."""
+    extra = f"plugins:\n  access_log: {{path: {env.workdir / 'access.log'}}}\n"
+    return Spec(apigate_yaml(env, [route("plain", "/")], extra), nginx_location("/"))
+
+
 @scenario("routes10k")
 def routes10k(env: Env) -> Spec:
     """10,000 routes (/r00001 ... /r09999 and `/`); requests to `/` and to /r05000/x."""

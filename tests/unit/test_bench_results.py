@@ -52,6 +52,13 @@ def test_plugins_is_held_to_its_own_cpu_target_and_no_throughput_target(
     assert not compared(results, "plugins", cpu=32.2, rps=40_000).cpu_pass
 
 
+def test_logged_is_held_to_the_core_cpu_target_only(results: ModuleType) -> None:
+    ok = compared(results, "logged", cpu=26.0, rps=10_000)  # 1.3x CPU; throughput not asked
+    assert ok.cpu_pass and ok.rps_pass
+    assert "CPU/req 1.30x (target <= 1.3x) PASS" in results.comparison_row(ok, results.WIDTHS)
+    assert not compared(results, "logged", cpu=26.2, rps=40_000).cpu_pass
+
+
 def test_scenarios_without_a_target_print_their_ratios_only(results: ModuleType) -> None:
     c = compared(results, "aggregate3", cpu=100.0, rps=8_000)
     assert c.cpu_pass and c.rps_pass  # nothing asked, so --check does not fail on it
