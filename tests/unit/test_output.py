@@ -176,6 +176,9 @@ def test_a_client_connection_drops_what_it_holds_when_it_aborts_or_is_lost() -> 
     h.conn.connection_lost(None)
     h.host.writes.flush()
     assert h.transport.take() == b""
+    h.conn.write(b"an exchange's answer after the loss")  # (a closed transport would raise)
+    h.host.writes.flush()
+    assert h.transport.take() == b""
 
 
 def test_a_refused_request_is_answered_before_the_lingering_close() -> None:
@@ -237,6 +240,10 @@ def test_an_upstream_connection_drops_what_it_holds_when_it_aborts(
     conn, t, writes = upstream
     conn.write(b"never")
     conn.abort()
+    writes.flush()
+    assert t.calls == []
+    conn.connection_lost(None)
+    conn.write(b"after the loss")
     writes.flush()
     assert t.calls == []
 

@@ -14,11 +14,11 @@ awake. Measured with bench/run.py (plain scenario, compiled build, one core each
 same: a connection's writes go to a buffer that is flushed after the dispatcher's events.
 
 A connection sends what it holds before it closes or half-closes (`send_held`), and from then
-on sends nothing more (`sending`); it drops what it holds when it aborts or its transport is
-lost. (A transport the peer reset meanwhile drops a write itself, as asyncio's and uvloop's
-do once the connection is lost.) Backpressure is unchanged in kind: the transport still
-buffers and calls pause_writing, only at the end of the batch, after at most one read's worth
-of data per connection.
+on sends nothing more (`sending`); it drops what it holds, and sends nothing more, when it
+aborts or its transport is lost (`drop_held`). (A transport the peer reset meanwhile drops a
+write itself, as asyncio's and uvloop's do once the connection is lost.) Backpressure is
+unchanged in kind: the transport still buffers and calls pause_writing, only at the end of
+the batch, after at most one read's worth of data per connection.
 
 The usual connection writes one message a turn (a request head, a response), so the first is
 held as it is and only the others go into a list: compiled, a list per message (an append,
@@ -97,6 +97,8 @@ class Sender(asyncio.Protocol):
             t.writelines(more)
 
     def drop_held(self) -> None:
-        """Forget what the connection holds (it aborts, or its transport is gone)."""
+        """Forget what the connection holds, and send nothing more: it aborts, or its
+        transport is gone (a write to a closed transport raises)."""
         self._first = b""
         self._more = None
+        self.sending = False

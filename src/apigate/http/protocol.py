@@ -1125,7 +1125,6 @@ class ClientConnection(Sender):
         no length) looked complete to the client, and to a cache in front, on a FIN."""
         t = self.transport
         self.drop_held()
-        self.sending = False
         if t is not None:
             if not t.is_closing():
                 _reset_on_close(t)

@@ -604,7 +604,6 @@ class UpstreamConnection(Sender):
     def abort(self) -> None:
         self.reusable = False
         self.drop_held()
-        self.sending = False
         if self.transport is not None:
             self.transport.abort()
 
