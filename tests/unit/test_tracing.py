@@ -107,7 +107,7 @@ def test_forked_worker_draws_other_ids() -> None:
     assert len(child) == 48 + 70
     mine = (new_span_id() + new_trace_id()).encode() + trace_headers(ctx())
     assert child[:16] != mine[:16] and child[16:48] != mine[16:48]
-    assert child[48:] != mine[48:]  # a new trace's ids come from a pool of their own
+    assert child[48:] != mine[48:]
 
 
 def test_new_traces_are_well_formed_unique_and_recorded() -> None:
@@ -133,8 +133,8 @@ def test_new_trace_skips_all_zero_ids(monkeypatch: pytest.MonkeyPatch) -> None:
     good_trace, good_span = "a" * 32, "b" * 16
     groups = ["0" * 32, "c" * 32, TRACE, "0" * 16 + "d" * 16, good_trace, good_span + "e" * 16]
     state = trace_context._STATE
-    monkeypatch.setattr(state, "pairs", "-".join(groups).encode() + b"-")
-    monkeypatch.setattr(state, "pair_pos", 0)
+    monkeypatch.setattr(state, "pool", "-".join(groups).encode() + b"-")
+    monkeypatch.setattr(state, "pos", 0)
     line = trace_headers(ctx())
     assert line == f"traceparent: 00-{good_trace}-{good_span}-01\r\n".encode()
 

@@ -26,10 +26,11 @@ _ZERO_TRACE: Final = b"0" * 32
 # Ids are random, not secret: drawn as OpenTelemetry's RandomIdGenerator draws them, from the
 # `random` module (which reseeds in a forked child), not os.urandom, whose system call (a
 # ChaCha20 draw in the kernel) perf put at 0.3% of the gateway's CPU.
-_RANDOM_BYTES: Final = 4096  # drawn per random.randbytes call: 128 trace ids or 256 span ids
-# A new trace's ids come from a hexlify with a "-" after every 16 bytes: "<32 hex>-<32 hex>-...".
-# The first 49 bytes of two groups are a trace id, a "-" and a span id (the second group's
-# last 16 digits go unused), so that the pair is one slice. 128 pairs per draw.
+_RANDOM_BYTES: Final = 4096  # drawn per random.randbytes call: 256 groups of 16 bytes
+# The ids come from one pool, a hexlify with a "-" after every 16 bytes: "<32 hex>-<32 hex>-...".
+# Each draw starts at a group: a trace id or a span id is the start of one group, and a new
+# trace's ids are the first 49 bytes of two groups, a trace id, a "-" and a span id (the
+# second group's last 16 digits go unused), so that the pair is one slice.
 _GROUP: Final = 33  # 32 hex digits and the "-"
 _PAIR: Final = 49  # <32 hex>-<16 hex>
 
@@ -39,10 +40,8 @@ class _State:
     globals (compiled, reading a global that is ever reassigned is a dictionary lookup)."""
 
     def __init__(self) -> None:
-        self.hex = b""  # random lower-case hex digits not handed out yet (from `pos` on)
-        self.pos = 0
-        self.pairs = b""  # groups of 32 random hex digits and a "-" (see _GROUP), from
-        self.pair_pos = 0  # `pair_pos` on not handed out yet
+        self.pool = b""  # groups of 32 random hex digits and a "-" (see _GROUP), from
+        self.pos = 0  # `pos` on not handed out yet
         # new traces: sampled when the low 64 bits of the id are below this
         self.sampled_below = 1 << 64
         # (every one: the usual case, decided without comparing 65-bit ints per request)
@@ -53,23 +52,26 @@ class _State:
 _STATE: Final = _State()
 
 
-def _random_hex(digits: int) -> bytes:
-    """`digits` random lower-case hex digits: slices of one draw, so that an id costs a bytes
-    slice (the draw is shared by a few hundred ids)."""
+def _draw(groups: int, length: int) -> bytes:
+    """The first `length` bytes of the pool's next `groups` groups (see _GROUP): an id costs a
+    bytes slice, the draw of randomness is shared by a hundred ids or more."""
     state = _STATE
     start = state.pos
-    end = start + digits
-    if end > len(state.hex):
-        state.hex = hexlify(random.randbytes(_RANDOM_BYTES))
-        start, end = 0, digits
-    state.pos = end
-    return state.hex[start:end]
+    if start + length > len(state.pool):
+        state.pool = hexlify(random.randbytes(_RANDOM_BYTES), b"-", 16)
+        start = 0
+    state.pos = start + groups * _GROUP
+    return state.pool[start : start + length]
+
+
+def _random_hex(digits: int) -> bytes:
+    """`digits` (at most 32) random lower-case hex digits."""
+    return _draw(1, digits)
 
 
 def _forget_random() -> None:
     """A forked worker must not repeat its parent's ids: it draws its own."""
-    _STATE.hex, _STATE.pos = b"", 0
-    _STATE.pairs, _STATE.pair_pos = b"", 0
+    _STATE.pool, _STATE.pos = b"", 0
 
 
 os.register_at_fork(after_in_child=_forget_random)
@@ -85,15 +87,9 @@ def _span() -> bytes:
 
 
 def _id_pair() -> bytes:
-    """b"<trace id>-<span id>" of a new trace: 49 random lower-case hex digits and dash, one
-    slice (see _GROUP). Either id may be all zeros (W3C: invalid): see new_trace_line."""
-    state = _STATE
-    start = state.pair_pos
-    if start + _PAIR > len(state.pairs):
-        state.pairs = hexlify(random.randbytes(_RANDOM_BYTES), b"-", 16)
-        start = 0
-    state.pair_pos = start + 2 * _GROUP
-    return state.pairs[start : start + _PAIR]
+    """b"<trace id>-<span id>" of a new trace, one slice. Either id may be all zeros (W3C:
+    invalid): see new_trace_line."""
+    return _draw(2, _PAIR)
 
 
 def new_trace_line() -> bytes:
