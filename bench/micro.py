@@ -2,7 +2,7 @@
 
     python bench/micro.py [--requests 50000] [--profile] [--metrics] [--config NAME]
 
-NAME: plain (the default), plugins, consumer, consumer_plugins, other_consumer_plugins,
+NAME: plain (the default), logged, plugins, consumer, consumer_plugins, other_consumer_plugins,
 aggregate3.
 
 A real `Gateway` (runtime, routing, plugins, pools) serves requests through the real
@@ -11,6 +11,8 @@ request bytes go into `data_received`, the upstream's answer is fed back the sam
 left is exactly the per-request Python work of the data plane, which is what the hot-path rules
 are about; the syscalls (4 per request) and epoll are what `bench/run.py` adds on top.
 
+`--config logged` is bench/scenarios.py's `logged` scenario (issue 6's yardstick): the plain
+route with the JSON access log to a temporary file.
 `--config plugins` is bench/scenarios.py's `plugins` scenario (issue 4's yardstick): a JWT
 (HS256, the same token every time, so verified once and then cached), a local rate limit that
 never trips and the JSON access log to a temporary file. `--config aggregate3` is the
@@ -22,7 +24,8 @@ where that consumer has a rate limit of its own (consumers' plugins), `other_con
 where another consumer has it.
 `--metrics`
 adds the per-request Prometheus observer the real server always runs
-(`apigate.observability.metrics`).
+(`apigate.observability.metrics`). The Date header ticks as in the server, so a request's
+wall-clock start for its log line is read as there (without it, a `time.time()` call).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from typing import Any
 import jwt
 
 from apigate.config.loader import parse_config
+from apigate.http.date import DATE
 from apigate.http.output import WriteBatch
 from apigate.http.protocol import ClientConnection
 from apigate.http.upstream import UpstreamConnection
@@ -77,6 +81,13 @@ def _plain(workdir: Path) -> Bench:
         },
         request_bytes(),
     )
+
+
+def _logged(workdir: Path) -> Bench:
+    """bench/scenarios.py's `logged`: the plain route with the JSON access log to a file."""
+    plain = _plain(workdir)
+    log = {"access_log": {"path": str(workdir / "access.log")}}
+    return Bench({**plain.config, "plugins": log}, plain.request)
 
 
 def _plugins(workdir: Path) -> Bench:
@@ -141,6 +152,7 @@ def _aggregate3(workdir: Path) -> Bench:
 
 CONFIGS = {
     "plain": _plain,
+    "logged": _logged,
     "plugins": _plugins,
     "consumer": _consumer,
     "consumer_plugins": _consumer_plugins,
@@ -202,11 +214,13 @@ async def run(requests: int, profile: bool, config_name: str, metrics: bool) -> 
             gateway.observers.append(GatewayMetrics(gateway).recorder.observe)  # as install()
         for plugin in gateway.runtime.plugins:  # e.g. the access log opens its file
             await plugin.start()
+        DATE.start(asyncio.get_running_loop())  # as the server: the wall clock's offset kept
         try:
             if config_name == "aggregate3":
                 return await _measure_aggregate(gateway, bench.request, requests, profile)
             return _measure(gateway, bench.request, requests, profile)
         finally:
+            DATE.stop()
             for plugin in gateway.runtime.plugins:
                 await plugin.close()
 
