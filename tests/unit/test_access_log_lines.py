@@ -1,5 +1,6 @@
 """The compiled half of the access log: the duration shortcut is str(round(value, 3)) for
-every float, and the batch hands its entries over once and only once.
+every float, the batch hands its entries over once and only once, and what is remembered
+from line to line (ids known to need no escaping, the names fields) changes nothing.
 
 (The lines themselves are checked byte for byte against json.dumps in test_access_log.py.)
 """
@@ -15,8 +16,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apigate.observability.access_log_lines import FLUSH_LINES, AccessLogLines, duration
-from tests.unit.test_access_log import make_log_ctx, reference_line
+from apigate.http.headers import valid_request_id
+from apigate.observability.access_log_lines import (
+    _NAMES_MAX,
+    FLUSH_LINES,
+    AccessLogLines,
+    duration,
+)
+from tests.unit.test_access_log import NASTY, make_log_ctx, reference_line
 
 # ties (x.5 thousandths that are exact doubles), near-ties either side, zeros, the fast path's
 # edges, and what only the slow path handles
@@ -113,3 +120,58 @@ def test_consumers_are_logged_by_name_else_as_their_string() -> None:
         lines.on_log(ctx)
         doc = json.loads(lines.format(lines.take()))
         assert doc.get("consumer") == expected
+
+
+def test_a_plugins_request_id_is_escaped_the_connections_is_not() -> None:
+    """The connection's own id (or the client's, once valid) is written as it is; an id a
+    plugin set in its place is escaped like any other value."""
+    ctx = make_log_ctx(request_id="a1b2c3-7")
+    ctx.request.plain_id = ctx.request.request_id  # as the connection sets them
+    lines = AccessLogLines(lambda: None)
+    lines.on_log(ctx)
+    ctx.request.request_id = NASTY  # a plugin's own id
+    lines.on_log(ctx)
+    first, second = lines.format(lines.take()).splitlines(keepends=True)
+    assert json.loads(first)["request_id"] == "a1b2c3-7"
+    assert second == reference_line(ctx)
+    assert json.loads(second)["request_id"] == NASTY
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(min_size=1, max_size=130) | st.from_regex(rb"[A-Za-z0-9._:\-]{1,128}\Z"))
+def test_a_valid_client_request_id_needs_no_escaping(value: bytes) -> None:
+    """What lets the log write the connection's ids as they are: whatever valid_request_id
+    accepts, json.dumps writes as itself in quotes."""
+    if valid_request_id(value):
+        text = value.decode("ascii")
+        assert json.dumps(text) == f'"{text}"'
+
+
+def test_routes_services_and_instances_in_turn() -> None:
+    """The names fields are remembered by name: lines that alternate between instances
+    and routes (and unrouted requests, and equal names in other objects) each get their own."""
+    a = make_log_ctx()
+    b = make_log_ctx()
+    b.instance = SimpleNamespace(id="127.0.0.1:10")
+    c = make_log_ctx()
+    c.route = SimpleNamespace(name='other"route', service=c.service)
+    c.service = SimpleNamespace(name="down", breaker=None)
+    none = make_log_ctx(routed=False, status=404, upstream_ms=None, total_ms=None)
+    same_names = make_log_ctx()  # other objects, the names of `a`
+    order = [a, b, a, c, none, c, b, same_names, none, a]
+    lines = AccessLogLines(lambda: None)
+    for ctx in order:
+        lines.on_log(ctx)
+    assert lines.format(lines.take()) == "".join(reference_line(ctx) for ctx in order)
+
+
+def test_names_remembered_are_bounded() -> None:
+    lines = AccessLogLines(lambda: None)
+    contexts = []
+    for i in range(_NAMES_MAX + 10):
+        ctx = make_log_ctx()
+        ctx.instance = SimpleNamespace(id=f"10.0.0.{i}:80")
+        contexts.append(ctx)
+        lines.on_log(ctx)
+    assert len(lines._names_by_key) <= _NAMES_MAX
+    assert lines.format(lines.take()) == "".join(reference_line(ctx) for ctx in contexts)

@@ -6,7 +6,9 @@ for another."""
 from __future__ import annotations
 
 import asyncio
+import json
 
+from apigate.observability.trace_context import trace_id_of
 from apigate.proxy import exchange
 from tests.unit.test_resilience_review import ANSWER_200, ANSWER_500, Client, Gateway
 
@@ -56,5 +58,12 @@ async def test_vars_are_made_when_first_asked_for_and_the_trace_is_kept_apart() 
     assert ex.trace_line is not None and ex.trace_line in bytes(transport.written)
     conn.data_received(ANSWER_200)
     assert client.status == 200
-    # the access log asked for the trace id: read from the line sent, kept in vars
-    assert ex.vars == {"trace_id": ex.trace_line[16:48].decode()} and ex.vars is ex.vars
+    # the access log read the trace id from the line sent, and made no dict either
+    assert ex._vars is None
+    (logged,) = [json.loads(line) for line in gw.log.format(gw.log.take()).splitlines()]
+    trace_id = ex.trace_line[16:48].decode()
+    assert logged["trace_id"] == trace_id
+    assert logged["request_id"] == ex.request.request_id == ex.request.plain_id
+    # a plugin that asks for it gets the same id, kept in vars
+    assert trace_id_of(ex) == trace_id
+    assert ex.vars == {"trace_id": trace_id} and ex.vars is ex.vars

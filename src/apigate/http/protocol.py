@@ -616,7 +616,7 @@ class ClientConnection(Sender):
             req.upgrade = value
         elif kind == _H_REQUEST_ID:
             if valid_request_id(value) and not req.request_id:
-                req.request_id = value.decode("ascii")
+                req.request_id = req.plain_id = value.decode("ascii")
         elif kind == _H_TRACEPARENT:
             req.traceparent = value if req.traceparent is None else b""
         elif kind == _H_TRACESTATE:
@@ -809,7 +809,7 @@ class ClientConnection(Sender):
                 )
             req.forwarding = self._forwarding
         if not req.request_id:
-            req.request_id = self.request_ids.next()
+            req.request_id = req.plain_id = self.request_ids.next()
 
     def _http_version(self) -> str:
         """The version of the request being parsed, as "1.1"."""
@@ -1019,7 +1019,7 @@ class ClientConnection(Sender):
         if not rid:  # refused before the head was complete: still give the client an id
             rid = self.request_ids.next()
             if request is not None:
-                request.request_id = rid
+                request.request_id = request.plain_id = rid
         # (a response to HEAD has no content, RFC 9110 §9.3.2, an error's neither: the JSON
         # body went out after a refused HEAD's head, bytes a client reads as a next response)
         head_only = request is not None and request.method == "HEAD"

@@ -31,6 +31,7 @@ class Request(HeaderList):
         "method",
         "one_reading",
         "path",
+        "plain_id",
         "query",
         "request_id",
         "scheme",
@@ -59,6 +60,11 @@ class Request(HeaderList):
         self.expect_continue = False
         self.upgrade: bytes | None = None  # the Upgrade header value when the client asks for one
         self.request_id = ""
+        # the request id as the connection set it (its own, or the client's once
+        # valid_request_id passed it): letters, digits and "._:-", which JSON writes as they
+        # are. A plugin that sets another `request_id` leaves this behind, and the access log
+        # escapes only such an id.
+        self.plain_id = ""
         self.forwarded_for: bytes | None = None  # client-sent X-Forwarded-For (kept if trusted)
         # a trusted peer's X-Forwarded-Prefix: the exchange's own prefix is added to it
         self.forwarded_prefix: bytes | None = None
