@@ -1,6 +1,7 @@
 """The compiled half of the access log: the duration shortcut is str(round(value, 3)) for
 every float, the batch hands its entries over once and only once, and what is remembered
-from line to line (ids known to need no escaping, the names fields) changes nothing.
+from line to line (ids known to need no escaping, the names, client and method fields)
+changes nothing.
 
 (The lines themselves are checked byte for byte against json.dumps in test_access_log.py.)
 """
@@ -18,7 +19,9 @@ from hypothesis import strategies as st
 
 from apigate.http.headers import valid_request_id
 from apigate.observability.access_log_lines import (
+    _METHODS_MAX,
     _NAMES_MAX,
+    _QUOTED_MAX,
     FLUSH_LINES,
     AccessLogLines,
     duration,
@@ -174,4 +177,33 @@ def test_names_remembered_are_bounded() -> None:
         contexts.append(ctx)
         lines.on_log(ctx)
     assert len(lines._names_by_key) <= _NAMES_MAX
+    assert lines.format(lines.take()) == "".join(reference_line(ctx) for ctx in contexts)
+
+
+def test_clients_and_methods_in_turn() -> None:
+    """The client and method fields are remembered by method and client: lines that
+    alternate between them (and a client or method that needs escaping) each get their own."""
+    order = [
+        make_log_ctx(),
+        make_log_ctx(method="POST"),
+        make_log_ctx(client_ip="198.51.100.2"),
+        make_log_ctx(method='PO"ST', client_ip=NASTY),
+        make_log_ctx(),
+        make_log_ctx(client_ip="198.51.100.2", method="POST"),
+        make_log_ctx(method="POST"),
+    ]
+    lines = AccessLogLines(lambda: None)
+    for ctx in order:
+        lines.on_log(ctx)
+    assert lines.format(lines.take()) == "".join(reference_line(ctx) for ctx in order)
+
+
+def test_clients_and_methods_remembered_are_bounded() -> None:
+    lines = AccessLogLines(lambda: None)
+    contexts = [make_log_ctx(method=f"M{i}") for i in range(_METHODS_MAX + 5)]
+    contexts += [make_log_ctx(client_ip=f"10.1.{i // 256}.{i % 256}") for i in range(5000)]
+    for ctx in contexts:
+        lines.on_log(ctx)
+    assert len(lines._who) <= _METHODS_MAX
+    assert all(len(by_client) <= _QUOTED_MAX for by_client in lines._who.values())
     assert lines.format(lines.take()) == "".join(reference_line(ctx) for ctx in contexts)

@@ -46,6 +46,7 @@ _WHOLE_MS: Final = tuple(str(ms) for ms in range(1000))
 # '0,"bytes":' ... '999,"bytes":': a status and the next key
 _STATUS_FIELD: Final = tuple(f'{status},"bytes":' for status in range(1000))
 _QUOTED_MAX: Final = 4096  # quoted values remembered (then forgotten all at once)
+_METHODS_MAX: Final = 64  # methods whose lines' client fields are remembered
 _NO_NAME: Final = object()  # a consumer without a `name` attribute (logged as its str())
 
 _NAMES_MAX: Final = 1024  # (route, service, instance) fields remembered
@@ -172,6 +173,8 @@ class AccessLogLines:
         # service, instance): a dict lookup instead of encode_basestring_ascii (~200
         # instructions against ~800 for a short string).
         self.quoted: dict[str, str] = {}
+        # the client and method fields of a line, by method and client (see who)
+        self._who: dict[str, dict[str, str]] = {}
         # '{"time":"YYYY-MM-DDTHH:MM:SS' of the last second formatted: strftime once a second
         self._second = -1
         self._line_start = ""
@@ -355,16 +358,30 @@ class AccessLogLines:
         # and bytes int, durations finite floats or None, so each value is formatted directly.
         return (
             f"{self._line_start}{millis}"
-            f'{entry.request_id}","trace_id":"{trace_id}",'
-            f'"client":{self.quote(entry.client)},'
-            f'"method":{self.quote(entry.method)},'
-            f'"path":{_quote(entry.path)}'
+            f'{entry.request_id}","trace_id":"{trace_id}'
+            f"{self.who(entry.client, entry.method)}{_quote(entry.path)}"
             f"{entry.names}"
             f"{status_field}"
             f'{entry.sent},"upstream_ms":{upstream}{upstream_decimals},'
             f'"total_ms":{total}{total_decimals}'
             f"{_line_end(entry)}"
         )
+
+    def who(self, client: str, method: str) -> str:
+        """The client and method fields of a line, between the trace id's value and the
+        path's: one piece of the build, remembered by method and client (lines repeat both)."""
+        by_client = self._who.get(method)
+        if by_client is None:
+            if len(self._who) >= _METHODS_MAX:
+                self._who.clear()  # methods are any token a client sends: a bound here too
+            by_client = self._who[method] = {}
+        who = by_client.get(client)
+        if who is None:
+            who = f'","client":{self.quote(client)},"method":{self.quote(method)},"path":'
+            if len(by_client) >= _QUOTED_MAX:
+                by_client.clear()  # a churn of clients: start again
+            by_client[client] = who
+        return who
 
     def quote(self, value: str) -> str:
         """`value` quoted and escaped as json.dumps does it, remembered for the next lines."""
