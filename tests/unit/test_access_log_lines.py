@@ -161,23 +161,17 @@ def test_routes_services_and_instances_in_turn() -> None:
     c.service = SimpleNamespace(name="down", breaker=None)
     none = make_log_ctx(routed=False, status=404, upstream_ms=None, total_ms=None)
     same_names = make_log_ctx()  # other objects, the names of `a`
-    order = [a, b, a, c, none, c, b, same_names, none, a]
-    lines = AccessLogLines(lambda: None)
-    for ctx in order:
-        lines.on_log(ctx)
-    assert lines.format(lines.take()) == "".join(reference_line(ctx) for ctx in order)
+    logged_in_turn([a, b, a, c, none, c, b, same_names, none, a])
 
 
 def test_names_remembered_are_bounded() -> None:
-    lines = AccessLogLines(lambda: None)
     contexts = []
     for i in range(_NAMES_MAX + 10):
         ctx = make_log_ctx()
         ctx.instance = SimpleNamespace(id=f"10.0.0.{i}:80")
         contexts.append(ctx)
-        lines.on_log(ctx)
+    lines = logged_in_turn(contexts)
     assert len(lines._names_by_key) <= _NAMES_MAX
-    assert lines.format(lines.take()) == "".join(reference_line(ctx) for ctx in contexts)
 
 
 def test_clients_and_methods_in_turn() -> None:
@@ -192,18 +186,22 @@ def test_clients_and_methods_in_turn() -> None:
         make_log_ctx(client_ip="198.51.100.2", method="POST"),
         make_log_ctx(method="POST"),
     ]
-    lines = AccessLogLines(lambda: None)
-    for ctx in order:
-        lines.on_log(ctx)
-    assert lines.format(lines.take()) == "".join(reference_line(ctx) for ctx in order)
+    logged_in_turn(order)
 
 
 def test_clients_and_methods_remembered_are_bounded() -> None:
-    lines = AccessLogLines(lambda: None)
     contexts = [make_log_ctx(method=f"M{i}") for i in range(_METHODS_MAX + 5)]
     contexts += [make_log_ctx(client_ip=f"10.1.{i // 256}.{i % 256}") for i in range(5000)]
-    for ctx in contexts:
-        lines.on_log(ctx)
+    lines = logged_in_turn(contexts)
     assert len(lines._who) <= _METHODS_MAX
     assert all(len(by_client) <= _QUOTED_MAX for by_client in lines._who.values())
+
+
+def logged_in_turn(contexts: list[Any]) -> AccessLogLines:
+    """`contexts` logged one after the other, their lines checked against json.dumps's; the
+    AccessLogLines is returned for what it remembers."""
+    lines = AccessLogLines(lambda: None)
+    for ctx in contexts:
+        lines.on_log(ctx)
     assert lines.format(lines.take()) == "".join(reference_line(ctx) for ctx in contexts)
+    return lines
