@@ -205,3 +205,9 @@ def logged_in_turn(contexts: list[Any]) -> AccessLogLines:
         lines.on_log(ctx)
     assert lines.format(lines.take()) == "".join(reference_line(ctx) for ctx in contexts)
     return lines
+
+
+@pytest.mark.parametrize("sent", [0, 13, 999, 1000, 65_536, 10**12])
+@pytest.mark.parametrize("status", [101, 200, 404, 599])
+def test_statuses_and_sizes_are_written_as_json_dumps_writes_them(status: int, sent: int) -> None:
+    logged_in_turn([make_log_ctx(status=status, bytes_sent=sent)])

@@ -40,9 +40,9 @@ _MILLIS: Final = tuple(f'.{ms:03d}Z","request_id":"' for ms in range(1000))
 # '.0', '.001', ..., '.01', ..., '.999': the decimals of a duration rounded to 3 places, as
 # str(float) writes them (trailing zeros dropped, at least one digit)
 _DECIMALS: Final = tuple("." + (f"{n:03d}".rstrip("0") or "0") for n in range(1000))
-# '0' ... '999': a duration's whole milliseconds as str() writes them, without formatting an
-# int per line
-_WHOLE_MS: Final = tuple(str(ms) for ms in range(1000))
+# '0' ... '999': an int below 1000 as str() writes it (a duration's whole milliseconds, the
+# size of a small body), without formatting an int per line
+_SMALL_INTS: Final = tuple(str(n) for n in range(1000))
 # '0,"bytes":' ... '999,"bytes":': a status and the next key
 _STATUS_FIELD: Final = tuple(f'{status},"bytes":' for status in range(1000))
 _QUOTED_MAX: Final = 4096  # quoted values remembered (then forgotten all at once)
@@ -154,7 +154,7 @@ def duration_parts(value: float) -> tuple[str, str]:
         off = scaled - n  # exact (Sterbenz): n is within 0.5 of scaled
         if -0.4999 < off < 0.4999:
             whole = n // 1000
-            return _WHOLE_MS[whole] if whole < 1000 else str(whole), _DECIMALS[n % 1000]
+            return _SMALL_INTS[whole] if whole < 1000 else str(whole), _DECIMALS[n % 1000]
     elif scaled == 0.0 and math.copysign(1.0, scaled) > 0.0:
         return "0", ".0"
     return str(round(value, 3)), ""
@@ -354,6 +354,8 @@ class AccessLogLines:
             total, total_decimals = duration_parts(total_ms)
         millis = _MILLIS[ms] if ms < 1000 else f'.{ms}Z","request_id":"'
         status_field = _STATUS_FIELD[status] if 0 <= status < 1000 else f'{status},"bytes":'
+        sent = entry.sent
+        sent_text = _SMALL_INTS[sent] if 0 <= sent < 1000 else str(sent)
         # The types are fixed (see ProxyExchange and Request): names and ids are str, status
         # and bytes int, durations finite floats or None, so each value is formatted directly.
         return (
@@ -362,7 +364,7 @@ class AccessLogLines:
             f"{self.who(entry.client, entry.method)}{_quote(entry.path)}"
             f"{entry.names}"
             f"{status_field}"
-            f'{entry.sent},"upstream_ms":{upstream}{upstream_decimals},'
+            f'{sent_text},"upstream_ms":{upstream}{upstream_decimals},'
             f'"total_ms":{total}{total_decimals}'
             f"{_line_end(entry)}"
         )
