@@ -3,9 +3,9 @@ keeps of each exchange, and the JSON line each entry becomes when a batch is wri
 
 Compiled with the data plane (apigate.buildinfo), so that the gateway calls `on_log` with no
 interpreted frame in between and the lines are formatted as native code. `on_log` with its
-share of the batch's formatting and writing costs ~5,800 instructions a request (callgrind,
-bench/micro.py --config logged against plain), of which the line ~3,800; in bench/run.py the
-logged scenario takes ~0.7 µs a request more than the plain one, the file's write included.
+share of the batch's formatting and writing costs ~5,500 instructions a request (callgrind,
+bench/micro.py --config logged against plain), of which the line ~3,600; in bench/run.py the
+logged scenario takes ~1.0 µs a request more than the plain one, the file's write included.
 
 Each line is exactly what `json.dumps(doc, separators=(",", ":"))` makes of the fields (same
 keys, same order, ASCII-only escaping), but built as one f-string: `json.dumps` with keyword
