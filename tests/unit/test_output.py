@@ -146,6 +146,16 @@ def test_send_held_sends_now_so_the_batch_does_not_send_it_again() -> None:
     assert t.calls == [("write", [b"x"]), ("write", [b"y"])]
 
 
+def test_send_last_sends_what_is_held_now_and_nothing_after() -> None:
+    loop, writes = batch()
+    conn, t = sender(writes)
+    conn.write(b"x")
+    conn.send_last()  # (a close or half-close)
+    conn.write(b"y")
+    loop.turn()
+    assert t.calls == [("write", [b"x"])]
+
+
 # ---------------------------------------------------------------- the client connection
 def test_a_client_connection_sends_what_it_holds_before_closing() -> None:
     h = Harness()

@@ -13,8 +13,8 @@ awake. Measured with bench/run.py (plain scenario, compiled build, one core each
 27.0 µs of CPU per request, of which the kernel's share fell 20.6 -> 14.7 µs. Envoy does the
 same: a connection's writes go to a buffer that is flushed after the dispatcher's events.
 
-A connection sends what it holds before it closes or half-closes (`send_held`), and from then
-on sends nothing more (`sending`); it drops what it holds, and sends nothing more, when it
+A connection sends what it holds before it closes or half-closes, and from then on sends
+nothing more (`send_last`); it drops what it holds, and sends nothing more, when it
 aborts or its transport is lost (`drop_held`). (A transport the peer reset meanwhile drops a
 write itself, as asyncio's and uvloop's do once the connection is lost.) Backpressure is
 unchanged in kind: the transport still buffers and calls pause_writing, only at the end of
@@ -95,6 +95,11 @@ class Sender(asyncio.Protocol):
         else:
             more.insert(0, first)
             t.writelines(more)
+
+    def send_last(self) -> None:
+        """Send what the connection holds, and nothing after it: it closes or half-closes."""
+        self.send_held()
+        self.sending = False
 
     def drop_held(self) -> None:
         """Forget what the connection holds, and send nothing more: it aborts, or its

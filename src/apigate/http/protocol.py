@@ -1067,8 +1067,7 @@ class ClientConnection(Sender):
     def close(self) -> None:
         t = self.transport
         if t is not None and not t.is_closing():
-            self.send_held()
-            self.sending = False
+            self.send_last()
             t.close()
             if t.get_write_buffer_size():  # it flushes first: as long as the client reads
                 self._arm_send_timeout()
@@ -1100,8 +1099,7 @@ class ClientConnection(Sender):
             self.close()
             return
         self.phase = Phase.CLOSED
-        self.send_held()
-        self.sending = False
+        self.send_last()
         t.write_eof()
         self._linger = self.loop.call_later(_LINGER_SECONDS, self.close)
         if self._reading_paused:
@@ -1114,8 +1112,7 @@ class ClientConnection(Sender):
         t = self.transport
         if t is None or t.is_closing() or not t.can_write_eof():
             return False
-        self.send_held()
-        self.sending = False
+        self.send_last()
         t.write_eof()
         return True
 

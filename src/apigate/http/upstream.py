@@ -575,8 +575,7 @@ class UpstreamConnection(Sender):
         """Half-close (a tunnel whose client half-closed)."""
         t = self.transport
         if t is not None and not self.closed and t.can_write_eof():
-            self.send_held()
-            self.sending = False
+            self.send_last()
             t.write_eof()
         else:
             self.close()
@@ -597,8 +596,7 @@ class UpstreamConnection(Sender):
         self.reusable = False
         t = self.transport
         if t is not None and not t.is_closing():
-            self.send_held()
-            self.sending = False
+            self.send_last()
             t.close()
 
     def abort(self) -> None:
