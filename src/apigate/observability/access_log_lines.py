@@ -25,7 +25,7 @@ from json.encoder import encode_basestring_ascii
 from typing import Any, Final
 
 from apigate.http.request import Request
-from apigate.observability.trace_context import trace_id_of
+from apigate.observability.trace_context import line_trace_id, trace_id_of
 from apigate.proxy.exchange import ProxyExchange
 from apigate.resilience.circuit_breaker import State
 
@@ -99,8 +99,8 @@ class Entry:
     ) -> None:
         self.start = start
         self.request_id = request_id  # as the line writes it (escaped for JSON if need be)
-        # the exchange's `traceparent` line (bytes: its trace id is at [16:48], hex digits),
-        # or the trace id as the line writes it
+        # the exchange's `traceparent` line (bytes: its trace id is hex digits, read with
+        # line_trace_id), or the trace id as the line writes it
         self.trace = trace
         self.client = client
         self.method = method
@@ -340,7 +340,7 @@ class AccessLogLines:
             self._second = second
         ms = int((start - second) * 1000)  # (= start % 1 here: exact, and no fmod call)
         trace = entry.trace
-        trace_id = trace[16:48].decode() if isinstance(trace, bytes) else trace
+        trace_id = line_trace_id(trace) if isinstance(trace, bytes) else trace
         status = entry.status
         upstream_ms = entry.upstream_ms
         total_ms = entry.total_ms

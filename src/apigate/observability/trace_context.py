@@ -287,6 +287,12 @@ def _sent(ctx: Any) -> bytes | None:
     return None if line is None else line[13:68]
 
 
+def line_trace_id(line: bytes) -> str:
+    """The trace id of a `traceparent` line the exchange sent (its `trace_line`: version 00,
+    so the id is at a fixed place), which trace_id_of gives for that exchange too."""
+    return line[16:48].decode()
+
+
 def trace_id_of(ctx: Any) -> str:
     """The exchange's trace id, also for a request that never went upstream (401, 404):
     continued from the client's `traceparent` or new, and then recorded on the exchange."""
@@ -294,9 +300,9 @@ def trace_id_of(ctx: Any) -> str:
     trace_id: str | None = tv.get("trace_id")
     if trace_id is not None:
         return trace_id
-    sent = _sent(ctx)
-    if sent is not None:
-        trace_id = sent[3:35].decode()
+    line: bytes | None = getattr(ctx, "trace_line", None)
+    if line is not None:
+        trace_id = line_trace_id(line)
     else:
         parent, _states = _incoming(ctx.request)
         valid = _valid(parent) if parent is not None else None
