@@ -34,6 +34,7 @@ from apigate.config import (
     parse_percent,
     parse_size,
 )
+from apigate.config import loader as config_loader
 from apigate.runtime import dry_compile
 
 FIXTURES = Path(__file__).parent / "fixtures" / "config"
@@ -1371,9 +1372,22 @@ def test_a_config_nested_too_deeply_is_an_error_with_its_path(tmp_path: Path) ->
         parse_config(doc)
     assert "routes[0].plugins.request_transform.json.add.f.a...:" in str(caught.value)
     assert "nested more than 64 levels deep" in str(caught.value)
-    # a YAML file nested 3000 deep: an error, not a RecursionError in what walks it
+
+
+@pytest.mark.parametrize("depth", [100, 3000])
+@pytest.mark.parametrize("parser", ["libyaml", "pure-python"])
+def test_a_yaml_file_nested_too_deeply_is_the_same_error_whichever_parser_reads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, depth: int, parser: str
+) -> None:
+    # 100 deep: parsed, then refused by the depth check. 3000 deep: the pure-Python parser
+    # recurses past Python's limit, and libyaml from PyYAML 6.0.4 on refuses more than 1,000
+    # levels and leaves the describing to that parser. An error, never a RecursionError.
+    if parser == "pure-python":
+        monkeypatch.setattr(config_loader, "_FastLoader", config_loader._StrictLoader)
+    elif config_loader._FastLoader is config_loader._StrictLoader:
+        pytest.fail("PyYAML was installed without libyaml")
     path = tmp_path / "deep.yaml"
-    path.write_text("plugins: " + "[" * 3000 + "]" * 3000)
+    path.write_text("plugins: " + "[" * depth + "]" * depth)
     with pytest.raises(ConfigError, match="nested more than 64 levels deep"):
         load_config(path)
 

@@ -152,7 +152,11 @@ def _read_yaml(path: Path, shown_as: str = "") -> Any:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{prefix}invalid YAML: {exc}") from None
     except RecursionError:
-        raise ConfigError(f"{prefix}invalid YAML: nested too deeply") from None
+        # The pure-Python parser recurses per level; libyaml (PyYAML 6.0.4 on) stops at 1,000
+        # levels itself and hands the file to that parser to describe. Either way the file is
+        # deeper than MAX_DEPTH, which is what the user needs to hear.
+        message = f"nested more than {MAX_DEPTH} levels deep"
+        raise ConfigError(f"{prefix}invalid YAML: {message}") from None
     too_deep = _too_deep(data)
     if too_deep is not None:  # before anything walks it recursively (interpolation)
         raise ConfigError(f"{prefix}{_too_deep_message(too_deep)}")
