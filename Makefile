@@ -3,13 +3,24 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint build pure bench system-deps clean
+.PHONY: demo test lint build pure bench system-deps clean constraints
 
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
+
+# constraints.txt afresh: the newest releases pyproject.toml's ranges admit, in a scratch venv.
+# Then `make test` on them before committing the file.
+constraints:
+	rm -rf .venv-constraints
+	python3 -m venv .venv-constraints
+	.venv-constraints/bin/python -m pip install -q -e '.[test]'
+	sed -n '/^#/p' constraints.txt > constraints.txt.new
+	.venv-constraints/bin/python -m pip freeze --exclude-editable >> constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf .venv-constraints
 
 # Compile the per-request modules with mypyc, in place (see setup.py). `make pure` undoes it.
 build: $(STAMP)
