@@ -122,6 +122,27 @@ def logged(env: Env) -> Spec:
     return Spec(apigate_yaml(env, [route("plain", "/")], extra), nginx_location("/"))
 
 
+# nginx's JSON access log with apigate's fields (as far as nginx has them), buffered as
+# apigate's is: written in 64 KiB pieces or once a second.
+_NGINX_JSON_LOG = (
+    '    log_format apigate_json escape=json \'{"time":"$time_iso8601",\'\n'
+    '        \'"request_id":"$request_id","trace_id":"$http_traceparent",\'\n'
+    '        \'"client":"$remote_addr","method":"$request_method","path":"$uri",\'\n'
+    '        \'"status":$status,"bytes":$body_bytes_sent,\'\n'
+    '        \'"upstream_ms":"$upstream_response_time","total_ms":$request_time}\';\n'
+)
+
+
+@scenario("logged_both")
+def logged_both(env: Env) -> Spec:
+    """`logged` where nginx writes a JSON access log too (buffered): what each proxy's log
+    costs it, like for like. No target: issue 6's yardstick is `logged`, against nginx
+    logging nothing."""
+    spec = logged(env)
+    log = f"access_log {env.workdir / 'access.log'} apigate_json buffer=64k flush=1s; "
+    return Spec(spec.apigate_yaml, nginx_location("/", log), nginx_http=_NGINX_JSON_LOG)
+
+
 @scenario("routes10k")
 def routes10k(env: Env) -> Spec:
     """10,000 routes (/r00001 ... /r09999 and `/`); requests to `/` and to /r05000/x."""
