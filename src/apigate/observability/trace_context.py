@@ -281,16 +281,24 @@ def tracestate_lines(request: Request, tv: dict[str, Any] | None) -> bytes:
     return b""
 
 
+# Where things sit in a `traceparent` line the exchange sent (its `trace_line`, always version
+# 00): b"traceparent: 00-<32 hex trace id>-<16 hex span id>-<2 hex flags>\r\n"
+# (literals: compiled, a Final int literal is a constant in the code, not a read)
+_VALUE_AT: Final = 13  # len(b"traceparent: ")
+_VALUE_LENGTH: Final = 55
+_TRACE_ID_AT: Final = 16  # after the value's "00-"
+
+
 def _sent(ctx: Any) -> bytes | None:
     """The `traceparent` value the exchange sent upstream, if it sent one."""
     line: bytes | None = getattr(ctx, "trace_line", None)
-    return None if line is None else line[13:68]
+    return None if line is None else line[_VALUE_AT : _VALUE_AT + _VALUE_LENGTH]
 
 
 def line_trace_id(line: bytes) -> str:
-    """The trace id of a `traceparent` line the exchange sent (its `trace_line`: version 00,
-    so the id is at a fixed place), which trace_id_of gives for that exchange too."""
-    return line[16:48].decode()
+    """The trace id of a `traceparent` line the exchange sent, which trace_id_of gives for
+    that exchange too."""
+    return line[_TRACE_ID_AT : _TRACE_ID_AT + 32].decode()
 
 
 def trace_id_of(ctx: Any) -> str:
