@@ -11,22 +11,19 @@ import pytest
 from apigate.config import load_config
 from tests.support.bench import bench_module
 
-
-@pytest.fixture(scope="module")
-def scenarios() -> ModuleType:
-    return bench_module("scenarios")
+scenarios: ModuleType = bench_module("scenarios")
 
 
-def env(scenarios: ModuleType, tmp_path: Path) -> object:
+def env(tmp_path: Path) -> object:
     return scenarios.Env(proxy_port=18080, upstream_port=18081, workdir=tmp_path)
 
 
-@pytest.mark.parametrize("name", sorted(bench_module("scenarios").SCENARIOS))
+@pytest.mark.parametrize("name", sorted(scenarios.SCENARIOS))
 def test_every_scenario_gives_apigate_a_valid_config(
-    scenarios: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
     monkeypatch.setenv("APIGATE_BENCH_REDIS", "redis://127.0.0.1:6379/0")
-    spec = scenarios.SCENARIOS[name](env(scenarios, tmp_path))
+    spec = scenarios.SCENARIOS[name](env(tmp_path))
     path = tmp_path / "apigate.yaml"
     path.write_text(spec.apigate_yaml)
     config = load_config(path)
@@ -34,12 +31,10 @@ def test_every_scenario_gives_apigate_a_valid_config(
     assert "location" in spec.nginx_server
 
 
-def test_logged_both_logs_on_both_proxies_and_logged_on_apigate_only(
-    scenarios: ModuleType, tmp_path: Path
-) -> None:
+def test_logged_both_logs_on_both_proxies_and_logged_on_apigate_only(tmp_path: Path) -> None:
     log = str(tmp_path / "access.log")
-    logged = scenarios.SCENARIOS["logged"](env(scenarios, tmp_path))
-    both = scenarios.SCENARIOS["logged_both"](env(scenarios, tmp_path))
+    logged = scenarios.SCENARIOS["logged"](env(tmp_path))
+    both = scenarios.SCENARIOS["logged_both"](env(tmp_path))
     assert both.apigate_yaml == logged.apigate_yaml
     assert log in logged.apigate_yaml
     assert "access_log" not in logged.nginx_server  # the yardstick: nginx logs nothing
