@@ -27,6 +27,7 @@ HOT_PATH_MODULES = (
     "apigate.http.pool",
     "apigate.http.protocol",
     "apigate.http.request",
+    "apigate.http.response_head",
     "apigate.http.status",
     "apigate.http.upstream",
     "apigate.observability.access_log_lines",

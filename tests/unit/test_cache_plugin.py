@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from apigate.config.errors import ConfigError
-from apigate.http.upstream import ResponseHead
+from apigate.http.response_head import ResponseHead
 from apigate.plugins.base import Response
 from apigate.plugins.cache import CachePlugin, live_plugins, purge_all
 from apigate.plugins.cache_store import MemoryStore, RedisCacheStore, target_of

@@ -6,7 +6,7 @@ import pytest
 
 from apigate.http.date import DATE
 from apigate.http.request import Request
-from apigate.http.upstream import ResponseHead
+from apigate.http.response_head import ResponseHead
 from apigate.proxy.heads import interim_head, request_head, response_head
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from apigate.config.schema import GatewayConfig
 from apigate.http.request import Request
-from apigate.http.upstream import ResponseHead
+from apigate.http.response_head import ResponseHead
 from apigate.plugins.base import Plugin, PluginEnv, Response
 from apigate.plugins.chain import build_plugin
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from apigate.config.schema import LimitsConfig
 from apigate.http.errors import GatewayError
-from apigate.http.headers import RequestIds, TrustedProxies
+from apigate.http.headers import FieldKinds, RequestIds, TrustedProxies
 from apigate.http.output import WriteBatch
 from apigate.http.protocol import ClientConnection, Exchange, ExchangeMaker, Phase
 from apigate.http.request import Request
@@ -1078,16 +1078,17 @@ def test_field_tables_classify_every_spelling_as_the_lower_case_name() -> None:
     """The parsers classify a field name as it arrives: each special name in any letter
     case is its kind, every other name (common ones, near misses of the special ones, names
     of another length) is 0."""
-    from apigate.http import protocol, upstream
+    from apigate.http import protocol, response_head
 
     for table, names in (
         (protocol._SPECIAL, protocol._SPECIAL_NAMES),
-        (upstream._RESPONSE_SPECIAL, upstream._RESPONSE_SPECIAL_NAMES),
+        (response_head._RESPONSE_SPECIAL, response_head._RESPONSE_SPECIAL_NAMES),
     ):
         for lname, kind in names.items():
             assert kind != 0
             for spelling in _spellings(lname):
                 assert table.kind(spelling) == kind, spelling
+                assert _kind_in_line(table, spelling) == kind, spelling
             # one byte changed, added or taken away: not that name (unless it is another one)
             # (and a first byte that is no letter but shares the letter's low five bits, so
             # its place in the table: "#onnection")
@@ -1095,9 +1096,16 @@ def test_field_tables_classify_every_spelling_as_the_lower_case_name() -> None:
             for near in (lname[:-1] + b"_", lname + b"s", lname[:-1], b"x" + lname[1:], first_twin):
                 assert table.kind(near) == names.get(near.lower(), 0), near
         for other in (b"User-Agent", b"content-type", b"Date", b"Server", b"", b"x" * 300):
-            assert table.kind(other) == 0, other
+            assert table.kind(other) == names.get(other.lower(), 0), other
+            assert _kind_in_line(table, other) == names.get(other.lower(), 0), other
         # letters fold, other bytes do not ("-" is not "\r", which is 0x0d, "-" | 0x20)
         assert table.kind(b"Content\x0dLength") == 0
+
+
+def _kind_in_line(table: FieldKinds, name: bytes) -> int:
+    """`table.kind_at` of `name` read where it stands in a field line, between other bytes."""
+    line = b"Content-Length: 1\r\n" + name + b": value\r\n"
+    return table.kind_at(line, 19, 19 + len(name))
 
 
 def _cased(name: bytes, upper: list[bool]) -> bytes:
@@ -1107,9 +1115,9 @@ def _cased(name: bytes, upper: list[bool]) -> bytes:
 
 
 def _names() -> list[bytes]:
-    from apigate.http import protocol, upstream
+    from apigate.http import protocol, response_head
 
-    return sorted({*protocol._SPECIAL_NAMES, *upstream._RESPONSE_SPECIAL_NAMES})
+    return sorted({*protocol._SPECIAL_NAMES, *response_head._RESPONSE_SPECIAL_NAMES})
 
 
 @given(
@@ -1119,13 +1127,14 @@ def _names() -> list[bytes]:
     )
 )
 def test_field_tables_agree_with_a_lower_case_lookup(name: bytes) -> None:
-    from apigate.http import protocol, upstream
+    from apigate.http import protocol, response_head
 
     for table, names in (
         (protocol._SPECIAL, protocol._SPECIAL_NAMES),
-        (upstream._RESPONSE_SPECIAL, upstream._RESPONSE_SPECIAL_NAMES),
+        (response_head._RESPONSE_SPECIAL, response_head._RESPONSE_SPECIAL_NAMES),
     ):
         assert table.kind(name) == names.get(name.lower(), 0)
+        assert _kind_in_line(table, name) == names.get(name.lower(), 0)
 
 
 @pytest.mark.parametrize("value", [b"0", b"13", b"007", b"18446744073709551616" * 2])

@@ -11,7 +11,7 @@ import pytest
 
 from apigate.config.errors import ConfigError
 from apigate.http.errors import GatewayError
-from apigate.http.upstream import ResponseHead
+from apigate.http.response_head import ResponseHead
 from apigate.plugins.transform import (
     RequestTransformPlugin,
     ResponseTransformPlugin,

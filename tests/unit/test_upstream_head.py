@@ -14,12 +14,8 @@ import pytest
 from apigate.config.schema import ServiceConfig
 from apigate.http.pool import PoolManager
 from apigate.http.request import Request
-from apigate.http.upstream import (
-    InvalidResponse,
-    ResponseHead,
-    UpstreamConnection,
-    UpstreamListener,
-)
+from apigate.http.response_head import InvalidResponse, ResponseHead
+from apigate.http.upstream import UpstreamConnection, UpstreamListener
 from apigate.proxy.heads import response_head
 from apigate.registry.service import Service
 
@@ -220,9 +216,9 @@ async def test_no_date_from_the_upstream_gets_the_gateways() -> None:
 
 
 async def test_each_response_has_its_own_version_however_the_reads_fall() -> None:
-    """The connection reads "HTTP/1.1 " off the start of a read instead of asking httptools
-    (see UpstreamConnection._read_starts_v11): a final response after an interim one in the
-    same read, or one whose status line is split, must still get its own version."""
+    """Each head's version is read off its own status line (response_head.read_head): a
+    final response after an interim one in the same read, or one whose status line is split,
+    must still get its own version."""
     conn, _ = connection()
     [head] = exchange(conn, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").heads
     assert head.version == "1.1" and conn.reusable

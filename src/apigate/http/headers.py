@@ -12,6 +12,8 @@ import re
 from collections.abc import Collection, Iterable
 from typing import Final
 
+from mypy_extensions import i64
+
 # RFC 9110 §7.6.1 plus the de-facto ones every proxy drops (Go's httputil list).
 # Content-Length is not hop-by-hop but we always re-frame bodies ourselves, so it is handled
 # separately by the framing code.
@@ -96,6 +98,16 @@ class FieldKinds:
                 return kind
         return 0
 
+    def kind_at(self, buf: bytes, start: i64, end: i64) -> int:
+        """The kind of the name `buf[start:end]`, read where it is (no bytes object made)."""
+        n = end - start
+        if n <= 0 or n > self._longest:
+            return 0
+        for _title, lname, kind in self._buckets[_bucket(n, buf[start])]:
+            if name_at(buf, start, lname):
+                return kind
+        return 0
+
 
 def _bucket(length: int, first: int) -> int:
     """FieldKinds' table index of a name: its length and its first byte's low five bits (a
@@ -107,10 +119,15 @@ def _bucket(length: int, first: int) -> int:
 def is_name(name: bytes, lname: bytes) -> bool:
     """Whether the field name `name` is `lname` (lower case) in any letter case: compiled, a
     loop over the bytes, where `name.lower() == lname` was a generic call and a new object."""
-    if len(name) != len(lname):
-        return False
-    for i in range(len(lname)):
-        c = name[i]
+    return len(name) == len(lname) and name_at(name, 0, lname)
+
+
+def name_at(buf: bytes, start: i64, lname: bytes) -> bool:
+    """Whether `buf` holds the field name `lname` (lower case) at `start`, in any letter
+    case (`buf` is long enough: the caller has measured the name)."""
+    n: i64 = len(lname)
+    for i in range(n):
+        c = buf[start + i]
         expected = lname[i]
         if c != expected and not (97 <= expected <= 122 and c | 0x20 == expected):
             return False
@@ -339,24 +356,29 @@ class HeaderList:
     """
 
     __slots__ = ()
-    headers: list[tuple[bytes, bytes]]
+
+    def _field_list(self) -> list[tuple[bytes, bytes]]:
+        """The `headers` list. (A method: the response head makes its list when first asked,
+        and compiled, a subclass's property cannot stand for an attribute declared here.)"""
+        raise NotImplementedError
 
     def header(self, lname: str) -> str | None:
         """First value of a header by lower-case name (a linear scan)."""
         target = lname.encode("latin-1")
-        for name, value in self.headers:
+        for name, value in self._field_list():
             if is_name(name, target):
                 return value.decode("latin-1")
         return None
 
     def header_values(self, lname: str) -> list[str]:
         target = lname.encode("latin-1")
-        return [v.decode("latin-1") for n, v in self.headers if is_name(n, target)]
+        return [v.decode("latin-1") for n, v in self._field_list() if is_name(n, target)]
 
     def set_header(self, name: str, value: str) -> None:
         self.remove_header(name)
-        self.headers.append((name.encode("latin-1"), value.encode("latin-1")))
+        self._field_list().append((name.encode("latin-1"), value.encode("latin-1")))
 
     def remove_header(self, name: str) -> None:
         target = name.lower().encode("latin-1")
-        self.headers[:] = [(n, v) for n, v in self.headers if n.lower() != target]
+        fields = self._field_list()
+        fields[:] = [(n, v) for n, v in fields if n.lower() != target]

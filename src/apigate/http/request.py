@@ -130,6 +130,9 @@ class Request(HeaderList):
             return ",".join(v.decode("latin-1") for v in self.tracestate or ()) or None
         return HeaderList.header(self, lname)
 
+    def _field_list(self) -> list[tuple[bytes, bytes]]:
+        return self.headers
+
     @property
     def target(self) -> str:
         if self.query:

@@ -28,15 +28,9 @@ from typing import TYPE_CHECKING, Final, cast
 import httptools
 from mypy_extensions import mypyc_attr
 
-from apigate.http.headers import (
-    HOP_BY_HOP,
-    FieldKinds,
-    HeaderList,
-    connection_tokens,
-    is_name,
-    parse_length,
-)
+from apigate.http.headers import connection_tokens, is_name
 from apigate.http.output import Sender
+from apigate.http.response_head import InvalidResponse, ResponseHead, read_head
 
 if TYPE_CHECKING:
     from apigate.http.pool import Pool
@@ -49,44 +43,7 @@ monotonic: Final = time.monotonic
 # An upstream is untrusted too: its head is bounded like a client's (nginx: "upstream sent too
 # big header"). httptools would otherwise accumulate an endless header line in memory.
 MAX_RESPONSE_HEAD: Final = 64 * 1024  # the head, and (its own count) a trailer section
-# ... and its fields counted: 10,000 of them fit in 50 KB, each a tuple the client was sent and
-# every plugin scanned (Envoy's upstream max_headers_count is 100). Twice the client side's
-# default (limits.max_headers), as the bytes are; fixed, so set where no sane upstream comes.
-MAX_RESPONSE_FIELDS: Final = 200
 _BODY_IN_READ: Final = -1  # a read that is no trailer: see UpstreamConnection._bound_trailer
-
-
-class InvalidResponse(Exception):
-    """The upstream's response cannot be proxied faithfully (the exchange answers 502).
-
-    (An Exception, not a ConnectionError: mypyc cannot compile subclasses of OSError.)"""
-
-
-class ResponseHead(HeaderList):
-    """A parsed upstream response head; plugins may edit `headers` before it is written."""
-
-    __slots__ = (
-        "chunked",
-        "content_length",
-        "headers",
-        "keep_alive",
-        "reason",
-        "status",
-        "until_eof",
-        "upgrade",
-        "version",
-    )
-
-    def __init__(self) -> None:
-        self.status = 0
-        self.reason = b""
-        self.version = "1.1"
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.content_length: int | None = None
-        self.chunked = False
-        self.until_eof = False  # no length: the body ends when the upstream closes
-        self.keep_alive = True
-        self.upgrade: bytes | None = None
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)
@@ -137,26 +94,6 @@ class UpstreamListener:
         raise NotImplementedError
 
 
-_R_CONTENT_LENGTH: Final = 1
-_R_TRANSFER_ENCODING: Final = 2
-_R_CONNECTION: Final = 3
-_R_UPGRADE: Final = 4
-_R_DROP: Final = 5
-# Every hop-by-hop name (headers.HOP_BY_HOP, the one list) is dropped; the ones the connection
-# interprets override that below.
-_RESPONSE_SPECIAL_NAMES: Final[dict[bytes, int]] = {
-    **dict.fromkeys(HOP_BY_HOP, _R_DROP),
-    b"content-length": _R_CONTENT_LENGTH,
-    b"transfer-encoding": _R_TRANSFER_ENCODING,
-    b"connection": _R_CONNECTION,
-    b"upgrade": _R_UPGRADE,
-    # the gateway writes its own X-Request-Id (the one it sent upstream); an upstream that
-    # echoes it back would otherwise give the client two
-    b"x-request-id": _R_DROP,
-}
-_RESPONSE_SPECIAL: Final = FieldKinds(_RESPONSE_SPECIAL_NAMES)  # kind 0: an end-to-end field
-
-
 def _head_too_large() -> InvalidResponse:
     return InvalidResponse(f"response head larger than {MAX_RESPONSE_HEAD} bytes")
 
@@ -198,11 +135,13 @@ class UpstreamConnection(Sender):
         # A response ended in the read being parsed; its end is reported once the read is
         # parsed (see data_received), and any byte the parser meets until then is not asked for.
         self._ended_in_read = False
-        # The read being parsed begins with "HTTP/1.1 " where no response was begun, and the
-        # same for the response being parsed: its version is known without get_http_version(),
-        # which formats a new str every call (~2,000 instructions).
-        self._read_starts_v11 = False
-        self._v11 = False
+        # The parser reports no fields (the connection has no on_header): once it has
+        # validated a head, read_head reads it from the bytes. Those are the read being
+        # parsed, from `_cursor` (where the next response begins: 0, or the end of an interim
+        # one), after `_head_parts`, the earlier reads of a head that spans reads.
+        self._data = b""
+        self._cursor = 0
+        self._head_parts: list[bytes] = []
         self.read_at = 0.0  # monotonic time of the latest read (the exchange times itself by it)
         self._deadline = 0.0
         self._timeout = 0.0
@@ -252,7 +191,8 @@ class UpstreamConnection(Sender):
         if self._timeout:
             self._deadline = now + self._timeout
         self._ended_in_read = False
-        self._read_starts_v11 = self.head is None and data.startswith(b"HTTP/1.1 ")
+        self._data = data
+        self._cursor = 0
         try:
             head = self.head
             big = len(data) + self._head_bytes > MAX_RESPONSE_HEAD
@@ -260,12 +200,14 @@ class UpstreamConnection(Sender):
                 self._feed_bounded(data)  # (rare: a read that could complete too large a head)
             else:
                 self._feed_data(data)
+            self._data = b""  # (not kept alive by an idle connection)
             if not self._ended_in_read:
                 head = self.head
                 if head is None or not head.status:  # the head is still incomplete
                     self._head_bytes += len(data)
                     if self._head_bytes > MAX_RESPONSE_HEAD:
                         raise _head_too_large()
+                    self._head_parts.append(data[self._cursor :] if self._cursor else data)
                 elif head.chunked:
                     self._bound_trailer(len(data))
         # (each clause names its exception differently: compiled by mypyc, a name keeps the
@@ -273,6 +215,7 @@ class UpstreamConnection(Sender):
         except InvalidResponse as invalid:
             self._invalid(invalid)
         except httptools.HttpParserUpgrade as upg:
+            self._data = b""  # (the connection lives on as a tunnel)
             extra = data[upg.args[0] :]
             if self.head is not None and self.head.status == 101:
                 self.tunnel = True
@@ -382,53 +325,21 @@ class UpstreamConnection(Sender):
         self.head = ResponseHead()
         if self._connection_values:  # (emptied, not replaced: nothing keeps it)
             self._connection_values.clear()
-        # (only the first response of a read starts where data_received looked)
-        self._v11, self._read_starts_v11 = self._read_starts_v11, False
-
-    def on_status(self, status: bytes) -> None:
-        head = self.head
-        if head is not None:  # (called once per read the reason phrase spans)
-            head.reason = head.reason + status if head.reason else status
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        head = self.head
-        if head is None or head.status:  # status is set at headers-complete: this is a trailer
-            return
-        if len(value) and (value[-1] == 32 or value[-1] == 9):  # (len(): see protocol's)
-            value = value.rstrip(b" \t")  # llhttp keeps trailing OWS; not part of the value
-        kind = _RESPONSE_SPECIAL.kind(name)
-        if kind == 0:
-            head.headers.append((name, value))
-        elif kind == _R_CONTENT_LENGTH:
-            head.content_length = parse_length(value)
-        elif kind == _R_TRANSFER_ENCODING:
-            # Only "chunked" can be proxied: we decode it and re-frame the body. Any other
-            # coding ("gzip, chunked") would reach the client decoded of its chunking but still
-            # compressed, with nothing saying so (it once did); "identity" is obsolete.
-            if head.chunked or value.strip().lower() != b"chunked":
-                raise InvalidResponse(f"unsupported Transfer-Encoding {value[:40]!r}")
-            head.chunked = True
-            if not self._v11 and self.parser.get_http_version() != "1.1":
-                # RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message means its framing is
-                # faulty: the message is still read (as chunked), but the connection must
-                # close after it. Said as a "close" token, the one keep-alive decision weighs
-                # it (and no per-response test is added for a case this rare).
-                self._connection_values.append(b"close")
-        elif kind == _R_CONNECTION:
-            self._connection_values.append(value)
-        elif kind == _R_UPGRADE:
-            head.upgrade = value
 
     def on_headers_complete(self) -> None:
         head = self.head
         assert head is not None
-        if len(head.headers) > MAX_RESPONSE_FIELDS:
-            # (counted once per head, not per field: the fields the head keeps; those dropped
-            # as they come, hop-by-hop and framing, cost no more than the byte limit allows)
-            raise InvalidResponse(
-                f"response head with more than {MAX_RESPONSE_FIELDS} header fields"
-            )
         status = self._status_code()
+        data = self._data
+        parts = self._head_parts
+        if parts:  # (rare: a head that spans reads)
+            parts.append(data)
+            buf = b"".join(parts)
+            parts.clear()
+            end = read_head(head, buf, 0, status, self._connection_values)
+            self._cursor = end - (len(buf) - len(data))
+        else:
+            self._cursor = read_head(head, data, self._cursor, status, self._connection_values)
         if status < 200 or status > 599:  # (one test for the usual statuses)
             if status < 100 or status > 599:
                 # RFC 9110 §15: a status code is 100-599. llhttp takes any 3 digits ("099",
@@ -459,14 +370,6 @@ class UpstreamConnection(Sender):
                     f"(Upgrade: {self.upgrade[:80]!r})"
                 )
         head.status = status
-        if self._v11:
-            head.version = "1.1"
-        else:
-            head.version = self.parser.get_http_version()
-            if head.version != "1.0" and head.version != "1.1":
-                # llhttp takes any one-digit version ("HTTP/2.0 200", "HTTP/0.9 200"), which
-                # went to the client as an HTTP/1.1 200: an HTTP/1.x connection speaks 1.x
-                raise InvalidResponse(f"HTTP/{head.version} response on an HTTP/1.1 connection")
         keep_alive = head.version == "1.1"
         values = self._connection_values
         # (is_name: a token compares as a field name does, and values[0].lower() was a
@@ -554,6 +457,7 @@ class UpstreamConnection(Sender):
         self.head_only = head_only
         self.upgrade = upgrade  # the request's Upgrade offer: a 101 may switch to one of it
         self._head_bytes = 0
+        self._head_parts.clear()
         self.got_bytes = False
         self.request_sent = False
         self.reusable = False

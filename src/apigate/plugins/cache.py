@@ -115,7 +115,7 @@ from pydantic import ConfigDict, field_validator
 
 from apigate.config.errors import located_error
 from apigate.config.units import NonNegativeDuration, PositiveDuration, PositiveSize
-from apigate.http.upstream import ResponseHead
+from apigate.http.response_head import ResponseHead
 from apigate.plugins.base import Plugin, PluginConfig, PluginEnv, Response
 from apigate.plugins.cache_hit import (
     STATE_KEY,

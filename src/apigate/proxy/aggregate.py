@@ -70,7 +70,8 @@ if TYPE_CHECKING:
     from apigate.config.schema import AggregatePartConfig, RouteConfig
     from apigate.http.pool import Pool
     from apigate.http.request import Request
-    from apigate.http.upstream import ResponseHead, UpstreamConnection
+    from apigate.http.response_head import ResponseHead
+    from apigate.http.upstream import UpstreamConnection
     from apigate.registry.service import Service
     from apigate.resilience.circuit_breaker import CircuitBreaker
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from apigate.http.upstream import ResponseHead
+from apigate.http.response_head import ResponseHead
 from apigate.proxy.heads import response_head
 
 if TYPE_CHECKING:

@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any, Final
 from apigate.http.errors import GatewayError, body_size, render_error, render_response
 from apigate.http.pool import PoolFull
 from apigate.http.protocol import Exchange, ExchangeMaker
-from apigate.http.upstream import InvalidResponse, ResponseHead, UpstreamConnection
+from apigate.http.response_head import InvalidResponse, ResponseHead
+from apigate.http.upstream import UpstreamConnection
 from apigate.observability.trace_context import (
     first_trace_line,
     new_trace_line,

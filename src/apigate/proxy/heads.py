@@ -14,8 +14,8 @@ from typing import Any, Final
 from apigate.http.date import DATE
 from apigate.http.headers import VIA_LINE, content_length_line, forwarding_lines, is_name
 from apigate.http.request import Request
+from apigate.http.response_head import ResponseHead
 from apigate.http.status import status_line
-from apigate.http.upstream import ResponseHead
 
 _CHUNKED: Final = b"Transfer-Encoding: chunked\r\n"
 _CONN_CLOSE: Final = b"Connection: close\r\n"
@@ -109,12 +109,17 @@ def response_head(
 ) -> bytes:
     """The head of the response sent to the client; framing decided by the caller. One build
     of its pieces, as request_head's."""
-    date = DATE.value
-    lines = []
-    for name, value in head.headers:
-        lines.append(b"%s: %s\r\n" % (name, value))
-        if len(name) == 4 and is_name(name, b"date"):
-            date = b""  # the upstream's own
+    fields = head.field_lines
+    if fields is not None:  # the upstream's lines, as it wrote them (see read_head)
+        date = b"" if head.has_date else DATE.value
+    else:
+        date = DATE.value
+        lines = []
+        for name, value in head.headers:
+            lines.append(b"%s: %s\r\n" % (name, value))
+            if len(name) == 4 and is_name(name, b"date"):
+                date = b""  # the upstream's own
+        fields = b"".join(lines)
     status = head.status
     if status == 101:
         framing = b"Connection: upgrade\r\nUpgrade: %s\r\n" % (head.upgrade or b"",)
@@ -136,7 +141,7 @@ def response_head(
     # Via in responses too, after the upstream's own Via lines
     return b"%s%s%s%s%s\r\n" % (
         status_line(status, head.reason),
-        b"".join(lines),
+        fields,
         date,
         req.id_and_via(),
         framing,
