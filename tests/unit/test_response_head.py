@@ -258,11 +258,8 @@ async def test_a_head_reads_as_llhttps_own_fields_say_however_the_reads_fall(
         + b"".join(b"%s:%s%s%s\r\n" % field for field in fields)
         + b"Content-Length: 2\r\n\r\n"
     )
-    recorder = _Recorder()
-    try:
-        httptools.HttpResponseParser(recorder).feed_data(head_bytes + b"ok")
-    except httptools.HttpParserError:
-        return  # (two Content-Length fields, say: the connection refuses it too)
+    recorder = _Recorder()  # (every generated head is one llhttp accepts)
+    httptools.HttpResponseParser(recorder).feed_data(head_bytes + b"ok")
     data = (b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" if interim else b"") + head_bytes
     data += b"ok"
     bounds = sorted({0, len(data), *(cut for cut in cuts if cut < len(data))})

@@ -125,11 +125,12 @@ class ResponseHead(HeaderList):
 
 
 def _fields_of_lines(lines: bytes) -> list[tuple[bytes, bytes]]:
-    """`lines` ("Name: value\\r\\n" each, as read_head keeps them) as (name, value) pairs."""
+    """Field lines (each ending in CRLF, as read_head has read them) as (name, value) pairs,
+    without the whitespace around each value."""
     fields = []
     for line in lines.split(b"\r\n")[:-1]:
-        name, _, value = line.partition(b": ")
-        fields.append((name, value))
+        name, _, value = line.partition(b":")
+        fields.append((name, value.strip(b" \t")))
     return fields
 
 
@@ -234,12 +235,11 @@ def _read_fields(
         raise InvalidResponse(f"response head with more than {MAX_RESPONSE_FIELDS} header fields")
     if run_start < pos:
         runs.append(buf[run_start:pos])
-    if not as_written:
-        head.headers = _kept_fields(runs)
-    elif len(runs) == 1:
-        head.keep_lines(runs[0])
+    lines = runs[0] if len(runs) == 1 else b"".join(runs)
+    if as_written:
+        head.keep_lines(lines)
     else:
-        head.keep_lines(b"".join(runs))
+        head.headers = _fields_of_lines(lines)  # (rare)
     return pos + 2
 
 
@@ -263,16 +263,6 @@ def _value(buf: bytes, at: i64, line_end: i64) -> bytes:
     while line_end > at and (buf[line_end - 1] == _SP or buf[line_end - 1] == _HT):
         line_end -= 1
     return buf[at:line_end]
-
-
-def _kept_fields(runs: list[bytes]) -> list[tuple[bytes, bytes]]:
-    """The (name, value) pairs of the kept lines, in `runs` (rare: lines not "Name: value")."""
-    fields = []
-    for run in runs:
-        for line in run.split(b"\r\n")[:-1]:
-            name, _, value = line.partition(b":")
-            fields.append((name, value.strip(b" \t")))
-    return fields
 
 
 def _special(
